@@ -1,0 +1,39 @@
+# The two commands of the README: `make demo` (main job on the embedded defaults) and `make test`.
+# Both create .venv when missing and install everything once; the stamp makes a second run a no-op.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+STAMP  := $(VENV)/.installed
+DEMO   ?= demo
+
+.PHONY: venv demo test lint clean-demo
+
+venv: $(STAMP)
+
+# torch first; sam2 and deepspeed then build against it as pure-Python packages (no CUDA ops);
+# the project last, editable, with the dev extra. Pins live in setup.cfg.
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q "setuptools>=64" wheel ninja
+	SAM2_BUILD_CUDA=0 $(PIP) install -q --no-build-isolation sam2==1.1.0
+	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation deepspeed==0.19.8
+	$(PIP) install -q --no-build-isolation -e ".[dev]"
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/autosam2 synth --out $(DEMO)/polyp_gen --overwrite
+	$(VENV)/bin/autosam2 validate $(DEMO)/polyp_gen
+	$(VENV)/bin/autosam2 inspect $(DEMO)/polyp_gen --split valid
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check autosam2 launch shards tests
+	$(VENV)/bin/ruff format --check autosam2 launch shards tests
+
+clean-demo:
+	rm -rf $(DEMO)

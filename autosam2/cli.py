@@ -1,0 +1,118 @@
+"""The `autosam2` command: parses arguments and hands each subcommand to the module that does it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from autosam2.data.synthetic import SynthSpec, write_dataset
+
+    valid = args.valid_sequences if args.valid_sequences is not None else max(1, args.sequences // 2)
+    spec = SynthSpec(
+        train_sequences=args.sequences,
+        valid_sequences=valid,
+        frames=args.frames,
+        size=args.size,
+        seed=args.seed,
+    )
+    summary = write_dataset(args.out, spec, overwrite=args.overwrite, progress=True)
+    share = summary["empty_frames"] / summary["frames"]
+    print(
+        f"wrote {args.out}: {spec.train_sequences} train + {spec.valid_sequences} valid sequences, "
+        f"{summary['frames']} frames of {spec.size}x{spec.size}, {summary['empty_frames']} polyp-free ({share:.0%}), seed {spec.seed}"
+    )
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from autosam2.data.polyp_gen import MASK_THRESHOLD, SPLITS, validate_root
+
+    reports = validate_root(
+        args.root, splits=[args.split] if args.split else SPLITS, progress=sys.stderr.isatty()
+    )
+    problems = [p for r in reports for p in r.problems]
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{args.root}: {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    parts = [
+        f"{r.split}: {r.sequences} sequences, {r.frames} frames, {r.empty_frames} empty-mask frames"
+        for r in reports
+    ]
+    soft = sum(r.soft_masks for r in reports)
+    note = f"; {soft} masks have grey values (JPEG), binarised at {MASK_THRESHOLD}" if soft else ""
+    print(f"{args.root}: ok; " + "; ".join(parts) + note)
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from autosam2.data.polyp_gen import PolypGenDataset
+    from autosam2.data.video import collate_clips
+
+    dataset = PolypGenDataset(args.root, args.split)
+    names = [args.sequence] if args.sequence else dataset.sequence_names
+    for name in names:
+        if name not in dataset.sequences:
+            print(f"{args.root}: no sequence {name!r} in split {args.split}", file=sys.stderr)
+            return 2
+        video = dataset.load_sequence(name)
+        batch = collate_clips([video])
+        present = batch.present_TB[:, 0]
+        area = batch.masks_TBHW[:, 0].flatten(1).float().mean(dim=1)
+        mean_area = float(area[present].mean()) if present.any() else 0.0
+        h, w = video.size
+        print(
+            f"{args.split}/{name}: {len(video)} frames {w}x{h} ({video.frames[0].name} .. {video.frames[-1].name}), "
+            f"clip batch images {tuple(batch.images_TBCHW.shape)} masks {tuple(batch.masks_TBHW.shape)}, "
+            f"polyp in {int(present.sum())}/{len(video)} frames, mean area {mean_area:.1%}"
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autosam2", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write a synthetic polyp_gen dataset (train + valid)")
+    p.add_argument("--out", type=Path, required=True, help="dataset root to create")
+    p.add_argument("--sequences", type=int, default=8, help="train sequences (default 8)")
+    p.add_argument(
+        "--valid-sequences", type=int, default=None, help="valid sequences (default: half of --sequences)"
+    )
+    p.add_argument("--frames", type=int, default=24, help="frames per sequence (default 24)")
+    p.add_argument("--size", type=int, default=256, help="frame side in pixels (default 256)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=_synth)
+
+    p = sub.add_parser("validate", help="check a polyp_gen root; list every problem, one per line")
+    p.add_argument("root", type=Path)
+    p.add_argument("--split", choices=["train", "valid"], default=None, help="check one split only")
+    p.set_defaults(func=_validate)
+
+    p = sub.add_parser("inspect", help="read sequences of a polyp_gen root and print a summary of each")
+    p.add_argument("root", type=Path)
+    p.add_argument("--split", choices=["train", "valid"], default="valid")
+    p.add_argument("--sequence", default=None, help="one sequence (default: all)")
+    p.set_defaults(func=_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from autosam2.data.polyp_gen import DatasetError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (DatasetError, FileExistsError, FileNotFoundError) as err:
+        print(f"autosam2 {args.command}: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

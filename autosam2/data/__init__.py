@@ -1,0 +1,1 @@
+"""Data: the video model, the polyp_gen reader and the synthetic generator."""

@@ -1,0 +1,359 @@
+"""The polyp_gen folder layout: scan, validate and lazily read sequences and clip windows.
+
+Layout (from the seed): ``ROOT/{train,valid}/{images,masks}/<sequence>/<frame>.jpg`` with
+``ROOT/train/train_list.txt`` and ``ROOT/valid/val_list.txt`` naming one sequence per line.
+Frames follow the natural order of their names (frame2 before frame10); a mask pairs with the image of
+the same stem (``.jpg`` or ``.png``); masks are binarised at ``MASK_THRESHOLD`` because JPEG masks carry
+compression noise between 0 and 255.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from autosam2.data.video import POLYP_ID, Frame, Object, VideoDatapoint
+
+SPLITS = ("train", "valid")
+LIST_FILES = {"train": "train_list.txt", "valid": "val_list.txt"}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+MASK_THRESHOLD = 128
+
+
+class DatasetError(ValueError):
+    """A dataset root or file that cannot be read; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: Path
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+@dataclass(frozen=True)
+class FrameFiles:
+    name: str
+    image: Path
+    mask: Path
+
+
+@dataclass(frozen=True)
+class SequenceFiles:
+    name: str
+    frames: tuple[FrameFiles, ...]
+
+
+class ClipWindow(NamedTuple):
+    sequence: str
+    start: int
+    length: int
+
+
+def natural_key(name: str) -> list[int | str]:
+    """Sort key that orders embedded numbers by value: frame2 < frame10."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def decode_image(data: bytes, source: str | Path) -> torch.Tensor:
+    """Decode image bytes to uint8 ``[3,H,W]`` RGB (grayscale, palette and RGBA are converted)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            rgb = np.asarray(im.convert("RGB"))
+    except (OSError, UnidentifiedImageError, SyntaxError) as err:
+        raise DatasetError(f"{source}: cannot decode image ({err})") from err
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
+
+
+def decode_mask(data: bytes, source: str | Path) -> torch.Tensor:
+    """Decode mask bytes to bool ``[H,W]``: grey value >= MASK_THRESHOLD is polyp."""
+    return torch.from_numpy(_mask_values(data, source) >= MASK_THRESHOLD)
+
+
+def _mask_values(data: bytes, source: str | Path) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert("L"))
+    except (OSError, UnidentifiedImageError, SyntaxError) as err:
+        raise DatasetError(f"{source}: cannot decode mask ({err})") from err
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(H, W) from the file header, without decoding the pixels."""
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+    except (OSError, UnidentifiedImageError, SyntaxError) as err:
+        raise DatasetError(f"{path}: cannot read image header ({err})") from err
+    return height, width
+
+
+def _image_files(folder: Path) -> dict[str, Path]:
+    """Image files of a folder by stem; hidden files and other suffixes are ignored."""
+    files: dict[str, Path] = {}
+    for path in folder.iterdir():
+        if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES:
+            files.setdefault(path.stem, path)
+    return files
+
+
+def _duplicate_stems(folder: Path) -> list[Problem]:
+    seen: dict[str, Path] = {}
+    problems = []
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES:
+            if path.stem in seen:
+                problems.append(
+                    Problem(path, f"same frame name as {seen[path.stem].name}; which one is meant?")
+                )
+            else:
+                seen[path.stem] = path
+    return problems
+
+
+def read_list_file(root: Path, split: str) -> tuple[list[str], list[Problem]]:
+    list_path = Path(root) / split / LIST_FILES[split]
+    if not list_path.is_file():
+        return [], [Problem(list_path, "list file is missing")]
+    names = [line.strip() for line in list_path.read_text().splitlines()]
+    names = [n for n in names if n and not n.startswith("#")]
+    if not names:
+        return [], [Problem(list_path, "list file names no sequence")]
+    problems = [
+        Problem(list_path, f"sequence {name!r} is listed more than once")
+        for name in sorted({n for n in names if names.count(n) > 1})
+    ]
+    return list(dict.fromkeys(names)), problems
+
+
+def scan_split(root: str | Path, split: str) -> tuple[list[SequenceFiles], list[Problem]]:
+    """Index one split from the file names alone (no decoding); return the index and every problem."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    root = Path(root)
+    names, problems = read_list_file(root, split)
+    sequences = []
+    for name in names:
+        image_dir = root / split / "images" / name
+        mask_dir = root / split / "masks" / name
+        if not image_dir.is_dir():
+            problems.append(
+                Problem(
+                    image_dir, f"sequence {name!r} is listed in {LIST_FILES[split]} but has no images folder"
+                )
+            )
+            continue
+        images = _image_files(image_dir)
+        problems += _duplicate_stems(image_dir)
+        if not images:
+            problems.append(Problem(image_dir, "sequence folder has no frames"))
+            continue
+        if not mask_dir.is_dir():
+            problems.append(Problem(mask_dir, f"masks folder of sequence {name!r} is missing"))
+            continue
+        masks = _image_files(mask_dir)
+        problems += _duplicate_stems(mask_dir)
+        for stem in sorted(set(images) - set(masks), key=natural_key):
+            problems.append(
+                Problem(images[stem], f"image has no mask (expected {mask_dir / stem}.jpg or .png)")
+            )
+        for stem in sorted(set(masks) - set(images), key=natural_key):
+            problems.append(Problem(masks[stem], f"mask has no image (expected {image_dir / stem}.jpg)"))
+        paired = sorted(set(images) & set(masks), key=natural_key)
+        if paired:
+            sequences.append(SequenceFiles(name, tuple(FrameFiles(s, images[s], masks[s]) for s in paired)))
+    return sequences, problems
+
+
+@dataclass
+class SplitReport:
+    """What `validate` found in one split."""
+
+    split: str
+    sequences: int = 0
+    frames: int = 0
+    empty_frames: int = 0
+    soft_masks: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+
+def _check_frame(frame: FrameFiles) -> tuple[list[Problem], tuple[int, int] | None, bool, bool]:
+    """Decode one frame and its mask fully; return problems, image size, mask empty, mask had soft values."""
+    problems = []
+    size = None
+    empty = soft = False
+    try:
+        image = decode_image(frame.image.read_bytes(), frame.image)
+        size = tuple(image.shape[-2:])
+    except DatasetError as err:
+        problems.append(Problem(frame.image, str(err).split(": ", 1)[1]))
+    try:
+        values = _mask_values(frame.mask.read_bytes(), frame.mask)
+    except DatasetError as err:
+        problems.append(Problem(frame.mask, str(err).split(": ", 1)[1]))
+        return problems, size, empty, soft
+    if size is not None and values.shape != size:
+        problems.append(
+            Problem(
+                frame.mask,
+                f"mask is {values.shape[1]}x{values.shape[0]}, its frame is {size[1]}x{size[0]} (WxH)",
+            )
+        )
+    peak = int(values.max())
+    if 0 < peak < MASK_THRESHOLD:
+        problems.append(
+            Problem(
+                frame.mask,
+                f"mask values are all below {MASK_THRESHOLD} (max {peak}): a 0/1 label map? masks must be 0/255",
+            )
+        )
+    empty = peak < MASK_THRESHOLD
+    soft = bool(((values > 0) & (values < 255)).any())
+    return problems, size, empty, soft
+
+
+def validate_split(root: str | Path, split: str, progress: bool = False, workers: int = 4) -> SplitReport:
+    """Check one split completely: structure, then every image and mask decoded and sized."""
+    sequences, problems = scan_split(root, split)
+    report = SplitReport(split=split, sequences=len(sequences), problems=problems)
+    frames = [(seq, frame) for seq in sequences for frame in seq.frames]
+    report.frames = len(frames)
+    sequence_size: dict[str, tuple[tuple[int, int], Path]] = {}
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results: Iterable = pool.map(lambda sf: _check_frame(sf[1]), frames)
+        if progress:
+            from tqdm import tqdm
+
+            results = tqdm(results, total=len(frames), desc=f"validate {split}", unit="frame", leave=False)
+        for (seq, frame), (frame_problems, size, empty, soft) in zip(frames, results, strict=True):
+            report.problems += frame_problems
+            report.empty_frames += empty
+            report.soft_masks += soft
+            if size is None:
+                continue
+            first = sequence_size.setdefault(seq.name, (size, frame.image))
+            if first[0] != size:
+                report.problems.append(
+                    Problem(
+                        frame.image,
+                        f"frame is {size[1]}x{size[0]}, the sequence started at "
+                        f"{first[0][1]}x{first[0][0]} ({first[1].name})",
+                    )
+                )
+    return report
+
+
+def validate_root(
+    root: str | Path, splits: Iterable[str] = SPLITS, progress: bool = False
+) -> list[SplitReport]:
+    """Validate each split of a dataset root; a missing root or split folder is itself a problem."""
+    root = Path(root)
+    if not root.is_dir():
+        return [SplitReport(split="-", problems=[Problem(root, "dataset root does not exist")])]
+    reports = []
+    for split in splits:
+        if not (root / split).is_dir():
+            reports.append(
+                SplitReport(split=split, problems=[Problem(root / split, "split folder is missing")])
+            )
+        else:
+            reports.append(validate_split(root, split, progress=progress))
+    return reports
+
+
+class PolypGenDataset(torch.utils.data.Dataset):
+    """Lazy reader of one polyp_gen split; items are clip windows ``(sequence, start, T)``.
+
+    ``clip_len=None`` makes each whole sequence one item; otherwise every window of ``clip_len``
+    consecutive frames whose start is a multiple of ``stride`` (sequences shorter than ``clip_len`` are
+    left out and listed in ``short_sequences``). Structural problems raise one DatasetError at
+    construction; a frame whose size differs from its sequence raises when it is read.
+    """
+
+    def __init__(self, root: str | Path, split: str = "train", clip_len: int | None = None, stride: int = 1):
+        self.root = Path(root)
+        self.split = split
+        if not self.root.is_dir():
+            raise DatasetError(f"{self.root}: dataset root does not exist")
+        sequences, problems = scan_split(self.root, split)
+        if problems:
+            more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+            raise DatasetError(f"{problems[0]}{more}; run `autosam2 validate {self.root}` to list them all")
+        if (clip_len is not None and clip_len < 1) or stride < 1:
+            raise ValueError(f"clip_len and stride must be >= 1, got {clip_len} and {stride}")
+        self.sequences = {seq.name: seq for seq in sequences}
+        self.clip_len = clip_len
+        self.short_sequences = [n for n, s in self.sequences.items() if clip_len and len(s.frames) < clip_len]
+        self.windows = list(self._make_windows(clip_len, stride))
+        self._sizes: dict[str, tuple[int, int]] = {}
+
+    def _make_windows(self, clip_len: int | None, stride: int) -> Iterator[ClipWindow]:
+        for name, seq in self.sequences.items():
+            n = len(seq.frames)
+            if clip_len is None:
+                yield ClipWindow(name, 0, n)
+            else:
+                for start in range(0, n - clip_len + 1, stride):
+                    yield ClipWindow(name, start, clip_len)
+
+    @property
+    def sequence_names(self) -> list[str]:
+        return list(self.sequences)
+
+    def num_frames(self, sequence: str) -> int:
+        return len(self.sequences[sequence].frames)
+
+    def sequence_size(self, sequence: str) -> tuple[int, int]:
+        """(H, W) of a sequence, from the header of its first frame."""
+        if sequence not in self._sizes:
+            self._sizes[sequence] = image_size(self.sequences[sequence].frames[0].image)
+        return self._sizes[sequence]
+
+    def load_frame(self, sequence: str, index: int) -> Frame:
+        files = self.sequences[sequence].frames[index]
+        image = decode_image(files.image.read_bytes(), files.image)
+        mask = decode_mask(files.mask.read_bytes(), files.mask)
+        expected = self.sequence_size(sequence)
+        if tuple(image.shape[-2:]) != expected:
+            raise DatasetError(
+                f"{files.image}: frame is {image.shape[2]}x{image.shape[1]}, sequence {sequence!r} is {expected[1]}x{expected[0]} (WxH)"
+            )
+        if mask.shape != image.shape[-2:]:
+            raise DatasetError(
+                f"{files.mask}: mask is {mask.shape[1]}x{mask.shape[0]}, its frame is {image.shape[2]}x{image.shape[1]} (WxH)"
+            )
+        return Frame(index, image, [Object(POLYP_ID, index, mask)], name=files.name)
+
+    def load_clip(self, window: ClipWindow) -> VideoDatapoint:
+        sequence, start, length = window
+        if start < 0 or start + length > self.num_frames(sequence):
+            raise IndexError(
+                f"{window} is outside sequence {sequence!r} of {self.num_frames(sequence)} frames"
+            )
+        frames = [self.load_frame(sequence, i) for i in range(start, start + length)]
+        return VideoDatapoint(
+            video_id=sequence,
+            frames=frames,
+            size=self.sequence_size(sequence),
+            metadata={"split": self.split, "start": start, "root": str(self.root)},
+        )
+
+    def load_sequence(self, sequence: str) -> VideoDatapoint:
+        return self.load_clip(ClipWindow(sequence, 0, self.num_frames(sequence)))
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, index: int) -> VideoDatapoint:
+        return self.load_clip(self.windows[index])

@@ -1,0 +1,357 @@
+"""Synthetic polyp videos in the polyp_gen layout, so everything runs and is tested without real data.
+
+Each sequence is a camera moving over a colon-like canvas (textured pink mucosa, folds, vessels, a dark
+lumen) that carries one polyp (a shaded, irregular dome with a specular highlight). The camera pans,
+zooms and rolls, so the polyp moves and scales; it leaves the view for a stretch of every sequence
+(polyp-free frames), a tissue fold sometimes slides over part of it (partial occlusion: the mask keeps
+only the visible part), and short episodes of motion blur or fluid haze hide it without changing its
+mask (where video memory should help). Masks are written as JPEG, like the seed's data.
+
+Everything is drawn from ``numpy.random.default_rng((seed, split, index))``: the same seed gives
+byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from autosam2.data.polyp_gen import LIST_FILES
+
+SPLIT_CODES = {"train": 0, "valid": 1}
+CANVAS_SCALE = 4.5  # canvas side / frame side: room for the camera to pan the polyp out of view
+ABSENT_FRACTION = (0.15, 0.3)  # share of each sequence with the polyp fully out of view
+
+
+@dataclass(frozen=True)
+class SynthSpec:
+    """What `autosam2 synth` makes: sequence counts per split, frames per sequence, frame side, seed."""
+
+    train_sequences: int = 8
+    valid_sequences: int = 4
+    frames: int = 24
+    size: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.size < 32 or self.frames < 2 or self.train_sequences < 1 or self.valid_sequences < 1:
+            raise ValueError(
+                f"synthetic dataset needs size >= 32, frames >= 2 and >= 1 sequence per split: {self}"
+            )
+
+
+@dataclass
+class SynthSequence:
+    name: str
+    frames: list[np.ndarray]  # uint8 [H,W,3]
+    masks: list[np.ndarray]  # bool [H,W]
+    events: list[dict]  # per frame: hard episode (blur|haze|''), blur sigma, haze, occluded share, visible
+
+
+def _noise(rng: np.random.Generator, shape: tuple[int, int], cells: tuple[int, ...]) -> np.ndarray:
+    """Smooth value noise in about [-1, 1]: random grids of a few cells, upsampled bicubically, summed."""
+    h, w = shape
+    out = np.zeros(shape, np.float32)
+    total = 0.0
+    for i, c in enumerate(cells):
+        weight = 0.6**i
+        grid = rng.standard_normal((c, c)).astype(np.float32)
+        out += weight * np.asarray(Image.fromarray(grid, mode="F").resize((w, h), Image.BICUBIC))
+        total += weight
+    return out / total
+
+
+def _smoothstep(x: np.ndarray | float) -> np.ndarray | float:
+    x = np.clip(x, 0.0, 1.0)
+    return x * x * (3 - 2 * x)
+
+
+def _canvas(rng: np.random.Generator, side: int, size: int) -> np.ndarray:
+    """Colon-like background, float32 [side,side,3] in 0..255."""
+    base = np.array([198.0, 104.0, 92.0]) + rng.normal(0, 10, 3)
+    mucosa = _noise(rng, (side, side), (max(3, side // size * 3), side // size * 8, side // 6))
+    fine = _noise(rng, (side, side), (side // 4, side // 2))
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32)
+    # haustral folds: bright ridges with dark troughs around an off-centre point
+    fx, fy = rng.uniform(0.2, 0.8, 2) * side
+    period = rng.uniform(0.35, 0.6) * size
+    radius = np.hypot(xx - fx, yy - fy) + 25 * mucosa
+    folds = np.sin(2 * np.pi * radius / period)
+    shade = 1.0 + 0.12 * mucosa + 0.04 * fine + 0.13 * folds
+    # dark lumen
+    lx, ly = rng.uniform(0.1, 0.9, 2) * side
+    lumen = np.exp(-(((xx - lx) ** 2 + (yy - ly) ** 2) / (2 * (0.18 * size) ** 2)))
+    shade *= 1.0 - 0.75 * lumen
+    img = base[None, None, :] * shade[..., None]
+    # vessels: thin dark random walks
+    vessels = Image.new("L", (side, side), 0)
+    draw = ImageDraw.Draw(vessels)
+    for _ in range(int(12 * (side / size) ** 2 / 4) + 6):
+        x, y = rng.uniform(0, side, 2)
+        angle = rng.uniform(0, 2 * np.pi)
+        points = [(x, y)]
+        for _ in range(int(rng.integers(8, 25))):
+            angle += rng.normal(0, 0.5)
+            step = rng.uniform(0.02, 0.05) * size
+            x, y = x + step * math.cos(angle), y + step * math.sin(angle)
+            points.append((x, y))
+        draw.line(points, fill=int(rng.integers(90, 200)), width=int(rng.integers(1, 3)))
+    vessel = np.asarray(vessels.filter(ImageFilter.GaussianBlur(0.8)), np.float32)[..., None] / 255.0
+    img = img * (1 - 0.35 * vessel) + np.array([120.0, 30.0, 45.0]) * 0.35 * vessel
+    return img.astype(np.float32)
+
+
+def _add_polyp(rng: np.random.Generator, canvas: np.ndarray, size: int) -> tuple[np.ndarray, float]:
+    """Composite one polyp at the canvas centre; return its hard mask (uint8 0/255) and max radius."""
+    side = canvas.shape[0]
+    c = side / 2.0
+    r0 = rng.uniform(0.08, 0.15) * size
+    harmonics = [(rng.uniform(0, 0.14 / k), rng.uniform(0, 2 * np.pi), k) for k in range(2, 6)]
+    r_max = r0 * (1 + sum(a for a, _, _ in harmonics))
+    lo, hi = int(c - 2 * r_max), int(c + 2 * r_max) + 1
+    yy, xx = np.mgrid[lo:hi, lo:hi].astype(np.float32)
+    dx, dy = xx - c, yy - c
+    d = np.hypot(dx, dy)
+    theta = np.arctan2(dy, dx)
+    r = r0 * (1 + sum(a * np.cos(k * theta + p) for a, p, k in harmonics))
+    inside = d < r
+    z = np.sqrt(np.clip(1 - (d / r) ** 2, 0, 1))
+    light = rng.uniform(0, 2 * np.pi)
+    lx, ly = math.cos(light), math.sin(light)
+    texture = _noise(rng, d.shape, (max(3, int(r0 / 4)), max(4, int(r0 / 2))))
+    colour = np.array([214.0, 128.0, 104.0]) + rng.normal(0, 10, 3)
+    shade = 0.78 + 0.3 * z - 0.18 * (dx * lx + dy * ly) / r * z + 0.08 * texture
+    polyp = colour[None, None, :] * shade[..., None]
+    highlight = np.exp(-((dx + 0.4 * r0 * lx) ** 2 + (dy + 0.4 * r0 * ly) ** 2) / (2 * (0.12 * r0) ** 2))
+    polyp = polyp * (1 - 0.8 * highlight[..., None]) + 250.0 * 0.8 * highlight[..., None]
+    alpha = np.clip(r - d + 0.5, 0, 1)[..., None]
+    rim = 1 - 0.3 * np.exp(-(((d - r) / (0.15 * r0)) ** 2)) * (d > r)
+    region = canvas[lo:hi, lo:hi]
+    region[:] = (region * rim[..., None]) * (1 - alpha) + polyp * alpha
+    mask = np.zeros((side, side), np.uint8)
+    mask[lo:hi, lo:hi] = inside * 255
+    return mask, r_max
+
+
+def _camera(
+    rng: np.random.Generator, n: int, size: int, r_max: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per frame: polyp offset from the view centre in frame pixels [n,2], zoom [n], roll [n]."""
+    t = np.arange(n, dtype=np.float64)
+    zoom = rng.uniform(0.95, 1.15) * np.exp(
+        rng.uniform(0.1, 0.25) * np.sin(2 * np.pi * t / n * rng.uniform(0.5, 1.5) + rng.uniform(0, 6.3))
+    )
+    roll = rng.uniform(-0.4, 0.4) * np.sin(2 * np.pi * t / n * rng.uniform(0.3, 1.0) + rng.uniform(0, 6.3))
+    wander = np.stack(
+        [
+            0.22
+            * size
+            * np.sin(2 * np.pi * t / n * rng.uniform(0.4, 1.2) + rng.uniform(0, 6.3))
+            * rng.uniform(0.3, 1),
+            0.22
+            * size
+            * np.sin(2 * np.pi * t / n * rng.uniform(0.4, 1.2) + rng.uniform(0, 6.3))
+            * rng.uniform(0.3, 1),
+        ],
+        axis=1,
+    )
+    # one stretch with the polyp fully out of view, sliding out and back in over `ramp` frames
+    absent = max(1, math.ceil(rng.uniform(*ABSENT_FRACTION) * n))
+    ramp = min(3, max(1, (n - absent) // 4))
+    where = rng.choice(["start", "middle", "end"])
+    start = {
+        "start": 0,
+        "end": n - absent,
+        "middle": int(rng.integers(ramp, max(ramp + 1, n - absent - ramp + 1))),
+    }[where]
+    start = min(start, n - absent)
+    exit_level = np.zeros(n)
+    for i in range(n):
+        if start <= i < start + absent:
+            exit_level[i] = 1.0
+        else:
+            gap = start - i if i < start else i - (start + absent - 1)
+            exit_level[i] = _smoothstep(1 - gap / (ramp + 1))
+    # leave through one side: far enough on that axis that the whole polyp is outside the frame
+    axis, sign = int(rng.integers(0, 2)), float(rng.choice([-1.0, 1.0]))
+    away = np.array(wander)
+    away[:, axis] = sign * (size / 2 + 1.2 * r_max * zoom.max() + 2)
+    offset = wander * (1 - exit_level[:, None]) + away * exit_level[:, None]
+    return offset, zoom, roll
+
+
+def _fold_alpha(
+    xx: np.ndarray, yy: np.ndarray, centre: np.ndarray, direction: float, half_thick: float, half_long: float
+) -> np.ndarray:
+    """Alpha (0..1, soft edge) of a tissue fold: an ellipse whose short axis points along `direction`."""
+    cos, sin = math.cos(direction), math.sin(direction)
+    u = (xx - centre[0]) * cos + (yy - centre[1]) * sin
+    v = -(xx - centre[0]) * sin + (yy - centre[1]) * cos
+    radius = np.sqrt((u / half_thick) ** 2 + (v / half_long) ** 2)
+    return np.clip((1 - radius) * half_thick / 1.5, 0, 1).astype(np.float32)
+
+
+def generate_sequence(name: str, split: str, index: int, spec: SynthSpec) -> SynthSequence:
+    """Render one sequence; deterministic in (spec.seed, split, index)."""
+    rng = np.random.default_rng((spec.seed, SPLIT_CODES[split], index))
+    size, n = spec.size, spec.frames
+    side = int(CANVAS_SCALE * size)
+    canvas = _canvas(rng, side, size)
+    mask_canvas, r_max = _add_polyp(rng, canvas, size)
+    # a few specular reflections that move with the tissue
+    for _ in range(int(rng.integers(3, 8))):
+        x, y = rng.uniform(0, side, 2)
+        s = rng.uniform(0.004, 0.012) * size
+        lo_y, hi_y, lo_x, hi_x = (
+            int(max(0, y - 4 * s)),
+            int(min(side, y + 4 * s)),
+            int(max(0, x - 4 * s)),
+            int(min(side, x + 4 * s)),
+        )
+        yy, xx = np.mgrid[lo_y:hi_y, lo_x:hi_x]
+        spot = np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * s**2))[..., None]
+        canvas[lo_y:hi_y, lo_x:hi_x] = canvas[lo_y:hi_y, lo_x:hi_x] * (1 - spot) + 255 * spot
+    canvas_img = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
+    mask_img = Image.fromarray(mask_canvas)
+    offset, zoom, roll = _camera(rng, n, size, r_max)
+
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    vignette = 1.0 - 0.45 * (np.hypot(xx - size / 2, yy - size / 2) / (size / math.sqrt(2))) ** 2
+    # episodes: one hard-to-see stretch (blur or haze, mask unchanged), maybe one partial occlusion
+    blur = rng.uniform(0.0, 0.8, n)
+    haze = np.zeros(n)
+    episode = [""] * n
+    visible = [i for i in range(n) if np.hypot(*offset[i]) < size / 2]
+    if visible:
+        hard_start = int(rng.choice(visible))
+        hard_len = int(rng.integers(2, 4))
+        kind = rng.choice(["blur", "haze"])
+        for i in range(hard_start, min(n, hard_start + hard_len)):
+            episode[i] = str(kind)
+            if kind == "blur":
+                blur[i] = rng.uniform(2.5, 4.5) * size / 256
+            else:
+                haze[i] = rng.uniform(0.55, 0.75)
+    # a fold slides in from one side, covers part of the polyp (its near edge stops inside it), slides away
+    occlude_at: dict[int, tuple[np.ndarray, float]] = {}
+    half_thick, half_long = rng.uniform(0.12, 0.2) * size, rng.uniform(0.35, 0.5) * size
+    if visible and rng.random() < 0.6:
+        first = int(rng.choice(visible))
+        direction = float(rng.uniform(0, 2 * np.pi))
+        toward = np.array([math.cos(direction), math.sin(direction)])
+        length = int(rng.integers(3, 6))
+        target = rng.uniform(-0.3, 0.4)  # near edge at this many radii from the polyp centre
+        for k, i in enumerate(range(first, min(n, first + length))):
+            reach = math.sin(math.pi * (k + 0.5) / length)
+            edge = r_max * zoom[i] * (1.1 - reach * (1.1 - target))
+            occlude_at[i] = (toward * (edge + half_thick), direction)
+    fold_colour = np.array([176.0, 86.0, 80.0]) + rng.normal(0, 8, 3)
+
+    frames, masks, events = [], [], []
+    for i in range(n):
+        # frame pixel p maps to canvas point c + R(p - centre - offset)/zoom
+        cos, sin = math.cos(roll[i]) / zoom[i], math.sin(roll[i]) / zoom[i]
+        cx = cy = side / 2.0
+        ox, oy = size / 2 + offset[i, 0], size / 2 + offset[i, 1]
+        affine = (cos, -sin, cx - cos * ox + sin * oy, sin, cos, cy - sin * ox - cos * oy)
+        frame = np.asarray(
+            canvas_img.transform((size, size), Image.AFFINE, affine, resample=Image.BILINEAR), np.float32
+        )
+        mask = (
+            np.asarray(mask_img.transform((size, size), Image.AFFINE, affine, resample=Image.BILINEAR)) >= 128
+        )
+        occluded = 0.0
+        if i in occlude_at:
+            shift, direction = occlude_at[i]
+            alpha = _fold_alpha(xx, yy, size / 2 + offset[i] + shift, direction, half_thick, half_long)
+            texture = 1 + 0.1 * _noise(rng, (size, size), (6, 16))
+            frame = frame * (1 - alpha[..., None]) + (fold_colour * texture[..., None]) * alpha[..., None]
+            covered = mask & (alpha >= 0.5)
+            occluded = float(covered.sum() / max(1, mask.sum()))
+            mask = mask & (alpha < 0.5)
+        frame = frame * vignette[..., None]
+        if haze[i] > 0:
+            frame = frame * (1 - haze[i]) + np.array([205.0, 170.0, 150.0]) * haze[i]
+        frame = frame + rng.normal(0, 2.0, frame.shape)
+        img = Image.fromarray(np.clip(frame, 0, 255).astype(np.uint8))
+        if blur[i] > 0.3:
+            img = img.filter(ImageFilter.GaussianBlur(float(blur[i])))
+        frames.append(np.asarray(img))
+        masks.append(mask)
+        events.append(
+            {
+                "episode": episode[i],
+                "blur_sigma": round(float(blur[i]), 2),
+                "haze": round(float(haze[i]), 2),
+                "occluded": round(occluded, 3),
+                "visible": bool(mask.any()),
+            }
+        )
+    return SynthSequence(name, frames, masks, events)
+
+
+def sequence_names(spec: SynthSpec) -> dict[str, list[str]]:
+    """Names per split; unique across splits (seq1..seqN train, then valid)."""
+    n = spec.train_sequences
+    return {
+        "train": [f"seq{i + 1}" for i in range(n)],
+        "valid": [f"seq{n + i + 1}" for i in range(spec.valid_sequences)],
+    }
+
+
+def write_sequence(split_dir: Path, seq: SynthSequence) -> None:
+    image_dir = split_dir / "images" / seq.name
+    mask_dir = split_dir / "masks" / seq.name
+    image_dir.mkdir(parents=True)
+    mask_dir.mkdir(parents=True)
+    for i, (frame, mask) in enumerate(zip(seq.frames, seq.masks, strict=True)):
+        # frame1..frameN, unpadded like the seed's names, so natural order matters
+        Image.fromarray(frame).save(image_dir / f"frame{i + 1}.jpg", quality=90)
+        Image.fromarray(mask.astype(np.uint8) * 255).save(
+            mask_dir / f"frame{i + 1}.jpg", quality=100, subsampling=0
+        )
+
+
+def write_dataset(out: str | Path, spec: SynthSpec, overwrite: bool = False, progress: bool = False) -> dict:
+    """Write a synthetic polyp_gen root at `out` atomically (temp folder, then rename); return a summary."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out}: already exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        names = sequence_names(spec)
+        jobs = [(split, i, name) for split in ("train", "valid") for i, name in enumerate(names[split])]
+        if progress:
+            from tqdm import tqdm
+
+            jobs = tqdm(jobs, desc="synth", unit="seq")
+        summary = {"spec": asdict(spec), "frames": 0, "empty_frames": 0, "events": {}}
+        for split, i, name in jobs:
+            seq = generate_sequence(name, split, i, spec)
+            write_sequence(tmp / split, seq)
+            summary["frames"] += len(seq.frames)
+            summary["empty_frames"] += sum(not m.any() for m in seq.masks)
+            summary["events"][name] = seq.events
+        for split in ("train", "valid"):
+            (tmp / split / LIST_FILES[split]).write_text("".join(f"{n}\n" for n in names[split]))
+        (tmp / "synth.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary

@@ -1,0 +1,65 @@
+"""The installed `autosam2` command and the project's two-command set-up."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+AUTOSAM2 = Path(sys.executable).parent / "autosam2"
+
+
+def run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_console_script_runs_the_demo_steps(tmp_path):
+    root = tmp_path / "pg"
+    made = run(
+        str(AUTOSAM2),
+        "synth",
+        "--out",
+        str(root),
+        "--sequences",
+        "2",
+        "--frames",
+        "6",
+        "--size",
+        "64",
+        "--seed",
+        "1",
+    )
+    assert made.returncode == 0, made.stderr
+    checked = run(str(AUTOSAM2), "validate", str(root))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"{root}: ok" in checked.stdout
+    shown = run(str(AUTOSAM2), "inspect", str(root), "--split", "valid")
+    assert shown.returncode == 0, shown.stderr
+    assert (
+        "valid/seq3: 6 frames 64x64 (frame1 .. frame6), clip batch images (6, 1, 3, 64, 64)" in shown.stdout
+    )
+
+
+def test_bad_root_gives_one_clear_error(tmp_path):
+    result = run(str(AUTOSAM2), "inspect", str(tmp_path / "missing"))
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"autosam2 inspect: {tmp_path / 'missing'}: dataset root does not exist"
+    assert "Traceback" not in result.stderr
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "make test" in readme.split("\n## ", 1)[0] and "make demo" in readme.split("\n## ", 1)[0]
+    assert "\nmake test\n" in ci
+
+
+@pytest.mark.skipif(
+    not (REPO / ".venv" / ".installed").exists(), reason="runs under `make test`, which installs .venv"
+)
+def test_second_make_run_installs_nothing():
+    # `make -q` exits 0 only when the install stamp is newer than setup.cfg and pyproject.toml
+    result = subprocess.run(["make", "-q", "venv"], cwd=REPO, env={**os.environ, "MAKEFLAGS": ""})
+    assert result.returncode == 0

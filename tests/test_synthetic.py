@@ -1,0 +1,128 @@
+"""`autosam2 synth`: deterministic, polyp-like, moving, with polyp-free, occluded and hard frames."""
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from autosam2.cli import main
+from autosam2.data import synthetic
+from autosam2.data.polyp_gen import PolypGenDataset, validate_root
+from autosam2.data.synthetic import SynthSpec, generate_sequence, write_dataset
+from tests.conftest import TINY
+
+
+def digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_same_seed_gives_byte_identical_files(tiny_root_pristine, tmp_path):
+    again = tmp_path / "again"
+    write_dataset(again, TINY)
+    assert digest(again) == digest(tiny_root_pristine)
+    other = tmp_path / "other"
+    write_dataset(other, SynthSpec(**{**TINY.__dict__, "seed": TINY.seed + 1}))
+    a, b = digest(other), digest(tiny_root_pristine)
+    assert a.keys() == b.keys()
+    assert sum(a[k] != b[k] for k in a) > len(a) // 2
+
+
+def test_layout_lists_and_validation(tiny_root_pristine):
+    root = tiny_root_pristine
+    assert (root / "train" / "train_list.txt").read_text() == "seq1\nseq2\n"
+    assert (root / "valid" / "val_list.txt").read_text() == "seq3\n"
+    for split, seq in (("train", "seq1"), ("valid", "seq3")):
+        assert len(list((root / split / "images" / seq).glob("frame*.jpg"))) == 12
+        assert len(list((root / split / "masks" / seq).glob("frame*.jpg"))) == 12
+    reports = validate_root(root)
+    assert [r.problems for r in reports] == [[], []]
+
+
+def _centroid(mask: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(mask)
+    return np.array([xs.mean(), ys.mean()])
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_polyp_moves_scales_and_leaves_the_view(index):
+    spec = SynthSpec(frames=24, size=128, seed=11)
+    seq = generate_sequence(f"s{index}", "train", index, spec)
+    assert len(seq.frames) == 24 and seq.frames[0].shape == (128, 128, 3) and seq.frames[0].dtype == np.uint8
+    present = [m.any() for m in seq.masks]
+    assert 0.1 <= 1 - np.mean(present) <= 0.5
+    visible = [m for m in seq.masks if m.any()]
+    areas = np.array([m.sum() for m in visible])
+    # a polyp of plausible size that scales
+    assert 0.002 < areas.mean() / 128**2 < 0.2
+    assert areas.max() > 1.2 * areas.min()
+    # and moves: centroids spread over several pixels
+    centroids = np.stack([_centroid(m) for m in visible])
+    assert np.linalg.norm(centroids.std(axis=0)) > 2.0
+    # textured, not flat: frames differ from one another and have local contrast
+    assert np.abs(seq.frames[0].astype(int) - seq.frames[-1].astype(int)).mean() > 2
+    assert seq.frames[0].std() > 5
+
+
+def test_polyp_differs_from_its_background():
+    seq = generate_sequence("s", "train", 0, SynthSpec(frames=12, size=128, seed=5))
+    for frame, mask in zip(seq.frames, seq.masks, strict=True):
+        if mask.sum() > 50:
+            inside = frame[mask].astype(float).mean(axis=0)
+            outside = frame[~mask].astype(float).mean(axis=0)
+            assert np.abs(inside - outside).sum() > 10
+            return
+    pytest.fail("no frame with a visible polyp")
+
+
+def test_default_set_has_occlusion_hard_frames_and_enough_polyp_free_frames(tmp_path):
+    # the default spec's content, at a smaller size to keep the test fast
+    spec = SynthSpec(size=96)
+    summary = write_dataset(tmp_path / "d", spec)
+    assert summary["frames"] == (8 + 4) * 24
+    assert summary["empty_frames"] >= 0.1 * summary["frames"]
+    valid = PolypGenDataset(tmp_path / "d", "valid")
+    assert len(valid.sequence_names) == 4
+    events = [e for seq in summary["events"].values() for e in seq]
+    assert any(0.05 < e["occluded"] < 0.95 and e["visible"] for e in events), "no partial occlusion"
+    assert any(e["episode"] == "blur" and e["blur_sigma"] > 0.9 and e["visible"] for e in events), (
+        "no blurred polyp"
+    )
+    assert any(e["episode"] == "haze" and e["haze"] > 0.5 and e["visible"] for e in events), "no hazy polyp"
+    # every valid sequence has a hard-to-see stretch where memory should help
+    for name in valid.sequence_names:
+        assert any(e["episode"] and e["visible"] for e in summary["events"][name]), name
+
+
+def test_existing_output_is_refused_and_overwrite_replaces(tmp_path, capsys):
+    out = tmp_path / "pg"
+    args = ["synth", "--out", str(out), "--sequences", "2", "--frames", "4", "--size", "64"]
+    assert main(args) == 0
+    assert "2 train + 1 valid sequences, 12 frames of 64x64" in capsys.readouterr().out
+    (out / "marker").write_text("x")
+    assert main(args) == 1
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert (out / "marker").exists()
+    assert main([*args, "--overwrite"]) == 0
+    assert not (out / "marker").exists() and (out / "train" / "train_list.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["pg"]
+
+
+def test_a_failure_half_way_leaves_nothing_behind(tmp_path, monkeypatch):
+    calls = []
+    real = synthetic.generate_sequence
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("disk on fire")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "generate_sequence", flaky)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        write_dataset(tmp_path / "pg", SynthSpec(train_sequences=2, valid_sequences=1, frames=3, size=64))
+    assert list(tmp_path.iterdir()) == []
