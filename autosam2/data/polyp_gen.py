@@ -67,21 +67,34 @@ def natural_key(name: str) -> list[int | str]:
 
 
 def decode_image(data: bytes, source: str | Path) -> torch.Tensor:
-    """Decode image bytes to uint8 ``[3,H,W]`` RGB (grayscale, palette and RGBA are converted)."""
+    """Decode image bytes to uint8 ``[3,H,W]`` RGB (grayscale, palette and RGBA are converted).
+
+    The result is a channel-first view of the decoded HWC array: stacking frames makes it contiguous,
+    so no channel-first copy is paid here.
+    """
     try:
         with Image.open(io.BytesIO(data)) as im:
-            rgb = np.asarray(im.convert("RGB"))
+            im.load()
+            rgb = np.array(im if im.mode == "RGB" else im.convert("RGB"))
     except (OSError, UnidentifiedImageError, SyntaxError) as err:
         raise DatasetError(f"{source}: cannot decode image ({err})") from err
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(rgb).permute(2, 0, 1)
 
 
 def decode_mask(data: bytes, source: str | Path) -> torch.Tensor:
     """Decode mask bytes to bool ``[H,W]``: grey value >= MASK_THRESHOLD is polyp."""
-    return torch.from_numpy(_mask_values(data, source) >= MASK_THRESHOLD)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.mode == "1":  # our shards' 1-bit PNG: no grey levels to threshold
+                return torch.from_numpy(np.array(im, dtype=bool))
+            values = np.asarray(im.convert("L"))
+    except (OSError, UnidentifiedImageError, SyntaxError) as err:
+        raise DatasetError(f"{source}: cannot decode mask ({err})") from err
+    return torch.from_numpy(values >= MASK_THRESHOLD)
 
 
-def _mask_values(data: bytes, source: str | Path) -> np.ndarray:
+def mask_values(data: bytes, source: str | Path) -> np.ndarray:
+    """Grey values ``[H,W]`` of a mask file, for validation."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             return np.asarray(im.convert("L"))
@@ -199,7 +212,7 @@ def _check_frame(frame: FrameFiles) -> tuple[list[Problem], tuple[int, int] | No
     except DatasetError as err:
         problems.append(Problem(frame.image, str(err).split(": ", 1)[1]))
     try:
-        values = _mask_values(frame.mask.read_bytes(), frame.mask)
+        values = mask_values(frame.mask.read_bytes(), frame.mask)
     except DatasetError as err:
         problems.append(Problem(frame.mask, str(err).split(": ", 1)[1]))
         return problems, size, empty, soft

@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from autosam2.atomic import atomic_directory
 from autosam2.data.polyp_gen import LIST_FILES
 
 SPLIT_CODES = {"train": 0, "valid": 1}
@@ -322,12 +320,7 @@ def write_sequence(split_dir: Path, seq: SynthSequence) -> None:
 
 def write_dataset(out: str | Path, spec: SynthSpec, overwrite: bool = False, progress: bool = False) -> dict:
     """Write a synthetic polyp_gen root at `out` atomically (temp folder, then rename); return a summary."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: already exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out, overwrite) as tmp:
         names = sequence_names(spec)
         jobs = [(split, i, name) for split in ("train", "valid") for i, name in enumerate(names[split])]
         if progress:
@@ -344,14 +337,4 @@ def write_dataset(out: str | Path, spec: SynthSpec, overwrite: bool = False, pro
         for split in ("train", "valid"):
             (tmp / split / LIST_FILES[split]).write_text("".join(f"{n}\n" for n in names[split]))
         (tmp / "synth.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary

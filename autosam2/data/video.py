@@ -8,7 +8,7 @@ how a polyp-free frame is represented, so the object keeps its identity across f
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -79,7 +79,9 @@ class ClipBatch:
 
     images_TBCHW: image tensors as the frames hold them (uint8 from the readers, float after transforms);
     masks_TBHW: bool masks of the polyp; present_TB: bool, the polyp is visible in the frame;
-    frame_indices_TB: index of each frame in its video; video_ids: B names.
+    frame_indices_TB: index of each frame in its video; video_ids: B names;
+    augment: per clip, the augmentation drawn by the loader (transforms.AugmentParams), applied later on
+    the training device by ``transforms.prepare_batch``; None for evaluation.
     """
 
     images_TBCHW: torch.Tensor
@@ -87,6 +89,7 @@ class ClipBatch:
     present_TB: torch.Tensor
     frame_indices_TB: torch.Tensor
     video_ids: list[str]
+    augment: list[Any] | None = None
 
     @property
     def num_frames(self) -> int:
@@ -97,27 +100,27 @@ class ClipBatch:
         return self.images_TBCHW.shape[1]
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> ClipBatch:
-        return ClipBatch(
+        return replace(
+            self,
             images_TBCHW=self.images_TBCHW.to(device, non_blocking=non_blocking),
             masks_TBHW=self.masks_TBHW.to(device, non_blocking=non_blocking),
             present_TB=self.present_TB.to(device, non_blocking=non_blocking),
             frame_indices_TB=self.frame_indices_TB.to(device, non_blocking=non_blocking),
-            video_ids=list(self.video_ids),
         )
 
     def pin_memory(self) -> ClipBatch:
         """Called by DataLoader(pin_memory=True) on custom batch types."""
-        return ClipBatch(
+        return replace(
+            self,
             images_TBCHW=self.images_TBCHW.pin_memory(),
             masks_TBHW=self.masks_TBHW.pin_memory(),
             present_TB=self.present_TB.pin_memory(),
             frame_indices_TB=self.frame_indices_TB.pin_memory(),
-            video_ids=list(self.video_ids),
         )
 
 
 def collate_clips(clips: Sequence[VideoDatapoint], object_id: int = POLYP_ID) -> ClipBatch:
-    """Stack clips of equal length and size into a time-major ClipBatch."""
+    """Stack clips of equal length and size into a time-major ClipBatch (carrying drawn augmentations)."""
     if not clips:
         raise ValueError("collate_clips needs at least one clip")
     lengths = {len(c) for c in clips}
@@ -134,4 +137,7 @@ def collate_clips(clips: Sequence[VideoDatapoint], object_id: int = POLYP_ID) ->
         present_TB=masks.flatten(2).any(dim=2),
         frame_indices_TB=indices.contiguous(),
         video_ids=[c.video_id for c in clips],
+        augment=[c.metadata["augment"] for c in clips]
+        if all("augment" in c.metadata for c in clips)
+        else None,
     )

@@ -1,0 +1,180 @@
+"""The shard sample schema, shared by the writer (`shards/`) and the stream reader.
+
+One sample is a chunk of consecutive frames of one sequence, keyed ``<sequence>__<chunk>``:
+``f0000.jpg`` .. the original frame bytes (never re-encoded; ``.png`` when the source frame was PNG),
+``m0000.png`` .. each mask as a lossless 1-bit PNG, and ``json``, the record below.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from autosam2.data.polyp_gen import DatasetError, FrameFiles, decode_image, decode_mask
+from autosam2.data.video import POLYP_ID, Frame, Object, VideoDatapoint
+
+FORMAT = "autosam2-polyp-shards"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+KEY_SEPARATOR = "__"
+
+
+class ShardError(DatasetError):
+    """A shard or sample that cannot be read; the message names the shard and the sample key."""
+
+
+def sample_key(sequence: str, chunk: int) -> str:
+    # webdataset splits a member name at its first dot: the key must not contain one
+    if "." in sequence or "/" in sequence:
+        raise ValueError(f"sequence name {sequence!r} contains '.' or '/', which a shard key cannot hold")
+    return f"{sequence}{KEY_SEPARATOR}{chunk:05d}"
+
+
+def frame_member(i: int, suffix: str) -> str:
+    return f"f{i:04d}{suffix.lower().replace('.jpeg', '.jpg')}"
+
+
+def mask_member(i: int) -> str:
+    return f"m{i:04d}.png"
+
+
+def encode_mask_png(mask_HW: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(mask_HW.numpy().astype(np.uint8) * 255).convert("1").save(
+        buf, format="PNG", optimize=False
+    )
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class SampleRecord:
+    """The ``json`` member of a sample."""
+
+    sequence: str
+    split: str
+    chunk: int
+    num_chunks: int
+    start: int  # index of the first frame in its sequence
+    frames: list[str]  # frame names (stems), in order
+    frame_members: list[str]
+    mask_members: list[str]
+    size: list[int]  # [H, W]
+    sequence_frames: int
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.__dict__, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, source: str) -> SampleRecord:
+        try:
+            fields = json.loads(data)
+            return cls(**fields)
+        except (ValueError, TypeError) as err:
+            raise ShardError(f"{source}: bad json record ({err})") from err
+
+
+def encode_sample(
+    sequence: str,
+    split: str,
+    chunk: int,
+    num_chunks: int,
+    start: int,
+    files: list[FrameFiles],
+    size: tuple[int, int],
+    sequence_frames: int,
+) -> dict[str, Any]:
+    """Build the webdataset sample dict for one chunk; masks are binarised and stored as PNG."""
+    sample: dict[str, Any] = {"__key__": sample_key(sequence, chunk)}
+    frame_members, mask_members = [], []
+    for i, frame in enumerate(files):
+        fm, mm = frame_member(i, frame.image.suffix), mask_member(i)
+        sample[fm] = frame.image.read_bytes()
+        mask = decode_mask(frame.mask.read_bytes(), frame.mask)
+        if tuple(mask.shape) != tuple(size):
+            raise DatasetError(
+                f"{frame.mask}: mask is {mask.shape[1]}x{mask.shape[0]}, the sequence is {size[1]}x{size[0]} (WxH)"
+            )
+        sample[mm] = encode_mask_png(mask)
+        frame_members.append(fm)
+        mask_members.append(mm)
+    record = SampleRecord(
+        sequence=sequence,
+        split=split,
+        chunk=chunk,
+        num_chunks=num_chunks,
+        start=start,
+        frames=[f.name for f in files],
+        frame_members=frame_members,
+        mask_members=mask_members,
+        size=list(size),
+        sequence_frames=sequence_frames,
+    )
+    sample["json"] = record.to_json()
+    return sample
+
+
+def sample_record(sample: dict[str, Any]) -> SampleRecord:
+    """The json record of a raw sample; ShardError naming the shard and key if it is missing or bad."""
+    where = f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}"
+    if "json" not in sample:
+        raise ShardError(f"{where}: json record is missing")
+    return SampleRecord.from_json(sample["json"], where)
+
+
+def decode_sample(sample: dict[str, Any], frames: slice | None = None) -> VideoDatapoint:
+    """Raw webdataset sample (member bytes) -> VideoDatapoint with uint8 images; only `frames` are decoded."""
+    where = f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}"
+    record = sample_record(sample)
+    indices = range(len(record.frames))[frames or slice(None)]
+    decoded = []
+    for i in indices:
+        fm, mm = record.frame_members[i], record.mask_members[i]
+        for member in (fm, mm):
+            if member not in sample:
+                raise ShardError(f"{where}: member {member} is missing")
+        try:
+            image = decode_image(sample[fm], fm)
+            mask = decode_mask(sample[mm], mm)
+        except DatasetError as err:
+            raise ShardError(f"{where}: {err}") from err
+        if tuple(image.shape[-2:]) != tuple(record.size) or tuple(mask.shape) != tuple(record.size):
+            raise ShardError(
+                f"{where}: frame {fm} or mask {mm} is not {record.size[1]}x{record.size[0]} (WxH)"
+            )
+        index = record.start + i
+        decoded.append(Frame(index, image, [Object(POLYP_ID, index, mask)], name=record.frames[i]))
+    metadata = {
+        "split": record.split,
+        "chunk": record.chunk,
+        "num_chunks": record.num_chunks,
+        "start": record.start,
+        "sequence_frames": record.sequence_frames,
+        "key": sample.get("__key__"),
+        "url": sample.get("__url__"),
+    }
+    return VideoDatapoint(record.sequence, decoded, (record.size[0], record.size[1]), metadata)
+
+
+def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
+    path = Path(shard_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise ShardError(
+            f"{path}: manifest is missing (is {shard_dir} a shard set built by `python -m shards build`?)"
+        ) from err
+    except ValueError as err:
+        raise ShardError(f"{path}: manifest is not valid JSON ({err})") from err
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise ShardError(
+            f"{path}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}, "
+            f"this reader needs {FORMAT!r} version {FORMAT_VERSION}"
+        )
+    return manifest

@@ -1,0 +1,89 @@
+"""`python -m shards build | merge | verify`: offline sharding of polyp_gen folders."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shards", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="pack one split of a polyp_gen root into tar shards + manifest.json")
+    b.add_argument("root", type=Path)
+    b.add_argument("--split", choices=["train", "valid"], required=True)
+    b.add_argument("--out", type=Path, required=True)
+    b.add_argument(
+        "--frames-per-sample", type=int, default=16, help="consecutive frames per sample (default 16)"
+    )
+    b.add_argument(
+        "--max-shard-mb", type=float, default=1024.0, help="close a shard before it passes this size"
+    )
+    b.add_argument(
+        "--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes writing shards"
+    )
+    b.add_argument("--shard-index", type=int, default=None, help="job-array mode: write only this part ...")
+    b.add_argument("--num-shards", type=int, default=None, help="... of this many; then run `merge`")
+    b.add_argument("--overwrite", action="store_true")
+
+    m = sub.add_parser("merge", help="join the parts written by a job array into manifest.json")
+    m.add_argument("out", type=Path)
+
+    v = sub.add_parser("verify", help="check a shard set against its manifest; list every problem")
+    v.add_argument("out", type=Path)
+
+    args = parser.parse_args(argv)
+
+    from autosam2.data.polyp_gen import DatasetError
+    from shards import verify, writer
+
+    progress = sys.stderr.isatty()
+    try:
+        if args.command == "build":
+            if (args.shard_index is None) != (args.num_shards is None):
+                parser.error("--shard-index and --num-shards go together")
+            common = dict(
+                frames_per_sample=args.frames_per_sample,
+                max_shard_mb=args.max_shard_mb,
+                workers=args.workers,
+                overwrite=args.overwrite,
+                progress=progress,
+            )
+            if args.num_shards is None:
+                manifest = writer.build(args.root, args.split, args.out, **common)
+                t = manifest["totals"]
+                print(
+                    f"wrote {args.out}: {t['shards']} shards, {t['samples']} samples, {t['frames']} frames, {t['bytes'] / 1e6:.1f} MB"
+                )
+            else:
+                part = writer.build_part(
+                    args.root, args.split, args.out, args.shard_index, args.num_shards, **common
+                )
+                frames = sum(s["frames"] for s in part["shards"])
+                print(
+                    f"wrote part {args.shard_index} of {args.num_shards} into {args.out}: {len(part['shards'])} shards, {frames} frames"
+                )
+        elif args.command == "merge":
+            manifest = writer.merge(args.out)
+            t = manifest["totals"]
+            print(f"merged {args.out}: {t['shards']} shards, {t['samples']} samples, {t['frames']} frames")
+        else:
+            problems = verify.verify(args.out, progress=progress)
+            for problem in problems:
+                print(problem)
+            if problems:
+                print(f"{args.out}: {len(problems)} problem(s)", file=sys.stderr)
+                return 1
+            print(f"{args.out}: ok")
+    except (DatasetError, FileExistsError, ValueError) as err:
+        print(f"shards {args.command}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""Build WebDataset tar shards from a polyp_gen split: plan, write (in parallel, to temp names), merge.
+
+A sequence never spans two shards, so evaluation ranks that split by shard read whole sequences. A
+shard is closed before the next sequence would take it past ``max_shard_mb`` (a longer sequence gets a
+shard of its own). Job arrays write disjoint parts (``part_index`` of ``num_parts``), each recorded in
+``parts/part-III-of-NNN.json``; ``merge`` joins the parts into the single ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+
+import autosam2
+from autosam2.atomic import atomic_directory, atomic_write_json
+from autosam2.data.polyp_gen import LIST_FILES, DatasetError, SequenceFiles, image_size, scan_split
+from autosam2.data.sample_format import FORMAT, FORMAT_VERSION, MANIFEST, encode_sample
+
+PARTS_DIR = "parts"
+TAR_OVERHEAD = 1536  # bytes per member: header + padding, for the size estimate
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    name: str
+    split: str
+    sequences: tuple[SequenceFiles, ...]
+    frames_per_sample: int
+
+
+def _sequence_bytes(seq: SequenceFiles) -> int:
+    return sum(f.image.stat().st_size + f.mask.stat().st_size // 4 + 3 * TAR_OVERHEAD for f in seq.frames)
+
+
+def assign_parts(sequences: list[SequenceFiles], num_parts: int) -> list[list[SequenceFiles]]:
+    """Balance sequences over parts by bytes (largest first to the lightest part); keep list order inside."""
+    load = [0] * num_parts
+    owner: dict[str, int] = {}
+    for seq in sorted(sequences, key=lambda s: -_sequence_bytes(s)):
+        part = min(range(num_parts), key=lambda p: (load[p], p))
+        owner[seq.name] = part
+        load[part] += _sequence_bytes(seq)
+    return [[s for s in sequences if owner[s.name] == p] for p in range(num_parts)]
+
+
+def plan_shards(
+    sequences: list[SequenceFiles], split: str, part: int, frames_per_sample: int, max_bytes: int
+) -> list[ShardJob]:
+    groups: list[list[SequenceFiles]] = []
+    size = 0
+    for seq in sequences:
+        seq_bytes = _sequence_bytes(seq)
+        if not groups or (groups[-1] and size + seq_bytes > max_bytes):
+            groups.append([])
+            size = 0
+        groups[-1].append(seq)
+        size += seq_bytes
+    return [
+        ShardJob(f"{split}-{part:03d}-{i:05d}.tar", split, tuple(g), frames_per_sample)
+        for i, g in enumerate(groups)
+    ]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_shard(job: ShardJob, folder: Path) -> dict[str, Any]:
+    """Write one shard to a temp name in `folder`, rename it, and return its manifest entry."""
+    final = folder / job.name
+    tmp = folder / f".{job.name}.tmp"
+    samples: list[str] = []
+    frames = 0
+    sequences = {}
+    with wds.TarWriter(str(tmp), encoder=False) as writer:
+        for seq in job.sequences:
+            n = len(seq.frames)
+            chunks = math.ceil(n / job.frames_per_sample)
+            size = image_size(seq.frames[0].image)
+            for chunk in range(chunks):
+                start = chunk * job.frames_per_sample
+                files = list(seq.frames[start : start + job.frames_per_sample])
+                sample = encode_sample(seq.name, job.split, chunk, chunks, start, files, size, n)
+                writer.write(sample)
+                samples.append(sample["__key__"])
+                frames += len(files)
+            sequences[seq.name] = {"frames": n, "samples": chunks, "size": list(size)}
+    os.replace(tmp, final)
+    return {
+        "name": job.name,
+        "samples": samples,
+        "sequences": sequences,
+        "frames": frames,
+        "bytes": final.stat().st_size,
+        "sha256": _sha256(final),
+    }
+
+
+def _part_path(out: Path, index: int, count: int) -> Path:
+    return out / PARTS_DIR / f"part-{index:03d}-of-{count:03d}.json"
+
+
+def build_part(
+    root: str | Path,
+    split: str,
+    out: str | Path,
+    part_index: int = 0,
+    num_parts: int = 1,
+    frames_per_sample: int = 16,
+    max_shard_mb: float = 1024.0,
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Write one disjoint part of the shard set into `out` and record it; return the part record."""
+    root, out = Path(root).resolve(), Path(out)
+    if frames_per_sample < 1 or max_shard_mb <= 0 or not 0 <= part_index < num_parts:
+        raise ValueError(
+            f"need frames_per_sample >= 1, max_shard_mb > 0, 0 <= shard index < num shards; got {frames_per_sample}, {max_shard_mb}, {part_index}/{num_parts}"
+        )
+    sequences, problems = scan_split(root, split)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise DatasetError(f"{problems[0]}{more}; run `autosam2 validate {root}` to list them all")
+    if (out / MANIFEST).exists() and not overwrite:
+        raise FileExistsError(f"{out / MANIFEST}: shard set already built; pass --overwrite to rebuild")
+    part_file = _part_path(out, part_index, num_parts)
+    if part_file.exists():
+        if not overwrite:
+            raise FileExistsError(f"{part_file}: part already written; pass --overwrite to rewrite it")
+        for shard in json.loads(part_file.read_text())["shards"]:
+            (out / shard["name"]).unlink(missing_ok=True)
+    (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+    mine = assign_parts(sequences, num_parts)[part_index]
+    jobs = plan_shards(mine, split, part_index, frames_per_sample, int(max_shard_mb * 1e6))
+    staging = Path(tempfile.mkdtemp(prefix=f".part-{part_index:03d}.tmp-", dir=out))
+    try:
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=sum(len(s.frames) for s in mine),
+                desc=f"shards {split} part {part_index}/{num_parts}",
+                unit="frame",
+            )
+        entries: list[dict[str, Any]] = []
+        if workers > 1 and len(jobs) > 1:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork")) as pool:
+                for entry in pool.map(write_shard, jobs, [staging] * len(jobs)):
+                    entries.append(entry)
+                    if bar:
+                        bar.update(entry["frames"])
+        else:
+            for job in jobs:
+                entries.append(write_shard(job, staging))
+                if bar:
+                    bar.update(entries[-1]["frames"])
+        if bar:
+            bar.close()
+        for entry in entries:
+            os.replace(staging / entry["name"], out / entry["name"])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    record = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "split": split,
+        "part": part_index,
+        "num_parts": num_parts,
+        "frames_per_sample": frames_per_sample,
+        "max_shard_mb": max_shard_mb,
+        "source": {
+            "root": str(root),
+            "list_file": str(root / split / LIST_FILES[split]),
+            "sequences": len(sequences),
+            "frames": sum(len(s.frames) for s in sequences),
+        },
+        "shards": entries,
+    }
+    atomic_write_json(part_file, record)
+    return record
+
+
+def merge(out: str | Path) -> dict[str, Any]:
+    """Join every part record of `out` into `out/manifest.json`; all parts must be there and agree."""
+    out = Path(out)
+    files = sorted((out / PARTS_DIR).glob("part-*-of-*.json"))
+    if not files:
+        raise DatasetError(f"{out / PARTS_DIR}: no part records to merge")
+    parts = [json.loads(f.read_text()) for f in files]
+    counts = {p["num_parts"] for p in parts}
+    if len(counts) != 1:
+        raise DatasetError(f"{out / PARTS_DIR}: parts of different job arrays ({sorted(counts)} parts)")
+    count = counts.pop()
+    missing = sorted(set(range(count)) - {p["part"] for p in parts})
+    if missing:
+        raise DatasetError(
+            f"{out / PARTS_DIR}: parts {missing} of {count} are missing; rerun those array tasks"
+        )
+    same = ("split", "frames_per_sample", "source", "format_version")
+    for p, f in zip(parts, files, strict=True):
+        for key in same:
+            if p[key] != parts[0][key]:
+                raise DatasetError(f"{f}: {key} {p[key]!r} differs from part 0's {parts[0][key]!r}")
+    shards = sorted((s for p in parts for s in p["shards"]), key=lambda s: s["name"])
+    for shard in shards:
+        if not (out / shard["name"]).is_file():
+            raise DatasetError(f"{out / shard['name']}: listed by a part record but missing")
+    sequences = {name: info for s in shards for name, info in s["sequences"].items()}
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created_by": f"autosam2 {autosam2.__version__}",
+        "split": parts[0]["split"],
+        "frames_per_sample": parts[0]["frames_per_sample"],
+        "source": parts[0]["source"],
+        "shards": shards,
+        "sequences": sequences,
+        "totals": {
+            "shards": len(shards),
+            "samples": sum(len(s["samples"]) for s in shards),
+            "frames": sum(s["frames"] for s in shards),
+            "bytes": sum(s["bytes"] for s in shards),
+            "sequences": len(sequences),
+        },
+    }
+    atomic_write_json(out / MANIFEST, manifest)
+    shutil.rmtree(out / PARTS_DIR)
+    return manifest
+
+
+def build(
+    root: str | Path,
+    split: str,
+    out: str | Path,
+    frames_per_sample: int = 16,
+    max_shard_mb: float = 1024.0,
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Build a whole shard set in a temp folder beside `out`, then rename it into place."""
+    with atomic_directory(out, overwrite) as tmp:
+        build_part(root, split, tmp, 0, 1, frames_per_sample, max_shard_mb, workers, progress=progress)
+        return merge(tmp)

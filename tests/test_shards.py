@@ -1,0 +1,170 @@
+"""`python -m shards build | merge`: the shard set, its manifest, job-array parts, atomic output."""
+
+import hashlib
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from autosam2.data.polyp_gen import DatasetError
+from autosam2.data.sample_format import FORMAT, FORMAT_VERSION
+from shards.__main__ import main
+from shards.writer import build, build_part, merge
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tar_members(path: Path) -> dict[str, bytes]:
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def test_manifest_describes_every_shard(tiny_shards_pristine, tiny_root_pristine):
+    out = tiny_shards_pristine["train"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format"] == FORMAT and manifest["format_version"] == FORMAT_VERSION
+    assert manifest["split"] == "train" and manifest["frames_per_sample"] == 5
+    assert manifest["source"]["root"] == str(tiny_root_pristine.resolve())
+    assert manifest["source"]["frames"] == 24 and manifest["source"]["sequences"] == 2
+    assert manifest["totals"] == {
+        "shards": 1,
+        "samples": 6,
+        "frames": 24,
+        "bytes": manifest["shards"][0]["bytes"],
+        "sequences": 2,
+    }
+    for shard in manifest["shards"]:
+        data = (out / shard["name"]).read_bytes()
+        assert shard["bytes"] == len(data) and shard["sha256"] == hashlib.sha256(data).hexdigest()
+    assert manifest["shards"][0]["samples"] == [f"{s}__{c:05d}" for s in ("seq1", "seq2") for c in range(3)]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "train-000-00000.tar"]
+
+
+def test_samples_hold_original_jpeg_bytes_binary_png_masks_and_a_record(
+    tiny_shards_pristine, tiny_root_pristine
+):
+    members = tar_members(tiny_shards_pristine["train"] / "train-000-00000.tar")
+    record = json.loads(members["seq2__00002.json"])
+    assert record["sequence"] == "seq2" and record["split"] == "train"
+    assert record["frames"] == ["frame11", "frame12"]  # the last chunk is shorter
+    assert (
+        record["start"] == 10
+        and record["chunk"] == 2
+        and record["num_chunks"] == 3
+        and record["size"] == [64, 64]
+    )
+    source = tiny_root_pristine / "train" / "images" / "seq2" / "frame11.jpg"
+    assert members["seq2__00002.f0000.jpg"] == source.read_bytes()  # never re-encoded
+    mask = Image.open(io.BytesIO(members["seq2__00002.m0000.png"]))
+    assert mask.format == "PNG" and mask.mode == "1"
+    expected = np.asarray(Image.open(tiny_root_pristine / "train" / "masks" / "seq2" / "frame11.jpg")) >= 128
+    assert np.array_equal(np.asarray(mask), expected)
+
+
+def test_a_sequence_never_spans_two_shards_and_size_limits_split_the_set(tiny_root_pristine, tmp_path):
+    manifest = build(tiny_root_pristine, "train", tmp_path / "small", frames_per_sample=4, max_shard_mb=0.001)
+    assert manifest["totals"]["shards"] == 2
+    for shard in manifest["shards"]:
+        assert len({k.split("__")[0] for k in shard["samples"]}) == 1
+    assert manifest["totals"]["samples"] == 6  # 12 frames / 4 per sample, two sequences
+
+
+def test_existing_output_is_refused_and_a_bad_root_leaves_nothing(
+    tiny_root, tmp_path, tiny_shards_pristine, capsys
+):
+    out = tiny_shards_pristine["train"]
+    assert main(["build", str(tiny_root), "--split", "train", "--out", str(out)]) == 1
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    (tiny_root / "train" / "masks" / "seq2" / "frame3.jpg").unlink()
+    target = tmp_path / "new"
+    assert main(["build", str(tiny_root), "--split", "train", "--out", str(target)]) == 1
+    assert "seq2/frame3.jpg: image has no mask" in capsys.readouterr().err
+    assert not target.exists() and not any(p.name.startswith(".new") for p in tmp_path.iterdir())
+
+
+def test_an_undecodable_mask_stops_the_build_naming_the_file(tiny_root, tmp_path):
+    (tiny_root / "valid" / "masks" / "seq3" / "frame5.jpg").write_bytes(b"broken")
+    with pytest.raises(DatasetError, match=r"seq3/frame5\.jpg: cannot decode mask"):
+        build(tiny_root, "valid", tmp_path / "out" / "v")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_overwrite_replaces(tiny_root_pristine, tmp_path):
+    out = tmp_path / "s"
+    build(tiny_root_pristine, "valid", out, frames_per_sample=6)
+    manifest = build(tiny_root_pristine, "valid", out, frames_per_sample=12, overwrite=True)
+    assert manifest["totals"]["samples"] == 1
+    assert json.loads((out / "manifest.json").read_text())["frames_per_sample"] == 12
+
+
+def test_job_array_parts_are_disjoint_and_merge_into_the_same_set(tiny_root_pristine, tmp_path):
+    single = build(tiny_root_pristine, "train", tmp_path / "single", frames_per_sample=5)
+    out = tmp_path / "array"
+    parts = [build_part(tiny_root_pristine, "train", out, i, 2, frames_per_sample=5) for i in (1, 0)]
+    keys = [{k for s in p["shards"] for k in s["samples"]} for p in parts]
+    assert keys[0] and keys[1] and not keys[0] & keys[1]
+    merged = merge(out)
+    assert sorted(k for s in merged["shards"] for k in s["samples"]) == sorted(
+        k for s in single["shards"] for k in s["samples"]
+    )
+    assert merged["totals"]["frames"] == single["totals"]["frames"] == 24
+    assert [s["name"] for s in merged["shards"]] == ["train-000-00000.tar", "train-001-00000.tar"]
+    assert not (out / "parts").exists()
+
+
+def test_merge_refuses_a_missing_part(tiny_root_pristine, tmp_path, capsys):
+    out = tmp_path / "array"
+    build_part(tiny_root_pristine, "train", out, 0, 3, frames_per_sample=5)
+    build_part(tiny_root_pristine, "train", out, 2, 3, frames_per_sample=5)
+    assert main(["merge", str(out)]) == 1
+    assert "parts [1] of 3 are missing" in capsys.readouterr().err
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(FileExistsError, match="part already written"):
+        build_part(tiny_root_pristine, "train", out, 2, 3, frames_per_sample=5)
+
+
+def test_parallel_workers_write_the_same_samples(tiny_root_pristine, tmp_path):
+    one = build(
+        tiny_root_pristine, "train", tmp_path / "one", frames_per_sample=3, max_shard_mb=0.001, workers=1
+    )
+    two = build(
+        tiny_root_pristine, "train", tmp_path / "two", frames_per_sample=3, max_shard_mb=0.001, workers=2
+    )
+    assert [s["samples"] for s in one["shards"]] == [s["samples"] for s in two["shards"]]
+    for a, b in zip(one["shards"], two["shards"], strict=True):
+        ma, mb = tar_members(tmp_path / "one" / a["name"]), tar_members(tmp_path / "two" / b["name"])
+        assert ma == mb
+
+
+def test_module_command_end_to_end(tiny_root_pristine, tmp_path):
+    out = tmp_path / "cli"
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shards",
+            "build",
+            str(tiny_root_pristine),
+            "--split",
+            "valid",
+            "--out",
+            str(out),
+            "--frames-per-sample",
+            "4",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert built.returncode == 0, built.stderr
+    assert "1 shards, 3 samples, 12 frames" in built.stdout
+    checked = subprocess.run(
+        [sys.executable, "-m", "shards", "verify", str(out)], cwd=REPO, capture_output=True, text=True
+    )
+    assert checked.returncode == 0 and checked.stdout.strip() == f"{out}: ok"
