@@ -26,7 +26,11 @@ $(STAMP): setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/autosam2 synth --out $(DEMO)/polyp_gen --overwrite
 	$(VENV)/bin/autosam2 validate $(DEMO)/polyp_gen
-	$(VENV)/bin/autosam2 inspect $(DEMO)/polyp_gen --split valid
+	$(PY) -m shards build $(DEMO)/polyp_gen --split train --out $(DEMO)/shards/train --overwrite
+	$(PY) -m shards build $(DEMO)/polyp_gen --split valid --out $(DEMO)/shards/valid --overwrite
+	$(PY) -m shards verify $(DEMO)/shards/train
+	$(PY) -m shards verify $(DEMO)/shards/valid
+	$(VENV)/bin/autosam2 inspect --shards $(DEMO)/shards/valid
 
 test: $(STAMP)
 	$(PY) -m pytest -q

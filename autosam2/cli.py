@@ -50,9 +50,33 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _summarise(split: str, name: str, batch, frame_names: tuple[str, str] | None = None) -> str:
+    present = batch.present_TB[:, 0]
+    area = batch.masks_TBHW[:, 0].flatten(1).float().mean(dim=1)
+    mean_area = float(area[present].mean()) if present.any() else 0.0
+    t, _, _, h, w = batch.images_TBCHW.shape
+    names = f" ({frame_names[0]} .. {frame_names[1]})" if frame_names else ""
+    return (
+        f"{split}/{name}: {t} frames {w}x{h}{names}, clip batch images {tuple(batch.images_TBCHW.shape)} "
+        f"masks {tuple(batch.masks_TBHW.shape)}, polyp in {int(present.sum())}/{t} frames, mean area {mean_area:.1%}"
+    )
+
+
 def _inspect(args: argparse.Namespace) -> int:
-    from autosam2.data.polyp_gen import PolypGenDataset
     from autosam2.data.video import collate_clips
+
+    if args.shards:
+        from autosam2.data.stream import ClipStream, StreamConfig
+
+        stream = ClipStream(args.shards, "eval", StreamConfig(image_size=args.image_size))
+        for batch in stream:
+            if args.sequence in (None, batch.video_ids[0]):
+                print(_summarise(stream.manifest["split"], batch.video_ids[0], batch))
+        return 0
+    if args.root is None:
+        print("autosam2 inspect: give a dataset ROOT or --shards DIR", file=sys.stderr)
+        return 2
+    from autosam2.data.polyp_gen import PolypGenDataset
 
     dataset = PolypGenDataset(args.root, args.split)
     names = [args.sequence] if args.sequence else dataset.sequence_names
@@ -61,15 +85,10 @@ def _inspect(args: argparse.Namespace) -> int:
             print(f"{args.root}: no sequence {name!r} in split {args.split}", file=sys.stderr)
             return 2
         video = dataset.load_sequence(name)
-        batch = collate_clips([video])
-        present = batch.present_TB[:, 0]
-        area = batch.masks_TBHW[:, 0].flatten(1).float().mean(dim=1)
-        mean_area = float(area[present].mean()) if present.any() else 0.0
-        h, w = video.size
         print(
-            f"{args.split}/{name}: {len(video)} frames {w}x{h} ({video.frames[0].name} .. {video.frames[-1].name}), "
-            f"clip batch images {tuple(batch.images_TBCHW.shape)} masks {tuple(batch.masks_TBHW.shape)}, "
-            f"polyp in {int(present.sum())}/{len(video)} frames, mean area {mean_area:.1%}"
+            _summarise(
+                args.split, name, collate_clips([video]), (video.frames[0].name, video.frames[-1].name)
+            )
         )
     return 0
 
@@ -95,11 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "valid"], default=None, help="check one split only")
     p.set_defaults(func=_validate)
 
-    p = sub.add_parser("inspect", help="read sequences of a polyp_gen root and print a summary of each")
-    p.add_argument("root", type=Path)
+    p = sub.add_parser(
+        "inspect", help="read the sequences of a polyp_gen root (or shard set) and summarise each"
+    )
+    p.add_argument("root", type=Path, nargs="?", default=None)
+    p.add_argument(
+        "--shards", type=Path, default=None, help="read a shard set through the evaluation stream instead"
+    )
+    p.add_argument("--image-size", type=int, default=256, help="with --shards: the stream's image size")
     p.add_argument("--split", choices=["train", "valid"], default="valid")
     p.add_argument("--sequence", default=None, help="one sequence (default: all)")
     p.set_defaults(func=_inspect)
+
+    from autosam2 import bench
+
+    bench.add_parser(sub)
     return parser
 
 
@@ -109,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DatasetError, FileExistsError, FileNotFoundError) as err:
+    except (DatasetError, FileExistsError, FileNotFoundError) as err:  # ShardError is a DatasetError
         print(f"autosam2 {args.command}: {err}", file=sys.stderr)
         return 1
 

@@ -63,3 +63,13 @@ def test_second_make_run_installs_nothing():
     # `make -q` exits 0 only when the install stamp is newer than setup.cfg and pyproject.toml
     result = subprocess.run(["make", "-q", "venv"], cwd=REPO, env={**os.environ, "MAKEFLAGS": ""})
     assert result.returncode == 0
+
+
+def test_inspect_reads_a_shard_set_through_the_stream(tiny_shards_pristine, capsys):
+    from autosam2.cli import main
+
+    assert main(["inspect", "--shards", str(tiny_shards_pristine["valid"]), "--image-size", "64"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith(
+        "valid/seq3: 12 frames 64x64, clip batch images (12, 1, 3, 64, 64)"
+    )

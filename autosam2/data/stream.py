@@ -62,7 +62,11 @@ def read_samples(
     on_error: OnError,
     count_skip: Callable[[int], None],
 ) -> Iterator[dict[str, Any]]:
-    """Tar shards -> raw samples (dicts of member bytes), with the error policy for broken tars."""
+    """Tar shards -> raw samples (dicts of member bytes), with the error policy for broken tars.
+
+    A tar cut at a header boundary reads like a shorter, sound one; the manifest's sample count
+    (`expected`, by url) tells the two apart.
+    """
     for source in urls:
         url = source["url"]
         seen = 0
@@ -74,6 +78,8 @@ def read_samples(
                     seen += 1
                     last = sample["__key__"]
                     yield sample
+            if seen < expected.get(url, 0):
+                raise tarfile.ReadError(f"it ends after {seen} of the manifest's {expected[url]} samples")
         except (tarfile.TarError, OSError, EOFError, ValueError) as err:
             where = f"after sample {last}" if last else "before its first sample"
             if on_error == "raise":
@@ -203,7 +209,7 @@ class ClipStream(torch.utils.data.IterableDataset):
                 message = f"{first.metadata['url']}: sequence {first.video_id} has chunks {chunks} of {first.metadata['num_chunks']}"
                 if self.config.on_error == "raise":
                     raise ShardError(message)
-                self._count_skip(first.metadata["num_chunks"] - len(chunks))
+                self._count_skip(len(chunks))  # the chunks that did arrive are dropped with their sequence
                 return
             frames = [f for p in parts for f in p.frames]
             yield VideoDatapoint(first.video_id, frames, first.size, {**first.metadata, "chunk": None})

@@ -17,7 +17,7 @@ import torch
 import torchvision.transforms.v2.functional as F
 from torchvision.transforms import InterpolationMode
 
-from autosam2.data.video import ClipBatch, VideoDatapoint
+from autosam2.data.video import ClipBatch, VideoDatapoint, any_pixel
 
 # SAM2 normalises with the ImageNet statistics (sam2.utils.transforms.SAM2Transforms)
 SAM2_MEAN = (0.485, 0.456, 0.406)
@@ -145,4 +145,4 @@ def prepare_batch(batch: ClipBatch, device: torch.device | str = "cpu", augment:
         images, masks = torch.stack(out_images, dim=1), torch.stack(out_masks, dim=1)
     t, b = images.shape[:2]
     images = F.normalize(images.flatten(0, 1), list(SAM2_MEAN), list(SAM2_STD)).unflatten(0, (t, b))
-    return replace(batch, images_TBCHW=images, masks_TBHW=masks, present_TB=masks.flatten(2).any(dim=2))
+    return replace(batch, images_TBCHW=images, masks_TBHW=masks, present_TB=any_pixel(masks))

@@ -1,0 +1,37 @@
+"""`autosam2 bench data` prints one JSON object whose ratios are those of its own figures."""
+
+import json
+
+from autosam2.cli import main
+
+
+def test_bench_data_prints_figures_and_ratios(capsys):
+    args = ["bench", "data", "--size", "64", "--image-size", "64", "--sequences", "2", "--frames", "8"]
+    args += [
+        "--frames-per-sample",
+        "8",
+        "--clip-len",
+        "4",
+        "--batch-size",
+        "1",
+        "--workers",
+        "0",
+        "--batches",
+        "3",
+        "--rounds",
+        "1",
+    ]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    fps = report["frames_per_s"]
+    assert set(fps) == {
+        "a_shard_stream",
+        "b_folder_reader",
+        "c_jpeg_decode",
+        "a_shard_stream_with_cpu_augment",
+    }
+    assert all(v > 0 for v in fps.values())
+    assert abs(report["ratios"]["a_over_c"] - fps["a_shard_stream"] / fps["c_jpeg_decode"]) < 2e-3
+    assert abs(report["ratios"]["a_over_b"] - fps["a_shard_stream"] / fps["b_folder_reader"]) < 2e-3
+    assert report["target"]["met"] == (fps["a_shard_stream"] / fps["c_jpeg_decode"] >= 0.9)
+    assert report["config"]["workers"] == 0 and report["config"]["image_size"] == 64

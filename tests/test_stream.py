@@ -1,0 +1,154 @@
+"""The streaming clip pipeline: round trip, windows, determinism, equal batches, bad shards."""
+
+import pytest
+import torch
+
+from autosam2.data.polyp_gen import PolypGenDataset
+from autosam2.data.sample_format import ShardError
+from autosam2.data.stream import ClipStream, StreamConfig, make_loader, read_samples
+from tests.conftest import rewrite_tar, truncate
+
+SHARD = "train-000-00000.tar"
+
+
+def batches(stream: ClipStream, workers: int = 0) -> list:
+    return list(make_loader(stream, num_workers=workers))
+
+
+@pytest.mark.parametrize("split", ["train", "valid"])
+def test_round_trip_gives_the_folder_readers_bytes_and_masks(tiny_root_pristine, tiny_shards_pristine, split):
+    folder = PolypGenDataset(tiny_root_pristine, split)
+    stream = ClipStream(tiny_shards_pristine[split], "eval", StreamConfig(image_size=64))
+    seen = []
+    for batch in batches(stream, workers=2):
+        (name,) = batch.video_ids
+        seen.append(name)
+        video = folder.load_sequence(name)
+        assert batch.images_TBCHW.shape[0] == len(video)
+        for t, frame in enumerate(video.frames):
+            assert torch.equal(batch.images_TBCHW[t, 0], frame.image_CHW)
+            assert torch.equal(batch.masks_TBHW[t, 0], frame.object_mask())
+            assert int(batch.frame_indices_TB[t, 0]) == t
+    assert sorted(seen) == sorted(folder.sequence_names)
+    # and the frame members are the very bytes of the files
+    manifest_urls = stream.urls
+    files = {f.image.read_bytes() for s in folder.sequences.values() for f in s.frames}
+    members = [
+        v
+        for sample in read_samples(({"url": u} for u in manifest_urls), {}, "raise", print)
+        for k, v in sample.items()
+        if k.endswith(".jpg")
+    ]
+    assert len(members) == len(files) and set(members) == files
+
+
+def test_training_batches_are_windows_inside_one_chunk(tiny_shards_pristine):
+    cfg = StreamConfig(clip_len=4, batch_size=2, image_size=32, seed=7, batches_per_epoch=6, shuffle_buffer=4)
+    out = batches(ClipStream(tiny_shards_pristine["train"], "train", cfg))
+    assert len(out) == 6
+    for batch in out:
+        assert batch.images_TBCHW.shape == (4, 2, 3, 32, 32) and batch.images_TBCHW.dtype == torch.uint8
+        assert batch.masks_TBHW.shape == (4, 2, 32, 32) and len(batch.augment) == 2
+        for b in range(2):
+            idx = batch.frame_indices_TB[:, b].tolist()
+            assert idx == list(range(idx[0], idx[0] + 4))
+            assert idx[0] // 5 == idx[-1] // 5  # chunks of 5 frames: the window never crosses one
+            assert idx[0] < 10  # the 2-frame last chunk cannot hold a window
+
+
+def _fingerprint(out: list) -> list:
+    return [
+        (b.video_ids, b.frame_indices_TB.tolist(), b.augment, b.images_TBCHW.float().mean().item())
+        for b in out
+    ]
+
+
+def test_deterministic_for_seed_epoch_rank_and_worker(tiny_shards_pristine, monkeypatch):
+    cfg = StreamConfig(clip_len=3, batch_size=1, image_size=32, seed=3, batches_per_epoch=8)
+    path = tiny_shards_pristine["train"]
+    first = _fingerprint(batches(ClipStream(path, "train", cfg), workers=2))
+    assert first == _fingerprint(batches(ClipStream(path, "train", cfg), workers=2))
+    other_epoch = ClipStream(path, "train", cfg)
+    other_epoch.set_epoch(1)
+    assert _fingerprint(batches(other_epoch, workers=2)) != first
+    assert (
+        _fingerprint(
+            batches(ClipStream(path, "train", StreamConfig(**{**cfg.__dict__, "seed": 4})), workers=2)
+        )
+        != first
+    )
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert _fingerprint(batches(ClipStream(path, "train", cfg), workers=2)) != first
+
+
+@pytest.mark.parametrize("workers", [0, 2, 3])
+def test_every_epoch_has_the_configured_number_of_batches(tiny_shards_pristine, workers):
+    cfg = StreamConfig(clip_len=3, batch_size=2, image_size=32, batches_per_epoch=7)
+    assert len(batches(ClipStream(tiny_shards_pristine["train"], "train", cfg), workers)) == 7
+
+
+def test_default_epoch_length_divides_samples_over_ranks(tiny_shards_pristine):
+    stream = ClipStream(tiny_shards_pristine["train"], "train", StreamConfig(clip_len=3, batch_size=2))
+    assert (
+        stream.batches_per_rank(1) == 3
+        and stream.batches_per_rank(2) == 1
+        and stream.batches_per_rank(16) == 1
+    )
+
+
+def test_clip_longer_than_samples_is_refused(tiny_shards_pristine):
+    with pytest.raises(ShardError, match="samples hold 5 frames, fewer than clip_len 8"):
+        ClipStream(tiny_shards_pristine["train"], "train", StreamConfig(clip_len=8))
+
+
+CFG = StreamConfig(clip_len=3, batch_size=1, image_size=32, batches_per_epoch=30, shuffle_buffer=1)
+
+
+def test_truncated_shard_names_shard_and_key(tiny_shards):
+    truncate(tiny_shards["train"] / SHARD, 0.55)
+    with pytest.raises(ShardError, match=rf"{SHARD}: tar is truncated or corrupt after sample seq\d__0000\d"):
+        batches(ClipStream(tiny_shards["train"], "train", CFG))
+
+
+def test_corrupted_member_names_shard_key_and_member(tiny_shards):
+    rewrite_tar(
+        tiny_shards["valid"] / "valid-000-00000.tar",
+        lambda n, d: b"junk" if n == "seq3__00001.f0002.jpg" else d,
+    )
+    with pytest.raises(
+        ShardError, match=r"valid-000-00000\.tar: sample seq3__00001: f0002\.jpg: cannot decode image"
+    ):
+        batches(ClipStream(tiny_shards["valid"], "eval", CFG))
+
+
+def test_missing_mask_member_names_shard_and_key(tiny_shards):
+    rewrite_tar(tiny_shards["train"] / SHARD, lambda n, d: None if n.startswith("seq2__00001.m") else d)
+    with pytest.raises(ShardError, match=rf"{SHARD}: sample seq2__00001: member m000\d\.png is missing"):
+        batches(ClipStream(tiny_shards["train"], "train", StreamConfig(**{**CFG.__dict__, "clip_len": 5})))
+
+
+def test_skip_policy_counts_and_goes_on(tiny_shards):
+    rewrite_tar(tiny_shards["train"] / SHARD, lambda n, d: None if n.startswith("seq2__00001.m") else d)
+    cfg = StreamConfig(**{**CFG.__dict__, "clip_len": 5, "on_error": "skip", "batches_per_epoch": 12})
+    stream = ClipStream(tiny_shards["train"], "train", cfg)
+    out = batches(stream, workers=2)
+    assert len(out) == 12
+    for b in out:  # the broken chunk (seq2 frames 5..9) never arrives
+        assert not (b.video_ids[0] == "seq2" and int(b.frame_indices_TB[0, 0]) == 5)
+    assert stream.skipped > 0
+
+
+def test_skip_policy_in_evaluation_drops_the_incomplete_sequence(tiny_shards):
+    rewrite_tar(tiny_shards["train"] / SHARD, lambda n, d: b"junk" if n == "seq1__00001.f0000.jpg" else d)
+    stream = ClipStream(tiny_shards["train"], "eval", StreamConfig(image_size=64, on_error="skip"))
+    out = batches(stream, workers=2)
+    assert [b.video_ids for b in out] == [["seq2"]]
+    assert stream.skipped == 3  # the broken chunk, then the two chunks of seq1 that arrived
+
+
+def test_skip_policy_counts_the_unread_rest_of_a_truncated_shard(tiny_shards):
+    truncate(tiny_shards["valid"] / "valid-000-00000.tar", 0.4)
+    stream = ClipStream(tiny_shards["valid"], "eval", StreamConfig(image_size=64, on_error="skip"))
+    assert batches(stream) == []
+    assert stream.skipped >= 2
