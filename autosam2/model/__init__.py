@@ -1,0 +1,1 @@
+"""The model: SAM2 built from its config, the learned prompt encoder, and AutoSAM2 (clip forward, streaming)."""

@@ -1,0 +1,295 @@
+"""AutoSAM2: SAM2Base with a learned prompt for every frame, trained and run through SAM2's memory.
+
+We subclass SAM2Base and leave its code untouched. Two forward hooks connect our parts to it:
+- on ``sam_prompt_encoder``: the learned prompt of the current frame is added to SAM2's prompt-less
+  embedding (dense) and appended to its tokens (sparse), wherever SAM2 calls its prompt encoder;
+- on ``sam_mask_decoder``: its raw outputs are kept, because ``_forward_sam_heads`` replaces the mask
+  logits by -1024 where the object score is <= 0, which cuts the gradient: losses use the raw logits.
+
+Shape legend: T frames, B clips, S image size, N = T*B images, HW/h w the feature grid (S/16).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from sam2.modeling.sam2_base import SAM2Base
+from torch import nn
+
+from autosam2.model.prompt_encoder import PromptEncoderConfig, PromptOutput, build_prompt_encoder
+
+
+@dataclass(frozen=True)
+class FreezeConfig:
+    """Which parts stay frozen (AutoSAM's default: all of SAM2; only the prompt encoder learns)."""
+
+    image_encoder: bool = True
+    mask_decoder: bool = True
+    memory: bool = True
+    prompt_encoder: bool = False
+
+
+@dataclass
+class ClipOutput:
+    """Per frame of a clip: raw mask logits at image size, predicted IoU, object-score logits."""
+
+    mask_logits_TBHW: torch.Tensor
+    iou_TB: torch.Tensor
+    object_logits_TB: torch.Tensor
+
+
+@dataclass
+class FrameOutput:
+    """One frame of streaming inference; probabilities are zero where the polyp is judged absent."""
+
+    frame_index: int
+    mask_logits_BHW: torch.Tensor
+    probs_BHW: torch.Tensor
+    presence_B: torch.Tensor
+    object_logits_B: torch.Tensor
+    iou_B: torch.Tensor
+
+
+def _empty_memory() -> dict[str, dict[int, dict[str, Any]]]:
+    return {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
+
+
+class AutoSAM2(SAM2Base):
+    """SAM2 whose prompts come from a learned prompt encoder, one prompt per frame."""
+
+    def __init__(self, **sam2_kwargs: Any):
+        super().__init__(**sam2_kwargs)
+        self.prompt_encoder: nn.Module | None = None
+        self.frozen: FreezeConfig = FreezeConfig(
+            image_encoder=False, mask_decoder=False, memory=False, prompt_encoder=False
+        )
+        self._frame_prompt: PromptOutput | None = None
+        self._decoder_out: tuple[torch.Tensor, ...] | None = None
+        self.sam_prompt_encoder.register_forward_hook(self._inject_prompt)
+        self.sam_mask_decoder.register_forward_hook(self._keep_decoder_outputs)
+
+    # set-up -----------------------------------------------------------------------------------------
+    @property
+    def fpn_channels(self) -> list[int]:
+        """Channels of the three FPN levels as `encode_images` returns them."""
+        if self.use_high_res_features_in_sam:
+            return [
+                self.sam_mask_decoder.conv_s0.out_channels,
+                self.sam_mask_decoder.conv_s1.out_channels,
+                self.hidden_dim,
+            ]
+        return [self.hidden_dim] * 3
+
+    def attach_prompt_encoder(self, cfg: PromptEncoderConfig) -> None:
+        self.prompt_encoder = build_prompt_encoder(cfg, self.fpn_channels, self.sam_prompt_embed_dim).to(
+            self.no_mem_embed.device
+        )
+
+    def groups(self) -> dict[str, list[nn.Module | nn.Parameter]]:
+        """Modules and loose parameters of each freezable part."""
+        memory: list[nn.Module | nn.Parameter] = [
+            self.memory_attention,
+            self.memory_encoder,
+            self.obj_ptr_proj,
+            self.obj_ptr_tpos_proj,
+        ]
+        memory += [self.maskmem_tpos_enc, self.no_mem_embed, self.no_mem_pos_enc]
+        for name in ("mask_downsample", "no_obj_ptr", "no_obj_embed_spatial"):
+            part = getattr(self, name, None)
+            if part is not None:
+                memory.append(part)
+        return {
+            "image_encoder": [self.image_encoder],
+            "mask_decoder": [self.sam_mask_decoder],
+            "memory": memory,
+            "prompt_encoder": [self.prompt_encoder] if self.prompt_encoder is not None else [],
+        }
+
+    def freeze(self, cfg: FreezeConfig) -> None:
+        """Set requires_grad per part; SAM2's own click/box prompt encoder is always frozen."""
+        self.frozen = cfg
+        for name, parts in self.groups().items():
+            for part in parts:
+                params = [part] if isinstance(part, nn.Parameter) else list(part.parameters())
+                for p in params:
+                    p.requires_grad_(not getattr(cfg, name))
+        self.sam_prompt_encoder.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> AutoSAM2:
+        """Frozen parts stay in eval mode (no dropout, fixed norms) while the rest trains."""
+        super().train(mode)
+        self.sam_prompt_encoder.eval()
+        for name, parts in self.groups().items():
+            if getattr(self.frozen, name, False):
+                for part in parts:
+                    if isinstance(part, nn.Module):
+                        part.eval()
+        return self
+
+    # hooks ------------------------------------------------------------------------------------------
+    def _inject_prompt(
+        self, module: nn.Module, inputs: Any, output: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._frame_prompt is None:
+            return output
+        sparse, dense = output
+        dense = dense + self._frame_prompt.dense_NChw.to(dense.dtype)
+        if self._frame_prompt.sparse_NKC is not None:
+            sparse = torch.cat([sparse, self._frame_prompt.sparse_NKC.to(sparse.dtype)], dim=1)
+        return sparse, dense
+
+    def _keep_decoder_outputs(self, module: nn.Module, inputs: Any, output: tuple[torch.Tensor, ...]) -> None:
+        self._decoder_out = output
+
+    # forward ----------------------------------------------------------------------------------------
+    def encode_images(self, images_NCHW: torch.Tensor) -> dict[str, Any]:
+        """Image encoder (under no_grad when frozen), then the decoder's high-res projections, as
+        SAM2Base.forward_image does; split so a frozen encoder does not stop a trainable decoder."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen.image_encoder):
+            backbone_out = self.image_encoder(images_NCHW)
+        if self.use_high_res_features_in_sam:
+            fpn = backbone_out["backbone_fpn"]
+            backbone_out["backbone_fpn"] = [
+                self.sam_mask_decoder.conv_s0(fpn[0]),
+                self.sam_mask_decoder.conv_s1(fpn[1]),
+                *fpn[2:],
+            ]
+        return backbone_out
+
+    def _prompt(self, images_NCHW: torch.Tensor, backbone_out: dict[str, Any]) -> PromptOutput:
+        if self.prompt_encoder is None:
+            raise RuntimeError("no prompt encoder attached: call attach_prompt_encoder first")
+        return self.prompt_encoder(images_NCHW, backbone_out["backbone_fpn"])
+
+    def _step(
+        self,
+        t: int,
+        is_cond: bool,
+        feats: list,
+        pos: list,
+        sizes: list,
+        prompt: PromptOutput,
+        memory: dict,
+        num_frames: int,
+        run_mem_encoder: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+        """One frame through SAM2's track_step with its learned prompt; raw logits at image size."""
+        self._frame_prompt = prompt
+        try:
+            out = self.track_step(
+                frame_idx=t,
+                is_init_cond_frame=is_cond,
+                current_vision_feats=feats,
+                current_vision_pos_embeds=pos,
+                feat_sizes=sizes,
+                point_inputs=None,
+                mask_inputs=None,
+                output_dict=memory,
+                num_frames=num_frames,
+                run_mem_encoder=run_mem_encoder,
+            )
+            low_res, ious, _, object_logits = self._decoder_out
+        finally:
+            self._frame_prompt = None
+            self._decoder_out = None
+        memory["cond_frame_outputs" if is_cond else "non_cond_frame_outputs"][t] = out
+        if low_res.shape[1] > 1:  # multimask: the mask SAM2 itself picks, by predicted IoU
+            pick = ious.argmax(dim=1)
+            rows = torch.arange(low_res.shape[0], device=low_res.device)
+            low_res, ious = low_res[rows, pick][:, None], ious[rows, pick][:, None]
+        logits = F.interpolate(
+            low_res.float(), size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+        )
+        return logits[:, 0], ious[:, 0].float(), object_logits[:, 0].float(), out
+
+    def forward_clip(self, images_TBCHW: torch.Tensor, per_frame: bool = False) -> ClipOutput:
+        """Training forward: frame 0 is the conditioning frame, frames 1..T-1 attend to memory; every
+        frame gets its own learned prompt. ``per_frame``: every frame conditioning, no memory."""
+        t_len, b = images_TBCHW.shape[:2]
+        flat = images_TBCHW.flatten(0, 1)
+        backbone_out = self.encode_images(flat)
+        _, feats, pos, sizes = self._prepare_backbone_features(backbone_out)
+        prompt = self._prompt(flat, backbone_out)
+        memory = _empty_memory()
+        logits, ious, objects = [], [], []
+        for t in range(t_len):
+            rows = slice(t * b, (t + 1) * b)  # images were flattened time-major
+            frame_prompt = PromptOutput(
+                prompt.dense_NChw[rows], None if prompt.sparse_NKC is None else prompt.sparse_NKC[rows]
+            )
+            if per_frame:
+                memory = _empty_memory()
+            step = self._step(
+                t,
+                per_frame or t == 0,
+                [f[:, rows] for f in feats],
+                [p[:, rows] for p in pos],
+                sizes,
+                frame_prompt,
+                memory,
+                t_len,
+                run_mem_encoder=not per_frame and t < t_len - 1,
+            )
+            logits.append(step[0])
+            ious.append(step[1])
+            objects.append(step[2])
+        return ClipOutput(torch.stack(logits), torch.stack(ious), torch.stack(objects))
+
+    # inference --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def stream(
+        self,
+        frames: Iterable[torch.Tensor],
+        num_frames: int | None = None,
+        per_frame: bool = False,
+        memory: dict | None = None,
+    ) -> Iterator[FrameOutput]:
+        """Streaming inference over frames ``[B,3,S,S]`` of any number, one pass, bounded memory.
+
+        `num_frames` is the sequence length when known (SAM2 scales its object-pointer positions by
+        it); unknown means long. Memories SAM2 can no longer read are dropped as the stream goes on.
+        `memory` may be passed in (empty) to watch the memory bank.
+        """
+        horizon = num_frames or self.max_obj_ptrs_in_encoder
+        stride = 1 if self.training else self.memory_temporal_stride_for_eval
+        keep_memory = (self.num_maskmem - 1) * stride + stride  # frames back whose memory features are read
+        keep_pointer = self.max_obj_ptrs_in_encoder  # frames back whose object pointers are read
+        memory = {} if memory is None else memory
+        memory.update(_empty_memory())
+        for t, images in enumerate(frames):
+            backbone_out = self.encode_images(images)
+            _, feats, pos, sizes = self._prepare_backbone_features(backbone_out)
+            prompt = self._prompt(images, backbone_out)
+            if per_frame:
+                memory.update(_empty_memory())
+            logits, iou, object_logits, out = self._step(
+                t,
+                per_frame or t == 0,
+                feats,
+                pos,
+                sizes,
+                prompt,
+                memory,
+                horizon,
+                run_mem_encoder=not per_frame,
+            )
+            out.pop("pred_masks_high_res", None)  # never read again; the largest tensor of a step
+            out.pop("pred_masks", None)
+            self._forget(memory["non_cond_frame_outputs"], t, keep_memory, keep_pointer)
+            present = object_logits > 0
+            probs = torch.sigmoid(logits) * present[:, None, None]
+            yield FrameOutput(t, logits, probs, torch.sigmoid(object_logits), object_logits, iou)
+
+    @staticmethod
+    def _forget(outputs: dict[int, dict[str, Any]], t: int, keep_memory: int, keep_pointer: int) -> None:
+        for k in list(outputs):
+            if k < t - keep_pointer:
+                del outputs[k]
+            elif k < t - keep_memory and outputs[k].get("maskmem_features") is not None:
+                outputs[k]["maskmem_features"] = None
+                outputs[k]["maskmem_pos_enc"] = None
