@@ -185,13 +185,15 @@ def test_streaming_memory_stays_bounded():
     model = make_model().eval()
     memory: dict = {}
     frames = (torch.randn(1, 3, 64 * 4, 64 * 4) for _ in range(24))
+    last = -1
     for out in model.stream(frames, memory=memory):
+        last = out.frame_index
         kept = memory["non_cond_frame_outputs"]
         assert len(kept) <= model.max_obj_ptrs_in_encoder + 1
         with_features = [k for k, v in kept.items() if v["maskmem_features"] is not None]
         assert len(with_features) <= model.num_maskmem + 1
         assert all("pred_masks_high_res" not in v for v in kept.values())
-    assert out.frame_index == 23 and min(kept) == 23 - model.max_obj_ptrs_in_encoder
+    assert last == 23 and min(kept) == 23 - model.max_obj_ptrs_in_encoder
     assert list(memory["cond_frame_outputs"]) == [0]
 
 
