@@ -1,0 +1,426 @@
+"""Evaluation metrics: per frame, then the mean per sequence, then the mean across sequences.
+
+Per frame, from a probability map ``prob`` ``[H,W]`` in [0, 1] (already gated by presence) and a boolean
+ground truth ``gt`` ``[H,W]`` (numpy arrays or torch tensors):
+
+* ``dice``, ``iou``, ``precision``, ``recall`` of the binarised prediction ``prob >= 0.5``;
+* the SUN-SEG set: ``s_measure`` (structure measure, alpha 0.5; Fan et al., ICCV 2017), ``e_measure`` (the
+  *mean* enhanced-alignment measure: the E-measure of Fan et al., IJCAI 2018 averaged over the toolbox's 256
+  thresholds, its ``meanEm``, which is what the SUN-SEG benchmark reports as E_phi^mn), ``weighted_f``
+  (weighted F-measure, beta^2 = 1; Margolin et al., CVPR 2014) and ``mae``.
+
+``MetricAccumulator`` averages the frames of each sequence, then averages those per-sequence means, so
+every sequence weighs the same however long it is; nothing is pooled over pixels or frames.
+
+Frames whose ground truth is empty, and the two modes
+-----------------------------------------------------
+``mode="ours"`` (our headline figures). The probability map is scored as it is. Dice, IoU, precision and
+recall are ratios of pixel counts, and a ratio whose denominator is empty (0/0) counts as 1: nothing was there
+to get wrong. That single rule gives:
+
+* gt empty, prediction empty: dice = iou = precision = recall = 1;
+* gt empty, prediction not:   dice = iou = precision = 0, recall = 1 (nothing to find, nothing missed);
+* gt not empty, prediction empty: dice = iou = recall = 0, precision = 1 (no false alarm was raised).
+
+Precision and recall must therefore be read together: a model that never predicts gets precision 1 and
+recall 0. ``weighted_f`` of an empty gt follows the Dice rule (1 when the binarised prediction is empty,
+otherwise 0): Margolin's weighted precision has no true positives to weigh there, so the toolbox scores
+every empty-gt frame 0, which would make a correct "no polyp" a total failure. S-measure, E-measure and MAE
+keep the toolbox definitions, which already reward an empty prediction on an empty gt (S = 1 - mean(prob),
+E = share of pixels predicted background, MAE = mean(prob)).
+
+``mode="sunseg"`` reproduces the SUN-SEG evaluation toolbox (GewelsJI/VPS, ``eval/metrics.py`` and
+``eval/vps_evaluator.py``, itself derived from lartpang/PySODMetrics ``py_sod_metrics/sod_metrics.py``):
+
+* the map is stored as an 8-bit PNG the way VPS ``scripts/my_test.py`` does (``(prob * 255).astype(uint8)``),
+  read back as ``/ 255`` and min-max stretched to [0, 1] unless constant (``_prepare_data``), so a faint map
+  is stretched to full scale before any threshold;
+* Dice, IoU, precision and recall are 0 whenever the intersection is empty, empty/empty included (the
+  ``Medical`` class); ``weighted_f`` is 0 for an empty gt (``WeightedFmeasure.step``);
+* ``MetricAccumulator`` drops the first and the last frame of every sequence (``vps_evaluator.py``, after
+  DAVSOD) and also reports the toolbox's threshold-swept figures: Dice, IoU and recall (Sen) at the 256
+  thresholds ``np.linspace(1, 0, 256)`` and the E-measure curve, each averaged over frames, then sequences,
+  then reduced by max or mean (``max_dice`` is the benchmark's Dice, ``mean_recall`` its Sen,
+  ``max_e_measure`` its ``maxEm``). Per-frame ``dice`` etc. stay at the fixed threshold 0.5.
+
+Shared by both modes, as in the toolbox: the E-measure divides by H*W - 1 (as the original MATLAB code does) and its
+threshold sweep ends at 0, an all-foreground map, so a perfect prediction scores about 255.25/256 = 0.997 on
+a real image rather than 1; the S-measure centroid is rounded half to even (``np.round``). Where the
+toolbox's S-measure arithmetic makes a NaN (a one-pixel object or background, a centroid quadrant of 0 or 1
+pixels; rare on real frames) its ``max(0, NaN)`` scores the frame 0: the sunseg mode reproduces that 0, the
+ours mode computes a real score (a one-pixel standard deviation is 0, as MATLAB's ``std`` of a scalar, and
+an empty quadrant, whose weight is 0, adds nothing).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+from scipy import ndimage
+
+Mode = Literal["ours", "sunseg"]
+MODES: tuple[str, ...] = ("ours", "sunseg")
+
+METRICS: tuple[str, ...] = (
+    "dice",
+    "iou",
+    "precision",
+    "recall",
+    "s_measure",
+    "e_measure",
+    "weighted_f",
+    "mae",
+)
+# Figures of the sunseg accumulator that come from threshold-swept curves (averaged, then reduced).
+CURVE_METRICS: tuple[str, ...] = (
+    "max_dice",
+    "mean_dice",
+    "max_iou",
+    "mean_iou",
+    "mean_recall",
+    "max_e_measure",
+)
+
+BINARY_THRESHOLD = 0.5
+S_ALPHA = 0.5
+_EPS = float(np.spacing(1))  # MATLAB's eps, which the toolbox formulas add to their denominators
+_CURVE_ROWS = ("dice", "iou", "recall", "e_measure")
+_SUNSEG_THRESHOLDS = np.linspace(1, 0, 256)
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor; duck-typed so this module never imports torch
+        x = x.detach().cpu()
+        x = (x.double() if x.is_floating_point() else x).numpy()  # numpy has no bfloat16
+    return np.asarray(x)
+
+
+def as_frame(prob: Any, gt: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(prob float64 [H,W] in [0,1], gt bool [H,W])`` from numpy arrays or torch tensors.
+
+    A non-boolean gt is thresholded at 0.5. Values outside [0, 1] are refused: they are logits or a bug.
+    """
+    prob_HW = _as_numpy(prob).astype(np.float64)
+    gt_HW = _as_numpy(gt)
+    gt_HW = gt_HW if gt_HW.dtype == bool else gt_HW > 0.5
+    if prob_HW.ndim != 2 or prob_HW.shape != gt_HW.shape:
+        raise ValueError(
+            f"prob and gt must both be [H,W] of one shape, got {prob_HW.shape} and {gt_HW.shape}"
+        )
+    if prob_HW.size == 0:
+        raise ValueError("empty frame")
+    if not np.isfinite(prob_HW).all() or prob_HW.min() < 0.0 or prob_HW.max() > 1.0:
+        raise ValueError(
+            f"prob must be probabilities in [0, 1], got range [{np.nanmin(prob_HW)}, {np.nanmax(prob_HW)}]"
+        )
+    return prob_HW, gt_HW
+
+
+def sunseg_map(prob_HW: np.ndarray) -> np.ndarray:
+    """The map the SUN-SEG toolbox actually scores: saved as 8-bit PNG, read back, min-max stretched."""
+    # Truncation, not rounding: VPS scripts/my_test.py saves (res * 255).astype(np.uint8).
+    stored = (np.clip(prob_HW, 0.0, 1.0) * 255).astype(np.uint8)
+    pred = stored / 255
+    lo, hi = pred.min(), pred.max()
+    if hi != lo:  # VPS eval/metrics.py _prepare_data; a constant map is left alone
+        pred = (pred - lo) / (hi - lo)
+    return pred
+
+
+# ---------------------------------------------------------------------------------- binary overlap
+
+
+def overlap_scores(pred_HW: np.ndarray, gt_HW: np.ndarray, mode: Mode = "ours") -> dict[str, float]:
+    """Dice, IoU, precision and recall of a boolean prediction, with the empty rules of ``mode``."""
+    tp = int(np.count_nonzero(pred_HW & gt_HW))
+    fp = int(np.count_nonzero(pred_HW & ~gt_HW))
+    fn = int(np.count_nonzero(~pred_HW & gt_HW))
+    pairs = {
+        "dice": (2 * tp, 2 * tp + fp + fn),
+        "iou": (tp, tp + fp + fn),
+        "precision": (tp, tp + fp),
+        "recall": (tp, tp + fn),
+    }
+    if mode == "ours":
+        return {name: num / den if den else 1.0 for name, (num, den) in pairs.items()}
+    _check_mode(mode)
+    # The toolbox scores every ratio 0 when nothing overlaps, whatever the denominators.
+    return {name: num / den if tp else 0.0 for name, (num, den) in pairs.items()}
+
+
+# --------------------------------------------------------------------------------------- S-measure
+
+
+def _object_similarity(values: np.ndarray) -> float:
+    mean = float(values.mean())
+    # MATLAB's std of a single value is 0; numpy's ddof=1 would give NaN for a one-pixel object.
+    std = float(values.std(ddof=1)) if values.size > 1 else 0.0
+    return 2 * mean / (mean * mean + 1 + std + _EPS)
+
+
+def _ssim(pred: np.ndarray, gt: np.ndarray) -> float:
+    n = pred.size
+    if n == 0:
+        return 0.0  # an empty quadrant has weight 0; scoring it 0 avoids the toolbox's NaN
+    x, y = pred.mean(), gt.mean()
+    dx, dy = pred - x, gt - y
+    denom = max(n - 1, 1)  # a one-pixel quadrant has zero sums anyway
+    sigma_x, sigma_y, sigma_xy = (dx * dx).sum() / denom, (dy * dy).sum() / denom, (dx * dy).sum() / denom
+    alpha = 4 * x * y * sigma_xy
+    beta = (x * x + y * y) * (sigma_x + sigma_y)
+    if alpha != 0:
+        return float(alpha / (beta + _EPS))
+    return 1.0 if beta == 0 else 0.0
+
+
+def s_measure(
+    pred_HW: np.ndarray, gt_HW: np.ndarray, alpha: float = S_ALPHA, toolbox_degenerate: bool = False
+) -> float:
+    """Structure measure (Fan et al., ICCV 2017): alpha * object-aware + (1 - alpha) * region-aware.
+
+    ``toolbox_degenerate`` scores 0 where the toolbox's arithmetic makes a NaN, which its final
+    ``max(0, score)`` turns into 0: a one-pixel object or background (``std(ddof=1)``), or a centroid
+    quadrant of 0 or 1 pixels. Otherwise those cases are guarded (std 0, empty quadrant adds nothing).
+    """
+    fg_share = float(gt_HW.mean())
+    if fg_share == 0:
+        return 1.0 - float(pred_HW.mean())
+    if fg_share == 1:
+        return float(pred_HW.mean())
+    gt = gt_HW.astype(np.float64)
+
+    object_score = fg_share * _object_similarity(pred_HW[gt_HW]) + (1 - fg_share) * _object_similarity(
+        1.0 - pred_HW[~gt_HW]
+    )
+
+    # Split both maps at the gt centroid into four quadrants weighted by area. The toolbox rounds the
+    # 0-based centroid half to even and adds 1, so the centroid row and column go to the top-left side.
+    h, w = gt_HW.shape
+    rows, cols = np.nonzero(gt_HW)
+    cy, cx = int(np.round(rows.mean())) + 1, int(np.round(cols.mean())) + 1
+    area = h * w
+    w_lt, w_rt, w_lb = cx * cy / area, cy * (w - cx) / area, (h - cy) * cx / area
+    weights = (w_lt, w_rt, w_lb, 1 - w_lt - w_rt - w_lb)
+    quadrants = (
+        (slice(0, cy), slice(0, cx)),
+        (slice(0, cy), slice(cx, w)),
+        (slice(cy, h), slice(0, cx)),
+        (slice(cy, h), slice(cx, w)),
+    )
+    if toolbox_degenerate and (
+        min(rows.size, gt_HW.size - rows.size) == 1 or min(pred_HW[q].size for q in quadrants) <= 1
+    ):
+        return 0.0
+    region_score = sum(wq * _ssim(pred_HW[q], gt[q]) for wq, q in zip(weights, quadrants, strict=True))
+
+    return max(0.0, alpha * object_score + (1 - alpha) * region_score)
+
+
+# --------------------------------------------------------------------------------------- E-measure
+
+
+def e_measure_curve(pred_HW: np.ndarray, gt_HW: np.ndarray) -> np.ndarray:
+    """E-measure (Fan et al., IJCAI 2018) of ``pred >= t`` for the 8-bit thresholds t = 255, 254, ..., 0.
+
+    All 256 values at once from cumulative histograms, as PySODMetrics does; the mean is ``meanEm``.
+    """
+    n = gt_HW.size
+    n_gt = int(np.count_nonzero(gt_HW))
+    levels = (pred_HW * 255).astype(np.uint8)
+    # Predicted foreground inside / outside the gt at threshold 255 - k, for k = 0..255.
+    fg_in_gt = np.cumsum(np.bincount(levels[gt_HW], minlength=256)[::-1]).astype(np.float64)
+    fg_in_bg = np.cumsum(np.bincount(levels[~gt_HW], minlength=256)[::-1]).astype(np.float64)
+    pred_fg = fg_in_gt + fg_in_bg
+    pred_bg = n - pred_fg
+
+    if n_gt == 0:
+        # The alignment matrix degenerates to "1 where predicted background, 0 elsewhere".
+        enhanced_sum = pred_bg
+    elif n_gt == n:
+        enhanced_sum = pred_fg
+    else:
+        # Only four (prediction, gt) value pairs occur in a binary map, so the enhanced alignment matrix
+        # takes four values; weigh each by its pixel count instead of building the matrix.
+        mean_pred, mean_gt = pred_fg / n, n_gt / n
+        parts = (
+            (fg_in_gt, 1 - mean_pred, 1 - mean_gt),  # predicted fg on gt fg
+            (fg_in_bg, 1 - mean_pred, -mean_gt),  # predicted fg on gt bg
+            (n_gt - fg_in_gt, -mean_pred, 1 - mean_gt),  # predicted bg on gt fg
+            (pred_bg - (n_gt - fg_in_gt), -mean_pred, -mean_gt),  # predicted bg on gt bg
+        )
+        enhanced_sum = np.zeros(256)
+        for count, a, b in parts:
+            align = 2 * a * b / (a * a + b * b + _EPS)
+            enhanced_sum += count * (align + 1) ** 2 / 4
+    return enhanced_sum / (n - 1 + _EPS)
+
+
+# -------------------------------------------------------------------------------- weighted F-measure
+
+
+def weighted_f_measure(pred_HW: np.ndarray, gt_HW: np.ndarray, beta2: float = 1.0) -> float:
+    """Weighted F-measure (Margolin et al., CVPR 2014, their WFb.m); 0 for an empty gt, as in the toolbox."""
+    if not gt_HW.any():
+        return 0.0
+    gt = gt_HW.astype(np.float64)
+    err = np.abs(pred_HW - gt)
+    # Distance from every pixel to the nearest gt pixel, and that pixel (MATLAB's [Dst, IDXT] = bwdist(GT)).
+    dist, (iy, ix) = ndimage.distance_transform_edt(~gt_HW, return_indices=True)
+    # Pixel dependency: a background pixel carries the error of its nearest object pixel, then errors are
+    # smoothed with MATLAB's fspecial('gaussian', 7, 5): sigma 5, radius 3, zero padding as imfilter does.
+    err_t = err[iy, ix]
+    err_a = ndimage.gaussian_filter(err_t, sigma=5.0, radius=3, mode="constant", cval=0.0)
+    min_err = np.where(gt_HW & (err_a < err), err_a, err)
+    # Pixel importance: false positives far from the object cost more, up to twice.
+    importance = np.where(gt_HW, 1.0, 2.0 - np.exp(np.log(0.5) / 5.0 * dist))
+    err_w = min_err * importance
+
+    tp_w = gt.sum() - err_w[gt_HW].sum()
+    fp_w = err_w[~gt_HW].sum()
+    recall = 1.0 - err_w[gt_HW].mean()
+    precision = tp_w / (tp_w + fp_w + _EPS)
+    return float((1 + beta2) * recall * precision / (recall + beta2 * precision + _EPS))
+
+
+# ------------------------------------------------------------------------------------------- a frame
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def _score(
+    prob_HW: np.ndarray, gt_HW: np.ndarray, mode: Mode, curves: bool
+) -> tuple[dict[str, float], np.ndarray | None]:
+    """Metrics of a validated frame and, when asked, its sunseg curves ``[4,256]`` (rows ``_CURVE_ROWS``)."""
+    pred = sunseg_map(prob_HW) if mode == "sunseg" else prob_HW
+    binary = pred >= BINARY_THRESHOLD
+    em_curve = e_measure_curve(pred, gt_HW)
+
+    out = overlap_scores(binary, gt_HW, mode)
+    out["s_measure"] = s_measure(pred, gt_HW, toolbox_degenerate=mode == "sunseg")
+    out["e_measure"] = float(em_curve.mean())
+    if gt_HW.any() or mode == "sunseg":
+        out["weighted_f"] = weighted_f_measure(pred, gt_HW)
+    else:
+        out["weighted_f"] = 0.0 if binary.any() else 1.0
+    out["mae"] = float(np.abs(pred - gt_HW).mean())
+    return out, (np.stack([*_threshold_overlaps(pred, gt_HW), em_curve]) if curves else None)
+
+
+def frame_metrics(prob: Any, gt: Any, mode: Mode = "ours") -> dict[str, float]:
+    """All of ``METRICS`` for one frame; see the module docstring for the empty-gt rules of each mode."""
+    _check_mode(mode)
+    return _score(*as_frame(prob, gt), mode, curves=False)[0]
+
+
+def _threshold_overlaps(pred_HW: np.ndarray, gt_HW: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    # Counts of pred >= t for every threshold at once: sort once, then binary-search the thresholds.
+    in_gt, in_bg = np.sort(pred_HW[gt_HW]), np.sort(pred_HW[~gt_HW])
+    tp = in_gt.size - np.searchsorted(in_gt, _SUNSEG_THRESHOLDS, side="left")
+    fp = in_bg.size - np.searchsorted(in_bg, _SUNSEG_THRESHOLDS, side="left")
+    n_gt = in_gt.size
+    hit = tp > 0  # the toolbox answers 0 wherever nothing overlaps
+    dice = np.divide(2 * tp, n_gt + tp + fp, out=np.zeros(tp.shape), where=hit)
+    iou = np.divide(tp, n_gt + fp, out=np.zeros(tp.shape), where=hit)
+    recall = np.divide(tp, n_gt, out=np.zeros(tp.shape), where=hit)
+    return dice, iou, recall
+
+
+def sunseg_curves(prob: Any, gt: Any) -> dict[str, np.ndarray]:
+    """The toolbox's threshold-swept curves of one frame, 256 values each, from the highest threshold down.
+
+    ``dice``, ``iou``, ``recall`` at ``np.linspace(1, 0, 256)`` (VPS ``Medical``: 0 when nothing overlaps)
+    and ``e_measure`` at the 8-bit thresholds, all on ``sunseg_map(prob)``.
+    """
+    _, curves = _score(*as_frame(prob, gt), "sunseg", curves=True)
+    return dict(zip(_CURVE_ROWS, curves, strict=True))
+
+
+# ------------------------------------------------------------------------------------- accumulation
+
+
+class MetricAccumulator:
+    """Per-frame metrics gathered by sequence; ``per_sequence`` means, and ``summary`` = mean of those.
+
+    Frames of a sequence must be added in temporal order: the sunseg mode drops each sequence's first and
+    last frame (``drop_first_last``, default on in that mode only). A sequence left with no frame is shown
+    in ``frame_counts`` with 0 and left out of the means (the toolbox would turn the whole result into NaN).
+    """
+
+    def __init__(self, mode: Mode = "ours", drop_first_last: bool | None = None) -> None:
+        _check_mode(mode)
+        self.mode: Mode = mode
+        self.drop_first_last = (mode == "sunseg") if drop_first_last is None else drop_first_last
+        self._frames: dict[str, list[dict[str, float]]] = {}
+        self._curves: dict[str, list[np.ndarray]] = {}  # sunseg only: [4, 256] per frame, rows _CURVE_ROWS
+
+    def add_frame(self, sequence: str, prob: Any, gt: Any) -> dict[str, float]:
+        """Score one frame, file it under ``sequence`` and return its metrics."""
+        metrics, curves = _score(*as_frame(prob, gt), self.mode, curves=self.mode == "sunseg")
+        self._frames.setdefault(sequence, []).append(metrics)
+        if curves is not None:
+            self._curves.setdefault(sequence, []).append(curves)
+        return metrics
+
+    def add_sequence(self, name: str, probs_THW: Any, gts_THW: Any) -> None:
+        """Score a whole sequence ``[T,H,W]`` in frame order; the name must be new."""
+        if name in self._frames:
+            raise ValueError(f"sequence {name!r} was already added")
+        probs, gts = _as_numpy(probs_THW), _as_numpy(gts_THW)
+        if probs.ndim != 3 or probs.shape[0] != gts.shape[0]:
+            raise ValueError(f"expected [T,H,W] stacks of equal T, got {probs.shape} and {gts.shape}")
+        for prob, gt in zip(probs, gts, strict=True):
+            self.add_frame(name, prob, gt)
+
+    def _kept(self, items: list[Any]) -> list[Any]:
+        return items[1:-1] if self.drop_first_last else items
+
+    def frame_counts(self) -> dict[str, int]:
+        """Frames that count towards each sequence's mean (after dropping, in the sunseg mode)."""
+        return {name: len(self._kept(frames)) for name, frames in self._frames.items()}
+
+    def _sequence_curves(self) -> dict[str, np.ndarray]:
+        return {name: np.mean(self._kept(c), axis=0) for name, c in self._curves.items() if self._kept(c)}
+
+    @staticmethod
+    def _curve_figures(curves: np.ndarray) -> dict[str, float]:
+        dice, iou, recall, em = curves
+        return {
+            "max_dice": float(dice.max()),
+            "mean_dice": float(dice.mean()),
+            "max_iou": float(iou.max()),
+            "mean_iou": float(iou.mean()),
+            "mean_recall": float(recall.mean()),
+            "max_e_measure": float(em.max()),
+        }
+
+    def per_sequence(self) -> dict[str, dict[str, float]]:
+        """Mean of each metric over a sequence's frames, for every sequence with a frame left."""
+        out: dict[str, dict[str, float]] = {}
+        curves = self._sequence_curves()
+        for name, frames in self._frames.items():
+            kept = self._kept(frames)
+            if not kept:
+                continue
+            out[name] = {k: float(np.mean([f[k] for f in kept])) for k in METRICS}
+            if name in curves:
+                out[name].update(self._curve_figures(curves[name]))
+        return out
+
+    def summary(self) -> dict[str, float]:
+        """Mean over sequences of the per-sequence means (sunseg curves: averaged the same way, then reduced)."""
+        per_seq = self.per_sequence()
+        if not per_seq:
+            raise ValueError("no sequence has a frame to score")
+        out = {k: float(np.mean([m[k] for m in per_seq.values()])) for k in METRICS}
+        curves = self._sequence_curves()
+        if curves:
+            # The toolbox reduces (max / mean over thresholds) only after averaging across sequences.
+            out.update(self._curve_figures(np.mean(list(curves.values()), axis=0)))
+        return out
