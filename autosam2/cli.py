@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autosam2", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    sub.add_parser("train", help="train AutoSAM2 (autosam2 train --help)", add_help=False)
+    sub.add_parser(
+        "evaluate", help="streaming inference + metrics (autosam2 evaluate --help)", add_help=False
+    )
+
     p = sub.add_parser("synth", help="write a synthetic polyp_gen dataset (train + valid)")
     p.add_argument("--out", type=Path, required=True, help="dataset root to create")
     p.add_argument("--sequences", type=int, default=8, help="train sequences (default 8)")
@@ -132,9 +137,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from autosam2.data.polyp_gen import DatasetError
+SUBPROGRAMS = {"train": "autosam2.train", "evaluate": "autosam2.evaluate"}
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import importlib
+
+    from autosam2.config import ConfigError
+    from autosam2.data.polyp_gen import DatasetError
+    from autosam2.model.sam2_builder import CheckpointError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBPROGRAMS:  # commands with their own parser (the seed's flags)
+        try:
+            return importlib.import_module(SUBPROGRAMS[argv[0]]).main(argv[1:])
+        except (
+            ConfigError,
+            DatasetError,
+            CheckpointError,
+            FileExistsError,
+            FileNotFoundError,
+            ValueError,
+        ) as err:
+            print(f"autosam2 {argv[0]}: {err}", file=sys.stderr)
+            return 1
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

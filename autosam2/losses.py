@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 
-@dataclass(frozen=True)
+@dataclass
 class LossWeights:
     focal: float = 20.0
     dice: float = 1.0
@@ -59,9 +59,10 @@ def clip_losses(
     object_logits_TB: torch.Tensor,
     masks_TBHW: torch.Tensor,
     present_TB: torch.Tensor,
-    weights: LossWeights = LossWeights(),
+    weights: LossWeights | None = None,
 ) -> dict[str, torch.Tensor]:
     """Each weighted term and their sum ``total``, averaged over the T*B frames."""
+    weights = weights or LossWeights()
     target = masks_TBHW.to(mask_logits_TBHW.dtype)
     present = present_TB.to(mask_logits_TBHW.dtype)
     frames = present.numel()

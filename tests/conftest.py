@@ -71,3 +71,122 @@ def rewrite_tar(path: Path, edit) -> None:
 def truncate(path: Path, fraction: float = 0.5) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * fraction)])
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Synthetic shards at 256 px for training runs: 4 train + 2 valid sequences of 8 frames, one per shard."""
+    from shards.writer import build
+
+    base = tmp_path_factory.mktemp("train_data")
+    write_dataset(base / "pg", SynthSpec(train_sequences=4, valid_sequences=2, frames=8, size=256, seed=5))
+    for split in ("train", "valid"):
+        build(base / "pg", split, base / "shards" / split, frames_per_sample=4, max_shard_mb=0.0001)
+    return {"root": base / "pg", "train": base / "shards" / "train", "valid": base / "shards" / "valid"}
+
+
+def train_overrides(data: dict[str, Path], out: Path, **extra: object) -> list[str]:
+    """A few-step CPU run at 256 px: hiera-t, 2-frame clips, frame mode, trainable decoder."""
+    settings = {
+        "data.train": data["train"],
+        "data.valid": data["valid"],
+        "data.clip_len": 2,
+        "data.num_workers": 1,
+        "data.shuffle_buffer": 2,
+        "model.image_size": 256,
+        "model.clip_mode": "video",
+        "model.freeze.mask_decoder": "false",
+        "optim.lr": 0.001,
+        "optim.warmup_steps": 1,
+        "train.max_steps": 4,
+        "train.device": "cpu",
+        "train.precision": "fp32",
+        "train.output_dir": out,
+        "train.checkpoint_every": 2,
+        "train.validate_every": 4,
+        "train.log_every": 1,
+        "train.valid_sequences": 2,
+        "tracking.system_metrics": "false",
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in settings.items()]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def kill_group(proc) -> None:
+    """Stop a process started with start_new_session=True, and everything it started."""
+    import os
+    import signal
+    import subprocess
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def start_mlflow_server(store: Path, backend_uri: str | None = None, timeout_s: float = 60):
+    """A real `mlflow server` on 127.0.0.1 in its own process group; returns (uri, process)."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    store.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    cmd = [
+        str(Path(sys.executable).with_name("mlflow")),
+        "server",
+        "--backend-store-uri",
+        backend_uri or f"sqlite:///{store}/mlflow.db",
+    ]
+    cmd += [
+        "--artifacts-destination",
+        str(store / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    with open(store / "server.log", "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as reply:
+                if reply.status == 200:
+                    return f"http://127.0.0.1:{port}", proc
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            kill_group(proc)
+            raise RuntimeError(
+                f"mlflow server did not become healthy: {(store / 'server.log').read_text()[-2000:]}"
+            )
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    """(uri, process, store folder) of a real mlflow server, stopped at the end of the test."""
+    store = tmp_path / "server"
+    uri, proc = start_mlflow_server(store)
+    try:
+        yield uri, proc, store
+    finally:
+        kill_group(proc)

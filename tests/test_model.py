@@ -22,12 +22,12 @@ S = 256
 
 
 def make_model(
-    freeze: FreezeConfig = FreezeConfig(), prompt: PromptEncoderConfig = PromptEncoderConfig(), seed: int = 0
+    freeze: FreezeConfig | None = None, prompt: PromptEncoderConfig | None = None, seed: int = 0
 ) -> AutoSAM2:
     torch.manual_seed(seed)
     model = build_model("hiera_t", S)
-    model.attach_prompt_encoder(prompt)
-    model.freeze(freeze)
+    model.attach_prompt_encoder(prompt or PromptEncoderConfig())
+    model.freeze(freeze or FreezeConfig())
     return model
 
 

@@ -27,7 +27,7 @@ def clip(n: int = 3, h: int = 32, w: int = 32, params: AugmentParams | None = No
 
 
 def test_sampling_is_seeded_and_within_ranges():
-    cfg = AugmentConfig(degrees=10, translate=0.05, scale=(0.9, 1.1), brightness=0.1)
+    cfg = AugmentConfig(degrees=10, translate=0.05, scale_min=0.9, scale_max=1.1, brightness=0.1)
     a = [sample_augment(np.random.default_rng(4), cfg) for _ in range(2)]
     assert a[0] == a[1]
     draws = [sample_augment(np.random.default_rng(s), cfg) for s in range(200)]

@@ -43,7 +43,7 @@ class StreamConfig:
 
     clip_len: int = 8
     batch_size: int = 1
-    image_size: int = 256
+    image_size: int | None = 256  # None (evaluation only): sequences keep their own size
     seed: int = 0
     shuffle_buffer: int = 64
     batches_per_epoch: int | None = None
@@ -186,6 +186,13 @@ class ClipStream(torch.utils.data.IterableDataset):
 
     # evaluation -------------------------------------------------------------------------------------
     def _eval(self) -> Iterator[ClipBatch]:
+        for video in self.sequences():
+            if self.config.image_size:
+                video = resize_video(video, self.config.image_size)
+            yield collate_clips([video])
+
+    def sequences(self) -> Iterator[VideoDatapoint]:
+        """Whole sequences at their own size, in shard order, for this rank and loader worker."""
         pipeline = wds.DataPipeline(
             wds.SimpleShardList(self.urls),
             wds.split_by_node,
@@ -193,8 +200,7 @@ class ClipStream(torch.utils.data.IterableDataset):
             lambda src: read_samples(src, self.expected, self.config.on_error, self._count_skip),
             self._sequences,
         )
-        for video in pipeline:
-            yield collate_clips([resize_video(video, self.config.image_size)])
+        yield from pipeline
 
     def _sequences(self, samples: Iterator[dict[str, Any]]) -> Iterator[VideoDatapoint]:
         """Join consecutive chunks back into whole sequences; an incomplete sequence is an error."""

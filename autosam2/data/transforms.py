@@ -24,7 +24,7 @@ SAM2_MEAN = (0.485, 0.456, 0.406)
 SAM2_STD = (0.229, 0.224, 0.225)
 
 
-@dataclass(frozen=True)
+@dataclass
 class AugmentConfig:
     """Ranges of the per-clip augmentation; every frame of a clip gets the same draw."""
 
@@ -33,7 +33,8 @@ class AugmentConfig:
     vflip: float = 0.0
     degrees: float = 15.0
     translate: float = 0.1  # fraction of the image side
-    scale: tuple[float, float] = (0.85, 1.15)
+    scale_min: float = 0.85
+    scale_max: float = 1.15
     brightness: float = 0.2
     contrast: float = 0.2
     saturation: float = 0.2
@@ -67,7 +68,7 @@ def sample_augment(rng: np.random.Generator, cfg: AugmentConfig) -> AugmentParam
             float(rng.uniform(-cfg.translate, cfg.translate)),
             float(rng.uniform(-cfg.translate, cfg.translate)),
         ),
-        scale=float(rng.uniform(*cfg.scale)),
+        scale=float(rng.uniform(cfg.scale_min, cfg.scale_max)),
         brightness=float(rng.uniform(1 - cfg.brightness, 1 + cfg.brightness)),
         contrast=float(rng.uniform(1 - cfg.contrast, 1 + cfg.contrast)),
         saturation=float(rng.uniform(1 - cfg.saturation, 1 + cfg.saturation)),
@@ -146,3 +147,12 @@ def prepare_batch(batch: ClipBatch, device: torch.device | str = "cpu", augment:
     t, b = images.shape[:2]
     images = F.normalize(images.flatten(0, 1), list(SAM2_MEAN), list(SAM2_STD)).unflatten(0, (t, b))
     return replace(batch, images_TBCHW=images, masks_TBHW=masks, present_TB=any_pixel(masks))
+
+
+def model_input(image_CHW: torch.Tensor, size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """One uint8 frame of any size -> ``[1,3,S,S]`` float, resized and normalised as in training."""
+    image = image_CHW.to(device)
+    if tuple(image.shape[-2:]) != (size, size):
+        image = F.resize(image, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    image = F.to_dtype(image, torch.float32, scale=True)
+    return F.normalize(image, list(SAM2_MEAN), list(SAM2_STD))[None]

@@ -23,7 +23,7 @@ from torch import nn
 from autosam2.model.prompt_encoder import PromptEncoderConfig, PromptOutput, build_prompt_encoder
 
 
-@dataclass(frozen=True)
+@dataclass
 class FreezeConfig:
     """Which parts stay frozen (AutoSAM's default: all of SAM2; only the prompt encoder learns)."""
 
@@ -52,6 +52,17 @@ class FrameOutput:
     presence_B: torch.Tensor
     object_logits_B: torch.Tensor
     iou_B: torch.Tensor
+
+
+def _chunks(items: Iterable[torch.Tensor], size: int) -> Iterator[list[torch.Tensor]]:
+    chunk: list[torch.Tensor] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _empty_memory() -> dict[str, dict[int, dict[str, Any]]]:
@@ -207,6 +218,13 @@ class AutoSAM2(SAM2Base):
         )
         return logits[:, 0], ious[:, 0].float(), object_logits[:, 0].float(), out
 
+    def forward(
+        self, images_TBCHW: torch.Tensor, per_frame: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The clip forward as a tuple, for DDP / DeepSpeed wrappers (they call `forward`)."""
+        out = self.forward_clip(images_TBCHW, per_frame)
+        return out.mask_logits_TBHW, out.iou_TB, out.object_logits_TB
+
     def forward_clip(self, images_TBCHW: torch.Tensor, per_frame: bool = False) -> ClipOutput:
         """Training forward: frame 0 is the conditioning frame, frames 1..T-1 attend to memory; every
         frame gets its own learned prompt. ``per_frame``: every frame conditioning, no memory."""
@@ -247,13 +265,15 @@ class AutoSAM2(SAM2Base):
         frames: Iterable[torch.Tensor],
         num_frames: int | None = None,
         per_frame: bool = False,
+        encode_batch: int = 1,
         memory: dict | None = None,
     ) -> Iterator[FrameOutput]:
         """Streaming inference over frames ``[B,3,S,S]`` of any number, one pass, bounded memory.
 
         `num_frames` is the sequence length when known (SAM2 scales its object-pointer positions by
-        it); unknown means long. Memories SAM2 can no longer read are dropped as the stream goes on.
-        `memory` may be passed in (empty) to watch the memory bank.
+        it); unknown means long. `encode_batch` frames go through the image encoder together (the
+        memory steps stay one frame at a time). Memories SAM2 can no longer read are dropped as the
+        stream goes on. `memory` may be passed in (empty) to watch the memory bank.
         """
         horizon = num_frames or self.max_obj_ptrs_in_encoder
         stride = 1 if self.training else self.memory_temporal_stride_for_eval
@@ -261,29 +281,38 @@ class AutoSAM2(SAM2Base):
         keep_pointer = self.max_obj_ptrs_in_encoder  # frames back whose object pointers are read
         memory = {} if memory is None else memory
         memory.update(_empty_memory())
-        for t, images in enumerate(frames):
+        t = 0
+        for chunk in _chunks(frames, encode_batch):
+            b = chunk[0].shape[0]
+            images = torch.cat(chunk)
             backbone_out = self.encode_images(images)
             _, feats, pos, sizes = self._prepare_backbone_features(backbone_out)
             prompt = self._prompt(images, backbone_out)
-            if per_frame:
-                memory.update(_empty_memory())
-            logits, iou, object_logits, out = self._step(
-                t,
-                per_frame or t == 0,
-                feats,
-                pos,
-                sizes,
-                prompt,
-                memory,
-                horizon,
-                run_mem_encoder=not per_frame,
-            )
-            out.pop("pred_masks_high_res", None)  # never read again; the largest tensor of a step
-            out.pop("pred_masks", None)
-            self._forget(memory["non_cond_frame_outputs"], t, keep_memory, keep_pointer)
-            present = object_logits > 0
-            probs = torch.sigmoid(logits) * present[:, None, None]
-            yield FrameOutput(t, logits, probs, torch.sigmoid(object_logits), object_logits, iou)
+            for i in range(len(chunk)):
+                rows = slice(i * b, (i + 1) * b)
+                frame_prompt = PromptOutput(
+                    prompt.dense_NChw[rows], None if prompt.sparse_NKC is None else prompt.sparse_NKC[rows]
+                )
+                if per_frame:
+                    memory.update(_empty_memory())
+                logits, iou, object_logits, out = self._step(
+                    t,
+                    per_frame or t == 0,
+                    [f[:, rows] for f in feats],
+                    [p[:, rows] for p in pos],
+                    sizes,
+                    frame_prompt,
+                    memory,
+                    horizon,
+                    run_mem_encoder=not per_frame,
+                )
+                out.pop("pred_masks_high_res", None)  # never read again; the largest tensor of a step
+                out.pop("pred_masks", None)
+                self._forget(memory["non_cond_frame_outputs"], t, keep_memory, keep_pointer)
+                present = object_logits > 0
+                probs = torch.sigmoid(logits) * present[:, None, None]
+                yield FrameOutput(t, logits, probs, torch.sigmoid(object_logits), object_logits, iou)
+                t += 1
 
     @staticmethod
     def _forget(outputs: dict[int, dict[str, Any]], t: int, keep_memory: int, keep_pointer: int) -> None:

@@ -26,7 +26,7 @@ class PromptOutput(NamedTuple):
     sparse_NKC: torch.Tensor | None  # extra prompt tokens, or None
 
 
-@dataclass(frozen=True)
+@dataclass
 class PromptEncoderConfig:
     """`kind`: "features" (a light head over SAM2's FPN features, nearly free) or "cnn" (AutoSAM's own
     design: a separate CNN image encoder, `backbone` from torchvision with weights from a local file)."""

@@ -1,0 +1,1 @@
+"""Training machinery: distributed set-up, engines (DDP | DeepSpeed), checkpoints, the loop."""

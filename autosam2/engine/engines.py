@@ -1,0 +1,241 @@
+"""Training engines behind one small interface, so the loop never branches on which one runs.
+
+`ddp`: torch DistributedDataParallel (gloo on CPU, NCCL on GPU), AdamW, our own clipping, accumulation
+and bf16 autocast. `deepspeed`: ZeRO (stage from the JSON config), its own bf16, accumulation and
+clipping. This is the only module that imports deepspeed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from autosam2.config import Config, OptimConfig
+from autosam2.engine.dist import DistInfo
+from autosam2.model.autosam2 import AutoSAM2, ClipOutput
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no decay on norms, biases, embeddings and positional parameters."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lowered = name.lower()
+        skip = (
+            p.ndim < 2
+            or lowered.endswith(".bias")
+            or any(k in lowered for k in ("norm", "pos", "embed", "token"))
+        )
+        (no_decay if skip else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def lr_lambda(cfg: OptimConfig, total_steps: int):
+    """Linear warm-up, then cosine down to `min_lr_ratio` of the peak at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / max(1, cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class Engine(ABC):
+    """forward -> backward -> step; `step` acts on accumulation boundaries and returns the grad norm."""
+
+    module: AutoSAM2
+    grad_accum: int
+
+    @abstractmethod
+    def forward(self, images_TBCHW: torch.Tensor, per_frame: bool) -> ClipOutput: ...
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def step(self) -> float: ...
+
+    @abstractmethod
+    def zero_grad(self) -> None: ...
+
+    @property
+    @abstractmethod
+    def lr(self) -> float: ...
+
+    @abstractmethod
+    def save(self, folder: Path) -> None:
+        """Called on every rank; writes model, optimizer and scheduler state into `folder`."""
+
+    @abstractmethod
+    def load(self, folder: Path) -> None: ...
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().clone() for n, p in self.module.named_parameters() if p.requires_grad}
+
+
+class DDPEngine(Engine):
+    def __init__(self, model: AutoSAM2, cfg: Config, total_steps: int, info: DistInfo):
+        self.module = model
+        self.info = info
+        self.grad_accum = cfg.optim.grad_accum
+        self.grad_clip = cfg.optim.grad_clip
+        self.autocast = info.device.type == "cuda" and cfg.train.precision == "bf16"
+        self.wrapped: nn.Module = model
+        if info.world_size > 1:
+            # trainable memory modules sit unused when every frame is a conditioning frame
+            unused = cfg.model.clip_mode == "frame" and not cfg.model.freeze.memory
+            ids = [info.device.index] if info.device.type == "cuda" else None
+            self.wrapped = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas)
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.optim, total_steps))
+        self.micro = 0
+
+    def forward(self, images_TBCHW: torch.Tensor, per_frame: bool) -> ClipOutput:
+        if self.wrapped is not self.module:
+            # what DDP's no_sync() does, as a flag: gradients are all-reduced on the last micro-step only
+            self.wrapped.require_backward_grad_sync = (self.micro + 1) % self.grad_accum == 0
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            return ClipOutput(*self.wrapped(images_TBCHW, per_frame))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum).backward()
+        self.micro += 1
+
+    def step(self) -> float | None:
+        if self.micro % self.grad_accum:
+            return None
+        norm = torch.nn.utils.clip_grad_norm_(
+            self.trainable, self.grad_clip if self.grad_clip > 0 else float("inf")
+        )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.zero_grad()
+        return float(norm)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def save(self, folder: Path) -> None:
+        if self.info.is_main:
+            state = {
+                "model": self.trainable_state(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "micro": self.micro,
+            }
+            torch.save(state, folder / "engine.pt")
+
+    def load(self, folder: Path) -> None:
+        state = torch.load(folder / "engine.pt", map_location="cpu", weights_only=True)
+        load_trainable(self.module, state["model"], folder / "engine.pt")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.micro = state["micro"]
+
+
+class DeepSpeedEngine(Engine):
+    def __init__(self, model: AutoSAM2, cfg: Config, total_steps: int, info: DistInfo):
+        import deepspeed
+
+        self.module = model
+        self.info = info
+        path = Path(cfg.train.deepspeed_config)
+        try:
+            ds_config = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path}: cannot read the DeepSpeed config ({err})") from err
+        self.grad_accum = cfg.optim.grad_accum
+        ds_config.update(
+            train_micro_batch_size_per_gpu=cfg.data.batch_size,
+            gradient_accumulation_steps=cfg.optim.grad_accum,
+            gradient_clipping=cfg.optim.grad_clip,
+        )
+        ds_config["train_batch_size"] = cfg.data.batch_size * cfg.optim.grad_accum * info.world_size
+        ds_config["bf16"] = {"enabled": info.device.type == "cuda" and cfg.train.precision == "bf16"}
+        # torch's AdamW: no fused CUDA kernel to build; our parameter groups carry the decay rule
+        ds_config["optimizer"] = {
+            "type": "AdamW",
+            "params": {
+                "lr": cfg.optim.lr,
+                "betas": list(cfg.optim.betas),
+                "weight_decay": cfg.optim.weight_decay,
+                "torch_adam": True,
+            },
+        }
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            model_parameters=param_groups(model, cfg.optim.weight_decay),
+            config=ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+                opt, lr_lambda(cfg.optim, total_steps)
+            ),
+        )
+
+    def forward(self, images_TBCHW: torch.Tensor, per_frame: bool) -> ClipOutput:
+        if self.engine.bfloat16_enabled():
+            images_TBCHW = images_TBCHW.to(torch.bfloat16)
+        return ClipOutput(*self.engine(images_TBCHW, per_frame))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> float | None:
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        if not boundary:
+            return None
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def zero_grad(self) -> None:
+        self.engine.zero_grad()
+
+    @property
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def save(self, folder: Path) -> None:
+        self.engine.save_checkpoint(str(folder), tag="deepspeed", save_latest=False)
+
+    def load(self, folder: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(folder), tag="deepspeed")
+        if path is None:
+            raise FileNotFoundError(f"{folder}: no DeepSpeed checkpoint in it")
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {
+            n: p.detach().float().cpu().clone() for n, p in self.module.named_parameters() if p.requires_grad
+        }
+
+
+def load_trainable(model: nn.Module, state: dict[str, torch.Tensor], source: Path | str) -> None:
+    """Load a {name: tensor} subset strictly: every key must be a parameter or buffer of the model."""
+    own = model.state_dict()
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise RuntimeError(f"{source}: keys not in this model: {unknown[:10]}")
+    model.load_state_dict(state, strict=False)
+
+
+def build_engine(model: AutoSAM2, cfg: Config, total_steps: int, info: DistInfo) -> Engine:
+    if cfg.train.engine == "deepspeed":
+        return DeepSpeedEngine(model, cfg, total_steps, info)
+    return DDPEngine(model, cfg, total_steps, info)

@@ -1,0 +1,272 @@
+"""`autosam2 train`: load the config, build the parts, hand them to the trainer, tear down in `finally`.
+
+Works alone, under `torchrun` and under `srun`. The seed's flags keep their meaning and map onto the
+config; `key=value` arguments override any config field last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from autosam2.atomic import atomic_write_text
+from autosam2.config import Config, ConfigError, load_config, to_dict, to_yaml
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="autosam2 train", description="train AutoSAM2 (alone, under torchrun, or under srun)"
+    )
+    p.add_argument("--config", default=None, help="YAML run config (see configs/)")
+    p.add_argument(
+        "--checkpoint", default=None, help="official SAM2 checkpoint (model.checkpoint); omit for random init"
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="clips per rank and step (data.batch_size)")
+    p.add_argument("--epochs", type=int, default=None, help="train.epochs")
+    p.add_argument("--lr", type=float, default=None, help="optim.lr")
+    p.add_argument("--dataset", default=None, choices=["polyp_gen"], help="data.dataset")
+    p.add_argument(
+        "--gpu", type=int, default=None, help="GPU of a single-process run (under torchrun: LOCAL_RANK's)"
+    )
+    p.add_argument("--cpu", action="store_true", help="train on the CPU (train.device=cpu)")
+    p.add_argument("--output-dir", default=None, help="train.output_dir")
+    p.add_argument("--engine", default=None, choices=["ddp", "deepspeed"], help="train.engine")
+    p.add_argument("--resume", default=None, help="auto | none | a checkpoint folder (train.resume)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.warmup_steps=10")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    flags = {
+        "model.checkpoint": args.checkpoint,
+        "data.batch_size": args.batch_size,
+        "train.epochs": args.epochs,
+        "optim.lr": args.lr,
+        "data.dataset": args.dataset,
+        "train.output_dir": args.output_dir,
+        "train.engine": args.engine,
+        "train.resume": args.resume,
+        "train.device": "cpu" if args.cpu else (f"cuda:{args.gpu}" if args.gpu is not None else None),
+    }
+    mapped = [f"{k}={v}" for k, v in flags.items() if v is not None]
+    return load_config(args.config, mapped + list(args.overrides))
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).parent,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed)  # the same on every rank: random init must agree before DDP broadcasts
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)  # refuses bad config before any heavy work
+
+    from autosam2.engine.dist import cleanup, init_distributed
+
+    info = init_distributed(cfg.train.device)
+    logger = None
+    try:
+        logger = _run(cfg, info)
+    finally:
+        if logger is not None:
+            logger.close()
+        cleanup()
+    return 0
+
+
+def _run(cfg: Config, info) -> Any:
+    from autosam2.engine.checkpoint import Checkpointer, StopSignal, agree_on_resume, save_weights
+    from autosam2.engine.dist import barrier, gather_objects
+    from autosam2.engine.engines import build_engine
+    from autosam2.engine.trainer import LoopState, Trainer
+    from autosam2.evaluate import evaluate_sequences, mean_over_sequences, read_sequences
+    from autosam2.model.sam2_builder import build_model
+    from autosam2.tracking import default_tracking_uri, flatten_config, make_logger
+
+    stop = StopSignal()  # early: a signal during set-up must not kill the job uncheckpointed
+    out = Path(cfg.train.output_dir).resolve()
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", to_yaml(cfg))
+    barrier()
+    seed_everything(cfg.train.seed, info.rank)
+
+    model = build_model(
+        cfg.model.variant, cfg.model.image_size, cfg.model.checkpoint, cfg.model.multimask_output
+    )
+    model.attach_prompt_encoder(cfg.model.prompt)
+    model.freeze(cfg.model.freeze)
+    model.to(info.device)
+
+    batches, per_epoch, skipped = _training_data(cfg, info)
+    total_steps = cfg.train.max_steps or max(1, cfg.train.epochs * per_epoch // cfg.optim.grad_accum)
+    engine = build_engine(model, cfg, total_steps, info)
+
+    checkpointer = Checkpointer(out, info)
+    state = LoopState()
+    folder = agree_on_resume(checkpointer.resolve(cfg.train.resume) if info.is_main else None)
+    if folder is not None:
+        state = LoopState(
+            **{
+                k: v
+                for k, v in checkpointer.load(engine, folder).items()
+                if k in LoopState.__dataclass_fields__
+            }
+        )
+        state.stopped = False
+        if info.is_main:
+            print(
+                f"resumed from {folder} at step {state.step} (epoch {state.epoch}, batch {state.batch})",
+                flush=True,
+            )
+
+    uri = cfg.tracking.uri or default_tracking_uri(out)
+    logger = make_logger(
+        info.rank,
+        cfg.tracking.enabled,
+        uri,
+        cfg.tracking.experiment,
+        cfg.tracking.run_name,
+        run_id=state.run_id,
+        system_metrics=cfg.tracking.system_metrics,
+    )
+    state.run_id = logger.run_id
+    if folder is None:
+        logger.log_params(flatten_config(to_dict(cfg)))
+    logger.set_tags(
+        {
+            "git_commit": git_commit(),
+            "world_size": str(info.world_size),
+            "engine": cfg.train.engine,
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID", "none"),
+            "device": str(info.device),
+        }
+    )
+    logger.log_artifact(out / "config.yaml")
+    model_config = to_dict(cfg)["model"]
+    full_weights = cfg.model.checkpoint is None
+
+    def validate(step: int) -> dict[str, float] | None:
+        limit = cfg.train.valid_sequences
+        mine = evaluate_sequences(
+            engine.module,
+            read_sequences(cfg.data.valid, "valid", info.rank, info.world_size, limit),
+            info.device,
+        )
+        merged: dict[str, dict[str, float]] = {}
+        for part in gather_objects(mine):
+            merged.update(part)
+        if not info.is_main or not merged:
+            return None
+        summary = {f"valid/{k}": v for k, v in mean_over_sequences(merged).items()}
+        logger.log_metrics(summary, step)
+        _log_per_sequence(logger, out, merged, step)
+        print(
+            f"step {step} valid dice {summary['valid/dice']:.4f} iou {summary['valid/iou']:.4f} over {len(merged)} sequences",
+            flush=True,
+        )
+        return summary
+
+    def on_best(step: int, results: dict[str, float]) -> None:
+        save_weights(out / "best.pt", engine.module, model_config, full_weights, {"step": step, **results})
+
+    trainer = Trainer(
+        cfg, engine, batches, total_steps, checkpointer, logger, info, validate, on_best, skipped, stop
+    )
+    state = trainer.fit(state)
+    if info.is_main and not state.stopped:
+        save_weights(out / "final.pt", engine.module, model_config, full_weights, {"step": state.step})
+        logger.log_artifact(out / "final.pt", "weights")
+        if (out / "best.pt").exists():
+            logger.log_artifact(out / "best.pt", "weights")
+        print(f"done: {state.step} steps; weights in {out / 'final.pt'}", flush=True)
+    if state.stopped and info.is_main:
+        print(
+            f"stopped by signal at step {state.step}; checkpoint saved, resume with --resume auto", flush=True
+        )
+    barrier()
+    return logger
+
+
+def _log_per_sequence(logger, out: Path, per_sequence: dict[str, dict[str, float]], step: int) -> None:
+    from autosam2.evaluate import mean_over_sequences, write_metrics
+
+    folder = out / "valid" / f"step_{step:08d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    write_metrics(folder, per_sequence, mean_over_sequences(per_sequence), {"step": step})
+    logger.log_artifact(folder / "metrics.csv", f"valid/step_{step:08d}")
+
+
+def _training_data(cfg: Config, info) -> tuple[Any, int, Any]:
+    """Per-epoch batch iterables, batches per epoch per rank, and the skipped-sample counter."""
+    from autosam2.data.clips import FolderClips
+    from autosam2.data.stream import ClipStream, StreamConfig, make_loader
+    from autosam2.data.video import collate_clips
+    from autosam2.evaluate import is_shard_set
+
+    d = cfg.data
+    if is_shard_set(d.train):
+        stream_cfg = StreamConfig(
+            clip_len=d.clip_len,
+            batch_size=d.batch_size,
+            image_size=cfg.model.image_size,
+            seed=cfg.train.seed,
+            shuffle_buffer=d.shuffle_buffer,
+            batches_per_epoch=d.batches_per_epoch,
+            on_error=d.on_error,
+            augment=d.augment,
+        )
+        stream = ClipStream(d.train, "train", stream_cfg)
+
+        def batches(epoch: int):
+            stream.set_epoch(epoch)
+            return make_loader(stream, d.num_workers, pin_memory=info.device.type == "cuda")
+
+        return batches, stream.batches_per_rank(info.world_size), lambda: stream.skipped
+    if not Path(d.train).is_dir():
+        raise ConfigError(f"data.train={d.train}: neither a shard set (manifest.json) nor a polyp_gen root")
+    clips = FolderClips(
+        d.train, "train", d.clip_len, cfg.model.image_size, seed=cfg.train.seed, augment=d.augment
+    )
+    sampler = torch.utils.data.DistributedSampler(
+        clips, info.world_size, info.rank, shuffle=True, seed=cfg.train.seed, drop_last=True
+    )
+    per_epoch = d.batches_per_epoch or max(1, len(sampler) // d.batch_size)
+
+    def folder_batches(epoch: int):
+        sampler.set_epoch(epoch)
+        clips.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(
+            clips,
+            batch_size=d.batch_size,
+            sampler=sampler,
+            num_workers=d.num_workers,
+            collate_fn=collate_clips,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(cfg.train.seed),
+        )
+        return (batch for i, batch in enumerate(loader) if i < per_epoch)
+
+    return folder_batches, per_epoch, lambda: 0

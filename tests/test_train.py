@@ -1,0 +1,301 @@
+"""`autosam2 train` / `evaluate`: config, 2-process DDP and DeepSpeed runs, exact resume, MLflow, outputs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import psutil
+import pytest
+import torch
+
+from autosam2.config import ConfigError, load_config
+from autosam2.train import build_parser, config_from_args
+from tests.conftest import train_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN = [
+    sys.executable,
+    "-m",
+    "torch.distributed.run",
+    "--standalone",
+    "--nproc-per-node",
+    "2",
+    "-m",
+    "autosam2.cli",
+    "train",
+]
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
+def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+# config ----------------------------------------------------------------------------------------------
+
+
+def test_seed_flags_map_onto_the_config_and_overrides_come_last(tmp_path):
+    args = build_parser().parse_args(
+        [
+            "--batch-size",
+            "3",
+            "--epochs",
+            "7",
+            "--lr",
+            "0.002",
+            "--cpu",
+            "--output-dir",
+            str(tmp_path),
+            "--engine",
+            "deepspeed",
+            "optim.lr=0.003",
+        ]
+    )
+    cfg = config_from_args(args)
+    assert (cfg.data.batch_size, cfg.train.epochs, cfg.train.device, cfg.train.engine) == (
+        3,
+        7,
+        "cpu",
+        "deepspeed",
+    )
+    assert cfg.optim.lr == 0.003 and cfg.train.output_dir == str(tmp_path)
+    gpu = config_from_args(build_parser().parse_args(["--gpu", "1", "--checkpoint", "sam2.pt"]))
+    assert gpu.train.device == "cuda:1" and gpu.model.checkpoint == "sam2.pt"
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  image_size: 512\n  freeze:\n    mask_decoder: false\noptim:\n  lr: 0.01\n")
+    cfg = load_config(path, ["optim.lr=0.02"])
+    assert cfg.model.image_size == 512 and cfg.model.freeze.mask_decoder is False and cfg.optim.lr == 0.02
+    assert load_config(REPO / "configs" / "cpu_demo.yaml").model.image_size == 256
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optim.lrr=1"], "optim.lrr: Key 'lrr' not in 'OptimConfig'"),
+        (["optim.lr=fast"], "optim.lr: Value 'fast'"),
+        (["model.image_size=250"], "model.image_size must be a multiple of 32"),
+        (["train.engine=horovod"], "train.engine must be ddp or deepspeed"),
+        (["nonsense"], "expected key=value"),
+    ],
+)
+def test_bad_config_is_refused_with_one_clear_error(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, overrides)
+
+
+def test_unknown_key_in_a_file_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: train\.epoch"):
+        load_config(path)
+
+
+def test_cli_reports_config_errors_without_a_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "autosam2.cli", "train", "optim.nope=1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        result.returncode == 1
+        and "autosam2 train: override 'optim.nope=1'" in result.stderr
+        and "Traceback" not in result.stderr
+    )
+
+
+# distributed runs ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_train_checkpoint_log_and_evaluate(train_data, tmp_path):
+    out = tmp_path / "ddp"
+    result = run([*TORCHRUN, *train_overrides(train_data, out)])
+    assert "step 4/4" in result.stdout and "valid dice" in result.stdout
+    assert (out / "config.yaml").read_text().count("max_steps: 4") == 1
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    assert {"final.pt", "best.pt"} <= {p.name for p in out.iterdir()}
+
+    client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
+    (run_info,) = client.search_runs([client.get_experiment_by_name("autosam2").experiment_id])
+    params, tags = run_info.data.params, run_info.data.tags
+    assert (
+        params["optim.lr"] == "0.001"
+        and params["model.image_size"] == "256"
+        and params["train.engine"] == "ddp"
+    )
+    assert tags["world_size"] == "2" and tags["engine"] == "ddp" and len(tags["git_commit"]) >= 7
+    for key in (
+        "train/loss_total",
+        "train/loss_focal",
+        "train/loss_dice",
+        "train/loss_iou",
+        "train/loss_presence",
+        "train/lr",
+        "train/grad_norm",
+        "train/frames_per_s",
+        "train/data_wait_share",
+        "train/skipped_samples",
+    ):
+        assert [m.step for m in client.get_metric_history(run_info.info.run_id, key)] == [1, 2, 3, 4], key
+    assert client.get_metric_history(run_info.info.run_id, "valid/dice")[0].step == 4
+    artifacts = {a.path for a in client.list_artifacts(run_info.info.run_id)} | {
+        a.path for a in client.list_artifacts(run_info.info.run_id, "weights")
+    }
+    assert {"config.yaml", "weights/final.pt"} <= artifacts
+    assert run_info.info.status == "FINISHED"
+
+    results = tmp_path / "results"
+    evaluated = run(
+        [
+            sys.executable,
+            "-m",
+            "autosam2.cli",
+            "evaluate",
+            "--weights",
+            str(out / "final.pt"),
+            "--data",
+            str(train_data["valid"]),
+            "--output-dir",
+            str(results),
+            "--batch-size",
+            "4",
+        ]
+    )
+    assert "mean" in evaluated.stdout
+    for seq in ("seq5", "seq6"):
+        assert sorted(p.name for p in (results / "masks" / seq).iterdir()) == sorted(
+            f"frame{i}.png" for i in range(1, 9)
+        )
+        assert (results / "overlays" / f"{seq}.gif").stat().st_size > 0
+    metrics = (results / "metrics.csv").read_text().splitlines()
+    assert metrics[0].startswith("sequence,") and [line.split(",")[0] for line in metrics[1:]] == [
+        "seq5",
+        "seq6",
+        "mean",
+    ]
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_two_processes(train_data, tmp_path):
+    out = tmp_path / "ds"
+    result = run(
+        [
+            *TORCHRUN,
+            *train_overrides(
+                train_data,
+                out,
+                **{
+                    "train.engine": "deepspeed",
+                    "train.deepspeed_config": REPO / "configs/deepspeed/zero2.json",
+                },
+            ),
+        ]
+    )
+    assert "step 4/4" in result.stdout
+    assert (out / "checkpoints" / "step_00000004" / "deepspeed").is_dir()
+    final = weights(out / "final.pt")
+    assert any(k.startswith("prompt_encoder.") for k in final) and all(
+        torch.isfinite(v).all() for v in final.values()
+    )
+
+
+@pytest.mark.slow
+def test_stopped_and_resumed_run_ends_with_the_same_weights(train_data, tmp_path):
+    settings = {"train.max_steps": 6, "train.checkpoint_every": 100, "train.validate_every": 100}
+    whole = tmp_path / "whole"
+    run([*TORCHRUN, *train_overrides(train_data, whole, **settings)])
+
+    parted = tmp_path / "parted"
+    cmd = [*TORCHRUN, *train_overrides(train_data, parted, **settings)]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 2/6"):
+            for rank in psutil.Process(proc.pid).children():  # the two ranks, as SLURM signals every task
+                rank.send_signal(signal.SIGUSR2)
+    assert proc.wait(timeout=300) == 0, "".join(lines)[-4000:]
+    stopped = [line for line in lines if line.startswith("stopped by signal at step")]
+    assert stopped and not (parted / "final.pt").exists(), "".join(lines)[-3000:]
+    k = int(stopped[0].split("step ")[1].split(";")[0])
+    assert 2 <= k < 6
+    resumed = run([*TORCHRUN, *train_overrides(train_data, parted, **settings)])
+    assert f"resumed from {parted / 'checkpoints' / f'step_{k:08d}'} at step {k}" in resumed.stdout
+
+    a, b = weights(whole / "final.pt"), weights(parted / "final.pt")
+    assert a.keys() == b.keys()
+    worst = max(float((a[key] - b[key]).abs().max()) for key in a)
+    assert worst <= 1e-6, worst
+    client = mlflow.MlflowClient(f"sqlite:///{parted}/mlflow.db")
+    (run_info,) = client.search_runs([client.get_experiment_by_name("autosam2").experiment_id])
+    assert [m.step for m in client.get_metric_history(run_info.info.run_id, "train/loss_total")] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+    ]
+
+
+@pytest.mark.slow
+def test_training_logs_to_a_real_mlflow_server(train_data, tmp_path, mlflow_server):
+    uri = mlflow_server[0]
+    out = tmp_path / "served"
+    run(
+        [
+            sys.executable,
+            "-m",
+            "autosam2.cli",
+            "train",
+            *train_overrides(
+                train_data,
+                out,
+                **{"train.max_steps": 2, "tracking.uri": uri, "tracking.experiment": "served"},
+            ),
+        ]
+    )
+    client = mlflow.MlflowClient(uri)
+    (run_info,) = client.search_runs([client.get_experiment_by_name("served").experiment_id])
+    assert [m.step for m in client.get_metric_history(run_info.info.run_id, "train/loss_total")] == [1, 2]
+    assert "config.yaml" in {a.path for a in client.list_artifacts(run_info.info.run_id)}
+    assert not (out / "mlflow.db").exists()
+
+
+def test_training_goes_on_when_tracking_fails(train_data, tmp_path):
+    out = tmp_path / "untracked"
+    start = time.monotonic()
+    result = run(
+        [
+            sys.executable,
+            "-m",
+            "autosam2.cli",
+            "train",
+            *train_overrides(
+                train_data,
+                out,
+                **{"train.max_steps": 1, "train.validate_every": 100, "tracking.uri": "http://127.0.0.1:9"},
+            ),
+        ]
+    )
+    assert (out / "final.pt").exists() and "step 1/1" in result.stdout
+    assert "127.0.0.1:9" in result.stderr
+    assert time.monotonic() - start < 180
