@@ -148,6 +148,159 @@ def bench_data(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def bench_train(args: argparse.Namespace) -> dict[str, Any]:
+    """The full trainer's step time against a bare forward + backward + optimizer step of the same clip."""
+    from autosam2.config import load_config
+    from autosam2.data.transforms import prepare_batch
+    from autosam2.engine.checkpoint import Checkpointer, StopSignal
+    from autosam2.engine.dist import DistInfo
+    from autosam2.engine.engines import build_engine
+    from autosam2.engine.trainer import LoopState, Trainer
+    from autosam2.losses import clip_losses
+    from autosam2.model.sam2_builder import build_model
+    from autosam2.tracking import default_tracking_uri, make_logger
+    from shards.writer import build
+
+    info = DistInfo(0, 1, 0, torch.device(args.device))
+    with tempfile.TemporaryDirectory(prefix="autosam2-bench-") as tmp:
+        root, out = Path(tmp) / "polyp_gen", Path(tmp) / "run"
+        write_dataset(
+            root,
+            SynthSpec(
+                train_sequences=2,
+                valid_sequences=1,
+                frames=max(8, args.clip_len * 2),
+                size=args.image_size,
+                seed=0,
+            ),
+        )
+        build(root, "train", Path(tmp) / "shards", frames_per_sample=args.clip_len * 2)
+        overrides = [
+            f"data.train={Path(tmp) / 'shards'}",
+            f"data.clip_len={args.clip_len}",
+            f"data.batch_size={args.batch_size}",
+            "data.num_workers=1",
+            f"model.variant={args.variant}",
+            f"model.image_size={args.image_size}",
+            f"model.clip_mode={args.clip_mode}",
+            "model.freeze.mask_decoder=false",
+            f"train.device={args.device}",
+            f"train.max_steps={args.steps}",
+            "train.epochs=1000",
+            "train.log_every=1",
+            f"train.checkpoint_every={args.steps + 1}",
+            f"train.validate_every={args.steps + 1}",
+            f"train.output_dir={out}",
+            "tracking.system_metrics=false",
+        ]
+        cfg = load_config(None, overrides)
+
+        def fresh_model():
+            torch.manual_seed(0)
+            model = build_model(cfg.model.variant, cfg.model.image_size)
+            model.attach_prompt_encoder(cfg.model.prompt)
+            model.freeze(cfg.model.freeze)
+            return model.to(info.device).train()
+
+        # bare: one prepared clip, forward + loss + backward + AdamW step, nothing else
+        stream = ClipStream(
+            cfg.data.train,
+            "train",
+            StreamConfig(clip_len=args.clip_len, batch_size=args.batch_size, image_size=args.image_size),
+        )
+        clip = prepare_batch(next(iter(stream)), info.device)
+        per_frame = cfg.model.clip_mode == "frame"
+
+        def bare_steps() -> list[float]:
+            model = fresh_model()
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+            times = []
+            for _ in range(args.steps):
+                start = time.perf_counter()
+                out_ = model.forward_clip(clip.images_TBCHW, per_frame)
+                loss = clip_losses(
+                    out_.mask_logits_TBHW,
+                    out_.iou_TB,
+                    out_.object_logits_TB,
+                    clip.masks_TBHW,
+                    clip.present_TB,
+                )["total"]
+                optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 0.1)
+                optimizer.step()
+                _sync(info.device)
+                times.append(time.perf_counter() - start)
+            return times[1:]  # the first step warms caches
+
+        bare = bare_steps()
+
+        # the full trainer: stream + workers, augmentation, engine, MLflow logging every step
+        model = fresh_model()
+        engine = build_engine(model, cfg, args.steps, info)
+        stamps: list[float] = []
+        original = engine.step
+
+        def timed_step():
+            norm = original()
+            if norm is not None:
+                _sync(info.device)
+                stamps.append(time.perf_counter())
+            return norm
+
+        engine.step = timed_step
+        trainer_stream = ClipStream(
+            cfg.data.train,
+            "train",
+            StreamConfig(
+                clip_len=args.clip_len,
+                batch_size=args.batch_size,
+                image_size=args.image_size,
+                batches_per_epoch=args.steps + 2,
+            ),
+        )
+
+        def batches(epoch: int):
+            trainer_stream.set_epoch(epoch)
+            return make_loader(trainer_stream, 1)
+
+        logger = make_logger(0, True, default_tracking_uri(out), "bench", system_metrics=False)
+        try:
+            Trainer(
+                cfg, engine, batches, args.steps, Checkpointer(out, info), logger, info, stop=StopSignal(())
+            ).fit(LoopState())
+        finally:
+            logger.close()
+        bare += bare_steps()  # before and after the trainer, so drift on a shared machine hits both
+    bare_step = statistics.median(bare)
+    trainer_step = statistics.median(
+        b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)
+    )  # after the first step
+    return {
+        "bench": "train",
+        "step_s": {"bare_forward_backward": round(bare_step, 4), "full_trainer": round(trainer_step, 4)},
+        "ratio_trainer_over_bare": round(trainer_step / bare_step, 3),
+        "target": {"ratio_trainer_over_bare": 1.10, "met": trainer_step / bare_step <= 1.10},
+        "config": {
+            "variant": args.variant,
+            "image_size": args.image_size,
+            "clip_len": args.clip_len,
+            "batch_size": args.batch_size,
+            "clip_mode": args.clip_mode,
+            "device": args.device,
+            "steps": args.steps,
+            "torch_threads": torch.get_num_threads(),
+        },
+        "notes": "medians over steps after the first (bare: run before and after the trainer); the trainer includes data loading (1 worker), device-side augmentation, "
+        "the engine (DDP code path, world size 1), loss logging to MLflow (SQLite) every step",
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _cycle(loader: torch.utils.data.DataLoader) -> Iterable:
     while True:
         yield from loader
@@ -171,3 +324,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--batches", type=int, default=25, help="batches timed per reader and round")
     d.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     d.set_defaults(func=lambda args: print(json.dumps(bench_data(args), indent=1)) or 0)
+    t = kinds.add_parser(
+        "train", help="full trainer step time vs a bare forward + backward of the same model and clip"
+    )
+    t.add_argument("--variant", default="hiera_t")
+    t.add_argument("--image-size", type=int, default=256)
+    t.add_argument("--clip-len", type=int, default=4)
+    t.add_argument("--batch-size", type=int, default=1)
+    t.add_argument("--clip-mode", default="video", choices=["video", "frame"])
+    t.add_argument("--steps", type=int, default=8)
+    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    t.set_defaults(func=lambda args: print(json.dumps(bench_train(args), indent=1)) or 0)

@@ -105,26 +105,34 @@ def evaluate_sequences(
 # `autosam2 evaluate` ------------------------------------------------------------------------------------
 
 
+def _pictures(video: VideoDatapoint, probs: np.ndarray) -> list[Image.Image]:
+    from autosam2.overlays import overlay
+
+    return [
+        overlay(f.image_CHW.permute(1, 2, 0).numpy(), p >= 0.5, f.object_mask().numpy(), label=f.name)
+        for f, p in zip(video.frames, probs, strict=True)
+    ]
+
+
+def write_overlay_gif(folder: Path, video: VideoDatapoint, probs: np.ndarray) -> Path:
+    """The sequence as an animated GIF: prediction in red, ground truth outlined in green."""
+    from autosam2.overlays import write_gif
+
+    return write_gif(_pictures(video, probs), folder / f"{video.video_id}.gif")
+
+
 def _write_outputs(out: Path, video: VideoDatapoint, probs: np.ndarray, overlays: bool) -> None:
-    from autosam2.overlays import contact_sheet, overlay, write_gif
+    from autosam2.overlays import contact_sheet, write_gif
 
     mask_dir = out / "masks" / video.video_id
     mask_dir.mkdir(parents=True, exist_ok=True)
-    pictures = []
     for frame, prob in zip(video.frames, probs, strict=True):
-        pred = prob >= 0.5
-        Image.fromarray(pred.astype(np.uint8) * 255).save(mask_dir / f"{frame.name or frame.frame_index}.png")
-        if overlays:
-            pictures.append(
-                overlay(
-                    frame.image_CHW.permute(1, 2, 0).numpy(),
-                    pred,
-                    frame.object_mask().numpy(),
-                    label=frame.name,
-                )
-            )
+        Image.fromarray((prob >= 0.5).astype(np.uint8) * 255).save(
+            mask_dir / f"{frame.name or frame.frame_index}.png"
+        )
     if overlays:
         (out / "overlays").mkdir(exist_ok=True)
+        pictures = _pictures(video, probs)
         write_gif(pictures, out / "overlays" / f"{video.video_id}.gif")
         contact_sheet(pictures).save(out / "overlays" / f"{video.video_id}.png")
 

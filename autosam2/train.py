@@ -101,7 +101,7 @@ def _run(cfg: Config, info) -> Any:
     from autosam2.engine.dist import barrier, gather_objects
     from autosam2.engine.engines import build_engine
     from autosam2.engine.trainer import LoopState, Trainer
-    from autosam2.evaluate import evaluate_sequences, mean_over_sequences, read_sequences
+    from autosam2.evaluate import evaluate_sequences, mean_over_sequences, read_sequences, write_overlay_gif
     from autosam2.model.sam2_builder import build_model
     from autosam2.tracking import default_tracking_uri, flatten_config, make_logger
 
@@ -170,19 +170,24 @@ def _run(cfg: Config, info) -> Any:
 
     def validate(step: int) -> dict[str, float] | None:
         limit = cfg.train.valid_sequences
+        pictures = out / "valid" / f"step_{step:08d}" / "overlays"
+        pictures.mkdir(parents=True, exist_ok=True)
+        sequences = read_sequences(cfg.data.valid, "valid", info.rank, info.world_size, limit)
         mine = evaluate_sequences(
             engine.module,
-            read_sequences(cfg.data.valid, "valid", info.rank, info.world_size, limit),
+            sequences,
             info.device,
+            on_sequence=lambda video, probs, _: write_overlay_gif(pictures, video, probs),
         )
         merged: dict[str, dict[str, float]] = {}
-        for part in gather_objects(mine):
+        for part in gather_objects(mine):  # also the point where every rank's GIFs are on disk
             merged.update(part)
         if not info.is_main or not merged:
             return None
         summary = {f"valid/{k}": v for k, v in mean_over_sequences(merged).items()}
         logger.log_metrics(summary, step)
         _log_per_sequence(logger, out, merged, step)
+        logger.log_artifact(pictures, f"valid/step_{step:08d}/overlays")
         print(
             f"step {step} valid dice {summary['valid/dice']:.4f} iou {summary['valid/iou']:.4f} over {len(merged)} sequences",
             flush=True,

@@ -157,7 +157,8 @@ def test_ddp_two_processes_train_checkpoint_log_and_evaluate(train_data, tmp_pat
     artifacts = {a.path for a in client.list_artifacts(run_info.info.run_id)} | {
         a.path for a in client.list_artifacts(run_info.info.run_id, "weights")
     }
-    assert {"config.yaml", "weights/final.pt"} <= artifacts
+    artifacts |= {a.path for a in client.list_artifacts(run_info.info.run_id, "valid/step_00000004/overlays")}
+    assert {"config.yaml", "weights/final.pt", "valid/step_00000004/overlays/seq5.gif"} <= artifacts
     assert run_info.info.status == "FINISHED"
 
     results = tmp_path / "results"
