@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("metrics.json", "metrics.csv"):
             logger.log_artifact(out / name)
         if (out / "overlays").is_dir():
-            logger.log_artifact(out / "overlays", "overlays")
+            logger.log_artifact(out / "overlays")
     finally:
         logger.close()
     print(f"wrote {out}: masks/, {'overlays/, ' if not args.no_overlays else ''}metrics.json, metrics.csv")

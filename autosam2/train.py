@@ -79,24 +79,26 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed)  # the same on every rank: random init must agree before DDP broadcasts
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None = None):
+    """Train as the arguments say; returns the final LoopState (`stopped` when a signal ended it early)."""
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)  # refuses bad config before any heavy work
 
     from autosam2.engine.dist import cleanup, init_distributed
 
     info = init_distributed(cfg.train.device)
-    logger = None
     try:
-        logger = _run(cfg, info)
+        return _run(cfg, info)
     finally:
-        if logger is not None:
-            logger.close()
         cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(argv)
     return 0
 
 
-def _run(cfg: Config, info) -> Any:
+def _run(cfg: Config, info):
     from autosam2.engine.checkpoint import Checkpointer, StopSignal, agree_on_resume, save_weights
     from autosam2.engine.dist import barrier, gather_objects
     from autosam2.engine.engines import build_engine
@@ -187,7 +189,7 @@ def _run(cfg: Config, info) -> Any:
         summary = {f"valid/{k}": v for k, v in mean_over_sequences(merged).items()}
         logger.log_metrics(summary, step)
         _log_per_sequence(logger, out, merged, step)
-        logger.log_artifact(pictures, f"valid/step_{step:08d}/overlays")
+        logger.log_artifact(pictures, f"valid/step_{step:08d}")  # a folder lands as .../overlays
         print(
             f"step {step} valid dice {summary['valid/dice']:.4f} iou {summary['valid/iou']:.4f} over {len(merged)} sequences",
             flush=True,
@@ -200,7 +202,11 @@ def _run(cfg: Config, info) -> Any:
     trainer = Trainer(
         cfg, engine, batches, total_steps, checkpointer, logger, info, validate, on_best, skipped, stop
     )
-    state = trainer.fit(state)
+    try:
+        state = trainer.fit(state)
+    except BaseException:
+        logger.close("FAILED")
+        raise
     if info.is_main and not state.stopped:
         save_weights(out / "final.pt", engine.module, model_config, full_weights, {"step": state.step})
         logger.log_artifact(out / "final.pt", "weights")
@@ -211,8 +217,10 @@ def _run(cfg: Config, info) -> Any:
         print(
             f"stopped by signal at step {state.step}; checkpoint saved, resume with --resume auto", flush=True
         )
+    # a stopped run is KILLED in MLflow until the requeued job resumes it (RUNNING again, then FINISHED)
+    logger.close("KILLED" if state.stopped else "FINISHED")
     barrier()
-    return logger
+    return state
 
 
 def _log_per_sequence(logger, out: Path, per_sequence: dict[str, dict[str, float]], step: int) -> None:
@@ -227,7 +235,7 @@ def _log_per_sequence(logger, out: Path, per_sequence: dict[str, dict[str, float
 def _training_data(cfg: Config, info) -> tuple[Any, int, Any]:
     """Per-epoch batch iterables, batches per epoch per rank, and the skipped-sample counter."""
     from autosam2.data.clips import FolderClips
-    from autosam2.data.stream import ClipStream, StreamConfig, make_loader
+    from autosam2.data.stream import ClipStream, StreamConfig, ignore_stop_signals, make_loader
     from autosam2.data.video import collate_clips
     from autosam2.evaluate import is_shard_set
 
@@ -271,6 +279,7 @@ def _training_data(cfg: Config, info) -> tuple[Any, int, Any]:
             collate_fn=collate_clips,
             drop_last=True,
             generator=torch.Generator().manual_seed(cfg.train.seed),
+            worker_init_fn=ignore_stop_signals,
         )
         return (batch for i, batch in enumerate(loader) if i < per_epoch)
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m shards", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -35,54 +35,63 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     v = sub.add_parser("verify", help="check a shard set against its manifest; list every problem")
     v.add_argument("out", type=Path)
+    return parser
 
-    args = parser.parse_args(argv)
 
-    from autosam2.data.polyp_gen import DatasetError
+def run(args: argparse.Namespace) -> int:
+    """Do what the parsed arguments say; errors propagate (the launcher's jobs report them)."""
     from shards import verify, writer
 
     progress = sys.stderr.isatty()
-    try:
-        if args.command == "build":
-            if (args.shard_index is None) != (args.num_shards is None):
-                parser.error("--shard-index and --num-shards go together")
-            common = dict(
-                frames_per_sample=args.frames_per_sample,
-                max_shard_mb=args.max_shard_mb,
-                workers=args.workers,
-                overwrite=args.overwrite,
-                progress=progress,
-            )
-            if args.num_shards is None:
-                manifest = writer.build(args.root, args.split, args.out, **common)
-                t = manifest["totals"]
-                print(
-                    f"wrote {args.out}: {t['shards']} shards, {t['samples']} samples, {t['frames']} frames, {t['bytes'] / 1e6:.1f} MB"
-                )
-            else:
-                part = writer.build_part(
-                    args.root, args.split, args.out, args.shard_index, args.num_shards, **common
-                )
-                frames = sum(s["frames"] for s in part["shards"])
-                print(
-                    f"wrote part {args.shard_index} of {args.num_shards} into {args.out}: {len(part['shards'])} shards, {frames} frames"
-                )
-        elif args.command == "merge":
-            manifest = writer.merge(args.out)
+    if args.command == "build":
+        if (args.shard_index is None) != (args.num_shards is None):
+            raise ValueError("--shard-index and --num-shards go together")
+        common = dict(
+            frames_per_sample=args.frames_per_sample,
+            max_shard_mb=args.max_shard_mb,
+            workers=args.workers,
+            overwrite=args.overwrite,
+            progress=progress,
+        )
+        if args.num_shards is None:
+            manifest = writer.build(args.root, args.split, args.out, **common)
             t = manifest["totals"]
-            print(f"merged {args.out}: {t['shards']} shards, {t['samples']} samples, {t['frames']} frames")
+            print(
+                f"wrote {args.out}: {t['shards']} shards, {t['samples']} samples, {t['frames']} frames, {t['bytes'] / 1e6:.1f} MB"
+            )
         else:
-            problems = verify.verify(args.out, progress=progress)
-            for problem in problems:
-                print(problem)
-            if problems:
-                print(f"{args.out}: {len(problems)} problem(s)", file=sys.stderr)
-                return 1
-            print(f"{args.out}: ok")
+            part = writer.build_part(
+                args.root, args.split, args.out, args.shard_index, args.num_shards, **common
+            )
+            frames = sum(s["frames"] for s in part["shards"])
+            print(
+                f"wrote part {args.shard_index} of {args.num_shards} into {args.out}: {len(part['shards'])} shards, {frames} frames"
+            )
+        return 0
+    if args.command == "merge":
+        manifest = writer.merge(args.out)
+        t = manifest["totals"]
+        print(f"merged {args.out}: {t['shards']} shards, {t['samples']} samples, {t['frames']} frames")
+        return 0
+    problems = verify.verify(args.out, progress=progress)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{args.out}: {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    print(f"{args.out}: ok")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from autosam2.data.polyp_gen import DatasetError
+
+    try:
+        return run(args)
     except (DatasetError, FileExistsError, ValueError) as err:
         print(f"shards {args.command}: {err}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -190,3 +190,25 @@ def mlflow_server(tmp_path: Path):
         yield uri, proc, store
     finally:
         kill_group(proc)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The real single-node SLURM of launch/slurm_test_cluster.sh, up for the session."""
+    import os
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "launch" / "slurm_test_cluster.sh"
+    state = Path(os.environ.get("AUTOSAM2_SLURM_DIR", "/tmp/autosam2-slurm"))
+    started = subprocess.run(["bash", str(script), "start"], capture_output=True, text=True, timeout=600)
+    assert started.returncode == 0, started.stdout + started.stderr
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(state / "slurm.conf")
+    try:
+        yield state
+    finally:
+        subprocess.run(["bash", str(script), "stop"], capture_output=True, text=True, timeout=300)
+        if previous is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = previous

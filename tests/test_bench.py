@@ -37,12 +37,13 @@ def test_bench_data_prints_figures_and_ratios(capsys):
     assert report["config"]["workers"] == 0 and report["config"]["image_size"] == 64
 
 
-
 def test_bench_train_compares_the_trainer_with_a_bare_step(capsys):
     assert main(["bench", "train", "--clip-len", "2", "--steps", "3", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     report = json.loads(out[out.index("\n{") + 1 :])  # the trainer prints its step lines first
     steps = report["step_s"]
     assert steps["bare_forward_backward"] > 0 and steps["full_trainer"] > 0
-    assert abs(report["ratio_trainer_over_bare"] - steps["full_trainer"] / steps["bare_forward_backward"]) < 0.01
+    assert (
+        abs(report["ratio_trainer_over_bare"] - steps["full_trainer"] / steps["bare_forward_backward"]) < 0.01
+    )
     assert report["target"]["met"] == (report["ratio_trainer_over_bare"] <= 1.10)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import multiprocessing
 import random
+import signal
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -233,6 +234,13 @@ class ClipStream(torch.utils.data.IterableDataset):
         yield from finish()
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: SLURM signals every process of a job step; workers leave the stop
+    decision (checkpoint at the next step) to their main process instead of dying under it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
 def make_loader(
     stream: ClipStream, num_workers: int = 2, pin_memory: bool = False
 ) -> torch.utils.data.DataLoader:
@@ -244,4 +252,7 @@ def make_loader(
         pin_memory=pin_memory,
         persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None,
+        # its own generator: worker seeds do not draw from (and shift) the global RNG a resume restores
+        generator=torch.Generator().manual_seed(stream.config.seed),
+        worker_init_fn=ignore_stop_signals,
     )

@@ -1,0 +1,247 @@
+"""`python -m launch train|evaluate|shard --cluster slurm|local|debug [options] -- [autosam2 args]`.
+
+Submits through submitit: training as a Checkpointable job (one task per GPU, the torch.distributed
+environment exported from SLURM's), evaluation as one task, sharding as a job array plus a merge job.
+The job folder, with every task's logs, lives under the run's output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """`autosam2 train ARGS` on every task. On SLURM's time-limit or preemption signal the run
+    checkpoints at the next step boundary, then rank 0 hands over to submitit, which requeues the job
+    (this object, pickled again); the requeued job resumes from the checkpoint (train.resume=auto)."""
+
+    def __init__(self, argv: list[str]):
+        self.argv = argv
+
+    def __call__(self) -> dict[str, Any]:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
+        from autosam2.train import run
+
+        state = run(self.argv)  # installs its own SIGUSR2/SIGTERM handlers: stop at a step boundary
+        if state.stopped:
+            if int(os.environ.get("RANK", "0")) == 0 and callable(requeue):
+                requeue(signal.SIGUSR2, None)  # calls self.checkpoint(), requeues, exits
+            return {"step": state.step, "stopped": True}
+        return {"step": state.step, "stopped": False, "best_dice": state.best_dice}
+
+
+class EvaluateJob:
+    def __init__(self, argv: list[str]):
+        self.argv = argv
+
+    def __call__(self) -> int:
+        from autosam2.evaluate import main
+
+        return main(self.argv)
+
+
+def shard_part(argv: list[str], index: int | None, count: int) -> int:
+    """One array task: the disjoint part `index` of `count`; with index None, the merge step."""
+    from shards.__main__ import build_parser, run
+
+    if index is None:
+        out = build_parser().parse_args(["build", *argv]).out
+        return run(build_parser().parse_args(["merge", str(out)]))
+    return run(
+        build_parser().parse_args(["build", *argv, "--shard-index", str(index), "--num-shards", str(count)])
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m launch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("what", choices=["train", "evaluate", "shard"])
+    p.add_argument(
+        "--cluster",
+        choices=["slurm", "local", "debug"],
+        default="slurm",
+        help="slurm; local: subprocesses here; debug: in this process",
+    )
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node, one task each")
+    p.add_argument(
+        "--tasks-per-node",
+        type=int,
+        default=None,
+        help="tasks per node without GPUs (CPU runs); default: --gpus-per-node or 1",
+    )
+    p.add_argument("--cpus-per-task", type=int, default=8)
+    p.add_argument("--mem-gb", type=float, default=None)
+    p.add_argument("--time", type=int, default=60, help="time limit in minutes")
+    p.add_argument("--partition", default=None)
+    p.add_argument("--account", default=None)
+    p.add_argument("--qos", default=None)
+    p.add_argument("--constraint", default=None)
+    p.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra #SBATCH parameter (repeatable), e.g. --sbatch exclusive=",
+    )
+    p.add_argument(
+        "--max-requeues",
+        type=int,
+        default=3,
+        help="time-limit requeues of a training job (preemptions always requeue)",
+    )
+    p.add_argument(
+        "--signal-delay-s", type=int, default=120, help="SIGUSR2 this many seconds before the time limit"
+    )
+    p.add_argument("--num-shards", type=int, default=4, help="shard: array tasks (disjoint parts)")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow URI for the run (e.g. http://login-node:5000); default SQLite in the output directory",
+    )
+    p.add_argument("--name", default=None, help="job name (default: autosam2-WHAT)")
+    p.add_argument("--folder", default=None, help="job folder (default: OUTPUT_DIR/jobs)")
+    p.add_argument("--wait", action="store_true", help="wait for the job(s) and print the result")
+    p.epilog = "After --: the arguments of `autosam2 train` / `autosam2 evaluate`, or of `python -m shards build` (shard)."
+    return p
+
+
+def _executor(args: argparse.Namespace, folder: Path, tasks: int, gpus: int) -> submitit.AutoExecutor:
+    executor = submitit.AutoExecutor(
+        folder=str(folder / "%j"), cluster=args.cluster, slurm_max_num_timeout=args.max_requeues
+    )
+    extra: dict[str, Any] = {}
+    for item in args.sbatch:
+        key, _, value = item.partition("=")
+        extra[key.strip().lstrip("-")] = value
+    params: dict[str, Any] = {
+        "name": args.name or f"autosam2-{args.what}",
+        "nodes": args.nodes,
+        "tasks_per_node": tasks,
+        "cpus_per_task": args.cpus_per_task,
+        "timeout_min": args.time,
+        "slurm_signal_delay_s": args.signal_delay_s,
+        "slurm_additional_parameters": extra,
+    }
+    if gpus:
+        params["gpus_per_node"] = gpus
+    if args.mem_gb:
+        params["mem_gb"] = args.mem_gb
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(args, key):
+            params[f"slurm_{key}"] = getattr(args, key)
+    executor.update_parameters(**params)
+    return executor
+
+
+def _report(job: submitit.Job, what: str, tasks: int) -> None:
+    paths = job.paths
+    print(
+        f"submitted {what} job {job.job_id} ({tasks} task(s)) to {type(job).__name__.replace('Job', '').lower() or 'debug'}"
+    )
+    print(f"  logs:   {paths.stdout}  (task 0; one file per task)")
+    print(f"  follow: tail -f {shlex.quote(str(paths.stdout))}")
+    if isinstance(job, submitit.SlurmJob):
+        print(f"  status: squeue -j {job.job_id}   |   sacct -j {job.job_id}")
+
+
+def _output_dir_of(what: str, argv: list[str]) -> Path:
+    if what == "train":
+        from autosam2.train import build_parser as train_parser
+        from autosam2.train import config_from_args
+
+        return Path(config_from_args(train_parser().parse_args(argv)).train.output_dir)
+    if what == "evaluate":
+        for i, item in enumerate(argv):
+            if item == "--output-dir" and i + 1 < len(argv):
+                return Path(argv[i + 1])
+        return Path("results")
+    from shards.__main__ import build_parser as shard_parser
+
+    return Path(shard_parser().parse_args(["build", *argv]).out).parent
+
+
+def submit(argv: Sequence[str] | None = None) -> list[submitit.Job]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    args, rest = build_parser().parse_args(argv[:split]), argv[split + 1 :]
+    gpus = args.gpus_per_node or 0
+    tasks = args.tasks_per_node or gpus or 1
+    if args.what == "train" and args.tracking_uri:
+        rest.append(f"tracking.uri={args.tracking_uri}")
+    out = _output_dir_of(args.what, rest).resolve()  # a train config is fully checked here, before submission
+    folder = Path(args.folder) if args.folder else out / "jobs"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    if args.what == "train":
+        from autosam2.tracking import default_tracking_uri, ensure_experiment
+        from autosam2.train import build_parser as train_parser
+        from autosam2.train import config_from_args
+
+        cfg = config_from_args(train_parser().parse_args(rest))
+        if cfg.tracking.enabled:
+            # created once here, so ranks (and array tasks) never race to create it
+            out.mkdir(parents=True, exist_ok=True)
+            experiment_id = ensure_experiment(
+                cfg.tracking.uri or default_tracking_uri(out), cfg.tracking.experiment
+            )
+            print(
+                f"MLflow experiment {cfg.tracking.experiment!r} ({experiment_id}) at {cfg.tracking.uri or default_tracking_uri(out)}"
+            )
+        job = _executor(args, folder, tasks, gpus).submit(TrainJob(rest))
+        _report(job, "train", tasks * args.nodes)
+        jobs = [job]
+    elif args.what == "evaluate":
+        job = _executor(args, folder, 1, min(gpus, 1)).submit(EvaluateJob(rest))
+        _report(job, "evaluate", 1)
+        jobs = [job]
+    else:
+        executor = _executor(args, folder, 1, 0)
+        jobs = executor.map_array(
+            shard_part,
+            [rest] * args.num_shards,
+            list(range(args.num_shards)),
+            [args.num_shards] * args.num_shards,
+        )
+        print(
+            f"submitted shard array {jobs[0].job_id.split('_')[0]} ({args.num_shards} tasks), logs in {folder}"
+        )
+        if isinstance(jobs[0], submitit.SlurmJob):
+            array_id = jobs[0].job_id.split("_")[0]
+            executor.update_parameters(slurm_dependency=f"afterok:{array_id}")
+        else:
+            for job in jobs:  # no dependencies outside SLURM: the parts must be done before the merge
+                job.result()
+        merge = executor.submit(shard_part, rest, None, args.num_shards)
+        _report(merge, "merge", 1)
+        jobs.append(merge)
+    if args.wait:
+        for job in jobs:
+            print(f"job {job.job_id}: {job.results()[0]}")  # task 0's result (every task returns one)
+    return jobs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from autosam2.config import ConfigError
+
+    try:
+        submit(argv)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"launch: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

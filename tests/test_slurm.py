@@ -1,0 +1,114 @@
+"""The launchers on a real single-node SLURM (started by launch/slurm_test_cluster.sh)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import submitit
+import torch
+
+from launch.__main__ import submit
+from shards.verify import verify
+from tests.conftest import train_overrides
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+LAUNCH = ["--cluster", "slurm", "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "30"]
+
+
+def train_args(train_data: dict[str, Path], out: Path, **extra: object) -> list[str]:
+    return ["--", *train_overrides(train_data, out, **extra)]
+
+
+def wait_for_line(path: Path, text: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        time.sleep(0.5)
+    raise AssertionError(
+        f"{text!r} never appeared in {path}: {path.read_text(errors='replace')[-3000:] if path.exists() else 'no log'}"
+    )
+
+
+def test_two_task_ddp_training_job_completes_and_logs_to_mlflow(slurm_cluster, train_data, tmp_path):
+    out = tmp_path / "run"
+    (job,) = submit(["train", *LAUNCH, *train_args(train_data, out, **{"train.max_steps": 3})])
+    assert isinstance(job, submitit.SlurmJob)
+    results = job.results()
+    assert results[0]["step"] == 3 and not results[0]["stopped"]
+    assert (out / "final.pt").exists() and (out / "jobs" / job.job_id / f"{job.job_id}_1_log.out").exists()
+    client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("autosam2").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["world_size"] == "2" and run.data.tags["slurm_job_id"] == job.job_id
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss_total")] == [1, 2, 3]
+
+
+def test_interrupted_job_requeues_and_resumes_to_the_same_weights(slurm_cluster, train_data, tmp_path):
+    settings = {"train.max_steps": 6, "train.checkpoint_every": 100, "train.validate_every": 100}
+    (whole,) = submit(["train", *LAUNCH, *train_args(train_data, tmp_path / "whole", **settings)])
+    (parted,) = submit(["train", *LAUNCH, *train_args(train_data, tmp_path / "parted", **settings)])
+    log = tmp_path / "parted" / "jobs" / parted.job_id / f"{parted.job_id}_0_log.out"
+    wait_for_line(log, "step 2/6")
+    parted._interrupt()  # preemption: SIGTERM, then SIGUSR2, as SLURM sends
+    result = parted.results()[0]
+    assert result["step"] == 6 and not result["stopped"]
+    assert whole.results()[0]["step"] == 6
+    text = log.read_text()
+    assert "stopped by signal at step" in text and "resumed from" in text, text[-3000:]
+    a = torch.load(tmp_path / "whole" / "final.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "parted" / "final.pt", weights_only=True)["model"]
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+def test_shard_array_job_writes_a_set_that_verify_accepts(slurm_cluster, train_data, tmp_path):
+    out = tmp_path / "shards" / "train"
+    jobs = submit(
+        [
+            "shard",
+            "--cluster",
+            "slurm",
+            "--num-shards",
+            "3",
+            "--cpus-per-task",
+            "1",
+            "--time",
+            "10",
+            "--",
+            str(train_data["root"]),
+            "--split",
+            "train",
+            "--out",
+            str(out),
+            "--frames-per-sample",
+            "4",
+            "--max-shard-mb",
+            "0.0001",
+            "--workers",
+            "1",
+        ]
+    )
+    assert len(jobs) == 4 and all(isinstance(j, submitit.SlurmJob) for j in jobs)
+    for job in jobs:
+        assert job.result() == 0
+    assert verify(out) == []
+    parts = {
+        s["name"].split("-")[1]
+        for s in __import__("json").loads((out / "manifest.json").read_text())["shards"]
+    }
+    assert parts == {"000", "001", "002"}
+
+
+def test_a_failing_job_surfaces_its_own_traceback(slurm_cluster, train_data, tmp_path):
+    (job,) = submit(
+        ["train", *LAUNCH, *train_args({**train_data, "train": tmp_path / "nowhere"}, tmp_path / "failing")]
+    )
+    with pytest.raises(submitit.core.utils.FailedJobError) as err:
+        job.results()
+    message = str(err.value)
+    assert (
+        "neither a shard set (manifest.json) nor a polyp_gen root" in message and "_training_data" in message
+    )
