@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo
 
-.PHONY: venv demo test lint clean-demo
+.PHONY: venv sysdeps demo test lint clean-demo
 
 venv: $(STAMP)
 
@@ -32,7 +32,12 @@ demo: $(STAMP)
 	$(PY) -m shards verify $(DEMO)/shards/valid
 	$(VENV)/bin/autosam2 inspect --shards $(DEMO)/shards/valid
 
-test: $(STAMP)
+# system packages the tests start for real: a single-node SLURM (slurm-wlm, munge, slurmdbd, MariaDB)
+sysdeps:
+	@command -v slurmctld >/dev/null && command -v slurmdbd >/dev/null && command -v mariadbd >/dev/null \
+		|| bash launch/slurm_test_cluster.sh install
+
+test: $(STAMP) sysdeps
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
