@@ -24,13 +24,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/autosam2 synth --out $(DEMO)/polyp_gen --overwrite
-	$(VENV)/bin/autosam2 validate $(DEMO)/polyp_gen
-	$(PY) -m shards build $(DEMO)/polyp_gen --split train --out $(DEMO)/shards/train --overwrite
-	$(PY) -m shards build $(DEMO)/polyp_gen --split valid --out $(DEMO)/shards/valid --overwrite
-	$(PY) -m shards verify $(DEMO)/shards/train
-	$(PY) -m shards verify $(DEMO)/shards/valid
-	$(VENV)/bin/autosam2 inspect --shards $(DEMO)/shards/valid
+	$(VENV)/bin/autosam2 demo --out $(DEMO)
 
 # system packages the tests start for real: a single-node SLURM (slurm-wlm, munge, slurmdbd, MariaDB)
 sysdeps:

@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SUBPROGRAMS = {"train": "autosam2.train", "evaluate": "autosam2.evaluate"}
+SUBPROGRAMS = {"train": "autosam2.train", "evaluate": "autosam2.evaluate", "demo": "autosam2.demo"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

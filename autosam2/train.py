@@ -169,6 +169,8 @@ def _run(cfg: Config, info):
     logger.log_artifact(out / "config.yaml")
     model_config = to_dict(cfg)["model"]
     full_weights = cfg.model.checkpoint is None
+    if folder is None and info.is_main:  # the model before its first step: the baseline to compare with
+        save_weights(out / "initial.pt", engine.module, model_config, full_weights, {"step": 0})
 
     def validate(step: int) -> dict[str, float] | None:
         limit = cfg.train.valid_sequences
