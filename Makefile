@@ -26,10 +26,12 @@ $(STAMP): setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/autosam2 demo --out $(DEMO)
 
-# system packages the tests start for real: a single-node SLURM (slurm-wlm, munge, slurmdbd, MariaDB)
+# system packages the tests start for real: a single-node SLURM (slurm-wlm, munge, slurmdbd, MariaDB),
+# and Debian's Chromium for the MLflow UI test (Playwright drives it; no browser download)
 sysdeps:
 	@command -v slurmctld >/dev/null && command -v slurmdbd >/dev/null && command -v mariadbd >/dev/null \
 		|| bash launch/slurm_test_cluster.sh install
+	@command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 
 test: $(STAMP) sysdeps
 	$(PY) -m pytest -q

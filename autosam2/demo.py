@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         f"data.valid={shards / 'valid'}",
         f"train.output_dir={run}",
         f"tracking.experiment={EXPERIMENT}",
+        "tracking.run_name=train",
         *args.overrides,
     ]
     _run(

@@ -258,7 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     _print_table(per_sequence, summary)
     uri = args.tracking_uri or default_tracking_uri(out.resolve())
     logger = make_logger(
-        0, True, uri, args.experiment, run_name=f"evaluate-{Path(args.weights).stem}", system_metrics=False
+        0,
+        True,
+        uri,
+        args.experiment,
+        run_name=f"evaluate-{Path(args.weights).stem}-{args.mode}",
+        system_metrics=False,
     )
     try:
         logger.log_params(

@@ -65,6 +65,8 @@ def test_run_comparison_renders_our_metrics(train_data, tmp_path):
             text = page.inner_text("body")
             page.screenshot(path=str(shot), full_page=True)
             page.goto(f"{uri}/#/experiments/{experiment}/runs?compareRunsMode=CHART", wait_until="load")
+            # charts are grouped by prefix and drawn when in view: search brings ours up
+            page.get_by_placeholder("Search metric charts").fill("valid/dice")
             page.locator('h4[title="valid/dice"]').first.wait_for(timeout=60_000)
             browser.close()
     finally:

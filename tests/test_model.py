@@ -164,6 +164,10 @@ def test_streaming_equals_the_clip_forward_frame_by_frame():
         torch.testing.assert_close(frame.object_logits_B, clip.object_logits_TB[t], rtol=1e-5, atol=1e-5)
         gate = (frame.object_logits_B > 0)[:, None, None]
         torch.testing.assert_close(frame.probs_BHW, torch.sigmoid(frame.mask_logits_BHW) * gate)
+    # frames encoded three at a time give the same stream
+    batched = list(model.stream((images[t] for t in range(5)), num_frames=5, encode_batch=3))
+    for one, three in zip(frames, batched, strict=True):
+        torch.testing.assert_close(three.mask_logits_BHW, one.mask_logits_BHW, rtol=1e-4, atol=1e-4)
 
 
 def test_memory_matters_and_per_frame_mode_uses_none():

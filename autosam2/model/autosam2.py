@@ -181,22 +181,25 @@ class AutoSAM2(SAM2Base):
         self,
         t: int,
         is_cond: bool,
-        feats: list,
-        pos: list,
-        sizes: list,
+        rows: slice,
+        backbone: tuple[list, list, list],
         prompt: PromptOutput,
         memory: dict,
         num_frames: int,
         run_mem_encoder: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
-        """One frame through SAM2's track_step with its learned prompt; raw logits at image size."""
-        self._frame_prompt = prompt
+        """One frame (`rows` of the encoded batch) through SAM2's track_step with its learned prompt;
+        raw logits at image size."""
+        feats, pos, sizes = backbone
+        self._frame_prompt = PromptOutput(
+            prompt.dense_NChw[rows], None if prompt.sparse_NKC is None else prompt.sparse_NKC[rows]
+        )
         try:
             out = self.track_step(
                 frame_idx=t,
                 is_init_cond_frame=is_cond,
-                current_vision_feats=feats,
-                current_vision_pos_embeds=pos,
+                current_vision_feats=[f[:, rows] for f in feats],
+                current_vision_pos_embeds=[p[:, rows] for p in pos],
                 feat_sizes=sizes,
                 point_inputs=None,
                 mask_inputs=None,
@@ -211,8 +214,8 @@ class AutoSAM2(SAM2Base):
         memory["cond_frame_outputs" if is_cond else "non_cond_frame_outputs"][t] = out
         if low_res.shape[1] > 1:  # multimask: the mask SAM2 itself picks, by predicted IoU
             pick = ious.argmax(dim=1)
-            rows = torch.arange(low_res.shape[0], device=low_res.device)
-            low_res, ious = low_res[rows, pick][:, None], ious[rows, pick][:, None]
+            batch = torch.arange(low_res.shape[0], device=low_res.device)
+            low_res, ious = low_res[batch, pick][:, None], ious[batch, pick][:, None]
         logits = F.interpolate(
             low_res.float(), size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
         )
@@ -237,18 +240,14 @@ class AutoSAM2(SAM2Base):
         logits, ious, objects = [], [], []
         for t in range(t_len):
             rows = slice(t * b, (t + 1) * b)  # images were flattened time-major
-            frame_prompt = PromptOutput(
-                prompt.dense_NChw[rows], None if prompt.sparse_NKC is None else prompt.sparse_NKC[rows]
-            )
             if per_frame:
                 memory = _empty_memory()
             step = self._step(
                 t,
                 per_frame or t == 0,
-                [f[:, rows] for f in feats],
-                [p[:, rows] for p in pos],
-                sizes,
-                frame_prompt,
+                rows,
+                (feats, pos, sizes),
+                prompt,
                 memory,
                 t_len,
                 run_mem_encoder=not per_frame and t < t_len - 1,
@@ -290,18 +289,14 @@ class AutoSAM2(SAM2Base):
             prompt = self._prompt(images, backbone_out)
             for i in range(len(chunk)):
                 rows = slice(i * b, (i + 1) * b)
-                frame_prompt = PromptOutput(
-                    prompt.dense_NChw[rows], None if prompt.sparse_NKC is None else prompt.sparse_NKC[rows]
-                )
                 if per_frame:
                     memory.update(_empty_memory())
                 logits, iou, object_logits, out = self._step(
                     t,
                     per_frame or t == 0,
-                    [f[:, rows] for f in feats],
-                    [p[:, rows] for p in pos],
-                    sizes,
-                    frame_prompt,
+                    rows,
+                    (feats, pos, sizes),
+                    prompt,
                     memory,
                     horizon,
                     run_mem_encoder=not per_frame,
