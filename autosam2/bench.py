@@ -296,6 +296,60 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def bench_infer(args: argparse.Namespace) -> dict[str, Any]:
+    """Streaming inference FPS (encoder + prompt + memory, one frame at a time) against the bare image encoder."""
+    from autosam2.model.prompt_encoder import PromptEncoderConfig
+    from autosam2.model.sam2_builder import build_model
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = build_model(args.variant, args.image_size)
+    model.attach_prompt_encoder(PromptEncoderConfig())
+    model = model.to(device).eval()
+    if args.compile:
+        model.image_encoder.forward = torch.compile(model.image_encoder.forward, dynamic=False)
+    frames = [torch.randn(1, 3, args.image_size, args.image_size, device=device) for _ in range(args.frames)]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
+    def encoder_pass() -> float:
+        start = time.perf_counter()
+        with torch.no_grad(), autocast:
+            for frame in frames:
+                model.image_encoder(frame)
+        _sync(device)
+        return time.perf_counter() - start
+
+    def stream_pass() -> float:
+        start = time.perf_counter()
+        with autocast:
+            for _ in model.stream(iter(frames), num_frames=len(frames)):
+                pass
+        _sync(device)
+        return time.perf_counter() - start
+
+    encoder_pass(), stream_pass()  # warm-up (and compilation)
+    encoder = statistics.median(encoder_pass() for _ in range(args.rounds))
+    streaming = statistics.median(stream_pass() for _ in range(args.rounds))
+    return {
+        "bench": "infer",
+        "fps": {
+            "streaming_inference": round(args.frames / streaming, 2),
+            "bare_image_encoder": round(args.frames / encoder, 2),
+        },
+        "ratio_streaming_over_encoder": round(encoder / streaming, 3),
+        "config": {
+            "variant": args.variant,
+            "image_size": args.image_size,
+            "frames": args.frames,
+            "rounds": args.rounds,
+            "device": str(device),
+            "bf16": args.bf16,
+            "compile": args.compile,
+            "torch_threads": torch.get_num_threads(),
+        },
+    }
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -335,3 +389,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--steps", type=int, default=8)
     t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     t.set_defaults(func=lambda args: print(json.dumps(bench_train(args), indent=1)) or 0)
+    i = kinds.add_parser("infer", help="streaming inference FPS vs bare image-encoder FPS at the same size")
+    i.add_argument("--variant", default="hiera_t")
+    i.add_argument("--image-size", type=int, default=256)
+    i.add_argument("--frames", type=int, default=16)
+    i.add_argument("--rounds", type=int, default=3)
+    i.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    i.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+    i.add_argument("--compile", action="store_true", help="torch.compile the image encoder")
+    i.set_defaults(func=lambda args: print(json.dumps(bench_infer(args), indent=1)) or 0)

@@ -47,3 +47,14 @@ def test_bench_train_compares_the_trainer_with_a_bare_step(capsys):
         abs(report["ratio_trainer_over_bare"] - steps["full_trainer"] / steps["bare_forward_backward"]) < 0.01
     )
     assert report["target"]["met"] == (report["ratio_trainer_over_bare"] <= 1.10)
+
+
+def test_bench_infer_reports_streaming_against_the_encoder(capsys):
+    assert main(["bench", "infer", "--frames", "3", "--rounds", "1", "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    fps = report["fps"]
+    assert fps["streaming_inference"] > 0 and fps["bare_image_encoder"] > 0
+    assert (
+        abs(report["ratio_streaming_over_encoder"] - fps["streaming_inference"] / fps["bare_image_encoder"])
+        < 0.02
+    )

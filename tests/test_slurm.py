@@ -149,3 +149,32 @@ def test_sbatch_template_trains_and_requeues_on_sigusr2(slurm_cluster, train_dat
     text = log.read_text()
     assert "caught SIGUSR2, checkpointing and requeueing" in text and "stopped by signal at step" in text
     assert "resumed from" in text and (out / "final.pt").exists()
+
+
+def test_train_under_plain_srun_maps_the_slurm_variables(slurm_cluster, train_data, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "srun"
+    result = subprocess.run(
+        [
+            "srun",
+            "--ntasks=2",
+            "--cpus-per-task=1",
+            "--time=10",
+            sys.executable,
+            "-m",
+            "autosam2.cli",
+            "train",
+            *train_overrides(train_data, out, **{"train.max_steps": 2, "train.validate_every": 100}),
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "step 2/2" in result.stdout and (out / "final.pt").exists()
+    client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("autosam2").experiment_id])
+    assert run.data.tags["world_size"] == "2" and run.data.tags["slurm_job_id"] != "none"
