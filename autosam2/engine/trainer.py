@@ -6,7 +6,6 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 
@@ -175,6 +174,3 @@ class Trainer:
             state.best_dice = dice
             if self.on_best:
                 self.on_best(state.step, results)
-
-    def describe(self) -> dict[str, Any]:
-        return {"total_steps": self.total_steps, "world_size": self.info.world_size}
