@@ -8,11 +8,15 @@ import os
 import statistics
 import tempfile
 import time
+import weakref
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
 
 from autosam2.data.clips import FolderClips
 from autosam2.data.polyp_gen import decode_image
@@ -350,6 +354,159 @@ def bench_infer(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+class _TensorBytes(TorchDispatchMode):
+    """Bytes of the live tensor storages that ops inside it create on ``device``, and their peak.
+
+    torch's own ``MemTracker`` would also sort them by kind, but it hooks every parameter for gradients
+    and fails on frozen ones, which our configs have; this counts storages only.
+    """
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device = device
+        self.live = self.peak = 0
+        self._seen = WeakIdKeyDictionary()
+
+    def _free(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        # in-place ops and views hand back an input's storage: only new storages are counted, so
+        # tensors made before (the weights) never are; lift_fresh brings in a new torch.tensor(...)
+        inputs = {
+            id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
+        }
+        if func is torch.ops.aten.lift_fresh.default:
+            inputs = set()
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device == self.device:
+                storage = t.untyped_storage()
+                if id(storage) not in inputs and storage not in self._seen:
+                    self._seen[storage] = nbytes = storage.nbytes()
+                    weakref.finalize(storage, self._free, nbytes)
+                    self.live += nbytes
+                    self.peak = max(self.peak, self.live)
+        return out
+
+
+def bench_memory(args: argparse.Namespace) -> dict[str, Any]:
+    """Peak tensor memory of training steps of a run config, and a per-GPU estimate.
+
+    The config's model, image size, clip and precision run for real (random weights, a synthetic clip;
+    fp32 weights under bf16 autocast, as both engines train); every tensor the steps create is counted
+    while it lives. DDP adds its gradient buckets; DeepSpeed's ZeRO partitions (Adam states, reduced
+    gradients, the reduce bucket) are added by formula, divided over ``--ranks`` as its stage says.
+    """
+    from autosam2.config import load_config
+    from autosam2.losses import clip_losses
+    from autosam2.model.sam2_builder import build_model
+
+    cfg = load_config(args.config, args.overrides)
+    device = torch.device(args.device)
+    t_len, batch, size = cfg.data.clip_len, cfg.data.batch_size, cfg.model.image_size
+    deepspeed = cfg.train.engine == "deepspeed"
+
+    torch.manual_seed(0)
+    model = build_model(cfg.model.variant, size, None, cfg.model.multimask_output)
+    model.attach_prompt_encoder(cfg.model.prompt)
+    model.freeze(cfg.model.freeze)
+    model = model.to(device).train()
+    # CUDA's fused attention kernels keep attention dropout at O(tokens) memory; CPU attention with
+    # dropout falls back to materialising the attention matrix, so off the GPU it is set to 0 here
+    no_dropout = [m for m in model.modules() if hasattr(m, "dropout_p")] if device.type != "cuda" else []
+    for module in no_dropout:
+        module.dropout_p = 0.0
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = None if deepspeed else torch.optim.AdamW(trainable, lr=1e-4)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
+    per_frame = cfg.model.clip_mode == "frame"
+
+    counter = _TensorBytes(device)
+    start = time.perf_counter()
+    with counter:
+        for _ in range(args.steps):  # from the second step on, the optimizer states are held too
+            images = torch.randn(t_len, batch, 3, size, size, device=device)
+            masks = torch.zeros(t_len, batch, size, size, device=device)
+            masks[..., size // 4 : size // 2, size // 4 : size // 2] = 1.0
+            present = torch.ones(t_len, batch, dtype=torch.bool, device=device)
+            with autocast:
+                out = model.forward_clip(images, per_frame)
+            loss = clip_losses(
+                out.mask_logits_TBHW.float(),
+                out.iou_TB.float(),
+                out.object_logits_TB.float(),
+                masks,
+                present,
+                cfg.loss,
+            )["total"]
+            loss.backward()
+            if optimizer is not None:
+                optimizer.step()
+            for p in trainable:
+                p.grad = None
+            del images, masks, out, loss
+    seconds = time.perf_counter() - start
+
+    def nbytes(tensors: Iterable[torch.Tensor]) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    weights = nbytes(model.parameters()) + nbytes(model.buffers())
+    gradients = nbytes(trainable)
+    states = [v for s in (optimizer.state.values() if optimizer else []) for v in s.values()]
+    optimizer_states = nbytes(v for v in states if isinstance(v, torch.Tensor) and v.device == device)
+    n_trainable = sum(p.numel() for p in trainable)
+    ranks = max(1, args.ranks)
+    extra: dict[str, float] = {}
+    engine = "ddp"
+    if deepspeed:
+        zero = json.loads(Path(cfg.train.deepspeed_config).read_text()).get("zero_optimization", {})
+        stage = int(zero.get("stage", 0))
+        engine = f"deepspeed ZeRO-{stage}"
+        extra["zero_adam_states"] = 8 * n_trainable / (ranks if stage >= 1 else 1)
+        extra["zero_reduced_gradients"] = 4 * n_trainable / (ranks if stage >= 2 else 1)
+        extra["zero_reduce_bucket"] = 4 * min(n_trainable, int(zero.get("reduce_bucket_size", 5e8)))
+    elif ranks > 1:
+        extra["ddp_gradient_buckets"] = 4 * n_trainable  # DDP's flat copy of the gradients
+    peak = weights + counter.peak
+    mib = 2**20
+    return {
+        "bench": "memory",
+        "peak_MiB": {
+            "weights": round(weights / mib, 1),
+            "optimizer_states": round(optimizer_states / mib, 1),
+            "gradients": round(gradients / mib, 1),
+            "activations_and_temporaries": round((peak - weights - optimizer_states - gradients) / mib, 1),
+            "total": round(peak / mib, 1),
+        },
+        "engine_extra_MiB": {k: round(v / mib, 1) for k, v in extra.items()},
+        "estimate_per_gpu_GiB": round((peak + sum(extra.values())) / 2**30, 2),
+        "parameters": {
+            "trainable": n_trainable,
+            "frozen": sum(p.numel() for p in model.parameters()) - n_trainable,
+        },
+        "config": {
+            "config": str(args.config) if args.config else None,
+            "variant": cfg.model.variant,
+            "image_size": size,
+            "clip_len": t_len,
+            "batch_size": batch,
+            "clip_mode": cfg.model.clip_mode,
+            "precision": cfg.train.precision,
+            "engine": engine,
+            "ranks": ranks,
+            "device": str(device),
+            "steps": args.steps,
+            "seconds": round(seconds, 1),
+            "attention_dropout_zeroed": len(no_dropout),
+        },
+        "notes": "tensor bytes only, counted on the device given (autocast's op list on CPU differs slightly "
+        "from CUDA's); on a GPU add the CUDA context and the caching allocator's slack. "
+        "activations_and_temporaries is the rest of the peak, so it includes gradients not yet reduced",
+    }
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -398,3 +555,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     i.add_argument("--compile", action="store_true", help="torch.compile the image encoder")
     i.set_defaults(func=lambda args: print(json.dumps(bench_infer(args), indent=1)) or 0)
+    m = kinds.add_parser(
+        "memory", help="tensor memory of a run config's training step, by kind, and a per-GPU estimate"
+    )
+    m.add_argument("--config", type=Path, default=None, help="run config (default: the embedded defaults)")
+    m.add_argument("overrides", nargs="*", help="key=value config overrides")
+    m.add_argument("--ranks", type=int, default=8, help="data-parallel ranks for ZeRO sharding (default 8)")
+    m.add_argument("--steps", type=int, default=2, help="training steps tracked (default 2)")
+    m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    m.set_defaults(func=lambda args: print(json.dumps(bench_memory(args), indent=1)) or 0)

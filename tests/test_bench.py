@@ -1,8 +1,17 @@
-"""`autosam2 bench data` prints one JSON object whose ratios are those of its own figures."""
+"""`autosam2 bench ...` prints one JSON object whose ratios are those of its own figures."""
 
 import json
+from pathlib import Path
 
+import torch
+from torch import nn
+
+from autosam2.bench import _TensorBytes
 from autosam2.cli import main
+from autosam2.model.prompt_encoder import PromptEncoderConfig
+from autosam2.model.sam2_builder import build_model
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_bench_data_prints_figures_and_ratios(capsys):
@@ -58,3 +67,74 @@ def test_bench_infer_reports_streaming_against_the_encoder(capsys):
         abs(report["ratio_streaming_over_encoder"] - fps["streaming_inference"] / fps["bare_image_encoder"])
         < 0.02
     )
+
+
+def test_tensor_byte_counter_agrees_with_torchs_memtracker():
+    # MemTracker works where every parameter is trainable; our counter must give the same peak there
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    def steps(model, optimizer, counter):
+        for _ in range(2):
+            x = torch.randn(4, 3, 32, 32)
+            model(x).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if isinstance(counter, MemTracker):
+                counter.reset_mod_stats()  # its module statistics are per iteration; the peak is kept
+
+    peaks = []
+    for make_counter in (MemTracker, lambda: _TensorBytes(torch.device("cpu"))):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.GELU(), nn.Conv2d(16, 8, 3, padding=1))
+        optimizer = torch.optim.AdamW(model.parameters())
+        counter = make_counter()
+        if isinstance(counter, MemTracker):
+            counter.track_external(model, optimizer)
+        with counter:
+            steps(model, optimizer, counter)
+        if isinstance(counter, MemTracker):
+            peaks.append(counter.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"])
+        else:
+            weights = sum(p.numel() * p.element_size() for p in model.parameters())
+            peaks.append(weights + counter.peak)
+    assert peaks[0] > 0 and peaks[1] == peaks[0]
+
+
+def test_tensor_byte_counter_counts_storages_once_and_frees_them():
+    counter = _TensorBytes(torch.device("cpu"))
+    with counter:
+        a = torch.empty(1 << 18)  # 1 MiB
+        view = a[10:]
+        del a, view
+        b = torch.empty(1 << 19)  # 2 MiB
+        assert counter.live == 1 << 21
+    assert counter.peak == 1 << 21
+    del b
+    assert counter.live == 0
+
+
+def test_bench_memory_reports_a_configs_training_step(capsys, tmp_path):
+    args = ["bench", "memory", "--ranks", "4", "--device", "cpu", "model.image_size=128", "data.clip_len=2"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    peak, n = report["peak_MiB"], report["parameters"]
+    model = build_model("hiera_t", 128)
+    model.attach_prompt_encoder(PromptEncoderConfig())
+    mib = 2**20
+    weights = sum(t.numel() * 4 for t in [*model.parameters(), *model.buffers()])
+    assert peak["weights"] == round(weights / mib, 1)
+    assert n["trainable"] + n["frozen"] == sum(p.numel() for p in model.parameters())
+    assert peak["gradients"] == round(4 * n["trainable"] / mib, 1)
+    trainable_tensors = sum(1 for name, _ in model.named_parameters() if name.startswith("prompt_encoder."))
+    # AdamW: two fp32 moments per parameter and one scalar step per tensor
+    assert peak["optimizer_states"] == round((8 * n["trainable"] + 4 * trainable_tensors) / mib, 1)
+    assert peak["activations_and_temporaries"] > 0
+    assert report["engine_extra_MiB"] == {"ddp_gradient_buckets": peak["gradients"]}
+    assert abs(report["estimate_per_gpu_GiB"] - (peak["total"] + peak["gradients"]) / 1024) <= 0.01
+
+    for stage, gradient_ranks in ((1, 1), (2, 4)):  # ZeRO-1 shards Adam states, ZeRO-2 gradients too
+        ds = ["train.engine=deepspeed", f"train.deepspeed_config={REPO}/configs/deepspeed/zero{stage}.json"]
+        assert main([*args, *ds]) == 0
+        extra = json.loads(capsys.readouterr().out)["engine_extra_MiB"]
+        assert extra["zero_adam_states"] == round(8 * n["trainable"] / 4 / mib, 1)
+        assert extra["zero_reduced_gradients"] == round(4 * n["trainable"] / gradient_ranks / mib, 1)

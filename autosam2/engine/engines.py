@@ -1,8 +1,12 @@
 """Training engines behind one small interface, so the loop never branches on which one runs.
 
 `ddp`: torch DistributedDataParallel (gloo on CPU, NCCL on GPU), AdamW, our own clipping, accumulation
-and bf16 autocast. `deepspeed`: ZeRO (stage from the JSON config), its own bf16, accumulation and
-clipping. This is the only module that imports deepspeed.
+and bf16 autocast. `deepspeed`: ZeRO (stage from the JSON config), accumulation and clipping, and bf16
+through DeepSpeed's `torch_autocast`. This is the only module that imports deepspeed.
+
+bf16 is autocast in both engines, with fp32 weights: SAM2 mixes dtypes on purpose (its FPN neck and
+memory attention compute in fp32), so a model cast to bf16, as DeepSpeed's `bf16` mode does, fails
+in its first forward.
 """
 
 from __future__ import annotations
@@ -84,13 +88,20 @@ class Engine(ABC):
         return {n: p.detach().cpu().clone() for n, p in self.module.named_parameters() if p.requires_grad}
 
 
+def use_autocast(cfg: Config, info: DistInfo) -> bool:
+    """bf16 autocast where the config asks for it and the device is a GPU; CPU runs stay fp32."""
+    return info.device.type == "cuda" and cfg.train.precision == "bf16"
+
+
 class DDPEngine(Engine):
-    def __init__(self, model: AutoSAM2, cfg: Config, total_steps: int, info: DistInfo):
+    def __init__(
+        self, model: AutoSAM2, cfg: Config, total_steps: int, info: DistInfo, autocast: bool | None = None
+    ):
         self.module = model
         self.info = info
         self.grad_accum = cfg.optim.grad_accum
         self.grad_clip = cfg.optim.grad_clip
-        self.autocast = info.device.type == "cuda" and cfg.train.precision == "bf16"
+        self.autocast = use_autocast(cfg, info) if autocast is None else autocast
         self.wrapped: nn.Module = model
         if info.world_size > 1:
             # trainable memory modules sit unused when every frame is a conditioning frame
@@ -108,7 +119,7 @@ class DDPEngine(Engine):
         if self.wrapped is not self.module:
             # what DDP's no_sync() does, as a flag: gradients are all-reduced on the last micro-step only
             self.wrapped.require_backward_grad_sync = (self.micro + 1) % self.grad_accum == 0
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+        with torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             return ClipOutput(*self.wrapped(images_TBCHW, per_frame))
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -152,7 +163,9 @@ class DDPEngine(Engine):
 
 
 class DeepSpeedEngine(Engine):
-    def __init__(self, model: AutoSAM2, cfg: Config, total_steps: int, info: DistInfo):
+    def __init__(
+        self, model: AutoSAM2, cfg: Config, total_steps: int, info: DistInfo, autocast: bool | None = None
+    ):
         import deepspeed
 
         self.module = model
@@ -169,7 +182,15 @@ class DeepSpeedEngine(Engine):
             gradient_clipping=cfg.optim.grad_clip,
         )
         ds_config["train_batch_size"] = cfg.data.batch_size * cfg.optim.grad_accum * info.world_size
-        ds_config["bf16"] = {"enabled": info.device.type == "cuda" and cfg.train.precision == "bf16"}
+        autocast = use_autocast(cfg, info) if autocast is None else autocast
+        # fp32 weights and master copy, bf16 compute; Linear/Conv gradients are reduced in bf16
+        ds_config["torch_autocast"] = {"enabled": autocast, "dtype": "bfloat16"}
+        for key in ("bf16", "fp16"):
+            if ds_config.get(key, {}).get("enabled"):
+                raise ValueError(
+                    f"{path}: {key!r} casts SAM2 to {key}, which it does not run in; remove it and "
+                    "set train.precision=bf16 (autocast) instead"
+                )
         # torch's AdamW: no fused CUDA kernel to build; our parameter groups carry the decay rule
         ds_config["optimizer"] = {
             "type": "AdamW",
@@ -190,8 +211,6 @@ class DeepSpeedEngine(Engine):
         )
 
     def forward(self, images_TBCHW: torch.Tensor, per_frame: bool) -> ClipOutput:
-        if self.engine.bfloat16_enabled():
-            images_TBCHW = images_TBCHW.to(torch.bfloat16)
         return ClipOutput(*self.engine(images_TBCHW, per_frame))
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -235,7 +254,10 @@ def load_trainable(model: nn.Module, state: dict[str, torch.Tensor], source: Pat
     model.load_state_dict(state, strict=False)
 
 
-def build_engine(model: AutoSAM2, cfg: Config, total_steps: int, info: DistInfo) -> Engine:
+def build_engine(
+    model: AutoSAM2, cfg: Config, total_steps: int, info: DistInfo, autocast: bool | None = None
+) -> Engine:
+    """``autocast``: bf16 autocast on or off; default: as ``use_autocast`` decides."""
     if cfg.train.engine == "deepspeed":
-        return DeepSpeedEngine(model, cfg, total_steps, info)
-    return DDPEngine(model, cfg, total_steps, info)
+        return DeepSpeedEngine(model, cfg, total_steps, info, autocast)
+    return DDPEngine(model, cfg, total_steps, info, autocast)
