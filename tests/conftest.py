@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,9 @@ import pytest
 from autosam2.data.synthetic import SynthSpec, write_dataset
 
 TINY = SynthSpec(train_sequences=2, valid_sequences=1, frames=12, size=64, seed=3)
+
+# two local processes under torchrun (gloo on the CPU); append the module or script and its arguments
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
 
 @pytest.fixture(scope="session")

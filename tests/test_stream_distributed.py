@@ -2,11 +2,11 @@
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 from autosam2.data.synthetic import SynthSpec, write_dataset
 from shards.writer import build
+from tests.conftest import TORCHRUN_2
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,12 +18,7 @@ def test_two_ranks_split_evaluation_and_match_training_batches(tmp_path):
     out = tmp_path / "ranks.json"
     result = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
+            *TORCHRUN_2,
             str(REPO / "tests" / "dist_stream_job.py"),
             str(tmp_path / "shards"),
             str(out),

@@ -16,20 +16,10 @@ import torch
 
 from autosam2.config import ConfigError, load_config
 from autosam2.train import build_parser, config_from_args
-from tests.conftest import train_overrides
+from tests.conftest import TORCHRUN_2, train_overrides
 
 REPO = Path(__file__).resolve().parents[1]
-TORCHRUN = [
-    sys.executable,
-    "-m",
-    "torch.distributed.run",
-    "--standalone",
-    "--nproc-per-node",
-    "2",
-    "-m",
-    "autosam2.cli",
-    "train",
-]
+TORCHRUN = [*TORCHRUN_2, "-m", "autosam2.cli", "train"]
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
 
 
