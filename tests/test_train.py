@@ -19,6 +19,8 @@ from autosam2.train import build_parser, config_from_args
 from tests.conftest import TORCHRUN_2, train_overrides
 
 REPO = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "autosam2.cli"]
+TRAIN = [*CLI, "train"]  # one process
 TORCHRUN = [*TORCHRUN_2, "-m", "autosam2.cli", "train"]
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
 
@@ -97,7 +99,7 @@ def test_unknown_key_in_a_file_names_the_file(tmp_path):
 
 def test_cli_reports_config_errors_without_a_traceback(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "autosam2.cli", "train", "optim.nope=1"],
+        [*TRAIN, "optim.nope=1"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -154,9 +156,7 @@ def test_ddp_two_processes_train_checkpoint_log_and_evaluate(train_data, tmp_pat
     results = tmp_path / "results"
     evaluated = run(
         [
-            sys.executable,
-            "-m",
-            "autosam2.cli",
+            *CLI,
             "evaluate",
             "--weights",
             str(out / "final.pt"),
@@ -253,10 +253,7 @@ def test_training_logs_to_a_real_mlflow_server(train_data, tmp_path, mlflow_serv
     out = tmp_path / "served"
     run(
         [
-            sys.executable,
-            "-m",
-            "autosam2.cli",
-            "train",
+            *TRAIN,
             *train_overrides(
                 train_data,
                 out,
@@ -276,10 +273,7 @@ def test_training_goes_on_when_tracking_fails(train_data, tmp_path):
     start = time.monotonic()
     result = run(
         [
-            sys.executable,
-            "-m",
-            "autosam2.cli",
-            "train",
+            *TRAIN,
             *train_overrides(
                 train_data,
                 out,
