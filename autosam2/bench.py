@@ -400,6 +400,7 @@ def bench_memory(args: argparse.Namespace) -> dict[str, Any]:
     gradients, the reduce bucket) are added by formula, divided over ``--ranks`` as its stage says.
     """
     from autosam2.config import load_config
+    from autosam2.engine.engines import read_deepspeed_config
     from autosam2.losses import clip_losses
     from autosam2.model.sam2_builder import build_model
 
@@ -407,6 +408,11 @@ def bench_memory(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     t_len, batch, size = cfg.data.clip_len, cfg.data.batch_size, cfg.model.image_size
     deepspeed = cfg.train.engine == "deepspeed"
+    zero = (
+        read_deepspeed_config(Path(cfg.train.deepspeed_config)).get("zero_optimization", {})
+        if deepspeed
+        else {}
+    )
 
     torch.manual_seed(0)
     model = build_model(cfg.model.variant, size, None, cfg.model.multimask_output)
@@ -461,7 +467,6 @@ def bench_memory(args: argparse.Namespace) -> dict[str, Any]:
     extra: dict[str, float] = {}
     engine = "ddp"
     if deepspeed:
-        zero = json.loads(Path(cfg.train.deepspeed_config).read_text()).get("zero_optimization", {})
         stage = int(zero.get("stage", 0))
         engine = f"deepspeed ZeRO-{stage}"
         extra["zero_adam_states"] = 8 * n_trainable / (ranks if stage >= 1 else 1)

@@ -147,24 +147,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from autosam2.data.polyp_gen import DatasetError
     from autosam2.model.sam2_builder import CheckpointError
 
+    # bad input: one line naming the file and the problem, no traceback (ShardError is a DatasetError)
+    user_errors = (ConfigError, DatasetError, CheckpointError, FileExistsError, FileNotFoundError)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBPROGRAMS:  # commands with their own parser (the seed's flags)
         try:
             return importlib.import_module(SUBPROGRAMS[argv[0]]).main(argv[1:])
-        except (
-            ConfigError,
-            DatasetError,
-            CheckpointError,
-            FileExistsError,
-            FileNotFoundError,
-            ValueError,
-        ) as err:
+        except (*user_errors, ValueError) as err:
             print(f"autosam2 {argv[0]}: {err}", file=sys.stderr)
             return 1
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DatasetError, FileExistsError, FileNotFoundError) as err:  # ShardError is a DatasetError
+    except user_errors as err:
         print(f"autosam2 {args.command}: {err}", file=sys.stderr)
         return 1
 

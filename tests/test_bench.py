@@ -138,3 +138,19 @@ def test_bench_memory_reports_a_configs_training_step(capsys, tmp_path):
         extra = json.loads(capsys.readouterr().out)["engine_extra_MiB"]
         assert extra["zero_adam_states"] == round(8 * n["trainable"] / 4 / mib, 1)
         assert extra["zero_reduced_gradients"] == round(4 * n["trainable"] / gradient_ranks / mib, 1)
+
+
+def test_bench_memory_names_a_bad_config_file_in_one_line(capsys, tmp_path):
+    assert main(["bench", "memory", "--config", str(tmp_path / "nope.yaml")]) == 1
+    assert (
+        capsys.readouterr().err.strip() == f"autosam2 bench: {tmp_path / 'nope.yaml'}: config file not found"
+    )
+    broken = tmp_path / "zero.json"
+    broken.write_text("{ not json")
+    args = ["bench", "memory", "train.engine=deepspeed", f"train.deepspeed_config={broken}"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"autosam2 bench: {broken}: cannot read the DeepSpeed config")
+        and "Traceback" not in err
+    )

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from autosam2.config import Config, OptimConfig
+from autosam2.config import Config, ConfigError, OptimConfig
 from autosam2.engine.dist import DistInfo
 from autosam2.model.autosam2 import AutoSAM2, ClipOutput
 
@@ -86,6 +86,14 @@ class Engine(ABC):
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().cpu().clone() for n, p in self.module.named_parameters() if p.requires_grad}
+
+
+def read_deepspeed_config(path: Path) -> dict[str, Any]:
+    """The DeepSpeed JSON as a dict; one ConfigError naming the file when it cannot be read."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path}: cannot read the DeepSpeed config ({err})") from err
 
 
 def use_autocast(cfg: Config, info: DistInfo) -> bool:
@@ -171,10 +179,7 @@ class DeepSpeedEngine(Engine):
         self.module = model
         self.info = info
         path = Path(cfg.train.deepspeed_config)
-        try:
-            ds_config = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{path}: cannot read the DeepSpeed config ({err})") from err
+        ds_config = read_deepspeed_config(path)
         self.grad_accum = cfg.optim.grad_accum
         ds_config.update(
             train_micro_batch_size_per_gpu=cfg.data.batch_size,
@@ -187,7 +192,7 @@ class DeepSpeedEngine(Engine):
         ds_config["torch_autocast"] = {"enabled": autocast, "dtype": "bfloat16"}
         for key in ("bf16", "fp16"):
             if ds_config.get(key, {}).get("enabled"):
-                raise ValueError(
+                raise ConfigError(
                     f"{path}: {key!r} casts SAM2 to {key}, which it does not run in; remove it and "
                     "set train.precision=bf16 (autocast) instead"
                 )
