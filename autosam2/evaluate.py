@@ -22,34 +22,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from autosam2.data.polyp_gen import PolypGenDataset
-from autosam2.data.sample_format import MANIFEST
-from autosam2.data.stream import ClipStream, StreamConfig
+from autosam2.data.sources import read_sequences
 from autosam2.data.transforms import model_input
 from autosam2.data.video import VideoDatapoint
 from autosam2.metrics import MetricAccumulator
 from autosam2.model.autosam2 import AutoSAM2
-
-
-def is_shard_set(path: str | Path) -> bool:
-    return (Path(path) / MANIFEST).is_file()
-
-
-def read_sequences(
-    source: str | Path, split: str, rank: int, world_size: int, limit: int | None = None
-) -> Iterator[VideoDatapoint]:
-    """Whole sequences of a shard set (split by rank through the stream) or of a polyp_gen root."""
-    if is_shard_set(source):
-        stream = ClipStream(source, "eval", StreamConfig(image_size=None))
-        names = sorted(stream.manifest["sequences"])[:limit] if limit else None
-        for video in stream.sequences():
-            if names is None or video.video_id in names:
-                yield video
-        return
-    dataset = PolypGenDataset(source, split)
-    names = dataset.sequence_names[:limit] if limit else dataset.sequence_names
-    for name in names[rank::world_size]:
-        yield dataset.load_sequence(name)
 
 
 def predict(

@@ -152,3 +152,71 @@ def test_skip_policy_counts_the_unread_rest_of_a_truncated_shard(tiny_shards):
     stream = ClipStream(tiny_shards["valid"], "eval", StreamConfig(image_size=64, on_error="skip"))
     assert batches(stream) == []
     assert stream.skipped >= 2
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_workers_error_arrives_as_itself_in_one_line(tiny_shards, workers):
+    truncate(tiny_shards["train"] / SHARD, 0.55)
+    with pytest.raises(ShardError) as err:
+        batches(ClipStream(tiny_shards["train"], "train", CFG), workers=workers)
+    assert "\n" not in str(err.value) and "DataLoader worker" not in str(err.value)
+    assert str(err.value).startswith(str(tiny_shards["train"] / SHARD))
+
+
+UNREADABLE = {
+    "every shard unreadable": lambda path: path.write_bytes(b""),
+    "every record broken": lambda path: rewrite_tar(path, lambda n, d: b"{" if n.endswith(".json") else d),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(UNREADABLE))
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skip_policy_stops_when_every_sample_has_failed(tiny_shards, damage, workers):
+    for shard in tiny_shards["train"].glob("*.tar"):
+        UNREADABLE[damage](shard)
+    cfg = StreamConfig(**{**CFG.__dict__, "on_error": "skip", "batches_per_epoch": 1000})
+    stream = ClipStream(tiny_shards["train"], "train", cfg)
+    with pytest.raises(ShardError, match=r"all 6 samples failed to read since the last good clip") as err:
+        batches(stream, workers=workers)
+    assert f"first error: {tiny_shards['train'] / SHARD}" in str(err.value)
+
+
+def test_skip_policy_is_not_stopped_by_a_set_with_good_samples(tiny_shards):
+    """Five of six samples broken: every draw of the good one resets the count, so all batches come."""
+    rewrite_tar(
+        tiny_shards["train"] / SHARD,
+        lambda n, d: b"{" if n.endswith(".json") and not n.startswith("seq1__00000") else d,
+    )
+    cfg = StreamConfig(**{**CFG.__dict__, "on_error": "skip", "batches_per_epoch": 20})
+    stream = ClipStream(tiny_shards["train"], "train", cfg)
+    out = batches(stream, workers=2)
+    assert len(out) == 20 and {b.video_ids[0] for b in out} == {"seq1"}
+    assert stream.skipped > 0
+
+
+def test_no_sequence_long_enough_for_a_clip_is_refused(tmp_path):
+    from autosam2.data.synthetic import SynthSpec, write_dataset
+    from shards.writer import build
+
+    write_dataset(tmp_path / "pg", SynthSpec(train_sequences=2, valid_sequences=1, frames=3, size=32, seed=1))
+    build(tmp_path / "pg", "train", tmp_path / "shards", frames_per_sample=8)
+    with pytest.raises(ShardError, match="no sequence has clip_len 4 frames \\(the longest has 3\\)"):
+        ClipStream(tmp_path / "shards", "train", StreamConfig(clip_len=4))
+
+
+@pytest.mark.parametrize("source", ["shards", "folder"])
+def test_validation_reading_honours_the_error_policy(tiny_root, tiny_shards, capsys, source):
+    from autosam2.data.polyp_gen import DatasetError
+    from autosam2.data.sources import read_sequences
+
+    if source == "shards":
+        rewrite_tar(tiny_shards["train"] / SHARD, lambda n, d: b"junk" if n == "seq1__00001.f0000.jpg" else d)
+        path = tiny_shards["train"]
+    else:
+        truncate(tiny_root / "train" / "images" / "seq1" / "frame7.jpg")
+        path = tiny_root
+    with pytest.raises(DatasetError, match="seq1"):
+        list(read_sequences(path, "train", 0, 1))
+    kept = [v.video_id for v in read_sequences(path, "train", 0, 1, on_error="skip")]
+    assert kept == ["seq2"]
+    assert "warning: skipped" in capsys.readouterr().err

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from autosam2.data.polyp_gen import PolypGenDataset
-from autosam2.data.stream import worker_seed
+from autosam2.data.polyp_gen import DatasetError, PolypGenDataset
+from autosam2.data.stream import WorkerFailure, worker_seed
 from autosam2.data.transforms import AugmentConfig, resize_video, sample_augment
-from autosam2.data.video import VideoDatapoint
+from autosam2.data.video import ClipBatch, VideoDatapoint, collate_clips
 
 
 class FolderClips(torch.utils.data.Dataset):
@@ -42,8 +42,20 @@ class FolderClips(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> VideoDatapoint:
+    def __getitem__(self, index: int) -> VideoDatapoint | WorkerFailure:
         rng = np.random.default_rng(worker_seed(self.seed, self.epoch, index))
-        video = resize_video(self.dataset[index], self.image_size)
+        try:
+            video = self.dataset[index]
+        except DatasetError as err:
+            if torch.utils.data.get_worker_info() is None:
+                raise
+            return WorkerFailure(err)  # raised as itself in the main process (collate_or_failure)
+        video = resize_video(video, self.image_size)
         video.metadata["augment"] = sample_augment(rng, self.augment)
         return video
+
+
+def collate_or_failure(items: list[VideoDatapoint | WorkerFailure]) -> ClipBatch | WorkerFailure:
+    """collate_clips, passing a worker's failure on instead (see `raise_worker_failures`)."""
+    failed = next((item for item in items if isinstance(item, WorkerFailure)), None)
+    return failed or collate_clips(items)

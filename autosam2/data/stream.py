@@ -12,16 +12,23 @@ one-clip batch. The shard writer keeps each sequence inside one shard, so no seq
 
 Bad data: by default a truncated shard or a broken sample raises a ShardError naming the shard and the
 sample key. With ``on_error="skip"`` the sample (or the unread rest of a broken shard) is skipped and
-counted in ``skipped``, a counter shared with the loader workers, for logging.
+counted in ``skipped``, a counter shared with the loader workers, for logging; evaluation also warns
+for each. Skipping has a bound: once every sample of the set has failed since the last good clip, the
+training stream stops with a ShardError. In loader workers these errors reach the main process as
+themselves (one line), and workers never outlive their process, however it ends.
 """
 
 from __future__ import annotations
 
+import atexit
+import ctypes
 import multiprocessing
+import multiprocessing.util  # its exit hook is registered on import: ours must come after it
 import random
 import signal
+import sys
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +38,7 @@ import torch
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from autosam2.data.polyp_gen import DatasetError
 from autosam2.data.sample_format import ShardError, decode_sample, read_manifest, sample_record
 from autosam2.data.transforms import AugmentConfig, resize_video, sample_augment
 from autosam2.data.video import ClipBatch, VideoDatapoint, collate_clips
@@ -59,19 +67,21 @@ def worker_seed(*parts: int) -> int:
 
 def read_samples(
     urls: Iterator[dict[str, Any]],
-    expected: dict[str, int],
+    expected: dict[str, list[str]],
     on_error: OnError,
-    count_skip: Callable[[int], None],
+    on_skip: Callable[[list[str], str], None],
 ) -> Iterator[dict[str, Any]]:
     """Tar shards -> raw samples (dicts of member bytes), with the error policy for broken tars.
 
-    A tar cut at a header boundary reads like a shorter, sound one; the manifest's sample count
-    (`expected`, by url) tells the two apart.
+    `expected` lists each url's sample keys (from the manifest): a tar cut at a header boundary reads
+    like a shorter, sound one, and the keys tell the two apart. Skipped samples go to
+    ``on_skip(keys, message)``.
     """
     for source in urls:
         url = source["url"]
         seen = 0
         last = None
+        keys = expected.get(url, [])
         try:
             with open(url, "rb") as stream:
                 files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
@@ -79,13 +89,57 @@ def read_samples(
                     seen += 1
                     last = sample["__key__"]
                     yield sample
-            if seen < expected.get(url, 0):
-                raise tarfile.ReadError(f"it ends after {seen} of the manifest's {expected[url]} samples")
+            if seen < len(keys):
+                raise tarfile.ReadError(f"it ends after {seen} of the manifest's {len(keys)} samples")
         except (tarfile.TarError, OSError, EOFError, ValueError) as err:
             where = f"after sample {last}" if last else "before its first sample"
+            message = f"{url}: tar is truncated or corrupt {where} ({err})"
             if on_error == "raise":
-                raise ShardError(f"{url}: tar is truncated or corrupt {where} ({err})") from err
-            count_skip(max(1, expected.get(url, seen + 1) - seen))
+                raise ShardError(message) from err
+            on_skip(keys[seen:] or [f"{url}#{seen}"], message)
+
+
+class WorkerFailure:
+    """A loader worker's error, carried to the main process as an item: DataLoader would re-raise it
+    with the worker's traceback pasted into its message, where users want the one line."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def raise_worker_failures(items: Iterable[Any]) -> Iterator[Any]:
+    """Items of a loader, with a WorkerFailure raised as the error it carries."""
+    for item in items:
+        if isinstance(item, WorkerFailure):
+            raise item.error
+        yield item
+
+
+class _FailureWatch:
+    """`on_error=skip` must not spin: when every sample of the set has failed since the last good clip,
+    skipping cannot help, and the stream stops with the first and the last error."""
+
+    def __init__(self, shard_dir: Path, keys: set[str]):
+        self.shard_dir, self.keys = shard_dir, keys
+        self.failed: set[str] = set()
+        self.first: str | None = None
+
+    def failure(self, keys: list[str], message: str) -> None:
+        self.failed.update(keys)
+        self.first = self.first or message
+        if self.failed >= self.keys:
+            raise ShardError(
+                f"{self.shard_dir}: all {len(self.keys)} samples failed to read since the last good clip, so "
+                f"skipping them (data.on_error=skip) cannot go on; first error: {self.first}; last: {message}"
+            )
+
+    def unusable(self, key: str) -> None:
+        """A sound sample too short for a clip: no error, but no clip either."""
+        self.failed.add(key)
+
+    def success(self) -> None:
+        self.failed.clear()
+        self.first = None
 
 
 class ClipStream(torch.utils.data.IterableDataset):
@@ -111,23 +165,36 @@ class ClipStream(torch.utils.data.IterableDataset):
         self.mode = mode
         self.manifest = read_manifest(self.shard_dir)
         self.urls = [str(self.shard_dir / s["name"]) for s in self.manifest["shards"]]
-        self.expected = {str(self.shard_dir / s["name"]): len(s["samples"]) for s in self.manifest["shards"]}
-        if mode == "train" and self.manifest["frames_per_sample"] < self.config.clip_len:
-            raise ShardError(
-                f"{self.shard_dir}: samples hold {self.manifest['frames_per_sample']} frames, fewer than clip_len "
-                f"{self.config.clip_len}; rebuild the shards with --frames-per-sample >= {self.config.clip_len}"
-            )
+        self.expected = {str(self.shard_dir / s["name"]): list(s["samples"]) for s in self.manifest["shards"]}
+        if mode == "train":
+            self._check_clip_len()
         self.epoch = 0
         self._skipped = multiprocessing.Value("q", 0)
+
+    def _check_clip_len(self) -> None:
+        """Some sample must hold a whole clip, or training would draw samples forever and yield none."""
+        per_sample = self.manifest["frames_per_sample"]
+        clip_len = self.config.clip_len
+        if per_sample < clip_len:
+            raise ShardError(
+                f"{self.shard_dir}: samples hold {per_sample} frames, fewer than clip_len {clip_len}; "
+                f"rebuild the shards with --frames-per-sample >= {clip_len}"
+            )
+        longest = max((min(s["frames"], per_sample) for s in self.manifest["sequences"].values()), default=0)
+        if longest < clip_len:
+            raise ShardError(
+                f"{self.shard_dir}: no sequence has clip_len {clip_len} frames (the longest has {longest}); "
+                f"lower data.clip_len"
+            )
 
     @property
     def skipped(self) -> int:
         """Samples skipped for bad data so far, over all loader workers of this process."""
         return int(self._skipped.value)
 
-    def _count_skip(self, n: int) -> None:
+    def _count_skip(self, keys: list[str], message: str = "") -> None:
         with self._skipped.get_lock():
-            self._skipped.value += n
+            self._skipped.value += len(keys)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -140,10 +207,14 @@ class ClipStream(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[ClipBatch]:
         rank, world_size, worker, num_workers = wds.utils.pytorch_worker_info()
-        if self.mode == "train":
-            yield from self._train(rank, world_size, worker, num_workers)
-        else:
-            yield from self._eval()
+        items = self._train(rank, world_size, worker, num_workers) if self.mode == "train" else self._eval()
+        if torch.utils.data.get_worker_info() is None:
+            yield from items
+            return
+        try:
+            yield from items
+        except DatasetError as err:  # ShardError included
+            yield WorkerFailure(err)
 
     # training ---------------------------------------------------------------------------------------
     def _train(self, rank: int, world_size: int, worker: int, num_workers: int) -> Iterator[ClipBatch]:
@@ -154,33 +225,47 @@ class ClipStream(torch.utils.data.IterableDataset):
         mine = total // num_workers + (1 if worker < total % num_workers else 0)
         if mine == 0:
             return  # with_epoch(0) would mean "no limit"
+        watch = _FailureWatch(self.shard_dir, {k for keys in self.expected.values() for k in keys})
+
+        def skip(keys: list[str], message: str) -> None:
+            self._count_skip(keys)
+            watch.failure(keys, message)
+
         pipeline = wds.DataPipeline(
             wds.ResampledShards(self.urls, seed=seed, worker_seed=lambda: 0, deterministic=True),
-            lambda src: read_samples(src, self.expected, cfg.on_error, self._count_skip),
+            lambda src: read_samples(src, self.expected, cfg.on_error, skip),
             wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=random.Random(seed)),
-            lambda src: self._clips(src, rng),
+            lambda src: self._clips(src, rng, skip, watch),
             wds.batched(cfg.batch_size, collation_fn=collate_clips, partial=False),
         ).with_epoch(mine)
         yield from pipeline
 
-    def _skip_or_raise(self, err: ShardError) -> None:
+    def _skip_or_raise(self, sample: dict[str, Any], err: ShardError, skip: Callable[[list[str], str], None]):
         if self.config.on_error == "raise":
             raise err
-        self._count_skip(1)
+        skip([str(sample.get("__key__"))], str(err))
 
-    def _clips(self, samples: Iterator[dict[str, Any]], rng: np.random.Generator) -> Iterator[VideoDatapoint]:
+    def _clips(
+        self,
+        samples: Iterator[dict[str, Any]],
+        rng: np.random.Generator,
+        skip: Callable[[list[str], str], None],
+        watch: _FailureWatch,
+    ) -> Iterator[VideoDatapoint]:
         """Raw chunk -> random window of T frames, decoded, resized, with its augmentation drawn."""
         cfg = self.config
         for sample in samples:
             try:
                 length = len(sample_record(sample).frames)
                 if length < cfg.clip_len:
+                    watch.unusable(sample["__key__"])
                     continue  # the short last chunk of a sequence cannot hold a window
                 start = int(rng.integers(0, length - cfg.clip_len + 1))
                 video = decode_sample(sample, slice(start, start + cfg.clip_len))
             except ShardError as err:
-                self._skip_or_raise(err)
+                self._skip_or_raise(sample, err, skip)
                 continue
+            watch.success()
             video = resize_video(video, cfg.image_size)
             video.metadata["augment"] = sample_augment(rng, cfg.augment)
             yield video
@@ -198,10 +283,19 @@ class ClipStream(torch.utils.data.IterableDataset):
             wds.SimpleShardList(self.urls),
             wds.split_by_node,
             wds.split_by_worker,
-            lambda src: read_samples(src, self.expected, self.config.on_error, self._count_skip),
+            lambda src: read_samples(src, self.expected, self.config.on_error, self._skip_warning),
             self._sequences,
         )
         yield from pipeline
+
+    def _skip_warning(self, keys: list[str], message: str) -> None:
+        """Evaluation skips are few and change what is measured: each one is said, and counted."""
+        self._count_skip(keys)
+        print(
+            f"warning: skipped {len(keys)} sample(s) (data.on_error=skip): {message}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def _sequences(self, samples: Iterator[dict[str, Any]]) -> Iterator[VideoDatapoint]:
         """Join consecutive chunks back into whole sequences; an incomplete sequence is an error."""
@@ -216,7 +310,8 @@ class ClipStream(torch.utils.data.IterableDataset):
                 message = f"{first.metadata['url']}: sequence {first.video_id} has chunks {chunks} of {first.metadata['num_chunks']}"
                 if self.config.on_error == "raise":
                     raise ShardError(message)
-                self._count_skip(len(chunks))  # the chunks that did arrive are dropped with their sequence
+                # the chunks that did arrive are dropped with their sequence
+                self._skip_warning([p.metadata["key"] for p in parts], message)
                 return
             frames = [f for p in parts for f in p.frames]
             yield VideoDatapoint(first.video_id, frames, first.size, {**first.metadata, "chunk": None})
@@ -225,7 +320,7 @@ class ClipStream(torch.utils.data.IterableDataset):
             try:
                 video = decode_sample(sample)
             except ShardError as err:
-                self._skip_or_raise(err)
+                self._skip_or_raise(sample, err, self._skip_warning)
                 continue
             if parts and video.video_id != parts[0].video_id:
                 yield from finish()
@@ -236,16 +331,42 @@ class ClipStream(torch.utils.data.IterableDataset):
 
 def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader worker_init_fn: SLURM signals every process of a job step; workers leave the stop
-    decision (checkpoint at the next step) to their main process instead of dying under it."""
+    decision (checkpoint at the next step) to their main process instead of dying under it. They die
+    with it instead: the kernel kills a worker when its rank exits, however it exits (kill -9 too)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    _die_with_parent()
 
 
-def make_loader(
-    stream: ClipStream, num_workers: int = 2, pin_memory: bool = False
-) -> torch.utils.data.DataLoader:
-    """A DataLoader over the stream: batching happens inside the stream, so batch_size=None."""
-    return torch.utils.data.DataLoader(
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the loader's own watchdog still ends orphaned workers
+        pass
+
+
+def _kill_loader_workers() -> None:
+    """At interpreter exit, after an error too: loader workers ignore SIGTERM, so multiprocessing's exit
+    hook (terminate every daemonic child, then join it) would wait on them forever. This hook is
+    registered after that one, so it runs first and does the same with SIGKILL."""
+    # the loader's SIGCHLD handler would raise "worker killed" in the middle of this, one worker in
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    for child in workers:
+        child.kill()
+    for child in workers:
+        child.join(timeout=5)
+
+
+_PR_SET_PDEATHSIG = 1
+atexit.register(_kill_loader_workers)
+
+
+def make_loader(stream: ClipStream, num_workers: int = 2, pin_memory: bool = False) -> Iterable[ClipBatch]:
+    """A DataLoader over the stream (batching happens inside the stream, so batch_size=None); a worker's
+    data error is raised in the main process as itself, one line, not as DataLoader's traceback text."""
+    loader = torch.utils.data.DataLoader(
         stream,
         batch_size=None,
         num_workers=num_workers,
@@ -256,3 +377,12 @@ def make_loader(
         generator=torch.Generator().manual_seed(stream.config.seed),
         worker_init_fn=ignore_stop_signals,
     )
+    return _Loader(loader)
+
+
+class _Loader:
+    def __init__(self, loader: torch.utils.data.DataLoader):
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[ClipBatch]:
+        return raise_worker_failures(self.loader)
