@@ -95,7 +95,9 @@ def write_shard(job: ShardJob, folder: Path) -> dict[str, Any]:
             for chunk in range(chunks):
                 start = chunk * job.frames_per_sample
                 files = list(seq.frames[start : start + job.frames_per_sample])
-                sample = encode_sample(seq.name, job.split, chunk, chunks, start, files, size, n)
+                sample = encode_sample(
+                    seq.name, job.split, chunk, chunks, start, files, size, n, seq.frames[0].image.name
+                )
                 writer.write(sample)
                 samples.append(sample["__key__"])
                 frames += len(files)

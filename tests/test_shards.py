@@ -168,3 +168,100 @@ def test_module_command_end_to_end(tiny_root_pristine, tmp_path):
         [sys.executable, "-m", "shards", "verify", str(out)], cwd=REPO, capture_output=True, text=True
     )
     assert checked.returncode == 0 and checked.stdout.strip() == f"{out}: ok"
+
+
+# validate and build agree -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", __import__("tests.test_validate", fromlist=["CASES"]).CASES)
+def test_build_refuses_whatever_validate_rejects_and_writes_nothing(tiny_root, tmp_path, capsys, case):
+    from tests.test_validate import _damage
+
+    expected = _damage(tiny_root, case)
+    split = "valid" if expected.startswith("valid") else "train"
+    out = tmp_path / "out"
+    assert main(["build", str(tiny_root), "--split", split, "--out", str(out)]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and str(tiny_root) in error[0], error
+    assert expected.split(":")[0] in error[0]
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def _rename_sequence(root: Path, old: str, new: str) -> None:
+    for kind in ("images", "masks"):
+        (root / "train" / kind / old).rename(root / "train" / kind / new)
+    lst = root / "train" / "train_list.txt"
+    lst.write_text(lst.read_text().replace(old, new))
+
+
+def test_sequence_names_with_dots_round_trip_through_the_shards(tiny_root, tmp_path, capsys):
+    from autosam2.cli import main as cli
+    from autosam2.data.stream import ClipStream
+    from shards.verify import verify
+
+    _rename_sequence(tiny_root, "seq1", "seq.1")
+    _rename_sequence(tiny_root, "seq2", "100%.v2")
+    assert cli(["validate", str(tiny_root), "--split", "train"]) == 0
+    build(tiny_root, "train", tmp_path / "s", frames_per_sample=5)
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert sorted(manifest["sequences"]) == ["100%.v2", "seq.1"]
+    assert "seq%2E1__00000" in manifest["shards"][0]["samples"]
+    assert "100%25%2Ev2__00002" in manifest["shards"][0]["samples"]
+    names = [video.video_id for video in ClipStream(tmp_path / "s", "eval").sequences()]
+    assert names == ["seq.1", "100%.v2"]
+    assert verify(tmp_path / "s") == []
+
+
+def _png16(path: Path, values: np.ndarray) -> None:
+    Image.fromarray(values.astype(np.uint16)).save(path)
+    assert Image.open(path).mode.startswith("I;16")
+
+
+def test_a_16bit_mask_and_a_cmyk_frame_read_the_same_everywhere(tiny_root, tmp_path):
+    """Pixel values, not just "no error": the folder reader, validate, the shards and the stream agree."""
+    from autosam2.data.polyp_gen import PolypGenDataset, validate_split
+    from autosam2.data.stream import ClipStream, StreamConfig
+
+    frames = tiny_root / "train" / "images" / "seq1"
+    masks = tiny_root / "train" / "masks" / "seq1"
+    wide = np.zeros((64, 64), np.uint16)
+    wide[10:20, 10:20] = 65535  # polyp
+    wide[30:40, 30:40] = 40000  # 61 % grey: polyp
+    wide[50:60, 50:60] = 1000  # 1.5 % grey: background, though above 128 if read as 8-bit
+    (masks / "frame1.jpg").unlink()
+    _png16(masks / "frame1.png", wide)
+    expected_mask = wide >= 32768
+    Image.new("CMYK", (64, 64), (0, 255, 255, 0)).save(frames / "frame2.jpg", quality=100)  # red
+
+    report = validate_split(tiny_root, "train")
+    assert report.problems == []
+    folder = PolypGenDataset(tiny_root, "train")
+    assert np.array_equal(folder.load_frame("seq1", 0).object_mask().numpy(), expected_mask)
+    red = folder.load_frame("seq1", 1).image_CHW
+    assert red.shape == (3, 64, 64) and red[0].min() >= 250 and red[1:].max() <= 5
+    build(tiny_root, "train", tmp_path / "s", frames_per_sample=5)
+    video = next(
+        v for v in ClipStream(tmp_path / "s", "eval", StreamConfig()).sequences() if v.video_id == "seq1"
+    )
+    assert np.array_equal(video.frames[0].object_mask().numpy(), expected_mask)
+    assert torch_equal(video.frames[1].image_CHW, red)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def test_a_16bit_label_map_is_rejected_by_both(tiny_root, tmp_path, capsys):
+    from autosam2.cli import main as cli
+
+    masks = tiny_root / "train" / "masks" / "seq2"
+    (masks / "frame3.jpg").unlink()
+    labels = np.zeros((64, 64), np.uint16)
+    labels[5:9, 5:9] = 1
+    _png16(masks / "frame3.png", labels)
+    assert cli(["validate", str(tiny_root), "--split", "train"]) == 1
+    assert "frame3.png: mask values are all below 128" in capsys.readouterr().out
+    with pytest.raises(DatasetError, match=r"seq2/frame3\.png: mask values are all below 128"):
+        build(tiny_root, "train", tmp_path / "s")

@@ -66,8 +66,23 @@ def natural_key(name: str) -> list[int | str]:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
 
 
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I")  # 16-bit greyscale (PNG has no wider integer mode)
+DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError)
+
+
+def grey_values(im: Image.Image) -> np.ndarray:
+    """uint8 ``[H,W]`` grey values; a 16-bit image is scaled from its full range (65535 -> 255), not
+    clipped at 255, so its soft edges read as what they are. Rounded up: a non-zero value stays
+    non-zero, so a 16-bit 0/1 label map is still told from an empty mask."""
+    if im.mode in WIDE_MODES:
+        wide = np.asarray(im).astype(np.int64)
+        return ((np.clip(wide, 0, 65535) * 255 + 65534) // 65535).astype(np.uint8)
+    return np.asarray(im.convert("L"))
+
+
 def decode_image(data: bytes, source: str | Path) -> torch.Tensor:
-    """Decode image bytes to uint8 ``[3,H,W]`` RGB (grayscale, palette and RGBA are converted).
+    """Decode image bytes to uint8 ``[3,H,W]`` RGB (grayscale, 16-bit, palette, RGBA and CMYK are
+    converted).
 
     The result is a channel-first view of the decoded HWC array: stacking frames makes it contiguous,
     so no channel-first copy is paid here.
@@ -75,30 +90,46 @@ def decode_image(data: bytes, source: str | Path) -> torch.Tensor:
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            rgb = np.array(im if im.mode == "RGB" else im.convert("RGB"))
-    except (OSError, UnidentifiedImageError, SyntaxError) as err:
+            if im.mode in WIDE_MODES:
+                rgb = np.repeat(grey_values(im)[..., None], 3, axis=2)
+            else:
+                rgb = np.array(im if im.mode == "RGB" else im.convert("RGB"))
+    except DECODE_ERRORS as err:
         raise DatasetError(f"{source}: cannot decode image ({err})") from err
     return torch.from_numpy(rgb).permute(2, 0, 1)
 
 
+def check_image(data: bytes, source: str | Path) -> tuple[int, int]:
+    """(H, W) of an image whose whole stream decodes; a JPEG is decoded at 1/8 scale (every byte is
+    read, so a cut file shows, but few pixels are made). DatasetError otherwise."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+            if im.format == "JPEG":
+                im.draft(im.mode, (max(1, width // 8), max(1, height // 8)))
+            im.load()
+    except DECODE_ERRORS as err:
+        raise DatasetError(f"{source}: cannot decode image ({err})") from err
+    return height, width
+
+
 def decode_mask(data: bytes, source: str | Path) -> torch.Tensor:
-    """Decode mask bytes to bool ``[H,W]``: grey value >= MASK_THRESHOLD is polyp."""
+    """Decode mask bytes to bool ``[H,W]``: grey value >= MASK_THRESHOLD (of 255) is polyp."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.mode == "1":  # our shards' 1-bit PNG: no grey levels to threshold
                 return torch.from_numpy(np.array(im, dtype=bool))
-            values = np.asarray(im.convert("L"))
-    except (OSError, UnidentifiedImageError, SyntaxError) as err:
+    except DECODE_ERRORS as err:
         raise DatasetError(f"{source}: cannot decode mask ({err})") from err
-    return torch.from_numpy(values >= MASK_THRESHOLD)
+    return torch.from_numpy(mask_values(data, source) >= MASK_THRESHOLD)
 
 
 def mask_values(data: bytes, source: str | Path) -> np.ndarray:
-    """Grey values ``[H,W]`` of a mask file, for validation."""
+    """Grey values ``[H,W]`` (uint8) of a mask file."""
     try:
         with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im.convert("L"))
-    except (OSError, UnidentifiedImageError, SyntaxError) as err:
+            return grey_values(im)
+    except DECODE_ERRORS as err:
         raise DatasetError(f"{source}: cannot decode mask ({err})") from err
 
 
@@ -107,7 +138,7 @@ def image_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
             width, height = im.size
-    except (OSError, UnidentifiedImageError, SyntaxError) as err:
+    except DECODE_ERRORS as err:
         raise DatasetError(f"{path}: cannot read image header ({err})") from err
     return height, width
 
@@ -201,39 +232,72 @@ class SplitReport:
     problems: list[Problem] = field(default_factory=list)
 
 
-def _check_frame(frame: FrameFiles) -> tuple[list[Problem], tuple[int, int] | None, bool, bool]:
-    """Decode one frame and its mask fully; return problems, image size, mask empty, mask had soft values."""
-    problems = []
-    size = None
-    empty = soft = False
+@dataclass
+class FrameCheck:
+    """One frame as every reader will see it: its problems, its size, its binarised mask and bytes."""
+
+    problems: list[Problem]
+    size: tuple[int, int] | None = None  # (H, W) of the image
+    empty: bool = False  # the mask was read and holds no polyp
+    soft: bool = False  # grey values between 0 and 255 (JPEG noise)
+    image_bytes: bytes = b""  # with keep_data only
+    mask_HW: np.ndarray | None = None  # bool; with keep_data only
+
+
+def check_frame(frame: FrameFiles, keep_data: bool = False) -> FrameCheck:
+    """Read one frame and its mask the way training and the shard writer do, and list every problem:
+    undecodable files, a mask whose size is not its frame's, a 0/1 label map (it would read as empty).
+    `validate` and `shards build` share this, so build never writes what validate rejects."""
+    check = FrameCheck([])
     try:
-        image = decode_image(frame.image.read_bytes(), frame.image)
-        size = tuple(image.shape[-2:])
-    except DatasetError as err:
-        problems.append(Problem(frame.image, str(err).split(": ", 1)[1]))
+        check.image_bytes = frame.image.read_bytes()
+        check.size = check_image(check.image_bytes, frame.image)
+    except (DatasetError, OSError) as err:
+        check.problems.append(Problem(frame.image, _reason(err)))
     try:
         values = mask_values(frame.mask.read_bytes(), frame.mask)
-    except DatasetError as err:
-        problems.append(Problem(frame.mask, str(err).split(": ", 1)[1]))
-        return problems, size, empty, soft
-    if size is not None and values.shape != size:
-        problems.append(
+    except (DatasetError, OSError) as err:
+        check.problems.append(Problem(frame.mask, _reason(err)))
+        return check
+    if check.size is not None and values.shape != check.size:
+        check.problems.append(
             Problem(
                 frame.mask,
-                f"mask is {values.shape[1]}x{values.shape[0]}, its frame is {size[1]}x{size[0]} (WxH)",
+                f"mask is {values.shape[1]}x{values.shape[0]}, its frame is {check.size[1]}x{check.size[0]} (WxH)",
             )
         )
     peak = int(values.max())
     if 0 < peak < MASK_THRESHOLD:
-        problems.append(
+        check.problems.append(
             Problem(
                 frame.mask,
                 f"mask values are all below {MASK_THRESHOLD} (max {peak}): a 0/1 label map? masks must be 0/255",
             )
         )
-    empty = peak < MASK_THRESHOLD
-    soft = bool(((values > 0) & (values < 255)).any())
-    return problems, size, empty, soft
+    mask_HW = values >= MASK_THRESHOLD
+    check.empty = not mask_HW.any()
+    check.soft = bool(((values > 0) & (values < 255)).any())
+    if keep_data:
+        check.mask_HW = mask_HW
+    else:
+        check.image_bytes = b""
+    return check
+
+
+def _reason(err: Exception) -> str:
+    """The message of a DatasetError without its leading path (the Problem names the file)."""
+    text = str(err)
+    return text.split(": ", 1)[1] if isinstance(err, DatasetError) and ": " in text else text
+
+
+def size_problem(
+    frame: FrameFiles, size: tuple[int, int], first: tuple[int, int], first_name: str
+) -> Problem:
+    """A frame whose size differs from its sequence's first frame."""
+    return Problem(
+        frame.image,
+        f"frame is {size[1]}x{size[0]}, the sequence started at {first[1]}x{first[0]} ({first_name})",
+    )
 
 
 def validate_split(root: str | Path, split: str, progress: bool = False, workers: int = 4) -> SplitReport:
@@ -242,28 +306,22 @@ def validate_split(root: str | Path, split: str, progress: bool = False, workers
     report = SplitReport(split=split, sequences=len(sequences), problems=problems)
     frames = [(seq, frame) for seq in sequences for frame in seq.frames]
     report.frames = len(frames)
-    sequence_size: dict[str, tuple[tuple[int, int], Path]] = {}
+    sequence_size: dict[str, tuple[tuple[int, int], str]] = {}
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results: Iterable = pool.map(lambda sf: _check_frame(sf[1]), frames)
+        results: Iterable = pool.map(lambda sf: check_frame(sf[1]), frames)
         if progress:
             from tqdm import tqdm
 
             results = tqdm(results, total=len(frames), desc=f"validate {split}", unit="frame", leave=False)
-        for (seq, frame), (frame_problems, size, empty, soft) in zip(frames, results, strict=True):
-            report.problems += frame_problems
-            report.empty_frames += empty
-            report.soft_masks += soft
-            if size is None:
+        for (seq, frame), check in zip(frames, results, strict=True):
+            report.problems += check.problems
+            report.empty_frames += check.empty
+            report.soft_masks += check.soft
+            if check.size is None:
                 continue
-            first = sequence_size.setdefault(seq.name, (size, frame.image))
-            if first[0] != size:
-                report.problems.append(
-                    Problem(
-                        frame.image,
-                        f"frame is {size[1]}x{size[0]}, the sequence started at "
-                        f"{first[0][1]}x{first[0][0]} ({first[1].name})",
-                    )
-                )
+            first = sequence_size.setdefault(seq.name, (check.size, frame.image.name))
+            if first[0] != check.size:
+                report.problems.append(size_problem(frame, check.size, *first))
     return report
 
 

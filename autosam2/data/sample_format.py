@@ -17,7 +17,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from autosam2.data.polyp_gen import DatasetError, FrameFiles, decode_image, decode_mask
+from autosam2.data.polyp_gen import (
+    DatasetError,
+    FrameFiles,
+    Problem,
+    check_frame,
+    decode_image,
+    decode_mask,
+    size_problem,
+)
 from autosam2.data.video import POLYP_ID, Frame, Object, VideoDatapoint
 
 FORMAT = "autosam2-polyp-shards"
@@ -31,10 +39,10 @@ class ShardError(DatasetError):
 
 
 def sample_key(sequence: str, chunk: int) -> str:
-    # webdataset splits a member name at its first dot: the key must not contain one
-    if "." in sequence or "/" in sequence:
-        raise ValueError(f"sequence name {sequence!r} contains '.' or '/', which a shard key cannot hold")
-    return f"{sequence}{KEY_SEPARATOR}{chunk:05d}"
+    """``<sequence>__<chunk>``, the sequence name escaped: webdataset ends a key at its first '.' and
+    reads '/' as a folder, so '%', '.' and '/' become %25, %2E and %2F (the record keeps the name)."""
+    escaped = sequence.replace("%", "%25").replace(".", "%2E").replace("/", "%2F")
+    return f"{escaped}{KEY_SEPARATOR}{chunk:05d}"
 
 
 def frame_member(i: int, suffix: str) -> str:
@@ -89,21 +97,28 @@ def encode_sample(
     files: list[FrameFiles],
     size: tuple[int, int],
     sequence_frames: int,
+    first_frame: str = "",
 ) -> dict[str, Any]:
-    """Build the webdataset sample dict for one chunk; masks are binarised and stored as PNG."""
+    """Build the webdataset sample dict for one chunk; every frame passes `validate`'s checks first
+    (one DatasetError naming the first problem), masks are binarised and stored as PNG."""
     sample: dict[str, Any] = {"__key__": sample_key(sequence, chunk)}
     frame_members, mask_members = [], []
+    problems: list[Problem] = []
     for i, frame in enumerate(files):
+        check = check_frame(frame, keep_data=True)
+        problems += check.problems
+        if check.size is not None and check.size != tuple(size):
+            problems.append(size_problem(frame, check.size, tuple(size), first_frame or "its first frame"))
+        if problems:
+            continue
         fm, mm = frame_member(i, frame.image.suffix), mask_member(i)
-        sample[fm] = frame.image.read_bytes()
-        mask = decode_mask(frame.mask.read_bytes(), frame.mask)
-        if tuple(mask.shape) != tuple(size):
-            raise DatasetError(
-                f"{frame.mask}: mask is {mask.shape[1]}x{mask.shape[0]}, the sequence is {size[1]}x{size[0]} (WxH)"
-            )
-        sample[mm] = encode_mask_png(mask)
+        sample[fm] = check.image_bytes
+        sample[mm] = encode_mask_png(torch.from_numpy(check.mask_HW))
         frame_members.append(fm)
         mask_members.append(mm)
+    if problems:
+        more = f" (and {len(problems) - 1} more in sequence {sequence!r})" if len(problems) > 1 else ""
+        raise DatasetError(f"{problems[0]}{more}; `autosam2 validate` lists every problem")
     record = SampleRecord(
         sequence=sequence,
         split=split,
