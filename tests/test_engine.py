@@ -15,6 +15,7 @@ from autosam2.engine.checkpoint import Checkpointer, StopSignal
 from autosam2.engine.dist import DistInfo, map_slurm_env
 from autosam2.engine.engines import DDPEngine, lr_lambda, param_groups
 from autosam2.engine.trainer import LoopState, Trainer, TrainingAborted
+from autosam2.errors import CheckpointError
 
 INFO = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -172,7 +173,7 @@ def test_checkpoints_are_complete_or_absent_and_resolve(tmp_path):
     assert checkpointer.resolve("none") is None
     (tmp_path / "checkpoints" / "step_00000004.tmp").mkdir()  # a save cut short is never picked
     assert checkpointer.latest().name == "step_00000003"
-    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+    with pytest.raises(CheckpointError, match="not a checkpoint folder"):
         checkpointer.resolve(str(tmp_path))
     with torch.no_grad():
         model.conv.weight.add_(1.0)

@@ -3,16 +3,23 @@
 A checkpoint is ``OUT/checkpoints/step_XXXXXXXX/`` holding the engine's state (model, optimizer,
 scheduler), ``state.json`` (step, epoch, position in the data stream, counters) and one RNG file per
 rank. It is written under a ``.tmp`` name and renamed by rank 0 once every rank is done; ``latest``
-names the newest complete one. SIGUSR2 / SIGTERM only set a flag: the loop checkpoints at the next step
-boundary and exits cleanly.
+names the newest one. A write that fails (a full disk) fails on every rank with one error and leaves
+the earlier checkpoints as they were. Resuming takes the checkpoint ``latest`` names if it is complete,
+else the newest complete one, with a warning naming what was skipped; pruning never removes the last
+complete checkpoint nor the one resumed from. SIGUSR2 / SIGTERM only set a flag: the loop checkpoints
+at the next step boundary and exits cleanly.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import signal
+import sys
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +27,8 @@ import numpy as np
 import torch
 
 from autosam2.atomic import atomic_write_json, atomic_write_text
-from autosam2.engine.dist import DistInfo, all_reduce, barrier, broadcast_object
+from autosam2.engine.dist import DistInfo, all_reduce, broadcast_object, gather_objects
+from autosam2.errors import CheckpointError, write_failure
 
 WEIGHTS_FORMAT = "autosam2-weights"
 
@@ -45,72 +53,231 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class Checkpointer:
+    """Writes, prunes, chooses and reads the step folders of one output directory (every rank calls
+    `save` and `load`; rank 0 alone calls `resolve`)."""
+
     def __init__(self, output_dir: str | Path, info: DistInfo, keep: int = 2):
         self.root = Path(output_dir) / "checkpoints"
         self.info = info
-        self.keep = keep
+        self.keep = max(1, keep)
+        self.protected: Path | None = None  # the folder this run resumed from: never pruned
 
+    # writing ---------------------------------------------------------------------------------------
     def save(self, engine, state: dict[str, Any]) -> Path:
-        """Every rank calls this; returns the final folder."""
+        """Every rank calls this; returns the final folder. A write that fails on any rank (a full disk)
+        fails the save on every rank with one CheckpointError; the partial folder is removed and the
+        previous checkpoints are untouched."""
         final = self.root / f"step_{state['step']:08d}"
         tmp = final.with_name(final.name + ".tmp")
         if self.info.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        barrier()
-        engine.save(tmp)
-        # python's pickle of numpy/random state is not weights_only-loadable: keep it out of torch.load
-        torch.save(
-            {k: v for k, v in rng_state().items() if k in ("torch", "cuda")},
-            tmp / f"rng_rank{self.info.rank}.pt",
-        )
-        (tmp / f"rng_rank{self.info.rank}.json").write_text(json.dumps(_py_rng()))
+            self._agree(final, tmp, _attempt(lambda: _fresh_folder(tmp), tmp))
+        else:
+            self._agree(final, tmp, None)
+        self._agree(final, tmp, _attempt(lambda: self._write(engine, tmp, state), tmp))
         if self.info.is_main:
-            atomic_write_json(tmp / "state.json", state)
-        barrier()
-        if self.info.is_main:
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-            atomic_write_text(self.root / "latest", final.name + "\n")
-            for old in sorted(
-                p for p in self.root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
-            )[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        barrier()
+            self._agree(final, tmp, _attempt(lambda: self._commit(tmp, final), self.root / "latest"))
+        else:
+            self._agree(final, tmp, None)
         return final
 
+    def _write(self, engine, tmp: Path, state: dict[str, Any]) -> None:
+        engine.save(tmp)
+        # python's pickle of numpy/random state is not weights_only-loadable: keep it out of torch.load
+        rng = {k: v for k, v in rng_state().items() if k in ("torch", "cuda")}
+        with open(tmp / f"rng_rank{self.info.rank}.pt", "wb") as f:  # a file object: a full disk says so
+            torch.save(rng, f)
+        (tmp / f"rng_rank{self.info.rank}.json").write_text(json.dumps(_py_rng()))
+        if self.info.is_main:
+            atomic_write_json(tmp / STATE_FILE, state)
+
+    def _commit(self, tmp: Path, final: Path) -> None:
+        """Rename into place. A folder of the same step is moved aside first (and found by `resolve`
+        under its `.old` name if the process dies in between): there is always a complete checkpoint."""
+        displaced = final.with_name(final.name + ".old") if final.exists() else None
+        if displaced is not None:
+            shutil.rmtree(displaced, ignore_errors=True)
+            final.rename(displaced)
+        tmp.rename(final)
+        atomic_write_text(self.root / "latest", final.name + "\n")
+        if displaced is not None:
+            shutil.rmtree(displaced, ignore_errors=True)
+        self._prune(final)
+
+    def _prune(self, newest: Path) -> None:
+        """Keep `keep` complete checkpoints up to `newest` and the one resumed from. Folders of higher
+        steps belong to another timeline (a run resumed from an older checkpoint) and are left alone."""
+        limit = _step_of(newest)
+        kept = 1
+        for folder in self.folders():
+            if folder == newest or folder == self.protected or _step_of(folder) > limit:
+                continue
+            if kept < self.keep and self.check(folder) is None:
+                kept += 1
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _agree(self, final: Path, tmp: Path, error: str | None) -> None:
+        """A barrier that carries failures: every rank raises the first rank's error."""
+        errors = [e for e in gather_objects(error) if e]
+        if not errors:
+            return
+        if self.info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        intact = next((f for f in self.folders() if f != final and self.check(f) is None), None)
+        kept = f"{intact.name} is intact" if intact else "no earlier checkpoint exists"
+        raise CheckpointError(f"{errors[0]} writing checkpoint {final.name} (partial folder removed); {kept}")
+
+    # choosing --------------------------------------------------------------------------------------
+    def folders(self) -> list[Path]:
+        """Step folders, newest first (a `.old` one after the folder of its step); `.tmp` ones never."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if _FOLDER.match(p.name) and p.is_dir()]
+        return sorted(found, key=lambda p: (_step_of(p), not p.name.endswith(".old")), reverse=True)
+
+    @staticmethod
+    def check(folder: Path) -> str | None:
+        """Why `folder` is not a complete checkpoint, or None. Reads headers only: the JSON files, and
+        the end of every torch file (a zip whose directory sits at its end, so a cut file shows)."""
+        if not folder.is_dir():
+            return "does not exist"
+        state = folder / STATE_FILE
+        if not state.is_file():
+            return f"{STATE_FILE} is missing (the save did not finish)"
+        try:
+            if not isinstance(json.loads(state.read_text()).get("step"), int):
+                return f"{STATE_FILE} has no step"
+        except (OSError, ValueError, AttributeError) as err:
+            return f"{STATE_FILE} is unreadable ({err})"
+        if not (folder / "engine.pt").is_file() and not (folder / "deepspeed").is_dir():
+            return "it holds no engine state (engine.pt or deepspeed/)"
+        for path in sorted(folder.rglob("*.pt")):
+            try:
+                with zipfile.ZipFile(path):
+                    pass
+            except (OSError, zipfile.BadZipFile) as err:
+                return f"{path.relative_to(folder)} is truncated or corrupt ({err})"
+        for path in sorted(folder.glob("rng_rank*.json")):
+            try:
+                json.loads(path.read_text())
+            except (OSError, ValueError) as err:
+                return f"{path.name} is unreadable ({err})"
+        return None
+
     def latest(self) -> Path | None:
+        """The checkpoint `--resume auto` takes: the one `latest` names when it is complete, else the
+        newest complete one."""
+        return self._choose()[0]
+
+    def _choose(self) -> tuple[Path | None, list[str]]:
+        candidates = []
         pointer = self.root / "latest"
-        if not pointer.is_file():
-            return None
-        folder = self.root / pointer.read_text().strip()
-        return folder if (folder / "state.json").is_file() else None
+        if pointer.is_file():
+            name = pointer.read_text(errors="replace").strip()
+            candidates.append(self.root / name if _FOLDER.match(name) else None)
+        candidates += self.folders()
+        skipped: list[str] = []
+        seen: set[Path] = set()
+        for folder in candidates:
+            if folder is None:
+                skipped.append("checkpoints/latest (it names no step folder)")
+                continue
+            if folder in seen:
+                continue
+            seen.add(folder)
+            problem = self.check(folder)
+            if problem is None:
+                return folder, skipped
+            named = " (named by checkpoints/latest)" if not skipped and folder == candidates[0] else ""
+            skipped.append(f"{folder.name}{named}: {problem}")
+        return None, skipped
 
     def resolve(self, resume: str) -> Path | None:
-        """The folder to resume from: `auto` (latest here, if any), `none`, or a path."""
+        """The folder to resume from: `auto` (the newest complete checkpoint here; a warning names any
+        skipped; None when there is none, said once), `none`, or a folder (which must be complete)."""
         if resume == "none":
             return None
-        if resume == "auto":
-            return self.latest()
-        folder = Path(resume)
-        if not (folder / "state.json").is_file():
-            raise FileNotFoundError(f"{folder}: not a checkpoint folder (no state.json)")
-        return folder
+        if resume != "auto":
+            folder = Path(resume)
+            problem = self.check(folder)
+            if problem:
+                raise CheckpointError(f"{folder}: not a checkpoint folder to resume from ({problem})")
+            return folder
+        chosen, skipped = self._choose()
+        if chosen is not None and skipped:
+            _warn(
+                f"resuming from {chosen.name}, the newest complete checkpoint; skipped " + "; ".join(skipped)
+            )
+        elif chosen is None and skipped:
+            _warn(
+                f"no complete checkpoint in {self.root}, starting from scratch; skipped " + "; ".join(skipped)
+            )
+        elif chosen is None:
+            print(f"no checkpoint in {self.root}: starting from scratch", flush=True)
+        return chosen
 
+    # reading ---------------------------------------------------------------------------------------
     def load(self, engine, folder: Path) -> dict[str, Any]:
-        engine.load(folder)
-        state = json.loads((folder / "state.json").read_text())
+        """Read everything of this rank first, then restore: a file that cannot be read changes nothing."""
+        state_file = folder / STATE_FILE
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{state_file}: unreadable ({err})") from err
+        rng = None
         rng_file = folder / f"rng_rank{self.info.rank}.pt"
         if rng_file.is_file():
-            tensors = torch.load(rng_file, map_location="cpu", weights_only=True)
-            set_rng_state(
-                {
-                    **tensors,
-                    **_py_rng_restore(json.loads((folder / f"rng_rank{self.info.rank}.json").read_text())),
-                }
-            )
+            py_file = folder / f"rng_rank{self.info.rank}.json"
+            try:
+                tensors = torch.load(rng_file, map_location="cpu", weights_only=True)
+            except Exception as err:  # torch.load raises many types for a damaged file
+                raise CheckpointError(f"{rng_file}: unreadable ({_first_line(err)})") from err
+            try:
+                rng = {**tensors, **_py_rng_restore(json.loads(py_file.read_text()))}
+            except (OSError, ValueError, KeyError) as err:
+                raise CheckpointError(f"{py_file}: unreadable ({_first_line(err)})") from err
+        try:
+            engine.load(folder)
+        except CheckpointError:
+            raise
+        except Exception as err:  # DeepSpeed and torch.load raise many types for a damaged file
+            raise CheckpointError(f"{folder}: cannot load the engine state ({_first_line(err)})") from err
+        if rng is not None:
+            set_rng_state(rng)
+        self.protected = folder
         return state
+
+
+STATE_FILE = "state.json"
+_FOLDER = re.compile(r"^step_(\d+)(\.old)?$")
+
+
+def _step_of(folder: Path) -> int:
+    match = _FOLDER.match(folder.name)
+    return int(match.group(1)) if match else -1
+
+
+def _fresh_folder(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+
+
+def _attempt(write: Callable[[], None], where: Path) -> str | None:
+    """None when `write` succeeds, else why it failed (torch.save reports a full disk as RuntimeError)."""
+    try:
+        write()
+    except (OSError, RuntimeError) as err:
+        return f"{where}: {write_failure(err, where)}"
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _py_rng() -> dict[str, Any]:
@@ -142,6 +309,10 @@ class StopSignal:
     def _handle(self, signum: int, frame: Any) -> None:
         self.received = signum
 
+    def request(self, signum: int = signal.SIGTERM) -> None:
+        """Stop as if `signum` had arrived (the launcher is gone, for one)."""
+        self.received = signum
+
     def should_stop(self) -> bool:
         """True on every rank as soon as one rank got a signal (a collective: call it on all ranks)."""
         return all_reduce(1.0 if self.received is not None else 0.0, op="max") > 0
@@ -170,9 +341,14 @@ def save_weights(
         "extra": extra or {},
     }
     tmp = path.with_name(f".{path.name}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:  # a file object: a full disk surfaces as OSError, not "unexpected pos"
+            torch.save(payload, f)
+        tmp.replace(path)
+    except (OSError, RuntimeError) as err:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"{path}: {write_failure(err, path)} writing weights") from err
 
 
 def read_weights(path: str | Path) -> dict[str, Any]:

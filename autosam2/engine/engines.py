@@ -22,7 +22,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from autosam2.config import Config, ConfigError, OptimConfig
-from autosam2.engine.dist import DistInfo
+from autosam2.engine.dist import DistInfo, barrier
+from autosam2.errors import CheckpointError
 from autosam2.model.autosam2 import AutoSAM2, ClipOutput
 
 
@@ -89,11 +90,22 @@ class Engine(ABC):
 
 
 def read_deepspeed_config(path: Path) -> dict[str, Any]:
-    """The DeepSpeed JSON as a dict; one ConfigError naming the file when it cannot be read."""
+    """The DeepSpeed JSON as a dict; one ConfigError naming the file when it cannot be read or casts
+    the model (SAM2 does not run cast to bf16/fp16: train.precision=bf16 autocasts instead)."""
     try:
-        return json.loads(Path(path).read_text())
+        ds_config = json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
         raise ConfigError(f"{path}: cannot read the DeepSpeed config ({err})") from err
+    if not isinstance(ds_config, dict):
+        raise ConfigError(f"{path}: the DeepSpeed config must be a JSON object")
+    for key in ("bf16", "fp16"):
+        section = ds_config.get(key)
+        if isinstance(section, dict) and section.get("enabled"):
+            raise ConfigError(
+                f"{path}: {key!r} casts SAM2 to {key}, which it does not run in; remove it and "
+                "set train.precision=bf16 (autocast) instead"
+            )
+    return ds_config
 
 
 def use_autocast(cfg: Config, info: DistInfo) -> bool:
@@ -160,7 +172,8 @@ class DDPEngine(Engine):
                 "scheduler": self.scheduler.state_dict(),
                 "micro": self.micro,
             }
-            torch.save(state, folder / "engine.pt")
+            with open(folder / "engine.pt", "wb") as f:  # a file object: a full disk says so
+                torch.save(state, f)
 
     def load(self, folder: Path) -> None:
         state = torch.load(folder / "engine.pt", map_location="cpu", weights_only=True)
@@ -190,12 +203,6 @@ class DeepSpeedEngine(Engine):
         autocast = use_autocast(cfg, info) if autocast is None else autocast
         # fp32 weights and master copy, bf16 compute; Linear/Conv gradients are reduced in bf16
         ds_config["torch_autocast"] = {"enabled": autocast, "dtype": "bfloat16"}
-        for key in ("bf16", "fp16"):
-            if ds_config.get(key, {}).get("enabled"):
-                raise ConfigError(
-                    f"{path}: {key!r} casts SAM2 to {key}, which it does not run in; remove it and "
-                    "set train.precision=bf16 (autocast) instead"
-                )
         # torch's AdamW: no fused CUDA kernel to build; our parameter groups carry the decay rule
         ds_config["optimizer"] = {
             "type": "AdamW",
@@ -237,7 +244,13 @@ class DeepSpeedEngine(Engine):
         return float(self.engine.get_lr()[0])
 
     def save(self, folder: Path) -> None:
-        self.engine.save_checkpoint(str(folder), tag="deepspeed", save_latest=False)
+        try:
+            self.engine.save_checkpoint(str(folder), tag="deepspeed", save_latest=False)
+        except (OSError, RuntimeError):
+            # writes come after DeepSpeed's last collective but one: meet the other ranks at its
+            # closing barrier, so the failure is agreed on instead of hanging them
+            barrier()
+            raise
 
     def load(self, folder: Path) -> None:
         path, _ = self.engine.load_checkpoint(str(folder), tag="deepspeed")
@@ -255,7 +268,7 @@ def load_trainable(model: nn.Module, state: dict[str, torch.Tensor], source: Pat
     own = model.state_dict()
     unknown = sorted(set(state) - set(own))
     if unknown:
-        raise RuntimeError(f"{source}: keys not in this model: {unknown[:10]}")
+        raise CheckpointError(f"{source}: keys not in this model: {unknown[:10]}")
     model.load_state_dict(state, strict=False)
 
 

@@ -67,6 +67,14 @@ class Trainer:
     def fit(self, state: LoopState) -> LoopState:
         train = self.cfg.train
         self.engine.module.train()
+        saved = state.step if state.step > 0 else -1  # a resumed run's step is in its checkpoint already
+
+        def checkpoint() -> None:  # once per step: a second save of a step would replace a good folder
+            nonlocal saved
+            if saved != state.step:
+                self.checkpointer.save(self.engine, asdict(state))
+                saved = state.step
+
         while state.step < self.total_steps and state.epoch < train.epochs:
             iterator = self._epoch_batches(state)
             step_start = time.perf_counter()
@@ -97,18 +105,17 @@ class Trainer:
                 ):
                     self._validate(state)
                 if state.step % train.checkpoint_every == 0:
-                    self.checkpointer.save(self.engine, asdict(state))
+                    checkpoint()
                 if self.stop.should_stop():
                     state.stopped = True
-                    self.checkpointer.save(self.engine, asdict(state))
+                    checkpoint()
                     return state
             else:
                 break  # total steps reached inside the epoch
             if state.step < self.total_steps:
                 state.epoch += 1
                 state.batch = 0
-        if state.step % train.checkpoint_every:
-            self.checkpointer.save(self.engine, asdict(state))
+        checkpoint()
         return state
 
     def _forward(self, batch: ClipBatch) -> dict[str, torch.Tensor]:

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from autosam2.errors import CheckpointError
+
 
 class PromptOutput(NamedTuple):
     dense_NChw: torch.Tensor  # residual on SAM2's no-mask embedding
@@ -157,14 +159,16 @@ def _load_backbone_weights(net: nn.Module, path: Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"{path}: prompt-encoder backbone weights not found") from err
+        raise CheckpointError(f"{path}: prompt-encoder backbone weights not found") from err
+    except Exception as err:  # torch.load raises many types for a damaged or foreign file
+        raise CheckpointError(f"{path}: not loadable backbone weights ({type(err).__name__}: {err})") from err
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     result = net.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith("fc.")]
     unexpected = [k for k in result.unexpected_keys if not k.startswith("fc.")]
     if missing or unexpected:
-        raise RuntimeError(
+        raise CheckpointError(
             f"{path}: backbone weights do not fit: missing {missing[:10]}, unexpected {unexpected[:10]}"
         )
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from sam2.build_sam import build_sam2
 
+from autosam2.errors import CheckpointError
+
 CONFIGS = {
     "hiera_t": "configs/sam2.1/sam2.1_hiera_t.yaml",
     "hiera_s": "configs/sam2.1/sam2.1_hiera_s.yaml",
@@ -15,10 +17,6 @@ CONFIGS = {
     "hiera_l": "configs/sam2.1/sam2.1_hiera_l.yaml",
 }
 MODEL_CLASS = "autosam2.model.autosam2.AutoSAM2"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded; the message names the file and the keys at fault."""
 
 
 def sam2_overrides(image_size: int, multimask_output: bool = False) -> list[str]:

@@ -1,0 +1,218 @@
+"""Checkpoint folders when things go wrong: damaged or missing files, a full disk, a save cut short, pruning."""
+
+from __future__ import annotations
+
+import errno
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from autosam2.config import load_config
+from autosam2.engine.checkpoint import Checkpointer, StopSignal, save_weights
+from autosam2.engine.engines import DDPEngine
+from autosam2.engine.trainer import LoopState
+from autosam2.errors import CheckpointError
+from tests.conftest import truncate
+from tests.test_engine import INFO, TinyModel, make_trainer
+
+
+def saved(tmp_path: Path, steps=(2, 4, 6), keep: int = 2) -> tuple[Checkpointer, DDPEngine, TinyModel]:
+    model = TinyModel()
+    engine = DDPEngine(model, load_config(None, []), 10, INFO)
+    checkpointer = Checkpointer(tmp_path, INFO, keep=keep)
+    for step in steps:
+        with torch.no_grad():
+            model.conv.bias.fill_(float(step))  # each checkpoint's weights tell which one was loaded
+        checkpointer.save(engine, {"step": step, "epoch": 0, "batch": step})
+    return checkpointer, engine, model
+
+
+def step_dir(tmp_path: Path, step: int) -> Path:
+    return tmp_path / "checkpoints" / f"step_{step:08d}"
+
+
+DAMAGE = {
+    "no state.json": lambda f: (f / "state.json").unlink(),
+    "garbage state.json": lambda f: (f / "state.json").write_text('{"step": 6, "epoch\x01'),
+    "truncated engine.pt": lambda f: truncate(f / "engine.pt"),
+    "truncated rng file": lambda f: truncate(f / "rng_rank0.pt", 0.9),
+    "garbage rng json": lambda f: (f / "rng_rank0.json").write_text("{"),
+}
+NAMED = {
+    "no state.json": "state.json is missing",
+    "garbage state.json": "state.json is unreadable",
+    "truncated engine.pt": "engine.pt is truncated or corrupt",
+    "truncated rng file": "rng_rank0.pt is truncated or corrupt",
+    "garbage rng json": "rng_rank0.json is unreadable",
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_newest_checkpoint_is_skipped_with_one_warning_naming_the_file(tmp_path, capsys, damage):
+    checkpointer, engine, model = saved(tmp_path)
+    DAMAGE[damage](step_dir(tmp_path, 6))
+    assert checkpointer.resolve("auto") == step_dir(tmp_path, 4)
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and warning[0].startswith("warning: resuming from step_00000004"), warning
+    assert f"step_00000006 (named by checkpoints/latest): {NAMED[damage]}" in warning[0]
+    state = checkpointer.load(engine, step_dir(tmp_path, 4))
+    assert state["step"] == 4 and model.conv.bias.item() == 4.0
+
+
+def test_latest_naming_a_missing_folder_falls_back_to_the_newest_complete(tmp_path, capsys):
+    checkpointer, _, _ = saved(tmp_path)
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000009\n")
+    assert checkpointer.resolve("auto") == step_dir(tmp_path, 6)
+    assert "step_00000009 (named by checkpoints/latest): does not exist" in capsys.readouterr().err
+
+
+def test_latest_wins_over_a_newer_folder_of_another_timeline(tmp_path, capsys):
+    """A run resumed from an older checkpoint writes its own `latest`; the abandoned newer folders stay."""
+    checkpointer, engine, _ = saved(tmp_path, steps=(2, 4, 6))
+    checkpointer.protected = step_dir(tmp_path, 4)
+    checkpointer.save(engine, {"step": 5, "epoch": 0, "batch": 5})
+    assert step_dir(tmp_path, 6).is_dir()  # a higher step than the save: not this timeline's to prune
+    assert checkpointer.resolve("auto") == step_dir(tmp_path, 5)
+    assert capsys.readouterr().err == ""
+
+
+def test_nothing_complete_starts_from_scratch_and_says_so(tmp_path, capsys):
+    checkpointer, _, _ = saved(tmp_path, steps=(2,))
+    (step_dir(tmp_path, 2) / "state.json").unlink()
+    assert checkpointer.resolve("auto") is None
+    assert "no complete checkpoint" in capsys.readouterr().err
+    assert Checkpointer(tmp_path / "fresh", INFO).resolve("auto") is None
+    assert "starting from scratch" in capsys.readouterr().out
+
+
+def test_an_explicit_resume_folder_must_be_complete(tmp_path):
+    checkpointer, _, _ = saved(tmp_path, steps=(2,))
+    truncate(step_dir(tmp_path, 2) / "engine.pt")
+    with pytest.raises(
+        CheckpointError, match=r"step_00000002: not a checkpoint folder.*engine\.pt is truncated"
+    ):
+        checkpointer.resolve(str(step_dir(tmp_path, 2)))
+
+
+def test_a_file_that_cannot_be_read_changes_nothing_and_names_itself(tmp_path):
+    checkpointer, engine, model = saved(tmp_path, steps=(2,))
+    before = model.conv.bias.detach().clone()
+    rng_json = step_dir(tmp_path, 2) / "rng_rank0.json"
+    sound = rng_json.read_text()
+    rng_json.write_text("[1, 2")
+    with pytest.raises(CheckpointError, match=r"rng_rank0\.json: unreadable"):
+        checkpointer.load(engine, step_dir(tmp_path, 2))
+    rng_json.write_text(sound)
+    (step_dir(tmp_path, 2) / "engine.pt").write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip
+    with pytest.raises(CheckpointError, match=r"step_00000002: cannot load the engine state"):
+        checkpointer.load(engine, step_dir(tmp_path, 2))
+    assert torch.equal(model.conv.bias, before)
+
+
+def test_pruning_keeps_the_folder_resumed_from_and_a_complete_one(tmp_path):
+    checkpointer, engine, _ = saved(tmp_path, steps=(2, 4))
+    checkpointer.load(engine, step_dir(tmp_path, 2))  # protected from now on
+    for step in (6, 8, 10):
+        checkpointer.save(engine, {"step": step, "epoch": 0, "batch": step})
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["latest", "step_00000002", "step_00000008", "step_00000010"]
+    # a damaged folder is never counted as the complete one that pruning keeps
+    truncate(step_dir(tmp_path, 10) / "engine.pt")
+    checkpointer.save(engine, {"step": 12, "epoch": 0, "batch": 12})
+    assert step_dir(tmp_path, 12).is_dir() and Checkpointer.check(step_dir(tmp_path, 10)) is not None
+    assert Checkpointer.check(step_dir(tmp_path, 8)) is None  # the complete one behind the new save
+
+
+def test_saving_a_step_again_never_leaves_no_complete_checkpoint(tmp_path, monkeypatch):
+    """Replacing a folder moves the old one aside first; dying between the two renames leaves it found."""
+    checkpointer, engine, model = saved(tmp_path, steps=(2,), keep=1)
+    real_rename = Path.rename
+
+    def die_on_second_rename(self, target):
+        if self.name.endswith(".tmp"):
+            raise OSError(errno.EIO, "killed between the renames")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", die_on_second_rename)
+    with pytest.raises(CheckpointError):
+        checkpointer.save(engine, {"step": 2, "epoch": 0, "batch": 9})
+    monkeypatch.undo()
+    assert not step_dir(tmp_path, 2).exists()
+    found = checkpointer.resolve("auto")
+    assert found is not None and found.name == "step_00000002.old"
+    assert checkpointer.load(engine, found)["batch"] == 2
+    checkpointer.save(engine, {"step": 2, "epoch": 0, "batch": 9})
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["latest", "step_00000002", "step_00000002.old"]  # the one resumed from is kept
+    assert checkpointer.resolve("auto") == step_dir(tmp_path, 2)
+    assert json.loads((step_dir(tmp_path, 2) / "state.json").read_text())["batch"] == 9
+
+
+def test_a_full_disk_fails_the_save_in_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    checkpointer, engine, _ = saved(tmp_path, steps=(2,))
+
+    def full(folder):
+        (folder / "engine.pt").write_bytes(b"half")
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"
+        ) from OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(engine, "save", full)
+    with pytest.raises(CheckpointError) as err:
+        checkpointer.save(engine, {"step": 4, "epoch": 0, "batch": 4})
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(
+        str(tmp_path / "checkpoints" / "step_00000004.tmp") + ": no space left on device"
+    )
+    assert message.endswith(
+        "writing checkpoint step_00000004 (partial folder removed); step_00000002 is intact"
+    )
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000002"]
+    assert checkpointer.resolve("auto") == step_dir(tmp_path, 2)
+
+
+def test_weights_on_a_full_disk_name_the_file_and_leave_no_temp(tmp_path, monkeypatch):
+    def full(obj, f, *args, **kwargs):
+        f.write(b"x")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(CheckpointError, match=r"best\.pt: no space left on device writing weights"):
+        save_weights(tmp_path / "best.pt", TinyModel(), {}, full=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_stop_on_a_checkpoint_step_saves_that_step_once(tmp_path):
+    trainer, _ = make_trainer(tmp_path, TinyModel(), steps=50, overrides=["train.checkpoint_every=2"])
+    trainer.stop = StopSignal((signal.SIGUSR2,))
+    saves: list[int] = []
+    original_save, original_step = trainer.checkpointer.save, trainer.engine.step
+
+    def counted(engine, state):
+        saves.append(state["step"])
+        return original_save(engine, state)
+
+    def step_then_signal():
+        norm = original_step()
+        if trainer.engine.scheduler.last_epoch == 4:
+            signal.raise_signal(signal.SIGUSR2)
+        return norm
+
+    trainer.checkpointer.save = counted
+    trainer.engine.step = step_then_signal
+    try:
+        state = trainer.fit(LoopState())
+    finally:
+        signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+    assert state.stopped and state.step == 4
+    assert saves == [2, 4]
+    # resumed at a step that is already saved, and ended there: no second save of it either
+    trainer.stop = StopSignal(())
+    trainer.total_steps = 4
+    saves.clear()
+    trainer.fit(LoopState(step=4, epoch=state.epoch, batch=state.batch))
+    assert saves == []
