@@ -145,10 +145,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from autosam2.config import ConfigError
     from autosam2.data.polyp_gen import DatasetError
-    from autosam2.model.sam2_builder import CheckpointError
+    from autosam2.engine.trainer import TrainingAborted
+    from autosam2.errors import CheckpointError, OutputDirInUse
 
-    # bad input: one line naming the file and the problem, no traceback (ShardError is a DatasetError)
-    user_errors = (ConfigError, DatasetError, CheckpointError, FileExistsError, FileNotFoundError)
+    # bad input, a full disk, a run that cannot go on: one line naming the file and the problem, no
+    # traceback (ShardError is a DatasetError; OSError's message names its file)
+    user_errors = (ConfigError, DatasetError, CheckpointError, OutputDirInUse, TrainingAborted, OSError)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBPROGRAMS:  # commands with their own parser (the seed's flags)
         try:

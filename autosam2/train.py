@@ -10,6 +10,8 @@ import argparse
 import os
 import random
 import subprocess
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -79,10 +81,37 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed)  # the same on every rank: random init must agree before DDP broadcasts
 
 
+def check_inputs(cfg: Config) -> None:
+    """Every input the run reads, checked before anything is written (the launcher calls this too):
+    one error naming the first bad one."""
+    from autosam2.data.sources import check_source
+    from autosam2.engine.checkpoint import Checkpointer
+    from autosam2.engine.engines import read_deepspeed_config
+    from autosam2.errors import CheckpointError
+
+    check_source(cfg.data.train, "train", cfg.data.clip_len, key="data.train")
+    check_source(cfg.data.valid, "valid", key="data.valid")
+    files = {"model.checkpoint": cfg.model.checkpoint}
+    if cfg.model.prompt.kind == "cnn":
+        files["model.prompt.backbone_weights"] = cfg.model.prompt.backbone_weights
+    for key, path in files.items():
+        if path is not None and not Path(path).is_file():
+            raise CheckpointError(f"{key}={path}: file not found")
+    if cfg.train.engine == "deepspeed":
+        read_deepspeed_config(Path(cfg.train.deepspeed_config))
+    if cfg.train.resume not in ("auto", "none"):
+        problem = Checkpointer.check(Path(cfg.train.resume))
+        if problem:
+            raise CheckpointError(
+                f"train.resume={cfg.train.resume}: not a checkpoint folder to resume from ({problem})"
+            )
+
+
 def run(argv: list[str] | None = None):
     """Train as the arguments say; returns the final LoopState (`stopped` when a signal ended it early)."""
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)  # refuses bad config before any heavy work
+    check_inputs(cfg)
 
     from autosam2.engine.dist import cleanup, init_distributed
 
@@ -98,37 +127,88 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+LAUNCHER_GRACE_S = 300.0  # a rank whose torchrun is gone checkpoints at the next step, or dies after this
+
+
+def _launcher_gone(pid: int, stop, rank: int) -> None:
+    print(
+        f"rank {rank}: its launcher (pid {pid}) is gone: stopping at the next step with a checkpoint "
+        f"(or exiting in {LAUNCHER_GRACE_S:.0f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
+    stop.request()
+    deadline = threading.Timer(LAUNCHER_GRACE_S, os._exit, args=(1,))
+    deadline.daemon = True
+    deadline.start()
+
+
+def _take_output_dir(out: Path, info):
+    """Rank 0 creates the output directory and takes its lock; every rank raises rank 0's error."""
+    from autosam2.engine.dist import broadcast_object
+    from autosam2.engine.run_lock import RunLock
+    from autosam2.errors import OutputDirInUse
+
+    lock, error = None, None
+    if info.is_main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(out).acquire()
+        except OSError as err:
+            error = f"train.output_dir={out}: cannot write there ({err.strerror or err})"
+        except OutputDirInUse as err:
+            error = str(err)
+        if lock is not None and lock.took_over:
+            print(f"warning: {lock.took_over}", file=sys.stderr, flush=True)
+    error = broadcast_object(error)
+    if error:
+        raise OutputDirInUse(error) if "in use by another run" in error else ConfigError(error)
+    return lock
+
+
 def _run(cfg: Config, info):
-    from autosam2.engine.checkpoint import Checkpointer, StopSignal, agree_on_resume, save_weights
-    from autosam2.engine.dist import barrier, gather_objects
+    from autosam2.engine.checkpoint import Checkpointer, StopSignal, agree_on_resume
+    from autosam2.engine.dist import watch_launcher
     from autosam2.engine.engines import build_engine
-    from autosam2.engine.trainer import LoopState, Trainer
-    from autosam2.evaluate import evaluate_sequences, mean_over_sequences, read_sequences, write_overlay_gif
     from autosam2.model.sam2_builder import build_model
-    from autosam2.tracking import default_tracking_uri, flatten_config, make_logger
 
     stop = StopSignal()  # early: a signal during set-up must not kill the job uncheckpointed
+    watch_launcher(lambda pid: _launcher_gone(pid, stop, info.rank))
     out = Path(cfg.train.output_dir).resolve()
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", to_yaml(cfg))
-    barrier()
     seed_everything(cfg.train.seed, info.rank)
 
+    # everything read before anything is written: a bad checkpoint or data set leaves no output behind
     model = build_model(
         cfg.model.variant, cfg.model.image_size, cfg.model.checkpoint, cfg.model.multimask_output
     )
     model.attach_prompt_encoder(cfg.model.prompt)
     model.freeze(cfg.model.freeze)
     model.to(info.device)
-
     batches, per_epoch, skipped = _training_data(cfg, info)
     total_steps = cfg.train.max_steps or max(1, cfg.train.epochs * per_epoch // cfg.optim.grad_accum)
     engine = build_engine(model, cfg, total_steps, info)
 
-    checkpointer = Checkpointer(out, info)
+    lock = _take_output_dir(out, info)
+    try:
+        checkpointer = Checkpointer(out, info)
+        folder = agree_on_resume(checkpointer.resolve(cfg.train.resume) if info.is_main else None)
+        if info.is_main:
+            atomic_write_text(out / "config.yaml", to_yaml(cfg))
+        return _train(cfg, info, out, engine, batches, total_steps, skipped, stop, checkpointer, folder)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: Config, info, out: Path, engine, batches, total_steps, skipped, stop, checkpointer, folder):
+    from autosam2.data.sources import read_sequences
+    from autosam2.engine.checkpoint import save_weights
+    from autosam2.engine.dist import barrier, gather_objects
+    from autosam2.engine.trainer import LoopState, Trainer
+    from autosam2.evaluate import evaluate_sequences, mean_over_sequences, write_overlay_gif
+    from autosam2.tracking import default_tracking_uri, flatten_config, make_logger
+
     state = LoopState()
-    folder = agree_on_resume(checkpointer.resolve(cfg.train.resume) if info.is_main else None)
     if folder is not None:
         state = LoopState(
             **{
@@ -176,7 +256,9 @@ def _run(cfg: Config, info):
         limit = cfg.train.valid_sequences
         pictures = out / "valid" / f"step_{step:08d}" / "overlays"
         pictures.mkdir(parents=True, exist_ok=True)
-        sequences = read_sequences(cfg.data.valid, "valid", info.rank, info.world_size, limit)
+        sequences = read_sequences(
+            cfg.data.valid, "valid", info.rank, info.world_size, limit, cfg.data.on_error
+        )
         mine = evaluate_sequences(
             engine.module,
             sequences,
@@ -236,10 +318,15 @@ def _log_per_sequence(logger, out: Path, per_sequence: dict[str, dict[str, float
 
 def _training_data(cfg: Config, info) -> tuple[Any, int, Any]:
     """Per-epoch batch iterables, batches per epoch per rank, and the skipped-sample counter."""
-    from autosam2.data.clips import FolderClips
-    from autosam2.data.stream import ClipStream, StreamConfig, ignore_stop_signals, make_loader
-    from autosam2.data.video import collate_clips
-    from autosam2.evaluate import is_shard_set
+    from autosam2.data.clips import FolderClips, collate_or_failure
+    from autosam2.data.sources import is_shard_set
+    from autosam2.data.stream import (
+        ClipStream,
+        StreamConfig,
+        ignore_stop_signals,
+        make_loader,
+        raise_worker_failures,
+    )
 
     d = cfg.data
     if is_shard_set(d.train):
@@ -260,8 +347,6 @@ def _training_data(cfg: Config, info) -> tuple[Any, int, Any]:
             return make_loader(stream, d.num_workers, pin_memory=info.device.type == "cuda")
 
         return batches, stream.batches_per_rank(info.world_size), lambda: stream.skipped
-    if not Path(d.train).is_dir():
-        raise ConfigError(f"data.train={d.train}: neither a shard set (manifest.json) nor a polyp_gen root")
     clips = FolderClips(
         d.train, "train", d.clip_len, cfg.model.image_size, seed=cfg.train.seed, augment=d.augment
     )
@@ -278,11 +363,11 @@ def _training_data(cfg: Config, info) -> tuple[Any, int, Any]:
             batch_size=d.batch_size,
             sampler=sampler,
             num_workers=d.num_workers,
-            collate_fn=collate_clips,
+            collate_fn=collate_or_failure,
             drop_last=True,
             generator=torch.Generator().manual_seed(cfg.train.seed),
             worker_init_fn=ignore_stop_signals,
         )
-        return (batch for i, batch in enumerate(loader) if i < per_epoch)
+        return (batch for i, batch in enumerate(raise_worker_failures(loader)) if i < per_epoch)
 
     return folder_batches, per_epoch, lambda: 0

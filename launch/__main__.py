@@ -138,6 +138,8 @@ def _executor(args: argparse.Namespace, folder: Path, tasks: int, gpus: int) -> 
         params["gpus_per_node"] = gpus
     if args.mem_gb:
         params["mem_gb"] = args.mem_gb
+    if args.what == "train":  # one task failing ends the others instead of leaving them in a collective
+        params["slurm_srun_args"] = ["--kill-on-bad-exit=1"]
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(args, key):
             params[f"slurm_{key}"] = getattr(args, key)
@@ -157,11 +159,7 @@ def _report(job: submitit.Job, what: str, tasks: int) -> None:
 
 
 def _output_dir_of(what: str, argv: list[str]) -> Path:
-    if what == "train":
-        from autosam2.train import build_parser as train_parser
-        from autosam2.train import config_from_args
-
-        return Path(config_from_args(train_parser().parse_args(argv)).train.output_dir)
+    """Where an evaluate or shard job writes (train's comes from its config)."""
     if what == "evaluate":
         for i, item in enumerate(argv):
             if item == "--output-dir" and i + 1 < len(argv):
@@ -180,16 +178,24 @@ def submit(argv: Sequence[str] | None = None) -> list[submitit.Job]:
     tasks = args.tasks_per_node or gpus or 1
     if args.what == "train" and args.tracking_uri:
         rest.append(f"tracking.uri={args.tracking_uri}")
-    out = _output_dir_of(args.what, rest).resolve()  # a train config is fully checked here, before submission
+    if args.what == "train":
+        from autosam2.engine.run_lock import check_free
+        from autosam2.train import build_parser as train_parser
+        from autosam2.train import check_inputs, config_from_args
+
+        # before the job waits in the queue: the whole config, every input, no live run in the folder
+        cfg = config_from_args(train_parser().parse_args(rest))
+        check_inputs(cfg)
+        out = Path(cfg.train.output_dir).resolve()
+        check_free(out)
+    else:
+        out = _output_dir_of(args.what, rest).resolve()
     folder = Path(args.folder) if args.folder else out / "jobs"
     folder.mkdir(parents=True, exist_ok=True)
 
     if args.what == "train":
         from autosam2.tracking import default_tracking_uri, ensure_experiment
-        from autosam2.train import build_parser as train_parser
-        from autosam2.train import config_from_args
 
-        cfg = config_from_args(train_parser().parse_args(rest))
         if cfg.tracking.enabled:
             # created once here, so ranks (and array tasks) never race to create it
             out.mkdir(parents=True, exist_ok=True)
@@ -234,10 +240,12 @@ def submit(argv: Sequence[str] | None = None) -> list[submitit.Job]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from autosam2.config import ConfigError
+    from autosam2.data.polyp_gen import DatasetError
+    from autosam2.errors import CheckpointError, OutputDirInUse
 
     try:
         submit(argv)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, DatasetError, CheckpointError, OutputDirInUse, ValueError, OSError) as err:
         print(f"launch: {err}", file=sys.stderr)
         return 1
     return 0

@@ -5,6 +5,9 @@ from __future__ import annotations
 import datetime
 import os
 import subprocess
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +58,22 @@ def _first_host(nodelist: str) -> str:
         return out.split()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
         return nodelist.split(",")[0].split("[")[0]
+
+
+def watch_launcher(on_gone: Callable[[int], None], poll_s: float = 1.0) -> bool:
+    """Under torchrun, call `on_gone(pid)` once when torchrun, our parent, is gone (killed with -9,
+    say): ranks must not train on unsupervised. Returns whether a watch was started."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return False  # alone, the parent is a shell that may exit on purpose (nohup); srun's stays
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        on_gone(parent)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+    return True
 
 
 def pick_device(request: str, local_rank: int) -> torch.device:

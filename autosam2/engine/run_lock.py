@@ -1,0 +1,182 @@
+"""One run per output directory: a lock file held by rank 0 for the whole run.
+
+``OUT/run.lock`` records who holds it (host, pid and its start time, SLURM job id) and is touched every
+`HEARTBEAT_S` seconds. A new run takes it over only from a holder that is gone: a process of this host
+that no longer exists, the same SLURM job (a requeued job), a SLURM job that `squeue` no longer knows,
+or a lock without a heartbeat for `STALE_AFTER_S` seconds (a holder on another host that died).
+Anything else is one OutputDirInUse error naming the holder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from autosam2.errors import OutputDirInUse
+
+LOCK_NAME = "run.lock"
+HEARTBEAT_S = 30.0
+STALE_AFTER_S = 300.0
+
+
+def _process_start(pid: int) -> float | None:
+    try:
+        import psutil
+
+        return psutil.Process(pid).create_time()
+    except Exception:  # no such process, or psutil missing: the caller treats None as "gone"
+        return None
+
+
+def _me() -> dict[str, Any]:
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "pid_start": _process_start(os.getpid()),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "token": uuid.uuid4().hex,
+    }
+
+
+def _slurm_job_active(job_id: str) -> bool | None:
+    """True/False when `squeue` answers, None when it cannot be asked."""
+    try:
+        out = subprocess.run(
+            ["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=15
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return False if "Invalid job id" in out.stderr else None
+    return bool(out.stdout.strip())
+
+
+def why_stale(holder: dict[str, Any], age_s: float) -> str | None:
+    """Why the holder is gone (its lock may be taken), or None while it may be alive."""
+    if not holder.get("host") or not holder.get("pid"):
+        return "its lock file was never completed"
+    mine = os.environ.get("SLURM_JOB_ID")
+    job = holder.get("slurm_job_id")
+    if job and mine and job == mine:
+        return f"it was this SLURM job ({job}) before a requeue"
+    if holder.get("host") == socket.gethostname():
+        start = _process_start(int(holder.get("pid", -1)))
+        if start is None or (holder.get("pid_start") and abs(start - holder["pid_start"]) > 1):
+            return f"process {holder.get('pid')} of this host is gone"
+        return None
+    if job and _slurm_job_active(job) is False:
+        return f"SLURM job {job} has ended"
+    if age_s > STALE_AFTER_S:
+        return f"no heartbeat for {age_s:.0f} s"
+    return None
+
+
+def read_holder(folder: str | Path) -> tuple[dict[str, Any], float] | None:
+    """The lock's record and seconds since its last heartbeat, or None when there is no lock."""
+    path = Path(folder) / LOCK_NAME
+    for _ in range(20):  # a holder between creating the file and writing it: wait a moment
+        try:
+            text = path.read_text()
+            age = time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        try:
+            return json.loads(text), age
+        except ValueError:
+            if age > 5:
+                return {}, age  # never completed: nobody holds it
+            time.sleep(0.1)
+    return {}, STALE_AFTER_S + 1
+
+
+def describe(holder: dict[str, Any], age_s: float) -> str:
+    job = f", SLURM job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else ""
+    return (
+        f"pid {holder.get('pid')} on {holder.get('host')}{job}, started {holder.get('started')}, "
+        f"last heartbeat {age_s:.0f} s ago"
+    )
+
+
+def check_free(folder: str | Path) -> None:
+    """Raise OutputDirInUse if a live run holds `folder` (for launchers, before submitting)."""
+    found = read_holder(folder)
+    if found is not None and why_stale(*found) is None:
+        raise OutputDirInUse(_in_use(Path(folder), *found))
+
+
+def _in_use(folder: Path, holder: dict[str, Any], age_s: float) -> str:
+    return (
+        f"{folder}: in use by another run ({describe(holder, age_s)}); stop it or choose another output "
+        f"directory (a lock without heartbeat for {STALE_AFTER_S:.0f} s is taken over; {folder / LOCK_NAME})"
+    )
+
+
+class RunLock:
+    """Hold ``folder/run.lock`` from `acquire` to `release` (also a context manager)."""
+
+    def __init__(self, folder: str | Path):
+        self.path = Path(folder) / LOCK_NAME
+        self.record: dict[str, Any] | None = None
+        self._stop = threading.Event()
+        self.took_over: str | None = None  # why a stale lock was taken, for the log
+
+    def acquire(self) -> RunLock:
+        record = _me()
+        for _ in range(10):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                found = read_holder(self.path.parent)
+                if found is None:
+                    continue  # released meanwhile
+                reason = why_stale(*found)
+                if reason is None:
+                    raise OutputDirInUse(_in_use(self.path.parent, *found)) from None
+                # move it aside under a name of our own: of two runs taking it over, one wins the rename
+                aside = self.path.with_name(f".{LOCK_NAME}.stale-{record['token']}")
+                try:
+                    os.rename(self.path, aside)
+                except FileNotFoundError:
+                    continue
+                aside.unlink(missing_ok=True)
+                self.took_over = f"took over {self.path} from {describe(*found)}: {reason}"
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(record, f)
+            self.record = record
+            threading.Thread(target=self._heartbeat, name="run-lock-heartbeat", daemon=True).start()
+            return self
+        raise OutputDirInUse(f"{self.path}: could not take the lock (other runs keep taking it)")
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
+
+    def release(self) -> None:
+        """Remove the lock if it is still ours."""
+        self._stop.set()
+        if self.record is None:
+            return
+        try:
+            if json.loads(self.path.read_text()).get("token") == self.record["token"]:
+                self.path.unlink()
+        except (OSError, ValueError):
+            pass
+        self.record = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
