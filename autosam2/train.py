@@ -155,14 +155,14 @@ def _take_output_dir(out: Path, info):
             out.mkdir(parents=True, exist_ok=True)
             lock = RunLock(out).acquire()
         except OSError as err:
-            error = f"train.output_dir={out}: cannot write there ({err.strerror or err})"
+            error = ConfigError(f"train.output_dir={out}: cannot write there ({err.strerror or err})")
         except OutputDirInUse as err:
-            error = str(err)
+            error = err
         if lock is not None and lock.took_over:
             print(f"warning: {lock.took_over}", file=sys.stderr, flush=True)
     error = broadcast_object(error)
-    if error:
-        raise OutputDirInUse(error) if "in use by another run" in error else ConfigError(error)
+    if error is not None:
+        raise error
     return lock
 
 

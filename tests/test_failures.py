@@ -18,8 +18,9 @@ from autosam2.cli import main as cli
 from tests.conftest import TORCHRUN_2, train_overrides, truncate
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu"}
 TRAIN = [sys.executable, "-m", "autosam2.cli", "train"]
+PACKAGE = Path(__import__("autosam2").__file__).parent
 EXIT_BOUND_S = 15  # from the error's message to the end of every process of the run
 
 
@@ -102,8 +103,14 @@ def assert_ends_cleanly(run: Run, error: str) -> None:
     assert ended - said < EXIT_BOUND_S, f"{ended - said:.1f} s from the error to the exit"
     assert run.session_alive() == [], "processes left behind"
     err = run.output("err")
-    assert "Traceback" not in err, err[-3000:]
-    assert len([line for line in err.splitlines() if line.startswith("autosam2 train:")]) == 1, err
+    # no traceback through our code (torchrun prints its own summary of a failed rank)
+    assert "autosam2/" not in "".join(
+        line for line in err.splitlines() if line.strip().startswith("File ")
+    ), err
+    if "torch.distributed.run" not in run.proc.args:
+        assert "Traceback" not in err, err[-3000:]
+    lines = {line for line in err.splitlines() if line.startswith("autosam2 train:")}
+    assert len(lines) == 1, err  # every rank says the same one line
 
 
 def train_args(data, out: Path, **extra) -> list[str]:
@@ -213,12 +220,18 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["alone", "torchrun", "deepspeed"])
 def test_a_full_disk_during_a_checkpoint_ends_the_run_and_keeps_the_last_one(
-    train_data, tmp_path, small_disk
+    train_data, tmp_path, small_disk, launcher
 ):
+    """Under torchrun only rank 0's writes fail: the save agrees on the failure, so no rank hangs (with
+    DeepSpeed too, whose own save ends in a barrier the failing rank must still meet)."""
     out = small_disk / "run"
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the tracking store is not on the full disk
-    run = Run([*TRAIN, *train_args(train_data, out, **{"tracking.uri": tracking})])
+    command = TRAIN if launcher == "alone" else [*TORCHRUN_2, "-m", "autosam2.cli", "train"]
+    if launcher == "deepspeed":
+        command.append("--engine=deepspeed")
+    run = Run([*command, *train_args(train_data, out, **{"tracking.uri": tracking})])
     try:
         deadline = time.monotonic() + 300
         latest = out / "checkpoints" / "latest"
@@ -297,7 +310,7 @@ def test_ranks_stop_with_a_checkpoint_when_torchrun_is_killed(train_data, tmp_pa
             if str(out) in command_line(proc):
                 proc.kill()
     text = run.output()
-    assert text.count("its launcher (pid") == 2
+    assert "its launcher (pid" in text  # the rank that noticed first stopped both
     stopped = next(line for line in text.splitlines() if line.startswith("stopped by signal at step"))
     step = int(stopped.split()[5].rstrip(";"))
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"

@@ -195,3 +195,37 @@ def test_train_under_plain_srun_maps_the_slurm_variables(slurm_cluster, train_da
     client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("autosam2").experiment_id])
     assert run.data.tags["world_size"] == "2" and run.data.tags["slurm_job_id"] != "none"
+
+
+def test_a_lock_held_by_a_slurm_job_on_another_host_ends_with_the_job(slurm_cluster, tmp_path):
+    """From a login node, the holder's pid cannot be seen; `squeue` tells whether its job goes on."""
+    import json
+    import subprocess
+
+    from autosam2.engine.run_lock import LOCK_NAME, RunLock, check_free
+    from autosam2.errors import OutputDirInUse
+
+    job = subprocess.run(
+        ["sbatch", "--parsable", "--output", str(tmp_path / "sleep.out"), "--wrap", "sleep 20"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    record = {"host": "gpu-node-07", "pid": 4242, "slurm_job_id": job, "started": "now", "token": "t"}
+    (tmp_path / LOCK_NAME).write_text(json.dumps(record))
+    try:
+        with pytest.raises(OutputDirInUse, match=f"SLURM job {job}"):
+            check_free(tmp_path)
+    finally:
+        subprocess.run(["scancel", job], check=True)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            check_free(tmp_path)
+            break
+        except OutputDirInUse:
+            assert time.monotonic() < deadline, "the cancelled job still holds the lock"
+            time.sleep(0.5)
+    lock = RunLock(tmp_path).acquire()
+    assert f"SLURM job {job} has ended" in lock.took_over
+    lock.release()

@@ -46,8 +46,14 @@ def _me() -> dict[str, Any]:
     }
 
 
+ENDED_STATES = {
+    "BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "TIMEOUT"
+}  # fmt: skip
+
+
 def _slurm_job_active(job_id: str) -> bool | None:
-    """True/False when `squeue` answers, None when it cannot be asked."""
+    """True/False when `squeue` answers (an ended job may still be listed a while, in an ended state),
+    None when it cannot be asked."""
     try:
         out = subprocess.run(
             ["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=15
@@ -56,7 +62,8 @@ def _slurm_job_active(job_id: str) -> bool | None:
         return None
     if out.returncode != 0:
         return False if "Invalid job id" in out.stderr else None
-    return bool(out.stdout.strip())
+    states = set(out.stdout.split())
+    return bool(states - ENDED_STATES)
 
 
 def why_stale(holder: dict[str, Any], age_s: float) -> str | None:
