@@ -1,1 +1,1 @@
-"""submitit launchers for SLURM and local runs (issue 5/6)."""
+"""submitit launchers for SLURM and local runs."""

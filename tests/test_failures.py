@@ -287,7 +287,7 @@ def test_a_second_run_is_refused_and_a_killed_runs_directory_is_taken_over(train
     assert third.finish(timeout=300) == 0, third.output()[-3000:]
     err = third.output("err")
     assert "took over" in err and f"process {first.proc.pid} of this host is gone" in err
-    assert f"skipped {newest.name} (named by checkpoints/latest): state.json is unreadable" in err
+    assert f"skipped {newest} (named by checkpoints/latest): state.json is unreadable" in err
     older = f"step_{int(newest.name[5:]) - 2:08d}"
     assert f"resumed from {out / 'checkpoints' / older}" in third.output("out")
     assert not (out / "run.lock").exists()

@@ -189,7 +189,7 @@ class Checkpointer:
             if problem is None:
                 return folder, skipped
             named = " (named by checkpoints/latest)" if not skipped and folder == candidates[0] else ""
-            skipped.append(f"{folder.name}{named}: {problem}")
+            skipped.append(f"{folder}{named}: {problem}")
         return None, skipped
 
     def resolve(self, resume: str) -> Path | None:
