@@ -146,11 +146,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from autosam2.config import ConfigError
     from autosam2.data.polyp_gen import DatasetError
     from autosam2.engine.trainer import TrainingAborted
-    from autosam2.errors import CheckpointError, OutputDirInUse
+    from autosam2.errors import CheckpointError, OutputDirInUse, RankLost
 
     # bad input, a full disk, a run that cannot go on: one line naming the file and the problem, no
     # traceback (ShardError is a DatasetError; OSError's message names its file)
-    user_errors = (ConfigError, DatasetError, CheckpointError, OutputDirInUse, TrainingAborted, OSError)
+    user_errors = (
+        ConfigError,
+        DatasetError,
+        CheckpointError,
+        OutputDirInUse,
+        TrainingAborted,
+        RankLost,
+        OSError,
+    )
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBPROGRAMS:  # commands with their own parser (the seed's flags)
         try:

@@ -15,6 +15,10 @@ class OutputDirInUse(RuntimeError):
     """Another live run holds the output directory's lock; the message names the holder."""
 
 
+class RankLost(RuntimeError):
+    """Another rank of the run stopped (its own error says why), so this rank's collective failed."""
+
+
 def write_failure(err: BaseException, path: str | Path) -> str:
     """Why writing `path` failed, in words: torch.save and DeepSpeed report a full disk as a bare
     RuntimeError ("unexpected pos"), so the OS error behind it, or the free space, tells."""

@@ -109,7 +109,7 @@ def check_inputs(cfg: Config) -> None:
 
 def run(argv: list[str] | None = None):
     """Train as the arguments say; returns the final LoopState (`stopped` when a signal ended it early)."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # flags may follow key=value overrides
     cfg = config_from_args(args)  # refuses bad config before any heavy work
     check_inputs(cfg)
 
@@ -118,8 +118,25 @@ def run(argv: list[str] | None = None):
     info = init_distributed(cfg.train.device)
     try:
         return _run(cfg, info)
+    except RuntimeError as err:
+        if info.world_size > 1 and _peer_lost(err):
+            from autosam2.errors import RankLost
+
+            raise RankLost(
+                f"rank {info.rank}: another rank stopped, so this one stops too (that rank's own error says "
+                f"why; here: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})"
+            ) from err
+        raise
     finally:
         cleanup()
+
+
+def _peer_lost(err: RuntimeError) -> bool:
+    """A collective that failed because another rank went away (gloo closes its connections)."""
+    text = str(err)
+    return isinstance(err, torch.distributed.DistError) or any(
+        sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,6 +169,8 @@ def _take_output_dir(out: Path, info):
     lock, error = None, None
     if info.is_main:
         try:
+            if out.exists() and not out.is_dir():
+                raise NotADirectoryError(0, "it is a file, not a directory")
             out.mkdir(parents=True, exist_ok=True)
             lock = RunLock(out).acquire()
         except OSError as err:
@@ -268,6 +287,11 @@ def _train(cfg: Config, info, out: Path, engine, batches, total_steps, skipped, 
         merged: dict[str, dict[str, float]] = {}
         for part in gather_objects(mine):  # also the point where every rank's GIFs are on disk
             merged.update(part)
+        if info.is_main and not merged:
+            print(
+                f"warning: step {step}: no validation sequence could be read; nothing validated",
+                file=sys.stderr,
+            )
         if not info.is_main or not merged:
             return None
         summary = {f"valid/{k}": v for k, v in mean_over_sequences(merged).items()}

@@ -40,13 +40,28 @@ DAMAGE = {
     "truncated engine.pt": lambda f: truncate(f / "engine.pt"),
     "truncated rng file": lambda f: truncate(f / "rng_rank0.pt", 0.9),
     "garbage rng json": lambda f: (f / "rng_rank0.json").write_text("{"),
+    "rng json missing": lambda f: (f / "rng_rank0.json").unlink(),
+    "counters that are not numbers": lambda f: (f / "state.json").write_text('{"step": 6, "epoch": "x"}'),
+    "bytes damaged inside engine.pt": lambda f: _damage_middle(f / "engine.pt"),
 }
+
+
+def _damage_middle(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+
+
 NAMED = {
     "no state.json": "state.json is missing",
     "garbage state.json": "state.json is unreadable",
     "truncated engine.pt": "engine.pt is truncated or corrupt",
     "truncated rng file": "rng_rank0.pt is truncated or corrupt",
     "garbage rng json": "rng_rank0.json is unreadable",
+    "rng json missing": "rng_rank0.pt or rng_rank0.json is missing",
+    "counters that are not numbers": "state.json does not hold the loop's counters",
+    "bytes damaged inside engine.pt": "engine.pt is corrupt",
 }
 
 
@@ -216,3 +231,10 @@ def test_a_stop_on_a_checkpoint_step_saves_that_step_once(tmp_path):
     saves.clear()
     trainer.fit(LoopState(step=4, epoch=state.epoch, batch=state.batch))
     assert saves == []
+
+
+def test_a_resume_past_the_end_of_a_shorter_epoch_goes_on_with_the_next(tmp_path):
+    """Resumed with another world size or batch size, the saved position can lie beyond this epoch."""
+    trainer, _ = make_trainer(tmp_path, TinyModel(), steps=5)  # 3 batches an epoch
+    state = trainer.fit(LoopState(step=1, epoch=0, batch=7))
+    assert state.step == 5 and state.epoch == 2

@@ -107,3 +107,13 @@ def test_a_lock_file_never_written_is_not_held(tmp_path):
     path.write_text("")
     os.utime(path, (time.time() - 60, time.time() - 60))
     RunLock(tmp_path).acquire().release()
+
+
+@pytest.mark.parametrize(
+    "content", [b"\xd0\x9f\xff garbage", b"[1]", b"null", b'{"host": "vm", "pid": "abc"}'], ids=str
+)
+def test_a_damaged_lock_file_is_taken_over(tmp_path, content):
+    (tmp_path / LOCK_NAME).write_bytes(content)
+    lock = RunLock(tmp_path).acquire()
+    assert "never completed or is damaged" in lock.took_over
+    lock.release()

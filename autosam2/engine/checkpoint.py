@@ -136,27 +136,38 @@ class Checkpointer:
         return sorted(found, key=lambda p: (_step_of(p), not p.name.endswith(".old")), reverse=True)
 
     @staticmethod
-    def check(folder: Path) -> str | None:
-        """Why `folder` is not a complete checkpoint, or None. Reads headers only: the JSON files, and
-        the end of every torch file (a zip whose directory sits at its end, so a cut file shows)."""
+    def check(folder: Path, deep: bool = False) -> str | None:
+        """Why `folder` is not a complete checkpoint, or None. Reads the JSON files and the directory at
+        the end of every torch file (a zip, so a cut file shows); `deep` also checks every byte against
+        the zip's CRCs (resume does; pruning, at every save, does not)."""
         if not folder.is_dir():
             return "does not exist"
         state = folder / STATE_FILE
         if not state.is_file():
             return f"{STATE_FILE} is missing (the save did not finish)"
         try:
-            if not isinstance(json.loads(state.read_text()).get("step"), int):
-                return f"{STATE_FILE} has no step"
-        except (OSError, ValueError, AttributeError) as err:
+            fields = json.loads(state.read_text())
+        except (OSError, ValueError) as err:
             return f"{STATE_FILE} is unreadable ({err})"
+        counters = ("step", "epoch", "batch", "bad_steps", "skipped_steps")
+        if not isinstance(fields, dict) or not all(isinstance(fields.get(k, 0), int) for k in counters):
+            return f"{STATE_FILE} does not hold the loop's counters"
         if not (folder / "engine.pt").is_file() and not (folder / "deepspeed").is_dir():
             return "it holds no engine state (engine.pt or deepspeed/)"
         for path in sorted(folder.rglob("*.pt")):
             try:
-                with zipfile.ZipFile(path):
-                    pass
+                with zipfile.ZipFile(path) as archive:
+                    bad = archive.testzip() if deep else None
             except (OSError, zipfile.BadZipFile) as err:
                 return f"{path.relative_to(folder)} is truncated or corrupt ({err})"
+            if bad is not None:
+                return f"{path.relative_to(folder)} is corrupt (its record {bad} fails its checksum)"
+        unpaired = {p.stem for p in folder.glob("rng_rank*.pt")} ^ {
+            p.stem for p in folder.glob("rng_rank*.json")
+        }
+        if unpaired:
+            stem = min(unpaired)
+            return f"{stem}.pt or {stem}.json is missing (one RNG file of a pair)"
         for path in sorted(folder.glob("rng_rank*.json")):
             try:
                 json.loads(path.read_text())
@@ -185,7 +196,7 @@ class Checkpointer:
             if folder in seen:
                 continue
             seen.add(folder)
-            problem = self.check(folder)
+            problem = self.check(folder, deep=True)
             if problem is None:
                 return folder, skipped
             named = " (named by checkpoints/latest)" if not skipped and folder == candidates[0] else ""
@@ -199,7 +210,7 @@ class Checkpointer:
             return None
         if resume != "auto":
             folder = Path(resume)
-            problem = self.check(folder)
+            problem = self.check(folder, deep=True)
             if problem:
                 raise CheckpointError(f"{folder}: not a checkpoint folder to resume from ({problem})")
             return folder

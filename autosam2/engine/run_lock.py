@@ -68,15 +68,16 @@ def _slurm_job_active(job_id: str) -> bool | None:
 
 def why_stale(holder: dict[str, Any], age_s: float) -> str | None:
     """Why the holder is gone (its lock may be taken), or None while it may be alive."""
-    if not holder.get("host") or not holder.get("pid"):
-        return "its lock file was never completed"
+    if not isinstance(holder.get("host"), str) or not isinstance(holder.get("pid"), int):
+        return "its lock file was never completed or is damaged"
     mine = os.environ.get("SLURM_JOB_ID")
-    job = holder.get("slurm_job_id")
+    job = str(holder.get("slurm_job_id") or "")
     if job and mine and job == mine:
         return f"it was this SLURM job ({job}) before a requeue"
     if holder.get("host") == socket.gethostname():
-        start = _process_start(int(holder.get("pid", -1)))
-        if start is None or (holder.get("pid_start") and abs(start - holder["pid_start"]) > 1):
+        start = _process_start(holder["pid"])
+        recorded = holder.get("pid_start")
+        if start is None or (isinstance(recorded, (int, float)) and abs(start - recorded) > 1):
             return f"process {holder.get('pid')} of this host is gone"
         return None
     if job and _slurm_job_active(job) is False:
@@ -87,19 +88,21 @@ def why_stale(holder: dict[str, Any], age_s: float) -> str | None:
 
 
 def read_holder(folder: str | Path) -> tuple[dict[str, Any], float] | None:
-    """The lock's record and seconds since its last heartbeat, or None when there is no lock."""
+    """The lock's record and seconds since its last heartbeat, or None when there is no lock. A record
+    that cannot be read (garbage, not a JSON object) comes back as {}: nobody holds it."""
     path = Path(folder) / LOCK_NAME
     for _ in range(20):  # a holder between creating the file and writing it: wait a moment
         try:
-            text = path.read_text()
+            data = path.read_bytes()
             age = time.time() - path.stat().st_mtime
         except FileNotFoundError:
             return None
         try:
-            return json.loads(text), age
-        except ValueError:
+            record = json.loads(data)
+            return (record if isinstance(record, dict) else {}), age
+        except ValueError:  # UnicodeDecodeError included
             if age > 5:
-                return {}, age  # never completed: nobody holds it
+                return {}, age
             time.sleep(0.1)
     return {}, STALE_AFTER_S + 1
 

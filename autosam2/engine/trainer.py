@@ -58,10 +58,13 @@ class Trainer:
         self.stop = stop or StopSignal()
         self.per_frame = cfg.model.clip_mode == "frame"
 
-    def _epoch_batches(self, state: LoopState) -> Iterator[ClipBatch]:
+    def _epoch_batches(self, state: LoopState) -> Iterator[ClipBatch] | None:
+        """This epoch's batches from the saved position on (the stream is deterministic); None when the
+        epoch is shorter than that now (resumed with another world size or batch size): it is over."""
         iterator = iter(self.batches(state.epoch))
-        for _ in range(state.batch):  # back to the saved position in this epoch's (deterministic) stream
-            next(iterator)
+        for _ in range(state.batch):
+            if next(iterator, None) is None:
+                return None
         return iterator
 
     def fit(self, state: LoopState) -> LoopState:
@@ -77,6 +80,10 @@ class Trainer:
 
         while state.step < self.total_steps and state.epoch < train.epochs:
             iterator = self._epoch_batches(state)
+            if iterator is None:
+                state.epoch += 1
+                state.batch = 0
+                continue
             step_start = time.perf_counter()
             wait = 0.0
             while state.step < self.total_steps:
