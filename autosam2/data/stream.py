@@ -192,7 +192,7 @@ class ClipStream(torch.utils.data.IterableDataset):
         """Samples skipped for bad data so far, over all loader workers of this process."""
         return int(self._skipped.value)
 
-    def _count_skip(self, keys: list[str], message: str = "") -> None:
+    def _count_skip(self, keys: list[str]) -> None:
         with self._skipped.get_lock():
             self._skipped.value += len(keys)
 
