@@ -1,156 +1,47 @@
-"""The `autosam2` command: parses arguments and hands each subcommand to the module that does it."""
+"""The `autosam2` command: one dispatcher. Each subcommand is a `main(argv)` of its own module, imported
+only when it runs, so `autosam2 --help` lists them all without loading torch or SAM2."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-
-def _synth(args: argparse.Namespace) -> int:
-    from autosam2.data.synthetic import SynthSpec, write_dataset
-
-    valid = args.valid_sequences if args.valid_sequences is not None else max(1, args.sequences // 2)
-    spec = SynthSpec(
-        train_sequences=args.sequences,
-        valid_sequences=valid,
-        frames=args.frames,
-        size=args.size,
-        seed=args.seed,
-    )
-    summary = write_dataset(args.out, spec, overwrite=args.overwrite, progress=True)
-    share = summary["empty_frames"] / summary["frames"]
-    print(
-        f"wrote {args.out}: {spec.train_sequences} train + {spec.valid_sequences} valid sequences, "
-        f"{summary['frames']} frames of {spec.size}x{spec.size}, {summary['empty_frames']} polyp-free ({share:.0%}), seed {spec.seed}"
-    )
-    return 0
-
-
-def _validate(args: argparse.Namespace) -> int:
-    from autosam2.data.polyp_gen import MASK_THRESHOLD, SPLITS, validate_root
-
-    reports = validate_root(
-        args.root, splits=[args.split] if args.split else SPLITS, progress=sys.stderr.isatty()
-    )
-    problems = [p for r in reports for p in r.problems]
-    for problem in problems:
-        print(problem)
-    if problems:
-        print(f"{args.root}: {len(problems)} problem(s)", file=sys.stderr)
-        return 1
-    parts = [
-        f"{r.split}: {r.sequences} sequences, {r.frames} frames, {r.empty_frames} empty-mask frames"
-        for r in reports
-    ]
-    soft = sum(r.soft_masks for r in reports)
-    note = f"; {soft} masks have grey values (JPEG), binarised at {MASK_THRESHOLD}" if soft else ""
-    print(f"{args.root}: ok; " + "; ".join(parts) + note)
-    return 0
-
-
-def _summarise(split: str, name: str, batch, frame_names: tuple[str, str] | None = None) -> str:
-    present = batch.present_TB[:, 0]
-    area = batch.masks_TBHW[:, 0].flatten(1).float().mean(dim=1)
-    mean_area = float(area[present].mean()) if present.any() else 0.0
-    t, _, _, h, w = batch.images_TBCHW.shape
-    names = f" ({frame_names[0]} .. {frame_names[1]})" if frame_names else ""
-    return (
-        f"{split}/{name}: {t} frames {w}x{h}{names}, clip batch images {tuple(batch.images_TBCHW.shape)} "
-        f"masks {tuple(batch.masks_TBHW.shape)}, polyp in {int(present.sum())}/{t} frames, mean area {mean_area:.1%}"
-    )
-
-
-def _inspect(args: argparse.Namespace) -> int:
-    from autosam2.data.video import collate_clips
-
-    if args.shards:
-        from autosam2.data.stream import ClipStream, StreamConfig
-
-        stream = ClipStream(args.shards, "eval", StreamConfig(image_size=args.image_size))
-        for batch in stream:
-            if args.sequence in (None, batch.video_ids[0]):
-                print(_summarise(stream.manifest["split"], batch.video_ids[0], batch))
-        return 0
-    if args.root is None:
-        print("autosam2 inspect: give a dataset ROOT or --shards DIR", file=sys.stderr)
-        return 2
-    from autosam2.data.polyp_gen import PolypGenDataset
-
-    dataset = PolypGenDataset(args.root, args.split)
-    names = [args.sequence] if args.sequence else dataset.sequence_names
-    for name in names:
-        if name not in dataset.sequences:
-            print(f"{args.root}: no sequence {name!r} in split {args.split}", file=sys.stderr)
-            return 2
-        video = dataset.load_sequence(name)
-        print(
-            _summarise(
-                args.split, name, collate_clips([video]), (video.frames[0].name, video.frames[-1].name)
-            )
-        )
-    return 0
+# name -> (module:function, help); every command parses its own arguments
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("autosam2.train:main", "train AutoSAM2 (alone, under torchrun, or under srun)"),
+    "evaluate": ("autosam2.evaluate:main", "streaming inference + metrics, masks and overlays of a split"),
+    "demo": ("autosam2.demo:main", "the whole mission on the embedded defaults, on the CPU"),
+    "synth": ("autosam2.data_commands:synth", "write a synthetic polyp_gen dataset (train + valid)"),
+    "validate": (
+        "autosam2.data_commands:validate",
+        "check a polyp_gen root; list every problem, one per line",
+    ),
+    "inspect": ("autosam2.data_commands:inspect", "summarise the sequences of a polyp_gen root or shard set"),
+    "bench": ("autosam2.bench:main", "benchmarks: data, train, infer, memory (one JSON object each)"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="autosam2", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    sub.add_parser("train", help="train AutoSAM2 (autosam2 train --help)", add_help=False)
-    sub.add_parser(
-        "evaluate", help="streaming inference + metrics (autosam2 evaluate --help)", add_help=False
+    parser = argparse.ArgumentParser(
+        prog="autosam2",
+        description="SAM2 with a learned prompt encoder for colon-polyp video segmentation.",
+        epilog="`autosam2 COMMAND --help` shows the options of a command.",
     )
-
-    p = sub.add_parser("synth", help="write a synthetic polyp_gen dataset (train + valid)")
-    p.add_argument("--out", type=Path, required=True, help="dataset root to create")
-    p.add_argument("--sequences", type=int, default=8, help="train sequences (default 8)")
-    p.add_argument(
-        "--valid-sequences", type=int, default=None, help="valid sequences (default: half of --sequences)"
-    )
-    p.add_argument("--frames", type=int, default=24, help="frames per sequence (default 24)")
-    p.add_argument("--size", type=int, default=256, help="frame side in pixels (default 256)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.set_defaults(func=_synth)
-
-    p = sub.add_parser("validate", help="check a polyp_gen root; list every problem, one per line")
-    p.add_argument("root", type=Path)
-    p.add_argument("--split", choices=["train", "valid"], default=None, help="check one split only")
-    p.set_defaults(func=_validate)
-
-    p = sub.add_parser(
-        "inspect", help="read the sequences of a polyp_gen root (or shard set) and summarise each"
-    )
-    p.add_argument("root", type=Path, nargs="?", default=None)
-    p.add_argument(
-        "--shards", type=Path, default=None, help="read a shard set through the evaluation stream instead"
-    )
-    p.add_argument("--image-size", type=int, default=256, help="with --shards: the stream's image size")
-    p.add_argument("--split", choices=["train", "valid"], default="valid")
-    p.add_argument("--sequence", default=None, help="one sequence (default: all)")
-    p.set_defaults(func=_inspect)
-
-    from autosam2 import bench
-
-    bench.add_parser(sub)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
-SUBPROGRAMS = {"train": "autosam2.train", "evaluate": "autosam2.evaluate", "demo": "autosam2.demo"}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    import importlib
-
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Bad input, a full disk, a run that cannot go on: reported in one line naming the file and the
+    problem, no traceback (ShardError is a DatasetError; OSError's message names its file)."""
     from autosam2.config import ConfigError
-    from autosam2.data.polyp_gen import DatasetError
-    from autosam2.engine.trainer import TrainingAborted
-    from autosam2.errors import CheckpointError, OutputDirInUse, RankLost
+    from autosam2.errors import CheckpointError, DatasetError, OutputDirInUse, RankLost, TrainingAborted
 
-    # bad input, a full disk, a run that cannot go on: one line naming the file and the problem, no
-    # traceback (ShardError is a DatasetError; OSError's message names its file)
-    user_errors = (
+    return (
         ConfigError,
         DatasetError,
         CheckpointError,
@@ -158,19 +49,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         TrainingAborted,
         RankLost,
         OSError,
+        ValueError,
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in SUBPROGRAMS:  # commands with their own parser (the seed's flags)
-        try:
-            return importlib.import_module(SUBPROGRAMS[argv[0]]).main(argv[1:])
-        except (*user_errors, ValueError) as err:
-            print(f"autosam2 {argv[0]}: {err}", file=sys.stderr)
-            return 1
-    args = build_parser().parse_args(argv)
+    command = build_parser().parse_args(argv[:1]).command  # --help, a missing or unknown command: argparse
+    module, function = COMMANDS[command][0].split(":")
     try:
-        return args.func(args)
-    except user_errors as err:
-        print(f"autosam2 {args.command}: {err}", file=sys.stderr)
+        return getattr(importlib.import_module(module), function)(argv[1:])
+    except _user_errors() as err:
+        print(f"autosam2 {command}: {err}", file=sys.stderr)
         return 1
 
 

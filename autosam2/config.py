@@ -1,32 +1,91 @@
 """The run configuration: one typed dataclass tree, read from YAML with OmegaConf, dotted key=value overrides.
 
-Unknown keys and wrong types are refused (OmegaConf structured configs) before any heavy work, and
+The ground floor of the project: every module may import it, it imports none of ours, nor torch, sam2 or
+torchvision, so checking a config (the launcher on a login node does) costs only OmegaConf. Choices are
+Enums that compare, print and format as their value (`cfg.train.engine == "ddp"`). Unknown keys, wrong
+types and choices outside their Enum are refused by OmegaConf's structured configs before any heavy work;
 `validate` checks the values that types cannot. The merged config is written into the run directory.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, is_dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from autosam2.data.transforms import AugmentConfig
-from autosam2.losses import LossWeights
-from autosam2.model.autosam2 import FreezeConfig
-from autosam2.model.prompt_encoder import PromptEncoderConfig
-from autosam2.model.sam2_builder import CONFIGS
-
 
 class ConfigError(ValueError):
     """A config file, override or value that cannot be used; the message names it."""
 
 
+# choices ------------------------------------------------------------------------------------------------
+
+
+class Dataset(StrEnum):
+    polyp_gen = "polyp_gen"
+
+
+# SAM2.1 model sizes; the names are what users write (`model.variant=hiera_b+`), not identifiers
+Variant = StrEnum("Variant", [(v, v) for v in ("hiera_t", "hiera_s", "hiera_b+", "hiera_l")], module=__name__)
+
+
+class ClipMode(StrEnum):
+    video = "video"  # frame 0 conditions, frames 1.. attend to SAM2's memory
+    frame = "frame"  # every frame a conditioning frame, no memory
+
+
+class PromptKind(StrEnum):
+    features = "features"  # a light head over SAM2's own FPN features
+    cnn = "cnn"  # AutoSAM's design: a separate torchvision CNN on the image
+
+
+class PromptBackbone(StrEnum):
+    resnet18 = "resnet18"
+    resnet34 = "resnet34"
+    resnet50 = "resnet50"
+    resnet101 = "resnet101"
+
+
+OnError = StrEnum("OnError", [("raise", "raise"), ("skip", "skip")], module=__name__)
+
+
+class Precision(StrEnum):
+    bf16 = "bf16"  # autocast over fp32 weights, on GPUs; CPU runs stay fp32
+    fp32 = "fp32"
+
+
+class EngineKind(StrEnum):
+    ddp = "ddp"
+    deepspeed = "deepspeed"
+
+
+# the tree -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AugmentConfig:
+    """Ranges of the per-clip augmentation; every frame of a clip gets the same draw."""
+
+    enabled: bool = True
+    hflip: float = 0.5
+    vflip: float = 0.0
+    degrees: float = 15.0
+    translate: float = 0.1  # fraction of the image side
+    scale_min: float = 0.85
+    scale_max: float = 1.15
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+
+
 @dataclass
 class DataConfig:
-    dataset: str = "polyp_gen"
+    dataset: Dataset = Dataset.polyp_gen
     train: str = "demo/shards/train"  # a shard set (manifest.json) or a polyp_gen root (split train)
     valid: str = "demo/shards/valid"  # a shard set or a polyp_gen root (split valid)
     clip_len: int = 8
@@ -34,17 +93,39 @@ class DataConfig:
     num_workers: int = 2
     shuffle_buffer: int = 64
     batches_per_epoch: int | None = None  # per rank; None: samples / (batch x ranks)
-    on_error: str = "raise"  # raise | skip
+    on_error: OnError = OnError["raise"]
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
+class PromptEncoderConfig:
+    """`kind`: "features" (a light head over SAM2's FPN features, nearly free) or "cnn" (AutoSAM's own
+    design: a separate CNN image encoder, `backbone` from torchvision with weights from a local file)."""
+
+    kind: PromptKind = PromptKind.features
+    hidden: int = 128
+    num_sparse: int = 0
+    backbone: PromptBackbone = PromptBackbone.resnet34
+    backbone_weights: str | None = None
+
+
+@dataclass
+class FreezeConfig:
+    """Which parts stay frozen (AutoSAM's default: all of SAM2; only the prompt encoder learns)."""
+
+    image_encoder: bool = True
+    mask_decoder: bool = True
+    memory: bool = True
+    prompt_encoder: bool = False
+
+
+@dataclass
 class ModelConfig:
-    variant: str = "hiera_t"
+    variant: Variant = Variant["hiera_t"]
     image_size: int = 1024
     checkpoint: str | None = None  # official SAM2 checkpoint; None: random init
     multimask_output: bool = False
-    clip_mode: str = "video"  # video: frames 1.. attend to memory; frame: every frame conditioning
+    clip_mode: ClipMode = ClipMode.video
     prompt: PromptEncoderConfig = field(default_factory=PromptEncoderConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
 
@@ -61,13 +142,23 @@ class OptimConfig:
 
 
 @dataclass
+class LossWeights:
+    """Weights of the loss terms (SAM2's own training: focal 20, dice 1, IoU 1, object score 1)."""
+
+    focal: float = 20.0
+    dice: float = 1.0
+    iou: float = 1.0
+    presence: float = 1.0
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 50
     max_steps: int | None = None  # optimizer steps; None: epochs x batches per epoch
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "bf16"  # bf16 (autocast, GPU only) | fp32
-    engine: str = "ddp"  # ddp | deepspeed
+    precision: Precision = Precision.bf16
+    engine: EngineKind = EngineKind.ddp
     deepspeed_config: str = "configs/deepspeed/zero2.json"
     output_dir: str = "output"
     checkpoint_every: int = 500  # optimizer steps
@@ -97,6 +188,9 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
+# reading ------------------------------------------------------------------------------------------------
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file, then ``key=value`` overrides; refused with one ConfigError."""
     merged = OmegaConf.structured(Config)
@@ -120,13 +214,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def section_from_dict(kind: type, values: dict[str, Any], source: str) -> Any:
+    """A config section (e.g. the ModelConfig a weights file carries) from plain values, checked like a
+    config file: unknown keys and bad choices are one ConfigError naming `source`."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(kind), values))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{source}: {_describe(err)}") from err
+
+
+_BAD_CHOICE = re.compile(r"Invalid value '(?P<value>.*)', expected one of \[(?P<choices>.*)\]")
+
+
 def _describe(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None)
     message = str(err).splitlines()[0]
+    choice = _BAD_CHOICE.match(message)
+    if key and choice:  # an Enum field: say it the way `validate` says the rest
+        options = choice["choices"].split(", ")
+        allowed = " or ".join(options) if len(options) == 2 else f"one of {options}"
+        return f"{key} must be {allowed}, got {choice['value']!r}"
     return f"{key}: {message}" if key else message
 
 
 def validate(cfg: Config) -> None:
+    """The rules types cannot state; one ConfigError listing every broken one."""
     problems = []
 
     def need(condition: bool, message: str) -> None:
@@ -134,42 +246,14 @@ def validate(cfg: Config) -> None:
             problems.append(message)
 
     need(
-        cfg.model.variant in CONFIGS,
-        f"model.variant must be one of {sorted(CONFIGS)}, got {cfg.model.variant!r}",
-    )
-    need(
         cfg.model.image_size % 32 == 0 and cfg.model.image_size >= 64,
         f"model.image_size must be a multiple of 32 and >= 64, got {cfg.model.image_size}",
-    )
-    need(
-        cfg.model.clip_mode in ("video", "frame"),
-        f"model.clip_mode must be video or frame, got {cfg.model.clip_mode!r}",
-    )
-    need(
-        cfg.model.prompt.kind in ("features", "cnn"),
-        f"model.prompt.kind must be features or cnn, got {cfg.model.prompt.kind!r}",
-    )
-    need(
-        cfg.data.dataset == "polyp_gen",
-        f"data.dataset: only polyp_gen is supported, got {cfg.data.dataset!r}",
     )
     need(
         cfg.data.clip_len >= 1 and cfg.data.batch_size >= 1, "data.clip_len and data.batch_size must be >= 1"
     )
     need(
-        cfg.data.on_error in ("raise", "skip"),
-        f"data.on_error must be raise or skip, got {cfg.data.on_error!r}",
-    )
-    need(
-        cfg.train.engine in ("ddp", "deepspeed"),
-        f"train.engine must be ddp or deepspeed, got {cfg.train.engine!r}",
-    )
-    need(
-        cfg.train.precision in ("bf16", "fp32"),
-        f"train.precision must be bf16 or fp32, got {cfg.train.precision!r}",
-    )
-    need(
-        cfg.train.device == "auto" or cfg.train.device == "cpu" or cfg.train.device.startswith("cuda"),
+        re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.train.device) is not None,
         f"train.device must be auto, cpu, cuda or cuda:N, got {cfg.train.device!r}",
     )
     need(
@@ -187,9 +271,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError("invalid config: " + "; ".join(problems))
 
 
+# writing ------------------------------------------------------------------------------------------------
+
+
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def to_dict(cfg: Config) -> dict[str, Any]:
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+def to_dict(section: Any) -> dict[str, Any]:
+    """Plain values (choices as strings) of the tree or of one section: for MLflow params, weights files."""
+    if not is_dataclass(section):
+        raise TypeError(f"expected a config dataclass, got {type(section).__name__}")
+    return OmegaConf.to_container(OmegaConf.structured(section), resolve=True, enum_to_str=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from autosam2.data.polyp_gen import MASK_THRESHOLD
+from autosam2.data.codec import MASK_THRESHOLD
 from autosam2.metrics import frame_metrics
 
 EXPERIMENT = "autosam2-demo"
@@ -70,6 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     out = args.out.resolve()
     root, shards, run = out / "polyp_gen", out / "shards", out / "run"
+    _data(root, shards)
+    _train(args, shards, run)
+    summaries = _evaluate(root, shards, run, out / "results")
+    _summary(summaries, f"sqlite:///{run}/mlflow.db", out)
+    print(f"demo finished in {(time.perf_counter() - start) / 60:.1f} minutes")
+    return 0
+
+
+def _data(root: Path, shards: Path) -> None:
+    """Synthetic videos, checked, then sharded and verified as a user would."""
     python = sys.executable
     t = _step("synthetic polyp videos")
     _run([python, "-m", "autosam2.cli", "synth", "--out", str(root), "--overwrite"])
@@ -78,27 +88,13 @@ def main(argv: list[str] | None = None) -> int:
 
     t = _step("WebDataset shards")
     for split in ("train", "valid"):
-        _run(
-            [
-                python,
-                "-m",
-                "shards",
-                "build",
-                str(root),
-                "--split",
-                split,
-                "--out",
-                str(shards / split),
-                "--frames-per-sample",
-                "8",
-                "--max-shard-mb",
-                "0.3",
-                "--overwrite",
-            ]
-        )
+        build = [python, "-m", "shards", "build", str(root), "--split", split, "--out", str(shards / split)]
+        _run([*build, "--frames-per-sample", "8", "--max-shard-mb", "0.3", "--overwrite"])
         _run([python, "-m", "shards", "verify", str(shards / split)])
     print(f"({time.perf_counter() - t:.0f} s)")
 
+
+def _train(args: argparse.Namespace, shards: Path, run: Path) -> None:
     t = _step(f"training: {args.nproc} processes, DDP on the CPU")
     shutil.rmtree(run, ignore_errors=True)  # a fresh run: the demo measures learning from step 0
     overrides = [
@@ -109,58 +105,37 @@ def main(argv: list[str] | None = None) -> int:
         "tracking.run_name=train",
         *args.overrides,
     ]
-    _run(
-        [
-            python,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            str(args.nproc),
-            "-m",
-            "autosam2.cli",
-            "train",
-            "--config",
-            args.config,
-            *overrides,
-        ]
-    )
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+    _run([*torchrun, str(args.nproc), "-m", "autosam2.cli", "train", "--config", args.config, *overrides])
     print(f"({time.perf_counter() - t:.0f} s)")
 
+
+def _evaluate(root: Path, shards: Path, run: Path, results: Path) -> dict[str, tuple[dict, dict]]:
+    """The untrained and the trained model, in video and per-frame mode: metrics and hard-frame Dice."""
     t = _step("evaluation on the valid sequences")
-    uri = f"sqlite:///{run}/mlflow.db"
     summaries = {}
     for label, weights, mode in (
         ("untrained", "initial.pt", "video"),
         ("trained, video (memory)", "final.pt", "video"),
         ("trained, per frame", "final.pt", "frame"),
     ):
-        target = out / "results" / f"{weights.removesuffix('.pt')}-{mode}"
-        _run(
-            [
-                python,
-                "-m",
-                "autosam2.cli",
-                "evaluate",
-                "--weights",
-                str(run / weights),
-                "--data",
-                str(shards / "valid"),
-                "--output-dir",
-                str(target),
-                "--mode",
-                mode,
-                "--tracking-uri",
-                uri,
-                "--experiment",
-                EXPERIMENT,
-                "--overwrite",
-                "--cpu",
-            ]
-        )
+        target = results / f"{weights.removesuffix('.pt')}-{mode}"
+        evaluate = [sys.executable, "-m", "autosam2.cli", "evaluate", "--weights", str(run / weights)]
+        evaluate += ["--data", str(shards / "valid"), "--output-dir", str(target), "--mode", mode, "--cpu"]
+        evaluate += [
+            "--tracking-uri",
+            f"sqlite:///{run}/mlflow.db",
+            "--experiment",
+            EXPERIMENT,
+            "--overwrite",
+        ]
+        _run(evaluate)
         summaries[label] = (json.loads((target / "metrics.json").read_text()), hard_frame_dice(root, target))
     print(f"({time.perf_counter() - t:.0f} s)")
+    return summaries
 
+
+def _summary(summaries: dict[str, tuple[dict, dict]], uri: str, out: Path) -> None:
     print("\n== summary")
     print(
         f"{'model':<26} {'dice':>6} {'iou':>6} {'S-measure':>9} {'mean E':>7}   dice on: {'blur/haze':>9} {'occluded':>8} {'other':>6}"
@@ -176,5 +151,3 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"\nmlflow ui --backend-store-uri {uri} --port 5000    # then open http://127.0.0.1:5000")
     print(f"overlays (GIF per valid sequence): {out / 'results' / 'final-video' / 'overlays'}")
-    print(f"demo finished in {(time.perf_counter() - start) / 60:.1f} minutes")
-    return 0

@@ -7,6 +7,10 @@ import shutil
 from pathlib import Path
 
 
+class DatasetError(ValueError):
+    """A dataset root or file that cannot be read; the message names the file and the problem."""
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint or weights file that cannot be written or loaded; the message names the file."""
 
@@ -17,6 +21,10 @@ class OutputDirInUse(RuntimeError):
 
 class RankLost(RuntimeError):
     """Another rank of the run stopped (its own error says why), so this rank's collective failed."""
+
+
+class TrainingAborted(RuntimeError):
+    """Training cannot go on (too many non-finite losses in a row); the message gives the remedy."""
 
 
 def write_failure(err: BaseException, path: str | Path) -> str:

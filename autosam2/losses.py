@@ -10,18 +10,10 @@ Shape legend: T frames, B clips, H x W pixels.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-
-@dataclass
-class LossWeights:
-    focal: float = 20.0
-    dice: float = 1.0
-    iou: float = 1.0
-    presence: float = 1.0
+from autosam2.config import LossWeights
 
 
 def focal_loss(

@@ -368,6 +368,19 @@ class MetricAccumulator:
             self._curves.setdefault(sequence, []).append(curves)
         return metrics
 
+    def merge(self, other: MetricAccumulator) -> None:
+        """Take in another accumulator's sequences (another rank's, say); names must not repeat and the
+        modes must agree, so the merged summary is the one a single accumulator would give."""
+        if (other.mode, other.drop_first_last) != (self.mode, self.drop_first_last):
+            raise ValueError(
+                f"cannot merge a {other.mode!r} accumulator into a {self.mode!r} one (or their frame dropping differs)"
+            )
+        repeated = sorted(set(self._frames) & set(other._frames))
+        if repeated:
+            raise ValueError(f"sequences {repeated} are in both accumulators")
+        self._frames.update(other._frames)
+        self._curves.update(other._curves)
+
     def add_sequence(self, name: str, probs_THW: Any, gts_THW: Any) -> None:
         """Score a whole sequence ``[T,H,W]`` in frame order; the name must be new."""
         if name in self._frames:

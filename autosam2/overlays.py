@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from autosam2.atomic import atomic_file
+
 
 def _outline(mask_HW: np.ndarray) -> np.ndarray:
     inner = mask_HW.copy()
@@ -40,11 +42,10 @@ def write_gif(frames: Sequence[Image.Image], path: str | Path, fps: float = 6.0,
     shrunk = [f.copy() for f in frames]
     for f in shrunk:
         f.thumbnail((max_side, max_side))
-    tmp = path.with_name(f".{path.name}.tmp")
-    shrunk[0].save(
-        tmp, format="GIF", save_all=True, append_images=shrunk[1:], duration=int(1000 / fps), loop=0
-    )
-    tmp.replace(path)
+    with atomic_file(path) as f:
+        shrunk[0].save(
+            f, format="GIF", save_all=True, append_images=shrunk[1:], duration=int(1000 / fps), loop=0
+        )
     return path
 
 

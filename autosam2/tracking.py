@@ -23,12 +23,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import subprocess
 import time
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import unquote
+
+from autosam2.config import TrackingConfig
 
 _log = logging.getLogger(__name__)
 
@@ -83,8 +86,6 @@ class MetricLogger(Protocol):
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
 
-    def log_text(self, text: str, artifact_file: str) -> None: ...
-
     def close(self, status: str = "FINISHED") -> None: ...
 
 
@@ -105,9 +106,6 @@ class NullLogger:
         pass
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        pass
-
-    def log_text(self, text: str, artifact_file: str) -> None:
         pass
 
     def close(self, status: str = "FINISHED") -> None:
@@ -264,9 +262,6 @@ class MLflowLogger:
                 "log artifact", lambda: self._client.log_artifact(self._run_id, str(path), artifact_path)
             )
 
-    def log_text(self, text: str, artifact_file: str) -> None:
-        self._send("log text", lambda: self._client.log_text(self._run_id, text, artifact_file))
-
     def close(self, status: str = "FINISHED") -> None:
         """Stop system metrics and end the run with `status`; later calls are no-ops."""
         if status not in TERMINAL_STATUSES:
@@ -395,6 +390,48 @@ def make_logger(
         system_metrics=system_metrics,
         system_metrics_interval_s=system_metrics_interval_s,
     )
+
+
+def start_run(
+    cfg: TrackingConfig,
+    out: Path,
+    rank: int,
+    run_id: str | None,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str],
+    config_file: Path,
+) -> MetricLogger:
+    """A training run's logger (MLflow on rank 0): resumed when `run_id` names one, else new with the
+    flattened `params`; tagged with the git commit and `tags`; the merged config file as an artifact."""
+    logger = make_logger(
+        rank,
+        cfg.enabled,
+        cfg.uri or default_tracking_uri(out),
+        cfg.experiment,
+        cfg.run_name,
+        run_id=run_id,
+        system_metrics=cfg.system_metrics,
+    )
+    if run_id is None:
+        logger.log_params(params)
+    logger.set_tags({"git_commit": git_commit(), **tags})
+    logger.log_artifact(config_file)
+    return logger
+
+
+def git_commit() -> str:
+    """The commit of the code that runs, or "unknown" outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).parent,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def _bound_http_env() -> None:

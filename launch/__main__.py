@@ -1,7 +1,8 @@
 """`python -m launch train|evaluate|shard --cluster slurm|local|debug [options] -- [autosam2 args]`.
 
-Submits through submitit: training as a Checkpointable job (one task per GPU, the torch.distributed
-environment exported from SLURM's), evaluation as one task, sharding as a job array plus a merge job.
+Submits through submitit: training as a Checkpointable job (one task per GPU; each task maps SLURM's
+variables to torch.distributed's as `autosam2 train` does under srun), evaluation as one task, sharding as
+a job array plus a merge job. Arguments after `--` are parsed once, by the command's own parser.
 The job folder, with every task's logs, lives under the run's output directory.
 """
 
@@ -28,7 +29,6 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.argv = argv
 
     def __call__(self) -> dict[str, Any]:
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
         from autosam2.train import run
 
@@ -159,12 +159,11 @@ def _report(job: submitit.Job, what: str, tasks: int) -> None:
 
 
 def _output_dir_of(what: str, argv: list[str]) -> Path:
-    """Where an evaluate or shard job writes (train's comes from its config)."""
+    """Where an evaluate or shard job writes (train's comes from its config), read by its own parser."""
     if what == "evaluate":
-        for i, item in enumerate(argv):
-            if item == "--output-dir" and i + 1 < len(argv):
-                return Path(argv[i + 1])
-        return Path("results")
+        from autosam2.evaluate import build_parser as evaluate_parser
+
+        return Path(evaluate_parser().parse_args(argv).output_dir)
     from shards.__main__ import build_parser as shard_parser
 
     return Path(shard_parser().parse_args(["build", *argv]).out).parent
@@ -179,12 +178,12 @@ def submit(argv: Sequence[str] | None = None) -> list[submitit.Job]:
     if args.what == "train" and args.tracking_uri:
         rest.append(f"tracking.uri={args.tracking_uri}")
     if args.what == "train":
+        from autosam2.engine.inputs import check_inputs
         from autosam2.engine.run_lock import check_free
-        from autosam2.train import build_parser as train_parser
-        from autosam2.train import check_inputs, config_from_args
+        from autosam2.train import parse_config
 
         # before the job waits in the queue: the whole config, every input, no live run in the folder
-        cfg = config_from_args(train_parser().parse_args(rest))
+        cfg = parse_config(rest)
         check_inputs(cfg)
         out = Path(cfg.train.output_dir).resolve()
         check_free(out)
@@ -240,8 +239,7 @@ def submit(argv: Sequence[str] | None = None) -> list[submitit.Job]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from autosam2.config import ConfigError
-    from autosam2.data.polyp_gen import DatasetError
-    from autosam2.errors import CheckpointError, OutputDirInUse
+    from autosam2.errors import CheckpointError, DatasetError, OutputDirInUse
 
     try:
         submit(argv)

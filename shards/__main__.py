@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from autosam2.data.polyp_gen import DatasetError
+    from autosam2.errors import DatasetError
 
     try:
         return run(args)

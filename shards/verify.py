@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import tarfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
-from autosam2.data.polyp_gen import DatasetError, decode_image
+from autosam2.data.codec import decode_image, mask_values
 from autosam2.data.sample_format import SampleRecord, ShardError, read_manifest
+from autosam2.errors import DatasetError
 
 
 def _members(path: Path) -> tuple[dict[str, dict[str, bytes]], list[str], str | None]:
@@ -64,10 +63,9 @@ def _check_sample(shard: str, key: str, members: dict[str, bytes]) -> tuple[list
             problems.append(f"{where}: member {mask_member} is missing")
             continue
         try:
-            with Image.open(io.BytesIO(members[mask_member])) as im:
-                values = np.asarray(im.convert("L"))
-        except (OSError, SyntaxError) as err:
-            problems.append(f"{where}: {mask_member}: cannot decode mask ({err})")
+            values = mask_values(members[mask_member], mask_member)
+        except DatasetError as err:
+            problems.append(f"{where}: {err}")
             continue
         if not np.isin(values, (0, 255)).all():
             problems.append(f"{where}: {mask_member} is not binary (values other than 0 and 255)")

@@ -23,9 +23,11 @@ from typing import Any
 import webdataset as wds
 
 import autosam2
-from autosam2.atomic import atomic_directory, atomic_write_json
-from autosam2.data.polyp_gen import LIST_FILES, DatasetError, SequenceFiles, image_size, scan_split
+from autosam2.atomic import atomic_directory, atomic_file, atomic_write_json
+from autosam2.data.codec import image_size
+from autosam2.data.polyp_gen import LIST_FILES, SequenceFiles, scan_split
 from autosam2.data.sample_format import FORMAT, FORMAT_VERSION, MANIFEST, encode_sample
+from autosam2.errors import DatasetError
 
 PARTS_DIR = "parts"
 TAR_OVERHEAD = 1536  # bytes per member: header + padding, for the size estimate
@@ -83,11 +85,10 @@ def _sha256(path: Path) -> str:
 def write_shard(job: ShardJob, folder: Path) -> dict[str, Any]:
     """Write one shard to a temp name in `folder`, rename it, and return its manifest entry."""
     final = folder / job.name
-    tmp = folder / f".{job.name}.tmp"
     samples: list[str] = []
     frames = 0
     sequences = {}
-    with wds.TarWriter(str(tmp), encoder=False) as writer:
+    with atomic_file(final) as stream, wds.TarWriter(stream, encoder=False) as writer:
         for seq in job.sequences:
             n = len(seq.frames)
             chunks = math.ceil(n / job.frames_per_sample)
@@ -102,7 +103,6 @@ def write_shard(job: ShardJob, folder: Path) -> dict[str, Any]:
                 samples.append(sample["__key__"])
                 frames += len(files)
             sequences[seq.name] = {"frames": n, "samples": chunks, "size": list(size)}
-    os.replace(tmp, final)
     return {
         "name": job.name,
         "samples": samples,

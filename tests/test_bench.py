@@ -6,9 +6,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from autosam2.bench import _TensorBytes
+from autosam2.bench.memory import peak_bytes
 from autosam2.cli import main
-from autosam2.model.prompt_encoder import PromptEncoderConfig
+from autosam2.config import PromptEncoderConfig
 from autosam2.model.sam2_builder import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,48 +69,47 @@ def test_bench_infer_reports_streaming_against_the_encoder(capsys):
     )
 
 
-def test_tensor_byte_counter_agrees_with_torchs_memtracker():
-    # MemTracker works where every parameter is trainable; our counter must give the same peak there
+def test_peak_bytes_agrees_with_torchs_memtracker():
+    # MemTracker counts op outputs; on ops without workspaces (linear layers) the allocator's peak is theirs
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    def steps(model, optimizer, counter):
+    def fresh():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 32))
+        return model, torch.optim.AdamW(model.parameters())
+
+    def steps(model, optimizer, after_step=lambda: None):
         for _ in range(2):
-            x = torch.randn(4, 3, 32, 32)
-            model(x).square().mean().backward()
+            model(torch.randn(128, 64)).square().mean().backward()
             optimizer.step()
             optimizer.zero_grad()
-            if isinstance(counter, MemTracker):
-                counter.reset_mod_stats()  # its module statistics are per iteration; the peak is kept
+            after_step()
 
-    peaks = []
-    for make_counter in (MemTracker, lambda: _TensorBytes(torch.device("cpu"))):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.GELU(), nn.Conv2d(16, 8, 3, padding=1))
-        optimizer = torch.optim.AdamW(model.parameters())
-        counter = make_counter()
-        if isinstance(counter, MemTracker):
-            counter.track_external(model, optimizer)
-        with counter:
-            steps(model, optimizer, counter)
-        if isinstance(counter, MemTracker):
-            peaks.append(counter.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"])
-        else:
-            weights = sum(p.numel() * p.element_size() for p in model.parameters())
-            peaks.append(weights + counter.peak)
-    assert peaks[0] > 0 and peaks[1] == peaks[0]
+    model, optimizer = fresh()
+    tracker = MemTracker()
+    tracker.track_external(model, optimizer)
+    with tracker:  # its module statistics are per iteration; the peak is kept
+        steps(model, optimizer, tracker.reset_mod_stats)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    expected = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"] - weights
+    model, optimizer = fresh()
+    assert expected > 0 and peak_bytes(lambda: steps(model, optimizer), torch.device("cpu")) == expected
 
 
-def test_tensor_byte_counter_counts_storages_once_and_frees_them():
-    counter = _TensorBytes(torch.device("cpu"))
-    with counter:
+def test_peak_bytes_counts_what_lives_at_once_and_not_what_came_before():
+    before = torch.empty(1 << 20)  # 4 MiB, made before: never counted, not even when freed inside
+
+    def run():
+        nonlocal before
         a = torch.empty(1 << 18)  # 1 MiB
         view = a[10:]
         del a, view
         b = torch.empty(1 << 19)  # 2 MiB
-        assert counter.live == 1 << 21
-    assert counter.peak == 1 << 21
-    del b
-    assert counter.live == 0
+        doubled = before.clone()  # 4 MiB
+        before = None
+        del b, doubled
+
+    assert peak_bytes(run, torch.device("cpu")) == (1 << 21) + (1 << 22)
 
 
 def test_bench_memory_reports_a_configs_training_step(capsys, tmp_path):

@@ -11,22 +11,20 @@ import pytest
 import torch
 
 from autosam2.config import load_config
-from autosam2.engine.checkpoint import Checkpointer, StopSignal, save_weights
+from autosam2.engine.checkpoint import Checkpointer, LoopState, StopSignal
 from autosam2.engine.engines import DDPEngine
-from autosam2.engine.trainer import LoopState
 from autosam2.errors import CheckpointError
-from tests.conftest import truncate
-from tests.test_engine import INFO, TinyModel, make_trainer
+from tests.helpers import INFO, TinyModel, make_trainer, truncate
 
 
 def saved(tmp_path: Path, steps=(2, 4, 6), keep: int = 2) -> tuple[Checkpointer, DDPEngine, TinyModel]:
     model = TinyModel()
-    engine = DDPEngine(model, load_config(None, []), 10, INFO)
+    engine = DDPEngine(model, load_config(None, []).optim, 10, INFO)
     checkpointer = Checkpointer(tmp_path, INFO, keep=keep)
     for step in steps:
         with torch.no_grad():
             model.conv.bias.fill_(float(step))  # each checkpoint's weights tell which one was loaded
-        checkpointer.save(engine, {"step": step, "epoch": 0, "batch": step})
+        checkpointer.save(engine, LoopState(step=step, batch=step))
     return checkpointer, engine, model
 
 
@@ -74,7 +72,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_one_warning_naming_the_file
     assert len(warning) == 1 and warning[0].startswith("warning: resuming from step_00000004"), warning
     assert f"step_00000006 (named by checkpoints/latest): {NAMED[damage]}" in warning[0]
     state = checkpointer.load(engine, step_dir(tmp_path, 4))
-    assert state["step"] == 4 and model.conv.bias.item() == 4.0
+    assert state.step == 4 and model.conv.bias.item() == 4.0
 
 
 def test_latest_naming_a_missing_folder_falls_back_to_the_newest_complete(tmp_path, capsys):
@@ -88,7 +86,7 @@ def test_latest_wins_over_a_newer_folder_of_another_timeline(tmp_path, capsys):
     """A run resumed from an older checkpoint writes its own `latest`; the abandoned newer folders stay."""
     checkpointer, engine, _ = saved(tmp_path, steps=(2, 4, 6))
     checkpointer.protected = step_dir(tmp_path, 4)
-    checkpointer.save(engine, {"step": 5, "epoch": 0, "batch": 5})
+    checkpointer.save(engine, LoopState(step=5, batch=5))
     assert step_dir(tmp_path, 6).is_dir()  # a higher step than the save: not this timeline's to prune
     assert checkpointer.resolve("auto") == step_dir(tmp_path, 5)
     assert capsys.readouterr().err == ""
@@ -131,12 +129,12 @@ def test_pruning_keeps_the_folder_resumed_from_and_a_complete_one(tmp_path):
     checkpointer, engine, _ = saved(tmp_path, steps=(2, 4))
     checkpointer.load(engine, step_dir(tmp_path, 2))  # protected from now on
     for step in (6, 8, 10):
-        checkpointer.save(engine, {"step": step, "epoch": 0, "batch": step})
+        checkpointer.save(engine, LoopState(step=step, batch=step))
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["latest", "step_00000002", "step_00000008", "step_00000010"]
     # a damaged folder is never counted as the complete one that pruning keeps
     truncate(step_dir(tmp_path, 10) / "engine.pt")
-    checkpointer.save(engine, {"step": 12, "epoch": 0, "batch": 12})
+    checkpointer.save(engine, LoopState(step=12, batch=12))
     assert step_dir(tmp_path, 12).is_dir() and Checkpointer.check(step_dir(tmp_path, 10)) is not None
     assert Checkpointer.check(step_dir(tmp_path, 8)) is None  # the complete one behind the new save
 
@@ -153,13 +151,13 @@ def test_saving_a_step_again_never_leaves_no_complete_checkpoint(tmp_path, monke
 
     monkeypatch.setattr(Path, "rename", die_on_second_rename)
     with pytest.raises(CheckpointError):
-        checkpointer.save(engine, {"step": 2, "epoch": 0, "batch": 9})
+        checkpointer.save(engine, LoopState(step=2, batch=9))
     monkeypatch.undo()
     assert not step_dir(tmp_path, 2).exists()
     found = checkpointer.resolve("auto")
     assert found is not None and found.name == "step_00000002.old"
-    assert checkpointer.load(engine, found)["batch"] == 2
-    checkpointer.save(engine, {"step": 2, "epoch": 0, "batch": 9})
+    assert checkpointer.load(engine, found).batch == 2
+    checkpointer.save(engine, LoopState(step=2, batch=9))
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["latest", "step_00000002", "step_00000002.old"]  # the one resumed from is kept
     assert checkpointer.resolve("auto") == step_dir(tmp_path, 2)
@@ -177,7 +175,7 @@ def test_a_full_disk_fails_the_save_in_one_line_and_keeps_the_last_checkpoint(tm
 
     monkeypatch.setattr(engine, "save", full)
     with pytest.raises(CheckpointError) as err:
-        checkpointer.save(engine, {"step": 4, "epoch": 0, "batch": 4})
+        checkpointer.save(engine, LoopState(step=4, batch=4))
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith(
@@ -190,17 +188,6 @@ def test_a_full_disk_fails_the_save_in_one_line_and_keeps_the_last_checkpoint(tm
     assert checkpointer.resolve("auto") == step_dir(tmp_path, 2)
 
 
-def test_weights_on_a_full_disk_name_the_file_and_leave_no_temp(tmp_path, monkeypatch):
-    def full(obj, f, *args, **kwargs):
-        f.write(b"x")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(CheckpointError, match=r"best\.pt: no space left on device writing weights"):
-        save_weights(tmp_path / "best.pt", TinyModel(), {}, full=True)
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_a_stop_on_a_checkpoint_step_saves_that_step_once(tmp_path):
     trainer, _ = make_trainer(tmp_path, TinyModel(), steps=50, overrides=["train.checkpoint_every=2"])
     trainer.stop = StopSignal((signal.SIGUSR2,))
@@ -208,7 +195,7 @@ def test_a_stop_on_a_checkpoint_step_saves_that_step_once(tmp_path):
     original_save, original_step = trainer.checkpointer.save, trainer.engine.step
 
     def counted(engine, state):
-        saves.append(state["step"])
+        saves.append(state.step)
         return original_save(engine, state)
 
     def step_then_signal():
@@ -238,3 +225,26 @@ def test_a_resume_past_the_end_of_a_shorter_epoch_goes_on_with_the_next(tmp_path
     trainer, _ = make_trainer(tmp_path, TinyModel(), steps=5)  # 3 batches an epoch
     state = trainer.fit(LoopState(step=1, epoch=0, batch=7))
     assert state.step == 5 and state.epoch == 2
+
+
+def test_checkpoints_are_complete_or_absent_and_resolve(tmp_path):
+    model = TinyModel()
+    cfg = load_config(None, [])
+    engine = DDPEngine(model, cfg.optim, 10, INFO)
+    checkpointer = Checkpointer(tmp_path, INFO, keep=2)
+    for step in (1, 2, 3):
+        checkpointer.save(engine, LoopState(step=step, batch=step))
+    folders = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert folders == ["latest", "step_00000002", "step_00000003"]
+    assert checkpointer.resolve("auto") == tmp_path / "checkpoints" / "step_00000003"
+    assert checkpointer.resolve("none") is None
+    (tmp_path / "checkpoints" / "step_00000004.tmp").mkdir()  # a save cut short is never picked
+    assert checkpointer.latest().name == "step_00000003"
+    with pytest.raises(CheckpointError, match="not a checkpoint folder"):
+        checkpointer.resolve(str(tmp_path))
+    with torch.no_grad():
+        model.conv.weight.add_(1.0)
+    state = checkpointer.load(engine, checkpointer.resolve("auto"))
+    assert state.step == 3 and float(model.conv.weight.detach().abs().max()) < 1.0
+    rng = torch.load(tmp_path / "checkpoints" / "step_00000003" / "rng_rank0.pt", weights_only=True)
+    assert "torch" in rng

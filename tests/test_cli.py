@@ -73,3 +73,23 @@ def test_inspect_reads_a_shard_set_through_the_stream(tiny_shards_pristine, caps
     assert len(out) == 1 and out[0].startswith(
         "valid/seq3: 12 frames 64x64, clip batch images (12, 1, 3, 64, 64)"
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (
+            ["evaluate", "--weights", "{tmp}/none.pt", "--cpu"],
+            "autosam2 evaluate: {tmp}/none.pt: weights file not found",
+        ),
+        (["train", "optim.lr=-1"], "autosam2 train: invalid config: optim.lr must be > 0"),
+        (
+            ["synth", "--out", "{tmp}/pg", "--frames", "0"],
+            "autosam2 synth: synthetic dataset needs size >= 32, frames >= 2",
+        ),
+    ],
+)
+def test_every_command_reports_bad_input_in_one_line_through_the_one_dispatcher(tmp_path, argv, line):
+    result = run(str(AUTOSAM2), *(a.format(tmp=tmp_path) for a in argv))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(line.format(tmp=tmp_path))

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from autosam2.cli import main as cli
-from tests.conftest import TORCHRUN_2, train_overrides, truncate
+from tests.helpers import TORCHRUN_2, train_overrides, truncate
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu"}

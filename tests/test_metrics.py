@@ -370,6 +370,26 @@ def test_sunseg_curves_are_averaged_across_sequences_before_the_max() -> None:
     assert acc.summary()["max_dice"] == approx(7 / 9)
 
 
+@pytest.mark.parametrize("mode", ["ours", "sunseg"])
+def test_merged_accumulators_give_the_summary_of_one(mode) -> None:
+    # how validation joins its ranks: the merged summary is the one a single accumulator would give,
+    # the sunseg curves included (averaged across sequences, then reduced)
+    rng = np.random.default_rng(0)
+    sequences = {name: (rng.random((4, 6, 6)), rng.random((4, 6, 6)) > 0.6) for name in ("a", "b", "c")}
+    whole, first, second = (MetricAccumulator(mode) for _ in range(3))
+    for name, (probs, gts) in sequences.items():
+        whole.add_sequence(name, probs, gts)
+        (first if name == "a" else second).add_sequence(name, probs, gts)
+    first.merge(second)
+    assert first.per_sequence() == whole.per_sequence() and first.summary() == whole.summary()
+    again = MetricAccumulator(mode)
+    again.add_sequence("a", *sequences["a"])
+    with pytest.raises(ValueError, match=r"sequences \['a'\] are in both"):
+        first.merge(again)
+    with pytest.raises(ValueError, match="cannot merge"):
+        MetricAccumulator("ours").merge(MetricAccumulator("sunseg"))
+
+
 def test_summary_without_frames_raises() -> None:
     with pytest.raises(ValueError, match="no sequence"):
         MetricAccumulator().summary()

@@ -10,7 +10,7 @@ import mlflow
 import pytest
 from playwright.sync_api import sync_playwright
 
-from tests.conftest import kill_group, start_mlflow_server, train_overrides
+from tests.helpers import kill_group, start_mlflow_server, train_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"

@@ -6,13 +6,15 @@ import pytest
 import torch
 import torchvision
 
+from autosam2.config import FreezeConfig, ModelConfig, PromptEncoderConfig
 from autosam2.data.synthetic import SynthSpec, generate_sequence
 from autosam2.data.transforms import SAM2_MEAN, SAM2_STD
+from autosam2.errors import CheckpointError
 from autosam2.losses import clip_losses
-from autosam2.model.autosam2 import AutoSAM2, FreezeConfig
-from autosam2.model.prompt_encoder import PromptEncoderConfig, PromptOutput
+from autosam2.model.autosam2 import AutoSAM2
+from autosam2.model.prompt_encoder import PromptOutput
 from autosam2.model.sam2_builder import (
-    CheckpointError,
+    build_autosam2,
     build_model,
     load_sam2_checkpoint,
     save_sam2_checkpoint,
@@ -25,10 +27,8 @@ def make_model(
     freeze: FreezeConfig | None = None, prompt: PromptEncoderConfig | None = None, seed: int = 0
 ) -> AutoSAM2:
     torch.manual_seed(seed)
-    model = build_model("hiera_t", S)
-    model.attach_prompt_encoder(prompt or PromptEncoderConfig())
-    model.freeze(freeze or FreezeConfig())
-    return model
+    cfg = ModelConfig(image_size=S, prompt=prompt or PromptEncoderConfig(), freeze=freeze or FreezeConfig())
+    return build_autosam2(cfg)
 
 
 def synthetic_clip(frames: int = 3, start: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

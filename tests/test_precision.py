@@ -18,8 +18,8 @@ import torch
 from autosam2.config import load_config
 from autosam2.engine.dist import DistInfo
 from autosam2.engine.engines import DDPEngine, build_engine
-from autosam2.model.sam2_builder import build_model
-from tests.conftest import free_port
+from autosam2.model.sam2_builder import build_autosam2
+from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 INFO = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -28,10 +28,7 @@ S = 128
 
 def small_model(cfg):
     torch.manual_seed(0)
-    model = build_model("hiera_t", S)
-    model.attach_prompt_encoder(cfg.model.prompt)
-    model.freeze(cfg.model.freeze)
-    return model
+    return build_autosam2(cfg.model)
 
 
 def config(*overrides: str):
@@ -54,7 +51,7 @@ def test_sam2_cast_to_bf16_does_not_run_which_is_why_the_engines_autocast():
 def test_ddp_engine_autocasts_a_fp32_model():
     cfg = config()
     model = small_model(cfg)
-    engine = DDPEngine(model, cfg, 2, INFO, autocast=True)
+    engine = DDPEngine(model, cfg.optim, 2, INFO, autocast=True)
     out = engine.forward(torch.randn(2, 1, 3, S, S), per_frame=False)
     assert bf16_valued(out.iou_TB)  # the decoder's IoU head ran in bf16 (outputs are stacked in fp32)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -63,7 +60,7 @@ def test_ddp_engine_autocasts_a_fp32_model():
     after = dict(model.named_parameters())
     assert all(after[n].dtype == torch.float32 for n in before)
     assert any(not torch.equal(before[n], after[n]) for n in before)
-    fp32 = DDPEngine(small_model(cfg), cfg, 2, INFO)
+    fp32 = build_engine(small_model(cfg), cfg, 2, INFO)
     assert not fp32.autocast  # the CPU default
     assert not bf16_valued(fp32.forward(torch.randn(2, 1, 3, S, S), per_frame=False).iou_TB)
 
@@ -73,16 +70,14 @@ import json, sys, torch, torch.distributed as dist
 from autosam2.config import load_config
 from autosam2.engine.dist import DistInfo
 from autosam2.engine.engines import build_engine
-from autosam2.model.sam2_builder import build_model
+from autosam2.model.sam2_builder import build_autosam2
 
 dist.init_process_group("gloo")
 cfg = load_config(None, ["train.engine=deepspeed", "train.deepspeed_config=" + sys.argv[1],
                          "model.image_size=" + sys.argv[2], "data.clip_len=2", "model.freeze.mask_decoder=false"])
 torch.manual_seed(0)
 S = int(sys.argv[2])
-model = build_model("hiera_t", S)
-model.attach_prompt_encoder(cfg.model.prompt)
-model.freeze(cfg.model.freeze)
+model = build_autosam2(cfg.model)
 engine = build_engine(model, cfg, 2, DistInfo(0, 1, 0, torch.device("cpu")), autocast=True)
 before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 out = engine.forward(torch.randn(2, 1, 3, S, S), False)

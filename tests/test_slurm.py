@@ -12,7 +12,7 @@ import torch
 
 from launch.__main__ import submit
 from shards.verify import verify
-from tests.conftest import train_overrides
+from tests.helpers import train_overrides
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 LAUNCH = ["--cluster", "slurm", "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "30"]
@@ -105,7 +105,7 @@ def test_shard_array_job_writes_a_set_that_verify_accepts(slurm_cluster, train_d
 def test_a_failing_job_surfaces_its_own_error(slurm_cluster, train_data, tmp_path):
     import shutil
 
-    from tests.conftest import truncate
+    from tests.helpers import truncate
 
     broken = tmp_path / "broken"
     shutil.copytree(train_data["train"], broken)

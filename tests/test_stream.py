@@ -6,7 +6,7 @@ import torch
 from autosam2.data.polyp_gen import PolypGenDataset
 from autosam2.data.sample_format import ShardError
 from autosam2.data.stream import ClipStream, StreamConfig, make_loader, read_samples
-from tests.conftest import rewrite_tar, truncate
+from tests.helpers import rewrite_tar, truncate
 
 SHARD = "train-000-00000.tar"
 
@@ -202,21 +202,3 @@ def test_no_sequence_long_enough_for_a_clip_is_refused(tmp_path):
     build(tmp_path / "pg", "train", tmp_path / "shards", frames_per_sample=8)
     with pytest.raises(ShardError, match="no sequence has clip_len 4 frames \\(the longest has 3\\)"):
         ClipStream(tmp_path / "shards", "train", StreamConfig(clip_len=4))
-
-
-@pytest.mark.parametrize("source", ["shards", "folder"])
-def test_validation_reading_honours_the_error_policy(tiny_root, tiny_shards, capsys, source):
-    from autosam2.data.polyp_gen import DatasetError
-    from autosam2.data.sources import read_sequences
-
-    if source == "shards":
-        rewrite_tar(tiny_shards["train"] / SHARD, lambda n, d: b"junk" if n == "seq1__00001.f0000.jpg" else d)
-        path = tiny_shards["train"]
-    else:
-        truncate(tiny_root / "train" / "images" / "seq1" / "frame7.jpg")
-        path = tiny_root
-    with pytest.raises(DatasetError, match="seq1"):
-        list(read_sequences(path, "train", 0, 1))
-    kept = [v.video_id for v in read_sequences(path, "train", 0, 1, on_error="skip")]
-    assert kept == ["seq2"]
-    assert "warning: skipped" in capsys.readouterr().err

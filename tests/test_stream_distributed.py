@@ -6,7 +6,7 @@ from pathlib import Path
 
 from autosam2.data.synthetic import SynthSpec, write_dataset
 from shards.writer import build
-from tests.conftest import TORCHRUN_2
+from tests.helpers import TORCHRUN_2
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ from autosam2.cli import main
 from autosam2.data import synthetic
 from autosam2.data.polyp_gen import PolypGenDataset, validate_root
 from autosam2.data.synthetic import SynthSpec, generate_sequence, write_dataset
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 
 def digest(root: Path) -> dict[str, str]:

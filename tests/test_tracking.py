@@ -24,7 +24,7 @@ from autosam2.tracking import (
     flatten_config,
     make_logger,
 )
-from tests.conftest import free_port, kill_group
+from tests.helpers import free_port, kill_group
 
 
 @pytest.fixture(autouse=True)
@@ -83,7 +83,8 @@ def _log_everything(logger: MLflowLogger, tmp_path: Path) -> dict[str, str]:
     (results / "seq1" / "mask.png").write_bytes(b"png")
     logger.log_artifact(weights)
     logger.log_artifact(results, artifact_path="eval")
-    logger.log_text("model:\n  variant: hiera_t\n", "config.yaml")
+    (tmp_path / "config.yaml").write_text("model:\n  variant: hiera_t\n")
+    logger.log_artifact(tmp_path / "config.yaml")
     expected = flatten_config(params)
     expected["long"] = expected["long"][: MAX_PARAM_VALUE_CHARS - 3] + "..."
     return expected
@@ -205,7 +206,6 @@ def test_unreachable_server_never_stops_training(tmp_path: Path) -> None:
         for step in range(20):
             logger.log_metrics({"loss": 0.5}, step=step)
         logger.set_tags({"a": "b"})
-        logger.log_text("x", "x.txt")
         logger.close()
     elapsed = time.monotonic() - start
     assert len([w for w in caught if issubclass(w.category, TrackingWarning)]) == 1
@@ -292,7 +292,6 @@ def test_null_logger_and_make_logger(sqlite_uri: str, tmp_path: Path) -> None:
     null.log_metrics({"loss": 1.0}, step=0)
     null.set_tags({"a": "b"})
     null.log_artifact(tmp_path / "anything")
-    null.log_text("x", "x.txt")
     null.close()
     assert isinstance(make_logger(0, False, sqlite_uri, "polyp", "r"), NullLogger)
     assert not (tmp_path / "out").exists()  # neither touched the store

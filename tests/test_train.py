@@ -14,9 +14,8 @@ import psutil
 import pytest
 import torch
 
-from autosam2.config import ConfigError, load_config
 from autosam2.train import build_parser, config_from_args
-from tests.conftest import TORCHRUN_2, train_overrides
+from tests.helpers import TORCHRUN_2, train_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "autosam2.cli"]
@@ -65,36 +64,6 @@ def test_seed_flags_map_onto_the_config_and_overrides_come_last(tmp_path):
     assert cfg.optim.lr == 0.003 and cfg.train.output_dir == str(tmp_path)
     gpu = config_from_args(build_parser().parse_args(["--gpu", "1", "--checkpoint", "sam2.pt"]))
     assert gpu.train.device == "cuda:1" and gpu.model.checkpoint == "sam2.pt"
-
-
-def test_yaml_file_then_overrides(tmp_path):
-    path = tmp_path / "run.yaml"
-    path.write_text("model:\n  image_size: 512\n  freeze:\n    mask_decoder: false\noptim:\n  lr: 0.01\n")
-    cfg = load_config(path, ["optim.lr=0.02"])
-    assert cfg.model.image_size == 512 and cfg.model.freeze.mask_decoder is False and cfg.optim.lr == 0.02
-    assert load_config(REPO / "configs" / "cpu_demo.yaml").model.image_size == 256
-
-
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [
-        (["optim.lrr=1"], "optim.lrr: Key 'lrr' not in 'OptimConfig'"),
-        (["optim.lr=fast"], "optim.lr: Value 'fast'"),
-        (["model.image_size=250"], "model.image_size must be a multiple of 32"),
-        (["train.engine=horovod"], "train.engine must be ddp or deepspeed"),
-        (["nonsense"], "expected key=value"),
-    ],
-)
-def test_bad_config_is_refused_with_one_clear_error(overrides, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        load_config(None, overrides)
-
-
-def test_unknown_key_in_a_file_names_the_file(tmp_path):
-    path = tmp_path / "bad.yaml"
-    path.write_text("train:\n  epoch: 3\n")
-    with pytest.raises(ConfigError, match=r"bad\.yaml: train\.epoch"):
-        load_config(path)
 
 
 def test_cli_reports_config_errors_without_a_traceback(tmp_path):

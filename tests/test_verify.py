@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 from shards.__main__ import main
-from tests.conftest import rewrite_tar, truncate
+from tests.helpers import rewrite_tar, truncate
 
 SHARD = "train-000-00000.tar"
 

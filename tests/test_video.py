@@ -20,7 +20,7 @@ def test_object_requires_bool_hw_mask():
         Object(POLYP_ID, 0, torch.zeros(4, 4, dtype=torch.uint8))
     with pytest.raises(ValueError, match="bool"):
         Object(POLYP_ID, 0, torch.zeros(1, 4, 4, dtype=torch.bool))
-    assert not Object(POLYP_ID, 0, torch.zeros(4, 4, dtype=torch.bool)).present
+    assert Object(POLYP_ID, 0, torch.zeros(4, 4, dtype=torch.bool)).mask_HW.shape == (4, 4)
 
 
 def test_frame_without_the_object_gives_an_empty_mask():

@@ -9,7 +9,6 @@ compression noise between 0 and 255.
 
 from __future__ import annotations
 
-import io
 import re
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,18 +18,21 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
+from autosam2.data.codec import (
+    MASK_THRESHOLD,
+    check_image,
+    decode_image,
+    decode_mask,
+    image_size,
+    mask_values,
+)
 from autosam2.data.video import POLYP_ID, Frame, Object, VideoDatapoint
+from autosam2.errors import DatasetError
 
 SPLITS = ("train", "valid")
 LIST_FILES = {"train": "train_list.txt", "valid": "val_list.txt"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-MASK_THRESHOLD = 128
-
-
-class DatasetError(ValueError):
-    """A dataset root or file that cannot be read; the message names the file and the problem."""
 
 
 @dataclass(frozen=True)
@@ -64,83 +66,6 @@ class ClipWindow(NamedTuple):
 def natural_key(name: str) -> list[int | str]:
     """Sort key that orders embedded numbers by value: frame2 < frame10."""
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
-
-
-WIDE_MODES = ("I;16", "I;16B", "I;16L", "I")  # 16-bit greyscale (PNG has no wider integer mode)
-DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError)
-
-
-def grey_values(im: Image.Image) -> np.ndarray:
-    """uint8 ``[H,W]`` grey values; a 16-bit image is scaled from its full range (65535 -> 255), not
-    clipped at 255, so its soft edges read as what they are. Rounded up: a non-zero value stays
-    non-zero, so a 16-bit 0/1 label map is still told from an empty mask."""
-    if im.mode in WIDE_MODES:
-        wide = np.asarray(im).astype(np.int64)
-        return ((np.clip(wide, 0, 65535) * 255 + 65534) // 65535).astype(np.uint8)
-    return np.asarray(im.convert("L"))
-
-
-def decode_image(data: bytes, source: str | Path) -> torch.Tensor:
-    """Decode image bytes to uint8 ``[3,H,W]`` RGB (grayscale, 16-bit, palette, RGBA and CMYK are
-    converted).
-
-    The result is a channel-first view of the decoded HWC array: stacking frames makes it contiguous,
-    so no channel-first copy is paid here.
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            if im.mode in WIDE_MODES:
-                rgb = np.repeat(grey_values(im)[..., None], 3, axis=2)
-            else:
-                rgb = np.array(im if im.mode == "RGB" else im.convert("RGB"))
-    except DECODE_ERRORS as err:
-        raise DatasetError(f"{source}: cannot decode image ({err})") from err
-    return torch.from_numpy(rgb).permute(2, 0, 1)
-
-
-def check_image(data: bytes, source: str | Path) -> tuple[int, int]:
-    """(H, W) of an image whose whole stream decodes; a JPEG is decoded at 1/8 scale (every byte is
-    read, so a cut file shows, but few pixels are made). DatasetError otherwise."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            width, height = im.size
-            if im.format == "JPEG":
-                im.draft(im.mode, (max(1, width // 8), max(1, height // 8)))
-            im.load()
-    except DECODE_ERRORS as err:
-        raise DatasetError(f"{source}: cannot decode image ({err})") from err
-    return height, width
-
-
-def decode_mask(data: bytes, source: str | Path) -> torch.Tensor:
-    """Decode mask bytes to bool ``[H,W]``: grey value >= MASK_THRESHOLD (of 255) is polyp."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.mode == "1":  # our shards' 1-bit PNG: no grey levels to threshold
-                return torch.from_numpy(np.array(im, dtype=bool))
-    except DECODE_ERRORS as err:
-        raise DatasetError(f"{source}: cannot decode mask ({err})") from err
-    return torch.from_numpy(mask_values(data, source) >= MASK_THRESHOLD)
-
-
-def mask_values(data: bytes, source: str | Path) -> np.ndarray:
-    """Grey values ``[H,W]`` (uint8) of a mask file."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return grey_values(im)
-    except DECODE_ERRORS as err:
-        raise DatasetError(f"{source}: cannot decode mask ({err})") from err
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """(H, W) from the file header, without decoding the pixels."""
-    try:
-        with Image.open(path) as im:
-            width, height = im.size
-    except DECODE_ERRORS as err:
-        raise DatasetError(f"{path}: cannot read image header ({err})") from err
-    return height, width
 
 
 def _image_files(folder: Path) -> dict[str, Path]:

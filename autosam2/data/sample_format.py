@@ -7,26 +7,17 @@ One sample is a chunk of consecutive frames of one sequence, keyed ``<sequence>_
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
-from autosam2.data.polyp_gen import (
-    DatasetError,
-    FrameFiles,
-    Problem,
-    check_frame,
-    decode_image,
-    decode_mask,
-    size_problem,
-)
+from autosam2.data.codec import decode_image, decode_mask, encode_mask_png
+from autosam2.data.polyp_gen import FrameFiles, Problem, check_frame, size_problem
 from autosam2.data.video import POLYP_ID, Frame, Object, VideoDatapoint
+from autosam2.errors import DatasetError
 
 FORMAT = "autosam2-polyp-shards"
 FORMAT_VERSION = 1
@@ -51,14 +42,6 @@ def frame_member(i: int, suffix: str) -> str:
 
 def mask_member(i: int) -> str:
     return f"m{i:04d}.png"
-
-
-def encode_mask_png(mask_HW: torch.Tensor) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(mask_HW.numpy().astype(np.uint8) * 255).convert("1").save(
-        buf, format="PNG", optimize=False
-    )
-    return buf.getvalue()
 
 
 @dataclass(frozen=True)

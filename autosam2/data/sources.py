@@ -1,14 +1,36 @@
-"""Shards or folders? The one answer: which a data path is, whether it can feed a run, and its sequences."""
+"""Shards or folders? The one answer: which a data path is, whether it can feed a run, the training
+batches a run draws from it and the whole sequences evaluation reads.
+
+A shard set (``manifest.json``) streams through `ClipStream`; a polyp_gen root is read frame by frame,
+for quick runs without shards and as the baseline the data benchmark compares the stream with
+(`FolderClips`: the same window, decode, resize and augmentation draw, seeded by (seed, epoch, index)).
+"""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from autosam2.data.polyp_gen import DatasetError, PolypGenDataset
+import numpy as np
+import torch
+
+from autosam2.config import AugmentConfig, DataConfig, OnError
+from autosam2.data.polyp_gen import PolypGenDataset
 from autosam2.data.sample_format import MANIFEST
-from autosam2.data.video import VideoDatapoint
+from autosam2.data.stream import (
+    ClipStream,
+    StreamConfig,
+    WorkerFailure,
+    ignore_stop_signals,
+    make_loader,
+    raise_worker_failures,
+    worker_seed,
+)
+from autosam2.data.transforms import resize_video, sample_augment
+from autosam2.data.video import ClipBatch, VideoDatapoint, collate_clips
+from autosam2.errors import DatasetError
 
 
 def is_shard_set(path: str | Path) -> bool:
@@ -19,8 +41,6 @@ def check_source(path: str | Path, split: str, clip_len: int | None = None, key:
     """Raise one error naming the path if it cannot feed `split` (with `clip_len`-frame training clips):
     no such folder, a broken manifest, a folder layout with problems, no sequence long enough. Reads
     manifests and file names only."""
-    from autosam2.data.stream import ClipStream, StreamConfig
-
     if is_shard_set(path):
         ClipStream(path, "train" if clip_len else "eval", StreamConfig(clip_len=clip_len or 1))
         return
@@ -35,18 +55,123 @@ def check_source(path: str | Path, split: str, clip_len: int | None = None, key:
         )
 
 
+# training -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainingBatches:
+    """What the loop draws from: `epoch(e)` yields epoch e's batches, the same ones every time it is
+    asked (a resume replays them up to its position); `per_epoch` batches per rank; `skipped()` counts
+    samples skipped for bad data so far."""
+
+    epoch: Callable[[int], Iterable[ClipBatch]]
+    per_epoch: int
+    skipped: Callable[[], int] = lambda: 0
+
+
+class FolderClips(torch.utils.data.Dataset):
+    """Clip windows of T frames from a polyp_gen split, resized and with their augmentation drawn."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        clip_len: int,
+        image_size: int,
+        seed: int = 0,
+        stride: int = 1,
+        augment: AugmentConfig | None = None,
+    ):
+        self.dataset = PolypGenDataset(root, split, clip_len=clip_len, stride=stride)
+        self.image_size = image_size
+        self.seed = seed
+        self.augment = augment or AugmentConfig()
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> VideoDatapoint | WorkerFailure:
+        rng = np.random.default_rng(worker_seed(self.seed, self.epoch, index))
+        try:
+            video = self.dataset[index]
+        except DatasetError as err:
+            if torch.utils.data.get_worker_info() is None:
+                raise
+            return WorkerFailure(err)  # raised as itself in the main process (collate_or_failure)
+        video = resize_video(video, self.image_size)
+        video.metadata["augment"] = sample_augment(rng, self.augment)
+        return video
+
+
+def collate_or_failure(items: list[VideoDatapoint | WorkerFailure]) -> ClipBatch | WorkerFailure:
+    """collate_clips, passing a worker's failure on instead (see `raise_worker_failures`)."""
+    failed = next((item for item in items if isinstance(item, WorkerFailure)), None)
+    return failed or collate_clips(items)
+
+
+def training_batches(
+    data: DataConfig, image_size: int, seed: int, rank: int, world_size: int, pin_memory: bool = False
+) -> TrainingBatches:
+    """The training batches of `data.train` for this rank: the shard stream, or clips of a folder."""
+    if is_shard_set(data.train):
+        stream_cfg = StreamConfig(
+            clip_len=data.clip_len,
+            batch_size=data.batch_size,
+            image_size=image_size,
+            seed=seed,
+            shuffle_buffer=data.shuffle_buffer,
+            batches_per_epoch=data.batches_per_epoch,
+            on_error=data.on_error,
+            augment=data.augment,
+        )
+        stream = ClipStream(data.train, "train", stream_cfg)
+
+        def shard_epoch(epoch: int) -> Iterable[ClipBatch]:
+            stream.set_epoch(epoch)
+            return make_loader(stream, data.num_workers, pin_memory=pin_memory)
+
+        return TrainingBatches(shard_epoch, stream.batches_per_rank(world_size), lambda: stream.skipped)
+    clips = FolderClips(data.train, "train", data.clip_len, image_size, seed=seed, augment=data.augment)
+    sampler = torch.utils.data.DistributedSampler(
+        clips, world_size, rank, shuffle=True, seed=seed, drop_last=True
+    )
+    per_epoch = data.batches_per_epoch or max(1, len(sampler) // data.batch_size)
+
+    def folder_epoch(epoch: int) -> Iterable[ClipBatch]:
+        sampler.set_epoch(epoch)
+        clips.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(
+            clips,
+            batch_size=data.batch_size,
+            sampler=sampler,
+            num_workers=data.num_workers,
+            collate_fn=collate_or_failure,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(seed),
+            worker_init_fn=ignore_stop_signals,
+        )
+        return (batch for i, batch in enumerate(raise_worker_failures(loader)) if i < per_epoch)
+
+    return TrainingBatches(folder_epoch, per_epoch)
+
+
+# evaluation ---------------------------------------------------------------------------------------------
+
+
 def read_sequences(
     source: str | Path,
     split: str,
     rank: int,
     world_size: int,
     limit: int | None = None,
-    on_error: str = "raise",
+    on_error: OnError | str = "raise",
 ) -> Iterator[VideoDatapoint]:
     """Whole sequences of a shard set (split by rank through the stream) or of a polyp_gen root. With
     ``on_error="skip"`` a sequence that cannot be read is left out with a warning."""
-    from autosam2.data.stream import ClipStream, StreamConfig
-
     if is_shard_set(source):
         stream = ClipStream(source, "eval", StreamConfig(image_size=None, on_error=on_error))
         names = sorted(stream.manifest["sequences"])[:limit] if limit else None

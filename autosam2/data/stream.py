@@ -38,12 +38,11 @@ import torch
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from autosam2.data.polyp_gen import DatasetError
+from autosam2.config import AugmentConfig, OnError
 from autosam2.data.sample_format import ShardError, decode_sample, read_manifest, sample_record
-from autosam2.data.transforms import AugmentConfig, resize_video, sample_augment
+from autosam2.data.transforms import resize_video, sample_augment
 from autosam2.data.video import ClipBatch, VideoDatapoint, collate_clips
-
-OnError = Literal["raise", "skip"]
+from autosam2.errors import DatasetError
 
 
 @dataclass(frozen=True)
@@ -56,7 +55,7 @@ class StreamConfig:
     seed: int = 0
     shuffle_buffer: int = 64
     batches_per_epoch: int | None = None
-    on_error: OnError = "raise"
+    on_error: OnError = OnError["raise"]
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 

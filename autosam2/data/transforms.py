@@ -17,27 +17,12 @@ import torch
 import torchvision.transforms.v2.functional as F
 from torchvision.transforms import InterpolationMode
 
+from autosam2.config import AugmentConfig
 from autosam2.data.video import ClipBatch, VideoDatapoint, any_pixel
 
 # SAM2 normalises with the ImageNet statistics (sam2.utils.transforms.SAM2Transforms)
 SAM2_MEAN = (0.485, 0.456, 0.406)
 SAM2_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass
-class AugmentConfig:
-    """Ranges of the per-clip augmentation; every frame of a clip gets the same draw."""
-
-    enabled: bool = True
-    hflip: float = 0.5
-    vflip: float = 0.0
-    degrees: float = 15.0
-    translate: float = 0.1  # fraction of the image side
-    scale_min: float = 0.85
-    scale_max: float = 1.15
-    brightness: float = 0.2
-    contrast: float = 0.2
-    saturation: float = 0.2
 
 
 @dataclass(frozen=True)

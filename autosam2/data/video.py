@@ -30,10 +30,6 @@ class Object:
                 f"Object mask must be a bool [H,W] tensor, got {self.mask_HW.dtype} {tuple(self.mask_HW.shape)}"
             )
 
-    @property
-    def present(self) -> bool:
-        return bool(self.mask_HW.any())
-
 
 @dataclass
 class Frame:

@@ -1,1 +1,2 @@
-"""Training machinery: distributed set-up, engines (DDP | DeepSpeed), checkpoints, the loop."""
+"""Training machinery: distributed set-up, engines (DDP | DeepSpeed), checkpoints and the loop state, the
+run lock, the input checks, validation during training, and the loop."""

@@ -1,7 +1,7 @@
-"""Checkpoints that survive preemption: atomic step folders, exact resume, stop-on-signal, weights files.
+"""Checkpoints that survive preemption: atomic step folders, exact resume, stop-on-signal, the loop state.
 
 A checkpoint is ``OUT/checkpoints/step_XXXXXXXX/`` holding the engine's state (model, optimizer,
-scheduler), ``state.json`` (step, epoch, position in the data stream, counters) and one RNG file per
+scheduler), ``state.json`` (the LoopState: step, epoch, position in the data stream, counters) and one RNG file per
 rank. It is written under a ``.tmp`` name and renamed by rank 0 once every rank is done; ``latest``
 names the newest one. A write that fails (a full disk) fails on every rank with one error and leaves
 the earlier checkpoints as they were. Resuming takes the checkpoint ``latest`` names if it is complete,
@@ -20,6 +20,7 @@ import signal
 import sys
 import zipfile
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,19 @@ from autosam2.atomic import atomic_write_json, atomic_write_text
 from autosam2.engine.dist import DistInfo, all_reduce, broadcast_object, gather_objects
 from autosam2.errors import CheckpointError, write_failure
 
-WEIGHTS_FORMAT = "autosam2-weights"
+
+@dataclass
+class LoopState:
+    """Where training stands; saved in every checkpoint. `batch` counts the batches of `epoch` consumed."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    bad_steps: int = 0
+    skipped_steps: int = 0
+    best_dice: float = -1.0
+    run_id: str | None = None
+    stopped: bool = False
 
 
 def rng_state() -> dict[str, Any]:
@@ -63,11 +76,11 @@ class Checkpointer:
         self.protected: Path | None = None  # the folder this run resumed from: never pruned
 
     # writing ---------------------------------------------------------------------------------------
-    def save(self, engine, state: dict[str, Any]) -> Path:
+    def save(self, engine, state: LoopState) -> Path:
         """Every rank calls this; returns the final folder. A write that fails on any rank (a full disk)
         fails the save on every rank with one CheckpointError; the partial folder is removed and the
         previous checkpoints are untouched."""
-        final = self.root / f"step_{state['step']:08d}"
+        final = self.root / f"step_{state.step:08d}"
         tmp = final.with_name(final.name + ".tmp")
         if self.info.is_main:
             self._agree(final, tmp, _attempt(lambda: _fresh_folder(tmp), tmp))
@@ -80,7 +93,7 @@ class Checkpointer:
             self._agree(final, tmp, None)
         return final
 
-    def _write(self, engine, tmp: Path, state: dict[str, Any]) -> None:
+    def _write(self, engine, tmp: Path, state: LoopState) -> None:
         engine.save(tmp)
         # python's pickle of numpy/random state is not weights_only-loadable: keep it out of torch.load
         rng = {k: v for k, v in rng_state().items() if k in ("torch", "cuda")}
@@ -88,7 +101,7 @@ class Checkpointer:
             torch.save(rng, f)
         (tmp / f"rng_rank{self.info.rank}.json").write_text(json.dumps(_py_rng()))
         if self.info.is_main:
-            atomic_write_json(tmp / STATE_FILE, state)
+            atomic_write_json(tmp / STATE_FILE, asdict(state))
 
     def _commit(self, tmp: Path, final: Path) -> None:
         """Rename into place. A folder of the same step is moved aside first (and found by `resolve`
@@ -228,13 +241,30 @@ class Checkpointer:
         return chosen
 
     # reading ---------------------------------------------------------------------------------------
-    def load(self, engine, folder: Path) -> dict[str, Any]:
+    def resume(self, engine, request: str) -> LoopState:
+        """The loop state to start from, on every rank: rank 0 chooses the folder (`resolve`), every rank
+        restores it into `engine`; a fresh LoopState when there is none."""
+        folder = agree_on_resume(self.resolve(request) if self.info.is_main else None)
+        if folder is None:
+            return LoopState()
+        state = self.load(engine, folder)
+        if self.info.is_main:
+            print(
+                f"resumed from {folder} at step {state.step} (epoch {state.epoch}, batch {state.batch})",
+                flush=True,
+            )
+        return state
+
+    def load(self, engine, folder: Path) -> LoopState:
         """Read everything of this rank first, then restore: a file that cannot be read changes nothing."""
         state_file = folder / STATE_FILE
         try:
-            state = json.loads(state_file.read_text())
+            saved = json.loads(state_file.read_text())
         except (OSError, ValueError) as err:
             raise CheckpointError(f"{state_file}: unreadable ({err})") from err
+        known = {f.name for f in fields(LoopState)}
+        state = LoopState(**{k: v for k, v in saved.items() if k in known})
+        state.stopped = False
         rng = None
         rng_file = folder / f"rng_rank{self.info.rank}.pt"
         if rng_file.is_file():
@@ -327,52 +357,6 @@ class StopSignal:
     def should_stop(self) -> bool:
         """True on every rank as soon as one rank got a signal (a collective: call it on all ranks)."""
         return all_reduce(1.0 if self.received is not None else 0.0, op="max") > 0
-
-
-def save_weights(
-    path: str | Path,
-    model: torch.nn.Module,
-    model_config: dict[str, Any],
-    full: bool,
-    extra: dict[str, Any] | None = None,
-) -> None:
-    """Weights for `evaluate`: trainable parameters (all parameters when SAM2 was randomly initialised,
-    since no checkpoint can rebuild those), the model config, and metadata; weights_only-loadable."""
-    path = Path(path)
-    named = model.state_dict() if full else {n: p for n, p in model.named_parameters() if p.requires_grad}
-    payload = {
-        "format": WEIGHTS_FORMAT,
-        "version": 1,
-        "full": full,
-        "model_config": model_config,
-        "model": {
-            k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
-            for k, v in named.items()
-        },
-        "extra": extra or {},
-    }
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:  # a file object: a full disk surfaces as OSError, not "unexpected pos"
-            torch.save(payload, f)
-        tmp.replace(path)
-    except (OSError, RuntimeError) as err:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"{path}: {write_failure(err, path)} writing weights") from err
-
-
-def read_weights(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"{path}: weights file not found") from err
-    except Exception as err:  # a damaged or foreign file: torch.load raises many types
-        raise ValueError(f"{path}: not a loadable weights file ({type(err).__name__}: {err})") from err
-    if not isinstance(payload, dict) or payload.get("format") != WEIGHTS_FORMAT:
-        raise ValueError(f"{path}: not an AutoSAM2 weights file (written by `autosam2 train`)")
-    return payload
 
 
 def agree_on_resume(folder: Path | None) -> Path | None:

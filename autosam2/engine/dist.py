@@ -1,18 +1,29 @@
-"""Distributed set-up from torchrun's or SLURM's variables: one process per GPU (or CPU rank), gloo or NCCL."""
+"""Distributed set-up from torchrun's or SLURM's variables: one process per GPU (or CPU rank), gloo or NCCL.
+
+The one mapping of SLURM's variables to torch's lives here (`map_slurm_env`), as do per-rank seeding, the
+process group's life (`distributed`), the watch on torchrun, and the small collectives the loop uses.
+"""
 
 from __future__ import annotations
 
 import datetime
 import os
+import random
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 import torch.distributed as dist
+
+from autosam2.config import ConfigError
+from autosam2.errors import RankLost
 
 
 @dataclass(frozen=True)
@@ -27,23 +38,39 @@ class DistInfo:
         return self.rank == 0
 
 
+# the task variables of a job step: SLURM's (under srun), and those of submitit's local executor
+# (`python -m launch --cluster local`), whose tasks are processes of this host
+_TASKS = {
+    "SLURM_PROCID": ("SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NNODES", "SLURM_JOB_ID"),
+    "SUBMITIT_LOCAL_GLOBALID": (
+        "SUBMITIT_LOCAL_NTASKS",
+        "SUBMITIT_LOCAL_LOCALID",
+        "SUBMITIT_LOCAL_JOB_NUM_NODES",
+        "SUBMITIT_LOCAL_JOB_ID",
+    ),
+}
+
+
 def map_slurm_env(env: dict[str, str] | None = None) -> None:
-    """Under `srun` (no torchrun), export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* from SLURM's variables.
+    """Under `srun` (no torchrun), export RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE / MASTER_* from
+    SLURM's variables (or from submitit's local executor's); torchrun's own variables win.
 
     torch.distributed, DeepSpeed and webdataset read the torchrun names only.
     """
     env = os.environ if env is None else env
-    if "RANK" in env or "SLURM_PROCID" not in env:
+    found = next((rank for rank in _TASKS if rank in env), None)
+    if "RANK" in env or found is None:
         return
-    env["RANK"] = env["SLURM_PROCID"]
-    env["WORLD_SIZE"] = env.get("SLURM_NTASKS", "1")
-    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    size, local, nodes, job = (env.get(name, "") for name in _TASKS[found])
+    env["RANK"] = env[found]
+    env["WORLD_SIZE"] = size or "1"
+    env["LOCAL_RANK"] = local or "0"
+    env["LOCAL_WORLD_SIZE"] = str(max(1, int(env["WORLD_SIZE"]) // max(1, int(nodes or "1"))))
     if "MASTER_ADDR" not in env:
-        env["MASTER_ADDR"] = _first_host(
-            env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "127.0.0.1")
-        )
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        env["MASTER_ADDR"] = _first_host(nodelist) if found == "SLURM_PROCID" and nodelist else "127.0.0.1"
     # a port derived from the job id: stable for every task of the job, distinct between jobs
-    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+    env.setdefault("MASTER_PORT", str(20000 + int(job or "0") % 20000))
 
 
 def _first_host(nodelist: str) -> str:
@@ -58,6 +85,12 @@ def _first_host(nodelist: str) -> str:
         return out.split()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
         return nodelist.split(",")[0].split("[")[0]
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed)  # the same on every rank: random init must agree before DDP broadcasts
 
 
 def watch_launcher(on_gone: Callable[[int], None], poll_s: float = 1.0) -> bool:
@@ -76,11 +109,37 @@ def watch_launcher(on_gone: Callable[[int], None], poll_s: float = 1.0) -> bool:
     return True
 
 
+class StopRequest(Protocol):
+    def request(self) -> None: ...
+
+
+LAUNCHER_GRACE_S = 300.0  # a rank whose torchrun is gone checkpoints at the next step, or dies after this
+
+
+def stop_when_launcher_gone(stop: StopRequest, rank: int) -> bool:
+    """Under torchrun, ask `stop` (the loop's StopSignal) for a checkpoint at the next step once torchrun is gone,
+    and exit the process `LAUNCHER_GRACE_S` later if the loop has not ended by then."""
+
+    def gone(pid: int) -> None:
+        print(
+            f"rank {rank}: its launcher (pid {pid}) is gone: stopping at the next step with a checkpoint "
+            f"(or exiting in {LAUNCHER_GRACE_S:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+        stop.request()
+        deadline = threading.Timer(LAUNCHER_GRACE_S, os._exit, args=(1,))
+        deadline.daemon = True
+        deadline.start()
+
+    return watch_launcher(gone)
+
+
 def pick_device(request: str, local_rank: int) -> torch.device:
     if request == "cpu" or (request == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={request} but no CUDA device is visible; use --cpu")
+        raise ConfigError(f"device {request} asked for, but no CUDA device is visible; use --cpu")
     if request in ("auto", "cuda"):
         return torch.device("cuda", local_rank)
     return torch.device(request)
@@ -104,6 +163,33 @@ def init_distributed(device_request: str = "auto", timeout_s: int = 1800) -> Dis
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def distributed(device_request: str = "auto") -> Iterator[DistInfo]:
+    """The process group for the block, torn down after it however it ends. A collective that fails
+    because another rank went away becomes one RankLost line (that rank's own error says why)."""
+    info = init_distributed(device_request)
+    try:
+        yield info
+    except RuntimeError as err:
+        if info.world_size > 1 and peer_lost(err):
+            text = str(err).strip()
+            raise RankLost(
+                f"rank {info.rank}: another rank stopped, so this one stops too (that rank's own error says "
+                f"why; here: {text.splitlines()[0] if text else type(err).__name__})"
+            ) from err
+        raise
+    finally:
+        cleanup()
+
+
+def peer_lost(err: RuntimeError) -> bool:
+    """A collective that failed because another rank went away (gloo closes its connections)."""
+    text = str(err)
+    return isinstance(err, dist.DistError) or any(
+        sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+    )
 
 
 def barrier() -> None:

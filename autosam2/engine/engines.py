@@ -2,7 +2,8 @@
 
 `ddp`: torch DistributedDataParallel (gloo on CPU, NCCL on GPU), AdamW, our own clipping, accumulation
 and bf16 autocast. `deepspeed`: ZeRO (stage from the JSON config), accumulation and clipping, and bf16
-through DeepSpeed's `torch_autocast`. This is the only module that imports deepspeed.
+through DeepSpeed's `torch_autocast`. This is the only module that imports deepspeed. Each engine is given
+the optimizer section of the config and the few facts it needs; `build_engine` reads them off the tree.
 
 bf16 is autocast in both engines, with fp32 weights: SAM2 mixes dtypes on purpose (its FPN neck and
 memory attention compute in fp32), so a model cast to bf16, as DeepSpeed's `bf16` mode does, fails
@@ -21,10 +22,10 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from autosam2.config import Config, ConfigError, OptimConfig
+from autosam2.config import ClipMode, Config, ConfigError, EngineKind, OptimConfig, Precision
 from autosam2.engine.dist import DistInfo, barrier
-from autosam2.errors import CheckpointError
 from autosam2.model.autosam2 import AutoSAM2, ClipOutput
+from autosam2.model.weights import load_trainable, trainable_state
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -85,9 +86,6 @@ class Engine(ABC):
     @abstractmethod
     def load(self, folder: Path) -> None: ...
 
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().clone() for n, p in self.module.named_parameters() if p.requires_grad}
-
 
 def read_deepspeed_config(path: Path) -> dict[str, Any]:
     """The DeepSpeed JSON as a dict; one ConfigError naming the file when it cannot be read or casts
@@ -108,31 +106,37 @@ def read_deepspeed_config(path: Path) -> dict[str, Any]:
     return ds_config
 
 
-def use_autocast(cfg: Config, info: DistInfo) -> bool:
+def use_autocast(precision: Precision, device: torch.device) -> bool:
     """bf16 autocast where the config asks for it and the device is a GPU; CPU runs stay fp32."""
-    return info.device.type == "cuda" and cfg.train.precision == "bf16"
+    return device.type == "cuda" and precision == Precision.bf16
 
 
 class DDPEngine(Engine):
+    """``find_unused``: some trainable parameters take no part in a step (DDP must be told)."""
+
     def __init__(
-        self, model: AutoSAM2, cfg: Config, total_steps: int, info: DistInfo, autocast: bool | None = None
+        self,
+        model: AutoSAM2,
+        optim: OptimConfig,
+        total_steps: int,
+        info: DistInfo,
+        autocast: bool = False,
+        find_unused: bool = False,
     ):
         self.module = model
         self.info = info
-        self.grad_accum = cfg.optim.grad_accum
-        self.grad_clip = cfg.optim.grad_clip
-        self.autocast = use_autocast(cfg, info) if autocast is None else autocast
+        self.grad_accum = optim.grad_accum
+        self.grad_clip = optim.grad_clip
+        self.autocast = autocast
         self.wrapped: nn.Module = model
         if info.world_size > 1:
-            # trainable memory modules sit unused when every frame is a conditioning frame
-            unused = cfg.model.clip_mode == "frame" and not cfg.model.freeze.memory
             ids = [info.device.index] if info.device.type == "cuda" else None
-            self.wrapped = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused)
+            self.wrapped = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
-            param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas)
+            param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas)
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.optim, total_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(optim, total_steps))
         self.micro = 0
 
     def forward(self, images_TBCHW: torch.Tensor, per_frame: bool) -> ClipOutput:
@@ -167,7 +171,7 @@ class DDPEngine(Engine):
     def save(self, folder: Path) -> None:
         if self.info.is_main:
             state = {
-                "model": self.trainable_state(),
+                "model": trainable_state(self.module),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "micro": self.micro,
@@ -184,42 +188,48 @@ class DDPEngine(Engine):
 
 
 class DeepSpeedEngine(Engine):
+    """``ds_config``: the DeepSpeed JSON as read by `read_deepspeed_config`; ``micro_batch``: clips per rank
+    and step (DeepSpeed checks its batch arithmetic)."""
+
     def __init__(
-        self, model: AutoSAM2, cfg: Config, total_steps: int, info: DistInfo, autocast: bool | None = None
+        self,
+        model: AutoSAM2,
+        optim: OptimConfig,
+        total_steps: int,
+        info: DistInfo,
+        ds_config: dict[str, Any],
+        micro_batch: int,
+        autocast: bool = False,
     ):
         import deepspeed
 
         self.module = model
         self.info = info
-        path = Path(cfg.train.deepspeed_config)
-        ds_config = read_deepspeed_config(path)
-        self.grad_accum = cfg.optim.grad_accum
+        self.grad_accum = optim.grad_accum
+        ds_config = dict(ds_config)
         ds_config.update(
-            train_micro_batch_size_per_gpu=cfg.data.batch_size,
-            gradient_accumulation_steps=cfg.optim.grad_accum,
-            gradient_clipping=cfg.optim.grad_clip,
+            train_micro_batch_size_per_gpu=micro_batch,
+            gradient_accumulation_steps=optim.grad_accum,
+            gradient_clipping=optim.grad_clip,
         )
-        ds_config["train_batch_size"] = cfg.data.batch_size * cfg.optim.grad_accum * info.world_size
-        autocast = use_autocast(cfg, info) if autocast is None else autocast
+        ds_config["train_batch_size"] = micro_batch * optim.grad_accum * info.world_size
         # fp32 weights and master copy, bf16 compute; Linear/Conv gradients are reduced in bf16
         ds_config["torch_autocast"] = {"enabled": autocast, "dtype": "bfloat16"}
         # torch's AdamW: no fused CUDA kernel to build; our parameter groups carry the decay rule
         ds_config["optimizer"] = {
             "type": "AdamW",
             "params": {
-                "lr": cfg.optim.lr,
-                "betas": list(cfg.optim.betas),
-                "weight_decay": cfg.optim.weight_decay,
+                "lr": optim.lr,
+                "betas": list(optim.betas),
+                "weight_decay": optim.weight_decay,
                 "torch_adam": True,
             },
         }
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
-            model_parameters=param_groups(model, cfg.optim.weight_decay),
+            model_parameters=param_groups(model, optim.weight_decay),
             config=ds_config,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-                opt, lr_lambda(cfg.optim, total_steps)
-            ),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim, total_steps)),
         )
 
     def forward(self, images_TBCHW: torch.Tensor, per_frame: bool) -> ClipOutput:
@@ -257,25 +267,19 @@ class DeepSpeedEngine(Engine):
         if path is None:
             raise FileNotFoundError(f"{folder}: no DeepSpeed checkpoint in it")
 
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {
-            n: p.detach().float().cpu().clone() for n, p in self.module.named_parameters() if p.requires_grad
-        }
-
-
-def load_trainable(model: nn.Module, state: dict[str, torch.Tensor], source: Path | str) -> None:
-    """Load a {name: tensor} subset strictly: every key must be a parameter or buffer of the model."""
-    own = model.state_dict()
-    unknown = sorted(set(state) - set(own))
-    if unknown:
-        raise CheckpointError(f"{source}: keys not in this model: {unknown[:10]}")
-    model.load_state_dict(state, strict=False)
-
 
 def build_engine(
     model: AutoSAM2, cfg: Config, total_steps: int, info: DistInfo, autocast: bool | None = None
 ) -> Engine:
-    """``autocast``: bf16 autocast on or off; default: as ``use_autocast`` decides."""
-    if cfg.train.engine == "deepspeed":
-        return DeepSpeedEngine(model, cfg, total_steps, info, autocast)
-    return DDPEngine(model, cfg, total_steps, info, autocast)
+    """The engine `cfg.train.engine` names, given its part of the config. ``autocast``: bf16 autocast on
+    or off; default: as ``use_autocast`` decides."""
+    if autocast is None:
+        autocast = use_autocast(cfg.train.precision, info.device)
+    if cfg.train.engine == EngineKind.deepspeed:
+        ds_config = read_deepspeed_config(Path(cfg.train.deepspeed_config))
+        return DeepSpeedEngine(
+            model, cfg.optim, total_steps, info, ds_config, cfg.data.batch_size, autocast=autocast
+        )
+    # trainable memory modules sit unused when every frame is a conditioning frame
+    unused = cfg.model.clip_mode == ClipMode.frame and not cfg.model.freeze.memory
+    return DDPEngine(model, cfg.optim, total_steps, info, autocast=autocast, find_unused=unused)

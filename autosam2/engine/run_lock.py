@@ -13,13 +13,18 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from autosam2.config import ConfigError
 from autosam2.errors import OutputDirInUse
+
+if TYPE_CHECKING:
+    from autosam2.engine.dist import DistInfo
 
 LOCK_NAME = "run.lock"
 HEARTBEAT_S = 30.0
@@ -190,3 +195,27 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def take_output_dir(out: Path, info: DistInfo) -> RunLock | None:
+    """Rank 0 creates the output directory and takes its lock; every rank raises rank 0's error (an
+    unwritable directory as a ConfigError naming `train.output_dir`, a live holder as OutputDirInUse)."""
+    from autosam2.engine.dist import broadcast_object  # here: the launcher's check_free needs no torch
+
+    lock, error = None, None
+    if info.is_main:
+        try:
+            if out.exists() and not out.is_dir():
+                raise NotADirectoryError(0, "it is a file, not a directory")
+            out.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(out).acquire()
+        except OSError as err:
+            error = ConfigError(f"train.output_dir={out}: cannot write there ({err.strerror or err})")
+        except OutputDirInUse as err:
+            error = err
+        if lock is not None and lock.took_over:
+            print(f"warning: {lock.took_over}", file=sys.stderr, flush=True)
+    error = broadcast_object(error)
+    if error is not None:
+        raise error
+    return lock

@@ -1,40 +1,50 @@
-"""The training loop, and nothing else: data, engine, checkpoints, validation and tracking are handed in."""
+"""The training loop, and nothing else: data, engine, checkpoints, validation and tracking are handed in.
+
+`train_step` is one batch through the model and the engine, the same step the benchmarks time; `fit`
+walks the epochs around it: resume position, logging, validation, checkpoints, stop signals.
+"""
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from autosam2.config import Config
+from autosam2.config import ClipMode, Config
+from autosam2.data.sources import TrainingBatches
 from autosam2.data.transforms import prepare_batch
 from autosam2.data.video import ClipBatch
-from autosam2.engine.checkpoint import Checkpointer, StopSignal
+from autosam2.engine.checkpoint import Checkpointer, LoopState, StopSignal
 from autosam2.engine.dist import DistInfo, all_reduce
 from autosam2.engine.engines import Engine
+from autosam2.errors import TrainingAborted
 from autosam2.losses import clip_losses
 from autosam2.tracking import MetricLogger
 
 
-class TrainingAborted(RuntimeError):
-    """Too many non-finite losses in a row."""
+class Validation(Protocol):
+    """What the loop asks of periodic validation (`engine.validator.Validator` is the real one)."""
+
+    def should_validate(self, step: int, total_steps: int) -> bool: ...
+
+    def validate(self, step: int) -> dict[str, float] | None:
+        """Summary metrics (``valid/...``) on rank 0; None elsewhere, or when nothing was validated."""
+
+    def save_best(self, step: int, summary: dict[str, float]) -> None: ...
 
 
 @dataclass
-class LoopState:
-    """Where training stands; saved in every checkpoint. `batch` counts the batches of `epoch` consumed."""
+class StepResult:
+    """One batch's losses; `grad_norm` is None inside an accumulation cycle or when the step was skipped
+    (`finite` False: some rank's loss was not finite, so no rank stepped)."""
 
-    step: int = 0
-    epoch: int = 0
-    batch: int = 0
-    bad_steps: int = 0
-    skipped_steps: int = 0
-    best_dice: float = -1.0
-    run_id: str | None = None
-    stopped: bool = False
+    losses: dict[str, torch.Tensor]
+    grad_norm: float | None
+    finite: bool
 
 
 class Trainer:
@@ -42,26 +52,42 @@ class Trainer:
         self,
         cfg: Config,
         engine: Engine,
-        batches: Callable[[int], Iterable[ClipBatch]],
+        data: TrainingBatches,
         total_steps: int,
         checkpointer: Checkpointer,
         logger: MetricLogger,
         info: DistInfo,
-        validate: Callable[[int], dict[str, float] | None] | None = None,
-        on_best: Callable[[int, dict[str, float]], None] | None = None,
-        skipped_samples: Callable[[], int] = lambda: 0,
+        validator: Validation | None = None,
         stop: StopSignal | None = None,
     ):
-        self.cfg, self.engine, self.batches, self.total_steps = cfg, engine, batches, total_steps
-        self.checkpointer, self.logger, self.info = checkpointer, logger, info
-        self.validate, self.on_best, self.skipped_samples = validate, on_best, skipped_samples
+        self.cfg, self.engine, self.data, self.total_steps = cfg, engine, data, total_steps
+        self.checkpointer, self.logger, self.info, self.validator = checkpointer, logger, info, validator
         self.stop = stop or StopSignal()
-        self.per_frame = cfg.model.clip_mode == "frame"
+        self.per_frame = cfg.model.clip_mode == ClipMode.frame
+
+    def train_step(self, batch: ClipBatch) -> StepResult:
+        """Augment on the device, forward, losses; unless any rank's loss is not finite, backward and,
+        on an accumulation boundary, the optimizer step."""
+        batch = prepare_batch(batch, self.info.device, augment=True)
+        out = self.engine.forward(batch.images_TBCHW, self.per_frame)
+        losses = clip_losses(
+            out.mask_logits_TBHW.float(),
+            out.iou_TB.float(),
+            out.object_logits_TB.float(),
+            batch.masks_TBHW,
+            batch.present_TB,
+            self.cfg.loss,
+        )
+        if all_reduce(0.0 if torch.isfinite(losses["total"]).item() else 1.0, op="max") > 0:
+            self.engine.zero_grad()
+            return StepResult(losses, None, finite=False)
+        self.engine.backward(losses["total"])
+        return StepResult(losses, self.engine.step(), finite=True)
 
     def _epoch_batches(self, state: LoopState) -> Iterator[ClipBatch] | None:
         """This epoch's batches from the saved position on (the stream is deterministic); None when the
         epoch is shorter than that now (resumed with another world size or batch size): it is over."""
-        iterator = iter(self.batches(state.epoch))
+        iterator = iter(self.data.epoch(state.epoch))
         for _ in range(state.batch):
             if next(iterator, None) is None:
                 return None
@@ -75,7 +101,7 @@ class Trainer:
         def checkpoint() -> None:  # once per step: a second save of a step would replace a good folder
             nonlocal saved
             if saved != state.step:
-                self.checkpointer.save(self.engine, asdict(state))
+                self.checkpointer.save(self.engine, state)
                 saved = state.step
 
         while state.step < self.total_steps and state.epoch < train.epochs:
@@ -93,23 +119,19 @@ class Trainer:
                 if batch is None:
                     break
                 state.batch += 1
-                losses = self._forward(batch)
-                if all_reduce(0.0 if torch.isfinite(losses["total"]).item() else 1.0, op="max") > 0:
+                result = self.train_step(batch)
+                if not result.finite:
                     self._bad_step(state)
                     continue
-                self.engine.backward(losses["total"])
-                grad_norm = self.engine.step()
-                if grad_norm is None:  # inside a gradient-accumulation cycle
+                if result.grad_norm is None:  # inside a gradient-accumulation cycle
                     continue
                 state.step += 1
                 state.bad_steps = 0
                 elapsed = time.perf_counter() - step_start
                 if state.step % train.log_every == 0 or state.step == 1:
-                    self._log(state, losses, grad_norm, batch, elapsed, wait)
+                    self._log(state, result, batch, elapsed, wait)
                 step_start, wait = time.perf_counter(), 0.0
-                if self.validate and (
-                    state.step % train.validate_every == 0 or state.step == self.total_steps
-                ):
+                if self.validator and self.validator.should_validate(state.step, self.total_steps):
                     self._validate(state)
                 if state.step % train.checkpoint_every == 0:
                     checkpoint()
@@ -125,21 +147,7 @@ class Trainer:
         checkpoint()
         return state
 
-    def _forward(self, batch: ClipBatch) -> dict[str, torch.Tensor]:
-        batch = prepare_batch(batch, self.info.device, augment=True)
-        out = self.engine.forward(batch.images_TBCHW, self.per_frame)
-        weights = self.cfg.loss
-        return clip_losses(
-            out.mask_logits_TBHW.float(),
-            out.iou_TB.float(),
-            out.object_logits_TB.float(),
-            batch.masks_TBHW,
-            batch.present_TB,
-            weights,
-        )
-
     def _bad_step(self, state: LoopState) -> None:
-        self.engine.zero_grad()
         state.bad_steps += 1
         state.skipped_steps += 1
         self.logger.log_metrics({"train/skipped_steps": state.skipped_steps}, state.step)
@@ -150,23 +158,18 @@ class Trainer:
             )
 
     def _log(
-        self,
-        state: LoopState,
-        losses: dict[str, torch.Tensor],
-        grad_norm: float,
-        batch: ClipBatch,
-        elapsed: float,
-        wait: float,
+        self, state: LoopState, result: StepResult, batch: ClipBatch, elapsed: float, wait: float
     ) -> None:
         frames = batch.num_frames * batch.batch_size * self.info.world_size * self.engine.grad_accum
-        metrics = {f"train/loss_{k}": float(v.detach()) for k, v in losses.items()}
+        metrics = {f"train/loss_{k}": float(v.detach()) for k, v in result.losses.items()}
+        grad_norm = result.grad_norm
         metrics.update(
             {
                 "train/lr": self.engine.lr,
-                "train/grad_norm": grad_norm if math.isfinite(grad_norm) else -1.0,
+                "train/grad_norm": grad_norm if grad_norm is not None and math.isfinite(grad_norm) else -1.0,
                 "train/frames_per_s": frames / max(elapsed, 1e-9),
                 "train/data_wait_share": wait / max(elapsed, 1e-9),
-                "train/skipped_samples": all_reduce(float(self.skipped_samples())),
+                "train/skipped_samples": all_reduce(float(self.data.skipped())),
                 "train/skipped_steps": state.skipped_steps,
                 "train/epoch": state.epoch,
             }
@@ -179,12 +182,11 @@ class Trainer:
             )
 
     def _validate(self, state: LoopState) -> None:
-        results = self.validate(state.step)
+        summary = self.validator.validate(state.step)
         self.engine.module.train()
-        if results is None:
+        if summary is None:
             return
-        dice = results.get("valid/dice", -1.0)
+        dice = summary.get("valid/dice", -1.0)
         if dice > state.best_dice:
             state.best_dice = dice
-            if self.on_best:
-                self.on_best(state.step, results)
+            self.validator.save_best(state.step, summary)

@@ -1,1 +1,2 @@
-"""The model: SAM2 built from its config, the learned prompt encoder, and AutoSAM2 (clip forward, streaming)."""
+"""The model: SAM2 built from its config (the one factory), the learned prompt encoder, AutoSAM2 (clip
+forward, streaming), and the trained-weights format."""

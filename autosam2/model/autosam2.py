@@ -20,17 +20,8 @@ import torch.nn.functional as F
 from sam2.modeling.sam2_base import SAM2Base
 from torch import nn
 
-from autosam2.model.prompt_encoder import PromptEncoderConfig, PromptOutput, build_prompt_encoder
-
-
-@dataclass
-class FreezeConfig:
-    """Which parts stay frozen (AutoSAM's default: all of SAM2; only the prompt encoder learns)."""
-
-    image_encoder: bool = True
-    mask_decoder: bool = True
-    memory: bool = True
-    prompt_encoder: bool = False
+from autosam2.config import FreezeConfig, PromptEncoderConfig
+from autosam2.model.prompt_encoder import PromptOutput, build_prompt_encoder
 
 
 @dataclass

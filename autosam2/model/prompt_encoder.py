@@ -11,7 +11,6 @@ Shape legend: N images (frames x clips), C channels, h x w = S/16 x S/16 the emb
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -20,24 +19,13 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from autosam2.config import PromptBackbone, PromptEncoderConfig, PromptKind
 from autosam2.errors import CheckpointError
 
 
 class PromptOutput(NamedTuple):
     dense_NChw: torch.Tensor  # residual on SAM2's no-mask embedding
     sparse_NKC: torch.Tensor | None  # extra prompt tokens, or None
-
-
-@dataclass
-class PromptEncoderConfig:
-    """`kind`: "features" (a light head over SAM2's FPN features, nearly free) or "cnn" (AutoSAM's own
-    design: a separate CNN image encoder, `backbone` from torchvision with weights from a local file)."""
-
-    kind: str = "features"
-    hidden: int = 128
-    num_sparse: int = 0
-    backbone: str = "resnet34"
-    backbone_weights: str | None = None
 
 
 def _zero(layer: nn.Module) -> nn.Module:
@@ -88,11 +76,12 @@ class FeaturePromptHead(nn.Module):
         return PromptOutput(self.dense(x), self.sparse(x) if self.sparse else None)
 
 
+# output channels of layer1..layer3 (strides 4, 8, 16)
 _RESNET_CHANNELS = {
-    "resnet18": (64, 128, 256),
-    "resnet34": (64, 128, 256),
-    "resnet50": (256, 512, 1024),
-    "resnet101": (256, 512, 1024),
+    PromptBackbone.resnet18: (64, 128, 256),
+    PromptBackbone.resnet34: (64, 128, 256),
+    PromptBackbone.resnet50: (256, 512, 1024),
+    PromptBackbone.resnet101: (256, 512, 1024),
 }
 
 
@@ -106,18 +95,15 @@ class CNNPromptEncoder(nn.Module):
 
     def __init__(
         self,
-        backbone: str = "resnet34",
+        backbone: PromptBackbone = PromptBackbone.resnet34,
         weights: str | Path | None = None,
         embed_dim: int = 256,
         hidden: int = 128,
         num_sparse: int = 0,
     ):
         super().__init__()
-        if backbone not in _RESNET_CHANNELS:
-            raise ValueError(
-                f"prompt encoder backbone must be one of {sorted(_RESNET_CHANNELS)}, got {backbone!r}"
-            )
-        net = getattr(torchvision.models, backbone)(weights=None)
+        backbone = PromptBackbone(backbone)
+        net = getattr(torchvision.models, backbone.value)(weights=None)
         if weights is not None:
             _load_backbone_weights(net, Path(weights))
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
@@ -176,8 +162,6 @@ def _load_backbone_weights(net: nn.Module, path: Path) -> None:
 def build_prompt_encoder(
     cfg: PromptEncoderConfig, fpn_channels: Sequence[int], embed_dim: int = 256
 ) -> nn.Module:
-    if cfg.kind == "features":
+    if PromptKind(cfg.kind) is PromptKind.features:
         return FeaturePromptHead(fpn_channels, embed_dim, cfg.hidden, cfg.num_sparse)
-    if cfg.kind == "cnn":
-        return CNNPromptEncoder(cfg.backbone, cfg.backbone_weights, embed_dim, cfg.hidden, cfg.num_sparse)
-    raise ValueError(f"prompt encoder kind must be 'features' or 'cnn', got {cfg.kind!r}")
+    return CNNPromptEncoder(cfg.backbone, cfg.backbone_weights, embed_dim, cfg.hidden, cfg.num_sparse)

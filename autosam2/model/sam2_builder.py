@@ -1,4 +1,5 @@
-"""Build SAM2 (as our AutoSAM2 subclass) from its config by name, and load official checkpoints strictly."""
+"""Build SAM2 (as our AutoSAM2 subclass) from its config by name, load official checkpoints strictly, and
+`build_autosam2`: the one factory of the model a run trains (SAM2, its learned prompt encoder, frozen parts)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,11 @@ from pathlib import Path
 import torch
 from sam2.build_sam import build_sam2
 
+from autosam2.atomic import atomic_file
+from autosam2.config import ModelConfig, Variant
 from autosam2.errors import CheckpointError
 
-CONFIGS = {
-    "hiera_t": "configs/sam2.1/sam2.1_hiera_t.yaml",
-    "hiera_s": "configs/sam2.1/sam2.1_hiera_s.yaml",
-    "hiera_b+": "configs/sam2.1/sam2.1_hiera_b+.yaml",
-    "hiera_l": "configs/sam2.1/sam2.1_hiera_l.yaml",
-}
+CONFIGS = {variant: f"configs/sam2.1/sam2.1_{variant.value}.yaml" for variant in Variant}
 MODEL_CLASS = "autosam2.model.autosam2.AutoSAM2"
 
 
@@ -57,6 +55,15 @@ def build_model(
     )
     if checkpoint is not None:
         load_sam2_checkpoint(model, checkpoint, allow_missing=())
+    return model.to(device)
+
+
+def build_autosam2(cfg: ModelConfig, device: str | torch.device = "cpu"):
+    """The model of a run: SAM2 of `cfg.variant` (loaded from `cfg.checkpoint`, random without one), the
+    learned prompt encoder of `cfg.prompt`, the parts `cfg.freeze` names frozen, on `device`."""
+    model = build_model(cfg.variant, cfg.image_size, cfg.checkpoint, cfg.multimask_output)
+    model.attach_prompt_encoder(cfg.prompt)
+    model.freeze(cfg.freeze)
     return model.to(device)
 
 
@@ -108,6 +115,5 @@ def save_sam2_checkpoint(
     """Write SAM2's own weights in the official format (our modules left out), atomically."""
     path = Path(path)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(tuple(exclude))}
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"model": state}, tmp)
-    tmp.replace(path)
+    with atomic_file(path) as f:
+        torch.save({"model": state}, f)

@@ -1,0 +1,28 @@
+"""`autosam2 bench data|train|infer|memory`: one module per benchmark, each printing one JSON object of
+figures whose ratios are measured in the same run. A benchmark module has `add_arguments(parser)` and
+`run(args) -> dict`; adding one is adding a module and a line to `KINDS`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+
+KINDS = {
+    "data": "shard stream vs folder reader vs bare JPEG decoding, frames/s",
+    "train": "full trainer step time vs the bare train step of the same model and clip",
+    "infer": "streaming inference FPS vs bare image-encoder FPS at the same size",
+    "memory": "tensor memory of a run config's training step, by kind, and a per-GPU estimate",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="autosam2 bench", description=__doc__.split("\n")[0])
+    kinds = parser.add_subparsers(dest="kind", required=True)
+    modules = {}
+    for name, help_text in KINDS.items():
+        modules[name] = importlib.import_module(f"autosam2.bench.{name}")
+        modules[name].add_arguments(kinds.add_parser(name, help=help_text, description=help_text))
+    args = parser.parse_args(argv)
+    print(json.dumps(modules[args.kind].run(args), indent=1))
+    return 0

@@ -1,0 +1,39 @@
+"""What the benchmarks share: a synthetic dataset and its shards, the device default, a sync point."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from autosam2.data.synthetic import SynthSpec, write_dataset
+from autosam2.errors import DatasetError
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device, so a clock read after it times the work, not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def synthetic_shards(
+    tmp: Path, spec: SynthSpec, frames_per_sample: int, workers: int = 1, root: Path | None = None
+) -> tuple[Path, Path]:
+    """(polyp_gen root, train shard set) under `tmp`: `root` if given, else a synthetic one of `spec`,
+    sharded by the `shards` tool as a user would (the library never imports the tool)."""
+    if root is None:
+        root = tmp / "polyp_gen"
+        write_dataset(root, spec)
+    out = tmp / "shards"
+    cmd = [sys.executable, "-m", "shards", "build", str(root), "--split", "train", "--out", str(out)]
+    cmd += ["--frames-per-sample", str(frames_per_sample), "--workers", str(max(1, workers))]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:  # the tool's own one line, e.g. a bad frame of --root
+        raise DatasetError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else " ".join(cmd))
+    return root, out

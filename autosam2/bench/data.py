@@ -1,0 +1,166 @@
+"""Data throughput: the shard stream (a) against the folder reader (b) and bare JPEG decoding of the same
+frame files (c), in frames/s, the readers interleaved over rounds and medians reported."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autosam2.bench.common import synthetic_shards
+from autosam2.data.codec import decode_image
+from autosam2.data.sources import FolderClips
+from autosam2.data.stream import ClipStream, StreamConfig, make_loader
+from autosam2.data.synthetic import SynthSpec
+from autosam2.data.transforms import prepare_batch
+from autosam2.data.video import collate_clips
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--root", type=Path, default=None, help="a polyp_gen root to read (default: a synthetic one)"
+    )
+    p.add_argument("--size", type=int, default=512, help="synthetic frame side (default 512)")
+    p.add_argument("--image-size", type=int, default=512, help="model image size (default 512)")
+    p.add_argument("--sequences", type=int, default=6)
+    p.add_argument("--frames", type=int, default=32)
+    p.add_argument("--frames-per-sample", type=int, default=16)
+    p.add_argument("--clip-len", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batches", type=int, default=25, help="batches timed per reader and round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+
+
+class _FrameFiles(torch.utils.data.Dataset):
+    """Bare decoding: read and decode one frame file, nothing else."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return decode_image(self.paths[index].read_bytes(), self.paths[index])
+
+
+def _stack_frames(frames: list[torch.Tensor]) -> torch.Tensor:
+    """One tensor per batch, stacked as decoded (channel-last), so c ships frames the way a and b do."""
+    return torch.stack([f.permute(1, 2, 0) for f in frames])
+
+
+def _frames_per_second(
+    batches: Iterable, frames_in: Callable[[Any], int], limit: int, consume: Callable | None = None
+) -> float:
+    """Frames/s after the first batch (worker start-up and first prefetch are left out, alike for all)."""
+    iterator = iter(batches)
+    first = next(iterator)
+    if consume:
+        consume(first)
+    frames, start = 0, time.perf_counter()
+    for i, batch in enumerate(iterator, start=1):
+        if consume:
+            consume(batch)
+        frames += frames_in(batch)
+        if i >= limit:
+            break
+    return frames / (time.perf_counter() - start)
+
+
+def _cycle(loader: torch.utils.data.DataLoader) -> Iterable:
+    while True:
+        yield from loader
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    t, b, w = args.clip_len, args.batch_size, args.workers
+    per_batch = t * b
+    with tempfile.TemporaryDirectory(prefix="autosam2-bench-") as tmp:
+        spec = SynthSpec(
+            train_sequences=args.sequences, valid_sequences=1, frames=args.frames, size=args.size, seed=0
+        )
+        root, shard_dir = synthetic_shards(Path(tmp), spec, args.frames_per_sample, w, root=args.root)
+
+        def shard_stream(seed: int) -> ClipStream:
+            cfg = StreamConfig(
+                clip_len=t,
+                batch_size=b,
+                image_size=args.image_size,
+                batches_per_epoch=args.batches + 1,
+                seed=seed,
+            )
+            return ClipStream(shard_dir, "train", cfg)
+
+        clips = FolderClips(
+            root, "train", clip_len=t, image_size=args.image_size, stride=args.frames_per_sample
+        )
+        frame_paths = [f.image for s in clips.dataset.sequences.values() for f in s.frames]
+        loader = dict(num_workers=w, drop_last=True, shuffle=True, prefetch_factor=4 if w else None)
+        readers = {
+            "a": lambda r: _frames_per_second(
+                make_loader(shard_stream(r), w), lambda _: per_batch, args.batches
+            ),
+            "b": lambda r: _frames_per_second(
+                _cycle(torch.utils.data.DataLoader(clips, batch_size=b, collate_fn=collate_clips, **loader)),
+                lambda _: per_batch,
+                args.batches,
+            ),
+            "c": lambda r: _frames_per_second(
+                _cycle(
+                    torch.utils.data.DataLoader(
+                        _FrameFiles(frame_paths), batch_size=per_batch, collate_fn=_stack_frames, **loader
+                    )
+                ),
+                len,
+                args.batches,
+            ),
+            "a_aug": lambda r: _frames_per_second(
+                make_loader(shard_stream(r), w), lambda _: per_batch, args.batches, consume=prepare_batch
+            ),
+        }
+        # rounds interleave the readers, and medians damp the noise of a shared 2-core machine
+        runs: dict[str, list[float]] = {k: [] for k in readers}
+        for r in range(args.rounds):
+            for name, reader in readers.items():
+                runs[name].append(reader(r))
+        shards, folder, decode, shards_aug = (statistics.median(runs[k]) for k in ("a", "b", "c", "a_aug"))
+
+    return {
+        "bench": "data",
+        "runs_frames_per_s": {k: [round(v, 1) for v in vs] for k, vs in runs.items()},
+        "frames_per_s": {
+            "a_shard_stream": round(shards, 1),
+            "b_folder_reader": round(folder, 1),
+            "c_jpeg_decode": round(decode, 1),
+            "a_shard_stream_with_cpu_augment": round(shards_aug, 1),
+        },
+        "ratios": {
+            "a_over_c": round(shards / decode, 3),
+            "a_over_b": round(shards / folder, 3),
+            "a_with_cpu_augment_over_c": round(shards_aug / decode, 3),
+        },
+        "target": {"a_over_c": 0.9, "met": shards / decode >= 0.9},
+        "config": {
+            "frame_size": args.size if not args.root else "from --root",
+            "image_size": args.image_size,
+            "clip_len": t,
+            "batch_size": b,
+            "workers": w,
+            "batches_timed": args.batches,
+            "rounds": args.rounds,
+            "frames_per_sample": args.frames_per_sample,
+            "cpu_count": os.cpu_count(),
+            "torch_threads_main": torch.get_num_threads(),
+        },
+        "notes": "a, b: loader workers decode the clip window, resize to image_size and draw the augmentation; "
+        "the augmentation itself runs batched on the training device (prepare_batch), shown on the CPU in "
+        "a_shard_stream_with_cpu_augment. c: read + decode of the same frame files only.",
+    }

@@ -1,0 +1,31 @@
+"""Every input a training run reads, checked before anything is written (by `autosam2 train` on every
+rank, and by the launcher before it submits): one error naming the first bad one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from autosam2.config import Config, EngineKind, PromptKind
+from autosam2.data.sources import check_source
+from autosam2.engine.checkpoint import Checkpointer
+from autosam2.engine.engines import read_deepspeed_config
+from autosam2.errors import CheckpointError
+
+
+def check_inputs(cfg: Config) -> None:
+    check_source(cfg.data.train, "train", cfg.data.clip_len, key="data.train")
+    check_source(cfg.data.valid, "valid", key="data.valid")
+    files = {"model.checkpoint": cfg.model.checkpoint}
+    if cfg.model.prompt.kind == PromptKind.cnn:
+        files["model.prompt.backbone_weights"] = cfg.model.prompt.backbone_weights
+    for key, path in files.items():
+        if path is not None and not Path(path).is_file():
+            raise CheckpointError(f"{key}={path}: file not found")
+    if cfg.train.engine == EngineKind.deepspeed:
+        read_deepspeed_config(Path(cfg.train.deepspeed_config))
+    if cfg.train.resume not in ("auto", "none"):
+        problem = Checkpointer.check(Path(cfg.train.resume))
+        if problem:
+            raise CheckpointError(
+                f"train.resume={cfg.train.resume}: not a checkpoint folder to resume from ({problem})"
+            )

@@ -1,0 +1,1 @@
+"""Evaluation as a library: streaming inference over whole sequences, their metrics, and the report."""

@@ -1,0 +1,219 @@
+"""What tests share besides fixtures: tiny specs, command prefixes, file damage, run overrides, servers,
+and the fakes the loop is tested with (a tiny model, a batch, a recording logger)."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from autosam2.config import load_config
+from autosam2.data.sources import TrainingBatches
+from autosam2.data.synthetic import SynthSpec
+from autosam2.data.video import ClipBatch
+from autosam2.engine.checkpoint import Checkpointer, StopSignal
+from autosam2.engine.dist import DistInfo
+from autosam2.engine.engines import DDPEngine
+from autosam2.engine.trainer import Trainer
+
+TINY = SynthSpec(train_sequences=2, valid_sequences=1, frames=12, size=64, seed=3)
+
+# two local processes under torchrun (gloo on the CPU); append the module or script and its arguments
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def rewrite_tar(path: Path, edit) -> None:
+    """Rewrite a tar in place; `edit(name, data)` returns new bytes, or None to drop the member."""
+    with tarfile.open(path) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            new = edit(name, data)
+            if new is None:
+                continue
+            info = tarfile.TarInfo(name)
+            info.size = len(new)
+            tar.addfile(info, io.BytesIO(new))
+
+
+def truncate(path: Path, fraction: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+
+
+def train_overrides(data: dict[str, Path], out: Path, **extra: object) -> list[str]:
+    """A few-step CPU run at 256 px: hiera-t, 2-frame clips, frame mode, trainable decoder."""
+    settings = {
+        "data.train": data["train"],
+        "data.valid": data["valid"],
+        "data.clip_len": 2,
+        "data.num_workers": 1,
+        "data.shuffle_buffer": 2,
+        "model.image_size": 256,
+        "model.clip_mode": "video",
+        "model.freeze.mask_decoder": "false",
+        "optim.lr": 0.001,
+        "optim.warmup_steps": 1,
+        "train.max_steps": 4,
+        "train.device": "cpu",
+        "train.precision": "fp32",
+        "train.output_dir": out,
+        "train.checkpoint_every": 2,
+        "train.validate_every": 4,
+        "train.log_every": 1,
+        "train.valid_sequences": 2,
+        "tracking.system_metrics": "false",
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in settings.items()]
+
+
+def free_port() -> int:
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def kill_group(proc) -> None:
+    """Stop a process started with start_new_session=True, and everything it started."""
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def start_mlflow_server(store: Path, backend_uri: str | None = None, timeout_s: float = 60):
+    """A real `mlflow server` on 127.0.0.1 in its own process group; returns (uri, process)."""
+
+    port = free_port()
+    store.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    cmd = [
+        str(Path(sys.executable).with_name("mlflow")),
+        "server",
+        "--backend-store-uri",
+        backend_uri or f"sqlite:///{store}/mlflow.db",
+    ]
+    cmd += [
+        "--artifacts-destination",
+        str(store / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    with open(store / "server.log", "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as reply:
+                if reply.status == 200:
+                    return f"http://127.0.0.1:{port}", proc
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            kill_group(proc)
+            raise RuntimeError(
+                f"mlflow server did not become healthy: {(store / 'server.log').read_text()[-2000:]}"
+            )
+        time.sleep(0.2)
+
+
+# the loop's fakes ------------------------------------------------------------------------------------------
+
+INFO = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+class TinyModel(nn.Module):
+    """Stands in for AutoSAM2: forward(images, per_frame) -> (mask logits, iou, object logits)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 1)
+        self.norm = nn.LayerNorm(4)
+        self.presence = nn.Parameter(torch.zeros(1))
+        self.poison: set[int] = set()
+        self.calls = 0
+
+    def forward(self, images_TBCHW: torch.Tensor, per_frame: bool = False):
+        t, b = images_TBCHW.shape[:2]
+        logits = self.conv(images_TBCHW.flatten(0, 1))[:, 0].unflatten(0, (t, b))
+        if self.calls in self.poison:
+            logits = logits * float("nan")
+        self.calls += 1
+        iou = torch.sigmoid(self.norm(torch.ones(4)).mean()).expand(t, b)
+        return logits, iou, self.presence.expand(t, b)
+
+
+def batch() -> ClipBatch:
+    masks = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
+    masks[:, :, 2:5, 2:5] = True
+    return ClipBatch(
+        torch.full((2, 1, 3, 8, 8), 100, dtype=torch.uint8),
+        masks,
+        masks.flatten(2).any(2),
+        torch.arange(2)[:, None],
+        ["v"],
+    )
+
+
+class RecordingLogger:
+    run_id = None
+
+    def __init__(self):
+        self.metrics: list[tuple[int, dict]] = []
+
+    def log_metrics(self, metrics, step):
+        self.metrics.append((step, dict(metrics)))
+
+    def log_params(self, params): ...
+    def set_tags(self, tags): ...
+    def log_artifact(self, path, artifact_path=None): ...
+    def close(self, status="FINISHED"): ...
+
+
+def make_trainer(
+    tmp_path: Path, model: TinyModel, steps: int, overrides: list[str] | None = None
+) -> tuple[Trainer, RecordingLogger]:
+    cfg = load_config(
+        None,
+        [
+            f"train.output_dir={tmp_path}",
+            "train.log_every=1",
+            "train.checkpoint_every=100",
+            "train.epochs=100",
+            *(overrides or []),
+        ],
+    )
+    engine = DDPEngine(model, cfg.optim, steps, INFO)
+    logger = RecordingLogger()
+    trainer = Trainer(
+        cfg,
+        engine,
+        TrainingBatches(lambda epoch: [batch() for _ in range(3)], 3),
+        steps,
+        Checkpointer(tmp_path, INFO),
+        logger,
+        INFO,
+        stop=StopSignal(()),
+    )
+    return trainer, logger

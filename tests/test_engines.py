@@ -1,0 +1,37 @@
+"""The engines' own rules: gradient accumulation, parameter groups, the learning-rate schedule."""
+
+from __future__ import annotations
+
+import pytest
+
+from autosam2.config import load_config
+from autosam2.engine.engines import DDPEngine, lr_lambda, param_groups
+from tests.helpers import INFO, TinyModel, batch
+
+
+def test_gradient_accumulation_steps_the_optimizer_every_k_batches(tmp_path):
+    model = TinyModel()
+    cfg = load_config(None, ["optim.grad_accum=3", "optim.warmup_steps=0"])
+    engine = DDPEngine(model, cfg.optim, 10, INFO)
+    results = []
+    for _ in range(6):
+        out = engine.forward(batch().images_TBCHW.float(), False)
+        engine.backward(out.mask_logits_TBHW.mean())
+        results.append(engine.step())
+    assert [r is None for r in results] == [True, True, False, True, True, False]
+    assert engine.scheduler.last_epoch == 2
+
+
+def test_no_weight_decay_on_norms_biases_and_embeddings():
+    model = TinyModel()
+    groups = param_groups(model, 0.05)
+    decayed = {id(p) for p in groups[0]["params"]}
+    assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
+    assert decayed == {id(model.conv.weight)}
+
+
+def test_warmup_then_cosine():
+    cfg = load_config(None, ["optim.warmup_steps=10", "optim.min_lr_ratio=0.1"])
+    f = lr_lambda(cfg.optim, 110)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)

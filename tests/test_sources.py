@@ -1,0 +1,77 @@
+"""Shards or folders: the answer, the training batches a run draws, the sequences evaluation reads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from autosam2.config import DataConfig
+from autosam2.data.polyp_gen import PolypGenDataset
+from autosam2.data.sources import FolderClips, check_source, is_shard_set, read_sequences, training_batches
+from autosam2.errors import DatasetError
+from tests.helpers import rewrite_tar, truncate
+
+SHARD = "train-000-00000.tar"
+
+
+def test_folder_clips_are_resized_windows_with_seeded_augmentation(tiny_root_pristine):
+    clips = FolderClips(tiny_root_pristine, "train", clip_len=4, image_size=32, seed=1, stride=4)
+    assert len(clips) == 6
+    video = clips[4]
+    assert video.video_id == "seq2" and [f.frame_index for f in video.frames] == [4, 5, 6, 7]
+    assert video.size == (32, 32) and video.frames[0].image_CHW.shape == (3, 32, 32)
+    raw = PolypGenDataset(tiny_root_pristine, "train").load_frame("seq2", 4)
+    assert raw.object_mask().any() == video.frames[0].object_mask().any()
+    assert clips[4].metadata["augment"] == video.metadata["augment"]
+    clips.set_epoch(1)
+    assert clips[4].metadata["augment"] != video.metadata["augment"]
+    assert torch.equal(clips[4].frames[0].image_CHW, video.frames[0].image_CHW)
+
+
+@pytest.mark.parametrize("source", ["shards", "folder"])
+def test_training_batches_are_the_same_each_time_an_epoch_is_asked_for(
+    tiny_root_pristine, tiny_shards_pristine, source
+):
+    path = tiny_shards_pristine["train"] if source == "shards" else tiny_root_pristine
+    assert is_shard_set(path) == (source == "shards")
+    data = DataConfig(train=str(path), clip_len=4, batch_size=2, num_workers=0, batches_per_epoch=3)
+    batches = training_batches(data, image_size=32, seed=0, rank=0, world_size=1)
+    first, again, other = (list(batches.epoch(e)) for e in (0, 0, 1))
+    assert batches.per_epoch == 3 and len(first) == 3 and batches.skipped() == 0
+    assert first[0].images_TBCHW.shape == (4, 2, 3, 32, 32)
+    assert all(torch.equal(a.images_TBCHW, b.images_TBCHW) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a.images_TBCHW, b.images_TBCHW) for a, b in zip(first, other, strict=True))
+
+
+def test_folder_batches_split_the_windows_between_ranks(tiny_root_pristine):
+    data = DataConfig(train=str(tiny_root_pristine), clip_len=4, batch_size=1, num_workers=0)
+    ranks = [training_batches(data, 32, 0, rank, 2) for rank in (0, 1)]
+    windows = len(FolderClips(tiny_root_pristine, "train", 4, 32))
+    assert [r.per_epoch for r in ranks] == [windows // 2] * 2
+    seen = [{(b.video_ids[0], int(b.frame_indices_TB[0, 0])) for b in r.epoch(0)} for r in ranks]
+    assert not seen[0] & seen[1]
+
+
+def test_a_source_that_cannot_feed_the_run_is_named(tiny_root_pristine, tmp_path):
+    with pytest.raises(DatasetError, match=rf"data.train={tmp_path / 'nope'}: neither a shard set"):
+        check_source(tmp_path / "nope", "train", 4, key="data.train")
+    with pytest.raises(
+        DatasetError, match=r"no train sequence has clip_len 40 frames \(the longest has 12\)"
+    ):
+        check_source(tiny_root_pristine, "train", 40)
+    check_source(tiny_root_pristine, "valid")
+
+
+@pytest.mark.parametrize("source", ["shards", "folder"])
+def test_validation_reading_honours_the_error_policy(tiny_root, tiny_shards, capsys, source):
+    if source == "shards":
+        rewrite_tar(tiny_shards["train"] / SHARD, lambda n, d: b"junk" if n == "seq1__00001.f0000.jpg" else d)
+        path = tiny_shards["train"]
+    else:
+        truncate(tiny_root / "train" / "images" / "seq1" / "frame7.jpg")
+        path = tiny_root
+    with pytest.raises(DatasetError, match="seq1"):
+        list(read_sequences(path, "train", 0, 1))
+    kept = [v.video_id for v in read_sequences(path, "train", 0, 1, on_error="skip")]
+    assert kept == ["seq2"]
+    assert "warning: skipped" in capsys.readouterr().err

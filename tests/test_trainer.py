@@ -1,0 +1,51 @@
+"""The loop with fakes: non-finite losses, the abort, stop signals."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+
+import pytest
+
+from autosam2.engine.checkpoint import LoopState, StopSignal
+from autosam2.errors import TrainingAborted
+from tests.helpers import TinyModel, make_trainer
+
+
+def test_a_non_finite_loss_skips_the_step_and_is_counted(tmp_path):
+    model = TinyModel()
+    model.poison = {1}
+    trainer, logger = make_trainer(tmp_path, model, steps=4)
+    state = trainer.fit(LoopState())
+    assert state.step == 4 and state.skipped_steps == 1 and model.calls == 5
+    skipped = [m["train/skipped_steps"] for _, m in logger.metrics if "train/skipped_steps" in m]
+    assert skipped[-1] == 1
+    assert all(math.isfinite(p.detach().sum()) for p in model.parameters())
+
+
+def test_k_non_finite_losses_in_a_row_abort_with_a_clear_message(tmp_path):
+    model = TinyModel()
+    model.poison = {2, 3, 4}
+    trainer, _ = make_trainer(tmp_path, model, steps=10, overrides=["train.max_bad_steps=3"])
+    with pytest.raises(TrainingAborted, match="3 non-finite losses in a row at step 2"):
+        trainer.fit(LoopState())
+
+
+def test_a_signal_stops_the_loop_with_a_checkpoint(tmp_path):
+    model = TinyModel()
+    trainer, _ = make_trainer(tmp_path, model, steps=50)
+    trainer.stop = StopSignal((signal.SIGUSR2,))
+    original = trainer.engine.step
+
+    def step_then_signal():
+        norm = original()
+        if norm is not None and trainer.engine.scheduler.last_epoch == 2:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return norm
+
+    trainer.engine.step = step_then_signal
+    state = trainer.fit(LoopState())
+    assert state.stopped and state.step == 2
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    signal.signal(signal.SIGUSR2, signal.SIG_DFL)
