@@ -81,12 +81,21 @@ def main(argv: list[str] | None = None) -> int:
         if not per_sequence:
             raise DatasetError(f"{args.data}: no sequences to evaluate")
         summary = metrics.summary()
-        run = {"weights": str(args.weights), "data": str(args.data), "mode": args.mode}
-        write_metrics(tmp, per_sequence, summary, {**run, "metric_mode": args.metric_mode})
+        write_metrics(tmp, per_sequence, summary, _described(args))
     print_table(per_sequence, summary)
     _log(args, out, summary)
     print(f"wrote {out}: masks/, {'overlays/, ' if not args.no_overlays else ''}metrics.json, metrics.csv")
     return 0
+
+
+def _described(args: argparse.Namespace) -> dict[str, str]:
+    """What was evaluated, as metrics.json and the MLflow run record it."""
+    return {
+        "weights": str(args.weights),
+        "data": str(args.data),
+        "mode": args.mode,
+        "metric_mode": args.metric_mode,
+    }
 
 
 def _log(args: argparse.Namespace, out: Path, summary: dict[str, float]) -> None:
@@ -103,15 +112,7 @@ def _log(args: argparse.Namespace, out: Path, summary: dict[str, float]) -> None
         system_metrics=False,
     )
     try:
-        logger.log_params(
-            {
-                "weights": str(args.weights),
-                "data": str(args.data),
-                "mode": args.mode,
-                "metric_mode": args.metric_mode,
-                "checkpoint": str(args.checkpoint),
-            }
-        )
+        logger.log_params({**_described(args), "checkpoint": str(args.checkpoint)})
         logger.log_metrics({f"eval/{k}": v for k, v in summary.items()}, step=0)
         for name in ("metrics.json", "metrics.csv"):
             logger.log_artifact(out / name)
