@@ -7,8 +7,10 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo
+DRY_RUN ?= 0
+OUT    ?= gpu-check-out
 
-.PHONY: venv sysdeps demo test lint clean-demo
+.PHONY: venv sysdeps demo test lint clean-demo gpu-check
 
 venv: $(STAMP)
 
@@ -35,6 +37,12 @@ sysdeps:
 
 test: $(STAMP) sysdeps
 	$(PY) -m pytest -q
+
+# The device check (launch/gpu_check.sh): here it builds the wheelhouse the GPU machine needs; there it
+# installs it and measures the GPU path into $(OUT)/gpu_check.json. DRY_RUN=1: the same on the CPU, tiny.
+gpu-check:
+	@if [ "$(DRY_RUN)" = 1 ]; then $(MAKE) --no-print-directory $(STAMP); fi
+	DRY_RUN=$(DRY_RUN) OUT=$(OUT) bash launch/gpu_check.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check autosam2 launch shards tests

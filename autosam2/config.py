@@ -126,6 +126,9 @@ class ModelConfig:
     checkpoint: str | None = None  # official SAM2 checkpoint; None: random init
     multimask_output: bool = False
     clip_mode: ClipMode = ClipMode.video
+    # torch.compile of the image encoder (training and inference); a failed compile warns once and runs eager
+    compile: bool = False
+    compile_backend: str = "inductor"  # a torch.compile backend name (inductor | aot_eager | cudagraphs ...)
     prompt: PromptEncoderConfig = field(default_factory=PromptEncoderConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
 
@@ -167,6 +170,11 @@ class TrainConfig:
     resume: str = "auto"  # auto: latest checkpoint in output_dir if any | none | a checkpoint folder
     max_bad_steps: int = 5  # non-finite losses in a row before the run aborts
     valid_sequences: int | None = None  # validate on the first N sequences only
+    # a collective that waits longer than this fails the job (gloo and NCCL): a dead or hung rank
+    # stops the others in bounded time instead of torch's 30-minute default
+    dist_timeout_s: int = 600
+    cudnn_benchmark: bool = True  # let cuDNN pick the fastest convolution for the fixed input size
+    tf32: bool = True  # TF32 matrix products and convolutions for fp32 work on Ampere and later GPUs
 
 
 @dataclass
@@ -264,8 +272,9 @@ def validate(cfg: Config) -> None:
         cfg.train.epochs >= 1
         and cfg.train.checkpoint_every >= 1
         and cfg.train.validate_every >= 1
-        and cfg.train.log_every >= 1,
-        "train.epochs, checkpoint_every, validate_every and log_every must be >= 1",
+        and cfg.train.log_every >= 1
+        and cfg.train.dist_timeout_s >= 1,
+        "train.epochs, checkpoint_every, validate_every, log_every and dist_timeout_s must be >= 1",
     )
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))

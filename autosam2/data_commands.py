@@ -17,6 +17,7 @@ def synth(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=24, help="frames per sequence (default 24)")
     p.add_argument("--size", type=int, default=256, help="frame side in pixels (default 256)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="processes generating sequences (same data)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
 
@@ -30,7 +31,7 @@ def synth(argv: list[str] | None = None) -> int:
         size=args.size,
         seed=args.seed,
     )
-    summary = write_dataset(args.out, spec, overwrite=args.overwrite, progress=True)
+    summary = write_dataset(args.out, spec, overwrite=args.overwrite, progress=True, workers=args.workers)
     share = summary["empty_frames"] / summary["frames"]
     print(
         f"wrote {args.out}: {spec.train_sequences} train + {spec.valid_sequences} valid sequences, "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from autosam2.config import ClipMode, Dataset
+from autosam2.config import ClipMode, ConfigError, Dataset, TrainConfig
 from autosam2.metrics import MODES
 
 
@@ -44,6 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metric-mode", default="ours", choices=list(MODES))
     parser.add_argument("--gpu", type=int, default=None)
     parser.add_argument("--cpu", action="store_true")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the image encoder (falls back to eager)"
+    )
+    parser.add_argument(
+        "--decode-device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where a polyp_gen root's JPEG frames are decoded (auto: on the GPU when evaluating on one)",
+    )
     parser.add_argument("--no-overlays", action="store_true")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument(
@@ -58,19 +67,25 @@ def main(argv: list[str] | None = None) -> int:
 
     from autosam2.atomic import atomic_directory
     from autosam2.data.sources import read_sequences
-    from autosam2.engine.dist import pick_device
+    from autosam2.engine.dist import configure_backends, pick_device
     from autosam2.errors import DatasetError
     from autosam2.eval.inference import evaluate_sequences
     from autosam2.eval.report import print_table, write_metrics, write_sequence
     from autosam2.model.weights import load_trained_model
 
     device = pick_device("cpu" if args.cpu else ("auto" if args.gpu is None else f"cuda:{args.gpu}"), 0)
-    model, _ = load_trained_model(args.weights, args.checkpoint, device)
+    if args.decode_device == "cuda" and device.type != "cuda":
+        raise ConfigError(
+            "--decode-device cuda needs a GPU to evaluate on (drop --cpu, or decode on the cpu)"
+        )
+    decode = {"auto": device if device.type == "cuda" else None, "cpu": None, "cuda": device}
+    configure_backends(TrainConfig.cudnn_benchmark, TrainConfig.tf32)
+    model, _ = load_trained_model(args.weights, args.checkpoint, device, compile=args.compile)
     out = Path(args.output_dir)
     with atomic_directory(out, overwrite=args.overwrite) as tmp:
         metrics = evaluate_sequences(
             model,
-            read_sequences(args.data, args.split, 0, 1),
+            read_sequences(args.data, args.split, 0, 1, decode_device=decode[args.decode_device]),
             device,
             args.mode,
             args.metric_mode,

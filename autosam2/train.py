@@ -66,7 +66,7 @@ def run(argv: list[str] | None = None):
     from autosam2.engine.inputs import check_inputs
 
     check_inputs(cfg)
-    with distributed(cfg.train.device) as info:
+    with distributed(cfg.train.device, cfg.train.dist_timeout_s) as info:
         return _run(cfg, info)
 
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(cfg: Config, info):
     from autosam2.data.sources import training_batches
     from autosam2.engine.checkpoint import Checkpointer, StopSignal
-    from autosam2.engine.dist import barrier, seed_everything, stop_when_launcher_gone
+    from autosam2.engine.dist import barrier, configure_backends, seed_everything, stop_when_launcher_gone
     from autosam2.engine.engines import build_engine
     from autosam2.engine.run_lock import take_output_dir
     from autosam2.engine.trainer import Trainer
@@ -90,6 +90,7 @@ def _run(cfg: Config, info):
     stop_when_launcher_gone(stop, info.rank)
     out = Path(cfg.train.output_dir).resolve()
     seed_everything(cfg.train.seed, info.rank)
+    configure_backends(cfg.train.cudnn_benchmark, cfg.train.tf32)
 
     # everything read before anything is written: a bad checkpoint or data set leaves no output behind
     model = build_autosam2(cfg.model, info.device)

@@ -82,7 +82,15 @@ def test_inspect_reads_a_shard_set_through_the_stream(tiny_shards_pristine, caps
             ["evaluate", "--weights", "{tmp}/none.pt", "--cpu"],
             "autosam2 evaluate: {tmp}/none.pt: weights file not found",
         ),
+        (
+            ["evaluate", "--weights", "{tmp}/none.pt", "--cpu", "--decode-device", "cuda"],
+            "autosam2 evaluate: --decode-device cuda needs a GPU to evaluate on",
+        ),
         (["train", "optim.lr=-1"], "autosam2 train: invalid config: optim.lr must be > 0"),
+        (
+            ["train", "train.dist_timeout_s=0"],
+            "autosam2 train: invalid config: train.epochs, checkpoint_every",
+        ),
         (
             ["synth", "--out", "{tmp}/pg", "--frames", "0"],
             "autosam2 synth: synthetic dataset needs size >= 32, frames >= 2",

@@ -35,3 +35,18 @@ def test_undecodable_bytes_are_one_error_naming_the_source():
         decode_image(b"not an image", "f0000.jpg")
     with pytest.raises(DatasetError, match=r"^m0000\.png: cannot decode mask"):
         decode_mask(b"\x89PNG broken", "m0000.png")
+
+
+def test_decoding_on_a_device_gives_what_pil_gives_and_names_a_bad_file(tmp_path):
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((48, 40), Image.BICUBIC)
+    jpeg, png = io.BytesIO(), io.BytesIO()
+    image.save(jpeg, format="JPEG", quality=90)
+    image.save(png, format="PNG")
+    cpu = torch.device("cpu")
+    for data in (jpeg.getvalue(), png.getvalue()):  # JPEG through torchvision there; others through PIL
+        here, there = decode_image(data, "f"), decode_image(data, "f", cpu)
+        assert there.shape == here.shape == (3, 40, 48) and there.dtype == torch.uint8
+        assert (there.int() - here.int()).abs().max() <= 1
+    with pytest.raises(DatasetError, match="^frames/f3.jpg: cannot decode image"):
+        decode_image(jpeg.getvalue()[:100], "frames/f3.jpg", cpu)

@@ -1,8 +1,18 @@
-"""The one mapping of a job step's variables to torch.distributed's."""
+"""The one mapping of a job step's variables to torch.distributed's; the process group's settings and timeout."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
 from autosam2.engine.dist import map_slurm_env
+from tests.helpers import TORCHRUN_2
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_slurm_variables_become_torchrun_variables():
@@ -42,3 +52,80 @@ def test_submitit_local_tasks_become_torchrun_variables():
     alone = {"PATH": "/bin"}
     map_slurm_env(alone)
     assert alone == {"PATH": "/bin"}  # neither a job step nor torchrun: nothing to map
+
+
+def test_backend_settings_follow_the_config():
+    import torch
+
+    from autosam2.engine.dist import configure_backends
+
+    try:
+        assert configure_backends(cudnn_benchmark=False, tf32=False)["cuda_matmul_fp32"] == "ieee"
+        assert not torch.backends.cudnn.benchmark
+        assert torch.backends.cuda.matmul.fp32_precision == torch.backends.cudnn.conv.fp32_precision == "ieee"
+        configure_backends(cudnn_benchmark=True, tf32=True)
+        assert torch.backends.cudnn.benchmark
+        assert torch.backends.cuda.matmul.fp32_precision == torch.backends.cudnn.conv.fp32_precision == "tf32"
+    finally:
+        configure_backends(cudnn_benchmark=False, tf32=False)
+
+
+def test_a_process_group_of_one_wraps_ddp_and_is_gone_afterwards(monkeypatch):
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from autosam2.config import OptimConfig
+    from autosam2.engine.dist import single_process_group
+    from autosam2.engine.engines import DDPEngine
+    from tests.helpers import TinyModel, batch
+
+    monkeypatch.delenv("RANK", raising=False)
+    with single_process_group(torch.device("cpu")) as info:
+        assert dist.get_world_size() == 1 and dist.get_backend() == "gloo" and os.environ["RANK"] == "0"
+        engine = DDPEngine(TinyModel(), OptimConfig(), 4, info)
+        assert isinstance(engine.wrapped, DistributedDataParallel)  # the reducer runs as in a job
+        out = engine.forward(batch().images_TBCHW.float(), per_frame=False)
+        engine.backward(out.mask_logits_TBHW.mean())
+        assert engine.step() is not None
+    assert not dist.is_initialized() and "RANK" not in os.environ
+
+
+HUNG_RANK = """
+import sys, time, torch
+import torch.distributed as dist
+from autosam2.engine.dist import distributed
+with distributed("cpu", timeout_s=int(sys.argv[1])) as info:
+    if info.rank == 1:
+        time.sleep(120)  # alive but silent: a hung GPU, a stuck filesystem
+    print("rank 0 waits", flush=True)
+    dist.all_reduce(torch.ones(1))
+"""
+
+
+@pytest.mark.slow
+def test_a_hung_rank_fails_the_others_within_dist_timeout_s(tmp_path):
+    script = tmp_path / "hung.py"
+    script.write_text(HUNG_RANK)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [*TORCHRUN_2, str(script), "5"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines, waited, elapsed = [], None, None
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("rank 0 waits"):
+            waited = time.monotonic()
+        if "RankLost" in line and waited is not None and elapsed is None:
+            elapsed = time.monotonic() - waited
+    assert proc.wait(timeout=120) != 0
+    text = "".join(lines)
+    assert "rank 0: no answer from another rank within train.dist_timeout_s=5 s" in text, text[-3000:]
+    assert elapsed is not None and 4 <= elapsed <= 30, (
+        elapsed
+    )  # the 5 s timeout, not torch's 30-minute default

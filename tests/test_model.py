@@ -11,7 +11,7 @@ from autosam2.data.synthetic import SynthSpec, generate_sequence
 from autosam2.data.transforms import SAM2_MEAN, SAM2_STD
 from autosam2.errors import CheckpointError
 from autosam2.losses import clip_losses
-from autosam2.model.autosam2 import AutoSAM2
+from autosam2.model.autosam2 import AutoSAM2, CompileWarning
 from autosam2.model.prompt_encoder import PromptOutput
 from autosam2.model.sam2_builder import (
     build_autosam2,
@@ -281,3 +281,39 @@ def test_the_untrained_cnn_prompt_is_also_promptless():
     with torch.no_grad():
         out = model.prompt_encoder(images, model.encode_images(images)["backbone_fpn"])
     assert out.dense_NChw.shape == (1, 256, S // 16, S // 16) and torch.count_nonzero(out.dense_NChw) == 0
+
+
+def test_a_compiled_image_encoder_gives_the_eager_outputs_and_keeps_the_weights_names():
+    torch.manual_seed(0)
+    eager = build_autosam2(ModelConfig(image_size=64)).eval()
+    torch.manual_seed(0)
+    compiled = build_autosam2(ModelConfig(image_size=64, compile=True, compile_backend="aot_eager")).eval()
+    assert list(eager.state_dict()) == list(compiled.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = eager.image_encoder(x), compiled.image_encoder(x)
+    assert compiled.image_encoder.forward.active  # it really ran compiled
+    assert torch.allclose(a["vision_features"], b["vision_features"], atol=1e-5)
+
+
+def test_a_failed_compile_warns_once_and_runs_eagerly():
+    def no_compiler(graph, example_inputs):
+        raise RuntimeError("no C++ compiler on this node")
+
+    torch.manual_seed(0)
+    model = build_autosam2(ModelConfig(image_size=64)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model.image_encoder(x)["vision_features"]
+        guarded = model.compile_image_encoder(no_compiler)
+        with pytest.warns(CompileWarning, match="no C\\+\\+ compiler on this node") as caught:
+            first = model.image_encoder(x)["vision_features"]
+            second = model.image_encoder(x)["vision_features"]
+    assert len([w for w in caught if w.category is CompileWarning]) == 1 and not guarded.active
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    with (
+        pytest.raises(RuntimeError),
+        torch.no_grad(),
+    ):  # the model's own error is not taken for a compile failure
+        model.compile_image_encoder(no_compiler)
+        model.image_encoder(torch.randn(1, 2, 64, 64))

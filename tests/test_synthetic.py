@@ -126,3 +126,15 @@ def test_a_failure_half_way_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk on fire"):
         write_dataset(tmp_path / "pg", SynthSpec(train_sequences=2, valid_sequences=1, frames=3, size=64))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_dataset_is_the_same_whatever_the_number_of_workers(tmp_path):
+    spec = SynthSpec(train_sequences=3, valid_sequences=1, frames=4, size=64, seed=2)
+    one = write_dataset(tmp_path / "one", spec)
+    two = write_dataset(tmp_path / "two", spec, workers=2)
+    assert one == two
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    assert files and files == sorted(
+        p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file()
+    )
+    assert all((tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes() for f in files)

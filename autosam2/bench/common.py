@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from autosam2.data.synthetic import SynthSpec, write_dataset
+from autosam2.data.video import ClipBatch, any_pixel
 from autosam2.errors import DatasetError
 
 
@@ -37,3 +38,12 @@ def synthetic_shards(
     if done.returncode != 0:  # the tool's own one line, e.g. a bad frame of --root
         raise DatasetError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else " ".join(cmd))
     return root, out
+
+
+def synthetic_clip(t_len: int, batch: int, size: int) -> ClipBatch:
+    """A clip as the loader yields it (uint8 images), a square polyp in every frame."""
+    images = torch.randint(0, 256, (t_len, batch, 3, size, size), dtype=torch.uint8)
+    masks = torch.zeros(t_len, batch, size, size, dtype=torch.bool)
+    masks[..., size // 4 : size // 2, size // 4 : size // 2] = True
+    indices = torch.arange(t_len)[:, None].expand(t_len, batch).contiguous()
+    return ClipBatch(images, masks, any_pixel(masks), indices, [f"clip{i}" for i in range(batch)])

@@ -23,6 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=default_device())
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the image encoder")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -31,8 +32,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = build_autosam2(
         ModelConfig(variant=Variant(args.variant), image_size=args.image_size), device
     ).eval()
-    if args.compile:
-        model.image_encoder.forward = torch.compile(model.image_encoder.forward, dynamic=False)
+    compiled = model.compile_image_encoder(args.compile_backend) if args.compile else None
     frames = [torch.randn(1, 3, args.image_size, args.image_size, device=device) for _ in range(args.frames)]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
@@ -52,7 +52,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sync(device)
         return time.perf_counter() - start
 
+    start = time.perf_counter()
     encoder_pass(), stream_pass()  # warm-up (and compilation)
+    warm_up = time.perf_counter() - start
     encoder = statistics.median(encoder_pass() for _ in range(args.rounds))
     streaming = statistics.median(stream_pass() for _ in range(args.rounds))
     return {
@@ -70,6 +72,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "device": str(device),
             "bf16": args.bf16,
             "compile": args.compile,
+            "compile_backend": args.compile_backend if args.compile else None,
+            "compiled_ran": bool(compiled and compiled.active),  # False: compile failed, eager ran
+            "warm_up_s": round(warm_up, 1),
             "torch_threads": torch.get_num_threads(),
         },
     }

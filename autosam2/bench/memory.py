@@ -20,10 +20,9 @@ from typing import Any
 
 import torch
 
-from autosam2.bench.common import default_device
+from autosam2.bench.common import default_device, synthetic_clip
 from autosam2.config import Config, EngineKind, Precision, load_config
 from autosam2.data.sources import TrainingBatches
-from autosam2.data.video import ClipBatch, any_pixel
 from autosam2.engine.checkpoint import Checkpointer, StopSignal
 from autosam2.engine.dist import DistInfo
 from autosam2.engine.engines import DDPEngine, read_deepspeed_config
@@ -73,15 +72,6 @@ def peak_bytes(run: Callable[[], None], device: torch.device) -> int:
     return peak
 
 
-def _synthetic_clip(t_len: int, batch: int, size: int) -> ClipBatch:
-    """A clip as the loader yields it (uint8 images), a square polyp in every frame."""
-    images = torch.randint(0, 256, (t_len, batch, 3, size, size), dtype=torch.uint8)
-    masks = torch.zeros(t_len, batch, size, size, dtype=torch.bool)
-    masks[..., size // 4 : size // 2, size // 4 : size // 2] = True
-    indices = torch.arange(t_len)[:, None].expand(t_len, batch).contiguous()
-    return ClipBatch(images, masks, any_pixel(masks), indices, [f"clip{i}" for i in range(batch)])
-
-
 def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -111,7 +101,7 @@ def _measure(cfg: Config, device: torch.device, steps: int) -> tuple[torch.nn.Mo
         info,
         stop=StopSignal(()),
     )
-    clip = _synthetic_clip(cfg.data.clip_len, cfg.data.batch_size, cfg.model.image_size)
+    clip = synthetic_clip(cfg.data.clip_len, cfg.data.batch_size, cfg.model.image_size)
 
     def run_steps() -> None:  # from the second step on, the optimizer states are held too
         for _ in range(steps):

@@ -277,8 +277,16 @@ class PolypGenDataset(torch.utils.data.Dataset):
     construction; a frame whose size differs from its sequence raises when it is read.
     """
 
-    def __init__(self, root: str | Path, split: str = "train", clip_len: int | None = None, stride: int = 1):
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        clip_len: int | None = None,
+        stride: int = 1,
+        decode_device: torch.device | None = None,
+    ):
         self.root = Path(root)
+        self.decode_device = decode_device  # None: frames decoded here (PIL); a GPU: nvJPEG there
         self.split = split
         if not self.root.is_dir():
             raise DatasetError(f"{self.root}: dataset root does not exist")
@@ -318,7 +326,7 @@ class PolypGenDataset(torch.utils.data.Dataset):
 
     def load_frame(self, sequence: str, index: int) -> Frame:
         files = self.sequences[sequence].frames[index]
-        image = decode_image(files.image.read_bytes(), files.image)
+        image = decode_image(files.image.read_bytes(), files.image, self.decode_device)
         mask = decode_mask(files.mask.read_bytes(), files.mask)
         expected = self.sequence_size(sequence)
         if tuple(image.shape[-2:]) != expected:

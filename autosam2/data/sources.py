@@ -169,9 +169,11 @@ def read_sequences(
     world_size: int,
     limit: int | None = None,
     on_error: OnError | str = "raise",
+    decode_device: torch.device | None = None,
 ) -> Iterator[VideoDatapoint]:
     """Whole sequences of a shard set (split by rank through the stream) or of a polyp_gen root. With
-    ``on_error="skip"`` a sequence that cannot be read is left out with a warning."""
+    ``on_error="skip"`` a sequence that cannot be read is left out with a warning. ``decode_device``:
+    where a polyp_gen root's JPEG frames are decoded (None: here; shards decode in the stream)."""
     if is_shard_set(source):
         stream = ClipStream(source, "eval", StreamConfig(image_size=None, on_error=on_error))
         names = sorted(stream.manifest["sequences"])[:limit] if limit else None
@@ -179,7 +181,7 @@ def read_sequences(
             if names is None or video.video_id in names:
                 yield video
         return
-    dataset = PolypGenDataset(source, split)
+    dataset = PolypGenDataset(source, split, decode_device=decode_device)
     names = dataset.sequence_names[:limit] if limit else dataset.sequence_names
     for name in names[rank::world_size]:
         try:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -318,22 +320,36 @@ def write_sequence(split_dir: Path, seq: SynthSequence) -> None:
         )
 
 
-def write_dataset(out: str | Path, spec: SynthSpec, overwrite: bool = False, progress: bool = False) -> dict:
-    """Write a synthetic polyp_gen root at `out` atomically (temp folder, then rename); return a summary."""
+def _make_sequence(folder: Path, split: str, index: int, name: str, spec: SynthSpec) -> tuple[int, int, list]:
+    """Generate and write one sequence: (frames, polyp-free frames, events)."""
+    seq = generate_sequence(name, split, index, spec)
+    write_sequence(folder / split, seq)
+    return len(seq.frames), sum(not m.any() for m in seq.masks), seq.events
+
+
+def write_dataset(
+    out: str | Path, spec: SynthSpec, overwrite: bool = False, progress: bool = False, workers: int = 1
+) -> dict:
+    """Write a synthetic polyp_gen root at `out` atomically (temp folder, then rename); return a summary.
+    ``workers`` processes generate sequences side by side; each sequence depends on the spec alone, so
+    the dataset is the same for any number."""
     with atomic_directory(out, overwrite) as tmp:
         names = sequence_names(spec)
         jobs = [(split, i, name) for split in ("train", "valid") for i, name in enumerate(names[split])]
-        if progress:
-            from tqdm import tqdm
-
-            jobs = tqdm(jobs, desc="synth", unit="seq")
         summary = {"spec": asdict(spec), "frames": 0, "empty_frames": 0, "events": {}}
-        for split, i, name in jobs:
-            seq = generate_sequence(name, split, i, spec)
-            write_sequence(tmp / split, seq)
-            summary["frames"] += len(seq.frames)
-            summary["empty_frames"] += sum(not m.any() for m in seq.masks)
-            summary["events"][name] = seq.events
+        with ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
+            run = pool.map if pool is not None else map
+            results = run(
+                _make_sequence, *zip(*[(tmp, split, i, name, spec) for split, i, name in jobs], strict=True)
+            )
+            if progress:
+                from tqdm import tqdm
+
+                results = tqdm(results, total=len(jobs), desc="synth", unit="seq")
+            for (_, _, name), (frames, empty, events) in zip(jobs, results, strict=True):
+                summary["frames"] += frames
+                summary["empty_frames"] += empty
+                summary["events"][name] = events
         for split in ("train", "valid"):
             (tmp / split / LIST_FILES[split]).write_text("".join(f"{n}\n" for n in names[split]))
         (tmp / "synth.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")

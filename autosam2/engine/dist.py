@@ -145,7 +145,21 @@ def pick_device(request: str, local_rank: int) -> torch.device:
     return torch.device(request)
 
 
-def init_distributed(device_request: str = "auto", timeout_s: int = 1800) -> DistInfo:
+def configure_backends(cudnn_benchmark: bool, tf32: bool) -> dict[str, str]:
+    """cuDNN's autotuner, and TF32 for the fp32 matrix products and convolutions of CUDA devices, as the
+    config states (CPU arithmetic and bf16 autocast do not depend on them); the settings, for the log."""
+    precision = "tf32" if tf32 else "ieee"
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    torch.backends.cuda.matmul.fp32_precision = precision
+    torch.backends.cudnn.conv.fp32_precision = precision
+    return {
+        "cudnn_benchmark": str(cudnn_benchmark),
+        "cuda_matmul_fp32": precision,
+        "cudnn_conv_fp32": precision,
+    }
+
+
+def init_distributed(device_request: str = "auto", timeout_s: int = 600) -> DistInfo:
     """Read the launcher's variables, pick the device, and join the process group when there are ranks."""
     map_slurm_env()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -155,9 +169,19 @@ def init_distributed(device_request: str = "auto", timeout_s: int = 1800) -> Dis
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        _join_group(device, timeout_s)
     return DistInfo(rank, world_size, local_rank, device)
+
+
+def _join_group(device: torch.device, timeout_s: int, **kwargs: Any) -> None:
+    """init_process_group, gloo on CPU and NCCL on GPU, with `timeout_s` on every collective. For NCCL,
+    its watchdog tears the process down when a collective times out or fails (async error handling), so
+    a rank waiting on a dead peer does not hang in a CUDA call past the timeout."""
+    kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
+    if device.type == "cuda":
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        kwargs["device_id"] = device  # eager NCCL set-up: a bad GPU or network fails here, not mid-step
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **kwargs)
 
 
 def cleanup() -> None:
@@ -166,30 +190,67 @@ def cleanup() -> None:
 
 
 @contextmanager
-def distributed(device_request: str = "auto") -> Iterator[DistInfo]:
+def distributed(device_request: str = "auto", timeout_s: int = 600) -> Iterator[DistInfo]:
     """The process group for the block, torn down after it however it ends. A collective that fails
-    because another rank went away becomes one RankLost line (that rank's own error says why)."""
-    info = init_distributed(device_request)
+    because another rank went away, or gave no answer within `timeout_s`, becomes one RankLost line
+    (that rank's own error says why)."""
+    info = init_distributed(device_request, timeout_s)
     try:
         yield info
     except RuntimeError as err:
         if info.world_size > 1 and peer_lost(err):
             text = str(err).strip()
+            here = text.splitlines()[0] if text else type(err).__name__
+            if timed_out(err):
+                raise RankLost(
+                    f"rank {info.rank}: no answer from another rank within train.dist_timeout_s={timeout_s} s "
+                    f"(it stopped or hangs), so this one stops too (here: {here})"
+                ) from err
             raise RankLost(
                 f"rank {info.rank}: another rank stopped, so this one stops too (that rank's own error says "
-                f"why; here: {text.splitlines()[0] if text else type(err).__name__})"
+                f"why; here: {here})"
             ) from err
         raise
     finally:
         cleanup()
 
 
+@contextmanager
+def single_process_group(device: torch.device, timeout_s: int = 600) -> Iterator[DistInfo]:
+    """A process group of this process alone (NCCL on a GPU, gloo on the CPU) on a free loopback port,
+    so DDP's reducer and DeepSpeed run as in a job: for benchmarks and device checks."""
+    if dist.is_initialized():
+        raise RuntimeError("a process group is already initialized in this process")
+    store = dist.TCPStore("127.0.0.1", 0, world_size=1, is_master=True)  # port 0: the OS picks one
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")  # DeepSpeed reads these
+    try:
+        if device.type == "cuda":
+            device = torch.device(
+                "cuda", torch.cuda.current_device() if device.index is None else device.index
+            )
+            torch.cuda.set_device(device)  # DDP and NCCL want the GPU's index
+        _join_group(device, timeout_s, store=store, rank=0, world_size=1)
+        yield DistInfo(0, 1, 0, device)
+    finally:
+        cleanup()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def peer_lost(err: RuntimeError) -> bool:
-    """A collective that failed because another rank went away (gloo closes its connections)."""
-    text = str(err)
-    return isinstance(err, dist.DistError) or any(
-        sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
-    )
+    """A collective that failed because another rank went away (gloo closes its connections) or gave
+    no answer within the process group's timeout."""
+    signs = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+    return isinstance(err, dist.DistError) or timed_out(err) or any(sign in str(err) for sign in signs)
+
+
+def timed_out(err: BaseException) -> bool:
+    text = str(err).lower()
+    return "timed out" in text or "timeout" in text
 
 
 def barrier() -> None:

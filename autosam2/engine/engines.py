@@ -129,7 +129,7 @@ class DDPEngine(Engine):
         self.grad_clip = optim.grad_clip
         self.autocast = autocast
         self.wrapped: nn.Module = model
-        if info.world_size > 1:
+        if torch.distributed.is_initialized():  # a group of one too: the reducer runs as in a job
             ids = [info.device.index] if info.device.type == "cuda" else None
             self.wrapped = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
         self.trainable = [p for p in model.parameters() if p.requires_grad]

@@ -20,7 +20,7 @@ from autosam2.overlays import contact_sheet, overlay, write_gif
 
 def overlay_pictures(video: VideoDatapoint, probs: np.ndarray) -> list[Image.Image]:
     return [
-        overlay(f.image_CHW.permute(1, 2, 0).numpy(), p >= 0.5, f.object_mask().numpy(), label=f.name)
+        overlay(f.image_CHW.permute(1, 2, 0).cpu().numpy(), p >= 0.5, f.object_mask().numpy(), label=f.name)
         for f, p in zip(video.frames, probs, strict=True)
     ]
 

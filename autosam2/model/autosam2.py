@@ -11,7 +11,8 @@ Shape legend: T frames, B clips, S image size, N = T*B images, HW/h w the featur
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,43 @@ def _chunks(items: Iterable[torch.Tensor], size: int) -> Iterator[list[torch.Ten
         yield chunk
 
 
+class CompileWarning(UserWarning):
+    """torch.compile failed; the module runs eagerly instead."""
+
+
+class CompiledOrEager:
+    """A module's forward through torch.compile, and eager from the first call whose compiled run fails
+    (no compiler on the node, an op the backend does not take): one CompileWarning, then eager for good.
+    Safe to retry because a forward changes nothing outside its outputs; an error that eager raises too
+    is the model's own and propagates."""
+
+    def __init__(self, eager: Callable[..., Any], backend: str | Callable[..., Any], name: str):
+        self.eager, self.name = eager, name
+        self.compiled: Callable[..., Any] | None = torch.compile(eager, backend=backend, dynamic=False)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as err:  # compilers raise many types; eager below tells whose error it is
+                failure = err
+            out = self.eager(*args, **kwargs)
+            reason = " ".join(line.strip() for line in str(failure).splitlines() if line.strip())
+            warnings.warn(
+                f"torch.compile of the {self.name} failed ({type(failure).__name__}: {reason[:300]}); "
+                "it runs eagerly from now on",
+                CompileWarning,
+                stacklevel=2,
+            )
+            self.compiled = None
+            return out
+        return self.eager(*args, **kwargs)
+
+    @property
+    def active(self) -> bool:
+        return self.compiled is not None
+
+
 def _empty_memory() -> dict[str, dict[int, dict[str, Any]]]:
     return {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
 
@@ -90,6 +128,16 @@ class AutoSAM2(SAM2Base):
         self.prompt_encoder = build_prompt_encoder(cfg, self.fpn_channels, self.sam_prompt_embed_dim).to(
             self.no_mem_embed.device
         )
+
+    def compile_image_encoder(self, backend: str | Callable[..., Any] = "inductor") -> CompiledOrEager:
+        """torch.compile the image encoder (most of a frame's work), for training and inference alike;
+        the weights and state_dict keys are unchanged. Falls back to eager with one warning."""
+        eager = self.image_encoder.forward
+        if isinstance(eager, CompiledOrEager):
+            eager = eager.eager
+        guarded = CompiledOrEager(eager, backend, "image encoder")
+        self.image_encoder.forward = guarded
+        return guarded
 
     def groups(self) -> dict[str, list[nn.Module | nn.Parameter]]:
         """Modules and loose parameters of each freezable part."""

@@ -80,10 +80,11 @@ def read_weights(path: str | Path) -> dict[str, Any]:
 
 
 def load_trained_model(
-    weights: str | Path, checkpoint: str | Path | None, device: torch.device
+    weights: str | Path, checkpoint: str | Path | None, device: torch.device, compile: bool = False
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the trained model, in eval mode, from a weights file and the SAM2 checkpoint it was
-    trained from (None for a random-init run, whose file holds every weight)."""
+    trained from (None for a random-init run, whose file holds every weight); ``compile``: torch.compile
+    its image encoder (whether training compiled is not carried over)."""
     payload = read_weights(weights)
     cfg = section_from_dict(ModelConfig, payload["model_config"], f"{weights}: model_config")
     if not payload["full"] and checkpoint is None and cfg.checkpoint:
@@ -92,7 +93,7 @@ def load_trained_model(
         )
     # the prompt backbone's own weights are in the file: its local source need not exist here
     prompt = dataclasses.replace(cfg.prompt, backbone_weights=None)
-    model = build_autosam2(dataclasses.replace(cfg, checkpoint=checkpoint, prompt=prompt))
+    model = build_autosam2(dataclasses.replace(cfg, checkpoint=checkpoint, prompt=prompt, compile=compile))
     load_trainable(model, payload["model"], weights)
     return model.to(device).eval(), payload
 
