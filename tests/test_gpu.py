@@ -152,13 +152,21 @@ def test_a_run_checkpointed_on_the_device_resumes_to_the_uninterrupted_weights(d
     assert "stopped by signal at step" in stopped and not (tmp_path / "parted" / "final.pt").exists()
     resumed = _train(device, train_data, tmp_path / "parted")
     assert "resumed from" in resumed, resumed[-2000:]
-    a, b = (
-        torch.load(tmp_path / run / "final.pt", map_location="cpu", weights_only=True)["model"]
-        for run in ("whole", "parted")
-    )
+    a, b = (_final_weights(tmp_path / run) for run in ("whole", "parted"))
     assert a.keys() == b.keys()
-    worst = max(float((a[key].float() - b[key].float()).abs().max()) for key in a)
-    assert worst <= 1e-6, worst
+    worst = _max_difference(a, b)
+    if worst > 1e-6:  # say how far two uninterrupted runs already differ (kernels' own nondeterminism)
+        _train(device, train_data, tmp_path / "again")
+        noise = _max_difference(a, _final_weights(tmp_path / "again"))
+        pytest.fail(f"resumed run differs by {worst:.3g}; two uninterrupted runs differ by {noise:.3g}")
+
+
+def _final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / "final.pt", map_location="cpu", weights_only=True)["model"]
+
+
+def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max(float((a[key].float() - b[key].float()).abs().max()) for key in a)
 
 
 def test_system_metrics_of_the_device_reach_mlflow(device, tmp_path):
