@@ -78,7 +78,13 @@ def main(argv: list[str] | None = None) -> int:
 def _run(cfg: Config, info):
     from autosam2.data.sources import training_batches
     from autosam2.engine.checkpoint import Checkpointer, StopSignal
-    from autosam2.engine.dist import barrier, configure_backends, seed_everything, stop_when_launcher_gone
+    from autosam2.engine.dist import (
+        barrier,
+        configure_backends,
+        rank_hosts,
+        seed_everything,
+        stop_when_launcher_gone,
+    )
     from autosam2.engine.engines import build_engine
     from autosam2.engine.run_lock import take_output_dir
     from autosam2.engine.trainer import Trainer
@@ -91,6 +97,9 @@ def _run(cfg: Config, info):
     out = Path(cfg.train.output_dir).resolve()
     seed_everything(cfg.train.seed, info.rank)
     configure_backends(cfg.train.cudnn_benchmark, cfg.train.tf32)
+    hosts = rank_hosts()
+    if info.is_main:
+        print("ranks: " + ", ".join(f"{r} {name} {addr}" for r, (name, addr) in enumerate(hosts)), flush=True)
 
     # everything read before anything is written: a bad checkpoint or data set leaves no output behind
     model = build_autosam2(cfg.model, info.device)
@@ -104,7 +113,7 @@ def _run(cfg: Config, info):
     try:
         checkpointer = Checkpointer(out, info)
         state = checkpointer.resume(engine, cfg.train.resume)
-        logger = _start_tracking(cfg, info, out, state)
+        logger = _start_tracking(cfg, info, out, state, hosts)
         weights = RunWeights(out, engine.module, cfg.model, info.is_main)
         if state.step == 0:  # the model before its first step: the baseline to compare with
             weights.save("initial.pt", 0)
@@ -123,7 +132,7 @@ def _run(cfg: Config, info):
             lock.release()
 
 
-def _start_tracking(cfg: Config, info, out: Path, state):
+def _start_tracking(cfg: Config, info, out: Path, state, hosts: list[tuple[str, str]]):
     """The merged config into the run directory, and the run's MLflow run (resumed with the state's)."""
     from autosam2.atomic import atomic_write_text
     from autosam2.config import to_dict, to_yaml
@@ -136,6 +145,7 @@ def _start_tracking(cfg: Config, info, out: Path, state):
         "engine": str(cfg.train.engine),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID", "none"),
         "device": str(info.device),
+        "hosts": ",".join(dict.fromkeys(name for name, _ in hosts)),  # each host once, in rank order
     }
     params = flatten_config(to_dict(cfg))
     logger = start_run(cfg.tracking, out, info.rank, state.run_id, params, tags, out / "config.yaml")

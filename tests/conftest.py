@@ -74,23 +74,42 @@ def mlflow_server(tmp_path: Path):
         kill_group(proc)
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster():
-    """The real single-node SLURM of launch/slurm_test_cluster.sh, up for the session."""
+def _slurm(state: Path, *flags: str):
+    """launch/slurm_test_cluster.sh started with `flags`, SLURM_CONF pointing at it while the caller
+    runs, stopped and the previous SLURM_CONF back afterwards."""
     import os
     import subprocess
 
     script = Path(__file__).resolve().parents[1] / "launch" / "slurm_test_cluster.sh"
-    state = Path(os.environ.get("AUTOSAM2_SLURM_DIR", "/tmp/autosam2-slurm"))
-    started = subprocess.run(["bash", str(script), "start"], capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "AUTOSAM2_SLURM_DIR": str(state)}
+    started = subprocess.run(
+        ["bash", str(script), "start", *flags], capture_output=True, text=True, timeout=600, env=env
+    )
     assert started.returncode == 0, started.stdout + started.stderr
     previous = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(state / "slurm.conf")
     try:
         yield state
     finally:
-        subprocess.run(["bash", str(script), "stop"], capture_output=True, text=True, timeout=300)
+        subprocess.run(
+            ["bash", str(script), "stop", *flags], capture_output=True, text=True, timeout=300, env=env
+        )
         if previous is None:
             os.environ.pop("SLURM_CONF", None)
         else:
             os.environ["SLURM_CONF"] = previous
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The real single-node SLURM of launch/slurm_test_cluster.sh, up for the session."""
+    import os
+
+    yield from _slurm(Path(os.environ.get("AUTOSAM2_SLURM_DIR", "/tmp/autosam2-slurm")))
+
+
+@pytest.fixture(scope="module")
+def slurm_hosts():
+    """Two test hosts, node1 and node2 (network namespaces on one bridge, 10.231.0.1 and .2), with a
+    slurmd each, from launch/slurm_test_cluster.sh --hosts 2; for the module, then removed."""
+    yield from _slurm(Path("/tmp/autosam2-slurm-hosts"), "--hosts", "2")

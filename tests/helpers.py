@@ -51,6 +51,17 @@ def truncate(path: Path, fraction: float = 0.5) -> None:
     path.write_bytes(data[: int(len(data) * fraction)])
 
 
+def wait_for_line(path: Path, text: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        time.sleep(0.5)
+    raise AssertionError(
+        f"{text!r} never appeared in {path}: {path.read_text(errors='replace')[-3000:] if path.exists() else 'no log'}"
+    )
+
+
 def train_overrides(data: dict[str, Path], out: Path, **extra: object) -> list[str]:
     """A few-step CPU run at 256 px: hiera-t, 2-frame clips, frame mode, trainable decoder."""
     settings = {

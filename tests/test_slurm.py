@@ -12,7 +12,7 @@ import torch
 
 from launch.__main__ import submit
 from shards.verify import verify
-from tests.helpers import train_overrides
+from tests.helpers import train_overrides, wait_for_line
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 LAUNCH = ["--cluster", "slurm", "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "30"]
@@ -20,17 +20,6 @@ LAUNCH = ["--cluster", "slurm", "--tasks-per-node", "2", "--cpus-per-task", "1",
 
 def train_args(train_data: dict[str, Path], out: Path, **extra: object) -> list[str]:
     return ["--", *train_overrides(train_data, out, **extra)]
-
-
-def wait_for_line(path: Path, text: str, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and text in path.read_text(errors="replace"):
-            return
-        time.sleep(0.5)
-    raise AssertionError(
-        f"{text!r} never appeared in {path}: {path.read_text(errors='replace')[-3000:] if path.exists() else 'no log'}"
-    )
 
 
 def test_two_task_ddp_training_job_completes_and_logs_to_mlflow(slurm_cluster, train_data, tmp_path):

@@ -82,15 +82,21 @@ class Checkpointer:
         previous checkpoints are untouched."""
         final = self.root / f"step_{state.step:08d}"
         tmp = final.with_name(final.name + ".tmp")
-        if self.info.is_main:
-            self._agree(final, tmp, _attempt(lambda: _fresh_folder(tmp), tmp))
-        else:
-            self._agree(final, tmp, None)
-        self._agree(final, tmp, _attempt(lambda: self._write(engine, tmp, state), tmp))
-        if self.info.is_main:
-            self._agree(final, tmp, _attempt(lambda: self._commit(tmp, final), self.root / "latest"))
-        else:
-            self._agree(final, tmp, None)
+        try:
+            if self.info.is_main:
+                self._agree(final, tmp, _attempt(lambda: _fresh_folder(tmp), tmp))
+            else:
+                self._agree(final, tmp, None)
+            self._agree(final, tmp, _attempt(lambda: self._write(engine, tmp, state), tmp))
+            if self.info.is_main:
+                self._agree(final, tmp, _attempt(lambda: self._commit(tmp, final), self.root / "latest"))
+            else:
+                self._agree(final, tmp, None)
+        except BaseException:
+            # a rank lost mid-save (its collective failed), or a signal: no partial folder stays behind
+            if self.info.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return final
 
     def _write(self, engine, tmp: Path, state: LoopState) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import random
+import socket
 import subprocess
 import sys
 import threading
@@ -204,11 +205,12 @@ def distributed(device_request: str = "auto", timeout_s: int = 600) -> Iterator[
             if timed_out(err):
                 raise RankLost(
                     f"rank {info.rank}: no answer from another rank within train.dist_timeout_s={timeout_s} s "
-                    f"(it stopped or hangs), so this one stops too (here: {here})"
+                    f"(it stopped, hangs or its host is gone), so this one stops too{_other_ranks(info.rank)} "
+                    f"(here: {here})"
                 ) from err
             raise RankLost(
                 f"rank {info.rank}: another rank stopped, so this one stops too (that rank's own error says "
-                f"why; here: {here})"
+                f"why{_other_ranks(info.rank)}; here: {here})"
             ) from err
         raise
     finally:
@@ -251,6 +253,32 @@ def peer_lost(err: RuntimeError) -> bool:
 def timed_out(err: BaseException) -> bool:
     text = str(err).lower()
     return "timed out" in text or "timeout" in text
+
+
+def host_address() -> str:
+    """The address this host reaches the rendezvous host by (the interface the process group's traffic
+    leaves from): 127.0.0.1 on one host, the host's own network address across hosts."""
+    target = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # UDP: routes, sends nothing
+            probe.connect((target, int(os.environ.get("MASTER_PORT", "29500"))))
+            return probe.getsockname()[0]
+    except OSError:
+        return "unknown"
+
+
+_RANK_HOSTS: list[tuple[str, str]] = []  # what rank_hosts gathered: a lost rank's error names its host
+
+
+def rank_hosts() -> list[tuple[str, str]]:
+    """(hostname, address) of every rank, in rank order, on every rank."""
+    _RANK_HOSTS[:] = gather_objects((socket.gethostname(), host_address()))
+    return list(_RANK_HOSTS)
+
+
+def _other_ranks(rank: int) -> str:
+    hosts = [f"{r} on {name} ({address})" for r, (name, address) in enumerate(_RANK_HOSTS) if r != rank]
+    return f"; the other ranks: {', '.join(hosts)}" if hosts else ""
 
 
 def barrier() -> None:
