@@ -31,7 +31,7 @@ demo: $(STAMP)
 # system packages the tests start for real: a single-node SLURM (slurm-wlm, munge, slurmdbd, MariaDB),
 # and Debian's Chromium for the MLflow UI test (Playwright drives it; no browser download)
 sysdeps:
-	@command -v slurmctld >/dev/null && command -v slurmdbd >/dev/null && command -v mariadbd >/dev/null \
+	@command -v slurmctld >/dev/null && command -v slurmdbd >/dev/null && command -v mariadbd >/dev/null && command -v ip >/dev/null \
 		|| bash launch/slurm_test_cluster.sh install
 	@command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 

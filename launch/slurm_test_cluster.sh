@@ -30,7 +30,7 @@ else
 fi
 NODE=$(hostname -s)
 CPUS=${AUTOSAM2_SLURM_CPUS:-8}
-PACKAGES="slurm-wlm slurm-client munge slurmdbd mariadb-server"
+PACKAGES="slurm-wlm slurm-client munge slurmdbd mariadb-server iproute2"  # iproute2: the --hosts namespaces
 SUBNET=10.231.0
 BRIDGE=as2br0
 MARK="# autosam2-test-hosts"
@@ -38,7 +38,7 @@ MARK="# autosam2-test-hosts"
 log() { echo "slurm-test-cluster: $*" >&2; }
 
 install() {
-  if command -v slurmctld >/dev/null && command -v slurmdbd >/dev/null && command -v munged >/dev/null && command -v mariadbd >/dev/null; then
+  if command -v slurmctld >/dev/null && command -v slurmdbd >/dev/null && command -v munged >/dev/null && command -v mariadbd >/dev/null && command -v ip >/dev/null; then
     return 0
   fi
   log "installing $PACKAGES"
