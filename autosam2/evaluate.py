@@ -2,12 +2,14 @@
 
 Composes the evaluation library (`autosam2.eval`): the trained model rebuilt from its weights file, every
 sequence of `--data` (shards or a polyp_gen root) run through it, predicted masks in the polyp_gen layout,
-overlays, ``metrics.json`` / ``metrics.csv`` and a table. The output folder appears only when complete.
+8-bit soft maps beside them (``soft/``, re-scorable by `autosam2 score` or the official toolbox), overlays, ``metrics.json`` / ``metrics.csv`` and a table. The output folder appears only when complete.
+Under torchrun or srun the ranks split the sequences and rank 0 gathers the metrics once.
 """
 
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 from pathlib import Path
 
 from autosam2.config import ClipMode, ConfigError, Dataset, TrainConfig
@@ -65,15 +67,31 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
+    from autosam2.engine.dist import distributed
+
+    request = "cpu" if args.cpu else ("auto" if args.gpu is None else f"cuda:{args.gpu}")
+    with distributed(request, TrainConfig.dist_timeout_s) as info:
+        return _evaluate(args, info)
+
+
+def _evaluate(args: argparse.Namespace, info) -> int:
+    """Every rank runs its share of the sequences and writes their masks and overlays into the one
+    output folder (on a shared file system across hosts); rank 0 gathers the metrics, writes the
+    summary, renames the folder into place and logs the run."""
     from autosam2.atomic import atomic_directory
     from autosam2.data.sources import read_sequences
-    from autosam2.engine.dist import configure_backends, pick_device
+    from autosam2.engine.dist import announce_ranks, broadcast_object, configure_backends, gather_objects
     from autosam2.errors import DatasetError
     from autosam2.eval.inference import evaluate_sequences
     from autosam2.eval.report import print_table, write_metrics, write_sequence
+    from autosam2.metrics import MetricAccumulator
     from autosam2.model.weights import load_trained_model
 
-    device = pick_device("cpu" if args.cpu else ("auto" if args.gpu is None else f"cuda:{args.gpu}"), 0)
+    device = info.device
+    out = Path(args.output_dir)
+    if out.exists() and not args.overwrite:  # every rank says it, rather than rank 0 alone
+        raise FileExistsError(f"{out}: already exists; pass --overwrite to replace it")
+    announce_ranks(info)
     if args.decode_device == "cuda" and device.type != "cuda":
         raise ConfigError(
             "--decode-device cuda needs a GPU to evaluate on (drop --cpu, or decode on the cpu)"
@@ -81,25 +99,40 @@ def main(argv: list[str] | None = None) -> int:
     decode = {"auto": device if device.type == "cuda" else None, "cpu": None, "cuda": device}
     configure_backends(TrainConfig.cudnn_benchmark, TrainConfig.tf32)
     model, _ = load_trained_model(args.weights, args.checkpoint, device, compile=args.compile)
-    out = Path(args.output_dir)
-    with atomic_directory(out, overwrite=args.overwrite) as tmp:
-        metrics = evaluate_sequences(
+    with atomic_directory(out, overwrite=args.overwrite) if info.is_main else nullcontext() as tmp:
+        tmp = Path(broadcast_object(str(tmp) if info.is_main else None))
+        sequences = read_sequences(
+            args.data, args.split, info.rank, info.world_size, decode_device=decode[args.decode_device]
+        )
+        mine = evaluate_sequences(
             model,
-            read_sequences(args.data, args.split, 0, 1, decode_device=decode[args.decode_device]),
+            sequences,
             device,
             args.mode,
             args.metric_mode,
             args.batch_size,
             on_sequence=lambda video, probs, _: write_sequence(tmp, video, probs, not args.no_overlays),
         )
+        metrics = MetricAccumulator(mode=args.metric_mode)
+        for part in gather_objects(mine):  # also the point where every rank's files are written
+            metrics.merge(part)
         per_sequence = metrics.per_sequence()
         if not per_sequence:
             raise DatasetError(f"{args.data}: no sequences to evaluate")
         summary = metrics.summary()
-        write_metrics(tmp, per_sequence, summary, _described(args))
+        extra = {**_described(args), "ranks": info.world_size, "frames": metrics.frame_counts()}
+        if args.metric_mode == "sunseg":  # the toolbox's figures under its names, as `score` writes them
+            extra["toolbox"] = metrics.toolbox_summary()
+        if info.is_main:
+            write_metrics(tmp, per_sequence, summary, extra)
+    if not info.is_main:
+        return 0
     print_table(per_sequence, summary)
-    _log(args, out, summary)
-    print(f"wrote {out}: masks/, {'overlays/, ' if not args.no_overlays else ''}metrics.json, metrics.csv")
+    _log(args, out, {**summary, **extra.get("toolbox", {})}, info.world_size)
+    print(
+        f"wrote {out}: masks/, soft/, {'overlays/, ' if not args.no_overlays else ''}metrics.json, metrics.csv "
+        f"({len(per_sequence)} sequences over {info.world_size} rank(s))"
+    )
     return 0
 
 
@@ -113,7 +146,7 @@ def _described(args: argparse.Namespace) -> dict[str, str]:
     }
 
 
-def _log(args: argparse.Namespace, out: Path, summary: dict[str, float]) -> None:
+def _log(args: argparse.Namespace, out: Path, summary: dict[str, float], ranks: int) -> None:
     """The evaluation as its own MLflow run: what was evaluated, the summary as ``eval/...``, the files."""
     from autosam2.tracking import default_tracking_uri, make_logger
 
@@ -127,7 +160,7 @@ def _log(args: argparse.Namespace, out: Path, summary: dict[str, float]) -> None
         system_metrics=False,
     )
     try:
-        logger.log_params({**_described(args), "checkpoint": str(args.checkpoint)})
+        logger.log_params({**_described(args), "checkpoint": str(args.checkpoint), "ranks": ranks})
         logger.log_metrics({f"eval/{k}": v for k, v in summary.items()}, step=0)
         for name in ("metrics.json", "metrics.csv"):
             logger.log_artifact(out / name)

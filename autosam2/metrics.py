@@ -12,6 +12,14 @@ ground truth ``gt`` ``[H,W]`` (numpy arrays or torch tensors):
 ``MetricAccumulator`` averages the frames of each sequence, then averages those per-sequence means, so
 every sequence weighs the same however long it is; nothing is pooled over pixels or frames.
 
+The ground truth rule (the one place it is written)
+---------------------------------------------------
+A gt mask is foreground where it is *above 128* on the 0..255 scale, as the SUN-SEG toolbox reads masks
+(``gt > 128``) and as our readers binarise JPEG masks, whose compression leaves grey edges. In the API: a
+bool array is taken as it is; an integer array is a 0..255 mask (``> 128``), and a 0/1 integer map is
+refused with an error that says so (thresholded at 128 it would be empty); a float array is a 0..1 map
+(``> 0.5``), or a 0..255 one (``> 128``) when any value is above 1.
+
 Frames whose ground truth is empty, and the two modes
 -----------------------------------------------------
 ``mode="ours"`` (our headline figures). The probability map is scored as it is. Dice, IoU, precision and
@@ -84,8 +92,42 @@ CURVE_METRICS: tuple[str, ...] = (
 
 BINARY_THRESHOLD = 0.5
 S_ALPHA = 0.5
+F_BETA2 = 0.3  # the F-measure's beta^2, as in the saliency and polyp toolboxes
+GT_THRESHOLD_8BIT = 128  # a 0..255 mask is foreground above this, as the toolbox reads masks (gt > 128)
 _EPS = float(np.spacing(1))  # MATLAB's eps, which the toolbox formulas add to their denominators
-_CURVE_ROWS = ("dice", "iou", "recall", "e_measure")
+# Rows of a frame's sunseg curves [8, 256]: swept over thresholds; the adaptive figures repeated 256 times,
+# as the toolbox itself spreads its scalars before it averages.
+_CURVE_ROWS = (
+    "dice",
+    "iou",
+    "recall",
+    "e_measure",
+    "specificity",
+    "f_measure",
+    "adp_e_measure",
+    "adp_f_measure",
+)
+_ROW = {name: i for i, name in enumerate(_CURVE_ROWS)}
+# The SUN-SEG/VPS toolbox's figures, under its own names and in its table's order (``eval/vps_evaluator.py``).
+TOOLBOX_METRICS: tuple[str, ...] = (
+    "Smeasure",
+    "wFmeasure",
+    "MAE",
+    "adpEm",
+    "meanEm",
+    "maxEm",
+    "adpFm",
+    "meanFm",
+    "maxFm",
+    "meanSen",
+    "maxSen",
+    "meanSpe",
+    "maxSpe",
+    "meanDice",
+    "maxDice",
+    "meanIoU",
+    "maxIoU",
+)
 _SUNSEG_THRESHOLDS = np.linspace(1, 0, 256)
 
 
@@ -102,11 +144,11 @@ def _as_numpy(x: Any) -> np.ndarray:
 def as_frame(prob: Any, gt: Any) -> tuple[np.ndarray, np.ndarray]:
     """``(prob float64 [H,W] in [0,1], gt bool [H,W])`` from numpy arrays or torch tensors.
 
-    A non-boolean gt is thresholded at 0.5. Values outside [0, 1] are refused: they are logits or a bug.
+    The gt follows the rule of the module docstring (bool as it is; 0..255 above 128; 0..1 floats above
+    0.5; a 0/1 integer map is refused). Probabilities outside [0, 1] are refused: they are logits or a bug.
     """
     prob_HW = _as_numpy(prob).astype(np.float64)
-    gt_HW = _as_numpy(gt)
-    gt_HW = gt_HW if gt_HW.dtype == bool else gt_HW > 0.5
+    gt_HW = as_gt(_as_numpy(gt))
     if prob_HW.ndim != 2 or prob_HW.shape != gt_HW.shape:
         raise ValueError(
             f"prob and gt must both be [H,W] of one shape, got {prob_HW.shape} and {gt_HW.shape}"
@@ -118,6 +160,21 @@ def as_frame(prob: Any, gt: Any) -> tuple[np.ndarray, np.ndarray]:
             f"prob must be probabilities in [0, 1], got range [{np.nanmin(prob_HW)}, {np.nanmax(prob_HW)}]"
         )
     return prob_HW, gt_HW
+
+
+def as_gt(gt: np.ndarray) -> np.ndarray:
+    """A boolean gt from a mask of any of the usual kinds (see the module docstring's gt rule)."""
+    gt = np.asarray(gt)
+    if gt.dtype == bool:
+        return gt
+    if np.issubdtype(gt.dtype, np.integer):
+        if gt.size and gt.max() == 1:
+            raise ValueError(
+                "gt is a 0/1 label map (integers, at most 1): masks are 0..255 with foreground above "
+                f"{GT_THRESHOLD_8BIT}; pass gt.astype(bool) or gt * 255"
+            )
+        return gt > GT_THRESHOLD_8BIT
+    return gt > (GT_THRESHOLD_8BIT if gt.size and gt.max() > 1 else 0.5)
 
 
 def sunseg_map(prob_HW: np.ndarray) -> np.ndarray:
@@ -223,20 +280,13 @@ def s_measure(
 # --------------------------------------------------------------------------------------- E-measure
 
 
-def e_measure_curve(pred_HW: np.ndarray, gt_HW: np.ndarray) -> np.ndarray:
-    """E-measure (Fan et al., IJCAI 2018) of ``pred >= t`` for the 8-bit thresholds t = 255, 254, ..., 0.
-
-    All 256 values at once from cumulative histograms, as PySODMetrics does; the mean is ``meanEm``.
-    """
-    n = gt_HW.size
-    n_gt = int(np.count_nonzero(gt_HW))
-    levels = (pred_HW * 255).astype(np.uint8)
-    # Predicted foreground inside / outside the gt at threshold 255 - k, for k = 0..255.
-    fg_in_gt = np.cumsum(np.bincount(levels[gt_HW], minlength=256)[::-1]).astype(np.float64)
-    fg_in_bg = np.cumsum(np.bincount(levels[~gt_HW], minlength=256)[::-1]).astype(np.float64)
+def _e_measure_from_counts(fg_in_gt: Any, fg_in_bg: Any, n: int, n_gt: int) -> Any:
+    """E-measure of binary predictions given by their counts: predicted foreground inside and outside the
+    gt (scalars, or arrays of one value per threshold)."""
+    fg_in_gt = np.asarray(fg_in_gt, dtype=np.float64)
+    fg_in_bg = np.asarray(fg_in_bg, dtype=np.float64)
     pred_fg = fg_in_gt + fg_in_bg
     pred_bg = n - pred_fg
-
     if n_gt == 0:
         # The alignment matrix degenerates to "1 where predicted background, 0 elsewhere".
         enhanced_sum = pred_bg
@@ -252,11 +302,59 @@ def e_measure_curve(pred_HW: np.ndarray, gt_HW: np.ndarray) -> np.ndarray:
             (n_gt - fg_in_gt, -mean_pred, 1 - mean_gt),  # predicted bg on gt fg
             (pred_bg - (n_gt - fg_in_gt), -mean_pred, -mean_gt),  # predicted bg on gt bg
         )
-        enhanced_sum = np.zeros(256)
+        enhanced_sum = np.zeros_like(pred_fg)
         for count, a, b in parts:
             align = 2 * a * b / (a * a + b * b + _EPS)
-            enhanced_sum += count * (align + 1) ** 2 / 4
+            enhanced_sum = enhanced_sum + count * (align + 1) ** 2 / 4
     return enhanced_sum / (n - 1 + _EPS)
+
+
+def _level_counts(pred_HW: np.ndarray, gt_HW: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels with ``pred >= t`` inside / outside the gt, for the 8-bit thresholds t = 255, 254, ..., 0
+    (cumulative histograms of ``(pred * 255).astype(uint8)``, as PySODMetrics counts them)."""
+    levels = (pred_HW * 255).astype(np.uint8)
+    fg_in_gt = np.cumsum(np.bincount(levels[gt_HW], minlength=256)[::-1])
+    fg_in_bg = np.cumsum(np.bincount(levels[~gt_HW], minlength=256)[::-1])
+    return fg_in_gt, fg_in_bg
+
+
+def e_measure_curve(pred_HW: np.ndarray, gt_HW: np.ndarray) -> np.ndarray:
+    """E-measure (Fan et al., IJCAI 2018) of ``pred >= t`` for the 8-bit thresholds t = 255, 254, ..., 0.
+
+    All 256 values at once from cumulative histograms, as PySODMetrics does; the mean is ``meanEm``.
+    """
+    fg_in_gt, fg_in_bg = _level_counts(pred_HW, gt_HW)
+    return _e_measure_from_counts(fg_in_gt, fg_in_bg, gt_HW.size, int(np.count_nonzero(gt_HW)))
+
+
+def f_measure_curve(pred_HW: np.ndarray, gt_HW: np.ndarray, beta2: float = F_BETA2) -> np.ndarray:
+    """F-measure (beta^2 = 0.3) of ``pred >= t`` at the 8-bit thresholds t = 255, ..., 0 (``meanFm`` /
+    ``maxFm``); a threshold with no predicted pixel has precision 0, an empty gt recall 0."""
+    tp, fp = _level_counts(pred_HW, gt_HW)
+    predicted = tp + fp
+    precision = tp / np.where(predicted == 0, 1, predicted)
+    recall = tp / max(int(np.count_nonzero(gt_HW)), 1)
+    numerator = (1 + beta2) * precision * recall
+    return numerator / np.where(numerator == 0, 1, beta2 * precision + recall)
+
+
+def adaptive_threshold(pred_HW: np.ndarray) -> float:
+    """Twice the map's mean, at most 1: the threshold of the toolbox's ``adpEm`` and ``adpFm``."""
+    return min(2 * float(pred_HW.mean()), 1.0)
+
+
+def adaptive_measures(pred_HW: np.ndarray, gt_HW: np.ndarray, beta2: float = F_BETA2) -> tuple[float, float]:
+    """``(adpEm, adpFm)`` of one frame: E- and F-measure of ``pred >= adaptive_threshold(pred)``; the
+    F-measure is 0 when nothing overlaps."""
+    binary = pred_HW >= adaptive_threshold(pred_HW)
+    tp = int(np.count_nonzero(binary & gt_HW))
+    fp = int(np.count_nonzero(binary & ~gt_HW))
+    n_gt = int(np.count_nonzero(gt_HW))
+    em = float(_e_measure_from_counts(tp, fp, gt_HW.size, n_gt))
+    if tp == 0:
+        return em, 0.0
+    precision, recall = tp / (tp + fp), tp / n_gt
+    return em, (1 + beta2) * precision * recall / (beta2 * precision + recall)
 
 
 # -------------------------------------------------------------------------------- weighted F-measure
@@ -295,10 +393,11 @@ def _check_mode(mode: str) -> None:
 
 
 def _score(
-    prob_HW: np.ndarray, gt_HW: np.ndarray, mode: Mode, curves: bool
+    prob_HW: np.ndarray, gt_HW: np.ndarray, mode: Mode, curves: bool, stored: bool = False
 ) -> tuple[dict[str, float], np.ndarray | None]:
-    """Metrics of a validated frame and, when asked, its sunseg curves ``[4,256]`` (rows ``_CURVE_ROWS``)."""
-    pred = sunseg_map(prob_HW) if mode == "sunseg" else prob_HW
+    """Metrics of a validated frame and, when asked, its sunseg curves ``[8,256]`` (rows ``_CURVE_ROWS``).
+    ``stored``: `prob_HW` is already the map the mode scores (an 8-bit file, prepared by `from_8bit`)."""
+    pred = sunseg_map(prob_HW) if mode == "sunseg" and not stored else prob_HW
     binary = pred >= BINARY_THRESHOLD
     em_curve = e_measure_curve(pred, gt_HW)
 
@@ -310,7 +409,7 @@ def _score(
     else:
         out["weighted_f"] = 0.0 if binary.any() else 1.0
     out["mae"] = float(np.abs(pred - gt_HW).mean())
-    return out, (np.stack([*_threshold_overlaps(pred, gt_HW), em_curve]) if curves else None)
+    return out, (_sunseg_rows(pred, gt_HW, em_curve) if curves else None)
 
 
 def frame_metrics(prob: Any, gt: Any, mode: Mode = "ours") -> dict[str, float]:
@@ -319,27 +418,70 @@ def frame_metrics(prob: Any, gt: Any, mode: Mode = "ours") -> dict[str, float]:
     return _score(*as_frame(prob, gt), mode, curves=False)[0]
 
 
-def _threshold_overlaps(pred_HW: np.ndarray, gt_HW: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _threshold_overlaps(pred_HW: np.ndarray, gt_HW: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Dice, IoU, recall and specificity of ``pred >= t`` at ``np.linspace(1, 0, 256)`` (VPS ``Medical``):
+    each 0 wherever nothing overlaps; specificity is NaN where the gt has no background, as there."""
     # Counts of pred >= t for every threshold at once: sort once, then binary-search the thresholds.
     in_gt, in_bg = np.sort(pred_HW[gt_HW]), np.sort(pred_HW[~gt_HW])
     tp = in_gt.size - np.searchsorted(in_gt, _SUNSEG_THRESHOLDS, side="left")
     fp = in_bg.size - np.searchsorted(in_bg, _SUNSEG_THRESHOLDS, side="left")
-    n_gt = in_gt.size
+    n_gt, n_bg = in_gt.size, in_bg.size
     hit = tp > 0  # the toolbox answers 0 wherever nothing overlaps
     dice = np.divide(2 * tp, n_gt + tp + fp, out=np.zeros(tp.shape), where=hit)
     iou = np.divide(tp, n_gt + fp, out=np.zeros(tp.shape), where=hit)
     recall = np.divide(tp, n_gt, out=np.zeros(tp.shape), where=hit)
-    return dice, iou, recall
+    with np.errstate(invalid="ignore"):
+        specificity = np.where(hit, (n_bg - fp) / n_bg if n_bg else np.nan, 0.0)
+    return dice, iou, recall, specificity
+
+
+def _sunseg_rows(pred_HW: np.ndarray, gt_HW: np.ndarray, em_curve: np.ndarray) -> np.ndarray:
+    dice, iou, recall, specificity = _threshold_overlaps(pred_HW, gt_HW)
+    adp_em, adp_fm = adaptive_measures(pred_HW, gt_HW)
+    rows = (dice, iou, recall, em_curve, specificity, f_measure_curve(pred_HW, gt_HW))
+    return np.stack([*rows, np.full(256, adp_em), np.full(256, adp_fm)])
 
 
 def sunseg_curves(prob: Any, gt: Any) -> dict[str, np.ndarray]:
     """The toolbox's threshold-swept curves of one frame, 256 values each, from the highest threshold down.
 
-    ``dice``, ``iou``, ``recall`` at ``np.linspace(1, 0, 256)`` (VPS ``Medical``: 0 when nothing overlaps)
-    and ``e_measure`` at the 8-bit thresholds, all on ``sunseg_map(prob)``.
+    ``dice``, ``iou``, ``recall``, ``specificity`` at ``np.linspace(1, 0, 256)`` (VPS ``Medical``: 0 when
+    nothing overlaps), ``e_measure`` and ``f_measure`` at the 8-bit thresholds, and the adaptive E- and
+    F-measure (constant rows), all on ``sunseg_map(prob)``.
     """
     _, curves = _score(*as_frame(prob, gt), "sunseg", curves=True)
     return dict(zip(_CURVE_ROWS, curves, strict=True))
+
+
+def from_8bit(pred_u8: np.ndarray, gt_u8: np.ndarray, mode: Mode = "sunseg") -> tuple[np.ndarray, np.ndarray]:
+    """``(pred, gt)`` as a mode scores two 8-bit grayscale files (a saved prediction, a mask): gt is
+    foreground above ``GT_THRESHOLD_8BIT``; pred is ``/ 255``, in the sunseg mode also min-max stretched
+    unless constant (VPS ``_prepare_data``)."""
+    pred_u8, gt_u8 = np.asarray(pred_u8), np.asarray(gt_u8)
+    if pred_u8.dtype != np.uint8 or gt_u8.dtype != np.uint8:
+        raise ValueError(f"expected 8-bit maps, got {pred_u8.dtype} and {gt_u8.dtype}")
+    pred = pred_u8 / 255
+    if mode == "sunseg" and pred.max() != pred.min():
+        pred = (pred - pred.min()) / (pred.max() - pred.min())
+    return pred, gt_u8 > GT_THRESHOLD_8BIT
+
+
+def _toolbox_figures(scalars: dict[str, float], curves: np.ndarray) -> dict[str, float]:
+    """The toolbox's 17 figures from per-frame means (``scalars``) and curves averaged the same way:
+    ``mean*`` is the mean over thresholds, ``max*`` the maximum, ``adp*`` the adaptive value."""
+    c = {name: curves[i] for name, i in _ROW.items()}
+    out = {"Smeasure": scalars["s_measure"], "wFmeasure": scalars["weighted_f"], "MAE": scalars["mae"]}
+    out["adpEm"], out["adpFm"] = float(c["adp_e_measure"].mean()), float(c["adp_f_measure"].mean())
+    for prefix, row in (
+        ("Em", "e_measure"),
+        ("Fm", "f_measure"),
+        ("Sen", "recall"),
+        ("Spe", "specificity"),
+        ("Dice", "dice"),
+        ("IoU", "iou"),
+    ):
+        out[f"mean{prefix}"], out[f"max{prefix}"] = float(c[row].mean()), float(c[row].max())
+    return {name: out[name] for name in TOOLBOX_METRICS}
 
 
 # ------------------------------------------------------------------------------------- accumulation
@@ -381,6 +523,18 @@ class MetricAccumulator:
         self._frames.update(other._frames)
         self._curves.update(other._curves)
 
+    def add_map(self, sequence: str, pred_u8: Any, gt_u8: Any) -> dict[str, float]:
+        """Score one frame read from 8-bit files (a method's saved map, its mask), as `from_8bit`
+        prepares them, and file it under ``sequence``."""
+        pred, gt = from_8bit(pred_u8, gt_u8, self.mode)
+        if pred.shape != gt.shape or pred.ndim != 2:
+            raise ValueError(f"pred and gt must both be [H,W] of one shape, got {pred.shape} and {gt.shape}")
+        metrics, curves = _score(pred, gt, self.mode, curves=self.mode == "sunseg", stored=True)
+        self._frames.setdefault(sequence, []).append(metrics)
+        if curves is not None:
+            self._curves.setdefault(sequence, []).append(curves)
+        return metrics
+
     def add_sequence(self, name: str, probs_THW: Any, gts_THW: Any) -> None:
         """Score a whole sequence ``[T,H,W]`` in frame order; the name must be new."""
         if name in self._frames:
@@ -399,11 +553,14 @@ class MetricAccumulator:
         return {name: len(self._kept(frames)) for name, frames in self._frames.items()}
 
     def _sequence_curves(self) -> dict[str, np.ndarray]:
-        return {name: np.mean(self._kept(c), axis=0) for name, c in self._curves.items() if self._kept(c)}
+        # name order: sums over sequences do not depend on which rank scored which sequence first
+        return {
+            name: np.mean(self._kept(c), axis=0) for name, c in sorted(self._curves.items()) if self._kept(c)
+        }
 
     @staticmethod
     def _curve_figures(curves: np.ndarray) -> dict[str, float]:
-        dice, iou, recall, em = curves
+        dice, iou, recall, em = (curves[_ROW[name]] for name in ("dice", "iou", "recall", "e_measure"))
         return {
             "max_dice": float(dice.max()),
             "mean_dice": float(dice.mean()),
@@ -417,7 +574,7 @@ class MetricAccumulator:
         """Mean of each metric over a sequence's frames, for every sequence with a frame left."""
         out: dict[str, dict[str, float]] = {}
         curves = self._sequence_curves()
-        for name, frames in self._frames.items():
+        for name, frames in sorted(self._frames.items()):  # name order, as _sequence_curves
             kept = self._kept(frames)
             if not kept:
                 continue
@@ -425,6 +582,28 @@ class MetricAccumulator:
             if name in curves:
                 out[name].update(self._curve_figures(curves[name]))
         return out
+
+    def toolbox_per_sequence(self) -> dict[str, dict[str, float]]:
+        """The toolbox's 17 figures (``TOOLBOX_METRICS``) of each sequence; sunseg mode only."""
+        self._need_sunseg()
+        curves = self._sequence_curves()
+        return {name: _toolbox_figures(m, curves[name]) for name, m in self.per_sequence().items()}
+
+    def toolbox_summary(self) -> dict[str, float]:
+        """The toolbox's 17 figures over every sequence, reduced as ``eval/vps_evaluator.py`` does: frames
+        averaged per sequence, sequences averaged, then curves reduced by mean or max."""
+        self._need_sunseg()
+        per_seq = self.per_sequence()
+        if not per_seq:
+            raise ValueError("no sequence has a frame to score")
+        scalars = {k: float(np.mean([m[k] for m in per_seq.values()])) for k in METRICS}
+        return _toolbox_figures(scalars, np.mean(list(self._sequence_curves().values()), axis=0))
+
+    def _need_sunseg(self) -> None:
+        if self.mode != "sunseg":
+            raise ValueError(
+                "the toolbox's figures come from the sunseg mode (MetricAccumulator(mode='sunseg'))"
+            )
 
     def summary(self) -> dict[str, float]:
         """Mean over sequences of the per-sequence means (sunseg curves: averaged the same way, then reduced)."""

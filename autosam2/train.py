@@ -62,11 +62,15 @@ def run(argv: list[str] | None = None):
     """Train as the arguments say; returns the final LoopState (`stopped` when a signal ended it early)."""
     cfg = parse_config(argv)  # refuses bad config before any heavy work
 
-    from autosam2.engine.dist import distributed
+    from autosam2.engine.dist import distributed, single_process_group
     from autosam2.engine.inputs import check_inputs
 
     check_inputs(cfg)
     with distributed(cfg.train.device, cfg.train.dist_timeout_s) as info:
+        if info.world_size == 1 and cfg.train.engine == EngineKind.deepspeed:
+            # DeepSpeed wants a process group; without a launcher's it would go looking for MPI
+            with single_process_group(info.device, cfg.train.dist_timeout_s) as alone:
+                return _run(cfg, alone)
         return _run(cfg, info)
 
 
@@ -79,9 +83,9 @@ def _run(cfg: Config, info):
     from autosam2.data.sources import training_batches
     from autosam2.engine.checkpoint import Checkpointer, StopSignal
     from autosam2.engine.dist import (
+        announce_ranks,
         barrier,
         configure_backends,
-        rank_hosts,
         seed_everything,
         stop_when_launcher_gone,
     )
@@ -97,9 +101,7 @@ def _run(cfg: Config, info):
     out = Path(cfg.train.output_dir).resolve()
     seed_everything(cfg.train.seed, info.rank)
     configure_backends(cfg.train.cudnn_benchmark, cfg.train.tf32)
-    hosts = rank_hosts()
-    if info.is_main:
-        print("ranks: " + ", ".join(f"{r} {name} {addr}" for r, (name, addr) in enumerate(hosts)), flush=True)
+    hosts = announce_ranks(info)
 
     # everything read before anything is written: a bad checkpoint or data set leaves no output behind
     model = build_autosam2(cfg.model, info.device)

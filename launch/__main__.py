@@ -111,7 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="MLflow URI for the run (e.g. http://login-node:5000); default SQLite in the output directory",
     )
     p.add_argument("--name", default=None, help="job name (default: autosam2-WHAT)")
-    p.add_argument("--folder", default=None, help="job folder (default: OUTPUT_DIR/jobs)")
+    p.add_argument(
+        "--folder",
+        default=None,
+        help="job folder (default: OUTPUT_DIR/jobs; evaluate: OUTPUT_DIR.jobs beside it)",
+    )
     p.add_argument("--wait", action="store_true", help="wait for the job(s) and print the result")
     p.epilog = "After --: the arguments of `autosam2 train` / `autosam2 evaluate`, or of `python -m shards build` (shard)."
     return p
@@ -189,7 +193,9 @@ def submit(argv: Sequence[str] | None = None) -> list[submitit.Job]:
         check_free(out)
     else:
         out = _output_dir_of(args.what, rest).resolve()
-    folder = Path(args.folder) if args.folder else out / "jobs"
+    # evaluate's output folder appears whole when it is done (a renamed temp folder): its logs go beside it
+    default = out.with_name(f"{out.name}.jobs") if args.what == "evaluate" else out / "jobs"
+    folder = Path(args.folder) if args.folder else default
     folder.mkdir(parents=True, exist_ok=True)
 
     if args.what == "train":
@@ -208,8 +214,9 @@ def submit(argv: Sequence[str] | None = None) -> list[submitit.Job]:
         _report(job, "train", tasks * args.nodes)
         jobs = [job]
     elif args.what == "evaluate":
-        job = _executor(args, folder, 1, min(gpus, 1)).submit(EvaluateJob(rest))
-        _report(job, "evaluate", 1)
+        # ranks split the sequences; rank 0 gathers the metrics and writes the output folder
+        job = _executor(args, folder, tasks, gpus).submit(EvaluateJob(rest))
+        _report(job, "evaluate", tasks * args.nodes)
         jobs = [job]
     else:
         executor = _executor(args, folder, 1, 0)

@@ -110,6 +110,7 @@ def slurm_cluster():
 
 @pytest.fixture(scope="module")
 def slurm_hosts():
-    """Two test hosts, node1 and node2 (network namespaces on one bridge, 10.231.0.1 and .2), with a
-    slurmd each, from launch/slurm_test_cluster.sh --hosts 2; for the module, then removed."""
-    yield from _slurm(Path("/tmp/autosam2-slurm-hosts"), "--hosts", "2")
+    """Three test hosts, node1..node3 (network namespaces on one bridge, 10.231.0.1 to .3), with a
+    slurmd each, from launch/slurm_test_cluster.sh --hosts 3; jobs take two, the third stands in for
+    a dead one. For the module, then removed."""
+    yield from _slurm(Path("/tmp/autosam2-slurm-hosts"), "--hosts", "3")

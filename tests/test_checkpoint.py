@@ -12,6 +12,7 @@ import torch
 
 from autosam2.config import load_config
 from autosam2.engine.checkpoint import Checkpointer, LoopState, StopSignal
+from autosam2.engine.dist import DistInfo
 from autosam2.engine.engines import DDPEngine
 from autosam2.errors import CheckpointError
 from tests.helpers import INFO, TinyModel, make_trainer, truncate
@@ -248,3 +249,52 @@ def test_checkpoints_are_complete_or_absent_and_resolve(tmp_path):
     assert state.step == 3 and float(model.conv.weight.detach().abs().max()) < 1.0
     rng = torch.load(tmp_path / "checkpoints" / "step_00000003" / "rng_rank0.pt", weights_only=True)
     assert "torch" in rng
+
+
+def test_a_checkpoint_of_two_ranks_resumes_on_one_with_its_state_and_a_rederived_position(tmp_path, capsys):
+    """Weights, optimizer and scheduler are the same at any world size (rank 0 writes them); the
+    position in the epoch is kept in clips, counted in this run's batches, and said once."""
+    two = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    trainer, _ = make_trainer(tmp_path, TinyModel(), steps=3)
+    trainer.fit(LoopState())  # three real steps: AdamW moments and a scheduler position to restore
+    written = Checkpointer(tmp_path, two).save(
+        trainer.engine, LoopState(step=3, epoch=0, batch=3, world_size=2, batch_size=1)
+    )
+    model = TinyModel()
+    engine = DDPEngine(model, load_config(None, []).optim, 10, INFO)
+    state = Checkpointer(tmp_path, INFO).load(engine, written)
+    for saved, loaded in zip(trainer.engine.module.parameters(), model.parameters(), strict=True):
+        assert torch.equal(saved, loaded)
+    saved_moments = trainer.engine.optimizer.state_dict()["state"]
+    assert {k: v["exp_avg"].tolist() for k, v in engine.optimizer.state_dict()["state"].items()} == {
+        k: v["exp_avg"].tolist() for k, v in saved_moments.items()
+    }
+    assert engine.scheduler.last_epoch == trainer.engine.scheduler.last_epoch == 3
+
+    resumed, _ = make_trainer(tmp_path / "again", model, steps=5)  # 3 batches an epoch, 1 rank x 1 clip
+    resumed.engine = engine
+    seen: list[int] = []
+    original = resumed.train_step
+    resumed.train_step = lambda b: (seen.append(1), original(b))[1]
+    capsys.readouterr()
+    state = resumed.fit(state)
+    said = capsys.readouterr().out
+    # 3 batches x 2 ranks x 1 clip = 6 clips of epoch 0 consumed: at 1 rank that is past its 3 batches
+    assert said.count("resuming at another world size") == 1
+    assert "written by 2 rank(s) x 1 clip(s), this run has 1 x 1" in said and "goes on after 6 clips" in said
+    assert "sample order changes" in said
+    assert (state.step, state.epoch, state.batch, len(seen)) == (5, 1, 2, 2)  # epoch 0 over, 2 of epoch 1
+    assert (state.world_size, state.batch_size) == (1, 1)
+    assert (
+        json.loads((tmp_path / "again" / "checkpoints" / "step_00000005" / "state.json").read_text())[
+            "world_size"
+        ]
+        == 1
+    )
+
+
+def test_the_same_world_size_resumes_at_the_saved_batch_without_a_word(tmp_path, capsys):
+    trainer, _ = make_trainer(tmp_path, TinyModel(), steps=4)
+    state = trainer.fit(LoopState(step=1, epoch=0, batch=1, world_size=1, batch_size=1))
+    assert "another world size" not in capsys.readouterr().out
+    assert state.step == 4 and state.epoch == 1  # batches 2 and 3 of epoch 0, then 1 of epoch 1

@@ -1,5 +1,6 @@
-"""Two hosts on one machine (network namespaces with their own names and addresses, a slurmd each, from
-launch/slurm_test_cluster.sh --hosts 2): ranks that cross a host boundary, by hand and through SLURM."""
+"""Hosts on one machine (network namespaces with their own names and addresses, a slurmd each, from
+launch/slurm_test_cluster.sh --hosts 3): ranks that cross a host boundary, by hand and through SLURM.
+Two-node jobs go wherever SLURM puts them; the third host takes over when one dies."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from tests.helpers import TORCHRUN_2, free_port, train_overrides, wait_for_line
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "launch" / "slurm_test_cluster.sh"
-ADDRESSES = {"node1": "10.231.0.1", "node2": "10.231.0.2"}
+ADDRESSES = {"node1": "10.231.0.1", "node2": "10.231.0.2"}  # the hosts of the runs started by hand
+SPARE = ("node3", "10.231.0.3")
+HOSTS = {**ADDRESSES, SPARE[0]: SPARE[1]}  # SLURM puts a two-node job on any two of them
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
@@ -45,6 +48,16 @@ def ranks_line(text: str) -> list[tuple[str, str]]:
     return [tuple(part.split()[1:]) for part in line[len("ranks: ") :].split(", ")]
 
 
+def sbatch_train(data: dict[str, Path], out: Path, settings: dict[str, object]) -> tuple[str, Path]:
+    """`sbatch --nodes=2 launch/train.sbatch` (one rank per node) training into `out`: (job id, log)."""
+    log = out.with_suffix(".out")
+    env = {**os.environ, "AUTOSAM2_PROCS_PER_NODE": "1", "AUTOSAM2_PYTHON": sys.executable}
+    cmd = ["sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=2", f"--output={log}"]
+    cmd += [str(REPO / "launch" / "train.sbatch"), *train_overrides(data, out, **settings)]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    return done.stdout.strip().split(";")[0], log
+
+
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
     return torch.load(out / "final.pt", map_location="cpu", weights_only=True)["model"]
 
@@ -55,21 +68,24 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
 
 
 def test_hosts_have_their_own_names_and_addresses_and_a_crashed_cluster_is_cleaned_up_by_start(slurm_hosts):
-    for host, address in ADDRESSES.items():  # resolvable from here (and, the same file, from the hosts)
+    for host, address in [
+        *ADDRESSES.items(),
+        SPARE,
+    ]:  # resolvable from here (and, the same file, from the hosts)
         assert (
             subprocess.run(["getent", "hosts", host], capture_output=True, text=True).stdout.split()[0]
             == address
         )
-    srun = ["srun", "-N2", "-n2", "-l", "bash", "-c", "echo $(hostname) $(hostname -I)"]
+    srun = ["srun", "-N3", "-n3", "-l", "bash", "-c", "echo $(hostname) $(hostname -I)"]
     out = subprocess.run(srun, capture_output=True, text=True, timeout=60).stdout
     assert sorted(line.split(": ", 1)[1].strip() for line in out.splitlines()) == [
-        f"{h} {a}" for h, a in ADDRESSES.items()
+        f"{h} {a}" for h, a in HOSTS.items()
     ]
 
     for pidfile in (slurm_hosts / "run").glob("slurm*.pid"):  # a crash: every daemon gone at once
         os.kill(int(pidfile.read_text()), signal.SIGKILL)
     restarted = subprocess.run(
-        ["bash", str(SCRIPT), "start", "--hosts", "2"],
+        ["bash", str(SCRIPT), "start", "--hosts", "3"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -77,10 +93,10 @@ def test_hosts_have_their_own_names_and_addresses_and_a_crashed_cluster_is_clean
     )
     assert restarted.returncode == 0, restarted.stderr[-2000:]
     namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert sorted(re.findall(r"as2-node\d+", namespaces)) == ["as2-node1", "as2-node2"]
-    assert Path("/etc/hosts").read_text().count("# autosam2-test-hosts") == 2
+    assert sorted(re.findall(r"as2-node\d+", namespaces)) == ["as2-node1", "as2-node2", "as2-node3"]
+    assert Path("/etc/hosts").read_text().count("# autosam2-test-hosts") == 3
     out = subprocess.run(srun, capture_output=True, text=True, timeout=60).stdout
-    assert len(out.splitlines()) == 2
+    assert len(out.splitlines()) == 3
 
 
 def test_torchrun_by_hand_on_two_hosts_trains_as_two_ranks_on_one(slurm_hosts, train_data, tmp_path):
@@ -132,12 +148,13 @@ def test_the_launcher_on_two_nodes_trains_like_one_node_with_two_tasks(slurm_hos
     for name, job in runs.items():
         assert job.results()[0]["step"] == 3, name
         log = (tmp_path / name / "jobs" / job.job_id / f"{job.job_id}_0_log.out").read_text()
-        expected = list(ADDRESSES.items()) if name == "two_nodes" else [("node1", ADDRESSES["node1"])] * 2
-        assert ranks_line(log) == expected, log[-2000:]
+        hosts = ranks_line(log)  # each rank on a test host, by that host's own address
+        assert len(hosts) == 2 and all(HOSTS[h] == a for h, a in hosts), log[-2000:]
+        assert len(set(hosts)) == (2 if name == "two_nodes" else 1)
         client = mlflow.MlflowClient(f"sqlite:///{tmp_path / name}/mlflow.db")
         (run,) = client.search_runs([client.get_experiment_by_name("autosam2").experiment_id])  # ONE run
         assert run.data.tags["world_size"] == "2"
-        assert run.data.tags["hosts"] == ("node1,node2" if name == "two_nodes" else "node1")
+        assert run.data.tags["hosts"] == ",".join(dict.fromkeys(h for h, _ in hosts))
     # the same global batch, the same ranks and threads: the host boundary changes nothing
     assert max_difference(final_weights(tmp_path / "two_nodes"), final_weights(tmp_path / "one_node")) == 0.0
 
@@ -226,51 +243,37 @@ def test_a_host_that_drops_off_the_network_stops_the_other_in_bounded_time_and_t
 def test_sbatch_on_two_nodes_stops_both_hosts_at_one_step_requeues_and_resumes_to_the_same_weights(
     slurm_hosts, train_data, tmp_path
 ):
-    settings = {"train.max_steps": 6, "train.checkpoint_every": 100, "train.validate_every": 100}
-    env = {**os.environ, "AUTOSAM2_PROCS_PER_NODE": "1", "AUTOSAM2_PYTHON": sys.executable}
-
-    def sbatch(name: str) -> tuple[str, Path]:
-        log = tmp_path / f"{name}.out"
-        cmd = [
-            "sbatch",
-            "--parsable",
-            "--nodes=2",
-            "--gpus-per-node=0",
-            "--cpus-per-task=2",
-            f"--output={log}",
-        ]
-        cmd += [
-            str(REPO / "launch" / "train.sbatch"),
-            *train_overrides(train_data, tmp_path / name, **settings),
-        ]
-        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=True)
-        return done.stdout.strip().split(";")[0], log
-
-    whole_id, whole_log = sbatch("whole")
-    parted_id, parted_log = sbatch("parted")
-    wait_for_line(parted_log, "step 2/6")
-    # the time-limit signal reaches the batch shell on the first host only; the ranks agree on stopping
-    subprocess.run(["scancel", "--batch", "--signal=USR2", parted_id], check=True)
-    wait_for_line(parted_log, "done: 6 steps", timeout=400)
-    wait_for_line(whole_log, "done: 6 steps", timeout=400)
-    text = parted_log.read_text()
-    assert text.count("caught SIGUSR2") == 1 and text.count("stopped by signal at step") == 1, text[-3000:]
-    assert "resumed from" in text
-    assert "stopped by signal" not in whole_log.read_text()  # the other job on the same hosts ran on
-    assert {address for _, address in ranks_line(text)} == set(ADDRESSES.values())  # c10d on the first host
-    worst = max_difference(final_weights(tmp_path / "whole"), final_weights(tmp_path / "parted"))
-    assert worst <= 1e-6, worst
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'parted'}/mlflow.db")
-    (run,) = client.search_runs([client.get_experiment_by_name("autosam2").experiment_id])  # one run
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss_total")] == [
-        1,
-        2,
-        3,
-        4,
-        5,
-        6,
-    ]
-    assert set(run.data.tags["hosts"].split(",")) == set(ADDRESSES)
+    """Three jobs of two nodes each at once: one runs through; one gets the time-limit signal (USR2 to
+    its batch shell, on its first host only); one is requeued by `scontrol requeue` (SIGTERM to every
+    task on both hosts, SIGKILL KillWait = 30 s later)."""
+    settings = {"train.max_steps": 5, "train.checkpoint_every": 100, "train.validate_every": 100}
+    jobs = {
+        name: sbatch_train(train_data, tmp_path / name, settings) for name in ("whole", "usr2", "requeue")
+    }
+    for name in ("usr2", "requeue"):
+        wait_for_line(jobs[name][1], "step 2/5")
+    subprocess.run(["scancel", "--batch", "--signal=USR2", jobs["usr2"][0]], check=True)
+    subprocess.run(["scontrol", "requeue", jobs["requeue"][0]], check=True)
+    for _, log in jobs.values():
+        wait_for_line(log, "done: 5 steps", timeout=600)
+    assert "stopped by signal" not in jobs["whole"][1].read_text()  # other jobs on the same hosts ran on
+    for name in ("usr2", "requeue"):
+        text = jobs[name][1].read_text()
+        assert text.count("stopped by signal at step") == 1, text[-3000:]  # both hosts, one step
+        assert text.count("caught SIGUSR2") == (name == "usr2")
+        assert ("DUE TO JOB REQUEUE" in text) == (name == "requeue")
+        assert "resumed from" in text
+        hosts = ranks_line(text)  # two different hosts, each by its own address (c10d on the first)
+        assert len({address for _, address in hosts}) == 2 and all(
+            a.startswith("10.231.0.") for _, a in hosts
+        )
+        worst = max_difference(final_weights(tmp_path / "whole"), final_weights(tmp_path / name))
+        assert worst <= 1e-6, (name, worst)
+        client = mlflow.MlflowClient(f"sqlite:///{tmp_path / name}/mlflow.db")
+        (run,) = client.search_runs([client.get_experiment_by_name("autosam2").experiment_id])  # one run
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss_total")]
+        assert steps == [1, 2, 3, 4, 5], (name, steps)
+        assert set(run.data.tags["hosts"].split(",")) == {host for host, _ in hosts}
 
 
 def test_a_shard_array_over_both_hosts_writes_one_set_to_the_shared_folder(slurm_hosts, train_data, tmp_path):
@@ -282,11 +285,124 @@ def test_a_shard_array_over_both_hosts_writes_one_set_to_the_shared_folder(slurm
     jobs = submit([*args, "--max-shard-mb", "0.0001", "--workers", "1"])
     assert all(job.result() == 0 for job in jobs)  # the array's parts, then the merge
     assert verify(out) == []
-    # a task takes a whole host (8 CPUs), so the parts ran on both
+    # a task takes a whole host (8 CPUs), so the parts ran on several
     array_id = jobs[0].job_id.split("_")[0]
     nodes = subprocess.run(
         ["sacct", "-n", "-X", "-j", array_id, "-o", "NodeList%20"], capture_output=True, text=True
     )
-    assert {line.strip() for line in nodes.stdout.splitlines() if line.strip()} >= set(ADDRESSES), (
-        nodes.stdout
+    assert len({line.strip() for line in nodes.stdout.splitlines() if line.strip()}) >= 2, nodes.stdout
+
+
+def _job_ranks(job_id: str, host: str) -> list[int]:
+    """The training ranks of SLURM job `job_id` on `host` (not their torchrun), read from their environment."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline", "environ"]):
+        try:
+            env = proc.info["environ"] or {}
+            cmdline = " ".join(proc.info["cmdline"] or [])
+        except (psutil.Error, TypeError):
+            continue
+        if "-m autosam2.cli train" in cmdline and "torch.distributed.run" not in cmdline:
+            if env.get("SLURM_JOB_ID") == job_id and env.get("SLURMD_NODENAME") == host:
+                found.append(proc.pid)
+    return found
+
+
+def test_a_host_that_dies_under_slurm_stops_the_survivor_and_the_requeued_job_resumes(
+    slurm_hosts, train_data, tmp_path
+):
+    import time
+
+    timeout_s = 10
+    out = tmp_path / "run"
+    settings = {
+        "train.max_steps": 4,
+        "train.checkpoint_every": 1,
+        "train.validate_every": 100,
+        "train.dist_timeout_s": timeout_s,
+    }
+    job_id, log = sbatch_train(train_data, out, settings)
+    wait_for_line(log, "step 2/4")
+    (first, first_address), (lost, lost_address) = ranks_line(log.read_text())
+    spare = next(h for h in ["node1", "node2", "node3"] if h not in (first, lost))
+    survivors = _job_ranks(job_id, first)
+    assert survivors and _job_ranks(job_id, lost)
+    # a host dies: every process of it at once (its slurmd, the job's step daemon, its rank)
+    pids = subprocess.run(
+        ["ip", "netns", "pids", f"as2-{lost}"], capture_output=True, text=True
+    ).stdout.split()
+    died = time.monotonic()
+    for pid in pids:
+        os.kill(int(pid), signal.SIGKILL)
+    conf = slurm_hosts / "slurm.conf"
+    try:
+        while any(psutil_alive(pid) for pid in survivors):
+            assert time.monotonic() - died < timeout_s + 30, f"the rank on {first} did not exit"
+            time.sleep(0.1)
+        exited = time.monotonic() - died
+        print(f"the rank on {first} exited {exited:.1f} s after {lost} died (timeout {timeout_s} s)")
+        assert f"the other ranks: 1 on {lost} ({lost_address})" in log.read_text()  # it names the lost host
+        checkpoints = out / "checkpoints"
+        assert not [p.name for p in checkpoints.iterdir() if p.name.endswith(".tmp")]  # nothing half-written
+        latest = (checkpoints / "latest").read_text().strip()
+        assert (checkpoints / latest / "state.json").exists()
+        # SLURM declares the host down (SlurmdTimeout) and queues the job again: it runs without it
+        wait_for_line(log, "done: 4 steps", timeout=400)
+    finally:  # the host comes back for the tests after this one
+        subprocess.run(on_host(lost, ["slurmd", "-N", lost, "-f", str(conf)]), check=True)
+    text = log.read_text()
+    assert f"resumed from {checkpoints / latest} at step {int(latest.split('_')[1])}" in text, text[-3000:]
+    resumed = text.split("resumed from")[0].rsplit("ranks: ", 1)[1]  # the requeued job's ranks
+    assert lost not in {host for host, _ in ranks_line("ranks: " + resumed)}
+    assert spare in {host for host, _ in ranks_line("ranks: " + resumed)}
+    client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("autosam2").experiment_id])  # one run
+    logged = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss_total")]
+    assert sorted(set(logged)) == [1, 2, 3, 4]
+
+
+def psutil_alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_evaluation_on_two_hosts_splits_the_sequences_and_equals_one_rank(slurm_hosts, train_data, tmp_path):
+    import json
+
+    from autosam2.config import load_config
+    from autosam2.model.sam2_builder import build_autosam2
+    from autosam2.model.weights import RunWeights
+
+    cfg = load_config(None, ["model.image_size=256"])
+    RunWeights(tmp_path, build_autosam2(cfg.model, torch.device("cpu")), cfg.model, True).save("w.pt", 0)
+    results, jobs = {}, {}
+    for name, layout in (("two_hosts", ["--nodes", "2"]), ("one_rank", ["--nodes", "1"])):  # both at once
+        launch = ["--cluster", "slurm", *layout, "--tasks-per-node", "1", "--cpus-per-task", "1"]
+        args = ["--weights", str(tmp_path / "w.pt"), "--data", str(train_data["valid"]), "--cpu"]
+        (jobs[name],) = submit(
+            ["evaluate", *launch, "--time", "30", "--", *args, "--output-dir", str(tmp_path / name)]
+        )
+    for name, job in jobs.items():
+        assert job.results()[0] == 0, name
+        log = (tmp_path / f"{name}.jobs" / job.job_id / f"{job.job_id}_0_log.out").read_text()
+        results[name] = (json.loads((tmp_path / name / "metrics.json").read_text()), log)
+    (two, two_log), (one, one_log) = results["two_hosts"], results["one_rank"]
+    hosts = ranks_line(two_log)
+    assert len(set(hosts)) == 2 and all(HOSTS[h] == a for h, a in hosts) and len(ranks_line(one_log)) == 1
+    assert "2 sequences over 2 rank(s)" in two_log  # one sequence each, gathered once on rank 0
+    assert (
+        two["ranks"] == 2 and two["summary"] == one["summary"] and two["per_sequence"] == one["per_sequence"]
     )
+    for mask in (tmp_path / "one_rank" / "masks").rglob("*.png"):  # both hosts wrote into the one folder
+        assert (
+            tmp_path / "two_hosts" / mask.relative_to(tmp_path / "one_rank")
+        ).read_bytes() == mask.read_bytes()
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'two_hosts'}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("autosam2").experiment_id])
+    assert run.data.params["ranks"] == "2"

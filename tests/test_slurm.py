@@ -43,6 +43,9 @@ def test_interrupted_job_requeues_and_resumes_to_the_same_weights(slurm_cluster,
     log = tmp_path / "parted" / "jobs" / parted.job_id / f"{parted.job_id}_0_log.out"
     wait_for_line(log, "step 2/6")
     parted._interrupt()  # preemption: SIGTERM, then SIGUSR2, as SLURM sends
+    # until the requeued job runs, sacct can report the first run as COMPLETED, which submitit reads
+    # as the end of a job that left no result: wait for the second run's end in its log first
+    wait_for_line(log, "done: 6 steps", timeout=600)
     result = parted.results()[0]
     assert result["step"] == 6 and not result["stopped"]
     assert whole.results()[0]["step"] == 6

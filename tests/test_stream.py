@@ -202,3 +202,31 @@ def test_no_sequence_long_enough_for_a_clip_is_refused(tmp_path):
     build(tmp_path / "pg", "train", tmp_path / "shards", frames_per_sample=8)
     with pytest.raises(ShardError, match="no sequence has clip_len 4 frames \\(the longest has 3\\)"):
         ClipStream(tmp_path / "shards", "train", StreamConfig(clip_len=4))
+
+
+@pytest.mark.parametrize("source", ["shards", "folder"])
+def test_ranks_take_whole_sequences_in_turn_and_skip_the_others_undecoded(
+    tiny_shards, tiny_root, monkeypatch, source
+):
+    import json
+
+    import autosam2.data.stream as stream_module
+    from autosam2.data.sources import read_sequences
+
+    data = tiny_shards["train"] if source == "shards" else tiny_root
+    everything = [v.video_id for v in read_sequences(data, "train", 0, 1)]
+    assert len(everything) == 2
+    if source == "shards":  # both sequences share one shard: a rank still decodes only its own
+        shards = json.loads((data / "manifest.json").read_text())["shards"]
+        assert len(shards) == 1
+    decoded: list[str] = []
+    real = stream_module.decode_sample
+    monkeypatch.setattr(
+        stream_module, "decode_sample", lambda s, *a: (decoded.append(s["__key__"]), real(s, *a))[1]
+    )
+    shares = [[v.video_id for v in read_sequences(data, "train", rank, 2)] for rank in (0, 1)]
+    assert shares == [[name] for name in sorted(everything)]
+    if source == "shards":
+        assert decoded and all(key.startswith(tuple(sorted(everything))) for key in decoded)
+        assert {key.split("__")[0] for key in decoded} == set(everything)  # each by its own rank only
+        assert len(decoded) == len(set(decoded))

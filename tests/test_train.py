@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -22,10 +23,11 @@ CLI = [sys.executable, "-m", "autosam2.cli"]
 TRAIN = [*CLI, "train"]  # one process
 TORCHRUN = [*TORCHRUN_2, "-m", "autosam2.cli", "train"]
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+ONE_THREAD = {**ENV, "OMP_NUM_THREADS": "1"}
 
 
-def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+def run(cmd: list[str], timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=REPO, env=env or ENV, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result
 
@@ -135,7 +137,8 @@ def test_ddp_two_processes_train_checkpoint_log_and_evaluate(train_data, tmp_pat
             str(results),
             "--batch-size",
             "4",
-        ]
+        ],
+        env=ONE_THREAD,
     )
     assert "mean" in evaluated.stdout
     for seq in ("seq5", "seq6"):
@@ -149,6 +152,27 @@ def test_ddp_two_processes_train_checkpoint_log_and_evaluate(train_data, tmp_pat
         "seq6",
         "mean",
     ]
+
+    # the same evaluation on two ranks: each takes one sequence, rank 0 gathers, the figures are the same
+    shared = tmp_path / "results_2"
+    evaluate_args = [
+        "--weights",
+        str(out / "final.pt"),
+        "--data",
+        str(train_data["valid"]),
+        "--batch-size",
+        "4",
+    ]
+    evaluate = ["-m", "autosam2.cli", "evaluate", *evaluate_args, "--output-dir", str(shared)]
+    two = run([*TORCHRUN_2, *evaluate], env=ONE_THREAD)  # torchrun's thread count, for equal float sums
+    assert "2 sequences over 2 rank(s)" in two.stdout
+    one_json, two_json = (json.loads((d / "metrics.json").read_text()) for d in (results, shared))
+    assert two_json["ranks"] == 2 and one_json["ranks"] == 1
+    assert two_json["summary"] == one_json["summary"] and two_json["per_sequence"] == one_json["per_sequence"]
+    for seq in ("seq5", "seq6"):
+        for mask in (results / "masks" / seq).iterdir():
+            assert (shared / "masks" / seq / mask.name).read_bytes() == mask.read_bytes()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".results_2.tmp")]
 
 
 @pytest.mark.slow
@@ -173,6 +197,20 @@ def test_deepspeed_zero2_two_processes(train_data, tmp_path):
     assert any(k.startswith("prompt_encoder.") for k in final) and all(
         torch.isfinite(v).all() for v in final.values()
     )
+    # ZeRO's optimizer state is split by rank: one process cannot take it over, and says so
+    more = train_overrides(
+        train_data,
+        out,
+        **{
+            "train.engine": "deepspeed",
+            "train.deepspeed_config": REPO / "configs/deepspeed/zero2.json",
+            "train.max_steps": 6,
+        },
+    )
+    alone = subprocess.run([*TRAIN, *more], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert alone.returncode == 1, alone.stdout[-3000:] + alone.stderr[-3000:]
+    assert "a DeepSpeed ZeRO checkpoint written by 2 ranks cannot be resumed by 1" in alone.stderr
+    assert "Resume with 2 ranks" in alone.stderr and "Traceback" not in alone.stderr
 
 
 @pytest.mark.slow
@@ -214,6 +252,29 @@ def test_stopped_and_resumed_run_ends_with_the_same_weights(train_data, tmp_path
         5,
         6,
     ]
+
+
+@pytest.mark.slow
+def test_a_run_resumes_at_another_world_size_and_says_the_sample_order_changed(train_data, tmp_path):
+    """Two ranks for two steps, one rank for two more, two ranks again: one run, each change said once."""
+    out = tmp_path / "run"
+    settings = {"train.validate_every": 100, "train.checkpoint_every": 2}
+    run([*TORCHRUN, *train_overrides(train_data, out, **{**settings, "train.max_steps": 2})])
+    for cmd, steps, ranks in ((TRAIN, 4, (2, 1)), (TORCHRUN, 6, (1, 2))):
+        resumed = run([*cmd, *train_overrides(train_data, out, **{**settings, "train.max_steps": steps})])
+        previous = f"step_{steps - 2:08d}"
+        assert f"resumed from {out / 'checkpoints' / previous} at step {steps - 2}" in resumed.stdout
+        said = [line for line in resumed.stdout.splitlines() if "resuming at another world size" in line]
+        assert len(said) == 1, resumed.stdout[-3000:]
+        assert f"written by {ranks[0]} rank(s) x 1 clip(s), this run has {ranks[1]} x 1" in said[0]
+        assert f"step {steps}/{steps}" in resumed.stdout
+        state = json.loads((out / "checkpoints" / f"step_{steps:08d}" / "state.json").read_text())
+        assert (state["step"], state["world_size"]) == (steps, ranks[1])
+    assert (out / "final.pt").exists()
+    client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
+    (run_info,) = client.search_runs([client.get_experiment_by_name("autosam2").experiment_id])
+    history = client.get_metric_history(run_info.info.run_id, "train/loss_total")
+    assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]  # one run across the world sizes
 
 
 @pytest.mark.slow

@@ -36,6 +36,12 @@ def sample_key(sequence: str, chunk: int) -> str:
     return f"{escaped}{KEY_SEPARATOR}{chunk:05d}"
 
 
+def key_sequence(key: str) -> str:
+    """The sequence name of a `sample_key` (the escaping undone)."""
+    escaped = key.rsplit(KEY_SEPARATOR, 1)[0]
+    return escaped.replace("%2F", "/").replace("%2E", ".").replace("%25", "%")
+
+
 def frame_member(i: int, suffix: str) -> str:
     return f"f{i:04d}{suffix.lower().replace('.jpeg', '.jpg')}"
 

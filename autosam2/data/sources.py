@@ -162,6 +162,11 @@ def training_batches(
 # evaluation ---------------------------------------------------------------------------------------------
 
 
+def share(names: list[str], rank: int, world_size: int, limit: int | None = None) -> list[str]:
+    """The sequences of `names` (the first `limit`) that rank `rank` of `world_size` evaluates."""
+    return (names[:limit] if limit else names)[rank::world_size]
+
+
 def read_sequences(
     source: str | Path,
     split: str,
@@ -171,19 +176,17 @@ def read_sequences(
     on_error: OnError | str = "raise",
     decode_device: torch.device | None = None,
 ) -> Iterator[VideoDatapoint]:
-    """Whole sequences of a shard set (split by rank through the stream) or of a polyp_gen root. With
-    ``on_error="skip"`` a sequence that cannot be read is left out with a warning. ``decode_device``:
-    where a polyp_gen root's JPEG frames are decoded (None: here; shards decode in the stream)."""
+    """Whole sequences of a shard set or of a polyp_gen root, this rank's share: the first `limit`
+    sequences in name order, every `world_size`-th from the `rank`-th. With ``on_error="skip"`` a
+    sequence that cannot be read is left out with a warning. ``decode_device``: where a polyp_gen root's
+    JPEG frames are decoded (None: here; shards decode in the stream)."""
     if is_shard_set(source):
         stream = ClipStream(source, "eval", StreamConfig(image_size=None, on_error=on_error))
-        names = sorted(stream.manifest["sequences"])[:limit] if limit else None
-        for video in stream.sequences():
-            if names is None or video.video_id in names:
-                yield video
+        names = share(sorted(stream.manifest["sequences"]), rank, world_size, limit)
+        yield from stream.sequences(names)
         return
     dataset = PolypGenDataset(source, split, decode_device=decode_device)
-    names = dataset.sequence_names[:limit] if limit else dataset.sequence_names
-    for name in names[rank::world_size]:
+    for name in share(dataset.sequence_names, rank, world_size, limit):
         try:
             video = dataset.load_sequence(name)
         except DatasetError as err:

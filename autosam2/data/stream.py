@@ -6,9 +6,11 @@ decodes only those frames, resizes them to the model's size, draws the clip's au
 B clips; ``with_epoch`` makes every rank yield exactly the same number of batches, so DDP ranks never
 wait on each other at the end of an epoch. Everything random is seeded by (seed, epoch, rank, worker).
 
-Evaluation: shards in manifest order, split by rank (``split_by_node``) then by worker
-(``split_by_worker``); the chunks of each sequence are joined back into the whole sequence, yielded as a
-one-clip batch. The shard writer keeps each sequence inside one shard, so no sequence is split.
+Evaluation: shards in manifest order, split by loader worker (``split_by_worker``); the chunks of each
+sequence are joined back into the whole sequence, yielded as a one-clip batch. The shard writer keeps
+each sequence inside one shard, so no sequence is split. Evaluation ranks take whole sequences by name
+(`sequences(names)`): a rank reads only the shards holding its sequences and skips the others' samples
+undecoded; without names, ranks split the shards (``split_by_node``).
 
 Bad data: by default a truncated shard or a broken sample raises a ShardError naming the shard and the
 sample key. With ``on_error="skip"`` the sample (or the unread rest of a broken shard) is skipped and
@@ -39,7 +41,13 @@ import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from autosam2.config import AugmentConfig, OnError
-from autosam2.data.sample_format import ShardError, decode_sample, read_manifest, sample_record
+from autosam2.data.sample_format import (
+    ShardError,
+    decode_sample,
+    key_sequence,
+    read_manifest,
+    sample_record,
+)
 from autosam2.data.transforms import resize_video, sample_augment
 from autosam2.data.video import ClipBatch, VideoDatapoint, collate_clips
 from autosam2.errors import DatasetError
@@ -276,13 +284,24 @@ class ClipStream(torch.utils.data.IterableDataset):
                 video = resize_video(video, self.config.image_size)
             yield collate_clips([video])
 
-    def sequences(self) -> Iterator[VideoDatapoint]:
-        """Whole sequences at their own size, in shard order, for this rank and loader worker."""
+    def sequences(self, names: Iterable[str] | None = None) -> Iterator[VideoDatapoint]:
+        """Whole sequences at their own size, in shard order, for this loader worker: those `names` (read
+        from the shards that hold them, other samples skipped undecoded), or without names this rank's
+        share of the shards (``split_by_node``, as an IterableDataset under DDP is read)."""
+        wanted = None if names is None else set(names)
+        urls = [
+            url
+            for url in self.urls
+            if wanted is None or any(key_sequence(key) in wanted for key in self.expected[url])
+        ]
+        if not urls:
+            return
         pipeline = wds.DataPipeline(
-            wds.SimpleShardList(self.urls),
-            wds.split_by_node,
+            wds.SimpleShardList(urls),
+            *([wds.split_by_node] if wanted is None else []),
             wds.split_by_worker,
             lambda src: read_samples(src, self.expected, self.config.on_error, self._skip_warning),
+            lambda src: (s for s in src if wanted is None or key_sequence(s["__key__"]) in wanted),
             self._sequences,
         )
         yield from pipeline

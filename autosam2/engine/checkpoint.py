@@ -34,11 +34,14 @@ from autosam2.errors import CheckpointError, write_failure
 
 @dataclass
 class LoopState:
-    """Where training stands; saved in every checkpoint. `batch` counts the batches of `epoch` consumed."""
+    """Where training stands; saved in every checkpoint. `batch` counts the batches of `epoch` each rank
+    consumed, `world_size` ranks of `batch_size` clips each (0: not recorded, an older checkpoint)."""
 
     step: int = 0
     epoch: int = 0
     batch: int = 0
+    world_size: int = 0
+    batch_size: int = 0
     bad_steps: int = 0
     skipped_steps: int = 0
     best_dice: float = -1.0
@@ -168,7 +171,7 @@ class Checkpointer:
             fields = json.loads(state.read_text())
         except (OSError, ValueError) as err:
             return f"{STATE_FILE} is unreadable ({err})"
-        counters = ("step", "epoch", "batch", "bad_steps", "skipped_steps")
+        counters = ("step", "epoch", "batch", "world_size", "batch_size", "bad_steps", "skipped_steps")
         if not isinstance(fields, dict) or not all(isinstance(fields.get(k, 0), int) for k in counters):
             return f"{STATE_FILE} does not hold the loop's counters"
         if not (folder / "engine.pt").is_file() and not (folder / "deepspeed").is_dir():

@@ -276,6 +276,14 @@ def rank_hosts() -> list[tuple[str, str]]:
     return list(_RANK_HOSTS)
 
 
+def announce_ranks(info: DistInfo) -> list[tuple[str, str]]:
+    """`rank_hosts`, and rank 0 prints them on one line: ``ranks: 0 node1 10.0.0.1, 1 node2 ...``."""
+    hosts = rank_hosts()
+    if info.is_main:
+        print("ranks: " + ", ".join(f"{r} {name} {addr}" for r, (name, addr) in enumerate(hosts)), flush=True)
+    return hosts
+
+
 def _other_ranks(rank: int) -> str:
     hosts = [f"{r} on {name} ({address})" for r, (name, address) in enumerate(_RANK_HOSTS) if r != rank]
     return f"; the other ranks: {', '.join(hosts)}" if hosts else ""

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from autosam2.config import ClipMode, Config, ConfigError, EngineKind, OptimConfig, Precision
 from autosam2.engine.dist import DistInfo, barrier
+from autosam2.errors import CheckpointError
 from autosam2.model.autosam2 import AutoSAM2, ClipOutput
 from autosam2.model.weights import load_trainable, trainable_state
 
@@ -263,6 +264,16 @@ class DeepSpeedEngine(Engine):
             raise
 
     def load(self, folder: Path) -> None:
+        # ZeRO splits the optimizer state into one file per rank, and DeepSpeed reloads it only at the
+        # world size that wrote it (its universal format, made by a separate conversion, aside)
+        parts = len(list((folder / "deepspeed").glob("*zero_pp_rank_*optim_states.pt")))
+        if parts and parts != self.info.world_size:
+            raise CheckpointError(
+                f"{folder / 'deepspeed'}: a DeepSpeed ZeRO checkpoint written by {parts} ranks cannot be "
+                f"resumed by {self.info.world_size}: ZeRO splits the optimizer state by rank. Resume with "
+                f"{parts} ranks (nodes x tasks per node), or use train.engine=ddp, whose checkpoints "
+                "resume at any world size"
+            )
         path, _ = self.engine.load_checkpoint(str(folder), tag="deepspeed")
         if path is None:
             raise FileNotFoundError(f"{folder}: no DeepSpeed checkpoint in it")

@@ -93,9 +93,31 @@ class Trainer:
                 return None
         return iterator
 
+    def _rederive_position(self, state: LoopState) -> None:
+        """A checkpoint of another world size or batch size: the same number of clips of the epoch
+        counts as consumed, in batches of this run's size; the stream (seeded per rank) is this run's,
+        so the sample order changes from here on, and the log says so once."""
+        now = (self.info.world_size, self.cfg.data.batch_size)
+        saved = (state.world_size, state.batch_size)
+        if state.world_size and saved != now and (state.step or state.batch):
+            clips = state.batch * state.world_size * state.batch_size
+            state.batch = clips // (now[0] * now[1])
+            if self.info.is_main:
+                print(
+                    f"resuming at another world size: the checkpoint was written by {saved[0]} rank(s) x "
+                    f"{saved[1]} clip(s), this run has {now[0]} x {now[1]}; weights, optimizer, scheduler "
+                    f"and step {state.step} are restored, and the data stream is re-derived for "
+                    f"{now[0]} rank(s), so the sample order changes from here on: epoch {state.epoch} goes "
+                    f"on after {clips} clips (batch {state.batch} of {self.data.per_epoch} per rank; "
+                    f"{self.total_steps} steps in all)",
+                    flush=True,
+                )
+        state.world_size, state.batch_size = now
+
     def fit(self, state: LoopState) -> LoopState:
         train = self.cfg.train
         self.engine.module.train()
+        self._rederive_position(state)
         saved = state.step if state.step > 0 else -1  # a resumed run's step is in its checkpoint already
 
         def checkpoint() -> None:  # once per step: a second save of a step would replace a good folder

@@ -1,0 +1,147 @@
+"""Two test hosts against one: submit -> first step, step time and the bytes on the wire per step.
+
+`python launch/hosts_bench.py [--steps 4 12]` (root; it starts `slurm_test_cluster.sh --hosts 2` and stops
+it at the end). The CPU demo's model and trainable parts (configs/cpu_demo.yaml) on small synthetic
+shards, through launch/train.sbatch: 2 hosts x 1 rank (gloo over the veth pair) and 1 host x 2 ranks
+(gloo over loopback), each run twice, with a few and with more steps, one after the other. Prints one
+JSON object: per layout the time from sbatch to the first logged step, the median step time, and for
+the two-host layout the bytes node1's link carried per step (the difference of the two runs' counters
+over the difference of their steps), beside the gradient bytes DDP all-reduces (trainable parameters x 4).
+Every rank runs `--threads` torch threads (OMP_NUM_THREADS; default 1, what torchrun sets for 2 processes
+on one node): with torchrun's own choice a lone rank per host takes every core, and on this machine the
+two "hosts" share two cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "launch" / "slurm_test_cluster.sh"
+STATE = Path("/tmp/autosam2-slurm-hosts")
+LINK = "as2v1"  # node1's veth, this machine's side: every byte node1 sends or receives crosses it
+LAYOUTS = {"2_hosts_x_1_rank": (2, 1), "1_host_x_2_ranks": (1, 2)}
+
+
+def link_bytes() -> int:
+    stats = Path("/sys/class/net") / LINK / "statistics"
+    return int((stats / "rx_bytes").read_text()) + int((stats / "tx_bytes").read_text())
+
+
+def run_job(
+    data: dict[str, Path], out: Path, nodes: int, procs: int, steps: int, threads: int
+) -> dict[str, float]:
+    """One sbatch job to the end: seconds to its first step, its step times, the link's bytes."""
+    log = out.with_suffix(".out")
+    overrides = [
+        f"data.train={data['train']}",
+        f"data.valid={data['valid']}",
+        f"train.output_dir={out}",
+        f"train.max_steps={steps}",
+        "train.checkpoint_every=100000",
+        "train.validate_every=100000",
+        "train.log_every=1",
+        "tracking.enabled=false",
+    ]
+    cmd = ["sbatch", "--parsable", f"--nodes={nodes}", "--gpus-per-node=0", "--cpus-per-task=2"]
+    cmd += [f"--output={log}", str(REPO / "launch" / "train.sbatch"), "--config", "configs/cpu_demo.yaml"]
+    env = {**os.environ, "AUTOSAM2_PROCS_PER_NODE": str(procs), "AUTOSAM2_PYTHON": sys.executable}
+    env["OMP_NUM_THREADS"] = str(threads)
+    before = link_bytes()
+    submitted = time.monotonic()
+    subprocess.run([*cmd, *overrides], cwd=REPO, env=env, check=True, capture_output=True)
+    first = None
+    while True:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        if first is None and re.search(r"^step 1/", text, re.M):
+            first = time.monotonic() - submitted
+        if f"done: {steps} steps" in text:
+            break
+        if "Traceback" in text or time.monotonic() - submitted > 900:
+            raise RuntimeError(f"{log}: the job failed or hangs:\n{text[-3000:]}")
+        time.sleep(0.1)
+    frames = 4 * 1 * nodes * procs  # clip_len x batch x ranks per step (configs/cpu_demo.yaml)
+    rates = [float(m) for m in re.findall(r"^step \d+/\d+ .* ([\d.]+) frames/s$", text, re.M)]
+    return {
+        "submit_to_first_step_s": first,
+        "step_s": [frames / r for r in rates[1:]],  # the first step also builds DDP's buckets
+        "bytes": link_bytes() - before,
+    }
+
+
+def trainable_bytes() -> int:
+    import torch
+
+    from autosam2.config import load_config
+    from autosam2.model.sam2_builder import build_autosam2
+
+    model = build_autosam2(load_config(REPO / "configs" / "cpu_demo.yaml", []).model, torch.device("cpu"))
+    return 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, nargs=2, default=[4, 12], help="the short and the long run")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank (OMP_NUM_THREADS)")
+    args = parser.parse_args(argv)
+    few, more = args.steps
+
+    from autosam2.data.synthetic import SynthSpec, write_dataset
+    from shards.writer import build
+
+    env = {**os.environ, "AUTOSAM2_SLURM_DIR": str(STATE)}
+    subprocess.run(["bash", str(SCRIPT), "start", "--hosts", "2"], env=env, check=True, capture_output=True)
+    os.environ["SLURM_CONF"] = str(STATE / "slurm.conf")
+    try:
+        with tempfile.TemporaryDirectory(prefix="hosts-bench-", dir="/tmp") as tmp:
+            base = Path(tmp)
+            write_dataset(
+                base / "pg", SynthSpec(train_sequences=4, valid_sequences=2, frames=8, size=256, seed=5)
+            )
+            data = {}
+            for split in ("train", "valid"):
+                data[split] = base / "shards" / split
+                build(base / "pg", split, data[split], frames_per_sample=4, max_shard_mb=0.0001)
+            figures: dict[str, dict[str, float]] = {}
+            for name, (nodes, procs) in LAYOUTS.items():
+                short = run_job(data, base / f"{name}_{few}", nodes, procs, few, args.threads)
+                long = run_job(data, base / f"{name}_{more}", nodes, procs, more, args.threads)
+                figures[name] = {
+                    "submit_to_first_step_s": round(
+                        statistics.median([short["submit_to_first_step_s"], long["submit_to_first_step_s"]]),
+                        2,
+                    ),
+                    "step_s_median": round(statistics.median(long["step_s"]), 3),
+                }
+                if nodes == 2:
+                    figures[name]["link_bytes_per_step"] = round(
+                        (long["bytes"] - short["bytes"]) / (more - few)
+                    )
+    finally:
+        subprocess.run(["bash", str(SCRIPT), "stop", "--hosts", "2"], env=env, capture_output=True)
+    two, one = figures["2_hosts_x_1_rank"], figures["1_host_x_2_ranks"]
+    result = {
+        "threads_per_rank": args.threads,
+        "config": "configs/cpu_demo.yaml (hiera-t, 256 px, 4-frame clips, prompt encoder + mask decoder trainable)",
+        **figures,
+        "gradient_bytes_all_reduced_per_step": trainable_bytes(),
+        "step_time_ratio_2_hosts_vs_1_host": round(two["step_s_median"] / one["step_s_median"], 3),
+        "submit_to_first_step_ratio_2_hosts_vs_1_host": round(
+            two["submit_to_first_step_s"] / one["submit_to_first_step_s"], 3
+        ),
+    }
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
