@@ -12,6 +12,7 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("autosam2.train:main", "train AutoSAM2 (alone, under torchrun, or under srun)"),
     "evaluate": ("autosam2.evaluate:main", "streaming inference + metrics, masks and overlays of a split"),
+    "score": ("autosam2.score:main", "score saved masks of any method (the SUN-SEG toolbox's figures)"),
     "demo": ("autosam2.demo:main", "the whole mission on the embedded defaults, on the CPU"),
     "synth": ("autosam2.data_commands:synth", "write a synthetic polyp_gen dataset (train + valid)"),
     "validate": (

@@ -65,7 +65,7 @@ def validate(argv: list[str] | None = None) -> int:
         for r in reports
     ]
     soft = sum(r.soft_masks for r in reports)
-    note = f"; {soft} masks have grey values (JPEG), binarised at {MASK_THRESHOLD}" if soft else ""
+    note = f"; {soft} masks have grey values (JPEG), foreground above {MASK_THRESHOLD}" if soft else ""
     print(f"{args.root}: ok; " + "; ".join(parts) + note)
     return 0
 

@@ -44,7 +44,7 @@ def hard_frame_dice(root: Path, results: Path) -> dict[str, float]:
             name = f"frame{i + 1}"
             gt = (
                 np.asarray(Image.open(root / "valid" / "masks" / seq / f"{name}.jpg").convert("L"))
-                >= MASK_THRESHOLD
+                > MASK_THRESHOLD
             )
             pred = np.asarray(Image.open(results / "masks" / seq / f"{name}.png")) > 0
             dice = frame_metrics(pred.astype(np.float32), gt)["dice"]

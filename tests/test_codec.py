@@ -13,11 +13,11 @@ from autosam2.data.codec import decode_image, decode_mask, encode_mask_png, mask
 from autosam2.errors import DatasetError
 
 
-def test_masks_are_binarised_at_128():
-    values = np.array([[0, 127, 128, 255]], dtype=np.uint8)
+def test_masks_are_foreground_above_128():
+    values = np.array([[0, 127, 128, 129, 255]], dtype=np.uint8)
     buf = io.BytesIO()
     Image.fromarray(values).save(buf, format="PNG")
-    assert decode_mask(buf.getvalue(), "m.png").tolist() == [[False, False, True, True]]
+    assert decode_mask(buf.getvalue(), "m.png").tolist() == [[False, False, False, True, True]]
 
 
 def test_a_shard_mask_round_trips_as_a_one_bit_png():

@@ -14,7 +14,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "autosam2"
-COMMANDS = ("autosam2.cli", "autosam2.train", "autosam2.evaluate", "autosam2.demo", "autosam2.data_commands")
+COMMANDS = (
+    "autosam2.cli",
+    "autosam2.train",
+    "autosam2.evaluate",
+    "autosam2.score",
+    "autosam2.demo",
+    "autosam2.data_commands",
+)
 HEAVY = ("torch", "torchvision", "sam2", "hydra", "deepspeed", "mlflow", "webdataset")
 
 
@@ -91,7 +98,11 @@ def test_help_lists_every_command():
     done = subprocess.run([sys.executable, "-m", "autosam2.cli", "--help"], capture_output=True, text=True)
     assert done.returncode == 0
     listed = {line.split()[0] for line in done.stdout.splitlines() if re.match(r"    \S", line)}
-    assert listed == set(TABLE) == {"train", "evaluate", "demo", "synth", "validate", "inspect", "bench"}
+    assert (
+        listed
+        == set(TABLE)
+        == {"train", "evaluate", "score", "demo", "synth", "validate", "inspect", "bench"}
+    )
     for name, (target, _) in TABLE.items():  # every entry names a function that exists
         module, function = target.split(":")
         assert callable(getattr(__import__(module, fromlist=[function]), function)), name

@@ -11,7 +11,9 @@ import torch
 from autosam2.metrics import (
     CURVE_METRICS,
     METRICS,
+    TOOLBOX_METRICS,
     MetricAccumulator,
+    as_gt,
     e_measure_curve,
     frame_metrics,
     s_measure,
@@ -420,3 +422,89 @@ def test_bad_inputs_are_refused() -> None:
         frame_metrics(np.zeros((2, 2)), np.zeros((2, 3), bool))
     with pytest.raises(ValueError, match="mode"):
         frame_metrics(np.zeros((2, 2)), np.zeros((2, 2), bool), mode="pooled")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------- the toolbox's figures and the gt rule
+
+
+def _band_maps(values: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """A 1x4 frame: 8-bit prediction `values` on a gt whose first two pixels are the polyp."""
+    return np.array([values], np.uint8), np.array([[255, 255, 0, 0]], np.uint8)
+
+
+def test_toolbox_maxima_come_from_curves_averaged_over_sequences_not_from_each_sequence() -> None:
+    # Sequence a: pixels 255, 255, 153, 0 -> Dice 1 at high thresholds, 4/5 once 153 counts, 2/3 at 0.
+    # Sequence b: pixels 255, 77, 0, 0    -> Dice 2/3 at high thresholds, 1 once 77 counts, 2/3 at 0.
+    # Each sequence's best Dice is 1 (at different thresholds); their mean curve peaks at
+    # (4/5 + 1) / 2 = 0.9, between 77 and 153: the toolbox's maxDice. IoU: a 1, 2/3, 1/2; b 1/2, 1, 1/2,
+    # so maxIoU = (2/3 + 1) / 2 = 5/6. Sensitivity reaches 1 in both: maxSen = 1.
+    acc = MetricAccumulator("sunseg", drop_first_last=False)
+    acc.add_map("a", *_band_maps([255, 255, 153, 0]))
+    acc.add_map("b", *_band_maps([255, 77, 0, 0]))
+    toolbox = acc.toolbox_summary()
+    assert toolbox["maxDice"] == approx(0.9)
+    assert toolbox["maxIoU"] == approx(5 / 6)
+    assert toolbox["maxSen"] == approx(1.0)
+    per_seq = acc.toolbox_per_sequence()
+    assert per_seq["a"]["maxDice"] == per_seq["b"]["maxDice"] == approx(1.0)  # the mean of these would be 1
+    assert acc.summary()["max_dice"] == approx(0.9)  # the headline summary reduces the same way
+    assert list(toolbox) == list(TOOLBOX_METRICS)
+
+
+def test_the_toolbox_figures_of_one_frame_agree_with_pysodmetrics() -> None:
+    """PySODMetrics (the toolbox's own source of S, E, F, wF, MAE) as the oracle, on 8-bit maps."""
+    sod = pytest.importorskip("py_sod_metrics")
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[:48, :64]
+    for trial in range(6):
+        dist = np.hypot(yy - rng.uniform(10, 38), xx - rng.uniform(10, 54))
+        gt = np.clip((rng.uniform(4, 15) - dist) * 60 + 128, 0, 255).astype(np.uint8)  # grey edges
+        if trial == 5:
+            gt[:] = 0
+        pred = np.clip(1 / (1 + np.exp(dist / 3 - 2)) + rng.normal(0, 0.15, dist.shape), 0, 1)
+        pred = (pred * 255 * rng.uniform(0.2, 1)).astype(np.uint8)
+        acc = MetricAccumulator("sunseg", drop_first_last=False)
+        acc.add_map("v", pred, gt)
+        ours = acc.toolbox_summary()
+        oracle = {}
+        for name, cls in (("sm", sod.Smeasure), ("wfm", sod.WeightedFmeasure), ("mae", sod.MAE)):
+            m = cls()
+            m.step(pred=pred, gt=gt)
+            oracle[name] = m.get_results()[name]
+        em, fm = sod.Emeasure(), sod.Fmeasure()
+        em.step(pred=pred, gt=gt)
+        fm.step(pred=pred, gt=gt)
+        em, fm = em.get_results()["em"], fm.get_results()["fm"]
+        expected = {
+            "Smeasure": oracle["sm"],
+            "wFmeasure": oracle["wfm"],
+            "MAE": oracle["mae"],
+            "adpEm": em["adp"],
+            "meanEm": em["curve"].mean(),
+            "maxEm": em["curve"].max(),
+            "adpFm": fm["adp"],
+            "meanFm": fm["curve"].mean(),
+            "maxFm": fm["curve"].max(),
+        }
+        for name, value in expected.items():
+            assert ours[name] == pytest.approx(float(value), abs=1e-12), (trial, name)
+
+
+def test_specificity_is_zero_without_overlap_and_nan_without_background() -> None:
+    acc = MetricAccumulator("sunseg", drop_first_last=False)
+    acc.add_map("miss", np.array([[0, 0, 255, 255]], np.uint8), np.array([[255, 255, 0, 0]], np.uint8))
+    assert acc.toolbox_summary()["maxSpe"] == 0.0  # the toolbox scores 0 wherever nothing overlaps
+    full = MetricAccumulator("sunseg", drop_first_last=False)
+    full.add_map("all", np.full((2, 2), 255, np.uint8), np.full((2, 2), 255, np.uint8))
+    assert math.isnan(full.toolbox_summary()["meanSpe"])  # TN / (TN + FP) = 0 / 0, as in the toolbox
+
+
+def test_a_grey_edged_0_255_mask_is_foreground_above_128() -> None:
+    gt = np.array([[0, 100, 128, 129, 200, 255]], np.uint8)
+    assert as_gt(gt).tolist() == [[False, False, False, True, True, True]]
+    assert as_gt(gt.astype(float)).tolist() == [[False, False, False, True, True, True]]
+    assert as_gt(np.array([[0.2, 0.6]])).tolist() == [[False, True]]
+    # the mask scored against itself: its own foreground, not every non-zero pixel
+    assert frame_metrics(as_gt(gt).astype(float), gt)["dice"] == 1.0
+    with pytest.raises(ValueError, match="0/1 label map"):
+        frame_metrics(np.zeros((1, 3)), np.array([[0, 1, 1]], np.uint8))

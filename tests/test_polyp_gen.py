@@ -49,7 +49,7 @@ def test_png_masks_pair_by_stem_and_grey_or_rgba_frames_become_rgb(tiny_root):
 
     dataset = PolypGenDataset(tiny_root, "train")
     frame3 = dataset.load_frame("seq1", 2)
-    assert torch.equal(frame3.object_mask(), torch.from_numpy(mask >= 128))
+    assert torch.equal(frame3.object_mask(), torch.from_numpy(mask > 128))
     grey = dataset.load_frame("seq1", 3).image_CHW
     assert grey.shape == (3, 64, 64) and torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
     rgba = dataset.load_frame("seq1", 4).image_CHW

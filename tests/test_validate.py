@@ -20,7 +20,7 @@ def test_clean_root_gives_exit_0_and_a_one_line_summary(tiny_root, capsys):
     assert len(lines) == 1
     assert "ok" in lines[0]
     assert "train: 2 sequences, 24 frames" in lines[0] and "valid: 1 sequences, 12 frames" in lines[0]
-    assert "empty-mask frames" in lines[0] and "binarised at 128" in lines[0]
+    assert "empty-mask frames" in lines[0] and "foreground above 128" in lines[0]
 
 
 def _damage(root: Path, case: str) -> str:

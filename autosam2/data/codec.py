@@ -2,8 +2,8 @@
 `shards verify`) and the encoder of shard masks.
 
 Images become uint8 ``[3,H,W]`` RGB whatever their mode (grayscale, 16-bit, palette, RGBA, CMYK); masks
-become bool ``[H,W]``, grey value >= ``MASK_THRESHOLD`` (of 255) being polyp, because JPEG masks carry
-compression noise between 0 and 255. Every failure is one DatasetError naming the source.
+become bool ``[H,W]``, grey value above ``MASK_THRESHOLD`` (of 255) being polyp, because JPEG masks carry
+compression noise between 0 and 255 (the gt rule of `autosam2.metrics`, the toolbox's ``gt > 128``). Every failure is one DatasetError naming the source.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from autosam2.errors import DatasetError
+from autosam2.metrics import GT_THRESHOLD_8BIT as MASK_THRESHOLD
 
-MASK_THRESHOLD = 128
 JPEG_MAGIC = b"\xff\xd8"
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I")  # 16-bit greyscale (PNG has no wider integer mode)
 DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError)
@@ -84,14 +84,14 @@ def check_image(data: bytes, source: str | Path) -> tuple[int, int]:
 
 
 def decode_mask(data: bytes, source: str | Path) -> torch.Tensor:
-    """Decode mask bytes to bool ``[H,W]``: grey value >= MASK_THRESHOLD (of 255) is polyp."""
+    """Decode mask bytes to bool ``[H,W]``: grey value above MASK_THRESHOLD (of 255) is polyp."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.mode == "1":  # our shards' 1-bit PNG: no grey levels to threshold
                 return torch.from_numpy(np.array(im, dtype=bool))
     except DECODE_ERRORS as err:
         raise DatasetError(f"{source}: cannot decode mask ({err})") from err
-    return torch.from_numpy(mask_values(data, source) >= MASK_THRESHOLD)
+    return torch.from_numpy(mask_values(data, source) > MASK_THRESHOLD)
 
 
 def mask_values(data: bytes, source: str | Path) -> np.ndarray:

@@ -3,7 +3,7 @@
 Layout (from the seed): ``ROOT/{train,valid}/{images,masks}/<sequence>/<frame>.jpg`` with
 ``ROOT/train/train_list.txt`` and ``ROOT/valid/val_list.txt`` naming one sequence per line.
 Frames follow the natural order of their names (frame2 before frame10); a mask pairs with the image of
-the same stem (``.jpg`` or ``.png``); masks are binarised at ``MASK_THRESHOLD`` because JPEG masks carry
+the same stem (``.jpg`` or ``.png``); masks are foreground above ``MASK_THRESHOLD`` because JPEG masks carry
 compression noise between 0 and 255.
 """
 
@@ -199,7 +199,7 @@ def check_frame(frame: FrameFiles, keep_data: bool = False) -> FrameCheck:
                 f"mask values are all below {MASK_THRESHOLD} (max {peak}): a 0/1 label map? masks must be 0/255",
             )
         )
-    mask_HW = values >= MASK_THRESHOLD
+    mask_HW = values > MASK_THRESHOLD
     check.empty = not mask_HW.any()
     check.soft = bool(((values > 0) & (values < 255)).any())
     if keep_data:

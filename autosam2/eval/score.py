@@ -1,0 +1,194 @@
+"""Scoring saved masks of any method: frames paired by name, read the way the SUN-SEG/VPS toolbox reads
+them, scored by the one `MetricAccumulator`.
+
+Layout, for predictions and ground truth alike: ``<root>/<sequence>/<frame>.png|jpg`` (a polyp_gen masks
+folder, or the toolbox's ``Pred/<method>/<dataset>`` and ``<dataset>/GT``; a root holding a ``GT`` folder
+is read from it). Sequences are the ground truth's folders; frames pair by file stem, in natural order
+of their names. Files are read as 8-bit grayscale with OpenCV and a prediction of another size is
+resized to its ground truth's with ``cv2.resize`` (bilinear), exactly as ``eval/vps_evaluator.py`` does.
+The sunseg mode drops each sequence's first and last ground-truth frame before pairing, as the toolbox
+does (their predictions are never read).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from autosam2.data.polyp_gen import natural_key
+from autosam2.errors import DatasetError
+from autosam2.metrics import GT_THRESHOLD_8BIT, MetricAccumulator, Mode
+
+SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+@dataclass
+class Sequence:
+    """One sequence's frames to score, in order: (ground truth file, prediction file)."""
+
+    name: str
+    frames: list[tuple[Path, Path]] = field(default_factory=list)
+
+
+@dataclass
+class Pairing:
+    """What `pair_frames` found: the sequences to score and one line per missing or extra file."""
+
+    sequences: list[Sequence]
+    missing: list[str]
+
+
+def ground_truth_root(path: str | Path) -> Path:
+    """`path`, or its ``GT`` folder when it is a toolbox dataset folder (``<dataset>/GT/<sequence>/``)."""
+    path = Path(path)
+    return path / "GT" if (path / "GT").is_dir() else path
+
+
+def _images(folder: Path, problems: list[str]) -> dict[str, Path]:
+    """Image files of a folder by stem; two files of one stem (a.png and a.jpg) are a problem."""
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in SUFFIXES or not path.is_file():
+            continue
+        if path.stem in found:
+            problems.append(f"{path}: two files for frame {path.stem} ({found[path.stem].name} too)")
+            continue
+        found[path.stem] = path
+    return found
+
+
+def _folders(root: Path) -> list[str]:
+    return sorted((p.name for p in root.iterdir() if p.is_dir()), key=natural_key)
+
+
+def pair_frames(pred_root: str | Path, gt_root: str | Path, drop_first_last: bool) -> Pairing:
+    """Pair every ground-truth frame with the prediction of the same stem. Raises DatasetError when a
+    root is not a folder of sequence folders, or two files claim one frame."""
+    pred_root, gt_root = Path(pred_root), ground_truth_root(gt_root)
+    for role, root in (("--pred", pred_root), ("--gt", gt_root)):
+        if not root.is_dir():
+            raise DatasetError(f"{root}: not a folder ({role} takes <root>/<sequence>/<frame>.png|jpg)")
+    names = _folders(gt_root)
+    if not names:
+        raise DatasetError(f"{gt_root}: no sequence folders (<sequence>/<frame>.png|jpg)")
+    problems: list[str] = []
+    missing: list[str] = []
+    sequences = []
+    for name in names:
+        gts = _images(gt_root / name, problems)
+        ordered = sorted(gts, key=natural_key)
+        kept = ordered[1:-1] if drop_first_last else ordered
+        pred_dir = pred_root / name
+        if not pred_dir.is_dir():
+            missing.append(
+                f"{pred_dir}: missing (the ground truth has sequence {name}, {len(ordered)} frames)"
+            )
+            continue
+        preds = _images(pred_dir, problems)
+        sequence = Sequence(name)
+        for stem in kept:
+            if stem in preds:
+                sequence.frames.append((gts[stem], preds[stem]))
+            else:
+                missing.append(f"{pred_dir / stem}.png: missing (ground truth {gts[stem]})")
+        missing += [
+            f"{preds[s]}: no ground truth for it in {gt_root / name}"
+            for s in sorted(set(preds) - set(gts), key=natural_key)
+        ]
+        sequences.append(sequence)
+    missing += [
+        f"{pred_root / n}: a sequence the ground truth does not have"
+        for n in _folders(pred_root)
+        if n not in names
+    ]
+    if problems:
+        raise DatasetError("\n".join(problems))
+    return Pairing(sequences, missing)
+
+
+def read_gray(path: Path):
+    """An 8-bit grayscale image as the toolbox reads it (``cv2.imread(path, cv2.IMREAD_GRAYSCALE)``)."""
+    import cv2
+
+    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if image is None:
+        raise DatasetError(f"{path}: unreadable (not an image OpenCV can decode)")
+    return image
+
+
+@dataclass
+class Scored:
+    """One sequence scored: its accumulator, and the lines to say (resized predictions) or to fail on."""
+
+    name: str
+    metrics: MetricAccumulator
+    notes: list[str]
+    errors: list[str]
+
+
+def score_sequence(sequence: Sequence, mode: Mode) -> Scored:
+    """Read and score the frames of one sequence (a process of its own may run this)."""
+    import cv2
+
+    metrics = MetricAccumulator(mode=mode, drop_first_last=False)  # dropped when paired, as the toolbox
+    notes: list[str] = []
+    errors: list[str] = []
+    resized = []
+    for gt_path, pred_path in sequence.frames:
+        try:
+            gt, pred = read_gray(gt_path), read_gray(pred_path)
+        except DatasetError as err:
+            errors.append(str(err))
+            continue
+        if gt.max() == 1:
+            errors.append(
+                f"{gt_path}: a 0/1 label map (values 0 and 1): masks are 0..255 with foreground above "
+                f"{GT_THRESHOLD_8BIT}; save them as 0/255"
+            )
+            break  # one line for the sequence: its other masks are the same kind
+        if pred.shape != gt.shape:
+            resized.append((pred_path, pred.shape))
+            pred = cv2.resize(pred, (gt.shape[1], gt.shape[0]))
+        metrics.add_map(sequence.name, pred, gt)
+    if resized:
+        (first, (h, w)), (gh, gw) = resized[0], gt.shape
+        notes.append(
+            f"{first}: {len(resized)} prediction(s) of {sequence.name} are {w}x{h}, the ground truth "
+            f"{gw}x{gh}: resized to the ground truth (bilinear, as the toolbox does)"
+        )
+    return Scored(sequence.name, metrics, notes, errors)
+
+
+def score_all(
+    sequences: list[Sequence],
+    mode: Mode,
+    workers: int = 1,
+    progress: Callable[[Iterable[Scored], int], Iterable[Scored]] = lambda items, total: items,
+) -> MetricAccumulator:
+    """Every sequence scored (over `workers` processes), merged into one accumulator. Unreadable files
+    and 0/1 label maps raise one DatasetError listing every one; resizes are said on stderr."""
+    merged = MetricAccumulator(mode=mode, drop_first_last=False)
+    errors: list[str] = []
+    todo = [s for s in sequences if s.frames]
+    if workers > 1 and len(todo) > 1:
+        with ProcessPoolExecutor(min(workers, len(todo))) as pool:
+            results = progress(pool.map(score_sequence, todo, [mode] * len(todo)), len(todo))
+            done = list(results)
+    else:
+        done = list(progress((score_sequence(s, mode) for s in todo), len(todo)))
+    for scored in done:
+        for note in scored.notes:
+            print(f"warning: {note}", file=sys.stderr, flush=True)
+        errors += scored.errors
+        merged.merge(scored.metrics)
+    if errors:
+        raise DatasetError("\n".join(errors))
+    return merged
+
+
+def default_workers() -> int:
+    return max(1, min(8, len(os.sched_getaffinity(0))))

@@ -1,0 +1,130 @@
+"""`autosam2 score`: any method's saved masks against ground truth, with the SUN-SEG/VPS toolbox's figures.
+
+Composes the scoring library (`autosam2.eval.score`): frames paired by name, read and resized as the
+toolbox does, scored by the one accumulator; ``metrics.json`` (``"summary"`` under the toolbox's names),
+``metrics.csv`` and a table; optionally an MLflow run, beside our own evaluations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from autosam2.metrics import MODES, TOOLBOX_METRICS
+
+EPILOG = """\
+Layout: <root>/<sequence>/<frame>.png|jpg for --pred and --gt (a polyp_gen masks folder, the toolbox's
+Pred/<method>/<dataset>, or a dataset folder holding GT/). Frames pair by file stem in natural order.
+Masks are foreground above 128 (0..255); predictions are 8-bit soft maps or binary masks.
+
+--metric-mode sunseg (default) is the SUN-SEG/VPS toolbox (eval/vps_evaluator.py): it drops the first and
+the last frame of every sequence (--keep-first-last scores them too), stretches each map to [0, 1],
+resizes predictions to the ground truth's size, and reports Smeasure wFmeasure MAE adpEm meanEm maxEm
+adpFm meanFm maxFm meanSen maxSen meanSpe maxSpe meanDice maxDice meanIoU maxIoU: frames averaged per
+sequence, sequences averaged, then threshold curves reduced by mean or max (not rounded).
+--metric-mode ours: our headline rules (see autosam2.metrics), every frame, our metric names.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="autosam2 score",
+        description="score saved masks of any method against ground-truth masks",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--pred", required=True, help="predictions: <pred>/<sequence>/<frame>.png|jpg")
+    p.add_argument(
+        "--gt", required=True, help="ground truth: <gt>/<sequence>/<frame>.png|jpg (or <gt>/GT/...)"
+    )
+    p.add_argument("--metric-mode", default="sunseg", choices=list(MODES))
+    p.add_argument("--output-dir", default="scores", help="metrics.json, metrics.csv (default: scores)")
+    p.add_argument(
+        "--on-missing",
+        default="error",
+        choices=["error", "skip"],
+        help="a missing or extra prediction: stop with every one listed, or say each and score the rest",
+    )
+    p.add_argument(
+        "--keep-first-last", action="store_true", help="sunseg: score the first and last frames too"
+    )
+    p.add_argument(
+        "--workers", type=int, default=None, help="processes reading and scoring (default: cores, at most 8)"
+    )
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--mlflow", action="store_true", help="log the scores as an MLflow run")
+    p.add_argument(
+        "--tracking-uri", default=None, help="with --mlflow (default: SQLite in the output directory)"
+    )
+    p.add_argument("--experiment", default="autosam2")
+    p.add_argument("--run-name", default=None, help="with --mlflow (default: score-<pred folder>)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    from tqdm import tqdm
+
+    from autosam2.atomic import atomic_directory
+    from autosam2.errors import DatasetError
+    from autosam2.eval.report import print_table, write_metrics
+    from autosam2.eval.score import default_workers, pair_frames, score_all
+
+    sunseg = args.metric_mode == "sunseg"
+    drop = sunseg and not args.keep_first_last
+    pairing = pair_frames(args.pred, args.gt, drop)
+    if pairing.missing and args.on_missing == "error":
+        raise DatasetError(
+            "\n".join(pairing.missing)
+            + f"\n{len(pairing.missing)} missing or extra file(s); --on-missing skip scores the frames that pair"
+        )
+    for line in pairing.missing:
+        print(f"warning: skipped: {line}", file=sys.stderr, flush=True)
+
+    def progress(items, total):
+        return tqdm(items, total=total, desc="score", unit="sequence", file=sys.stderr, disable=None)
+
+    out = Path(args.output_dir)
+    with atomic_directory(out, overwrite=args.overwrite) as tmp:
+        metrics = score_all(pairing.sequences, args.metric_mode, args.workers or default_workers(), progress)
+        counts = metrics.frame_counts()
+        if not counts:
+            raise DatasetError(f"{args.pred}: no frame pairs with the ground truth in {args.gt}")
+        per_sequence = metrics.toolbox_per_sequence() if sunseg else metrics.per_sequence()
+        summary = metrics.toolbox_summary() if sunseg else metrics.summary()
+        columns = list(TOOLBOX_METRICS) if sunseg else list(summary)
+        write_metrics(tmp, per_sequence, summary, _described(args, drop, counts), columns)
+    print_table(per_sequence, summary, columns)
+    if args.mlflow:
+        _log(args, out, summary)
+    frames = sum(counts.values())
+    print(f"wrote {out}: metrics.json, metrics.csv ({len(per_sequence)} sequences, {frames} frames scored)")
+    return 0
+
+
+def _described(args: argparse.Namespace, dropped: bool, counts: dict[str, int]) -> dict:
+    return {
+        "pred": str(args.pred),
+        "gt": str(args.gt),
+        "metric_mode": args.metric_mode,
+        "first_last_dropped": dropped,
+        "frames": counts,
+    }
+
+
+def _log(args: argparse.Namespace, out: Path, summary: dict[str, float]) -> None:
+    """The scores as an MLflow run: what was scored, the summary as ``eval/...``, the files."""
+    from autosam2.tracking import default_tracking_uri, make_logger
+
+    uri = args.tracking_uri or default_tracking_uri(out.resolve())
+    name = args.run_name or f"score-{Path(args.pred).resolve().name}"
+    logger = make_logger(0, True, uri, args.experiment, run_name=name, system_metrics=False)
+    try:
+        logger.log_params({"pred": str(args.pred), "gt": str(args.gt), "metric_mode": args.metric_mode})
+        logger.log_metrics({f"eval/{k}": v for k, v in summary.items()}, step=0)
+        for file in ("metrics.json", "metrics.csv"):
+            logger.log_artifact(out / file)
+    finally:
+        logger.close()
