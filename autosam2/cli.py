@@ -12,6 +12,10 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("autosam2.train:main", "train AutoSAM2 (alone, under torchrun, or under srun)"),
     "evaluate": ("autosam2.evaluate:main", "streaming inference + metrics, masks and overlays of a split"),
+    "predict": (
+        "autosam2.predict:main",
+        "masks and overlay videos for unlabeled video files or frame folders",
+    ),
     "score": ("autosam2.score:main", "score saved masks of any method (the SUN-SEG toolbox's figures)"),
     "demo": ("autosam2.demo:main", "the whole mission on the embedded defaults, on the CPU"),
     "synth": ("autosam2.data_commands:synth", "write a synthetic polyp_gen dataset (train + valid)"),
@@ -20,7 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "check a polyp_gen root; list every problem, one per line",
     ),
     "inspect": ("autosam2.data_commands:inspect", "summarise the sequences of a polyp_gen root or shard set"),
-    "bench": ("autosam2.bench:main", "benchmarks: data, train, infer, memory (one JSON object each)"),
+    "bench": (
+        "autosam2.bench:main",
+        "benchmarks: data, train, infer, memory, longvideo (one JSON object each)",
+    ),
 }
 
 

@@ -11,6 +11,11 @@ class DatasetError(ValueError):
     """A dataset root or file that cannot be read; the message names the file and the problem."""
 
 
+class SequenceSkipped(DatasetError):
+    """A sequence that could not be read to its end under ``on_error=skip``: the reader has warned, and
+    whoever consumed its frames forgets it."""
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint or weights file that cannot be written or loaded; the message names the file."""
 

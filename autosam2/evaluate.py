@@ -16,10 +16,8 @@ from autosam2.config import ClipMode, ConfigError, Dataset, TrainConfig
 from autosam2.metrics import MODES
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="autosam2 evaluate", description="streaming inference + metrics over a valid split"
-    )
+def add_model_arguments(parser: argparse.ArgumentParser, output_dir: str) -> None:
+    """What `evaluate` and `predict` share: the trained model, how it runs, and the output folder."""
     parser.add_argument(
         "--checkpoint",
         default=None,
@@ -28,27 +26,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--weights", required=True, help="weights file written by `autosam2 train` (final.pt / best.pt)"
     )
-    parser.add_argument("--dataset", default="polyp_gen", choices=[d.value for d in Dataset])
-    parser.add_argument("--data", default="demo/shards/valid", help="a shard set or a polyp_gen root")
-    parser.add_argument(
-        "--split", default="valid", choices=["train", "valid"], help="split, when --data is a polyp_gen root"
-    )
-    parser.add_argument(
-        "--batch-size", type=int, default=8, help="frames encoded together by the image encoder"
-    )
-    parser.add_argument("--output-dir", default="results")
+    parser.add_argument("--output-dir", default=output_dir)
     parser.add_argument(
         "--mode",
         default="video",
         choices=[m.value for m in ClipMode],
         help="video: SAM2 memory; frame: every frame alone",
     )
-    parser.add_argument("--metric-mode", default="ours", choices=list(MODES))
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="frames encoded together by the image encoder"
+    )
     parser.add_argument("--gpu", type=int, default=None)
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile the image encoder (falls back to eager)"
     )
+    parser.add_argument("--overwrite", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autosam2 evaluate", description="streaming inference + metrics over a valid split"
+    )
+    add_model_arguments(parser, "results")
+    parser.add_argument("--dataset", default="polyp_gen", choices=[d.value for d in Dataset])
+    parser.add_argument("--data", default="demo/shards/valid", help="a shard set or a polyp_gen root")
+    parser.add_argument(
+        "--split", default="valid", choices=["train", "valid"], help="split, when --data is a polyp_gen root"
+    )
+    parser.add_argument("--metric-mode", default="ours", choices=list(MODES))
     parser.add_argument(
         "--decode-device",
         default="auto",
@@ -56,7 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="where a polyp_gen root's JPEG frames are decoded (auto: on the GPU when evaluating on one)",
     )
     parser.add_argument("--no-overlays", action="store_true")
-    parser.add_argument("--overwrite", action="store_true")
     parser.add_argument(
         "--tracking-uri", default=None, help="MLflow URI (default: SQLite in the output directory)"
     )
@@ -80,12 +85,18 @@ def _evaluate(args: argparse.Namespace, info) -> int:
     summary, renames the folder into place and logs the run."""
     from autosam2.atomic import atomic_directory
     from autosam2.data.sources import read_sequences
-    from autosam2.engine.dist import announce_ranks, broadcast_object, configure_backends, gather_objects
+    from autosam2.engine.dist import (
+        announce_ranks,
+        broadcast_object,
+        configure_backends,
+        gather_objects,
+    )
     from autosam2.errors import DatasetError
     from autosam2.eval.inference import evaluate_sequences
-    from autosam2.eval.report import print_table, write_metrics, write_sequence
+    from autosam2.eval.report import PredictionWriter, print_table, write_metrics
     from autosam2.metrics import MetricAccumulator
     from autosam2.model.weights import load_trained_model
+    from autosam2.progress import Progress
 
     device = info.device
     out = Path(args.output_dir)
@@ -104,15 +115,17 @@ def _evaluate(args: argparse.Namespace, info) -> int:
         sequences = read_sequences(
             args.data, args.split, info.rank, info.world_size, decode_device=decode[args.decode_device]
         )
-        mine = evaluate_sequences(
-            model,
-            sequences,
-            device,
-            args.mode,
-            args.metric_mode,
-            args.batch_size,
-            on_sequence=lambda video, probs, _: write_sequence(tmp, video, probs, not args.no_overlays),
-        )
+        with Progress(len(sequences), "evaluate", "sequence", enabled=info.is_main) as bar:
+            mine = evaluate_sequences(
+                model,
+                sequences,
+                device,
+                args.mode,
+                args.metric_mode,
+                args.batch_size,
+                sink=PredictionWriter(tmp, overlays=not args.no_overlays),
+                on_sequence=lambda video: bar.update(note=video.video_id),
+            )
         metrics = MetricAccumulator(mode=args.metric_mode)
         for part in gather_objects(mine):  # also the point where every rank's files are written
             metrics.merge(part)

@@ -487,41 +487,67 @@ def _toolbox_figures(scalars: dict[str, float], curves: np.ndarray) -> dict[str,
 # ------------------------------------------------------------------------------------- accumulation
 
 
+class _SequenceSums:
+    """One sequence's running sums: per-frame metrics and sunseg curves added up as frames arrive, so an
+    accumulator's memory does not grow with a sequence's length. With `drop_last` the newest frame is held
+    back until the next one arrives (the last frame of a sequence never counts)."""
+
+    def __init__(self, drop_first: bool, drop_last: bool) -> None:
+        self.seen = 0
+        self.count = 0
+        self.metrics: dict[str, float] = dict.fromkeys(METRICS, 0.0)
+        self.curves: np.ndarray | None = None
+        self._drop_first, self._drop_last = drop_first, drop_last
+        self._held: tuple[dict[str, float], np.ndarray | None] | None = None
+
+    def add(self, metrics: dict[str, float], curves: np.ndarray | None) -> None:
+        self.seen += 1
+        if self._drop_first and self.seen == 1:
+            return
+        if self._drop_last:
+            held, self._held = self._held, (metrics, curves)
+            if held is None:
+                return
+            metrics, curves = held
+        self.count += 1
+        for k in METRICS:
+            self.metrics[k] += metrics[k]
+        if curves is not None:
+            self.curves = curves.copy() if self.curves is None else self.curves + curves
+
+    def means(self) -> dict[str, float]:
+        return {k: self.metrics[k] / self.count for k in METRICS}
+
+    def mean_curves(self) -> np.ndarray | None:
+        return None if self.curves is None else self.curves / self.count
+
+
 class MetricAccumulator:
     """Per-frame metrics gathered by sequence; ``per_sequence`` means, and ``summary`` = mean of those.
 
     Frames of a sequence must be added in temporal order: the sunseg mode drops each sequence's first and
     last frame (``drop_first_last``, default on in that mode only). A sequence left with no frame is shown
     in ``frame_counts`` with 0 and left out of the means (the toolbox would turn the whole result into NaN).
+    Only running sums are kept per sequence, so a long video costs no more memory than a short one.
     """
 
     def __init__(self, mode: Mode = "ours", drop_first_last: bool | None = None) -> None:
         _check_mode(mode)
         self.mode: Mode = mode
         self.drop_first_last = (mode == "sunseg") if drop_first_last is None else drop_first_last
-        self._frames: dict[str, list[dict[str, float]]] = {}
-        self._curves: dict[str, list[np.ndarray]] = {}  # sunseg only: [4, 256] per frame, rows _CURVE_ROWS
+        self._sequences: dict[str, _SequenceSums] = {}
+
+    def _file(self, sequence: str, metrics: dict[str, float], curves: np.ndarray | None) -> None:
+        sums = self._sequences.get(sequence)
+        if sums is None:
+            sums = self._sequences[sequence] = _SequenceSums(self.drop_first_last, self.drop_first_last)
+        sums.add(metrics, curves)
 
     def add_frame(self, sequence: str, prob: Any, gt: Any) -> dict[str, float]:
         """Score one frame, file it under ``sequence`` and return its metrics."""
         metrics, curves = _score(*as_frame(prob, gt), self.mode, curves=self.mode == "sunseg")
-        self._frames.setdefault(sequence, []).append(metrics)
-        if curves is not None:
-            self._curves.setdefault(sequence, []).append(curves)
+        self._file(sequence, metrics, curves)
         return metrics
-
-    def merge(self, other: MetricAccumulator) -> None:
-        """Take in another accumulator's sequences (another rank's, say); names must not repeat and the
-        modes must agree, so the merged summary is the one a single accumulator would give."""
-        if (other.mode, other.drop_first_last) != (self.mode, self.drop_first_last):
-            raise ValueError(
-                f"cannot merge a {other.mode!r} accumulator into a {self.mode!r} one (or their frame dropping differs)"
-            )
-        repeated = sorted(set(self._frames) & set(other._frames))
-        if repeated:
-            raise ValueError(f"sequences {repeated} are in both accumulators")
-        self._frames.update(other._frames)
-        self._curves.update(other._curves)
 
     def add_map(self, sequence: str, pred_u8: Any, gt_u8: Any) -> dict[str, float]:
         """Score one frame read from 8-bit files (a method's saved map, its mask), as `from_8bit`
@@ -530,14 +556,12 @@ class MetricAccumulator:
         if pred.shape != gt.shape or pred.ndim != 2:
             raise ValueError(f"pred and gt must both be [H,W] of one shape, got {pred.shape} and {gt.shape}")
         metrics, curves = _score(pred, gt, self.mode, curves=self.mode == "sunseg", stored=True)
-        self._frames.setdefault(sequence, []).append(metrics)
-        if curves is not None:
-            self._curves.setdefault(sequence, []).append(curves)
+        self._file(sequence, metrics, curves)
         return metrics
 
     def add_sequence(self, name: str, probs_THW: Any, gts_THW: Any) -> None:
         """Score a whole sequence ``[T,H,W]`` in frame order; the name must be new."""
-        if name in self._frames:
+        if name in self._sequences:
             raise ValueError(f"sequence {name!r} was already added")
         probs, gts = _as_numpy(probs_THW), _as_numpy(gts_THW)
         if probs.ndim != 3 or probs.shape[0] != gts.shape[0]:
@@ -545,18 +569,32 @@ class MetricAccumulator:
         for prob, gt in zip(probs, gts, strict=True):
             self.add_frame(name, prob, gt)
 
-    def _kept(self, items: list[Any]) -> list[Any]:
-        return items[1:-1] if self.drop_first_last else items
+    def discard(self, sequence: str) -> None:
+        """Forget a sequence (one that could not be read to its end)."""
+        self._sequences.pop(sequence, None)
+
+    def merge(self, other: MetricAccumulator) -> None:
+        """Take in another accumulator's sequences (another rank's, say); names must not repeat and the
+        modes must agree, so the merged summary is the one a single accumulator would give."""
+        if (other.mode, other.drop_first_last) != (self.mode, self.drop_first_last):
+            raise ValueError(
+                f"cannot merge a {other.mode!r} accumulator into a {self.mode!r} one (or their frame dropping differs)"
+            )
+        repeated = sorted(set(self._sequences) & set(other._sequences))
+        if repeated:
+            raise ValueError(f"sequences {repeated} are in both accumulators")
+        self._sequences.update(other._sequences)
 
     def frame_counts(self) -> dict[str, int]:
         """Frames that count towards each sequence's mean (after dropping, in the sunseg mode)."""
-        return {name: len(self._kept(frames)) for name, frames in self._frames.items()}
+        return {name: sums.count for name, sums in self._sequences.items()}
+
+    def _scored(self) -> list[tuple[str, _SequenceSums]]:
+        # name order: sums over sequences do not depend on which rank scored which sequence first
+        return [(name, sums) for name, sums in sorted(self._sequences.items()) if sums.count]
 
     def _sequence_curves(self) -> dict[str, np.ndarray]:
-        # name order: sums over sequences do not depend on which rank scored which sequence first
-        return {
-            name: np.mean(self._kept(c), axis=0) for name, c in sorted(self._curves.items()) if self._kept(c)
-        }
+        return {name: c for name, sums in self._scored() if (c := sums.mean_curves()) is not None}
 
     @staticmethod
     def _curve_figures(curves: np.ndarray) -> dict[str, float]:
@@ -573,14 +611,11 @@ class MetricAccumulator:
     def per_sequence(self) -> dict[str, dict[str, float]]:
         """Mean of each metric over a sequence's frames, for every sequence with a frame left."""
         out: dict[str, dict[str, float]] = {}
-        curves = self._sequence_curves()
-        for name, frames in sorted(self._frames.items()):  # name order, as _sequence_curves
-            kept = self._kept(frames)
-            if not kept:
-                continue
-            out[name] = {k: float(np.mean([f[k] for f in kept])) for k in METRICS}
-            if name in curves:
-                out[name].update(self._curve_figures(curves[name]))
+        for name, sums in self._scored():
+            out[name] = sums.means()
+            curves = sums.mean_curves()
+            if curves is not None:
+                out[name].update(self._curve_figures(curves))
         return out
 
     def toolbox_per_sequence(self) -> dict[str, dict[str, float]]:

@@ -65,12 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
-    from tqdm import tqdm
-
     from autosam2.atomic import atomic_directory
     from autosam2.errors import DatasetError
     from autosam2.eval.report import print_table, write_metrics
     from autosam2.eval.score import default_workers, pair_frames, score_all
+    from autosam2.progress import track
 
     sunseg = args.metric_mode == "sunseg"
     drop = sunseg and not args.keep_first_last
@@ -84,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: skipped: {line}", file=sys.stderr, flush=True)
 
     def progress(items, total):
-        return tqdm(items, total=total, desc="score", unit="sequence", file=sys.stderr, disable=None)
+        return track(items, total, "score", "sequence")
 
     out = Path(args.output_dir)
     with atomic_directory(out, overwrite=args.overwrite) as tmp:

@@ -58,15 +58,35 @@ def test_bench_train_compares_the_trainer_with_a_bare_step(capsys):
     assert report["target"]["met"] == (report["ratio_trainer_over_bare"] <= 1.10)
 
 
-def test_bench_infer_reports_streaming_against_the_encoder(capsys):
-    assert main(["bench", "infer", "--frames", "3", "--rounds", "1", "--device", "cpu"]) == 0
+def test_bench_infer_reports_streaming_against_the_encoder_and_evaluate_against_streaming(capsys):
+    args = ["bench", "infer", "--frames", "5", "--encode-batch", "2", "--rounds", "1", "--device", "cpu"]
+    assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     fps = report["fps"]
-    assert fps["streaming_inference"] > 0 and fps["bare_image_encoder"] > 0
+    assert fps["streaming_inference"] > 0 and fps["bare_image_encoder"] > 0 and fps["evaluate_pipeline"] > 0
     assert (
         abs(report["ratio_streaming_over_encoder"] - fps["streaming_inference"] / fps["bare_image_encoder"])
         < 0.02
     )
+    ratio = fps["evaluate_pipeline"] / fps["streaming_inference"]
+    assert abs(report["ratio_evaluate_over_streaming"] - ratio) < 0.02
+    assert report["target"]["met"] == (report["ratio_evaluate_over_streaming"] >= 0.9)
+    assert report["config"]["encode_batch"] == 2 and report["config"]["frames"] == 5
+
+
+def test_bench_longvideo_measures_each_command_in_its_own_process(capsys, tmp_path):
+    args = ["bench", "longvideo", "--lengths", "3,9", "--size", "64", "--image-size", "64", "--cpu"]
+    assert main([*args, "--commands", "evaluate,predict", "--keep", str(tmp_path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    table = report["peak_rss"]
+    assert set(table) == {"evaluate", "predict"} and all(set(t) == {"3", "9"} for t in table.values())
+    for command, rows in table.items():
+        rss = [r["peak_rss_mb"] for r in rows.values()]
+        assert min(rss) > 50  # a process that imported torch, not the bench's own child bookkeeping
+        assert abs(report["ratio_longest_over_shortest"][command] - max(rss) / min(rss)) < 2e-3
+    # the commands really ran over every frame: their outputs are there
+    assert len(list((tmp_path / "evaluate-9" / "masks" / "long9").glob("*.png"))) == 9
+    assert len(list((tmp_path / "predict-3" / "masks").rglob("*.png"))) == 3
 
 
 def test_peak_bytes_agrees_with_torchs_memtracker():

@@ -19,6 +19,7 @@ COMMANDS = (
     "autosam2.train",
     "autosam2.evaluate",
     "autosam2.score",
+    "autosam2.predict",
     "autosam2.demo",
     "autosam2.data_commands",
 )
@@ -80,7 +81,9 @@ def test_no_library_module_imports_a_command():
     assert {mod: found for mod, found in offenders.items() if found} == {}
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["evaluate", "--help"]])
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["train", "--help"], ["evaluate", "--help"], ["predict", "--help"]]
+)
 def test_help_loads_neither_torch_nor_sam2(argv):
     code = (
         "import sys, json\nfrom autosam2.cli import main\n"
@@ -101,7 +104,7 @@ def test_help_lists_every_command():
     assert (
         listed
         == set(TABLE)
-        == {"train", "evaluate", "score", "demo", "synth", "validate", "inspect", "bench"}
+        == {"train", "evaluate", "predict", "score", "demo", "synth", "validate", "inspect", "bench"}
     )
     for name, (target, _) in TABLE.items():  # every entry names a function that exists
         module, function = target.split(":")

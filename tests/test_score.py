@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -177,6 +178,8 @@ def test_score_on_our_own_soft_maps_reproduces_evaluate(tmp_path, tiny_root):
     ]
     done = subprocess.run(evaluate, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    # progress in a log (stderr not a terminal): plain lines, no carriage returns, the last one always
+    assert "\r" not in done.stderr and re.search(r"^evaluate: (\d+)/\1 sequences \(", done.stderr, re.M)
     evaluated = json.loads((out / "metrics.json").read_text())
     masks = sorted((out / "soft").rglob("*.png"))
     assert masks and {p.name for p in masks} == {p.name for p in (out / "masks").rglob("*.png")}

@@ -219,14 +219,15 @@ def test_ranks_take_whole_sequences_in_turn_and_skip_the_others_undecoded(
     if source == "shards":  # both sequences share one shard: a rank still decodes only its own
         shards = json.loads((data / "manifest.json").read_text())["shards"]
         assert len(shards) == 1
-    decoded: list[str] = []
-    real = stream_module.decode_sample
+    decoded: list[tuple[str, int]] = []
+    real = stream_module.decode_frame
     monkeypatch.setattr(
-        stream_module, "decode_sample", lambda s, *a: (decoded.append(s["__key__"]), real(s, *a))[1]
+        stream_module, "decode_frame", lambda s, r, i: (decoded.append((s["__key__"], i)), real(s, r, i))[1]
     )
-    shares = [[v.video_id for v in read_sequences(data, "train", rank, 2)] for rank in (0, 1)]
+    shares = [[v.load().video_id for v in read_sequences(data, "train", rank, 2)] for rank in (0, 1)]
     assert shares == [[name] for name in sorted(everything)]
     if source == "shards":
-        assert decoded and all(key.startswith(tuple(sorted(everything))) for key in decoded)
-        assert {key.split("__")[0] for key in decoded} == set(everything)  # each by its own rank only
-        assert len(decoded) == len(set(decoded))
+        keys = [key for key, _ in decoded]
+        assert keys and all(key.startswith(tuple(sorted(everything))) for key in keys)
+        assert {key.split("__")[0] for key in keys} == set(everything)  # each by its own rank only
+        assert len(decoded) == len(set(decoded))  # every frame decoded once

@@ -1,4 +1,4 @@
-"""`autosam2 bench data|train|infer|memory`: one module per benchmark, each printing one JSON object of
+"""`autosam2 bench data|train|infer|memory|longvideo`: one module per benchmark, each printing one JSON object of
 figures whose ratios are measured in the same run. A benchmark module has `add_arguments(parser)` and
 `run(args) -> dict`; adding one is adding a module and a line to `KINDS`."""
 
@@ -11,8 +11,9 @@ import json
 KINDS = {
     "data": "shard stream vs folder reader vs bare JPEG decoding, frames/s",
     "train": "full trainer step time vs the bare train step of the same model and clip",
-    "infer": "streaming inference FPS vs bare image-encoder FPS at the same size",
+    "infer": "streaming inference FPS vs bare image-encoder FPS, and the evaluate pipeline vs streaming",
     "memory": "tensor memory of a run config's training step, by kind, and a per-GPU estimate",
+    "longvideo": "peak host RSS of evaluate and predict over sequences of 100 / 1,000 / 5,000 frames",
 }
 
 

@@ -27,7 +27,7 @@ from autosam2.data.codec import (
     image_size,
     mask_values,
 )
-from autosam2.data.video import POLYP_ID, Frame, Object, VideoDatapoint
+from autosam2.data.video import POLYP_ID, Frame, LazyVideo, Object, VideoDatapoint
 from autosam2.errors import DatasetError
 
 SPLITS = ("train", "valid")
@@ -68,7 +68,7 @@ def natural_key(name: str) -> list[int | str]:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
 
 
-def _image_files(folder: Path) -> dict[str, Path]:
+def image_files(folder: Path) -> dict[str, Path]:
     """Image files of a folder by stem; hidden files and other suffixes are ignored."""
     files: dict[str, Path] = {}
     for path in folder.iterdir():
@@ -123,7 +123,7 @@ def scan_split(root: str | Path, split: str) -> tuple[list[SequenceFiles], list[
                 )
             )
             continue
-        images = _image_files(image_dir)
+        images = image_files(image_dir)
         problems += _duplicate_stems(image_dir)
         if not images:
             problems.append(Problem(image_dir, "sequence folder has no frames"))
@@ -131,7 +131,7 @@ def scan_split(root: str | Path, split: str) -> tuple[list[SequenceFiles], list[
         if not mask_dir.is_dir():
             problems.append(Problem(mask_dir, f"masks folder of sequence {name!r} is missing"))
             continue
-        masks = _image_files(mask_dir)
+        masks = image_files(mask_dir)
         problems += _duplicate_stems(mask_dir)
         for stem in sorted(set(images) - set(masks), key=natural_key):
             problems.append(
@@ -355,6 +355,17 @@ class PolypGenDataset(torch.utils.data.Dataset):
 
     def load_sequence(self, sequence: str) -> VideoDatapoint:
         return self.load_clip(ClipWindow(sequence, 0, self.num_frames(sequence)))
+
+    def lazy_sequence(self, sequence: str) -> LazyVideo:
+        """A whole sequence whose frames are read one by one as they are reached."""
+        n = self.num_frames(sequence)
+        return LazyVideo(
+            sequence,
+            self.sequence_size(sequence),
+            n,
+            lambda: (self.load_frame(sequence, i) for i in range(n)),
+            {"split": self.split, "start": 0, "root": str(self.root)},
+        )
 
     def __len__(self) -> int:
         return len(self.windows)

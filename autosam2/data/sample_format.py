@@ -126,35 +126,37 @@ def encode_sample(
 
 def sample_record(sample: dict[str, Any]) -> SampleRecord:
     """The json record of a raw sample; ShardError naming the shard and key if it is missing or bad."""
-    where = f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}"
+    where = _where(sample)
     if "json" not in sample:
         raise ShardError(f"{where}: json record is missing")
     return SampleRecord.from_json(sample["json"], where)
 
 
-def decode_sample(sample: dict[str, Any], frames: slice | None = None) -> VideoDatapoint:
-    """Raw webdataset sample (member bytes) -> VideoDatapoint with uint8 images; only `frames` are decoded."""
-    where = f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}"
-    record = sample_record(sample)
-    indices = range(len(record.frames))[frames or slice(None)]
-    decoded = []
-    for i in indices:
-        fm, mm = record.frame_members[i], record.mask_members[i]
-        for member in (fm, mm):
-            if member not in sample:
-                raise ShardError(f"{where}: member {member} is missing")
-        try:
-            image = decode_image(sample[fm], fm)
-            mask = decode_mask(sample[mm], mm)
-        except DatasetError as err:
-            raise ShardError(f"{where}: {err}") from err
-        if tuple(image.shape[-2:]) != tuple(record.size) or tuple(mask.shape) != tuple(record.size):
-            raise ShardError(
-                f"{where}: frame {fm} or mask {mm} is not {record.size[1]}x{record.size[0]} (WxH)"
-            )
-        index = record.start + i
-        decoded.append(Frame(index, image, [Object(POLYP_ID, index, mask)], name=record.frames[i]))
-    metadata = {
+def _where(sample: dict[str, Any]) -> str:
+    return f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}"
+
+
+def decode_frame(sample: dict[str, Any], record: SampleRecord, i: int) -> Frame:
+    """Frame `i` of a raw sample (its image uint8 ``[3,H,W]`` and polyp mask); ShardError naming the
+    shard, the key and the member when it is missing, undecodable or of the wrong size."""
+    where = _where(sample)
+    fm, mm = record.frame_members[i], record.mask_members[i]
+    for member in (fm, mm):
+        if member not in sample:
+            raise ShardError(f"{where}: member {member} is missing")
+    try:
+        image = decode_image(sample[fm], fm)
+        mask = decode_mask(sample[mm], mm)
+    except DatasetError as err:
+        raise ShardError(f"{where}: {err}") from err
+    if tuple(image.shape[-2:]) != tuple(record.size) or tuple(mask.shape) != tuple(record.size):
+        raise ShardError(f"{where}: frame {fm} or mask {mm} is not {record.size[1]}x{record.size[0]} (WxH)")
+    index = record.start + i
+    return Frame(index, image, [Object(POLYP_ID, index, mask)], name=record.frames[i])
+
+
+def sample_metadata(sample: dict[str, Any], record: SampleRecord) -> dict[str, Any]:
+    return {
         "split": record.split,
         "chunk": record.chunk,
         "num_chunks": record.num_chunks,
@@ -163,7 +165,14 @@ def decode_sample(sample: dict[str, Any], frames: slice | None = None) -> VideoD
         "key": sample.get("__key__"),
         "url": sample.get("__url__"),
     }
-    return VideoDatapoint(record.sequence, decoded, (record.size[0], record.size[1]), metadata)
+
+
+def decode_sample(sample: dict[str, Any], frames: slice | None = None) -> VideoDatapoint:
+    """Raw webdataset sample (member bytes) -> VideoDatapoint with uint8 images; only `frames` are decoded."""
+    record = sample_record(sample)
+    decoded = [decode_frame(sample, record, i) for i in range(len(record.frames))[frames or slice(None)]]
+    size = (record.size[0], record.size[1])
+    return VideoDatapoint(record.sequence, decoded, size, sample_metadata(sample, record))
 
 
 def read_manifest(shard_dir: str | Path) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +29,8 @@ from autosam2.data.stream import (
     worker_seed,
 )
 from autosam2.data.transforms import resize_video, sample_augment
-from autosam2.data.video import ClipBatch, VideoDatapoint, collate_clips
-from autosam2.errors import DatasetError
+from autosam2.data.video import ClipBatch, Frame, LazyVideo, VideoDatapoint, collate_clips
+from autosam2.errors import DatasetError, SequenceSkipped
 
 
 def is_shard_set(path: str | Path) -> bool:
@@ -167,6 +167,20 @@ def share(names: list[str], rank: int, world_size: int, limit: int | None = None
     return (names[:limit] if limit else names)[rank::world_size]
 
 
+class Sequences:
+    """This rank's sequences of a source, in order: `names` (so `len` is known before any is read), and
+    iterating reads them lazily, one `LazyVideo` each."""
+
+    def __init__(self, names: list[str], read: Callable[[], Iterator[LazyVideo]]):
+        self.names, self._read = names, read
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __iter__(self) -> Iterator[LazyVideo]:
+        return self._read()
+
+
 def read_sequences(
     source: str | Path,
     split: str,
@@ -175,25 +189,46 @@ def read_sequences(
     limit: int | None = None,
     on_error: OnError | str = "raise",
     decode_device: torch.device | None = None,
-) -> Iterator[VideoDatapoint]:
-    """Whole sequences of a shard set or of a polyp_gen root, this rank's share: the first `limit`
-    sequences in name order, every `world_size`-th from the `rank`-th. With ``on_error="skip"`` a
-    sequence that cannot be read is left out with a warning. ``decode_device``: where a polyp_gen root's
-    JPEG frames are decoded (None: here; shards decode in the stream)."""
+) -> Sequences:
+    """Whole sequences of a shard set or of a polyp_gen root, this rank's share, read lazily (a frame is
+    decoded when it is reached): the first `limit` sequences in name order, every `world_size`-th from
+    the `rank`-th. With ``on_error="skip"`` a sequence that cannot be read to its end is said in a warning
+    and its frames raise SequenceSkipped, for the consumer to forget it. ``decode_device``: where a
+    polyp_gen root's JPEG frames are decoded (None: here; shards decode in the stream)."""
     if is_shard_set(source):
         stream = ClipStream(source, "eval", StreamConfig(image_size=None, on_error=on_error))
         names = share(sorted(stream.manifest["sequences"]), rank, world_size, limit)
-        yield from stream.sequences(names)
-        return
+        return Sequences(names, lambda: stream.lazy_sequences(names))
     dataset = PolypGenDataset(source, split, decode_device=decode_device)
-    for name in share(dataset.sequence_names, rank, world_size, limit):
+    names = share(dataset.sequence_names, rank, world_size, limit)
+
+    def videos() -> Iterator[LazyVideo]:
+        for name in names:
+            try:
+                video = dataset.lazy_sequence(name)
+            except DatasetError as err:
+                if on_error == "raise":
+                    raise
+                _skipped(name, err)
+                continue
+            yield video if on_error == "raise" else replace(video, read=_skip_policy(video))
+
+    return Sequences(names, videos)
+
+
+def _skipped(name: str, err: Exception) -> None:
+    print(f"warning: skipped sequence {name} (data.on_error=skip): {err}", file=sys.stderr, flush=True)
+
+
+def _skip_policy(video: LazyVideo) -> Callable[[], Iterator[Frame]]:
+    """`video`'s frame reader, with a read error said once and raised as SequenceSkipped."""
+    read = video.read
+
+    def frames() -> Iterator[Frame]:
         try:
-            video = dataset.load_sequence(name)
+            yield from read()
         except DatasetError as err:
-            if on_error == "raise":
-                raise
-            print(
-                f"warning: skipped sequence {name} (data.on_error=skip): {err}", file=sys.stderr, flush=True
-            )
-            continue
-        yield video
+            _skipped(video.video_id, err)
+            raise SequenceSkipped(str(err)) from err
+
+    return frames

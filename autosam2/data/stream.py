@@ -42,15 +42,18 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from autosam2.config import AugmentConfig, OnError
 from autosam2.data.sample_format import (
+    SampleRecord,
     ShardError,
+    decode_frame,
     decode_sample,
     key_sequence,
     read_manifest,
+    sample_metadata,
     sample_record,
 )
 from autosam2.data.transforms import resize_video, sample_augment
-from autosam2.data.video import ClipBatch, VideoDatapoint, collate_clips
-from autosam2.errors import DatasetError
+from autosam2.data.video import ClipBatch, Frame, LazyVideo, VideoDatapoint, collate_clips
+from autosam2.errors import DatasetError, SequenceSkipped
 
 
 @dataclass(frozen=True)
@@ -285,9 +288,18 @@ class ClipStream(torch.utils.data.IterableDataset):
             yield collate_clips([video])
 
     def sequences(self, names: Iterable[str] | None = None) -> Iterator[VideoDatapoint]:
-        """Whole sequences at their own size, in shard order, for this loader worker: those `names` (read
-        from the shards that hold them, other samples skipped undecoded), or without names this rank's
-        share of the shards (``split_by_node``, as an IterableDataset under DDP is read)."""
+        """`lazy_sequences`, each read whole into memory (a sequence skipped under on_error=skip is left out)."""
+        for video in self.lazy_sequences(names):
+            try:
+                yield video.load()
+            except SequenceSkipped:
+                continue
+
+    def lazy_sequences(self, names: Iterable[str] | None = None) -> Iterator[LazyVideo]:
+        """Whole sequences at their own size, in shard order, for this loader worker, each frame decoded
+        only when it is reached: those `names` (read from the shards that hold them, other samples
+        skipped undecoded), or without names this rank's share of the shards (``split_by_node``, as an
+        IterableDataset under DDP is read). A sequence must be consumed (or dropped) before the next."""
         wanted = None if names is None else set(names)
         urls = [
             url
@@ -302,9 +314,24 @@ class ClipStream(torch.utils.data.IterableDataset):
             wds.split_by_worker,
             lambda src: read_samples(src, self.expected, self.config.on_error, self._skip_warning),
             lambda src: (s for s in src if wanted is None or key_sequence(s["__key__"]) in wanted),
-            self._sequences,
         )
-        yield from pipeline
+        samples = _Peekable(iter(pipeline))
+        while (sample := samples.peek()) is not None:
+            try:
+                record = sample_record(sample)
+            except ShardError as err:
+                next(samples)
+                self._skip_or_raise(sample, err, self._skip_warning)
+                continue
+            chunks = _SequenceChunks(self, samples, record, sample.get("__url__", str(self.shard_dir)))
+            yield LazyVideo(
+                record.sequence,
+                (record.size[0], record.size[1]),
+                record.sequence_frames,
+                chunks.frames,
+                {**sample_metadata(sample, record), "chunk": None},
+            )
+            chunks.drain()  # whatever the consumer did not read
 
     def _skip_warning(self, keys: list[str], message: str) -> None:
         """Evaluation skips are few and change what is measured: each one is said, and counted."""
@@ -315,36 +342,66 @@ class ClipStream(torch.utils.data.IterableDataset):
             flush=True,
         )
 
-    def _sequences(self, samples: Iterator[dict[str, Any]]) -> Iterator[VideoDatapoint]:
-        """Join consecutive chunks back into whole sequences; an incomplete sequence is an error."""
-        parts: list[VideoDatapoint] = []
 
-        def finish() -> Iterator[VideoDatapoint]:
-            if not parts:
-                return
-            first = parts[0]
-            chunks = [p.metadata["chunk"] for p in parts]
-            if chunks != list(range(first.metadata["num_chunks"])):
-                message = f"{first.metadata['url']}: sequence {first.video_id} has chunks {chunks} of {first.metadata['num_chunks']}"
-                if self.config.on_error == "raise":
-                    raise ShardError(message)
-                # the chunks that did arrive are dropped with their sequence
-                self._skip_warning([p.metadata["key"] for p in parts], message)
-                return
-            frames = [f for p in parts for f in p.frames]
-            yield VideoDatapoint(first.video_id, frames, first.size, {**first.metadata, "chunk": None})
+class _Peekable:
+    """An iterator whose next item can be looked at first (None at the end)."""
 
-        for sample in samples:
-            try:
-                video = decode_sample(sample)
-            except ShardError as err:
-                self._skip_or_raise(sample, err, self._skip_warning)
-                continue
-            if parts and video.video_id != parts[0].video_id:
-                yield from finish()
-                parts = []
-            parts.append(video)
-        yield from finish()
+    _END = object()
+
+    def __init__(self, items: Iterator[Any]):
+        self.items, self.next_item = items, self._END
+
+    def peek(self) -> Any:
+        if self.next_item is self._END:
+            self.next_item = next(self.items, None)
+        return self.next_item
+
+    def __next__(self) -> Any:
+        item, self.next_item = self.peek(), self._END
+        return item
+
+
+class _SequenceChunks:
+    """The consecutive chunks (samples) of one sequence in a sample stream, decoded a frame at a time.
+    Chunks must arrive complete and in order; a gap or a broken frame is a ShardError naming the shard,
+    or under on_error=skip a warning, the rest of the sequence dropped, and SequenceSkipped."""
+
+    def __init__(self, stream: ClipStream, samples: _Peekable, first: SampleRecord, url: str):
+        self.stream, self.samples, self.first, self.url = stream, samples, first, url
+        self.keys: list[str] = []
+
+    def _next_chunk(self) -> dict[str, Any] | None:
+        sample = self.samples.peek()
+        if sample is None or key_sequence(sample["__key__"]) != self.first.sequence:
+            return None
+        next(self.samples)
+        self.keys.append(sample["__key__"])
+        return sample
+
+    def frames(self) -> Iterator[Frame]:
+        try:
+            chunks: list[int] = []
+            while (sample := self._next_chunk()) is not None:
+                record = sample_record(sample)
+                chunks.append(record.chunk)
+                if record.chunk != len(chunks) - 1:
+                    break
+                for i in range(len(record.frames)):
+                    yield decode_frame(sample, record, i)
+            if chunks != list(range(self.first.num_chunks)):
+                raise ShardError(
+                    f"{self.url}: sequence {self.first.sequence} has chunks {chunks} of {self.first.num_chunks}"
+                )
+        except ShardError as err:
+            if self.stream.config.on_error == "raise":
+                raise
+            self.drain()
+            self.stream._skip_warning(self.keys, str(err))
+            raise SequenceSkipped(str(err)) from err
+
+    def drain(self) -> None:
+        while self._next_chunk() is not None:
+            pass
 
 
 def ignore_stop_signals(worker_id: int) -> None:

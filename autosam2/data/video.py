@@ -7,11 +7,13 @@ how a polyp-free frame is represented, so the object keeps its identity across f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+
+from autosam2.errors import DatasetError
 
 POLYP_ID = 1
 
@@ -67,6 +69,47 @@ class VideoDatapoint:
 
     def __len__(self) -> int:
         return len(self.frames)
+
+
+@dataclass
+class LazyVideo:
+    """A whole sequence read frame by frame, so its length costs no memory: name, size ``(H, W)`` and
+    length (None when a video file does not say) are known up front, and `frames()` decodes each frame
+    only when it is reached, once. Evaluation, validation and `autosam2 predict` read sequences this way.
+
+    A sequence found unreadable part way raises the reader's DatasetError from `frames()`; under
+    ``on_error=skip`` the reader has said so and raises `SequenceSkipped`, and whoever consumed the frames
+    forgets the sequence.
+    """
+
+    video_id: str
+    size: tuple[int, int]
+    num_frames: int | None
+    read: Callable[[], Iterator[Frame]]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        if self.num_frames is None:
+            raise TypeError(f"{self.video_id}: the number of frames is not known before reading")
+        return self.num_frames
+
+    def frames(self) -> Iterator[Frame]:
+        for frame in self.read():
+            if tuple(frame.image_CHW.shape[-2:]) != tuple(self.size):
+                raise DatasetError(
+                    f"{self.video_id}: frame {frame.name or frame.frame_index} is "
+                    f"{tuple(frame.image_CHW.shape[-2:])}, the video is {tuple(self.size)}"
+                )
+            yield frame
+
+    def load(self) -> VideoDatapoint:
+        """Every frame in memory, as one VideoDatapoint (for short sequences and tests)."""
+        return VideoDatapoint(self.video_id, list(self.frames()), self.size, dict(self.metadata))
+
+    @classmethod
+    def of(cls, video: VideoDatapoint) -> LazyVideo:
+        """A sequence already in memory, read as a lazy one."""
+        return cls(video.video_id, tuple(video.size), len(video), lambda: iter(video.frames), video.metadata)
 
 
 @dataclass

@@ -14,10 +14,11 @@ from autosam2.config import Config
 from autosam2.data.sources import read_sequences
 from autosam2.engine.dist import DistInfo, gather_objects
 from autosam2.eval.inference import evaluate_sequences
-from autosam2.eval.report import write_metrics, write_overlay_gif
+from autosam2.eval.report import PredictionWriter, write_metrics
 from autosam2.metrics import MetricAccumulator
 from autosam2.model.autosam2 import AutoSAM2
 from autosam2.model.weights import RunWeights
+from autosam2.progress import Progress
 from autosam2.tracking import MetricLogger
 
 
@@ -52,12 +53,14 @@ class Validator:
             self.cfg.train.valid_sequences,
             data.on_error,
         )
-        mine = evaluate_sequences(
-            self.model,
-            sequences,
-            self.info.device,
-            on_sequence=lambda video, probs, _: write_overlay_gif(pictures, video, probs),
-        )
+        with Progress(len(sequences), f"valid step {step}", "sequence", enabled=self.info.is_main) as bar:
+            mine = evaluate_sequences(
+                self.model,
+                sequences,
+                self.info.device,
+                sink=PredictionWriter(folder, masks=False, overlay_dir=pictures, sheets=False),
+                on_sequence=lambda video: bar.update(note=video.video_id),
+            )
         metrics = MetricAccumulator()
         for part in gather_objects(mine):  # also the point where every rank's GIFs are on disk
             metrics.merge(part)

@@ -1,0 +1,70 @@
+"""`autosam2 predict`: polyp masks for unlabeled video, streamed through a trained model.
+
+Input: a video file (``.mp4``, ``.avi``, ``.mov``, ``.mkv``, ... through PyAV), a folder of frames, or a folder
+of those. Output (``--output-dir``, appearing only when complete): binary masks
+``masks/<sequence>/<frame>.png`` (0/255), 8-bit soft maps ``soft/<sequence>/<frame>.png``, per sequence an
+overlay MP4 of every frame plus a GIF and PNG sheet in ``overlays/``, and ``frames.csv`` (per frame: the
+presence probability and the predicted polyp's pixels). Frames are read, predicted and written one by
+one, so memory does not grow with the video's length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+from autosam2.config import TrainConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from autosam2.evaluate import add_model_arguments
+
+    parser = argparse.ArgumentParser(prog="autosam2 predict", description=__doc__.split("\n")[0])
+    parser.add_argument("input", help="a video file, a folder of frames, or a folder of those")
+    add_model_arguments(parser, "predictions")
+    parser.add_argument(
+        "--fps", type=float, default=25.0, help="frame rate of the overlay video of a folder of frames"
+    )
+    parser.add_argument("--no-video", action="store_true", help="no overlay MP4 (GIF and sheet still)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    from autosam2.atomic import atomic_directory
+    from autosam2.data.media import read_inputs
+    from autosam2.engine.dist import configure_backends, pick_device
+    from autosam2.eval.inference import infer_sequences
+    from autosam2.eval.report import PredictionWriter
+    from autosam2.model.weights import load_trained_model
+    from autosam2.progress import Progress
+
+    out = Path(args.output_dir)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out}: already exists; pass --overwrite to replace it")
+    videos = read_inputs(args.input)
+    device = pick_device("cpu" if args.cpu else ("auto" if args.gpu is None else f"cuda:{args.gpu}"), 0)
+    configure_backends(TrainConfig.cudnn_benchmark, TrainConfig.tf32)
+    model, _ = load_trained_model(args.weights, args.checkpoint, device, compile=args.compile)
+    with (
+        atomic_directory(out, overwrite=args.overwrite) as tmp,
+        open(tmp / "frames.csv", "w", newline="") as f,
+    ):
+        writer = PredictionWriter(tmp, video=not args.no_video, fps=args.fps, rows=csv.writer(f))
+        with Progress(len(videos), "predict", "sequence", every_s=0.0) as bar:
+            infer_sequences(
+                model,
+                videos,
+                device,
+                args.mode,
+                args.batch_size,
+                sink=writer,
+                on_sequence=lambda video: bar.update(
+                    note=f"{video.video_id}: {writer.frames[video.video_id]} frames"
+                ),
+            )
+        frames = sum(writer.frames.values())
+    print(f"wrote {out}: masks/, soft/, overlays/, frames.csv ({len(videos)} sequence(s), {frames} frames)")
+    return 0
