@@ -175,6 +175,9 @@ class TrainConfig:
     dist_timeout_s: int = 600
     cudnn_benchmark: bool = True  # let cuDNN pick the fastest convolution for the fixed input size
     tf32: bool = True  # TF32 matrix products and convolutions for fp32 work on Ampere and later GPUs
+    # torch's CPU threads per rank; None: SLURM's --cpus-per-task, else OMP_NUM_THREADS, else the cores
+    # over the ranks of this host (engine.dist.torch_threads), the same rule whatever the launcher
+    threads: int | None = None
 
 
 @dataclass
@@ -273,8 +276,9 @@ def validate(cfg: Config) -> None:
         and cfg.train.checkpoint_every >= 1
         and cfg.train.validate_every >= 1
         and cfg.train.log_every >= 1
-        and cfg.train.dist_timeout_s >= 1,
-        "train.epochs, checkpoint_every, validate_every, log_every and dist_timeout_s must be >= 1",
+        and cfg.train.dist_timeout_s >= 1
+        and (cfg.train.threads is None or cfg.train.threads >= 1),
+        "train.epochs, checkpoint_every, validate_every, log_every, dist_timeout_s and threads must be >= 1",
     )
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))

@@ -89,6 +89,7 @@ def _evaluate(args: argparse.Namespace, info) -> int:
         announce_ranks,
         broadcast_object,
         configure_backends,
+        configure_threads,
         gather_objects,
     )
     from autosam2.errors import DatasetError
@@ -109,6 +110,7 @@ def _evaluate(args: argparse.Namespace, info) -> int:
         )
     decode = {"auto": device if device.type == "cuda" else None, "cpu": None, "cuda": device}
     configure_backends(TrainConfig.cudnn_benchmark, TrainConfig.tf32)
+    configure_threads()  # the training rule: SLURM's --cpus-per-task, OMP_NUM_THREADS, or the cores
     model, _ = load_trained_model(args.weights, args.checkpoint, device, compile=args.compile)
     with atomic_directory(out, overwrite=args.overwrite) if info.is_main else nullcontext() as tmp:
         tmp = Path(broadcast_object(str(tmp) if info.is_main else None))
@@ -161,9 +163,9 @@ def _described(args: argparse.Namespace) -> dict[str, str]:
 
 def _log(args: argparse.Namespace, out: Path, summary: dict[str, float], ranks: int) -> None:
     """The evaluation as its own MLflow run: what was evaluated, the summary as ``eval/...``, the files."""
-    from autosam2.tracking import default_tracking_uri, make_logger
+    from autosam2.tracking import default_tracking_uri, make_logger, take_uri_credentials
 
-    uri = args.tracking_uri or default_tracking_uri(out.resolve())
+    uri = take_uri_credentials(args.tracking_uri) or default_tracking_uri(out.resolve())
     logger = make_logger(
         0,
         True,

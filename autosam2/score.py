@@ -115,9 +115,9 @@ def _described(args: argparse.Namespace, dropped: bool, counts: dict[str, int]) 
 
 def _log(args: argparse.Namespace, out: Path, summary: dict[str, float]) -> None:
     """The scores as an MLflow run: what was scored, the summary as ``eval/...``, the files."""
-    from autosam2.tracking import default_tracking_uri, make_logger
+    from autosam2.tracking import default_tracking_uri, make_logger, take_uri_credentials
 
-    uri = args.tracking_uri or default_tracking_uri(out.resolve())
+    uri = take_uri_credentials(args.tracking_uri) or default_tracking_uri(out.resolve())
     name = args.run_name or f"score-{Path(args.pred).resolve().name}"
     logger = make_logger(0, True, uri, args.experiment, run_name=name, system_metrics=False)
     try:

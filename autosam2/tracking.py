@@ -23,13 +23,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import subprocess
 import time
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from autosam2.config import TrackingConfig
 
@@ -112,6 +113,35 @@ class NullLogger:
         pass
 
 
+# MLflow's client reads a tracking server's basic-auth credentials from these (or ~/.mlflow/credentials)
+CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@]+@")
+
+
+def redact_uri(text: str | None) -> str | None:
+    """`text` (a URI, or a message that holds some) with every ``user:password@`` of a URI replaced by
+    ``***@``, for whatever is printed or logged."""
+    return _USERINFO.sub(r"\1***@", text) if text else text
+
+
+def take_uri_credentials(uri: str | None, env: dict[str, str] | None = None) -> str | None:
+    """`uri` without its ``user:password@``, which move to MLflow's own variables in `env` (default this
+    process's environment, which jobs and ranks inherit): so credentials never sit in a param, a config
+    file, a log line or a job's pickled arguments. A URI without them is returned as it is."""
+    if not uri:
+        return uri
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    env = os.environ if env is None else env
+    env[CREDENTIAL_ENV[0]] = unquote(parts.username or "")
+    if parts.password is not None:
+        env[CREDENTIAL_ENV[1]] = unquote(parts.password)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
 def default_tracking_uri(output_dir: str | Path) -> str:
     """SQLite store inside the run's output directory; the absolute path gives `sqlite:////...`."""
     return f"sqlite:///{Path(output_dir).resolve()}/mlflow.db"
@@ -176,6 +206,7 @@ class MLflowLogger:
         cooldown_s: float = 60.0,
     ) -> None:
         self.tracking_uri = tracking_uri
+        self.shown_uri = redact_uri(tracking_uri)  # what messages name: never a password
         self.failures = 0  # calls that did not reach MLflow: failed, or dropped during a cool-down
         self._cooldown_s = cooldown_s
         self._next_cooldown_s = cooldown_s
@@ -276,7 +307,7 @@ class MLflowLogger:
             self._send("end the run", lambda: self._client.set_terminated(self._run_id, status))
             self._client = None
         if self.failures:
-            _log.info("MLflow tracking at %s: %d call(s) did not reach it", self.tracking_uri, self.failures)
+            _log.info("MLflow tracking at %s: %d call(s) did not reach it", self.shown_uri, self.failures)
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -294,7 +325,7 @@ class MLflowLogger:
                 # E.g. the job resumed into another output dir, hence another SQLite store: a new
                 # run that names the old one beats no tracking at all.
                 warnings.warn(
-                    f"MLflow run {run_id} not found at {self.tracking_uri}; starting a new run",
+                    f"MLflow run {run_id} not found at {self.shown_uri}; starting a new run",
                     TrackingWarning,
                     stacklevel=3,
                 )
@@ -324,7 +355,7 @@ class MLflowLogger:
             self._monitor.start()
         except Exception as err:  # psutil missing, store hiccup: system metrics are optional
             self._monitor = None
-            _log.warning("system metrics disabled for MLflow run %s: %r", self._run_id, err)
+            _log.warning("system metrics disabled for MLflow run %s: %s", self._run_id, redact_uri(repr(err)))
 
     def _send(self, what: str, call: Callable[[], object]) -> bool:
         """Run one MLflow call unless disabled or cooling down; True when it went through."""
@@ -343,14 +374,14 @@ class MLflowLogger:
                 self._next_cooldown_s = min(self._next_cooldown_s * 2, 16 * self._cooldown_s)
             return False
         if self._next_cooldown_s != self._cooldown_s:
-            _log.info("MLflow tracking at %s reachable again", self.tracking_uri)
+            _log.info("MLflow tracking at %s reachable again", self.shown_uri)
             self._next_cooldown_s = self._cooldown_s
         return True
 
     def _failed(self, what: str, err: BaseException, stacklevel: int = 4) -> None:
         self.failures += 1
         if self._warned:
-            _log.debug("MLflow tracking at %s: could not %s: %r", self.tracking_uri, what, err)
+            _log.debug("MLflow tracking at %s: could not %s: %s", self.shown_uri, what, redact_uri(repr(err)))
             return
         self._warned = True
         disabled = (
@@ -358,11 +389,11 @@ class MLflowLogger:
             if self._client is None
             else "later failures are counted, not repeated"
         )
-        message = str(err)
+        message = redact_uri(str(err))  # MLflow's own errors name the URL it asked, userinfo included
         if len(message) > 500:
             message = message[:500] + "..."
         warnings.warn(
-            f"MLflow tracking at {self.tracking_uri} failed to {what}: {type(err).__name__}: {message} "
+            f"MLflow tracking at {self.shown_uri} failed to {what}: {type(err).__name__}: {message} "
             f"-- training goes on; {disabled}",
             TrackingWarning,
             stacklevel=stacklevel,

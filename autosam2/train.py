@@ -54,8 +54,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
-    """The run config of `autosam2 train` arguments (flags may follow key=value overrides)."""
-    return config_from_args(build_parser().parse_intermixed_args(argv))
+    """The run config of `autosam2 train` arguments (flags may follow key=value overrides); credentials in
+    ``tracking.uri`` move to MLflow's variables, out of the config and everything logged from it."""
+    from autosam2.tracking import take_uri_credentials
+
+    cfg = config_from_args(build_parser().parse_intermixed_args(argv))
+    cfg.tracking.uri = take_uri_credentials(cfg.tracking.uri)
+    return cfg
 
 
 def run(argv: list[str] | None = None):
@@ -86,6 +91,7 @@ def _run(cfg: Config, info):
         announce_ranks,
         barrier,
         configure_backends,
+        configure_threads,
         seed_everything,
         stop_when_launcher_gone,
     )
@@ -101,7 +107,10 @@ def _run(cfg: Config, info):
     out = Path(cfg.train.output_dir).resolve()
     seed_everything(cfg.train.seed, info.rank)
     configure_backends(cfg.train.cudnn_benchmark, cfg.train.tf32)
+    threads = configure_threads(cfg.train.threads)
     hosts = announce_ranks(info)
+    if info.is_main:
+        print(f"threads: {threads[0]} torch threads per rank ({threads[1]})", flush=True)
 
     # everything read before anything is written: a bad checkpoint or data set leaves no output behind
     model = build_autosam2(cfg.model, info.device)
@@ -115,7 +124,7 @@ def _run(cfg: Config, info):
     try:
         checkpointer = Checkpointer(out, info)
         state = checkpointer.resume(engine, cfg.train.resume)
-        logger = _start_tracking(cfg, info, out, state, hosts)
+        logger = _start_tracking(cfg, info, out, state, hosts, threads)
         weights = RunWeights(out, engine.module, cfg.model, info.is_main)
         if state.step == 0:  # the model before its first step: the baseline to compare with
             weights.save("initial.pt", 0)
@@ -134,7 +143,9 @@ def _run(cfg: Config, info):
             lock.release()
 
 
-def _start_tracking(cfg: Config, info, out: Path, state, hosts: list[tuple[str, str]]):
+def _start_tracking(
+    cfg: Config, info, out: Path, state, hosts: list[tuple[str, str]], threads: tuple[int, str]
+):
     """The merged config into the run directory, and the run's MLflow run (resumed with the state's)."""
     from autosam2.atomic import atomic_write_text
     from autosam2.config import to_dict, to_yaml
@@ -148,6 +159,8 @@ def _start_tracking(cfg: Config, info, out: Path, state, hosts: list[tuple[str, 
         "slurm_job_id": os.environ.get("SLURM_JOB_ID", "none"),
         "device": str(info.device),
         "hosts": ",".join(dict.fromkeys(name for name, _ in hosts)),  # each host once, in rank order
+        "torch_threads": str(threads[0]),  # a tag, not a param: a requeued job may get other CPUs
+        "torch_threads_from": threads[1],
     }
     params = flatten_config(to_dict(cfg))
     logger = start_run(cfg.tracking, out, info.rank, state.run_id, params, tags, out / "config.yaml")

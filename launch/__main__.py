@@ -173,6 +173,25 @@ def _output_dir_of(what: str, argv: list[str]) -> Path:
     return Path(shard_parser().parse_args(["build", *argv]).out).parent
 
 
+def _without_credentials(argv: list[str]) -> list[str]:
+    """`argv` with the ``user:password@`` of tracking URIs (``tracking.uri=...``, ``--tracking-uri``)
+    moved into this process's environment, which the job inherits."""
+    from autosam2.tracking import take_uri_credentials
+
+    out, value_of_flag = [], False
+    for item in argv:
+        if value_of_flag:
+            item, value_of_flag = take_uri_credentials(item), False
+        elif item.startswith("tracking.uri="):
+            item = "tracking.uri=" + take_uri_credentials(item.split("=", 1)[1])
+        elif item.startswith("--tracking-uri="):
+            item = "--tracking-uri=" + take_uri_credentials(item.split("=", 1)[1])
+        elif item == "--tracking-uri":
+            value_of_flag = True
+        out.append(item)
+    return out
+
+
 def submit(argv: Sequence[str] | None = None) -> list[submitit.Job]:
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
@@ -181,6 +200,9 @@ def submit(argv: Sequence[str] | None = None) -> list[submitit.Job]:
     tasks = args.tasks_per_node or gpus or 1
     if args.what == "train" and args.tracking_uri:
         rest.append(f"tracking.uri={args.tracking_uri}")
+    # a password in a URI goes to the job through the environment (sbatch and submitit's local
+    # executor pass it on), never in its pickled arguments
+    rest = _without_credentials(rest)
     if args.what == "train":
         from autosam2.engine.inputs import check_inputs
         from autosam2.engine.run_lock import check_free

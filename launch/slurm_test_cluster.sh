@@ -57,14 +57,26 @@ wait_for() {  # wait_for SECONDS COMMAND...
 
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
-stop_pidfile() {  # TERM the daemon of a pid file, KILL it after 15 s
-  local file=$1 pid
-  if alive "$file"; then
-    pid=$(cat "$file")
-    kill "$pid" 2>/dev/null || true
-    wait_for 15 bash -c "! kill -0 $pid" || kill -9 "$pid" 2>/dev/null || true
+stop_pid() {  # TERM a daemon, KILL it after 15 s, and wait until it is gone: a start right after finds none
+  local pid=$1
+  kill "$pid" 2>/dev/null || true
+  if ! wait_for 15 bash -c "! kill -0 $pid"; then
+    kill -9 "$pid" 2>/dev/null || true
+    wait_for 15 bash -c "! kill -0 $pid" || log "pid $pid outlived SIGKILL"
   fi
+}
+
+stop_pidfile() {  # the daemon of a pid file, then the file
+  local file=$1
+  if alive "$file"; then stop_pid "$(cat "$file")"; fi
   rm -f "$file"
+}
+
+munge_answers() { timeout 5 munge -n 2>/dev/null | timeout 5 unmunge >/dev/null 2>&1; }
+
+stop_munge() {  # every munged, each waited for
+  local pid
+  for pid in $(pgrep -x munged || true); do stop_pid "$pid"; done
 }
 
 node_lines() {  # the NodeName lines of slurm.conf, and the partition over them
@@ -148,7 +160,9 @@ EOF
 }
 
 start_munge() {
-  if pgrep -x munged >/dev/null; then return 0; fi
+  # judged by its socket, not by its name: a munged still exiting (or hung) answers nothing
+  if munge_answers; then return 0; fi
+  stop_munge
   if [ ! -s /etc/munge/munge.key ]; then
     mkdir -p /etc/munge
     dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
@@ -156,8 +170,8 @@ start_munge() {
   mkdir -p /run/munge /var/log/munge /var/lib/munge
   chown -R munge:munge /etc/munge /run/munge /var/log/munge /var/lib/munge
   chmod 400 /etc/munge/munge.key
-  runuser -u munge -- munged
-  wait_for 10 munge -n
+  runuser -u munge -- munged --force  # --force: past the socket and lock a killed munged left
+  wait_for 10 munge_answers
 }
 
 start_mariadb() {
@@ -274,10 +288,7 @@ stop() {
   stop_daemons
   if [ "$HOSTS" -gt 0 ] || [ -f "$DIR/hosts" ]; then hosts_down; fi
   # munge is shared by both kinds of cluster: it goes with the last slurmctld
-  if ! pgrep -x slurmctld >/dev/null; then
-    pkill -x munged 2>/dev/null || true
-    wait_for 15 bash -c "! pgrep -x munged" || true
-  fi
+  if ! pgrep -x slurmctld >/dev/null; then stop_munge; fi
   log "stopped"
 }
 

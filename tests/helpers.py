@@ -109,18 +109,38 @@ def kill_group(proc) -> None:
         proc.wait()
 
 
-def start_mlflow_server(store: Path, backend_uri: str | None = None, timeout_s: float = 60):
-    """A real `mlflow server` on 127.0.0.1 in its own process group; returns (uri, process)."""
+def start_mlflow_server(
+    store: Path, backend_uri: str | None = None, timeout_s: float = 60, admin_password: str | None = None
+):
+    """A real `mlflow server` on 127.0.0.1 in its own process group; returns (uri, process). With
+    `admin_password`: MLflow's basic-auth app, user ``admin``, and no access for anyone else (its user
+    store, auth config and Flask secret in `store`)."""
 
     port = free_port()
     store.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        env.pop(name, None)
     cmd = [
         str(Path(sys.executable).with_name("mlflow")),
         "server",
         "--backend-store-uri",
         backend_uri or f"sqlite:///{store}/mlflow.db",
     ]
+    if admin_password is not None:
+        ini = store / "basic_auth.ini"
+        ini.write_text(
+            "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+            f"database_uri = sqlite:///{store}/basic_auth.db\nadmin_username = admin\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        )
+        ini.chmod(0o600)
+        env.update(
+            MLFLOW_AUTH_CONFIG_PATH=str(ini),
+            MLFLOW_AUTH_ADMIN_PASSWORD=admin_password,
+            MLFLOW_FLASK_SERVER_SECRET_KEY=os.urandom(16).hex(),
+        )
+        cmd += ["--app-name", "basic-auth"]
     cmd += [
         "--artifacts-destination",
         str(store / "artifacts"),

@@ -54,6 +54,20 @@ def test_submitit_local_tasks_become_torchrun_variables():
     assert alone == {"PATH": "/bin"}  # neither a job step nor torchrun: nothing to map
 
 
+def test_one_thread_rule_whatever_the_launcher():
+    from autosam2.engine.dist import torch_threads
+
+    cores = len(os.sched_getaffinity(0))
+    srun = {"SLURM_CPUS_PER_TASK": "4", "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+    assert torch_threads(None, srun) == (4, "SLURM_CPUS_PER_TASK=4")  # one rank per task: its CPUs
+    inside = {**srun, "TORCHELASTIC_RUN_ID": "x"}  # torchrun in a task: its ranks share the task's CPUs
+    assert torch_threads(None, inside) == (2, "SLURM_CPUS_PER_TASK=4 over 2 torchrun ranks")
+    assert torch_threads(None, {"OMP_NUM_THREADS": "3", "LOCAL_WORLD_SIZE": "2"}) == (3, "OMP_NUM_THREADS=3")
+    assert torch_threads(None, {})[0] == cores
+    assert torch_threads(None, {"LOCAL_WORLD_SIZE": str(2 * cores)})[0] == 1  # never 0
+    assert torch_threads(5, srun) == (5, "train.threads")  # the config wins
+
+
 def test_backend_settings_follow_the_config():
     import torch
 

@@ -261,7 +261,9 @@ def test_sbatch_on_two_nodes_stops_both_hosts_at_one_step_requeues_and_resumes_t
         text = jobs[name][1].read_text()
         assert text.count("stopped by signal at step") == 1, text[-3000:]  # both hosts, one step
         assert text.count("caught SIGUSR2") == (name == "usr2")
-        assert ("DUE TO JOB REQUEUE" in text) == (name == "requeue")
+        # requeued from outside, SLURM kills the steps and says so; the job that requeues itself
+        # after USR2 may see that line too (its own batch shell, still exiting) or not
+        assert "DUE TO JOB REQUEUE" in text or name == "usr2"
         assert "resumed from" in text
         hosts = ranks_line(text)  # two different hosts, each by its own address (c10d on the first)
         assert len({address for _, address in hosts}) == 2 and all(

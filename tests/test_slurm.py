@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import torch
 
 from launch.__main__ import submit
 from shards.verify import verify
-from tests.helpers import train_overrides, wait_for_line
+from tests.helpers import TORCHRUN_2, train_overrides, wait_for_line
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 LAUNCH = ["--cluster", "slurm", "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "30"]
@@ -20,20 +22,6 @@ LAUNCH = ["--cluster", "slurm", "--tasks-per-node", "2", "--cpus-per-task", "1",
 
 def train_args(train_data: dict[str, Path], out: Path, **extra: object) -> list[str]:
     return ["--", *train_overrides(train_data, out, **extra)]
-
-
-def test_two_task_ddp_training_job_completes_and_logs_to_mlflow(slurm_cluster, train_data, tmp_path):
-    out = tmp_path / "run"
-    (job,) = submit(["train", *LAUNCH, *train_args(train_data, out, **{"train.max_steps": 3})])
-    assert isinstance(job, submitit.SlurmJob)
-    results = job.results()
-    assert results[0]["step"] == 3 and not results[0]["stopped"]
-    assert (out / "final.pt").exists() and (out / "jobs" / job.job_id / f"{job.job_id}_1_log.out").exists()
-    client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
-    (run,) = client.search_runs([client.get_experiment_by_name("autosam2").experiment_id])
-    assert run.info.status == "FINISHED"
-    assert run.data.tags["world_size"] == "2" and run.data.tags["slurm_job_id"] == job.job_id
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss_total")] == [1, 2, 3]
 
 
 def test_interrupted_job_requeues_and_resumes_to_the_same_weights(slurm_cluster, train_data, tmp_path):
@@ -124,7 +112,6 @@ def test_an_input_missing_at_submission_submits_nothing(slurm_cluster, train_dat
 
 
 def test_sbatch_template_trains_and_requeues_on_sigusr2(slurm_cluster, train_data, tmp_path):
-    import os
     import subprocess
     import sys
 
@@ -160,33 +147,55 @@ def test_sbatch_template_trains_and_requeues_on_sigusr2(slurm_cluster, train_dat
     assert "resumed from" in text and (out / "final.pt").exists()
 
 
-def test_train_under_plain_srun_maps_the_slurm_variables(slurm_cluster, train_data, tmp_path):
-    import subprocess
+def test_same_config_same_weights_under_srun_the_launcher_and_torchrun(slurm_cluster, train_data, tmp_path):
+    """One thread rule in every launch path (SLURM's --cpus-per-task, torchrun's OMP_NUM_THREADS): 2 ranks
+    of one thread each under plain srun, the launcher and torchrun end with the same weights. The
+    launcher's two-task job completes with its logs and MLflow run; plain srun maps SLURM's variables
+    (world size, job id)."""
     import sys
 
-    out = tmp_path / "srun"
-    result = subprocess.run(
-        [
-            "srun",
-            "--ntasks=2",
-            "--cpus-per-task=1",
-            "--time=10",
-            sys.executable,
-            "-m",
-            "autosam2.cli",
-            "train",
-            *train_overrides(train_data, out, **{"train.max_steps": 2, "train.validate_every": 100}),
-        ],
-        cwd=Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "step 2/2" in result.stdout and (out / "final.pt").exists()
-    client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
+    settings = {"train.max_steps": 3, "train.validate_every": 100, "train.checkpoint_every": 100}
+    (job,) = submit(["train", *LAUNCH, *train_args(train_data, tmp_path / "launcher", **settings)])
+    train = [sys.executable, "-m", "autosam2.cli", "train"]
+    commands = {
+        "srun": ["srun", "--ntasks=2", "--cpus-per-task=1", "--time=10", *train],
+        "torchrun": [*TORCHRUN_2, "-m", "autosam2.cli", "train"],
+    }
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK")}
+    for name, command in commands.items():
+        result = subprocess.run(
+            [*command, *train_overrides(train_data, tmp_path / name, **settings)],
+            cwd=Path(__file__).resolve().parents[1],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+        )
+        assert result.returncode == 0, name + result.stdout[-3000:] + result.stderr[-3000:]
+        assert "step 3/3" in result.stdout, result.stdout
+    result = job.results()[0]  # the launcher's job: its result, its logs, its MLflow run
+    assert isinstance(job, submitit.SlurmJob) and result["step"] == 3 and not result["stopped"]
+    assert (tmp_path / "launcher" / "jobs" / job.job_id / f"{job.job_id}_1_log.out").exists()
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'launcher'}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("autosam2").experiment_id])
-    assert run.data.tags["world_size"] == "2" and run.data.tags["slurm_job_id"] != "none"
+    assert run.info.status == "FINISHED" and run.data.tags["slurm_job_id"] == job.job_id
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss_total")] == [1, 2, 3]
+    sources = {}
+    for name in ("srun", "launcher", "torchrun"):
+        client = mlflow.MlflowClient(f"sqlite:///{tmp_path / name}/mlflow.db")
+        (run,) = client.search_runs([client.get_experiment_by_name("autosam2").experiment_id])
+        assert run.data.tags["world_size"] == "2" and run.data.tags["torch_threads"] == "1", name
+        sources[name] = run.data.tags["torch_threads_from"]
+        assert (run.data.tags["slurm_job_id"] == "none") == (name == "torchrun")
+    assert sources == {
+        "srun": "SLURM_CPUS_PER_TASK=1",
+        "launcher": "SLURM_CPUS_PER_TASK=1",
+        "torchrun": "OMP_NUM_THREADS=1",
+    }
+    a = torch.load(tmp_path / "srun" / "final.pt", weights_only=True)["model"]
+    for name in ("launcher", "torchrun"):
+        b = torch.load(tmp_path / name / "final.pt", weights_only=True)["model"]
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0, f"srun vs {name}"
 
 
 def test_a_lock_held_by_a_slurm_job_on_another_host_ends_with_the_job(slurm_cluster, tmp_path):
@@ -221,3 +230,61 @@ def test_a_lock_held_by_a_slurm_job_on_another_host_ends_with_the_job(slurm_clus
     lock = RunLock(tmp_path).acquire()
     assert f"SLURM job {job} has ended" in lock.took_over
     lock.release()
+
+
+def _cluster_script(*args: str) -> subprocess.CompletedProcess:
+
+    script = Path(__file__).resolve().parents[1] / "launch" / "slurm_test_cluster.sh"
+    env = {**os.environ, "AUTOSAM2_SLURM_DIR": str(Path(os.environ["SLURM_CONF"]).parent)}
+    return subprocess.run(["bash", str(script), *args], capture_output=True, text=True, timeout=300, env=env)
+
+
+def _runs_a_job() -> str:
+    """What `srun hostname` printed: slurmctld, slurmd and munge all answer."""
+    return subprocess.run(
+        ["srun", "-N1", "-n1", "--time", "1", "hostname"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.strip()
+
+
+def test_the_test_cluster_restarts_at_once_and_past_a_munged_that_does_not_answer(slurm_cluster):
+    """`stop` then `start` straight away gives a working cluster (stop waits for every daemon it
+    stopped); and `start` judges munge by its socket: a munged that exists but answers nothing (frozen
+    here with SIGSTOP, as one still exiting) is replaced, so slurmdbd can reach munge."""
+    import signal
+
+    stopped = _cluster_script("stop")
+    assert stopped.returncode == 0, stopped.stderr
+    assert not subprocess.run(["pgrep", "-x", "munged"], capture_output=True).stdout, "stop left munged"
+    started = _cluster_script("start")
+    assert started.returncode == 0, started.stderr
+    assert _runs_a_job()
+
+    frozen = [
+        int(p)
+        for p in subprocess.run(["pgrep", "-x", "munged"], capture_output=True, text=True).stdout.split()
+    ]
+    assert frozen
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        started = _cluster_script("start")
+        assert started.returncode == 0, started.stderr
+        now = [
+            int(p)
+            for p in subprocess.run(["pgrep", "-x", "munged"], capture_output=True, text=True).stdout.split()
+        ]
+        assert now and not set(now) & set(frozen), f"the frozen munged {frozen} is still the one: {now}"
+        subprocess.run(
+            ["sacctmgr", "-n", "list", "cluster"], capture_output=True, text=True, timeout=60, check=True
+        )
+        assert _runs_a_job()
+    finally:
+        for pid in frozen:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

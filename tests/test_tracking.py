@@ -357,3 +357,26 @@ def test_default_tracking_uri(tmp_path: Path) -> None:
     uri = default_tracking_uri(tmp_path / "run")
     assert uri == f"sqlite:///{(tmp_path / 'run').resolve()}/mlflow.db"
     assert uri.startswith("sqlite:////")  # four slashes: an absolute path for SQLAlchemy
+
+
+def test_credentials_in_a_tracking_uri_are_redacted_and_moved_to_mlflows_variables():
+    from autosam2.tracking import redact_uri, take_uri_credentials
+
+    uri = "http://alice:p%40ss@login01:5000/prefix"
+    assert redact_uri(uri) == "http://***@login01:5000/prefix"
+    assert redact_uri("http://login01:5000") == "http://login01:5000" and redact_uri(None) is None
+    env: dict[str, str] = {}
+    assert take_uri_credentials(uri, env) == "http://login01:5000/prefix"
+    assert env == {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "p@ss"}
+    untouched: dict[str, str] = {}
+    assert take_uri_credentials("sqlite:////runs/mlflow.db", untouched) == "sqlite:////runs/mlflow.db"
+    assert untouched == {}
+
+
+def test_a_tracking_failure_never_names_the_password():
+    from autosam2.tracking import MLflowLogger
+
+    with pytest.warns(TrackingWarning) as caught:
+        MLflowLogger("http://bob:hunter2@127.0.0.1:9/", "e", system_metrics=False)  # port 9: refused
+    assert caught and all("hunter2" not in str(w.message) for w in caught)
+    assert any("***@127.0.0.1:9" in str(w.message) for w in caught)

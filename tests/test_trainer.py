@@ -49,3 +49,16 @@ def test_a_signal_stops_the_loop_with_a_checkpoint(tmp_path):
     assert state.stopped and state.step == 2
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+
+
+def test_log_lines_carry_steps_per_s_elapsed_and_eta(tmp_path, capsys):
+    trainer, _ = make_trainer(tmp_path, TinyModel(), steps=4)
+    clock = iter(range(0, 1000, 2))  # every reading 2 s after the last
+    trainer.clock = lambda: float(next(clock))
+    trainer.fit(LoopState())
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert len(lines) == 4
+    # the loop starts at 0 s; each log line reads the clock once, 2 s after the previous reading
+    assert lines[0].endswith("0.50 steps/s elapsed 0:00:02 eta 0:00:06")
+    assert lines[1].endswith("0.50 steps/s elapsed 0:00:04 eta 0:00:04")
+    assert lines[3].endswith("0.50 steps/s elapsed 0:00:08")  # the last: nothing left to wait for

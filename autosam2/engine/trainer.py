@@ -23,6 +23,7 @@ from autosam2.engine.dist import DistInfo, all_reduce
 from autosam2.engine.engines import Engine
 from autosam2.errors import TrainingAborted
 from autosam2.losses import clip_losses
+from autosam2.progress import hms
 from autosam2.tracking import MetricLogger
 
 
@@ -64,6 +65,9 @@ class Trainer:
         self.checkpointer, self.logger, self.info, self.validator = checkpointer, logger, info, validator
         self.stop = stop or StopSignal()
         self.per_frame = cfg.model.clip_mode == ClipMode.frame
+        self.clock = time.monotonic  # the pace of the log lines (steps/s, elapsed, ETA) is read off this
+        self._clock: tuple[float, int] = (self.clock(), 0)  # (start of this process's loop, its step)
+        self._last_log: tuple[float, int] = self._clock
 
     def train_step(self, batch: ClipBatch) -> StepResult:
         """Augment on the device, forward, losses; unless any rank's loss is not finite, backward and,
@@ -118,6 +122,7 @@ class Trainer:
         train = self.cfg.train
         self.engine.module.train()
         self._rederive_position(state)
+        self._clock = self._last_log = (self.clock(), state.step)
         saved = state.step if state.step > 0 else -1  # a resumed run's step is in its checkpoint already
 
         def checkpoint() -> None:  # once per step: a second save of a step would replace a good folder
@@ -199,9 +204,22 @@ class Trainer:
         self.logger.log_metrics(metrics, state.step)
         if self.info.is_main:
             print(
-                f"step {state.step}/{self.total_steps} epoch {state.epoch} loss {metrics['train/loss_total']:.4f} lr {metrics['train/lr']:.2e} {metrics['train/frames_per_s']:.1f} frames/s",
+                f"step {state.step}/{self.total_steps} epoch {state.epoch} loss {metrics['train/loss_total']:.4f} "
+                f"lr {metrics['train/lr']:.2e} {metrics['train/frames_per_s']:.1f} frames/s {self._pace(state.step)}",
                 flush=True,
             )
+
+    def _pace(self, step: int) -> str:
+        """``0.52 steps/s elapsed 0:01:23 eta 0:04:29``: steps/s since the last log line; elapsed and the
+        ETA from this process's loop (validation and checkpoints included, as they will recur)."""
+        now = self.clock()
+        (start, first), (last, last_step) = self._clock, self._last_log
+        self._last_log = (now, step)
+        rate = (step - last_step) / max(now - last, 1e-9)
+        text = f"{rate:.2f} steps/s elapsed {hms(now - start)}"
+        if step > first and step < self.total_steps:
+            text += f" eta {hms((self.total_steps - step) * (now - start) / (step - first))}"
+        return text
 
     def _validate(self, state: LoopState) -> None:
         summary = self.validator.validate(state.step)
