@@ -4,7 +4,7 @@ predict` (an MP4 file) over sequences of several lengths, each run in its own pr
 A sequence of N frames is built from a short synthetic one played back and forth (hard links, so a
 5,000-frame sequence costs no generation time); the video file is the same frames encoded once. The
 model is random-init (the memory of a trained one is the same). Peak RSS is the kernel's high-water
-mark of each command's process (``wait4``'s ``ru_maxrss``); the ratio is the longest over the shortest.
+mark of each command's process (``wait4``'s ``ru_maxrss``); the ratio is the highest over the lowest.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "bench": "longvideo",
         "peak_rss": table,
-        "ratio_longest_over_shortest": ratios,
+        "ratio_highest_over_lowest": ratios,
         "config": {
             "lengths": lengths,
             "frame_size": args.size,
