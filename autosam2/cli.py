@@ -17,6 +17,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "masks and overlay videos for unlabeled video files or frame folders",
     ),
     "score": ("autosam2.score:main", "score saved masks of any method (the SUN-SEG toolbox's figures)"),
+    "sync": (
+        "autosam2.tracking:sync_main",
+        "send what a run's tracking outbox still holds (its MLflow server was down) to its run",
+    ),
     "demo": ("autosam2.demo:main", "the whole mission on the embedded defaults, on the CPU"),
     "synth": ("autosam2.data_commands:synth", "write a synthetic polyp_gen dataset (train + valid)"),
     "validate": (

@@ -165,6 +165,12 @@ class TrainConfig:
     deepspeed_config: str = "configs/deepspeed/zero2.json"
     output_dir: str = "output"
     checkpoint_every: int = 500  # optimizer steps
+    keep_checkpoints: int = (
+        2  # the newest K complete checkpoints stay (weights/best.pt is apart, always kept)
+    )
+    # copy the state to host memory and write it on a background thread, so the step stalls only for the
+    # copy (train.engine=ddp; DeepSpeed's save is a collective of its own and stays synchronous)
+    checkpoint_async: bool = True
     validate_every: int = 500
     log_every: int = 10
     resume: str = "auto"  # auto: latest checkpoint in output_dir if any | none | a checkpoint folder
@@ -187,6 +193,9 @@ class TrackingConfig:
     experiment: str = "autosam2"
     run_name: str | None = None
     system_metrics: bool = True
+    # at the end of a run, how long to wait for records an outage held back (they stay in
+    # OUT/tracking for `autosam2 sync OUT` after that); a run stopped by a signal waits at most 10 s
+    flush_timeout_s: float = 60.0
 
 
 @dataclass
@@ -277,8 +286,10 @@ def validate(cfg: Config) -> None:
         and cfg.train.validate_every >= 1
         and cfg.train.log_every >= 1
         and cfg.train.dist_timeout_s >= 1
+        and cfg.train.keep_checkpoints >= 1
         and (cfg.train.threads is None or cfg.train.threads >= 1),
-        "train.epochs, checkpoint_every, validate_every, log_every, dist_timeout_s and threads must be >= 1",
+        "train.epochs, checkpoint_every, keep_checkpoints, validate_every, log_every, dist_timeout_s and "
+        "threads must be >= 1",
     )
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))

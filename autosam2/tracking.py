@@ -5,17 +5,23 @@ Notes:
 - `MLflowLogger` drives an explicit `mlflow.MlflowClient`, never the fluent global state
   (`mlflow.start_run`), so the run id travels explicitly (a resumed job passes it back in) and a
   caller's own active run is left alone.
-- If tracking fails, training goes on with a warning: MLflow and connection errors are caught, the
-  first one warns once (naming the tracking URI and the error), later ones are only counted. After a
-  connection-type failure, calls are dropped for a cool-down that doubles while the server stays
-  down, and MLflow's HTTP retries and timeouts are bounded, so a dead server costs seconds, not the
-  ~4 minutes per call of MLflow's defaults (7 retries, backoff factor 2, 120 s timeout).
+- Nothing waits on the store: every call appends a record to an outbox file (`autosam2.outbox`, in
+  ``OUT/tracking``: bounded memory, it survives the process) and returns; a sender thread delivers the
+  records in order, batched, retrying with backoff (0.5 s doubling to 30 s) while the store is down or
+  hung. `close` waits up to `flush_timeout_s` for it; what is left is replayed later with
+  `autosam2 sync OUT`. Delivery is at least once; it is exactly once in the run because MLflow's stores
+  keep one row per identical (key, value, timestamp, step) metric, params are only logged once, and an
+  artifact's upload overwrites the same path.
+- If tracking fails, training goes on with a warning: the first failure warns once (naming the
+  tracking URI and the error), later ones are only counted. A record the store refuses (a bad name) is
+  stepped over. MLflow's HTTP retries and timeouts are bounded (below), so a hung server holds the
+  sender, never the loop, for seconds rather than MLflow's ~4 minutes per call.
 - Bad arguments (a metric that is not a number, a missing artifact file) are the caller's bugs, not
   tracking failures: they raise, whatever the state of the server.
 - System metrics (`system/cpu_utilization_percentage`, memory, disk, network; GPU when `pynvml`
-  from `nvidia-ml-py` sees one) come from MLflow's `SystemMetricsMonitor`, a sampling thread this
-  logger starts on its run and stops on `close`. `MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`, when
-  exported, overrides the interval given here (MLflow reads it first).
+  from `nvidia-ml-py` sees one) are sampled by MLflow's own monitors on a thread this logger starts
+  and stops on `close`, and go through the outbox like any metric. `MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`,
+  when exported, overrides the interval given here.
 """
 
 from __future__ import annotations
@@ -24,7 +30,11 @@ import dataclasses
 import logging
 import os
 import re
+import shutil
 import subprocess
+import sys
+import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -87,7 +97,7 @@ class MetricLogger(Protocol):
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
 
-    def close(self, status: str = "FINISHED") -> None: ...
+    def close(self, status: str = "FINISHED", flush_timeout_s: float | None = None) -> None: ...
 
 
 class NullLogger:
@@ -109,7 +119,7 @@ class NullLogger:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         pass
 
-    def close(self, status: str = "FINISHED") -> None:
+    def close(self, status: str = "FINISHED", flush_timeout_s: float | None = None) -> None:
         pass
 
 
@@ -193,7 +203,14 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
 
 
 class MLflowLogger:
-    """A MetricLogger writing one MLflow run; failures warn once and never reach the caller."""
+    """A MetricLogger writing one MLflow run through an outbox: a logging call appends a record to
+    ``outbox.jsonl`` (`autosam2.outbox`) and returns; a sender thread delivers the records in order,
+    retrying with backoff while the store is unreachable, so an outage costs the training loop nothing
+    and loses nothing. `close` waits up to `flush_timeout_s` for the sender to catch up; what it did not
+    send stays in the outbox for `autosam2 sync`. Failures warn once and never reach the caller.
+
+    `spool_dir`: where the outbox lives (``OUT/tracking`` for a run); None: a private temporary folder,
+    removed at `close` (nothing to replay later)."""
 
     def __init__(
         self,
@@ -203,40 +220,69 @@ class MLflowLogger:
         run_id: str | None = None,
         system_metrics: bool = True,
         system_metrics_interval_s: float = 10.0,
-        cooldown_s: float = 60.0,
+        spool_dir: str | Path | None = None,
+        flush_timeout_s: float = 60.0,
+        max_backoff_s: float = 30.0,
     ) -> None:
+        from autosam2.outbox import Outbox
+
         self.tracking_uri = tracking_uri
         self.shown_uri = redact_uri(tracking_uri)  # what messages name: never a password
-        self.failures = 0  # calls that did not reach MLflow: failed, or dropped during a cool-down
-        self._cooldown_s = cooldown_s
-        self._next_cooldown_s = cooldown_s
-        self._skip_until = 0.0
+        self.failures = 0  # calls that did not reach MLflow at the first try, and records given up on
+        self.flush_timeout_s = flush_timeout_s
         self._warned = False
-        self._client: Any = None  # None: disabled (construction failed, or closed)
+        self._closed = False
         self._run_id: str | None = None
-        self._monitor: Any = None
         self._params: dict[str, str] = {}  # already in the run: MLflow refuses a changed value
+        self._temporary = spool_dir is None
+        folder = Path(tempfile.mkdtemp(prefix="autosam2-tracking-")) if spool_dir is None else Path(spool_dir)
+        self.outbox = Outbox(folder)
+        self._client: Any = None
+        self._sampler: _SystemSampler | None = None
+        self.flush_s = 0.0  # how long `close` waited for the sender
 
         _bound_http_env()
+        next_system_step = self.outbox.next_system_step()
         try:
-            self._client, self._run_id, resumed = self._open_run(experiment, run_name, run_id)
-        except Exception as err:  # any failure to set up tracking leaves training running
-            self._client = None
+            self._client = _client(tracking_uri)
+            self._run_id, run = open_run(self._client, tracking_uri, experiment, run_name, run_id)
+            self.outbox.append({"op": "opened", "run": self._run_id})
+            if run is not None:
+                self._params = dict(run.data.params)
+                if next_system_step == 0:  # a resumed run continues its system/ steps, not from 0
+                    next_system_step = 1 + max(
+                        (m.step for m in run.data._metric_objs if m.key.startswith("system/")), default=-1
+                    )
+        except Exception as err:  # the store is down or refuses: decided below
+            if self._client is None or _is_refusal(err):
+                self._client = None
+                self._failed("start the run", err, stacklevel=3)
+                self._closed = True
+                self.outbox.close()
+                if self._temporary:
+                    shutil.rmtree(folder, ignore_errors=True)
+                return
+            # unreachable: the sender opens the run when the store answers; records wait for it
             self._failed("start the run", err, stacklevel=3)
-            return
+            self.outbox.append(
+                {"op": "start", "experiment": experiment, "name": run_name, "resume": run_id, "t": _now_ms()}
+            )
+        self._sender = _Sender(self.outbox, self._client, self.shown_uri, self._failed, max_backoff_s)
+        self._sender.start()
         if system_metrics:
-            self._start_monitor(system_metrics_interval_s, resumed)
+            self._sampler = _SystemSampler(self, system_metrics_interval_s, next_system_step)
 
     # -- MetricLogger ---------------------------------------------------------------------------
 
     @property
     def run_id(self) -> str | None:
-        return self._run_id
+        """The run's id; None while the store has not yet answered (the sender opens the run)."""
+        return self._run_id or (self._sender.opened if hasattr(self, "_sender") else None)
 
     @property
     def enabled(self) -> bool:
-        """False once construction failed or the run was closed: calls are then no-ops."""
-        return self._client is not None
+        """False once construction was refused or the run was closed: calls are then no-ops."""
+        return not self._closed
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         flat = {key: _clip(value, MAX_PARAM_VALUE_CHARS) for key, value in flatten_config(params).items()}
@@ -247,136 +293,77 @@ class MLflowLogger:
             # drops the whole batch), so the new values go to tags instead.
             _log.info("params changed since they were logged, kept as tags: %s", sorted(changed))
             self.set_tags({f"param_changed.{k}": v for k, v in changed.items()})
-        if not new:
-            return
-        from mlflow.entities import Param
-
-        items = list(new.items())
-        for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-            chunk = items[i : i + MAX_PARAMS_TAGS_PER_BATCH]
-            if self._send(
-                "log params",
-                lambda chunk=chunk: self._client.log_batch(
-                    self._run_id, params=[Param(k, v) for k, v in chunk]
-                ),
-            ):
-                self._params.update(chunk)
+        if new:
+            self._params.update(new)
+            self._append({"op": "params", "params": new})
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        timestamp_ms = int(time.time() * 1000)
         # float() here: tensors and numpy scalars are welcome, a non-number is the caller's bug.
-        items = [Metric(key, float(value), timestamp_ms, int(step)) for key, value in metrics.items()]
-        for i in range(0, len(items), MAX_METRICS_PER_BATCH):
-            chunk = items[i : i + MAX_METRICS_PER_BATCH]
-            self._send("log metrics", lambda chunk=chunk: self._client.log_batch(self._run_id, metrics=chunk))
+        values = {key: float(value) for key, value in metrics.items()}
+        self._append({"op": "metrics", "step": int(step), "t": _now_ms(), "metrics": values})
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        from mlflow.entities import RunTag
-
-        items = [RunTag(key, _clip(value, MAX_TAG_VALUE_CHARS)) for key, value in tags.items()]
-        for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-            chunk = items[i : i + MAX_PARAMS_TAGS_PER_BATCH]
-            self._send("set tags", lambda chunk=chunk: self._client.log_batch(self._run_id, tags=chunk))
+        self._append({"op": "tags", "tags": {k: _clip(v, MAX_TAG_VALUE_CHARS) for k, v in tags.items()}})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        """A file goes to `artifact_path/<name>`; a directory, with its contents, likewise."""
+        """A file goes to `artifact_path/<name>`; a directory, with its contents, likewise. The file as
+        it is now is what gets sent (it is linked into the outbox)."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"artifact to log does not exist: {path}")
-        if path.is_dir():
-            dest = f"{artifact_path}/{path.name}" if artifact_path else path.name
-            self._send("log artifacts", lambda: self._client.log_artifacts(self._run_id, str(path), dest))
-        else:
-            self._send(
-                "log artifact", lambda: self._client.log_artifact(self._run_id, str(path), artifact_path)
-            )
+        if not self.enabled:
+            return
+        try:
+            place = self.outbox.spool(path)
+        except OSError as err:
+            self._failed("keep an artifact in the outbox", err)
+            return
+        self._append({"op": "artifact", "file": place, "dir": path.is_dir(), "path": artifact_path})
 
-    def close(self, status: str = "FINISHED") -> None:
-        """Stop system metrics and end the run with `status`; later calls are no-ops."""
+    def close(self, status: str = "FINISHED", flush_timeout_s: float | None = None) -> None:  # noqa: C901
+        """Stop system metrics, end the run with `status` and wait (up to `flush_timeout_s`) for every
+        record to reach the store; later calls are no-ops."""
         if status not in TERMINAL_STATUSES:
             raise ValueError(f"status must be one of {TERMINAL_STATUSES}, got {status!r}")
-        if self._monitor is not None:
-            monitor, self._monitor = self._monitor, None
-            # finish() joins the sampling thread and flushes its last samples; it logs its own errors.
-            monitor.finish()
-        if self._client is not None:
-            # Not subject to the cool-down: the final status is worth one more (bounded) try.
-            self._skip_until = 0.0
-            self._send("end the run", lambda: self._client.set_terminated(self._run_id, status))
-            self._client = None
+        if self._closed:
+            return
+        if self._sampler is not None:
+            self._sampler.stop()
+        self._append({"op": "end", "status": status, "t": _now_ms()})
+        self._closed = True
+        timeout = self.flush_timeout_s if flush_timeout_s is None else flush_timeout_s
+        start = time.monotonic()
+        self._sender.finish(timeout)
+        self.flush_s = time.monotonic() - start
+        left = self.outbox.unsent()
+        self.outbox.close()
+        if left and not self._temporary:
+            print(
+                f"warning: MLflow tracking at {self.shown_uri} did not take {left} record(s) within "
+                f"{timeout:.0f} s; they are kept in {self.outbox.folder}: send them with "
+                f"`autosam2 sync {self.outbox.folder.parent}`",
+                file=sys.stderr,
+                flush=True,
+            )
+        elif self._temporary:
+            shutil.rmtree(self.outbox.folder, ignore_errors=True)
         if self.failures:
-            _log.info("MLflow tracking at %s: %d call(s) did not reach it", self.shown_uri, self.failures)
+            _log.info(
+                "MLflow tracking at %s: %d call(s) did not reach it at first", self.shown_uri, self.failures
+            )
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _open_run(self, experiment: str, run_name: str | None, run_id: str | None) -> tuple[Any, str, bool]:
-        """(client, run id, resumed): resume `run_id` when the store has it, else create a run."""
-        from mlflow.exceptions import MlflowException
-
-        client = _client(self.tracking_uri)
-        if run_id is not None:
-            try:
-                run = client.get_run(run_id)
-            except MlflowException as err:
-                if err.error_code != "RESOURCE_DOES_NOT_EXIST":
-                    raise
-                # E.g. the job resumed into another output dir, hence another SQLite store: a new
-                # run that names the old one beats no tracking at all.
-                warnings.warn(
-                    f"MLflow run {run_id} not found at {self.shown_uri}; starting a new run",
-                    TrackingWarning,
-                    stacklevel=3,
-                )
-            else:
-                if run.info.status != "RUNNING":
-                    # Reopen it: a requeued job's run was ended (or left RUNNING when killed), and
-                    # the system metrics monitor stops as soon as it sees a non-RUNNING run.
-                    client.update_run(run_id, status="RUNNING")
-                self._params = dict(run.data.params)
-                return client, run_id, True
-        experiment_id = ensure_experiment(self.tracking_uri, experiment)
-        tags = {"resumed_from": run_id} if run_id is not None else None
-        run = client.create_run(experiment_id, run_name=run_name, tags=tags)
-        return client, run.info.run_id, False
-
-    def _start_monitor(self, interval_s: float, resumed: bool) -> None:
+    def _append(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record.setdefault("run", self._run_id)
         try:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            self._monitor = SystemMetricsMonitor(
-                self._run_id,
-                sampling_interval=interval_s,
-                # A resumed run continues its system/ steps instead of overwriting them from 0.
-                resume_logging=resumed,
-                tracking_uri=self.tracking_uri,
-            )
-            self._monitor.start()
-        except Exception as err:  # psutil missing, store hiccup: system metrics are optional
-            self._monitor = None
-            _log.warning("system metrics disabled for MLflow run %s: %s", self._run_id, redact_uri(repr(err)))
-
-    def _send(self, what: str, call: Callable[[], object]) -> bool:
-        """Run one MLflow call unless disabled or cooling down; True when it went through."""
-        if self._client is None:
-            return False
-        if time.monotonic() < self._skip_until:
-            self.failures += 1
-            return False
-        try:
-            call()
-        except Exception as err:  # tracking must never stop training; counted and warned once
-            self._failed(what, err)
-            if not _is_refusal(err):
-                self._skip_until = time.monotonic() + self._next_cooldown_s
-                # While the server stays down, each probe costs a bounded timeout: probe less often.
-                self._next_cooldown_s = min(self._next_cooldown_s * 2, 16 * self._cooldown_s)
-            return False
-        if self._next_cooldown_s != self._cooldown_s:
-            _log.info("MLflow tracking at %s reachable again", self.shown_uri)
-            self._next_cooldown_s = self._cooldown_s
-        return True
+            self.outbox.append(record)
+        except OSError as err:  # a full disk: this record is lost, training goes on
+            self._failed(f"keep a record in {self.outbox.path}", err)
+            return
+        self._sender.wake.set()
 
     def _failed(self, what: str, err: BaseException, stacklevel: int = 4) -> None:
         self.failures += 1
@@ -384,20 +371,331 @@ class MLflowLogger:
             _log.debug("MLflow tracking at %s: could not %s: %s", self.shown_uri, what, redact_uri(repr(err)))
             return
         self._warned = True
-        disabled = (
-            "tracking is disabled for this run"
-            if self._client is None
-            else "later failures are counted, not repeated"
-        )
         message = redact_uri(str(err))  # MLflow's own errors name the URL it asked, userinfo included
         if len(message) > 500:
             message = message[:500] + "..."
+        then = (
+            "tracking is disabled for this run"
+            if self._client is None
+            else f"records wait in {self.outbox.folder} and are retried; later failures are counted, not repeated"
+        )
         warnings.warn(
             f"MLflow tracking at {self.shown_uri} failed to {what}: {type(err).__name__}: {message} "
-            f"-- training goes on; {disabled}",
+            f"-- training goes on; {then}",
             TrackingWarning,
             stacklevel=stacklevel,
         )
+
+
+def open_run(
+    client: Any,
+    tracking_uri: str,
+    experiment: str,
+    run_name: str | None,
+    run_id: str | None,
+    start_ms: int | None = None,
+) -> tuple[str, Any]:
+    """(run id, the resumed run or None): resume `run_id` when the store has it, else create a run
+    (started at `start_ms`, default now: a run opened late by the sender keeps its real start)."""
+    from mlflow.exceptions import MlflowException
+
+    if run_id is not None:
+        try:
+            run = client.get_run(run_id)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            # E.g. the job resumed into another output dir, hence another SQLite store: a new
+            # run that names the old one beats no tracking at all.
+            warnings.warn(
+                f"MLflow run {run_id} not found at {redact_uri(tracking_uri)}; starting a new run",
+                TrackingWarning,
+                stacklevel=4,
+            )
+        else:
+            if run.info.status != "RUNNING":
+                # Reopen it: a requeued job's run was ended (or left RUNNING when killed).
+                client.update_run(run_id, status="RUNNING")
+            return run_id, run
+    experiment_id = ensure_experiment(tracking_uri, experiment)
+    tags = {"resumed_from": run_id} if run_id is not None else None
+    return client.create_run(
+        experiment_id, start_time=start_ms, run_name=run_name, tags=tags
+    ).info.run_id, None
+
+
+class _QuietRetries(logging.Filter):
+    """urllib3 logs a warning for each retry of a request; the sender's probes of a store that is down
+    would fill a job's log with them (the first failure is warned about once, by the logger)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            threading.current_thread().name == "mlflow-sender" and record.getMessage().startswith("Retrying")
+        )
+
+
+logging.getLogger("urllib3.connectionpool").addFilter(_QuietRetries())
+
+
+class _Sender(threading.Thread):
+    """Delivers the outbox's records in order: consecutive ones of a kind in one MLflow batch; a store
+    that does not answer is retried with backoff (0.5 s doubling up to `max_backoff_s`); a record it
+    refuses (a bad value) is stepped over with a warning. Also `autosam2 sync`'s engine."""
+
+    def __init__(
+        self,
+        outbox: Any,
+        client: Any,
+        shown_uri: str,
+        on_failure: Callable[[str, BaseException], None],
+        max_backoff_s: float = 30.0,
+    ):
+        super().__init__(name="mlflow-sender", daemon=True)
+        self.outbox, self.client, self.shown_uri, self.on_failure = outbox, client, shown_uri, on_failure
+        self.max_backoff_s = max_backoff_s
+        self.opened: str | None = None  # the run a `start` record of this process opened
+        self.wake = threading.Event()
+        self._closing = threading.Event()
+        self._abandon = threading.Event()
+        self.run_id: str | None = self.outbox.state.get("run_id")
+        self.sent = 0  # records delivered by this sender
+        self.longest_outage_s = 0.0
+
+    def finish(self, timeout: float) -> bool:
+        """Deliver what is left, for up to `timeout` s; True when everything went."""
+        self._closing.set()
+        self.wake.set()
+        self.join(timeout)
+        if self.is_alive():
+            self._abandon.set()  # it stops at its next chance; the outbox keeps the rest
+            return False
+        return True
+
+    def run(self) -> None:
+        delay, down_since = 0.0, None
+        one_by_one = 0  # after a refused batch: its records go one at a time, so only the bad one is lost
+        while not self._abandon.is_set():
+            batch = self.outbox.pending(1 if one_by_one else 1000)
+            if not batch:
+                if self._closing.is_set():
+                    return
+                self.wake.wait(1.0)
+                self.wake.clear()
+                continue
+            end, call, what, count = self._next_call(batch)
+            try:
+                if call is not None:
+                    call()
+            except Exception as err:  # tracking must never stop training
+                if _is_refusal(err) and count > 1:  # which record? each alone, so only that one is lost
+                    one_by_one = count
+                    continue
+                self.on_failure(what, err)
+                if _is_refusal(err):  # the store answered no: this record will never go
+                    self._mark(end)
+                    one_by_one = max(0, one_by_one - 1)
+                    continue
+                down_since = down_since or time.monotonic()
+                delay = min(max(0.5, delay * 2), self.max_backoff_s)
+                self._abandon.wait(delay)
+                continue
+            if down_since is not None:
+                self.longest_outage_s = max(self.longest_outage_s, time.monotonic() - down_since)
+                _log.info("MLflow tracking at %s reachable again", self.shown_uri)
+                delay, down_since = 0.0, None
+            self.sent += count
+            self._mark(end)
+            one_by_one = max(0, one_by_one - count)
+
+    def _mark(self, end: int) -> None:
+        """Move the watermark past what went; kept in memory when the disk refuses it (a full disk: after
+        a restart those records go again, and the store keeps them once)."""
+        try:
+            self.outbox.mark_sent(end, run_id=self.run_id)
+        except OSError as err:
+            self.on_failure(f"record what was sent in {self.outbox.folder}", err)
+
+    def _next_call(self, batch: list[tuple[int, dict[str, Any] | None]]) -> tuple[int, Any, str, int]:
+        """(offset past the records it covers, the call or None, what it does, how many records)."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        end, first = batch[0]
+        if first is None:  # a line cut by a kill
+            return end, None, "read a record", 1
+        op = first["op"]
+        run = first.get("run") or self.run_id
+        if op == "opened":
+            return end, lambda: setattr(self, "run_id", first["run"]), "open the run", 1
+        if op == "start":
+            return end, lambda: self._start(first), "start the run", 1
+        if op == "end":
+            return (
+                end,
+                lambda: self.client.set_terminated(run, first["status"], first.get("t")),
+                "end the run",
+                1,
+            )
+        if op == "artifact":
+
+            def upload() -> None:
+                local = self.outbox.folder / first["file"]
+                if first["dir"]:
+                    dest = f"{first['path']}/{local.name}" if first["path"] else local.name
+                    self.client.log_artifacts(run, str(local), dest)
+                else:
+                    self.client.log_artifact(run, str(local), first["path"])
+                self.outbox.unspool(first["file"])
+
+            return end, upload, "log an artifact", 1
+        # params, tags and metrics: consecutive records of the kind and run, up to MLflow's batch limits
+        limit = MAX_METRICS_PER_BATCH if op == "metrics" else MAX_PARAMS_TAGS_PER_BATCH
+        items: list[Any] = []
+        count = 0
+        for offset, record in batch:
+            if record is None or record["op"] != op or (record.get("run") or self.run_id) != run:
+                break
+            if op == "metrics":
+                new = [Metric(k, v, record["t"], record["step"]) for k, v in record["metrics"].items()]
+            elif op == "params":
+                new = [Param(k, v) for k, v in record["params"].items()]
+            else:
+                new = [RunTag(k, v) for k, v in record["tags"].items()]
+            if items and len(items) + len(new) > limit:
+                break
+            items += new
+            end, count = offset, count + 1
+        what = {"metrics": "log metrics", "params": "log params", "tags": "set tags"}[op]
+        chunks = [items[i : i + limit] for i in range(0, len(items), limit)]  # one record can exceed it
+
+        def send() -> None:
+            for chunk in chunks:
+                self.client.log_batch(run, **{op: chunk})
+
+        return end, send, what, count
+
+    def _start(self, record: dict[str, Any]) -> None:
+        uri = self.client.tracking_uri  # without credentials: those are in the environment
+        self.run_id = None  # refused: the records that follow have no run to go to, and are stepped over
+        self.run_id, _ = open_run(
+            self.client, uri, record["experiment"], record["name"], record["resume"], record.get("t")
+        )
+        self.opened = self.run_id
+        _log.info("MLflow run %s opened at %s", self.run_id, self.shown_uri)
+
+
+class _SystemSampler(threading.Thread):
+    """System metrics (``system/cpu_utilization_percentage``, memory, disk, network; GPU when MLflow's
+    GPU monitor finds one) sampled by MLflow's own monitors every `interval_s` and logged through the
+    outbox like any metric, so an outage loses none and the sampling never stops for one.
+    `MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`, when exported, overrides the interval (as in MLflow)."""
+
+    def __init__(self, logger: MLflowLogger, interval_s: float, first_step: int):
+        super().__init__(name="system-metrics", daemon=True)
+        from mlflow.environment_variables import MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
+        from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+        from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
+        from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
+
+        self.logger = logger
+        self.interval_s = MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL.get() or interval_s
+        self.step = first_step
+        self._halt = threading.Event()
+        try:
+            self.monitors = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
+        except Exception as err:  # psutil missing: system metrics are optional
+            _log.warning("system metrics disabled: %s", err)
+            return
+        try:
+            from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+
+            self.monitors.append(GPUMonitor())
+        except Exception:  # no NVIDIA GPU, or no pynvml
+            pass
+        self.start()
+
+    def run(self) -> None:
+        while not self._halt.wait(self.interval_s):
+            metrics: dict[str, float] = {}
+            try:
+                for monitor in self.monitors:
+                    monitor.collect_metrics()
+                    metrics.update(monitor.aggregate_metrics())
+                    monitor.clear_metrics()
+            except Exception as err:  # a monitor that fails once fails again: stop sampling
+                _log.warning("system metrics stopped: %s", err)
+                return
+            self.logger.log_metrics({f"system/{k}": v for k, v in metrics.items()}, self.step)
+            self.step += 1
+
+    def stop(self) -> None:
+        self._halt.set()
+        if self.is_alive():
+            self.join()
+
+
+def sync(
+    output_dir: str | Path, tracking_uri: str | None = None, timeout_s: float = 600.0
+) -> tuple[int, int]:
+    """Send what a run's outbox (``OUTPUT_DIR/tracking``) still holds to its tracking store (`tracking_uri`,
+    default the one in ``OUTPUT_DIR/config.yaml``); returns (records sent, records left)."""
+    from autosam2.outbox import Outbox
+
+    folder = Path(output_dir) / "tracking"
+    if not (folder / "outbox.jsonl").is_file():
+        raise FileNotFoundError(
+            f"{folder / 'outbox.jsonl'}: no tracking outbox here (is {output_dir} a run's output dir?)"
+        )
+    uri = tracking_uri or _uri_of_run(Path(output_dir))
+    uri = take_uri_credentials(uri)
+    _bound_http_env()
+    outbox = Outbox(folder)
+    errors: list[str] = []
+
+    def failed(what: str, err: BaseException) -> None:
+        if not errors:
+            print(
+                f"sync: could not {what} at {redact_uri(uri)}: {redact_uri(str(err))[:500]}", file=sys.stderr
+            )
+        errors.append(what)
+
+    before = outbox.unsent()
+    sender = _Sender(outbox, _client(uri), redact_uri(uri), failed)
+    sender.start()
+    sender.finish(timeout_s)
+    left = outbox.unsent()
+    outbox.close()
+    return before - left, left
+
+
+def _uri_of_run(output_dir: Path) -> str:
+    from autosam2.config import load_config
+
+    config = output_dir / "config.yaml"
+    if not config.is_file():
+        raise FileNotFoundError(f"{config}: missing; pass --tracking-uri")
+    return load_config(config, []).tracking.uri or default_tracking_uri(output_dir)
+
+
+def sync_main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="autosam2 sync",
+        description="send the tracking records a run could not deliver (its MLflow server was down) to its run",
+    )
+    parser.add_argument("output_dir", type=Path, help="the run's output directory (train.output_dir)")
+    parser.add_argument("--tracking-uri", default=None, help="default: the run's tracking.uri in config.yaml")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to keep trying (default 600)")
+    args = parser.parse_args(argv)
+    sent, left = sync(args.output_dir, args.tracking_uri, args.timeout)
+    if left:
+        print(
+            f"sync: {sent} record(s) sent, {left} still waiting in {args.output_dir / 'tracking'}",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"sync: {sent} record(s) sent; the outbox of {args.output_dir} is empty", flush=True)
+    return 0
 
 
 def make_logger(
@@ -409,6 +707,8 @@ def make_logger(
     run_id: str | None = None,
     system_metrics: bool = True,
     system_metrics_interval_s: float = 10.0,
+    spool_dir: str | Path | None = None,
+    flush_timeout_s: float = 60.0,
 ) -> MetricLogger:
     """The MLflow logger on rank 0 with tracking enabled; a NullLogger everywhere else."""
     if rank != 0 or not enabled:
@@ -420,6 +720,8 @@ def make_logger(
         run_id=run_id,
         system_metrics=system_metrics,
         system_metrics_interval_s=system_metrics_interval_s,
+        spool_dir=spool_dir,
+        flush_timeout_s=flush_timeout_s,
     )
 
 
@@ -432,8 +734,9 @@ def start_run(
     tags: Mapping[str, str],
     config_file: Path,
 ) -> MetricLogger:
-    """A training run's logger (MLflow on rank 0): resumed when `run_id` names one, else new with the
-    flattened `params`; tagged with the git commit and `tags`; the merged config file as an artifact."""
+    """A training run's logger (MLflow on rank 0, its outbox in ``out/tracking``): resumed when `run_id`
+    names one, else new with the flattened `params`; tagged with the git commit and `tags`; the merged
+    config file as an artifact."""
     logger = make_logger(
         rank,
         cfg.enabled,
@@ -442,6 +745,8 @@ def start_run(
         cfg.run_name,
         run_id=run_id,
         system_metrics=cfg.system_metrics,
+        spool_dir=out / "tracking",
+        flush_timeout_s=cfg.flush_timeout_s,
     )
     if run_id is None:
         logger.log_params(params)
@@ -492,6 +797,10 @@ def _artifact_location(tracking_uri: str) -> str | None:
     """Artifacts of a SQLite store sit beside it; MLflow's default is ./mlruns in the caller's cwd."""
     db = _sqlite_path(tracking_uri)
     return (db.parent / "mlartifacts").as_uri() if db is not None else None
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def _is_refusal(err: BaseException) -> bool:

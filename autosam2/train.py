@@ -122,7 +122,7 @@ def _run(cfg: Config, info):
 
     lock = take_output_dir(out, info)
     try:
-        checkpointer = Checkpointer(out, info)
+        checkpointer = Checkpointer(out, info, cfg.train.keep_checkpoints, cfg.train.checkpoint_async)
         state = checkpointer.resume(engine, cfg.train.resume)
         logger = _start_tracking(cfg, info, out, state, hosts, threads)
         weights = RunWeights(out, engine.module, cfg.model, info.is_main)
@@ -181,4 +181,5 @@ def _finish(state, weights, logger, is_main: bool) -> None:
         print(
             f"stopped by signal at step {state.step}; checkpoint saved, resume with --resume auto", flush=True
         )
-    logger.close("KILLED" if state.stopped else "FINISHED")
+    # a stopped job has SLURM's grace period to leave in: what it cannot send now, the requeued job sends
+    logger.close("KILLED" if state.stopped else "FINISHED", flush_timeout_s=10.0 if state.stopped else None)

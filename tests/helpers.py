@@ -4,19 +4,15 @@ and the fakes the loop is tested with (a tiny model, a batch, a recording logger
 from __future__ import annotations
 
 import io
-import os
-import signal
-import socket
-import subprocess
 import sys
 import tarfile
 import time
-import urllib.request
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from autosam2.bench.mlflow_server import free_port, kill_group, start_mlflow_server  # noqa: F401 -- tests use them from here
 from autosam2.config import load_config
 from autosam2.data.sources import TrainingBatches
 from autosam2.data.synthetic import SynthSpec
@@ -87,86 +83,6 @@ def train_overrides(data: dict[str, Path], out: Path, **extra: object) -> list[s
         **extra,
     }
     return [f"{k}={v}" for k, v in settings.items()]
-
-
-def free_port() -> int:
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def kill_group(proc) -> None:
-    """Stop a process started with start_new_session=True, and everything it started."""
-
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-def start_mlflow_server(
-    store: Path, backend_uri: str | None = None, timeout_s: float = 60, admin_password: str | None = None
-):
-    """A real `mlflow server` on 127.0.0.1 in its own process group; returns (uri, process). With
-    `admin_password`: MLflow's basic-auth app, user ``admin``, and no access for anyone else (its user
-    store, auth config and Flask secret in `store`)."""
-
-    port = free_port()
-    store.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-        env.pop(name, None)
-    cmd = [
-        str(Path(sys.executable).with_name("mlflow")),
-        "server",
-        "--backend-store-uri",
-        backend_uri or f"sqlite:///{store}/mlflow.db",
-    ]
-    if admin_password is not None:
-        ini = store / "basic_auth.ini"
-        ini.write_text(
-            "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
-            f"database_uri = sqlite:///{store}/basic_auth.db\nadmin_username = admin\n"
-            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-        )
-        ini.chmod(0o600)
-        env.update(
-            MLFLOW_AUTH_CONFIG_PATH=str(ini),
-            MLFLOW_AUTH_ADMIN_PASSWORD=admin_password,
-            MLFLOW_FLASK_SERVER_SECRET_KEY=os.urandom(16).hex(),
-        )
-        cmd += ["--app-name", "basic-auth"]
-    cmd += [
-        "--artifacts-destination",
-        str(store / "artifacts"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    with open(store / "server.log", "wb") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as reply:
-                if reply.status == 200:
-                    return f"http://127.0.0.1:{port}", proc
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            kill_group(proc)
-            raise RuntimeError(
-                f"mlflow server did not become healthy: {(store / 'server.log').read_text()[-2000:]}"
-            )
-        time.sleep(0.2)
 
 
 # the loop's fakes ------------------------------------------------------------------------------------------

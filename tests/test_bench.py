@@ -48,8 +48,9 @@ def test_bench_data_prints_figures_and_ratios(capsys):
 
 def test_bench_train_compares_the_trainer_with_a_bare_step(capsys):
     assert main(["bench", "train", "--clip-len", "2", "--steps", "3", "--device", "cpu"]) == 0
-    out = capsys.readouterr().out
-    report = json.loads(out[out.index("\n{") + 1 :])  # the trainer prints its step lines first
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)  # the figures alone: the trainer's step lines go to stderr
+    assert "step 3/3" in captured.err
     steps = report["step_s"]
     assert steps["bare_forward_backward"] > 0 and steps["full_trainer"] > 0
     assert (
@@ -173,3 +174,52 @@ def test_bench_memory_names_a_bad_config_file_in_one_line(capsys, tmp_path):
         err.startswith(f"autosam2 bench: {broken}: cannot read the DeepSpeed config")
         and "Traceback" not in err
     )
+
+
+def test_bench_checkpoint_times_both_ways_of_saving(capsys, tmp_path):
+    args = [
+        "bench",
+        "checkpoint",
+        "--sizes",
+        "hiera_t_decoder_prompt",
+        "--repeats",
+        "1",
+        "--image-size",
+        "64",
+    ]
+    assert main([*args, "--device", "cpu", "--out", str(tmp_path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    size = report["sizes"]["hiera_t_decoder_prompt"]
+    assert size["sync"]["stall_s"] > 0 and size["async"]["stall_s"] > 0
+    assert size["ratio_sync_stall_over_async_stall"] == round(
+        size["sync"]["stall_s"] / size["async"]["stall_s"], 2
+    )
+    # both ways wrote the same state: a full checkpoint (AdamW's moments included) of the trainable set
+    assert size["sync"]["MB"] == size["async"]["MB"] > 3 * 4 * size["trainable_parameters"] / 1e6
+    kept = sorted(p.name for p in (tmp_path / "hiera_t_decoder_prompt" / "checkpoints").glob("step_*"))
+    assert kept == ["step_00000001", "step_00000002"]
+
+
+def test_bench_tracking_stalls_nothing_and_delivers_everything(capsys):
+    args = [
+        "bench",
+        "tracking",
+        "--phase-s",
+        "2",
+        "--step-s",
+        "0.02",
+        "--artifact-every",
+        "10",
+        "--max-backoff-s",
+        "1",
+    ]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["step_stall_s"]) == {"up", "hung", "up_again", "dead", "back"}
+    assert report["longest_step_stall_s"] == max(p["longest_s"] for p in report["step_stall_s"].values())
+    delivered = report["delivered"]
+    assert (
+        delivered["every_step_and_artifact_once"] and delivered["steps_in_run"] == delivered["steps_logged"]
+    )
+    assert delivered["artifacts_in_run"] == delivered["artifacts_logged"] > 0
+    assert report["target"]["met"] == (report["longest_step_stall_s"] <= 1.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -298,3 +299,108 @@ def test_the_same_world_size_resumes_at_the_saved_batch_without_a_word(tmp_path,
     state = trainer.fit(LoopState(step=1, epoch=0, batch=1, world_size=1, batch_size=1))
     assert "another world size" not in capsys.readouterr().out
     assert state.step == 4 and state.epoch == 1  # batches 2 and 3 of epoch 0, then 1 of epoch 1
+
+
+# asynchronous saves ----------------------------------------------------------------------------------
+
+
+class _HeldWrite:
+    """Wraps an engine's snapshot so the background write waits until released."""
+
+    def __init__(self, engine: DDPEngine):
+        self.engine, self.started, self.release = engine, threading.Event(), threading.Event()
+        self.real = engine.snapshot
+
+    def snapshot(self):
+        write = self.real()
+
+        def held(folder):
+            self.started.set()
+            assert self.release.wait(30)
+            write(folder)
+
+        return held
+
+
+def test_an_async_save_writes_the_state_of_its_step_and_moves_latest_only_when_complete(
+    tmp_path, monkeypatch
+):
+    model = TinyModel()
+    engine = DDPEngine(model, load_config(None, []).optim, 10, INFO)
+    checkpointer = Checkpointer(tmp_path, INFO, asynchronous=True)
+    engine.optimizer.zero_grad()
+    model.conv.weight.sum().backward()
+    engine.optimizer.step()  # AdamW moments exist, and the snapshot must not share them
+    checkpointer.save(engine, LoopState(step=2, batch=2))
+    checkpointer.finish()
+    held = _HeldWrite(engine)
+    monkeypatch.setattr(engine, "snapshot", held.snapshot)
+    expected_weight = model.conv.weight.detach().clone()
+    expected_moment = engine.optimizer.state_dict()["state"][0]["exp_avg"].clone()
+    state = LoopState(step=4, batch=4)
+    checkpointer.save(engine, state)  # returns while the write waits
+    assert held.started.wait(30)
+    state.batch = 99  # the loop goes on: its later counters, weights and moments are not the checkpoint's
+    with torch.no_grad():
+        model.conv.weight.add_(5.0)
+    engine.optimizer.zero_grad()
+    model.conv.weight.sum().backward()
+    engine.optimizer.step()
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    assert (tmp_path / "checkpoints" / "step_00000004.tmp").is_dir()
+    assert checkpointer.latest() == step_dir(tmp_path, 2)  # what a kill now would resume from
+    held.release.set()
+    checkpointer.finish()
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    fresh = TinyModel()
+    engine2 = DDPEngine(fresh, load_config(None, []).optim, 10, INFO)
+    loaded = checkpointer.load(engine2, step_dir(tmp_path, 4))
+    assert loaded.batch == 4
+    assert torch.equal(fresh.conv.weight, expected_weight)
+    assert torch.equal(engine2.optimizer.state_dict()["state"][0]["exp_avg"], expected_moment)
+    reports = checkpointer.take_reports()
+    assert [r.step for r in reports] == [2, 4] and all(r.asynchronous for r in reports)
+    size = sum(f.stat().st_size for f in step_dir(tmp_path, 4).rglob("*") if f.is_file())
+    assert reports[1].bytes == size > 0 and reports[1].write_s > reports[1].stall_s
+
+
+def test_a_failed_async_write_fails_at_the_next_save_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    model = TinyModel()
+    engine = DDPEngine(model, load_config(None, []).optim, 10, INFO)
+    checkpointer = Checkpointer(tmp_path, INFO, asynchronous=True)
+    checkpointer.save(engine, LoopState(step=2, batch=2))
+
+    def full_disk_later():
+        def write(folder):
+            (folder / "engine.pt").write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        return write
+
+    monkeypatch.setattr(engine, "snapshot", full_disk_later)
+    checkpointer.save(engine, LoopState(step=4, batch=4))  # the failure is on the writer thread
+    with pytest.raises(CheckpointError) as err:
+        checkpointer.save(engine, LoopState(step=6, batch=6))
+    assert str(err.value).endswith(
+        "writing checkpoint step_00000004 (partial folder removed); step_00000002 is intact"
+    ), err.value
+    assert "no space left on device" in str(err.value)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000002"]
+
+
+def test_keep_checkpoints_bounds_the_folders(tmp_path):
+    checkpointer, _, _ = saved(tmp_path, steps=(1, 2, 3, 4, 5), keep=3)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["latest", "step_00000003", "step_00000004", "step_00000005"]
+
+
+def test_the_loop_logs_what_each_checkpoint_cost(tmp_path):
+    trainer, logger = make_trainer(tmp_path, TinyModel(), steps=4, overrides=["train.checkpoint_every=2"])
+    trainer.checkpointer = Checkpointer(tmp_path, INFO, asynchronous=True)
+    trainer.fit(LoopState())
+    logged = {(key, step) for step, metrics in logger.metrics for key in metrics}
+    for step in (2, 4):
+        for key in ("train/checkpoint_s", "train/checkpoint_bytes", "train/checkpoint_write_s"):
+            assert (key, step) in logged, (key, step)
+    sizes = [m["train/checkpoint_bytes"] for _, m in logger.metrics if "train/checkpoint_bytes" in m]
+    assert all(size > 1000 for size in sizes)

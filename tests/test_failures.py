@@ -266,6 +266,37 @@ def test_a_full_disk_during_a_checkpoint_ends_the_run_and_keeps_the_last_one(
     assert Checkpointer.check(out / "checkpoints" / "step_00000002") is None
 
 
+@pytest.mark.slow
+def test_a_kill_during_an_async_checkpoint_write_leaves_the_previous_one_in_charge(train_data, tmp_path):
+    """Fully trainable hiera-t: engine.pt is ~0.3 GB, written on rank 0's background thread. kill -9 while
+    step 4's folder is half written: `latest` still names step 2, which loads; the next run resumes
+    from it and removes the half-written folder."""
+    out = tmp_path / "out"
+    trainable = {f"model.freeze.{part}": "false" for part in ("image_encoder", "mask_decoder", "memory")}
+    run = Run([*TRAIN, *train_args(train_data, out, **trainable)])
+    checkpoints = out / "checkpoints"
+    half = checkpoints / "step_00000004.tmp" / "engine.pt"
+    try:
+        deadline = time.monotonic() + 300
+        while not (half.is_file() and half.stat().st_size > 0):
+            assert run.proc.poll() is None and time.monotonic() < deadline, run.output()[-3000:]
+            time.sleep(0.005)
+    finally:
+        run.kill()
+    run.finish()
+    assert half.parent.is_dir() and not (half.parent / "state.json").exists()  # killed mid-write
+    assert "checkpoint step_00000002: " in run.output("out") and "in the background" in run.output("out")
+    assert (checkpoints / "latest").read_text().strip() == "step_00000002"
+    from autosam2.engine.checkpoint import Checkpointer
+
+    assert Checkpointer.check(checkpoints / "step_00000002", deep=True) is None
+    again = Run([*TRAIN, *train_args(train_data, out, **trainable, **{"train.max_steps": 3})])
+    assert again.finish(timeout=300) == 0, again.output()[-3000:]
+    assert f"resumed from {checkpoints / 'step_00000002'} at step 2" in again.output("out")
+    assert not half.parent.exists()
+    assert (checkpoints / "latest").read_text().strip() == "step_00000003"
+
+
 # one run per output directory; ranks die with their launcher ----------------------------------------
 
 

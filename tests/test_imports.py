@@ -104,7 +104,7 @@ def test_help_lists_every_command():
     assert (
         listed
         == set(TABLE)
-        == {"train", "evaluate", "predict", "score", "demo", "synth", "validate", "inspect", "bench"}
+        == {"train", "evaluate", "predict", "score", "sync", "demo", "synth", "validate", "inspect", "bench"}
     )
     for name, (target, _) in TABLE.items():  # every entry names a function that exists
         module, function = target.split(":")

@@ -1,12 +1,14 @@
-"""`autosam2 bench data|train|infer|memory|longvideo`: one module per benchmark, each printing one JSON object of
+"""`autosam2 bench data|train|infer|memory|longvideo|checkpoint|tracking`: one module per benchmark, each printing one JSON object of
 figures whose ratios are measured in the same run. A benchmark module has `add_arguments(parser)` and
 `run(args) -> dict`; adding one is adding a module and a line to `KINDS`."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import sys
 
 KINDS = {
     "data": "shard stream vs folder reader vs bare JPEG decoding, frames/s",
@@ -14,6 +16,8 @@ KINDS = {
     "infer": "streaming inference FPS vs bare image-encoder FPS, and the evaluate pipeline vs streaming",
     "memory": "tensor memory of a run config's training step, by kind, and a per-GPU estimate",
     "longvideo": "peak host RSS of evaluate and predict over sequences of 100 / 1,000 / 5,000 frames",
+    "checkpoint": "loop stall per checkpoint, synchronous vs asynchronous, at two trainable-set sizes",
+    "tracking": "longest logging stall while the MLflow server is up, hung and dead; flush time after",
 }
 
 
@@ -25,5 +29,9 @@ def main(argv: list[str] | None = None) -> int:
         modules[name] = importlib.import_module(f"autosam2.bench.{name}")
         modules[name].add_arguments(kinds.add_parser(name, help=help_text, description=help_text))
     args = parser.parse_args(argv)
-    print(json.dumps(modules[args.kind].run(args), indent=1))
+    # stdout carries the figures alone (`autosam2 bench train > figures.json`): what the measured code
+    # prints (the trainer's step lines, MLflow's run links) goes to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        figures = modules[args.kind].run(args)
+    print(json.dumps(figures, indent=1))
     return 0

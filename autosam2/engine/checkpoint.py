@@ -3,8 +3,10 @@
 A checkpoint is ``OUT/checkpoints/step_XXXXXXXX/`` holding the engine's state (model, optimizer,
 scheduler), ``state.json`` (the LoopState: step, epoch, position in the data stream, counters) and one RNG file per
 rank. It is written under a ``.tmp`` name and renamed by rank 0 once every rank is done; ``latest``
-names the newest one. A write that fails (a full disk) fails on every rank with one error and leaves
-the earlier checkpoints as they were. Resuming takes the checkpoint ``latest`` names if it is complete,
+names the newest one. An asynchronous save (`train.checkpoint_async`) copies the state to host memory and
+rank 0 writes the same folder on a background thread; `latest` moves only once it is complete, so a kill
+during the write leaves the previous checkpoint in charge. A write that fails (a full disk) fails on every
+rank with one error and leaves the earlier checkpoints as they were. Resuming takes the checkpoint ``latest`` names if it is complete,
 else the newest complete one, with a warning naming what was skipped; pruning never removes the last
 complete checkpoint nor the one resumed from. SIGUSR2 / SIGTERM only set a flag: the loop checkpoints
 at the next step boundary and exits cleanly.
@@ -18,6 +20,8 @@ import re
 import shutil
 import signal
 import sys
+import threading
+import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -68,49 +72,145 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@dataclass
+class SaveReport:
+    """One checkpoint's cost: `stall_s` the loop was blocked (for an asynchronous save: the snapshot to
+    host memory and the small per-rank files), `write_s` from the start of the save to its commit, `bytes`
+    the folder's size (both 0 until an asynchronous write has committed)."""
+
+    step: int
+    stall_s: float
+    asynchronous: bool
+    write_s: float = 0.0
+    bytes: int = 0
+
+
 class Checkpointer:
     """Writes, prunes, chooses and reads the step folders of one output directory (every rank calls
-    `save` and `load`; rank 0 alone calls `resolve`)."""
+    `save`, `finish` and `load`; rank 0 alone calls `resolve`). `keep`: complete checkpoints kept, the
+    newest first (`weights/best.pt` is separate and always kept). `asynchronous`: engines that can
+    (`Engine.snapshot`) copy their state to host memory and a background thread of rank 0 writes and
+    commits it while training goes on; the next `save` or `finish` waits for it, and a failed write fails
+    there, on every rank."""
 
-    def __init__(self, output_dir: str | Path, info: DistInfo, keep: int = 2):
+    def __init__(self, output_dir: str | Path, info: DistInfo, keep: int = 2, asynchronous: bool = False):
         self.root = Path(output_dir) / "checkpoints"
         self.info = info
         self.keep = max(1, keep)
+        self.asynchronous = asynchronous
         self.protected: Path | None = None  # the folder this run resumed from: never pruned
+        self.written: list[SaveReport] = []  # committed saves not yet taken (`take_reports`)
+        self.last: SaveReport | None = None  # the latest save, committed or not
+        self._pending: tuple[Path, Path, threading.Thread | None] | None = None  # (final, tmp, writer)
+        self._pending_error: str | None = None
 
     # writing ---------------------------------------------------------------------------------------
     def save(self, engine, state: LoopState) -> Path:
-        """Every rank calls this; returns the final folder. A write that fails on any rank (a full disk)
-        fails the save on every rank with one CheckpointError; the partial folder is removed and the
-        previous checkpoints are untouched."""
+        """Every rank calls this; returns the final folder (for an asynchronous save, where it will be). A
+        write that fails on any rank (a full disk) fails the save on every rank with one CheckpointError;
+        the partial folder is removed and the previous checkpoints are untouched."""
+        start = time.perf_counter()
+        self.finish()
         final = self.root / f"step_{state.step:08d}"
         tmp = final.with_name(final.name + ".tmp")
+        write = engine.snapshot() if self.asynchronous else None
+        report = SaveReport(state.step, 0.0, asynchronous=write is not None)
         try:
             if self.info.is_main:
                 self._agree(final, tmp, _attempt(lambda: _fresh_folder(tmp), tmp))
             else:
                 self._agree(final, tmp, None)
-            self._agree(final, tmp, _attempt(lambda: self._write(engine, tmp, state), tmp))
-            if self.info.is_main:
-                self._agree(final, tmp, _attempt(lambda: self._commit(tmp, final), self.root / "latest"))
+            if write is None:
+                self._agree(final, tmp, _attempt(lambda: self._write(engine, tmp, state), tmp))
+                if self.info.is_main:
+                    self._agree(final, tmp, _attempt(lambda: self._commit(tmp, final), self.root / "latest"))
+                else:
+                    self._agree(final, tmp, None)
             else:
-                self._agree(final, tmp, None)
+                self._agree(final, tmp, _attempt(lambda: self._write_rng(tmp), tmp))
+                writer = None
+                if self.info.is_main:
+                    saved = asdict(state)  # the loop's counters now, not when the thread gets to them
+                    writer = threading.Thread(
+                        target=self._write_behind,
+                        args=(write, tmp, final, saved, report, start),
+                        name=f"checkpoint-{final.name}",
+                    )
+                self._pending = (final, tmp, writer)
+                if writer is not None:
+                    writer.start()
         except BaseException:
             # a rank lost mid-save (its collective failed), or a signal: no partial folder stays behind
             if self.info.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
+        report.stall_s = time.perf_counter() - start
+        self.last = report
+        if write is None:
+            self._done(report, final, start)
         return final
+
+    def finish(self) -> None:
+        """Every rank: wait for an asynchronous write in flight; if it failed, one CheckpointError on every
+        rank (the partial folder removed, the previous checkpoints as they were)."""
+        if self._pending is None:
+            return
+        final, tmp, writer = self._pending
+        self._pending = None
+        if writer is not None:
+            writer.join()
+        error, self._pending_error = self._pending_error, None
+        self._agree(final, tmp, error)
+
+    def take_reports(self) -> list[SaveReport]:
+        """The saves committed since the last call (rank 0 knows their sizes; others report 0 bytes)."""
+        reports, self.written = self.written, []
+        return reports
+
+    def _write_behind(
+        self, write, tmp: Path, final: Path, saved: dict, report: SaveReport, start: float
+    ) -> None:
+        """Rank 0's background writer: the engine's snapshot, then state.json (the mark of a complete
+        folder), then the commit. Any failure is kept for `finish`, never raised on this thread."""
+        try:
+            error = _attempt(lambda: (write(tmp), atomic_write_json(tmp / STATE_FILE, saved)), tmp)
+            if error is None:
+                error = _attempt(lambda: self._commit(tmp, final), self.root / "latest")
+        except BaseException as err:  # noqa: BLE001 -- a thread's exception would otherwise vanish
+            error = f"{tmp}: {type(err).__name__}: {err}"
+        if error is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self._pending_error = error
+            return
+        self._done(report, final, start)
+
+    def _done(self, report: SaveReport, final: Path, start: float) -> None:
+        report.write_s = time.perf_counter() - start
+        if self.info.is_main:
+            report.bytes = sum(f.stat().st_size for f in final.rglob("*") if f.is_file())
+            how = (
+                f"in the background; the loop was blocked {report.stall_s:.2f} s"
+                if report.asynchronous
+                else "the loop was blocked meanwhile"
+            )
+            print(
+                f"checkpoint {final.name}: {report.bytes / 1e6:.1f} MB written in {report.write_s:.2f} s ({how})",
+                flush=True,
+            )
+        self.written.append(report)
 
     def _write(self, engine, tmp: Path, state: LoopState) -> None:
         engine.save(tmp)
+        self._write_rng(tmp)
+        if self.info.is_main:
+            atomic_write_json(tmp / STATE_FILE, asdict(state))
+
+    def _write_rng(self, tmp: Path) -> None:
         # python's pickle of numpy/random state is not weights_only-loadable: keep it out of torch.load
         rng = {k: v for k, v in rng_state().items() if k in ("torch", "cuda")}
         with open(tmp / f"rng_rank{self.info.rank}.pt", "wb") as f:  # a file object: a full disk says so
             torch.save(rng, f)
         (tmp / f"rng_rank{self.info.rank}.json").write_text(json.dumps(_py_rng()))
-        if self.info.is_main:
-            atomic_write_json(tmp / STATE_FILE, asdict(state))
 
     def _commit(self, tmp: Path, final: Path) -> None:
         """Rename into place. A folder of the same step is moved aside first (and found by `resolve`
@@ -228,6 +328,10 @@ class Checkpointer:
     def resolve(self, resume: str) -> Path | None:
         """The folder to resume from: `auto` (the newest complete checkpoint here; a warning names any
         skipped; None when there is none, said once), `none`, or a folder (which must be complete)."""
+        for stale in self.root.glob("step_*.tmp") if self.root.is_dir() else ():
+            # a save cut short (a kill -9 during a write): this run holds the output dir's lock, so no
+            # writer is still at it
+            shutil.rmtree(stale, ignore_errors=True)
         if resume == "none":
             return None
         if resume != "auto":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,12 @@ class Engine(ABC):
 
     @abstractmethod
     def load(self, folder: Path) -> None: ...
+
+    def snapshot(self) -> Callable[[Path], None] | None:
+        """For an asynchronous checkpoint: this rank's state copied to host memory now, returned as the
+        write that puts it into a folder later (on another thread, while training goes on); None when
+        the engine cannot save that way (its save is a collective), so the checkpoint is synchronous."""
+        return None
 
 
 def read_deepspeed_config(path: Path) -> dict[str, Any]:
@@ -169,16 +176,23 @@ class DDPEngine(Engine):
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    def _state(self, copy: bool = False) -> dict[str, Any]:
+        """What engine.pt holds; `copy`: nothing in it shared with the live optimizer and scheduler (their
+        state_dicts hold the moment tensors that the next step changes in place)."""
+        live = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        return {
+            "model": trainable_state(self.module),
+            **(host_copy(live) if copy else live),
+            "micro": self.micro,
+        }
+
     def save(self, folder: Path) -> None:
         if self.info.is_main:
-            state = {
-                "model": trainable_state(self.module),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "micro": self.micro,
-            }
-            with open(folder / "engine.pt", "wb") as f:  # a file object: a full disk says so
-                torch.save(state, f)
+            _write_engine_file(folder, self._state())
+
+    def snapshot(self) -> Callable[[Path], None]:
+        state = self._state(copy=True) if self.info.is_main else None
+        return lambda folder: _write_engine_file(folder, state) if state is not None else None
 
     def load(self, folder: Path) -> None:
         state = torch.load(folder / "engine.pt", map_location="cpu", weights_only=True)
@@ -186,6 +200,23 @@ class DDPEngine(Engine):
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.micro = state["micro"]
+
+
+def _write_engine_file(folder: Path, state: dict[str, Any]) -> None:
+    with open(folder / "engine.pt", "wb") as f:  # a file object: a full disk says so
+        torch.save(state, f)
+
+
+def host_copy(tree: Any) -> Any:
+    """`tree` (dicts, lists, tuples of tensors and plain values) with every tensor copied to host memory:
+    a snapshot that later steps cannot change."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {key: host_copy(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(host_copy(value) for value in tree)
+    return tree
 
 
 class DeepSpeedEngine(Engine):

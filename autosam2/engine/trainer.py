@@ -125,11 +125,22 @@ class Trainer:
         self._clock = self._last_log = (self.clock(), state.step)
         saved = state.step if state.step > 0 else -1  # a resumed run's step is in its checkpoint already
 
-        def checkpoint() -> None:  # once per step: a second save of a step would replace a good folder
+        def checkpoint(
+            last: bool = False,
+        ) -> None:  # once per step: a second save would replace a good folder
             nonlocal saved
             if saved != state.step:
+                state.run_id = state.run_id or self.logger.run_id  # known late when the store was down
                 self.checkpointer.save(self.engine, state)
                 saved = state.step
+                self.logger.log_metrics({"train/checkpoint_s": self.checkpointer.last.stall_s}, state.step)
+            if last:
+                self.checkpointer.finish()
+            for report in self.checkpointer.take_reports():
+                self.logger.log_metrics(
+                    {"train/checkpoint_bytes": report.bytes, "train/checkpoint_write_s": report.write_s},
+                    report.step,
+                )
 
         while state.step < self.total_steps and state.epoch < train.epochs:
             iterator = self._epoch_batches(state)
@@ -164,14 +175,14 @@ class Trainer:
                     checkpoint()
                 if self.stop.should_stop():
                     state.stopped = True
-                    checkpoint()
+                    checkpoint(last=True)
                     return state
             else:
                 break  # total steps reached inside the epoch
             if state.step < self.total_steps:
                 state.epoch += 1
                 state.batch = 0
-        checkpoint()
+        checkpoint(last=True)
         return state
 
     def _bad_step(self, state: LoopState) -> None:

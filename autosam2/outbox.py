@@ -1,0 +1,149 @@
+"""A run's tracking outbox: every call of its MLflow logger, kept on disk until the tracking store has it.
+
+``OUT/tracking/outbox.jsonl`` holds one JSON record per line, appended by the training process (the
+only thing a logging call does on the training thread); ``sent.json`` holds the byte offset up to which
+the store has confirmed the records (the watermark), the run they go to, and the next system-metrics
+step. A record that failed to reach the store stays after the watermark: the logger's sender retries it,
+and `autosam2 sync OUT` replays whatever a finished job left. Records are delivered in order; metrics
+carry the time they were logged, so a batch sent twice (the store took it, the reply was lost) is the
+same rows again, which SQL stores keep once.
+
+Artifacts are copied into ``artifacts/`` when logged, so a file changed later is sent as it was; each
+copy is removed once the store has it.
+
+Records (``op``): ``start`` (experiment, run name, run to resume), ``params``, ``metrics`` (step, time,
+values), ``tags``, ``artifact`` (spooled path, artifact path), ``end`` (status). Each names its ``run``,
+or null: the run the latest ``start`` opened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+from autosam2.atomic import atomic_write_json
+
+OUTBOX = "outbox.jsonl"
+SENT = "sent.json"
+ARTIFACTS = "artifacts"
+SYSTEM_PREFIX = "system/"
+
+
+class Outbox:
+    """The records of one folder (normally ``OUT/tracking``). `append` is for the logging process (any
+    thread); `pending` and `mark_sent` for the one sender at a time."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path = self.folder / OUTBOX
+        self.state: dict[str, Any] = {"sent": 0, "run_id": None}
+        sent = self.folder / SENT
+        if sent.is_file():
+            try:
+                self.state.update(json.loads(sent.read_text()))
+            except (OSError, ValueError) as err:
+                raise ValueError(
+                    f"{sent}: unreadable ({err}); delete it to send the whole outbox again"
+                ) from err
+        self._lock = threading.Lock()
+        # unbuffered: a write the disk refuses fails in `append`, with nothing left in a buffer to fail
+        # again at the next append or at close
+        self._file = open(self.path, "ab", buffering=0)
+        # a line cut by a kill (or by a full disk) is ended before the next record
+        self._cut = self._file.tell() > 0 and _last_byte(self.path) != b"\n"
+
+    def append(self, record: dict[str, Any]) -> None:
+        """One record, whole on its line; OSError (a full disk) when it could not be written."""
+        line = (json.dumps(record, separators=(",", ":"), allow_nan=True) + "\n").encode()
+        with self._lock:
+            if self._cut:
+                self._write_all(b"\n")
+                self._cut = False
+            try:
+                self._write_all(line)
+            except OSError:
+                self._cut = True  # part of the line may be there: the sender steps over it
+                raise
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[self._file.write(view) :]
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+    def pending(self, limit: int = 1000) -> list[tuple[int, dict[str, Any] | None]]:
+        """Up to `limit` records after the watermark, each with the offset just past it; a line that is
+        not JSON (cut by a kill) comes as None, to be stepped over. A line still being written is left."""
+        found: list[tuple[int, dict[str, Any] | None]] = []
+        with open(self.path, "rb") as f:
+            f.seek(int(self.state["sent"]))
+            offset = f.tell()
+            for line in f:
+                if not line.endswith(b"\n"):
+                    break
+                offset += len(line)
+                if not line.strip():
+                    continue
+                try:
+                    found.append((offset, json.loads(line)))
+                except ValueError:
+                    found.append((offset, None))
+                if len(found) >= limit:
+                    break
+        return found
+
+    def mark_sent(self, offset: int, **state: Any) -> None:
+        self.state.update(state, sent=offset)
+        atomic_write_json(self.folder / SENT, self.state)
+
+    def unsent(self) -> int:
+        """Records after the watermark."""
+        return len(self.pending(limit=1 << 62))
+
+    def next_system_step(self) -> int:
+        """One past the highest system-metrics step in the outbox (0 when there is none)."""
+        step = -1
+        with open(self.path, "rb") as f:
+            for line in f:
+                if b'"system/' not in line:
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if any(key.startswith(SYSTEM_PREFIX) for key in record.get("metrics", {})):
+                    step = max(step, int(record["step"]))
+        return step + 1
+
+    def spool(self, path: Path) -> str:
+        """`path` (a file or a folder) copied into the outbox as it is now; returns its place, relative."""
+        place = Path(ARTIFACTS) / uuid.uuid4().hex / path.name
+        target = self.folder / place
+        target.parent.mkdir(parents=True)
+        try:
+            if path.is_dir():
+                shutil.copytree(path, target)
+            else:
+                shutil.copy2(path, target)
+        except BaseException:
+            shutil.rmtree(target.parent, ignore_errors=True)  # a full disk: no half copy stays
+            raise
+        return str(place)
+
+    def unspool(self, place: str) -> None:
+        shutil.rmtree((self.folder / place).parent, ignore_errors=True)
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
