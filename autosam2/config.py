@@ -52,6 +52,10 @@ class PromptBackbone(StrEnum):
 
 
 OnError = StrEnum("OnError", [("raise", "raise"), ("skip", "skip")], module=__name__)
+# global: one order of the whole set per (seed, epoch), the same at any world size and worker count, resumed
+# by seeking; resample: each (rank, worker) draws shards with replacement from its own RNG (exact resume
+# only at the same world size and worker count, by replaying the epoch's batches)
+Order = StrEnum("Order", [("global", "global"), ("resample", "resample")], module=__name__)
 
 
 class Precision(StrEnum):
@@ -91,7 +95,9 @@ class DataConfig:
     clip_len: int = 8
     batch_size: int = 1  # clips per rank and step
     num_workers: int = 2
-    shuffle_buffer: int = 64
+    order: Order = Order["global"]
+    shuffle_shards: int = 8  # order=global: shards per shuffle window (their samples are shuffled together)
+    shuffle_buffer: int = 64  # order=resample: samples in the shuffle buffer
     batches_per_epoch: int | None = None  # per rank; None: samples / (batch x ranks)
     on_error: OnError = OnError["raise"]
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -270,7 +276,8 @@ def validate(cfg: Config) -> None:
         f"model.image_size must be a multiple of 32 and >= 64, got {cfg.model.image_size}",
     )
     need(
-        cfg.data.clip_len >= 1 and cfg.data.batch_size >= 1, "data.clip_len and data.batch_size must be >= 1"
+        cfg.data.clip_len >= 1 and cfg.data.batch_size >= 1 and cfg.data.shuffle_shards >= 1,
+        "data.clip_len, data.batch_size and data.shuffle_shards must be >= 1",
     )
     need(
         re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.train.device) is not None,

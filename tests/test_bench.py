@@ -29,12 +29,15 @@ def test_bench_data_prints_figures_and_ratios(capsys):
         "3",
         "--rounds",
         "1",
+        "--resume-samples",
+        "40",
     ]
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     fps = report["frames_per_s"]
     assert set(fps) == {
         "a_shard_stream",
+        "a_resampled_stream",
         "b_folder_reader",
         "c_jpeg_decode",
         "a_shard_stream_with_cpu_augment",
@@ -44,6 +47,11 @@ def test_bench_data_prints_figures_and_ratios(capsys):
     assert abs(report["ratios"]["a_over_b"] - fps["a_shard_stream"] / fps["b_folder_reader"]) < 2e-3
     assert report["target"]["met"] == (fps["a_shard_stream"] / fps["c_jpeg_decode"] >= 0.9)
     assert report["config"]["workers"] == 0 and report["config"]["image_size"] == 64
+    for order in ("global_order", "resample_order"):
+        resume = report["resume"][order]
+        assert resume["epoch_samples"] == 40 and resume["first_batch_s_at_90pct"] > 0
+        ratio = resume["first_batch_s_at_90pct"] / resume["first_batch_s_at_10pct"]
+        assert abs(resume["ratio_90_over_10"] - ratio) < 0.05
 
 
 def test_bench_train_compares_the_trainer_with_a_bare_step(capsys):

@@ -255,21 +255,24 @@ def test_stopped_and_resumed_run_ends_with_the_same_weights(train_data, tmp_path
 
 
 @pytest.mark.slow
-def test_a_run_resumes_at_another_world_size_and_says_the_sample_order_changed(train_data, tmp_path):
-    """Two ranks for two steps, one rank for two more, two ranks again: one run, each change said once."""
+def test_a_run_resumes_at_another_world_size_where_the_global_order_stands(train_data, tmp_path):
+    """Two ranks for two steps, one rank for two more, two ranks again: one run, each change said once,
+    and the epoch's position kept in global samples (8 per epoch: 4, then 6, then 8 + 2 of epoch 1)."""
     out = tmp_path / "run"
     settings = {"train.validate_every": 100, "train.checkpoint_every": 2}
     run([*TORCHRUN, *train_overrides(train_data, out, **{**settings, "train.max_steps": 2})])
-    for cmd, steps, ranks in ((TRAIN, 4, (2, 1)), (TORCHRUN, 6, (1, 2))):
+    for cmd, steps, ranks, where in ((TRAIN, 4, (2, 1), (0, 6)), (TORCHRUN, 6, (1, 2), (1, 2))):
         resumed = run([*cmd, *train_overrides(train_data, out, **{**settings, "train.max_steps": steps})])
         previous = f"step_{steps - 2:08d}"
         assert f"resumed from {out / 'checkpoints' / previous} at step {steps - 2}" in resumed.stdout
         said = [line for line in resumed.stdout.splitlines() if "resuming at another world size" in line]
         assert len(said) == 1, resumed.stdout[-3000:]
         assert f"written by {ranks[0]} rank(s) x 1 clip(s), this run has {ranks[1]} x 1" in said[0]
+        assert "the global sample order goes on unchanged: epoch 0 resumes at sample" in said[0]
         assert f"step {steps}/{steps}" in resumed.stdout
         state = json.loads((out / "checkpoints" / f"step_{steps:08d}" / "state.json").read_text())
         assert (state["step"], state["world_size"]) == (steps, ranks[1])
+        assert (state["epoch"], state["sample"]) == where
     assert (out / "final.pt").exists()
     client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
     (run_info,) = client.search_runs([client.get_experiment_by_name("autosam2").experiment_id])

@@ -62,3 +62,30 @@ def test_log_lines_carry_steps_per_s_elapsed_and_eta(tmp_path, capsys):
     assert lines[0].endswith("0.50 steps/s elapsed 0:00:02 eta 0:00:06")
     assert lines[1].endswith("0.50 steps/s elapsed 0:00:04 eta 0:00:04")
     assert lines[3].endswith("0.50 steps/s elapsed 0:00:08")  # the last: nothing left to wait for
+
+
+def test_the_logged_data_wait_and_frames_per_s_cover_the_whole_interval_epoch_starts_included(tmp_path):
+    """Each epoch's loader takes 0.4 s to give its first batch (workers starting); the other batches are
+    at hand. Logged every 3 steps across 3-batch epochs, every interval holds one such start: the logged
+    wait share and frames/s are those of the whole interval, not of the one step that was logged."""
+    import time
+
+    from autosam2.data.sources import TrainingBatches
+    from tests.helpers import batch
+
+    def epoch(e: int):
+        time.sleep(0.4)
+        yield from (batch() for _ in range(3))
+
+    trainer, logger = make_trainer(tmp_path, TinyModel(), steps=6, overrides=["train.log_every=3"])
+    trainer.data = TrainingBatches(epoch, 3)
+    start = time.perf_counter()
+    trainer.fit(LoopState())
+    wall = time.perf_counter() - start
+    logged = {step: m for step, m in logger.metrics if "train/data_wait_share" in m}
+    assert sorted(logged) == [1, 3, 6]
+    for step in (3, 6):  # steps 2-3 (no epoch start: the step-1 line took it) and 4-6 (one start)
+        assert 0 < logged[step]["train/frames_per_s"]
+    assert logged[6]["train/data_wait_share"] > 0.4 / wall  # the 0.4 s wait at epoch 1's start is in it
+    frames = 3 * 2  # three 2-frame batches of one clip since the step-3 line
+    assert logged[6]["train/frames_per_s"] < frames / 0.4  # the interval's time, the wait included

@@ -1,5 +1,8 @@
-"""Data throughput: the shard stream (a) against the folder reader (b) and bare JPEG decoding of the same
-frame files (c), in frames/s, the readers interleaved over rounds and medians reported."""
+"""Data throughput: the shard stream (a: the global order, the default; a_resampled: data.order=resample)
+against the folder reader (b) and bare JPEG decoding of the same frame files (c), in frames/s, the readers
+interleaved over rounds and medians reported. Then resume cost: the time to the first batch of a stream
+resumed at 10 % and at 90 % of a `--resume-samples` epoch (the global order seeks; the resampled order
+replays the batches before its position)."""
 
 from __future__ import annotations
 
@@ -37,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batches", type=int, default=25, help="batches timed per reader and round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    p.add_argument(
+        "--resume-samples", type=int, default=2000, help="samples of the resume-cost epoch (0: skip it)"
+    )
 
 
 class _FrameFiles(torch.utils.data.Dataset):
@@ -89,13 +95,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         root, shard_dir = synthetic_shards(Path(tmp), spec, args.frames_per_sample, w, root=args.root)
 
-        def shard_stream(seed: int) -> ClipStream:
+        def shard_stream(seed: int, order: str = "global") -> ClipStream:
             cfg = StreamConfig(
                 clip_len=t,
                 batch_size=b,
                 image_size=args.image_size,
                 batches_per_epoch=args.batches + 1,
                 seed=seed,
+                order=order,
             )
             return ClipStream(shard_dir, "train", cfg)
 
@@ -122,6 +129,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 len,
                 args.batches,
             ),
+            "a_resampled": lambda r: _frames_per_second(
+                make_loader(shard_stream(r, "resample"), w), lambda _: per_batch, args.batches
+            ),
             "a_aug": lambda r: _frames_per_second(
                 make_loader(shard_stream(r), w), lambda _: per_batch, args.batches, consume=prepare_batch
             ),
@@ -131,23 +141,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for r in range(args.rounds):
             for name, reader in readers.items():
                 runs[name].append(reader(r))
-        shards, folder, decode, shards_aug = (statistics.median(runs[k]) for k in ("a", "b", "c", "a_aug"))
+        shards, folder, decode, shards_aug, resampled = (
+            statistics.median(runs[k]) for k in ("a", "b", "c", "a_aug", "a_resampled")
+        )
+        resume = _resume_cost(Path(tmp) / "resume", args) if args.resume_samples else None
 
     return {
         "bench": "data",
         "runs_frames_per_s": {k: [round(v, 1) for v in vs] for k, vs in runs.items()},
         "frames_per_s": {
             "a_shard_stream": round(shards, 1),
+            "a_resampled_stream": round(resampled, 1),
             "b_folder_reader": round(folder, 1),
             "c_jpeg_decode": round(decode, 1),
             "a_shard_stream_with_cpu_augment": round(shards_aug, 1),
         },
         "ratios": {
             "a_over_c": round(shards / decode, 3),
+            "a_resampled_over_c": round(resampled / decode, 3),
             "a_over_b": round(shards / folder, 3),
             "a_with_cpu_augment_over_c": round(shards_aug / decode, 3),
         },
-        "target": {"a_over_c": 0.9, "met": shards / decode >= 0.9},
+        "resume": resume,
+        "target": {
+            "a_over_c": 0.9,
+            "met": shards / decode >= 0.9,
+            "resume_90_over_10": 1.5,
+            "resume_met": None if resume is None else resume["global_order"]["ratio_90_over_10"] <= 1.5,
+        },
         "config": {
             "frame_size": args.size if not args.root else "from --root",
             "image_size": args.image_size,
@@ -162,5 +183,43 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "notes": "a, b: loader workers decode the clip window, resize to image_size and draw the augmentation; "
         "the augmentation itself runs batched on the training device (prepare_batch), shown on the CPU in "
-        "a_shard_stream_with_cpu_augment. c: read + decode of the same frame files only.",
+        "a_shard_stream_with_cpu_augment. c: read + decode of the same frame files only. resume: a shard set "
+        "of --resume-samples 2-frame samples at 64 px, 2-clip batches, the same loader workers; seconds from "
+        "asking for the stream at the position to its first batch (medians of --rounds).",
     }
+
+
+def _resume_cost(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Seconds to the first batch of a stream resumed at 10 % and 90 % of an epoch, both orders."""
+    sequences = max(1, args.resume_samples // 10)
+    spec = SynthSpec(train_sequences=sequences, valid_sequences=1, frames=20, size=64, seed=1)
+    _, shard_dir = synthetic_shards(tmp, spec, frames_per_sample=2, workers=args.workers)
+    batch = 2
+    figures: dict[str, Any] = {}
+    for order in ("global", "resample"):
+        stream = ClipStream(
+            shard_dir, "train", StreamConfig(clip_len=2, batch_size=batch, image_size=64, order=order)
+        )
+        samples = stream.batches_per_rank(1) * batch
+        times: dict[str, list[float]] = {"10": [], "90": []}
+        for _ in range(args.rounds):
+            for share in ("10", "90"):
+                position = samples * int(share) // 100 // batch * batch
+                start = time.perf_counter()
+                if order == "global":
+                    stream.start_at(0, position, 1)
+                    next(iter(make_loader(stream, args.workers)))
+                else:  # what a resume of the resampled order does: replay the epoch up to the position
+                    stream.set_epoch(0)
+                    batches = iter(make_loader(stream, args.workers))
+                    for _ in range(position // batch + 1):
+                        next(batches)
+                times[share].append(time.perf_counter() - start)
+        at_10, at_90 = statistics.median(times["10"]), statistics.median(times["90"])
+        figures[f"{order}_order"] = {
+            "epoch_samples": samples,
+            "first_batch_s_at_10pct": round(at_10, 3),
+            "first_batch_s_at_90pct": round(at_90, 3),
+            "ratio_90_over_10": round(at_90 / at_10, 2),
+        }
+    return figures

@@ -61,12 +61,33 @@ def check_source(path: str | Path, split: str, clip_len: int | None = None, key:
 @dataclass(frozen=True)
 class TrainingBatches:
     """What the loop draws from: `epoch(e)` yields epoch e's batches, the same ones every time it is
-    asked (a resume replays them up to its position); `per_epoch` batches per rank; `skipped()` counts
-    samples skipped for bad data so far."""
+    asked; `per_epoch` batches per rank; `skipped()` counts samples skipped for bad data so far.
+    `seek(epoch, position, epochs)`, when given (the global order), yields (epoch, batch) from global
+    sample `position` of `epoch` on, through epoch `epochs` - 1, without reading what comes before;
+    `dropped` positions at each epoch's end fill no whole step and are left out."""
 
     epoch: Callable[[int], Iterable[ClipBatch]]
     per_epoch: int
     skipped: Callable[[], int] = lambda: 0
+    seek: Callable[[int, int, int], Iterable[tuple[int, ClipBatch]]] | None = None
+    dropped: int = 0
+
+    def batches(
+        self, epoch: int, position: int, epochs: int, global_batch: int
+    ) -> Iterator[tuple[int, ClipBatch]]:
+        """(epoch, batch) from `position` (global samples consumed) of `epoch` to the end of epoch
+        `epochs` - 1. Without `seek`, an epoch's stream is replayed up to the position (a resume decodes
+        every batch before it) and each epoch has a loader of its own."""
+        if self.seek is not None:
+            yield from self.seek(epoch, position, epochs)
+            return
+        for e in range(epoch, epochs):
+            batches = iter(self.epoch(e))
+            for _ in range(position // global_batch if e == epoch else 0):
+                if next(batches, None) is None:
+                    break
+            for batch in batches:
+                yield e, batch
 
 
 class FolderClips(torch.utils.data.Dataset):
@@ -123,6 +144,8 @@ def training_batches(
             batch_size=data.batch_size,
             image_size=image_size,
             seed=seed,
+            order=data.order,
+            shuffle_shards=data.shuffle_shards,
             shuffle_buffer=data.shuffle_buffer,
             batches_per_epoch=data.batches_per_epoch,
             on_error=data.on_error,
@@ -134,7 +157,25 @@ def training_batches(
             stream.set_epoch(epoch)
             return make_loader(stream, data.num_workers, pin_memory=pin_memory)
 
-        return TrainingBatches(shard_epoch, stream.batches_per_rank(world_size), lambda: stream.skipped)
+        per_epoch = stream.batches_per_rank(world_size)
+        if per_epoch == 0:
+            raise DatasetError(
+                f"{data.train}: {stream.global_order.total} samples hold a {data.clip_len}-frame clip, fewer "
+                f"than one step takes ({world_size} rank(s) x data.batch_size {data.batch_size}); set "
+                "data.batches_per_epoch (the order then cycles through the set), or use fewer ranks"
+            )
+        if stream.global_order is None:
+            return TrainingBatches(shard_epoch, per_epoch, lambda: stream.skipped)
+
+        def seek(epoch: int, position: int, epochs: int) -> Iterator[tuple[int, ClipBatch]]:
+            stream.start_at(epoch, position, epochs)
+            steps = stream.steps(world_size)  # what the workers serve, batch by batch
+            loader = make_loader(stream, data.num_workers, pin_memory=pin_memory)
+            for step, batch in zip(steps, loader, strict=False):
+                yield step.epoch, batch
+
+        dropped = stream.global_order.dropped(data.batch_size * world_size, data.batches_per_epoch)
+        return TrainingBatches(shard_epoch, per_epoch, lambda: stream.skipped, seek, dropped)
     clips = FolderClips(data.train, "train", data.clip_len, image_size, seed=seed, augment=data.augment)
     sampler = torch.utils.data.DistributedSampler(
         clips, world_size, rank, shuffle=True, seed=seed, drop_last=True

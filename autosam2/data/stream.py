@@ -1,10 +1,20 @@
 """The streaming clip pipeline: WebDataset shards -> clip batches, split over ranks and loader workers.
 
-Training: every (rank, worker) draws shards with replacement from its own seeded RNG (webdataset's
-``ResampledShards``), shuffles samples in a buffer, takes a random window of T frames inside each chunk,
-decodes only those frames, resizes them to the model's size, draws the clip's augmentation and batches
-B clips; ``with_epoch`` makes every rank yield exactly the same number of batches, so DDP ranks never
-wait on each other at the end of an epoch. Everything random is seeded by (seed, epoch, rank, worker).
+Training, in the global order (``order="global"``, the default; `autosam2.data.order`): epoch e's samples
+come in one sequence fixed by (seed, e) — a seeded permutation of the shards, shuffled inside windows of
+``shuffle_shards`` shards — and each global step takes the next ranks x B of them, rank r its B, from
+the loader worker DataLoader's round robin asks. A clip's window of T frames and its augmentation are
+drawn from (seed, epoch, position), so what a step trains on does not depend on the world size or the
+worker count. A worker reads only its own samples, by their offsets in the tar. `start_at(epoch,
+position, epochs)` begins an iteration anywhere (a resume: nothing before it is read) and runs through
+the epochs with one loader, so its workers live across epoch boundaries.
+
+Training, resampled (``order="resample"``): every (rank, worker) draws shards with replacement from its
+own seeded RNG (webdataset's ``ResampledShards``), shuffles samples in a buffer, takes a random window
+of T frames inside each chunk, decodes only those frames, resizes them to the model's size, draws the
+clip's augmentation and batches B clips; ``with_epoch`` makes every rank yield exactly the same number
+of batches. Everything random is seeded by (seed, epoch, rank, worker): a resume is exact only at the
+same world size and worker count, and replays the epoch up to its position.
 
 Evaluation: shards in manifest order, split by loader worker (``split_by_worker``); the chunks of each
 sequence are joined back into the whole sequence, yielded as a one-clip batch. The shard writer keeps
@@ -15,7 +25,8 @@ undecoded; without names, ranks split the shards (``split_by_node``).
 Bad data: by default a truncated shard or a broken sample raises a ShardError naming the shard and the
 sample key. With ``on_error="skip"`` the sample (or the unread rest of a broken shard) is skipped and
 counted in ``skipped``, a counter shared with the loader workers, for logging; evaluation also warns
-for each. Skipping has a bound: once every sample of the set has failed since the last good clip, the
+for each; in the global order a skipped sample's place goes to the next readable sample of the epoch's
+order, so every step keeps its clips. Skipping has a bound: once every sample of the set has failed since the last good clip, the
 training stream stops with a ShardError. In loader workers these errors reach the main process as
 themselves (one line), and workers never outlive their process, however it ends.
 """
@@ -40,7 +51,8 @@ import torch
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from autosam2.config import AugmentConfig, OnError
+from autosam2.config import AugmentConfig, OnError, Order
+from autosam2.data.order import GlobalOrder, Step, TarIndex, clip_seed
 from autosam2.data.sample_format import (
     SampleRecord,
     ShardError,
@@ -64,7 +76,9 @@ class StreamConfig:
     batch_size: int = 1
     image_size: int | None = 256  # None (evaluation only): sequences keep their own size
     seed: int = 0
-    shuffle_buffer: int = 64
+    order: Order = Order["global"]
+    shuffle_shards: int = 8  # order=global: shards per shuffle window
+    shuffle_buffer: int = 64  # order=resample: samples in the shuffle buffer
     batches_per_epoch: int | None = None
     on_error: OnError = OnError["raise"]
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -179,6 +193,12 @@ class ClipStream(torch.utils.data.IterableDataset):
         if mode == "train":
             self._check_clip_len()
         self.epoch = 0
+        self.global_order = (
+            GlobalOrder(self.manifest, self.config.clip_len, self.config.seed, self.config.shuffle_shards)
+            if mode == "train" and self.config.order == "global"
+            else None
+        )
+        self._start, self._epochs = Step(0, 0), 1  # global order: where the next iteration begins and ends
         self._skipped = multiprocessing.Value("q", 0)
 
     def _check_clip_len(self) -> None:
@@ -207,17 +227,45 @@ class ClipStream(torch.utils.data.IterableDataset):
             self._skipped.value += len(keys)
 
     def set_epoch(self, epoch: int) -> None:
+        """The next iteration is epoch `epoch`, whole."""
         self.epoch = epoch
+        self._start, self._epochs = Step(epoch, 0), epoch + 1
+
+    def start_at(self, epoch: int, position: int, epochs: int) -> None:
+        """Global order: the next iteration begins at `position` of `epoch` (global samples consumed) and
+        runs through epoch `epochs` - 1, one loader (and its workers) for all of them."""
+        if self.global_order is None:
+            raise ValueError("start_at needs data.order=global")
+        self.epoch = epoch
+        self._start, self._epochs = Step(epoch, position), epochs
+
+    def steps(self, world_size: int) -> Iterator[Step]:
+        """Global order: the global steps the next iteration makes, in order (every rank's batch i is
+        step i's)."""
+        assert self.global_order is not None
+        g = self.config.batch_size * world_size
+        start = self._start
+        return self.global_order.steps(
+            start.epoch, start.position, self._epochs, g, self.config.batches_per_epoch
+        )
 
     def batches_per_rank(self, world_size: int) -> int:
+        g = self.config.batch_size * world_size
+        if self.global_order is not None:
+            return self.global_order.steps_per_epoch(g, self.config.batches_per_epoch)  # 0: fewer than a step
         if self.config.batches_per_epoch is not None:
             return self.config.batches_per_epoch
         samples = self.manifest["totals"]["samples"]
-        return max(1, samples // (self.config.batch_size * world_size))
+        return max(1, samples // g)
 
     def __iter__(self) -> Iterator[ClipBatch]:
         rank, world_size, worker, num_workers = wds.utils.pytorch_worker_info()
-        items = self._train(rank, world_size, worker, num_workers) if self.mode == "train" else self._eval()
+        if self.mode == "eval":
+            items = self._eval()
+        elif self.global_order is not None:
+            items = self._train_global(rank, world_size, worker, num_workers)
+        else:
+            items = self._train(rank, world_size, worker, num_workers)
         if torch.utils.data.get_worker_info() is None:
             yield from items
             return
@@ -249,6 +297,59 @@ class ClipStream(torch.utils.data.IterableDataset):
             wds.batched(cfg.batch_size, collation_fn=collate_clips, partial=False),
         ).with_epoch(mine)
         yield from pipeline
+
+    def _train_global(self, rank: int, world_size: int, worker: int, num_workers: int) -> Iterator[ClipBatch]:
+        """This rank's batches of the global steps, those of loader worker `worker`: DataLoader takes
+        batch i from worker i mod `num_workers`, so the rank gets step i's clips as batch i."""
+        cfg = self.config
+        reader = TarIndex()
+        assert self.global_order is not None
+        usable = {
+            self.expected[self.urls[s]][i] for s, idx in enumerate(self.global_order.usable) for i in idx
+        }
+        watch = _FailureWatch(self.shard_dir, usable)
+        first = rank * cfg.batch_size
+        try:
+            for i, step in enumerate(self.steps(world_size)):
+                if i % num_workers != worker:
+                    continue
+                positions = range(step.position + first, step.position + first + cfg.batch_size)
+                yield collate_clips([self._clip_at(step.epoch, p, reader, watch) for p in positions])
+        finally:
+            reader.close()
+
+    def _clip_at(self, epoch: int, position: int, reader: TarIndex, watch: _FailureWatch) -> VideoDatapoint:
+        """The clip at `position` of `epoch`: the sample the order puts there, its window of frames and
+        augmentation drawn from (seed, epoch, position). A broken sample under on_error=skip is counted
+        and replaced by the next readable one of the epoch's order (the same one whatever the world size)."""
+        cfg = self.config
+        order = self.global_order
+        assert order is not None
+        for attempt in range(order.total):
+            shard, index = order.at(epoch, position, later=attempt)
+            url = self.urls[shard]
+            key = self.expected[url][index]
+            rng = np.random.default_rng(clip_seed(cfg.seed, epoch, position))
+            try:
+                sample = reader.read(url, key)
+                frames = len(sample_record(sample).frames)
+                if frames < cfg.clip_len:
+                    raise ShardError(
+                        f"{url}: sample {key} holds {frames} frames, fewer than the manifest says"
+                    )
+                start = int(rng.integers(0, frames - cfg.clip_len + 1))
+                video = decode_sample(sample, slice(start, start + cfg.clip_len))
+            except ShardError as err:
+                if cfg.on_error == "raise":
+                    raise
+                self._count_skip([key])
+                watch.failure([key], str(err))
+                continue
+            watch.success()
+            video = resize_video(video, cfg.image_size)
+            video.metadata["augment"] = sample_augment(rng, cfg.augment)
+            return video
+        raise ShardError(f"{self.shard_dir}: no readable sample for position {position} of epoch {epoch}")
 
     def _skip_or_raise(self, sample: dict[str, Any], err: ShardError, skip: Callable[[list[str], str], None]):
         if self.config.on_error == "raise":

@@ -44,6 +44,7 @@ class LoopState:
     step: int = 0
     epoch: int = 0
     batch: int = 0
+    sample: int = -1  # global samples of `epoch` consumed (-1: not recorded, an older checkpoint)
     world_size: int = 0
     batch_size: int = 0
     bad_steps: int = 0

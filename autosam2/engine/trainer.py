@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -46,6 +45,24 @@ class StepResult:
     losses: dict[str, torch.Tensor]
     grad_norm: float | None
     finite: bool
+
+
+class _Interval:
+    """The loop's time since the last log line: frames trained, time waiting for data (loader starts and
+    epoch boundaries included), time paused for validation and checkpoints (left out of the rates)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.wait = self.paused = 0.0
+        self.frames = 0
+
+    def take(self) -> tuple[float, float]:
+        """(frames/s, share of the time spent waiting for data) over the interval; a new one begins."""
+        now = time.perf_counter()
+        busy = max(now - self.start - self.paused, 1e-9)
+        pace = (self.frames / busy, min(1.0, self.wait / busy))
+        self.start, self.wait, self.paused, self.frames = now, 0.0, 0.0, 0
+        return pace
 
 
 class Trainer:
@@ -88,34 +105,36 @@ class Trainer:
         self.engine.backward(losses["total"])
         return StepResult(losses, self.engine.step(), finite=True)
 
-    def _epoch_batches(self, state: LoopState) -> Iterator[ClipBatch] | None:
-        """This epoch's batches from the saved position on (the stream is deterministic); None when the
-        epoch is shorter than that now (resumed with another world size or batch size): it is over."""
-        iterator = iter(self.data.epoch(state.epoch))
-        for _ in range(state.batch):
-            if next(iterator, None) is None:
-                return None
-        return iterator
-
     def _rederive_position(self, state: LoopState) -> None:
-        """A checkpoint of another world size or batch size: the same number of clips of the epoch
-        counts as consumed, in batches of this run's size; the stream (seeded per rank) is this run's,
-        so the sample order changes from here on, and the log says so once."""
+        """The position in the epoch as global samples consumed (`state.sample`; from the batch count of
+        a checkpoint that predates it). At another world size or batch size: in the global order the
+        epoch goes on at the same sample, the same samples as the uninterrupted run; in the resampled
+        order (seeded per rank) the same number of clips counts as consumed, and the order changes."""
         now = (self.info.world_size, self.cfg.data.batch_size)
         saved = (state.world_size, state.batch_size)
-        if state.world_size and saved != now and (state.step or state.batch):
-            clips = state.batch * state.world_size * state.batch_size
-            state.batch = clips // (now[0] * now[1])
-            if self.info.is_main:
-                print(
-                    f"resuming at another world size: the checkpoint was written by {saved[0]} rank(s) x "
-                    f"{saved[1]} clip(s), this run has {now[0]} x {now[1]}; weights, optimizer, scheduler "
-                    f"and step {state.step} are restored, and the data stream is re-derived for "
-                    f"{now[0]} rank(s), so the sample order changes from here on: epoch {state.epoch} goes "
-                    f"on after {clips} clips (batch {state.batch} of {self.data.per_epoch} per rank; "
-                    f"{self.total_steps} steps in all)",
-                    flush=True,
-                )
+        per_step = now[0] * now[1]
+        if state.sample < 0:
+            state.sample = state.batch * (saved[0] * saved[1] if state.world_size else per_step)
+        moved = state.world_size and saved != now and (state.step or state.batch)
+        if self.data.seek is None:
+            state.batch = state.sample // per_step
+            state.sample = state.batch * per_step
+        else:
+            state.batch = state.sample // per_step  # this run's batches of the epoch, for the record
+        if moved and self.info.is_main:
+            how = (
+                f"the global sample order goes on unchanged: epoch {state.epoch} resumes at sample {state.sample}"
+                if self.data.seek is not None
+                else f"the data stream is re-derived for {now[0]} rank(s), so the sample order changes from here "
+                f"on: epoch {state.epoch} goes on after {state.sample} clips (batch {state.batch} of "
+                f"{self.data.per_epoch} per rank)"
+            )
+            print(
+                f"resuming at another world size: the checkpoint was written by {saved[0]} rank(s) x "
+                f"{saved[1]} clip(s), this run has {now[0]} x {now[1]}; weights, optimizer, scheduler "
+                f"and step {state.step} are restored, and {how}; {self.total_steps} steps in all",
+                flush=True,
+            )
         state.world_size, state.batch_size = now
 
     def fit(self, state: LoopState) -> LoopState:
@@ -124,11 +143,14 @@ class Trainer:
         self._rederive_position(state)
         self._clock = self._last_log = (self.clock(), state.step)
         saved = state.step if state.step > 0 else -1  # a resumed run's step is in its checkpoint already
+        per_step = self.info.world_size * self.cfg.data.batch_size
+        interval = _Interval()
 
         def checkpoint(
             last: bool = False,
         ) -> None:  # once per step: a second save would replace a good folder
             nonlocal saved
+            start = time.perf_counter()
             if saved != state.step:
                 state.run_id = state.run_id or self.logger.run_id  # known late when the store was down
                 self.checkpointer.save(self.engine, state)
@@ -141,47 +163,41 @@ class Trainer:
                     {"train/checkpoint_bytes": report.bytes, "train/checkpoint_write_s": report.write_s},
                     report.step,
                 )
+            interval.paused += time.perf_counter() - start
 
-        while state.step < self.total_steps and state.epoch < train.epochs:
-            iterator = self._epoch_batches(state)
-            if iterator is None:
-                state.epoch += 1
-                state.batch = 0
+        batches = self.data.batches(state.epoch, state.sample, train.epochs, per_step)
+        while state.step < self.total_steps:
+            t0 = time.perf_counter()
+            item = next(batches, None)
+            interval.wait += time.perf_counter() - t0
+            if item is None:
+                break  # the last epoch is over
+            epoch, batch = item
+            if epoch != state.epoch:
+                state.epoch, state.batch, state.sample = epoch, 0, 0
+            state.batch += 1
+            state.sample += per_step
+            interval.frames += batch.num_frames * batch.batch_size * self.info.world_size
+            result = self.train_step(batch)
+            if not result.finite:
+                self._bad_step(state)
                 continue
-            step_start = time.perf_counter()
-            wait = 0.0
-            while state.step < self.total_steps:
-                t0 = time.perf_counter()
-                batch = next(iterator, None)
-                wait += time.perf_counter() - t0
-                if batch is None:
-                    break
-                state.batch += 1
-                result = self.train_step(batch)
-                if not result.finite:
-                    self._bad_step(state)
-                    continue
-                if result.grad_norm is None:  # inside a gradient-accumulation cycle
-                    continue
-                state.step += 1
-                state.bad_steps = 0
-                elapsed = time.perf_counter() - step_start
-                if state.step % train.log_every == 0 or state.step == 1:
-                    self._log(state, result, batch, elapsed, wait)
-                step_start, wait = time.perf_counter(), 0.0
-                if self.validator and self.validator.should_validate(state.step, self.total_steps):
-                    self._validate(state)
-                if state.step % train.checkpoint_every == 0:
-                    checkpoint()
-                if self.stop.should_stop():
-                    state.stopped = True
-                    checkpoint(last=True)
-                    return state
-            else:
-                break  # total steps reached inside the epoch
-            if state.step < self.total_steps:
-                state.epoch += 1
-                state.batch = 0
+            if result.grad_norm is None:  # inside a gradient-accumulation cycle
+                continue
+            state.step += 1
+            state.bad_steps = 0
+            if state.step % train.log_every == 0 or state.step == 1:
+                self._log(state, result, interval.take())
+            if self.validator and self.validator.should_validate(state.step, self.total_steps):
+                start = time.perf_counter()
+                self._validate(state)
+                interval.paused += time.perf_counter() - start
+            if state.step % train.checkpoint_every == 0:
+                checkpoint()
+            if self.stop.should_stop():
+                state.stopped = True
+                checkpoint(last=True)
+                return state
         checkpoint(last=True)
         return state
 
@@ -195,18 +211,16 @@ class Trainer:
                 f"lower optim.lr, check the data with `python -m shards verify`, or raise train.max_bad_steps"
             )
 
-    def _log(
-        self, state: LoopState, result: StepResult, batch: ClipBatch, elapsed: float, wait: float
-    ) -> None:
-        frames = batch.num_frames * batch.batch_size * self.info.world_size * self.engine.grad_accum
+    def _log(self, state: LoopState, result: StepResult, pace: tuple[float, float]) -> None:
+        frames_per_s, wait_share = pace
         metrics = {f"train/loss_{k}": float(v.detach()) for k, v in result.losses.items()}
         grad_norm = result.grad_norm
         metrics.update(
             {
                 "train/lr": self.engine.lr,
                 "train/grad_norm": grad_norm if grad_norm is not None and math.isfinite(grad_norm) else -1.0,
-                "train/frames_per_s": frames / max(elapsed, 1e-9),
-                "train/data_wait_share": wait / max(elapsed, 1e-9),
+                "train/frames_per_s": frames_per_s,
+                "train/data_wait_share": wait_share,
                 "train/skipped_samples": all_reduce(float(self.data.skipped())),
                 "train/skipped_steps": state.skipped_steps,
                 "train/epoch": state.epoch,
