@@ -143,3 +143,33 @@ def test_a_hung_rank_fails_the_others_within_dist_timeout_s(tmp_path):
     assert elapsed is not None and 4 <= elapsed <= 30, (
         elapsed
     )  # the 5 s timeout, not torch's 30-minute default
+
+
+FAILING_RANK = """
+import torch
+import torch.distributed as dist
+from autosam2.engine.dist import distributed
+with distributed("cpu", timeout_s=60) as info:
+    if info.rank == 1:
+        raise ValueError("shard train-007.tar is cut at sample seq9__00002")
+    dist.all_reduce(torch.ones(1))
+"""
+
+
+def test_a_rank_that_only_sees_another_go_names_that_ranks_error(tmp_path):
+    """Rank 1 stops on its own error; rank 0, waiting in a collective, says which error stopped it (the
+    failing rank leaves its first line in the group's store), so a job whose first failing task is rank
+    0 still shows the cause."""
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING_RANK)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [*TORCHRUN_2, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode != 0
+    lost = [line for line in (done.stdout + done.stderr).splitlines() if "RankLost: rank 0" in line]
+    assert lost, (done.stdout + done.stderr)[-3000:]
+    assert (
+        "another rank stopped, so this one stops too (rank 1: shard train-007.tar is cut at sample seq9__00002"
+        in lost[0]
+    )

@@ -228,8 +228,8 @@ def distributed(device_request: str = "auto", timeout_s: int = 600) -> Iterator[
     info = init_distributed(device_request, timeout_s)
     try:
         yield info
-    except RuntimeError as err:
-        if info.world_size > 1 and peer_lost(err):
+    except BaseException as err:
+        if info.world_size > 1 and isinstance(err, RuntimeError) and peer_lost(err):
             text = str(err).strip()
             here = text.splitlines()[0] if text else type(err).__name__
             if timed_out(err):
@@ -238,13 +238,52 @@ def distributed(device_request: str = "auto", timeout_s: int = 600) -> Iterator[
                     f"(it stopped, hangs or its host is gone), so this one stops too{_other_ranks(info.rank)} "
                     f"(here: {here})"
                 ) from err
+            said = _peer_errors(info)
+            why = (
+                f"{said}{_other_ranks(info.rank)}"
+                if said
+                else f"that rank's own error says why{_other_ranks(info.rank)}"
+            )
             raise RankLost(
-                f"rank {info.rank}: another rank stopped, so this one stops too (that rank's own error says "
-                f"why{_other_ranks(info.rank)}; here: {here})"
+                f"rank {info.rank}: another rank stopped, so this one stops too ({why}; here: {here})"
             ) from err
+        if info.world_size > 1 and not isinstance(err, RankLost):
+            _tell_peers(info, err)
         raise
     finally:
         cleanup()
+
+
+_ERROR_KEY = "autosam2/error/rank{}"
+
+
+def _tell_peers(info: DistInfo, err: BaseException) -> None:
+    """This rank's error, first line, left in the group's store before the rank goes, so the ranks that
+    only see it vanish can say why (a job's first failing task is often one of those)."""
+    text = str(err).strip()
+    line = (text.splitlines()[0] if text else type(err).__name__)[:500]
+    try:
+        dist.distributed_c10d._get_default_store().set(_ERROR_KEY.format(info.rank), line)
+    except Exception:  # noqa: BLE001 -- the store went with its host: the others say what they can
+        pass
+
+
+def _peer_errors(info: DistInfo, wait_s: float = 2.0) -> str:
+    """What the ranks that stopped left in the store (`_tell_peers`), e.g. ``rank 1: <its error>``."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001
+        return ""
+    keys = {r: _ERROR_KEY.format(r) for r in range(info.world_size) if r != info.rank}
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            found = {r: store.get(k).decode(errors="replace") for r, k in keys.items() if store.check([k])}
+        except Exception:  # noqa: BLE001 -- the store's host is the rank that went
+            return ""
+        if found or time.monotonic() > deadline:
+            return "; ".join(f"rank {r}: {line}" for r, line in sorted(found.items()))
+        time.sleep(0.1)
 
 
 @contextmanager
