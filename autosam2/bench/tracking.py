@@ -22,7 +22,7 @@ from autosam2.tracking import MLflowLogger
 # what the trainer logs every step (names as in MLflow; values do not matter here)
 STEP_METRICS = [
     "train/loss_total",
-    "train/loss_mask",
+    "train/loss_focal",
     "train/loss_dice",
     "train/loss_iou",
     "train/loss_presence",
