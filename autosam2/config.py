@@ -58,6 +58,11 @@ OnError = StrEnum("OnError", [("raise", "raise"), ("skip", "skip")], module=__na
 Order = StrEnum("Order", [("global", "global"), ("resample", "resample")], module=__name__)
 
 
+class FeatureCacheKind(StrEnum):
+    none = "none"
+    memory = "memory"  # the frozen image encoder's output per frame, in each rank's host memory
+
+
 class Precision(StrEnum):
     bf16 = "bf16"  # autocast over fp32 weights, on GPUs; CPU runs stay fp32
     fp32 = "fp32"
@@ -100,6 +105,10 @@ class DataConfig:
     shuffle_buffer: int = 64  # order=resample: samples in the shuffle buffer
     batches_per_epoch: int | None = None  # per rank; None: samples / (batch x ranks)
     on_error: OnError = OnError["raise"]
+    # memory: keep the frozen image encoder's output per frame, so a frame seen again costs no encoder
+    # pass (needs model.freeze.image_encoder and no augmentation but flips)
+    feature_cache: FeatureCacheKind = FeatureCacheKind.none
+    feature_cache_gb: float = 8.0  # host memory per rank; frames beyond it are encoded every time
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -180,6 +189,9 @@ class TrainConfig:
     validate_every: int = 500
     log_every: int = 10
     resume: str = "auto"  # auto: latest checkpoint in output_dir if any | none | a checkpoint folder
+    # a weights file (another run's final.pt or best.pt) to start from: its weights only, the optimizer,
+    # schedule and step start fresh (a curriculum's next stage); a checkpoint to resume from wins over it
+    init_from: str | None = None
     max_bad_steps: int = 5  # non-finite losses in a row before the run aborts
     valid_sequences: int | None = None  # validate on the first N sequences only
     # a collective that waits longer than this fails the job (gloo and NCCL): a dead or hung rank
@@ -298,6 +310,32 @@ def validate(cfg: Config) -> None:
         "train.epochs, checkpoint_every, keep_checkpoints, validate_every, log_every, dist_timeout_s and "
         "threads must be >= 1",
     )
+    if cfg.data.feature_cache == FeatureCacheKind.memory:
+        need(
+            cfg.model.freeze.image_encoder,
+            "data.feature_cache=memory keeps the frozen image encoder's output: it needs "
+            "model.freeze.image_encoder=true",
+        )
+        aug = cfg.data.augment
+        changed = {
+            "degrees": aug.degrees,
+            "translate": aug.translate,
+            "brightness": aug.brightness,
+            "contrast": aug.contrast,
+            "saturation": aug.saturation,
+        }
+        changed = {k: v for k, v in changed.items() if v != 0}
+        if aug.scale_min != 1 or aug.scale_max != 1:
+            changed |= {"scale_min": aug.scale_min, "scale_max": aug.scale_max}
+        need(
+            not aug.enabled or not changed,
+            "data.feature_cache=memory needs frames that reach the encoder unchanged but for flips: set "
+            + ", ".join(
+                f"data.augment.{k}={1 if k.startswith('scale') else 0} (got {v})" for k, v in changed.items()
+            )
+            + " or data.augment.enabled=false",
+        )
+        need(cfg.data.feature_cache_gb >= 0, "data.feature_cache_gb must be >= 0")
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
 

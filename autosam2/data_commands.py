@@ -18,6 +18,13 @@ def synth(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=256, help="frame side in pixels (default 256)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1, help="processes generating sequences (same data)")
+    p.add_argument(
+        "--hard",
+        action="store_true",
+        help="the hard split: episodes of 3-5 frames (heavy haze or blur, specular wash-out, low contrast) "
+        "that hide a present polyp, about one per 10 frames, each after two clear frames; every frame "
+        "labelled in synth.json",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
 
@@ -30,6 +37,7 @@ def synth(argv: list[str] | None = None) -> int:
         frames=args.frames,
         size=args.size,
         seed=args.seed,
+        hard=args.hard,
     )
     summary = write_dataset(args.out, spec, overwrite=args.overwrite, progress=True, workers=args.workers)
     share = summary["empty_frames"] / summary["frames"]

@@ -1,8 +1,12 @@
 """`autosam2 demo`: the whole mission on the embedded defaults, on the CPU, in minutes.
 
-Synthetic polyp videos -> validation -> WebDataset shards -> 2-process DDP training (hiera-t, 256 px,
-random-init SAM2) -> evaluation of the untrained and the trained model, in video (memory) and per-frame
-mode -> a per-sequence table, the comparison, and the `mlflow ui` command. Everything is in MLflow (SQLite).
+Synthetic polyp videos (the default set and the hard split) -> validation -> WebDataset shards -> a
+two-stage curriculum in 2-process DDP (hiera-t, 256 px, random-init SAM2, the frozen encoder's features
+cached): stage 1 frame by frame on the default set, stage 2 through SAM2's memory on the hard split from
+stage 1's weights -> evaluation of stage 1 per frame on the default set, and of stage 2 in video (memory)
+and per-frame mode on the hard split, with Dice and presence per kind of frame -> the tables, and the
+`mlflow ui` command. Everything is in
+MLflow (SQLite).
 """
 
 from __future__ import annotations
@@ -15,13 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
-from autosam2.data.codec import MASK_THRESHOLD
-from autosam2.metrics import frame_metrics
-
 EXPERIMENT = "autosam2-demo"
+STAGE2_CONFIG = "configs/cpu_demo_video.yaml"
 
 
 def _step(title: str) -> float:
@@ -34,59 +33,57 @@ def _run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
-def hard_frame_dice(root: Path, results: Path) -> dict[str, float]:
-    """Mean Dice (both-empty = 1) over the valid frames of each kind: hard episodes (blur/haze, the polyp
-    still there), partly occluded, and all others, from the masks `evaluate` wrote."""
-    events = json.loads((root / "synth.json").read_text())["events"]
-    groups: dict[str, list[float]] = {"blur_or_haze": [], "occluded": [], "other": []}
-    for seq in (root / "valid" / "val_list.txt").read_text().split():
-        for i, event in enumerate(events[seq]):
-            name = f"frame{i + 1}"
-            gt = (
-                np.asarray(Image.open(root / "valid" / "masks" / seq / f"{name}.jpg").convert("L"))
-                > MASK_THRESHOLD
-            )
-            pred = np.asarray(Image.open(results / "masks" / seq / f"{name}.png")) > 0
-            dice = frame_metrics(pred.astype(np.float32), gt)["dice"]
-            if event["episode"] and event["visible"]:
-                groups["blur_or_haze"].append(dice)
-            elif event["occluded"] > 0.05:
-                groups["occluded"].append(dice)
-            else:
-                groups["other"].append(dice)
-    return {k: float(np.mean(v)) if v else float("nan") for k, v in groups.items()} | {
-        f"{k}_frames": len(v) for k, v in groups.items()
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="autosam2 demo", description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("demo"))
-    parser.add_argument("--config", default="configs/cpu_demo.yaml")
+    parser.add_argument("--config", default="configs/cpu_demo.yaml", help="stage 1 (frame mode)")
+    parser.add_argument("--video-config", default=STAGE2_CONFIG, help="stage 2 (through memory)")
     parser.add_argument("--nproc", type=int, default=2, help="training processes (DDP on the CPU)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides for the training config")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides for both stages' configs")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
     out = args.out.resolve()
     root, shards, run = out / "polyp_gen", out / "shards", out / "run"
+    hard_root, hard_shards, video_run = out / "polyp_gen_hard", out / "shards_hard", out / "run_video"
     _data(root, shards)
-    _train(args, shards, run)
-    summaries = _evaluate(root, shards, run, out / "results")
-    _summary(summaries, f"sqlite:///{run}/mlflow.db", out)
+    _data(hard_root, hard_shards, hard=True)
+    _train(args, args.config, shards, run, "train")
+    uri = f"sqlite:///{run}/mlflow.db"
+    start_from = f"train.init_from={run / 'final.pt'}"
+    _train(args, args.video_config, hard_shards, video_run, "train_video", start_from, f"tracking.uri={uri}")
+    default = _evaluate(
+        root,
+        shards,
+        out / "results",
+        uri,
+        [("stage 1, per frame", run / "final.pt", "frame")],
+    )
+    hard = _evaluate(
+        hard_root,
+        hard_shards,
+        out / "results_hard",
+        uri,
+        [
+            ("stage 2, video (memory)", video_run / "final.pt", "video"),
+            ("stage 2, per frame", video_run / "final.pt", "frame"),
+        ],
+    )
+    _summary("the default set (stage 1: frame mode)", default)
+    _summary("the hard split (stage 2: through memory, from stage 1)", hard)
+    print(f"\nmlflow ui --backend-store-uri {uri} --port 5000    # then open http://127.0.0.1:5000")
+    print(f"overlays (GIF per valid sequence): {out / 'results_hard' / 'final-video' / 'overlays'}")
     print(f"demo finished in {(time.perf_counter() - start) / 60:.1f} minutes")
     return 0
 
 
-def _data(root: Path, shards: Path) -> None:
+def _data(root: Path, shards: Path, hard: bool = False) -> None:
     """Synthetic videos, checked, then sharded and verified as a user would."""
     python = sys.executable
-    t = _step("synthetic polyp videos")
-    _run([python, "-m", "autosam2.cli", "synth", "--out", str(root), "--overwrite"])
+    t = _step(f"synthetic polyp videos{', the hard split' if hard else ''}")
+    synth = [python, "-m", "autosam2.cli", "synth", "--out", str(root), "--overwrite", "--workers", "2"]
+    _run([*synth, *(["--hard"] if hard else [])])
     _run([python, "-m", "autosam2.cli", "validate", str(root)])
-    print(f"({time.perf_counter() - t:.0f} s)")
-
-    t = _step("WebDataset shards")
     for split in ("train", "valid"):
         build = [python, "-m", "shards", "build", str(root), "--split", split, "--out", str(shards / split)]
         _run([*build, "--frames-per-sample", "8", "--max-shard-mb", "0.3", "--overwrite"])
@@ -94,60 +91,73 @@ def _data(root: Path, shards: Path) -> None:
     print(f"({time.perf_counter() - t:.0f} s)")
 
 
-def _train(args: argparse.Namespace, shards: Path, run: Path) -> None:
-    t = _step(f"training: {args.nproc} processes, DDP on the CPU")
+def _train(args: argparse.Namespace, config: str, shards: Path, run: Path, name: str, *extra: str) -> None:
+    """One stage into `run`; `extra` overrides before the user's (stage 2: where to start from, and
+    the first stage's MLflow store, so the demo's runs sit side by side)."""
+    t = _step(f"training ({name}, {config}): {args.nproc} processes, DDP on the CPU")
     shutil.rmtree(run, ignore_errors=True)  # a fresh run: the demo measures learning from step 0
     overrides = [
         f"data.train={shards / 'train'}",
         f"data.valid={shards / 'valid'}",
         f"train.output_dir={run}",
         f"tracking.experiment={EXPERIMENT}",
-        "tracking.run_name=train",
+        f"tracking.run_name={name}",
+        *extra,
         *args.overrides,
     ]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
-    _run([*torchrun, str(args.nproc), "-m", "autosam2.cli", "train", "--config", args.config, *overrides])
+    _run([*torchrun, str(args.nproc), "-m", "autosam2.cli", "train", "--config", config, *overrides])
     print(f"({time.perf_counter() - t:.0f} s)")
 
 
-def _evaluate(root: Path, shards: Path, run: Path, results: Path) -> dict[str, tuple[dict, dict]]:
-    """The untrained and the trained model, in video and per-frame mode: metrics and hard-frame Dice."""
-    t = _step("evaluation on the valid sequences")
+def _evaluate(
+    root: Path, shards: Path, results: Path, uri: str, models: list[tuple[str, Path, str]]
+) -> dict[str, tuple[dict, dict]]:
+    """Each (label, weights, mode) on the valid sequences: metrics, and Dice and presence per frame kind."""
+    t = _step(f"evaluation on the valid sequences of {root.name}")
     summaries = {}
-    for label, weights, mode in (
-        ("untrained", "initial.pt", "video"),
-        ("trained, video (memory)", "final.pt", "video"),
-        ("trained, per frame", "final.pt", "frame"),
-    ):
-        target = results / f"{weights.removesuffix('.pt')}-{mode}"
-        evaluate = [sys.executable, "-m", "autosam2.cli", "evaluate", "--weights", str(run / weights)]
+    for label, weights, mode in models:
+        target = results / f"{weights.stem}-{mode}"
+        evaluate = [sys.executable, "-m", "autosam2.cli", "evaluate", "--weights", str(weights)]
         evaluate += ["--data", str(shards / "valid"), "--output-dir", str(target), "--mode", mode, "--cpu"]
         evaluate += [
+            "--episodes",
+            str(root),
             "--tracking-uri",
-            f"sqlite:///{run}/mlflow.db",
+            uri,
             "--experiment",
             EXPERIMENT,
             "--overwrite",
         ]
         _run(evaluate)
-        summaries[label] = (json.loads((target / "metrics.json").read_text()), hard_frame_dice(root, target))
+        metrics = json.loads((target / "metrics.json").read_text())
+        summaries[label] = (metrics, metrics["episodes"])
     print(f"({time.perf_counter() - t:.0f} s)")
     return summaries
 
 
-def _summary(summaries: dict[str, tuple[dict, dict]], uri: str, out: Path) -> None:
-    print("\n== summary")
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _summary(title: str, summaries: dict[str, tuple[dict, dict]]) -> None:
+    print(f"\n== summary: {title}")
     print(
-        f"{'model':<26} {'dice':>6} {'iou':>6} {'S-measure':>9} {'mean E':>7}   dice on: {'blur/haze':>9} {'occluded':>8} {'other':>6}"
+        f"{'model':<24} {'dice':>6} {'iou':>6} {'S-measure':>9} {'mean E':>7}   dice on: {'hidden':>6} "
+        f"{'occluded':>8} {'clear':>6}   presence acc. (hidden)"
     )
-    for label, (metrics, hard) in summaries.items():
+    for label, (metrics, kinds) in summaries.items():
         m = metrics["summary"]
         print(
-            f"{label:<26} {m['dice']:6.3f} {m['iou']:6.3f} {m['s_measure']:9.3f} {m['e_measure']:7.3f}   {'':8} {hard['blur_or_haze']:9.3f} {hard['occluded']:8.3f} {hard['other']:6.3f}"
+            f"{label:<24} {m['dice']:6.3f} {m['iou']:6.3f} {m['s_measure']:9.3f} {m['e_measure']:7.3f}   "
+            f"{'':8} {_figure(kinds['hidden']['dice']):>6} {_figure(kinds['occluded']['dice']):>8} "
+            f"{_figure(kinds['clear']['dice']):>6}   {_figure(kinds['all']['presence_accuracy']):>13} "
+            f"({_figure(kinds['hidden']['presence_accuracy'])})"
         )
-    frames = summaries["trained, video (memory)"][1]
+    kinds = next(iter(summaries.values()))[1]
+    hidden = ", ".join(f"{kinds[k]['frames']} {k}" for k in ("haze", "blur", "specular", "low_contrast"))
     print(
-        f"(hard-episode frames: {frames['blur_or_haze_frames']}, occluded: {frames['occluded_frames']}, others: {frames['other_frames']})"
+        f"(valid frames: {kinds['hidden']['frames']} with the polyp there but hidden ({hidden}), "
+        f"{kinds['occluded']['frames']} partly occluded, {kinds['clear']['frames']} clear, "
+        f"{kinds['absent']['frames']} polyp-free)"
     )
-    print(f"\nmlflow ui --backend-store-uri {uri} --port 5000    # then open http://127.0.0.1:5000")
-    print(f"overlays (GIF per valid sequence): {out / 'results' / 'final-video' / 'overlays'}")

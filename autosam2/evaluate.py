@@ -61,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "cpu", "cuda"],
         help="where a polyp_gen root's JPEG frames are decoded (auto: on the GPU when evaluating on one)",
     )
+    parser.add_argument(
+        "--episodes",
+        default=None,
+        metavar="ROOT",
+        help="a synthetic polyp_gen root (`autosam2 synth`, the set --data was sharded from): Dice and "
+        "presence accuracy per kind of frame (hidden by haze, blur, glare, low contrast; occluded; "
+        "polyp-free; clear) from its synth.json, in metrics.json and MLflow",
+    )
     parser.add_argument("--no-overlays", action="store_true")
     parser.add_argument(
         "--tracking-uri", default=None, help="MLflow URI (default: SQLite in the output directory)"
@@ -93,6 +101,7 @@ def _evaluate(args: argparse.Namespace, info) -> int:
         gather_objects,
     )
     from autosam2.errors import DatasetError
+    from autosam2.eval.episodes import episode_scores, print_episodes, read_events
     from autosam2.eval.inference import evaluate_sequences
     from autosam2.eval.report import PredictionWriter, print_table, write_metrics
     from autosam2.metrics import MetricAccumulator
@@ -111,6 +120,7 @@ def _evaluate(args: argparse.Namespace, info) -> int:
     decode = {"auto": device if device.type == "cuda" else None, "cpu": None, "cuda": device}
     configure_backends(TrainConfig.cudnn_benchmark, TrainConfig.tf32)
     configure_threads()  # the training rule: SLURM's --cpus-per-task, OMP_NUM_THREADS, or the cores
+    events = read_events(args.episodes) if args.episodes else None  # a bad root fails before the work
     model, _ = load_trained_model(args.weights, args.checkpoint, device, compile=args.compile)
     with atomic_directory(out, overwrite=args.overwrite) if info.is_main else nullcontext() as tmp:
         tmp = Path(broadcast_object(str(tmp) if info.is_main else None))
@@ -138,12 +148,24 @@ def _evaluate(args: argparse.Namespace, info) -> int:
         extra = {**_described(args), "ranks": info.world_size, "frames": metrics.frame_counts()}
         if args.metric_mode == "sunseg":  # the toolbox's figures under its names, as `score` writes them
             extra["toolbox"] = metrics.toolbox_summary()
+        if info.is_main and events is not None:
+            gt = Path(args.episodes) / args.split / "masks"
+            extra["episodes"] = episode_scores(events, gt, tmp / "masks", sorted(per_sequence))
         if info.is_main:
             write_metrics(tmp, per_sequence, summary, extra)
     if not info.is_main:
         return 0
     print_table(per_sequence, summary)
-    _log(args, out, {**summary, **extra.get("toolbox", {})}, info.world_size)
+    kinds = {}
+    if "episodes" in extra:
+        print_episodes(extra["episodes"])
+        kinds = {
+            f"{figure}_{group}": score[figure]
+            for group, score in extra["episodes"].items()
+            for figure in ("dice", "presence_accuracy")
+            if score["frames"]
+        }
+    _log(args, out, {**summary, **extra.get("toolbox", {}), **kinds}, info.world_size)
     print(
         f"wrote {out}: masks/, soft/, {'overlays/, ' if not args.no_overlays else ''}metrics.json, metrics.csv "
         f"({len(per_sequence)} sequences over {info.world_size} rank(s))"

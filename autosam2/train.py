@@ -11,7 +11,7 @@ import argparse
 import os
 from pathlib import Path
 
-from autosam2.config import Config, Dataset, EngineKind, load_config
+from autosam2.config import Config, Dataset, EngineKind, FeatureCacheKind, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,15 +92,17 @@ def _run(cfg: Config, info):
         barrier,
         configure_backends,
         configure_threads,
+        gather_objects,
         seed_everything,
         stop_when_launcher_gone,
     )
-    from autosam2.engine.engines import build_engine
+    from autosam2.engine.engines import build_engine, use_autocast
     from autosam2.engine.run_lock import take_output_dir
     from autosam2.engine.trainer import Trainer
     from autosam2.engine.validator import Validator
+    from autosam2.model.feature_cache import FeatureCache
     from autosam2.model.sam2_builder import build_autosam2
-    from autosam2.model.weights import RunWeights
+    from autosam2.model.weights import RunWeights, init_from_weights
 
     stop = StopSignal()  # early: a signal during set-up must not kill the job uncheckpointed
     stop_when_launcher_gone(stop, info.rank)
@@ -114,6 +116,14 @@ def _run(cfg: Config, info):
 
     # everything read before anything is written: a bad checkpoint or data set leaves no output behind
     model = build_autosam2(cfg.model, info.device)
+    if cfg.train.init_from:
+        extra = init_from_weights(model, cfg.train.init_from, cfg.model)
+        if info.is_main:
+            print(
+                f"initialised from {cfg.train.init_from} (step {extra.get('step', '?')} of its run): its "
+                "weights only; optimizer, schedule and step start fresh",
+                flush=True,
+            )
     data = training_batches(
         cfg.data, cfg.model.image_size, cfg.train.seed, info.rank, info.world_size, info.device.type == "cuda"
     )
@@ -126,6 +136,11 @@ def _run(cfg: Config, info):
             flush=True,
         )
     engine = build_engine(model, cfg, total_steps, info)
+    features = None
+    if cfg.data.feature_cache == FeatureCacheKind.memory:
+        autocast = use_autocast(cfg.train.precision, info.device)
+        share = gather_objects if info.world_size > 1 else None
+        features = FeatureCache(model.image_encoder, int(cfg.data.feature_cache_gb * 1e9), autocast, share)
 
     lock = take_output_dir(out, info)
     try:
@@ -136,7 +151,9 @@ def _run(cfg: Config, info):
         if state.step == 0:  # the model before its first step: the baseline to compare with
             weights.save("initial.pt", 0)
         validator = Validator(cfg, engine.module, info, logger, out, weights)
-        trainer = Trainer(cfg, engine, data, total_steps, checkpointer, logger, info, validator, stop)
+        trainer = Trainer(
+            cfg, engine, data, total_steps, checkpointer, logger, info, validator, stop, features
+        )
         try:
             state = trainer.fit(state)
         except BaseException:

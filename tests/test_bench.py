@@ -65,6 +65,10 @@ def test_bench_train_compares_the_trainer_with_a_bare_step(capsys):
         abs(report["ratio_trainer_over_bare"] - steps["full_trainer"] / steps["bare_forward_backward"]) < 0.01
     )
     assert report["target"]["met"] == (report["ratio_trainer_over_bare"] <= 1.10)
+    cache = report["feature_cache"]
+    through, cached = cache["step_s"]["through_encoder"], cache["step_s"]["cached"]
+    assert 0 < cached < through  # hiera-t's encoder is most of a CPU step
+    assert abs(cache["ratio_encoder_over_cached"] - through / cached) < 0.01
 
 
 def test_bench_infer_reports_streaming_against_the_encoder_and_evaluate_against_streaming(capsys):

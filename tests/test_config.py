@@ -44,6 +44,18 @@ def test_yaml_file_then_overrides(tmp_path):
         (["data.on_error=ignore"], "data.on_error must be raise or skip"),
         (["train.device=gpu"], "train.device must be auto, cpu, cuda or cuda:N"),
         (["nonsense"], "expected key=value"),
+        (
+            ["data.feature_cache=memory", "model.freeze.image_encoder=false"],
+            "data.feature_cache=memory keeps the frozen image encoder's output: it needs "
+            "model.freeze.image_encoder=true",
+        ),
+        (
+            ["data.feature_cache=memory", "data.augment.degrees=0", "data.augment.translate=0"],
+            "set data.augment.brightness=0 (got 0.2), data.augment.contrast=0 (got 0.2), "
+            "data.augment.saturation=0 (got 0.2), data.augment.scale_min=1 (got 0.85), "
+            "data.augment.scale_max=1 (got 1.15) or data.augment.enabled=false",
+        ),
+        (["data.feature_cache=disk"], "data.feature_cache must be none or memory, got 'disk'"),
     ],
 )
 def test_bad_config_is_refused_with_one_clear_error(overrides, message):
@@ -79,3 +91,11 @@ def test_a_section_from_plain_values_is_checked_like_a_file():
         section_from_dict(ModelConfig, {"variant": "nope"}, "w.pt")
     with pytest.raises(ConfigError, match=r"w\.pt: tokens: Key 'tokens' not in 'ModelConfig'"):
         section_from_dict(ModelConfig, {"tokens": 8}, "w.pt")
+
+
+def test_the_feature_cache_takes_flip_only_or_unaugmented_training():
+    flips = [f"data.augment.{k}=0" for k in ("degrees", "translate", "brightness", "contrast", "saturation")]
+    flips += ["data.augment.scale_min=1", "data.augment.scale_max=1", "data.feature_cache=memory"]
+    assert load_config(None, flips).data.augment.hflip == 0.5
+    plain = load_config(None, ["data.feature_cache=memory", "data.augment.enabled=false"])
+    assert plain.data.feature_cache == "memory"

@@ -132,6 +132,9 @@ def test_freezing_is_configurable_per_part():
         p.grad is None for p in model.image_encoder.parameters()
     )
     assert model.sam_mask_decoder.training and not model.image_encoder.training
+    # what DDP needs without find_unused_parameters: every trainable parameter takes part in a video step
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    assert not model.no_mem_pos_enc.requires_grad and not model.mask_downsample.weight.requires_grad
 
 
 @pytest.mark.slow

@@ -1,10 +1,12 @@
 """`autosam2 synth`: deterministic, polyp-like, moving, with polyp-free, occluded and hard frames."""
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image, ImageFilter
 
 from autosam2.cli import main
 from autosam2.data import synthetic
@@ -138,3 +140,46 @@ def test_the_dataset_is_the_same_whatever_the_number_of_workers(tmp_path):
         p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file()
     )
     assert all((tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes() for f in files)
+
+
+def _contrast(frame: np.ndarray, mask: np.ndarray) -> float:
+    """How far the polyp stands out: its mean colour against a ring of tissue around it."""
+    grown = Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(13))
+    ring = (np.asarray(grown) > 128) & ~mask
+    return float(np.abs(frame[mask].astype(float).mean(0) - frame[ring].astype(float).mean(0)).sum())
+
+
+def test_the_hard_split_hides_a_present_polyp_in_labelled_episodes(tmp_path):
+    spec = SynthSpec(size=128, hard=True)
+    hidden, clear, kinds = [], [], set()
+    for index in range(4):
+        seq = generate_sequence("s", "valid", index, spec)
+        labels = [synthetic.frame_kind(e) for e in seq.events]
+        assert set(labels) <= set(synthetic.FRAME_KINDS)
+        assert "absent" in labels and not any(
+            seq.masks[i].any() for i, k in enumerate(labels) if k == "absent"
+        )
+        for i, kind in enumerate(labels):
+            if kind in synthetic.HIDING:
+                kinds.add(kind)
+                assert seq.masks[i].sum() > 20, (index, i, kind)  # present, the mask unchanged
+                hidden.append(_contrast(seq.frames[i], seq.masks[i]))
+                if labels[i - 1] not in synthetic.HIDING:  # an episode starts after two frames in view
+                    assert labels[i - 1] != "absent" and labels[i - 2] != "absent", (index, labels)
+            elif kind == "clear" and seq.masks[i].sum() > 20:
+                clear.append(_contrast(seq.frames[i], seq.masks[i]))
+    assert kinds == set(synthetic.HIDING)
+    assert np.median(hidden) < 0.5 * np.median(clear), (np.median(hidden), np.median(clear))
+    again = generate_sequence("s", "valid", 0, spec)
+    first = generate_sequence("s", "valid", 0, spec)
+    assert all(np.array_equal(a, b) for a, b in zip(again.frames, first.frames, strict=True))
+    default = generate_sequence("s", "valid", 0, SynthSpec(size=128))
+    assert not np.array_equal(default.frames[0], first.frames[0])  # its own draws, the default set untouched
+
+
+def test_synth_writes_the_hard_split_with_its_labels(tmp_path, capsys):
+    assert main(["synth", "--out", str(tmp_path / "h"), "--sequences", "2", "--size", "64", "--hard"]) == 0
+    written = json.loads((tmp_path / "h" / "synth.json").read_text())
+    assert written["spec"]["hard"] is True
+    labels = {synthetic.frame_kind(e) for seq in written["events"].values() for e in seq}
+    assert labels & set(synthetic.HIDING)

@@ -137,10 +137,12 @@ def test_ddp_two_processes_train_checkpoint_log_and_evaluate(train_data, tmp_pat
             str(results),
             "--batch-size",
             "4",
+            "--episodes",
+            str(train_data["root"]),
         ],
         env=ONE_THREAD,
     )
-    assert "mean" in evaluated.stdout
+    assert "mean" in evaluated.stdout and "presence acc." in evaluated.stdout
     for seq in ("seq5", "seq6"):
         assert sorted(p.name for p in (results / "masks" / seq).iterdir()) == sorted(
             f"frame{i}.png" for i in range(1, 9)
@@ -162,6 +164,8 @@ def test_ddp_two_processes_train_checkpoint_log_and_evaluate(train_data, tmp_pat
         str(train_data["valid"]),
         "--batch-size",
         "4",
+        "--episodes",
+        str(train_data["root"]),
     ]
     evaluate = ["-m", "autosam2.cli", "evaluate", *evaluate_args, "--output-dir", str(shared)]
     two = run([*TORCHRUN_2, *evaluate], env=ONE_THREAD)  # torchrun's thread count, for equal float sums
@@ -169,6 +173,11 @@ def test_ddp_two_processes_train_checkpoint_log_and_evaluate(train_data, tmp_pat
     one_json, two_json = (json.loads((d / "metrics.json").read_text()) for d in (results, shared))
     assert two_json["ranks"] == 2 and one_json["ranks"] == 1
     assert two_json["summary"] == one_json["summary"] and two_json["per_sequence"] == one_json["per_sequence"]
+    # the per-kind figures of the synthetic set's labels: every valid frame once, whichever rank made it
+    assert one_json["episodes"]["all"]["frames"] == 16 and two_json["episodes"] == one_json["episodes"]
+    assert (
+        sum(one_json["episodes"][k]["frames"] for k in ("clear", "occluded", "absent", "blur", "haze")) == 16
+    )
     for seq in ("seq5", "seq6"):
         for mask in (results / "masks" / seq).iterdir():
             assert (shared / "masks" / seq / mask.name).read_bytes() == mask.read_bytes()
@@ -213,6 +222,28 @@ def test_deepspeed_zero2_two_processes(train_data, tmp_path):
     assert "Resume with 2 ranks" in alone.stderr and "Traceback" not in alone.stderr
 
 
+def stop_and_resume(cmd: list[str], out: Path, at: int, steps: int) -> subprocess.CompletedProcess:
+    """Run `cmd`, stop both ranks with SLURM's signal once step `at` is logged, then run it again: the
+    resumed run's result, checked to have resumed from the stopped one's checkpoint."""
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(f"step {at}/{steps}"):
+            for rank in psutil.Process(proc.pid).children():  # the two ranks, as SLURM signals every task
+                rank.send_signal(signal.SIGUSR2)
+    assert proc.wait(timeout=300) == 0, "".join(lines)[-4000:]
+    stopped = [line for line in lines if line.startswith("stopped by signal at step")]
+    assert stopped and not (out / "final.pt").exists(), "".join(lines)[-3000:]
+    k = int(stopped[0].split("step ")[1].split(";")[0])
+    assert at <= k < steps
+    resumed = run(cmd)
+    assert f"resumed from {out / 'checkpoints' / f'step_{k:08d}'} at step {k}" in resumed.stdout
+    return resumed
+
+
 @pytest.mark.slow
 def test_stopped_and_resumed_run_ends_with_the_same_weights(train_data, tmp_path):
     settings = {"train.max_steps": 6, "train.checkpoint_every": 100, "train.validate_every": 100}
@@ -220,23 +251,7 @@ def test_stopped_and_resumed_run_ends_with_the_same_weights(train_data, tmp_path
     run([*TORCHRUN, *train_overrides(train_data, whole, **settings)])
 
     parted = tmp_path / "parted"
-    cmd = [*TORCHRUN, *train_overrides(train_data, parted, **settings)]
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("step 2/6"):
-            for rank in psutil.Process(proc.pid).children():  # the two ranks, as SLURM signals every task
-                rank.send_signal(signal.SIGUSR2)
-    assert proc.wait(timeout=300) == 0, "".join(lines)[-4000:]
-    stopped = [line for line in lines if line.startswith("stopped by signal at step")]
-    assert stopped and not (parted / "final.pt").exists(), "".join(lines)[-3000:]
-    k = int(stopped[0].split("step ")[1].split(";")[0])
-    assert 2 <= k < 6
-    resumed = run([*TORCHRUN, *train_overrides(train_data, parted, **settings)])
-    assert f"resumed from {parted / 'checkpoints' / f'step_{k:08d}'} at step {k}" in resumed.stdout
+    stop_and_resume([*TORCHRUN, *train_overrides(train_data, parted, **settings)], parted, 2, 6)
 
     a, b = weights(whole / "final.pt"), weights(parted / "final.pt")
     assert a.keys() == b.keys()
@@ -317,3 +332,30 @@ def test_training_goes_on_when_tracking_fails(train_data, tmp_path):
     assert (out / "final.pt").exists() and "step 1/1" in result.stdout
     assert "127.0.0.1:9" in result.stderr
     assert time.monotonic() - start < 180
+
+
+@pytest.mark.slow
+def test_a_feature_cached_run_stopped_and_resumed_trains_what_the_encoder_would(train_data, tmp_path):
+    """Two ranks, frames un-augmented: the cache (empty again after the resume) feeds the model the
+    encoder's own numbers, so the weights are those of a run that encodes every frame."""
+    settings = {
+        "train.max_steps": 8,
+        "train.checkpoint_every": 100,
+        "train.validate_every": 100,
+        "data.augment.enabled": "false",
+        "model.clip_mode": "frame",
+    }
+    encoded = tmp_path / "encoded"
+    run([*TORCHRUN, *train_overrides(train_data, encoded, **settings)])
+    cached = tmp_path / "cached"
+    cmd = [*TORCHRUN, *train_overrides(train_data, cached, **settings, **{"data.feature_cache": "memory"})]
+    stop_and_resume(cmd, cached, 3, 8)
+
+    a, b = weights(encoded / "final.pt"), weights(cached / "final.pt")
+    assert a.keys() == b.keys()
+    assert max(float((a[key] - b[key]).abs().max()) for key in a) <= 1e-6
+    client = mlflow.MlflowClient(f"sqlite:///{cached}/mlflow.db")
+    (run_info,) = client.search_runs([client.get_experiment_by_name("autosam2").experiment_id])
+    hits = client.get_metric_history(run_info.info.run_id, "train/feature_cache_hit_rate")
+    assert sorted(m.step for m in hits) == list(range(1, 9)) and max(m.value for m in hits) > 0
+    assert all(m.value > 0 for m in client.get_metric_history(run_info.info.run_id, "train/feature_cache_gb"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import time
 
 import pytest
 
@@ -89,3 +90,32 @@ def test_the_logged_data_wait_and_frames_per_s_cover_the_whole_interval_epoch_st
     assert logged[6]["train/data_wait_share"] > 0.4 / wall  # the 0.4 s wait at epoch 1's start is in it
     frames = 3 * 2  # three 2-frame batches of one clip since the step-3 line
     assert logged[6]["train/frames_per_s"] < frames / 0.4  # the interval's time, the wait included
+
+
+class SlowValidation:
+    """Validates every 2 steps and takes 0.3 s doing it."""
+
+    def __init__(self):
+        self.steps: list[int] = []
+
+    def should_validate(self, step, total_steps):
+        return step % 2 == 0
+
+    def validate(self, step):
+        self.steps.append(step)
+        time.sleep(0.3)
+        return None
+
+    def save_best(self, step, summary): ...
+
+
+def test_the_training_wall_time_at_each_validation_leaves_the_validations_out(tmp_path):
+    trainer, logger = make_trainer(tmp_path, TinyModel(), steps=6)
+    trainer.validator = SlowValidation()
+    started = time.perf_counter()
+    trainer.fit(LoopState())
+    whole = time.perf_counter() - started
+    wall = [(step, m["train/wall_s"]) for step, m in logger.metrics if "train/wall_s" in m]
+    assert [step for step, _ in wall] == [2, 4, 6] == trainer.validator.steps
+    assert all(a < b for (_, a), (_, b) in zip(wall, wall[1:], strict=False))
+    assert wall[-1][1] < whole - 0.6  # the two validations before the last are not counted

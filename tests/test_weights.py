@@ -10,7 +10,13 @@ import torch
 from autosam2.config import ModelConfig
 from autosam2.errors import CheckpointError
 from autosam2.model.sam2_builder import build_autosam2, save_sam2_checkpoint
-from autosam2.model.weights import RunWeights, load_trained_model, read_weights, save_weights
+from autosam2.model.weights import (
+    RunWeights,
+    init_from_weights,
+    load_trained_model,
+    read_weights,
+    save_weights,
+)
 from tests.helpers import TinyModel
 
 SMALL = ModelConfig(image_size=64)
@@ -94,3 +100,28 @@ def test_weights_on_a_full_disk_name_the_file_and_leave_no_temp(tmp_path, monkey
     with pytest.raises(CheckpointError, match=r"best\.pt: no space left on device writing weights"):
         save_weights(tmp_path / "best.pt", TinyModel(), SMALL, full=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_next_stage_starts_from_the_last_ones_weights_and_refuses_another_model(tmp_path):
+    stage1 = _trained(SMALL)
+    save_weights(tmp_path / "final.pt", stage1, SMALL, full=True, extra={"step": 240})
+    video = ModelConfig(image_size=64, clip_mode="video")  # the next stage: another mode, the same model
+    torch.manual_seed(9)
+    stage2 = build_autosam2(video)
+    assert init_from_weights(stage2, tmp_path / "final.pt", video) == {"step": 240}
+    mine, theirs = stage1.state_dict(), stage2.state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+    bigger = ModelConfig(image_size=128)
+    with pytest.raises(
+        CheckpointError, match=r"final\.pt: trained another model: image_size 64 \(this run: 128\)"
+    ):
+        init_from_weights(build_autosam2(bigger), tmp_path / "final.pt", bigger)
+    torch.manual_seed(2)
+    save_sam2_checkpoint(build_autosam2(SMALL), tmp_path / "sam2.pt")
+    from_sam2 = ModelConfig(image_size=64, checkpoint=str(tmp_path / "sam2.pt"))
+    save_weights(tmp_path / "partial.pt", _trained(from_sam2), from_sam2, full=False)
+    with pytest.raises(
+        CheckpointError, match=r"partial\.pt: holds the trained parts only.*model\.checkpoint="
+    ):
+        init_from_weights(build_autosam2(SMALL), tmp_path / "partial.pt", SMALL)

@@ -8,6 +8,7 @@ synthetic shards at its image size); on a GPU the peak memory and an MFU estimat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import statistics
 import tempfile
@@ -28,6 +29,7 @@ from autosam2.engine.checkpoint import Checkpointer, LoopState, StopSignal
 from autosam2.engine.dist import DistInfo, single_process_group
 from autosam2.engine.engines import build_engine
 from autosam2.engine.trainer import Trainer
+from autosam2.model.feature_cache import FeatureCache
 from autosam2.model.sam2_builder import build_autosam2
 from autosam2.tracking import MetricLogger, NullLogger, default_tracking_uri, make_logger
 
@@ -107,11 +109,24 @@ def _config(args: argparse.Namespace, shards: Path, out: Path) -> Config:
     return load_config(args.config, overrides + list(args.overrides))
 
 
-def _trainer(cfg: Config, info: DistInfo, steps: int, data: TrainingBatches, out: Path, logger) -> Trainer:
+def _trainer(
+    cfg: Config, info: DistInfo, steps: int, data: TrainingBatches, out: Path, logger, cached: bool = False
+) -> Trainer:
     torch.manual_seed(0)
     model = build_autosam2(cfg.model, info.device).train()
     engine = build_engine(model, cfg, steps, info)
-    return Trainer(cfg, engine, data, steps, Checkpointer(out, info), logger, info, stop=StopSignal(()))
+    features = FeatureCache(model.image_encoder, 2**40) if cached else None
+    return Trainer(
+        cfg,
+        engine,
+        data,
+        steps,
+        Checkpointer(out, info),
+        logger,
+        info,
+        stop=StopSignal(()),
+        features=features,
+    )
 
 
 def _peak_flops(device: torch.device, given: float | None) -> float | None:
@@ -170,6 +185,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 torch.cuda.empty_cache()
             return times[1:]  # the first step warms caches
 
+        def plain_steps(cached: bool) -> list[float]:
+            """Steps on the clip as it left the loader (no augmentation: what the feature cache takes),
+            through the image encoder or from a cache that holds the clip's frames after the first."""
+            trainer = _trainer(
+                cfg, info, steps, TrainingBatches(lambda epoch: [], 0), out, NullLogger(), cached
+            )
+            plain = dataclasses.replace(clip, augment=None)
+            times = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                trainer.train_step(plain)
+                sync(device)
+                times.append(time.perf_counter() - start)
+            del trainer
+            gc.collect()
+            return times[1:]
+
+        encoded, cached = plain_steps(False), plain_steps(True)
         bare = bare_steps(measure=True)
         data = training_batches(cfg.data, size, cfg.train.seed, 0, 1, pin_memory=device.type == "cuda")
         clock = _StepClock(make_logger(0, True, default_tracking_uri(out), "bench", system_metrics=False))
@@ -178,6 +211,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             clock.close()
         bare += bare_steps()  # before and after the trainer, so drift on a shared machine hits both
+        cached += plain_steps(True)
+        encoded += plain_steps(False)
     bare_step = statistics.median(bare)
     trainer_step = statistics.median(b - a for a, b in zip(clock.stamps[1:], clock.stamps[2:], strict=False))
     frames = clip_len * batch
@@ -186,6 +221,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "bench": "train",
         "step_s": {"bare_forward_backward": round(bare_step, 4), "full_trainer": round(trainer_step, 4)},
         "ratio_trainer_over_bare": round(trainer_step / bare_step, 3),
+        # data.feature_cache=memory: the step once the cache holds the clip's frames, against the same
+        # un-augmented step through the frozen image encoder; the encoder's share of a step is 1 - 1/ratio
+        "feature_cache": {
+            "step_s": {
+                "through_encoder": round(statistics.median(encoded), 4),
+                "cached": round(statistics.median(cached), 4),
+            },
+            "ratio_encoder_over_cached": round(statistics.median(encoded) / statistics.median(cached), 3),
+        },
         "frames_per_s": {
             "bare": round(frames / bare_step, 2),
             "full_trainer": round(frames / trainer_step, 2),

@@ -27,6 +27,12 @@ from autosam2.atomic import atomic_directory
 from autosam2.data.polyp_gen import LIST_FILES
 
 SPLIT_CODES = {"train": 0, "valid": 1}
+# the hard split's episodes: the polyp is there (its mask unchanged) but all but invisible in the frame
+HIDING = ("haze", "blur", "specular", "low_contrast")
+# the label of every frame, for scores per kind: one of HIDING, or occluded (a fold covers part of the
+# polyp; the mask keeps the visible part), absent (no polyp in view), clear (everything else)
+FRAME_KINDS = (*HIDING, "occluded", "absent", "clear")
+DECOY_GLARE = 0.12  # hard split: share of the other frames with a glare where no polyp is
 CANVAS_SCALE = 4.5  # canvas side / frame side: room for the camera to pan the polyp out of view
 ABSENT_FRACTION = (0.15, 0.3)  # share of each sequence with the polyp fully out of view
 
@@ -40,6 +46,7 @@ class SynthSpec:
     frames: int = 24
     size: int = 256
     seed: int = 0
+    hard: bool = False  # the hard split: episodes that hide a present polyp almost entirely
 
     def __post_init__(self) -> None:
         if self.size < 32 or self.frames < 2 or self.train_sequences < 1 or self.valid_sequences < 1:
@@ -201,10 +208,12 @@ def _fold_alpha(
 
 def generate_sequence(name: str, split: str, index: int, spec: SynthSpec) -> SynthSequence:
     """Render one sequence; deterministic in (spec.seed, split, index)."""
-    rng = np.random.default_rng((spec.seed, SPLIT_CODES[split], index))
+    # the hard split draws from streams of its own, so the default set stays what it always was
+    rng = np.random.default_rng((spec.seed, SPLIT_CODES[split], index, *((1,) if spec.hard else ())))
     size, n = spec.size, spec.frames
     side = int(CANVAS_SCALE * size)
     canvas = _canvas(rng, side, size)
+    plain = canvas.copy() if spec.hard else None  # the same tissue without the polyp, to fade it into
     mask_canvas, r_max = _add_polyp(rng, canvas, size)
     # a few specular reflections that move with the tissue
     for _ in range(int(rng.integers(3, 8))):
@@ -218,8 +227,10 @@ def generate_sequence(name: str, split: str, index: int, spec: SynthSpec) -> Syn
         )
         yy, xx = np.mgrid[lo_y:hi_y, lo_x:hi_x]
         spot = np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * s**2))[..., None]
-        canvas[lo_y:hi_y, lo_x:hi_x] = canvas[lo_y:hi_y, lo_x:hi_x] * (1 - spot) + 255 * spot
+        for layer in (canvas,) if plain is None else (canvas, plain):
+            layer[lo_y:hi_y, lo_x:hi_x] = layer[lo_y:hi_y, lo_x:hi_x] * (1 - spot) + 255 * spot
     canvas_img = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
+    plain_img = None if plain is None else Image.fromarray(np.clip(plain, 0, 255).astype(np.uint8))
     mask_img = Image.fromarray(mask_canvas)
     offset, zoom, roll = _camera(rng, n, size, r_max)
 
@@ -230,7 +241,17 @@ def generate_sequence(name: str, split: str, index: int, spec: SynthSpec) -> Syn
     haze = np.zeros(n)
     episode = [""] * n
     visible = [i for i in range(n) if np.hypot(*offset[i]) < size / 2]
-    if visible:
+    hiding: dict[int, float] = {}  # frame -> strength of its specular glare or fading (0..1)
+    if spec.hard:
+        for i, (kind, strength) in _hiding_episodes(rng, n, visible).items():
+            episode[i] = kind
+            if kind == "blur":
+                blur[i] = (6.0 + 4.0 * strength) * size / 256
+            elif kind == "haze":
+                haze[i] = 0.86 + 0.08 * strength
+            else:
+                hiding[i] = 0.9 + 0.07 * strength
+    elif visible:
         hard_start = int(rng.choice(visible))
         hard_len = int(rng.integers(2, 4))
         kind = rng.choice(["blur", "haze"])
@@ -268,6 +289,11 @@ def generate_sequence(name: str, split: str, index: int, spec: SynthSpec) -> Syn
         mask = (
             np.asarray(mask_img.transform((size, size), Image.AFFINE, affine, resample=Image.BILINEAR)) >= 128
         )
+        if episode[i] == "low_contrast":  # the polyp faded into the tissue beneath it
+            under = np.asarray(
+                plain_img.transform((size, size), Image.AFFINE, affine, resample=Image.BILINEAR), np.float32
+            )
+            frame = frame * (1 - hiding[i]) + under * hiding[i]
         occluded = 0.0
         if i in occlude_at:
             shift, direction = occlude_at[i]
@@ -280,6 +306,18 @@ def generate_sequence(name: str, split: str, index: int, spec: SynthSpec) -> Syn
         frame = frame * vignette[..., None]
         if haze[i] > 0:
             frame = frame * (1 - haze[i]) + np.array([205.0, 170.0, 150.0]) * haze[i]
+        glare_at = None
+        if episode[i] == "specular":  # light off a wet fold washes out the polyp and the tissue around it
+            glare_at = size / 2 + offset[i] + rng.uniform(-0.6, 0.6, 2) * r_max * zoom[i]
+        elif spec.hard and rng.random() < DECOY_GLARE:  # as often away from any polyp: no give-away
+            glare_at = rng.uniform(0.1, 0.9, 2) * size
+            if mask.any() and np.hypot(*(glare_at - size / 2 - offset[i])) < 3 * r_max * zoom[i]:
+                glare_at = None
+        if glare_at is not None:
+            reach = 2.2 * r_max * zoom[i]
+            strength = hiding.get(i, 0.93)
+            glare = strength * np.exp(-((np.hypot(xx - glare_at[0], yy - glare_at[1]) / reach) ** 4))
+            frame = frame * (1 - glare[..., None]) + 250.0 * glare[..., None]
         frame = frame + rng.normal(0, 2.0, frame.shape)
         img = Image.fromarray(np.clip(frame, 0, 255).astype(np.uint8))
         if blur[i] > 0.3:
@@ -296,6 +334,38 @@ def generate_sequence(name: str, split: str, index: int, spec: SynthSpec) -> Syn
             }
         )
     return SynthSequence(name, frames, masks, events)
+
+
+def _hiding_episodes(rng: np.random.Generator, n: int, visible: list[int]) -> dict[int, tuple[str, float]]:
+    """The hard split's episodes: about one per 10 frames, each 3 to 5 frames of one HIDING kind (in
+    turn, from a random first one), each after at least two clear frames with the polyp in view, so the
+    last sight of it is close; per frame its kind and a strength in 0..1."""
+    seen = set(visible)
+    kinds = [str(k) for k in rng.permutation(HIDING)]
+    episodes: dict[int, tuple[str, float]] = {}
+    count, wanted = 0, max(1, n // 10)
+    for _ in range(40 * wanted):  # a few tries per episode; a short or mostly hidden video gets fewer
+        if count == wanted:
+            break
+        length = int(rng.integers(3, 6))
+        start = int(rng.integers(2, max(3, n - length + 1)))
+        lead_in = range(start - 2, start + length)  # two frames in view before, the episode itself
+        apart = start + length not in episodes  # never straight into another episode either
+        if start + length <= n and apart and all(i in seen and i not in episodes for i in lead_in):
+            kind = kinds[count % len(kinds)]
+            for i in range(start, start + length):
+                episodes[i] = (kind, float(rng.random()))
+            count += 1
+    return episodes
+
+
+def frame_kind(event: dict) -> str:
+    """The label of a frame (one of FRAME_KINDS) from its `events` record in synth.json."""
+    if not event["visible"]:
+        return "absent"
+    if event["episode"] in HIDING:
+        return event["episode"]
+    return "occluded" if event["occluded"] > 0.05 else "clear"
 
 
 def sequence_names(spec: SynthSpec) -> dict[str, list[str]]:

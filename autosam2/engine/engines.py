@@ -66,7 +66,10 @@ class Engine(ABC):
     grad_accum: int
 
     @abstractmethod
-    def forward(self, images_TBCHW: torch.Tensor, per_frame: bool) -> ClipOutput: ...
+    def forward(
+        self, images_TBCHW: torch.Tensor, per_frame: bool, image_features: dict[str, Any] | None = None
+    ) -> ClipOutput:
+        """The clip through the wrapped model; `image_features`: the frozen encoder's output, if known."""
 
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None: ...
@@ -93,6 +96,11 @@ class Engine(ABC):
         write that puts it into a folder later (on another thread, while training goes on); None when
         the engine cannot save that way (its save is a collective), so the checkpoint is synchronous."""
         return None
+
+
+def _features(image_features: dict[str, Any] | None) -> dict[str, Any]:
+    """The forward's keyword for known encoder features: none at all when there are none."""
+    return {} if image_features is None else {"image_features": image_features}
 
 
 def read_deepspeed_config(path: Path) -> dict[str, Any]:
@@ -147,12 +155,14 @@ class DDPEngine(Engine):
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(optim, total_steps))
         self.micro = 0
 
-    def forward(self, images_TBCHW: torch.Tensor, per_frame: bool) -> ClipOutput:
+    def forward(
+        self, images_TBCHW: torch.Tensor, per_frame: bool, image_features: dict[str, Any] | None = None
+    ) -> ClipOutput:
         if self.wrapped is not self.module:
             # what DDP's no_sync() does, as a flag: gradients are all-reduced on the last micro-step only
             self.wrapped.require_backward_grad_sync = (self.micro + 1) % self.grad_accum == 0
         with torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            return ClipOutput(*self.wrapped(images_TBCHW, per_frame))
+            return ClipOutput(*self.wrapped(images_TBCHW, per_frame, **_features(image_features)))
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum).backward()
@@ -264,8 +274,10 @@ class DeepSpeedEngine(Engine):
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim, total_steps)),
         )
 
-    def forward(self, images_TBCHW: torch.Tensor, per_frame: bool) -> ClipOutput:
-        return ClipOutput(*self.engine(images_TBCHW, per_frame))
+    def forward(
+        self, images_TBCHW: torch.Tensor, per_frame: bool, image_features: dict[str, Any] | None = None
+    ) -> ClipOutput:
+        return ClipOutput(*self.engine(images_TBCHW, per_frame, **_features(image_features)))
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)

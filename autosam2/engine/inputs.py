@@ -15,7 +15,7 @@ from autosam2.errors import CheckpointError
 def check_inputs(cfg: Config) -> None:
     check_source(cfg.data.train, "train", cfg.data.clip_len, key="data.train")
     check_source(cfg.data.valid, "valid", key="data.valid")
-    files = {"model.checkpoint": cfg.model.checkpoint}
+    files = {"model.checkpoint": cfg.model.checkpoint, "train.init_from": cfg.train.init_from}
     if cfg.model.prompt.kind == PromptKind.cnn:
         files["model.prompt.backbone_weights"] = cfg.model.prompt.backbone_weights
     for key, path in files.items():

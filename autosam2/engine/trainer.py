@@ -1,7 +1,7 @@
 """The training loop, and nothing else: data, engine, checkpoints, validation and tracking are handed in.
 
-`train_step` is one batch through the model and the engine, the same step the benchmarks time; `fit`
-walks the epochs around it: resume position, logging, validation, checkpoints, stop signals.
+`train_step` is one batch through the model and the engine (its frozen image-encoder features from a
+FeatureCache when one is handed in), the same step the benchmarks time; `fit` walks the epochs around it: resume position, logging, validation, checkpoints, stop signals.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from autosam2.engine.dist import DistInfo, all_reduce
 from autosam2.engine.engines import Engine
 from autosam2.errors import TrainingAborted
 from autosam2.losses import clip_losses
+from autosam2.model.feature_cache import FeatureCache, frame_keys
 from autosam2.progress import hms
 from autosam2.tracking import MetricLogger
 
@@ -77,10 +78,12 @@ class Trainer:
         info: DistInfo,
         validator: Validation | None = None,
         stop: StopSignal | None = None,
+        features: FeatureCache | None = None,
     ):
         self.cfg, self.engine, self.data, self.total_steps = cfg, engine, data, total_steps
         self.checkpointer, self.logger, self.info, self.validator = checkpointer, logger, info, validator
         self.stop = stop or StopSignal()
+        self.features = features
         self.per_frame = cfg.model.clip_mode == ClipMode.frame
         self.clock = time.monotonic  # the pace of the log lines (steps/s, elapsed, ETA) is read off this
         self._clock: tuple[float, int] = (self.clock(), 0)  # (start of this process's loop, its step)
@@ -90,7 +93,10 @@ class Trainer:
         """Augment on the device, forward, losses; unless any rank's loss is not finite, backward and,
         on an accumulation boundary, the optimizer step."""
         batch = prepare_batch(batch, self.info.device, augment=True)
-        out = self.engine.forward(batch.images_TBCHW, self.per_frame)
+        features = None
+        if self.features is not None:
+            features = self.features.encode(batch.images_TBCHW.flatten(0, 1), frame_keys(batch))
+        out = self.engine.forward(batch.images_TBCHW, self.per_frame, features)
         losses = clip_losses(
             out.mask_logits_TBHW.float(),
             out.iou_TB.float(),
@@ -145,6 +151,7 @@ class Trainer:
         saved = state.step if state.step > 0 else -1  # a resumed run's step is in its checkpoint already
         per_step = self.info.world_size * self.cfg.data.batch_size
         interval = _Interval()
+        loop_start, validating = time.perf_counter(), 0.0
 
         def checkpoint(
             last: bool = False,
@@ -190,7 +197,10 @@ class Trainer:
                 self._log(state, result, interval.take())
             if self.validator and self.validator.should_validate(state.step, self.total_steps):
                 start = time.perf_counter()
+                # time to accuracy: this process's loop until now, validations left out
+                self.logger.log_metrics({"train/wall_s": start - loop_start - validating}, state.step)
                 self._validate(state)
+                validating += time.perf_counter() - start
                 interval.paused += time.perf_counter() - start
             if state.step % train.checkpoint_every == 0:
                 checkpoint()
@@ -226,6 +236,8 @@ class Trainer:
                 "train/epoch": state.epoch,
             }
         )
+        if self.features is not None:
+            metrics.update(self.features.take_stats())
         self.logger.log_metrics(metrics, state.step)
         if self.info.is_main:
             print(

@@ -168,7 +168,18 @@ class AutoSAM2(SAM2Base):
                 for p in params:
                     p.requires_grad_(not getattr(cfg, name))
         self.sam_prompt_encoder.requires_grad_(False)
+        for part in self.unreached():
+            part.requires_grad_(False)
         self.train(self.training)
+
+    def unreached(self) -> list[nn.Module | nn.Parameter]:
+        """Parts our forward never reaches, kept frozen (DDP needs every trainable parameter in every
+        step): the mask-prompt downsampler (we pass no mask prompts) and, where SAM2 adds its no-memory
+        embedding to the features directly (SAM2.1's configs), the position encoding of that token."""
+        parts: list[nn.Module | nn.Parameter] = [self.mask_downsample]
+        if self.directly_add_no_mem_embed:
+            parts.append(self.no_mem_pos_enc)
+        return parts
 
     def train(self, mode: bool = True) -> AutoSAM2:
         """Frozen parts stay in eval mode (no dropout, fixed norms) while the rest trains."""
@@ -197,11 +208,18 @@ class AutoSAM2(SAM2Base):
         self._decoder_out = output
 
     # forward ----------------------------------------------------------------------------------------
-    def encode_images(self, images_NCHW: torch.Tensor) -> dict[str, Any]:
+    def encode_images(
+        self, images_NCHW: torch.Tensor, image_features: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Image encoder (under no_grad when frozen), then the decoder's high-res projections, as
-        SAM2Base.forward_image does; split so a frozen encoder does not stop a trainable decoder."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen.image_encoder):
-            backbone_out = self.image_encoder(images_NCHW)
+        SAM2Base.forward_image does; split so a frozen encoder does not stop a trainable decoder.
+        `image_features`: the frozen encoder's output for these images, already computed (a
+        FeatureCache's), so the encoder does not run."""
+        if image_features is not None:
+            backbone_out = dict(image_features)
+        else:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen.image_encoder):
+                backbone_out = self.image_encoder(images_NCHW)
         if self.use_high_res_features_in_sam:
             fpn = backbone_out["backbone_fpn"]
             backbone_out["backbone_fpn"] = [
@@ -261,18 +279,27 @@ class AutoSAM2(SAM2Base):
         return logits[:, 0], ious[:, 0].float(), object_logits[:, 0].float(), out
 
     def forward(
-        self, images_TBCHW: torch.Tensor, per_frame: bool = False
+        self,
+        images_TBCHW: torch.Tensor,
+        per_frame: bool = False,
+        image_features: dict[str, Any] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The clip forward as a tuple, for DDP / DeepSpeed wrappers (they call `forward`)."""
-        out = self.forward_clip(images_TBCHW, per_frame)
+        out = self.forward_clip(images_TBCHW, per_frame, image_features)
         return out.mask_logits_TBHW, out.iou_TB, out.object_logits_TB
 
-    def forward_clip(self, images_TBCHW: torch.Tensor, per_frame: bool = False) -> ClipOutput:
+    def forward_clip(
+        self,
+        images_TBCHW: torch.Tensor,
+        per_frame: bool = False,
+        image_features: dict[str, Any] | None = None,
+    ) -> ClipOutput:
         """Training forward: frame 0 is the conditioning frame, frames 1..T-1 attend to memory; every
-        frame gets its own learned prompt. ``per_frame``: every frame conditioning, no memory."""
+        frame gets its own learned prompt. ``per_frame``: every frame conditioning, no memory.
+        `image_features`: the frozen encoder's output for the T*B images (time-major), if known."""
         t_len, b = images_TBCHW.shape[:2]
         flat = images_TBCHW.flatten(0, 1)
-        backbone_out = self.encode_images(flat)
+        backbone_out = self.encode_images(flat, image_features)
         _, feats, pos, sizes = self._prepare_backbone_features(backbone_out)
         prompt = self._prompt(flat, backbone_out)
         memory = _empty_memory()

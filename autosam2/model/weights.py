@@ -98,6 +98,30 @@ def load_trained_model(
     return model.to(device).eval(), payload
 
 
+def init_from_weights(model: nn.Module, path: str | Path, model_config: ModelConfig) -> dict[str, Any]:
+    """Load a weights file into a freshly built model (the next stage of a curriculum starting where the
+    last one ended); one CheckpointError naming the file when its model is not this one. The file's
+    metadata (``extra``: step, metrics) is returned."""
+    payload = read_weights(path)
+    theirs = section_from_dict(ModelConfig, payload["model_config"], f"{path}: model_config")
+    different = [
+        f"{key} {getattr(theirs, key)} (this run: {getattr(model_config, key)})"
+        for key in ("variant", "image_size")
+        if getattr(theirs, key) != getattr(model_config, key)
+    ]
+    if theirs.prompt != model_config.prompt:
+        different.append(f"model.prompt {to_dict(theirs.prompt)} (this run: {to_dict(model_config.prompt)})")
+    if different:
+        raise CheckpointError(f"{path}: trained another model: {'; '.join(different)}")
+    if not payload["full"] and model_config.checkpoint is None:
+        raise CheckpointError(
+            f"{path}: holds the trained parts only, and this run starts SAM2 from random weights; set "
+            f"model.checkpoint={theirs.checkpoint} (the SAM2 it was trained from)"
+        )
+    load_trainable(model, payload["model"], path)
+    return payload["extra"]
+
+
 class RunWeights:
     """The weights files of one run, written by rank 0 only: ``initial.pt``, ``best.pt``, ``final.pt``."""
 

@@ -1,0 +1,76 @@
+"""Scores per kind of frame on a synthetic set: Dice and presence accuracy where the polyp is hidden by
+haze, blur, glare or fading, partly covered, out of view, or clear.
+
+The kinds come from the per-frame `events` that `autosam2 synth` writes into ``synth.json``
+(`autosam2.data.synthetic.frame_kind`). Per frame, Dice follows our headline rule (both masks empty = 1,
+`autosam2.metrics`), and presence is right when the prediction is non-empty exactly where the ground
+truth is; each figure is the mean over the frames of that kind (frames, not sequences: an episode is a
+handful of frames of a sequence). ``hidden`` pools the four kinds that hide a present polyp.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from autosam2.data.codec import MASK_THRESHOLD
+from autosam2.data.synthetic import FRAME_KINDS, HIDING, frame_kind
+from autosam2.errors import DatasetError
+from autosam2.metrics import frame_metrics
+
+GROUPS = (*FRAME_KINDS, "hidden", "all")
+
+
+def read_events(root: str | Path) -> dict[str, list[dict]]:
+    """Per sequence, the per-frame events of a synthetic polyp_gen root (its ``synth.json``)."""
+    path = Path(root) / "synth.json"
+    try:
+        return json.loads(path.read_text())["events"]
+    except (OSError, ValueError, KeyError) as err:
+        raise DatasetError(f"{path}: no per-frame events of `autosam2 synth` to read ({err})") from err
+
+
+def _mask(path: Path, threshold: int) -> np.ndarray:
+    try:
+        return np.asarray(Image.open(path).convert("L")) > threshold
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot read the mask ({err})") from err
+
+
+def episode_scores(
+    events: dict[str, list[dict]], gt_masks: str | Path, pred_masks: str | Path, sequences: list[str]
+) -> dict[str, dict[str, float | None]]:
+    """Per group of GROUPS: frames, mean Dice and presence accuracy (None for a group without frames),
+    scoring ``pred_masks/<seq>/frameN.png`` (0 background) against ``gt_masks/<seq>/frameN.jpg``."""
+    dice: dict[str, list[float]] = {g: [] for g in GROUPS}
+    right: dict[str, list[bool]] = {g: [] for g in GROUPS}
+    for seq in sequences:
+        if seq not in events:
+            raise DatasetError(f"{seq}: no events for this sequence in the synthetic set's synth.json")
+        for i, event in enumerate(events[seq]):
+            gt = _mask(Path(gt_masks) / seq / f"frame{i + 1}.jpg", MASK_THRESHOLD)
+            pred = _mask(Path(pred_masks) / seq / f"frame{i + 1}.png", 0)
+            kind = frame_kind(event)
+            groups = [kind, "all", *(["hidden"] if kind in HIDING else [])]
+            for group in groups:
+                dice[group].append(frame_metrics(pred.astype(np.float32), gt)["dice"])
+                right[group].append(bool(pred.any()) == bool(gt.any()))
+    return {
+        g: {
+            "frames": len(dice[g]),
+            "dice": float(np.mean(dice[g])) if dice[g] else None,
+            "presence_accuracy": float(np.mean(right[g])) if right[g] else None,
+        }
+        for g in GROUPS
+    }
+
+
+def print_episodes(scores: dict[str, dict[str, float | None]]) -> None:
+    """The scores as a table, one line per kind that has frames."""
+    print(f"{'frames':<14} {'count':>5} {'dice':>6} {'presence acc.':>13}")
+    for group, score in scores.items():
+        if score["frames"]:
+            print(f"{group:<14} {score['frames']:5d} {score['dice']:6.3f} {score['presence_accuracy']:13.3f}")
