@@ -353,7 +353,9 @@ def test_a_feature_cached_run_stopped_and_resumed_trains_what_the_encoder_would(
 
     a, b = weights(encoded / "final.pt"), weights(cached / "final.pt")
     assert a.keys() == b.keys()
-    assert max(float((a[key] - b[key]).abs().max()) for key in a) <= 1e-6
+    # the cache encodes each frame alone, the plain run a clip's frames at once: equal but for float
+    # rounding in the encoder's kernels (measured 4.9e-6 after 8 steps); a wrong entry is far off that
+    assert max(float((a[key] - b[key]).abs().max()) for key in a) <= 1e-5
     client = mlflow.MlflowClient(f"sqlite:///{cached}/mlflow.db")
     (run_info,) = client.search_runs([client.get_experiment_by_name("autosam2").experiment_id])
     hits = client.get_metric_history(run_info.info.run_id, "train/feature_cache_hit_rate")
