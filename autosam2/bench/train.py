@@ -162,16 +162,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         memory: dict[str, float] = {}
         flops: list[float] = []
 
+        def timed(trainer: Trainer, batch) -> list[float]:
+            """Seconds of each of `steps` train steps on `batch` (the device synchronised after each)."""
+            times = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                trainer.train_step(batch)
+                sync(device)
+                times.append(time.perf_counter() - start)
+            return times
+
         def bare_steps(measure: bool = False) -> list[float]:
             trainer = _trainer(cfg, info, steps, TrainingBatches(lambda epoch: [], 0), out, NullLogger())
             if measure and device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            times = []
-            for _ in range(steps):
-                start = time.perf_counter()
-                trainer.train_step(clip)
-                sync(device)
-                times.append(time.perf_counter() - start)
+            times = timed(trainer, clip)
             if measure and device.type == "cuda":
                 memory["max_allocated_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
                 memory["max_reserved_GiB"] = torch.cuda.max_memory_reserved(device) / 2**30
@@ -191,13 +196,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             trainer = _trainer(
                 cfg, info, steps, TrainingBatches(lambda epoch: [], 0), out, NullLogger(), cached
             )
-            plain = dataclasses.replace(clip, augment=None)
-            times = []
-            for _ in range(steps):
-                start = time.perf_counter()
-                trainer.train_step(plain)
-                sync(device)
-                times.append(time.perf_counter() - start)
+            times = timed(trainer, dataclasses.replace(clip, augment=None))
             del trainer
             gc.collect()
             return times[1:]
