@@ -99,7 +99,7 @@ def test_ddp_two_processes_train_checkpoint_log_and_evaluate(train_data, tmp_pat
     params, tags = run_info.data.params, run_info.data.tags
     assert (
         params["optim.lr"] == "0.001"
-        and params["model.image_size"] == "256"
+        and params["model.image_size"] == "128"
         and params["train.engine"] == "ddp"
     )
     assert tags["world_size"] == "2" and tags["engine"] == "ddp" and len(tags["git_commit"]) >= 7
@@ -245,31 +245,6 @@ def stop_and_resume(cmd: list[str], out: Path, at: int, steps: int) -> subproces
 
 
 @pytest.mark.slow
-def test_stopped_and_resumed_run_ends_with_the_same_weights(train_data, tmp_path):
-    settings = {"train.max_steps": 6, "train.checkpoint_every": 100, "train.validate_every": 100}
-    whole = tmp_path / "whole"
-    run([*TORCHRUN, *train_overrides(train_data, whole, **settings)])
-
-    parted = tmp_path / "parted"
-    stop_and_resume([*TORCHRUN, *train_overrides(train_data, parted, **settings)], parted, 2, 6)
-
-    a, b = weights(whole / "final.pt"), weights(parted / "final.pt")
-    assert a.keys() == b.keys()
-    worst = max(float((a[key] - b[key]).abs().max()) for key in a)
-    assert worst <= 1e-6, worst
-    client = mlflow.MlflowClient(f"sqlite:///{parted}/mlflow.db")
-    (run_info,) = client.search_runs([client.get_experiment_by_name("autosam2").experiment_id])
-    assert [m.step for m in client.get_metric_history(run_info.info.run_id, "train/loss_total")] == [
-        1,
-        2,
-        3,
-        4,
-        5,
-        6,
-    ]
-
-
-@pytest.mark.slow
 def test_a_run_resumes_at_another_world_size_where_the_global_order_stands(train_data, tmp_path):
     """Two ranks for two steps, one rank for two more, two ranks again: one run, each change said once,
     and the epoch's position kept in global samples (8 per epoch: 4, then 6, then 8 + 2 of epoch 1)."""
@@ -325,7 +300,12 @@ def test_training_goes_on_when_tracking_fails(train_data, tmp_path):
             *train_overrides(
                 train_data,
                 out,
-                **{"train.max_steps": 1, "train.validate_every": 100, "tracking.uri": "http://127.0.0.1:9"},
+                **{
+                    "train.max_steps": 1,
+                    "train.validate_every": 100,
+                    "tracking.uri": "http://127.0.0.1:9",
+                    "tracking.flush_timeout_s": 5,  # what is not sent waits for `autosam2 sync`
+                },
             ),
         ]
     )
@@ -337,27 +317,40 @@ def test_training_goes_on_when_tracking_fails(train_data, tmp_path):
 @pytest.mark.slow
 def test_a_feature_cached_run_stopped_and_resumed_trains_what_the_encoder_would(train_data, tmp_path):
     """Two ranks, frames un-augmented: the cache (empty again after the resume) feeds the model the
-    encoder's own numbers, so the weights are those of a run that encodes every frame."""
+    encoder's own numbers, so the weights are those of a run that encodes every frame. (A resume without
+    the cache is exact to 1e-6: test_slurm and test_hosts stop and requeue runs and compare.)"""
+    from autosam2.data.synthetic import SynthSpec, write_dataset
+    from shards.writer import build
+
+    # one-frame clips: the plain run encodes one frame at a time, as the cache does, so the two must
+    # agree to the bit (with longer clips the encoder's batched kernels round differently, and Adam
+    # makes rounding grow to where a wrong entry could hide). One 4-frame sequence, a sample per frame: an epoch is 2 steps, so
+    # wherever the signal lands, frames come round again after the cache was filled (before the stop,
+    # or after the resume, which starts with an empty cache)
+    write_dataset(
+        tmp_path / "pg", SynthSpec(train_sequences=1, valid_sequences=1, frames=4, size=128, seed=5)
+    )
+    build(tmp_path / "pg", "train", tmp_path / "train", frames_per_sample=1, max_shard_mb=0.0001)
+    data = {**train_data, "train": tmp_path / "train"}
     settings = {
-        "train.max_steps": 8,
+        "train.max_steps": 12,
         "train.checkpoint_every": 100,
         "train.validate_every": 100,
+        "data.clip_len": 1,
         "data.augment.enabled": "false",
         "model.clip_mode": "frame",
     }
     encoded = tmp_path / "encoded"
-    run([*TORCHRUN, *train_overrides(train_data, encoded, **settings)])
+    run([*TORCHRUN, *train_overrides(data, encoded, **settings)])
     cached = tmp_path / "cached"
-    cmd = [*TORCHRUN, *train_overrides(train_data, cached, **settings, **{"data.feature_cache": "memory"})]
-    stop_and_resume(cmd, cached, 3, 8)
+    cmd = [*TORCHRUN, *train_overrides(data, cached, **settings, **{"data.feature_cache": "memory"})]
+    stop_and_resume(cmd, cached, 3, 12)
 
     a, b = weights(encoded / "final.pt"), weights(cached / "final.pt")
     assert a.keys() == b.keys()
-    # the cache encodes each frame alone, the plain run a clip's frames at once: equal but for float
-    # rounding in the encoder's kernels (measured 4.9e-6 after 8 steps); a wrong entry is far off that
-    assert max(float((a[key] - b[key]).abs().max()) for key in a) <= 1e-5
+    assert max(float((a[key] - b[key]).abs().max()) for key in a) == 0.0
     client = mlflow.MlflowClient(f"sqlite:///{cached}/mlflow.db")
     (run_info,) = client.search_runs([client.get_experiment_by_name("autosam2").experiment_id])
     hits = client.get_metric_history(run_info.info.run_id, "train/feature_cache_hit_rate")
-    assert sorted(m.step for m in hits) == list(range(1, 9)) and max(m.value for m in hits) > 0
+    assert sorted(m.step for m in hits) == list(range(1, 13)) and max(m.value for m in hits) == 1.0
     assert all(m.value > 0 for m in client.get_metric_history(run_info.info.run_id, "train/feature_cache_gb"))

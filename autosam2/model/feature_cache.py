@@ -55,6 +55,9 @@ class FeatureCache:
         self.share = share  # every rank's object, on every rank (a collective: each step calls it once)
         self.entries: dict[Hashable, list[torch.Tensor]] = {}  # per frame: backbone_fpn levels [C,h,w]
         self.pos: list[torch.Tensor] | None = None  # the position encodings: the same for every frame
+        # each level's memory layout as the encoder returns it (Hiera's lower levels are channels-last):
+        # handed on in that layout, the decoder's convolutions run the encoder's own kernels, bit for bit
+        self.layouts: list[torch.memory_format] = []
         self.bytes = 0
         self.hits = self.misses = 0
 
@@ -66,6 +69,7 @@ class FeatureCache:
             out = self.encoder(image_CHW[None])
         if self.pos is None:
             self.pos = [p.detach() for p in out["vision_pos_enc"]]
+            self.layouts = [_layout(level) for level in out["backbone_fpn"]]
         return [level[0].detach() for level in out["backbone_fpn"]]
 
     def encode(self, images_NCHW: torch.Tensor, keys: Sequence[Hashable]) -> dict[str, Any]:
@@ -86,7 +90,10 @@ class FeatureCache:
         for new in self.share(fresh) if self.share is not None else [fresh]:
             for key, value in new.items():
                 self._keep(key, value)
-        fpn = [torch.stack(level) for level in zip(*levels, strict=True)]
+        fpn = [
+            torch.stack(level).contiguous(memory_format=layout)
+            for level, layout in zip(zip(*levels, strict=True), self.layouts, strict=True)
+        ]
         pos = [p.to(images_NCHW.device).expand(len(keys), -1, -1, -1) for p in self.pos]
         return {"vision_features": fpn[-1], "vision_pos_enc": pos, "backbone_fpn": fpn}
 
@@ -105,3 +112,10 @@ class FeatureCache:
         }
         self.hits = self.misses = 0
         return stats
+
+
+def _layout(t: torch.Tensor) -> torch.memory_format:
+    channels_last = (
+        t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    )
+    return torch.channels_last if channels_last else torch.contiguous_format
