@@ -331,7 +331,7 @@ def _sizes(dry: bool) -> dict:
     """What each part runs at: the configs as they are on a GPU (1024 px, 8-frame clips, 8 loader
     workers); tiny on the CPU, where every part still runs, in a few minutes on 2 cores."""
     if dry:
-        size, clip, frames_per_sample = 128, 2, 4
+        size, clip, frames_per_sample = 64, 2, 4  # the smallest SAM2 runs at: plumbing, not figures
         return {
             "device": "cpu",
             "synth": ["--size", "128", "--sequences", "2", "--valid-sequences", "1", "--frames", "8"],
@@ -341,7 +341,7 @@ def _sizes(dry: bool) -> dict:
             "memory_steps": 1,
             "infer": [
                 "--image-size",
-                "128",
+                str(size),
                 "--frames",
                 "4",
                 "--rounds",
@@ -351,9 +351,9 @@ def _sizes(dry: bool) -> dict:
             ],
             "data": [
                 "--image-size",
-                "128",
+                str(size),
                 "--clip-len",
-                "2",
+                str(clip),
                 "--batch-size",
                 "1",
                 "--batches",

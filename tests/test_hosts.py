@@ -381,7 +381,7 @@ def test_evaluation_on_two_hosts_splits_the_sequences_and_equals_one_rank(slurm_
     from autosam2.model.sam2_builder import build_autosam2
     from autosam2.model.weights import RunWeights
 
-    cfg = load_config(None, ["model.image_size=256"])
+    cfg = load_config(None, ["model.image_size=128"])
     RunWeights(tmp_path, build_autosam2(cfg.model, torch.device("cpu")), cfg.model, True).save("w.pt", 0)
     results, jobs = {}, {}
     for name, layout in (("two_hosts", ["--nodes", "2"]), ("one_rank", ["--nodes", "1"])):  # both at once
