@@ -324,9 +324,9 @@ def test_a_feature_cached_run_stopped_and_resumed_trains_what_the_encoder_would(
 
     # one-frame clips: the plain run encodes one frame at a time, as the cache does, so the two must
     # agree to the bit (with longer clips the encoder's batched kernels round differently, and Adam
-    # makes rounding grow to where a wrong entry could hide). One 4-frame sequence, a sample per frame: an epoch is 2 steps, so
-    # wherever the signal lands, frames come round again after the cache was filled (before the stop,
-    # or after the resume, which starts with an empty cache)
+    # makes rounding grow to where a wrong entry could hide). One 4-frame sequence, a sample per
+    # frame: an epoch is 2 steps, so wherever the signal lands, frames come round again after the
+    # cache was filled (before the stop, or after the resume, which starts with an empty cache)
     write_dataset(
         tmp_path / "pg", SynthSpec(train_sequences=1, valid_sequences=1, frames=4, size=128, seed=5)
     )
