@@ -26,7 +26,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/autosam2 demo --out $(DEMO)
+	$(VENV)/bin/autosam2 demo --out $(DEMO) --overwrite
 
 # system packages the tests start for real: a single-node SLURM (slurm-wlm, munge, slurmdbd, MariaDB),
 # and Debian's Chromium for the MLflow UI test (Playwright drives it; no browser download)

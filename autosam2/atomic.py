@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -14,12 +15,17 @@ from typing import Any, BinaryIO
 
 @contextmanager
 def atomic_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp folder beside `out`; on success it replaces `out`, on error it is removed."""
+    """Yield a temp folder beside `out`; on success it replaces `out` (a folder, with `overwrite`), on
+    error it is removed, with the parent folders made for it."""
     out = Path(out)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: already exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        raise FileExistsError(errno.EEXIST, "already exists; pass --overwrite to replace it", str(out))
+    made = make_folders(out.parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except BaseException:
+        remove_empty(made)
+        raise
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should be as readable as any folder
@@ -34,7 +40,32 @@ def atomic_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]
             tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_empty(made)
         raise
+
+
+def make_folders(folder: Path) -> list[Path]:
+    """Make `folder` and its missing parents; return those made, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    try:
+        for path in reversed(missing):
+            path.mkdir(exist_ok=True)
+    except BaseException:
+        remove_empty(missing)
+        raise
+    return missing
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove folders we made, deepest first, while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 @contextmanager

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
+
+from autosam2.errors import DEBUG_VARIABLE, run_command
 
 # name -> (module:function, help); every command parses its own arguments
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -39,41 +42,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="autosam2",
         description="SAM2 with a learned prompt encoder for colon-polyp video segmentation.",
-        epilog="`autosam2 COMMAND --help` shows the options of a command.",
+        epilog="`autosam2 COMMAND --help` shows the options of a command. Errors in your input, data or disk "
+        f"are one line and exit status 1; --debug (or {DEBUG_VARIABLE}=1) shows the traceback of every error.",
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of every error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Bad input, a full disk, a run that cannot go on: reported in one line naming the file and the
-    problem, no traceback (ShardError is a DatasetError; OSError's message names its file)."""
-    from autosam2.config import ConfigError
-    from autosam2.errors import CheckpointError, DatasetError, OutputDirInUse, RankLost, TrainingAborted
-
-    return (
-        ConfigError,
-        DatasetError,
-        CheckpointError,
-        OutputDirInUse,
-        TrainingAborted,
-        RankLost,
-        OSError,
-        ValueError,
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--debug"]:  # every error with its traceback, in this process and those it starts
+        os.environ[DEBUG_VARIABLE] = "1"
+        argv = argv[1:]
     command = build_parser().parse_args(argv[:1]).command  # --help, a missing or unknown command: argparse
     module, function = COMMANDS[command][0].split(":")
-    try:
-        return getattr(importlib.import_module(module), function)(argv[1:])
-    except _user_errors() as err:
-        print(f"autosam2 {command}: {err}", file=sys.stderr)
-        return 1
+    return run_command(
+        f"autosam2 {command}", lambda: getattr(importlib.import_module(module), function)(argv[1:])
+    )
 
 
 if __name__ == "__main__":

@@ -27,6 +27,12 @@ def synth(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
+    from autosam2.config import ConfigError
+
+    if min(args.size - 31, args.frames - 1, args.sequences, args.workers, args.valid_sequences or 1) < 1:
+        raise ConfigError(
+            "synthetic dataset needs size >= 32, frames >= 2, sequences >= 1 per split and workers >= 1"
+        )
 
     from autosam2.data.synthetic import SynthSpec, write_dataset
 

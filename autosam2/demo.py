@@ -36,6 +36,9 @@ def _run(cmd: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="autosam2 demo", description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("demo"))
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier demo's output in --out (nothing else)"
+    )
     parser.add_argument("--config", default="configs/cpu_demo.yaml", help="stage 1 (frame mode)")
     parser.add_argument("--video-config", default=STAGE2_CONFIG, help="stage 2 (through memory)")
     parser.add_argument("--nproc", type=int, default=2, help="training processes (DDP on the CPU)")
@@ -43,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    out = args.out.resolve()
+    out = _claim(args.out, args.overwrite)
     root, shards, run = out / "polyp_gen", out / "shards", out / "run"
     hard_root, hard_shards, video_run = out / "polyp_gen_hard", out / "shards_hard", out / "run_video"
     _data(root, shards)
@@ -75,6 +78,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"overlays (GIF per valid sequence): {out / 'results_hard' / 'final-video' / 'overlays'}")
     print(f"demo finished in {(time.perf_counter() - start) / 60:.1f} minutes")
     return 0
+
+
+def _claim(out: Path, overwrite: bool) -> Path:
+    """The demo's folder: new, empty, or (with --overwrite) an earlier demo's, marked as the demo's own
+    before anything is written into it, so a later --overwrite knows it."""
+    from autosam2.atomic import atomic_write_json
+    from autosam2.outputs import DEMO, DEMO_MARKER, claim
+
+    out = claim(out, DEMO, overwrite).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / DEMO_MARKER, {"written_by": "autosam2 demo", "started": time.ctime()})
+    return out
 
 
 def _data(root: Path, shards: Path, hard: bool = False) -> None:

@@ -91,7 +91,6 @@ def _evaluate(args: argparse.Namespace, info) -> int:
     """Every rank runs its share of the sequences and writes their masks and overlays into the one
     output folder (on a shared file system across hosts); rank 0 gathers the metrics, writes the
     summary, renames the folder into place and logs the run."""
-    from autosam2.atomic import atomic_directory
     from autosam2.data.sources import read_sequences
     from autosam2.engine.dist import (
         announce_ranks,
@@ -106,12 +105,12 @@ def _evaluate(args: argparse.Namespace, info) -> int:
     from autosam2.eval.report import PredictionWriter, print_table, write_metrics
     from autosam2.metrics import MetricAccumulator
     from autosam2.model.weights import load_trained_model
+    from autosam2.outputs import EVALUATION, claim, output_directory
     from autosam2.progress import Progress
 
     device = info.device
-    out = Path(args.output_dir)
-    if out.exists() and not args.overwrite:  # every rank says it, rather than rank 0 alone
-        raise FileExistsError(f"{out}: already exists; pass --overwrite to replace it")
+    inputs = [args.data, args.weights, args.checkpoint, args.episodes]
+    out = claim(args.output_dir, EVALUATION, args.overwrite, inputs)  # every rank says it, not rank 0 alone
     announce_ranks(info)
     if args.decode_device == "cuda" and device.type != "cuda":
         raise ConfigError(
@@ -122,7 +121,8 @@ def _evaluate(args: argparse.Namespace, info) -> int:
     configure_threads()  # the training rule: SLURM's --cpus-per-task, OMP_NUM_THREADS, or the cores
     events = read_events(args.episodes) if args.episodes else None  # a bad root fails before the work
     model, _ = load_trained_model(args.weights, args.checkpoint, device, compile=args.compile)
-    with atomic_directory(out, overwrite=args.overwrite) if info.is_main else nullcontext() as tmp:
+    writing = output_directory(out, EVALUATION, args.overwrite, inputs)
+    with writing if info.is_main else nullcontext() as tmp:
         tmp = Path(broadcast_object(str(tmp) if info.is_main else None))
         sequences = read_sequences(
             args.data, args.split, info.rank, info.world_size, decode_device=decode[args.decode_device]

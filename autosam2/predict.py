@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-from pathlib import Path
 
 from autosam2.config import TrainConfig
 
@@ -33,23 +32,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
-    from autosam2.atomic import atomic_directory
     from autosam2.data.media import read_inputs
     from autosam2.engine.dist import configure_backends, pick_device
     from autosam2.eval.inference import infer_sequences
     from autosam2.eval.report import PredictionWriter
     from autosam2.model.weights import load_trained_model
+    from autosam2.outputs import PREDICTIONS, claim, output_directory
     from autosam2.progress import Progress
 
-    out = Path(args.output_dir)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out}: already exists; pass --overwrite to replace it")
+    inputs = [args.input, args.weights, args.checkpoint]
+    out = claim(args.output_dir, PREDICTIONS, args.overwrite, inputs)
     videos = read_inputs(args.input)
     device = pick_device("cpu" if args.cpu else ("auto" if args.gpu is None else f"cuda:{args.gpu}"), 0)
     configure_backends(TrainConfig.cudnn_benchmark, TrainConfig.tf32)
     model, _ = load_trained_model(args.weights, args.checkpoint, device, compile=args.compile)
     with (
-        atomic_directory(out, overwrite=args.overwrite) as tmp,
+        output_directory(out, PREDICTIONS, args.overwrite, inputs) as tmp,
         open(tmp / "frames.csv", "w", newline="") as f,
     ):
         writer = PredictionWriter(tmp, video=not args.no_video, fps=args.fps, rows=csv.writer(f))

@@ -65,12 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
-    from autosam2.atomic import atomic_directory
     from autosam2.errors import DatasetError
     from autosam2.eval.report import print_table, write_metrics
     from autosam2.eval.score import default_workers, pair_frames, score_all
+    from autosam2.outputs import SCORES, claim, output_directory
     from autosam2.progress import track
 
+    out = claim(args.output_dir, SCORES, args.overwrite, [args.pred, args.gt])
     sunseg = args.metric_mode == "sunseg"
     drop = sunseg and not args.keep_first_last
     pairing = pair_frames(args.pred, args.gt, drop)
@@ -85,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     def progress(items, total):
         return track(items, total, "score", "sequence")
 
-    out = Path(args.output_dir)
-    with atomic_directory(out, overwrite=args.overwrite) as tmp:
+    with output_directory(out, SCORES, args.overwrite, [args.pred, args.gt]) as tmp:
         metrics = score_all(pairing.sequences, args.metric_mode, args.workers or default_workers(), progress)
         counts = metrics.frame_counts()
         if not counts:

@@ -27,6 +27,7 @@ Notes:
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import re
@@ -643,7 +644,9 @@ def sync(
     folder = Path(output_dir) / "tracking"
     if not (folder / "outbox.jsonl").is_file():
         raise FileNotFoundError(
-            f"{folder / 'outbox.jsonl'}: no tracking outbox here (is {output_dir} a run's output dir?)"
+            errno.ENOENT,
+            f"no tracking outbox here (is {output_dir} a run's output dir?)",
+            str(folder / "outbox.jsonl"),
         )
     uri = tracking_uri or _uri_of_run(Path(output_dir))
     uri = take_uri_credentials(uri)
@@ -672,7 +675,7 @@ def _uri_of_run(output_dir: Path) -> str:
 
     config = output_dir / "config.yaml"
     if not config.is_file():
-        raise FileNotFoundError(f"{config}: missing; pass --tracking-uri")
+        raise FileNotFoundError(errno.ENOENT, "missing; pass --tracking-uri", str(config))
     return load_config(config, []).tracking.uri or default_tracking_uri(output_dir)
 
 

@@ -55,8 +55,9 @@ def shard_part(argv: list[str], index: int | None, count: int) -> int:
     from shards.__main__ import build_parser, run
 
     if index is None:
-        out = build_parser().parse_args(["build", *argv]).out
-        return run(build_parser().parse_args(["merge", str(out)]))
+        build = build_parser().parse_args(["build", *argv])
+        again = ["--overwrite"] if build.overwrite else []
+        return run(build_parser().parse_args(["merge", str(build.out), *again]))
     return run(
         build_parser().parse_args(["build", *argv, "--shard-index", str(index), "--num-shards", str(count)])
     )
@@ -163,14 +164,27 @@ def _report(job: submitit.Job, what: str, tasks: int) -> None:
 
 
 def _output_dir_of(what: str, argv: list[str]) -> Path:
-    """Where an evaluate or shard job writes (train's comes from its config), read by its own parser."""
+    """Where an evaluate or shard job writes (train's comes from its config), read by its own parser and
+    claimed before the job waits in the queue: our own kind of output only, apart from the input."""
+    from autosam2.outputs import EVALUATION, SHARD_SET, claim, claim_shared
+
     if what == "evaluate":
         from autosam2.evaluate import build_parser as evaluate_parser
 
-        return Path(evaluate_parser().parse_args(argv).output_dir)
+        args = evaluate_parser().parse_args(argv)
+        inputs = [args.data, args.weights, args.checkpoint, args.episodes]
+        return claim(args.output_dir, EVALUATION, args.overwrite, inputs)
+    from autosam2.data.sample_format import MANIFEST
+    from autosam2.errors import OutputRefused
     from shards.__main__ import build_parser as shard_parser
+    from shards.writer import scan_root
 
-    return Path(shard_parser().parse_args(["build", *argv]).out).parent
+    args = shard_parser().parse_args(["build", *argv])
+    scan_root(args.root, args.split)
+    out = claim_shared(args.out, SHARD_SET, [args.root])
+    if (out / MANIFEST).exists() and not args.overwrite:
+        raise OutputRefused(f"{out / MANIFEST}: shard set already built; pass --overwrite to rebuild")
+    return out.parent
 
 
 def _without_credentials(argv: list[str]) -> list[str]:
@@ -267,15 +281,13 @@ def submit(argv: Sequence[str] | None = None) -> list[submitit.Job]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from autosam2.config import ConfigError
-    from autosam2.errors import CheckpointError, DatasetError, OutputDirInUse
+    from autosam2.errors import run_command
 
-    try:
+    def submitted() -> int:
         submit(argv)
-    except (ConfigError, DatasetError, CheckpointError, OutputDirInUse, ValueError, OSError) as err:
-        print(f"launch: {err}", file=sys.stderr)
-        return 1
-    return 0
+        return 0
+
+    return run_command("launch", submitted)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("merge", help="join the parts written by a job array into manifest.json")
     m.add_argument("out", type=Path)
+    m.add_argument("--overwrite", action="store_true", help="replace a manifest.json already there")
 
     v = sub.add_parser("verify", help="check a shard set against its manifest; list every problem")
     v.add_argument("out", type=Path)
@@ -44,8 +45,6 @@ def run(args: argparse.Namespace) -> int:
 
     progress = sys.stderr.isatty()
     if args.command == "build":
-        if (args.shard_index is None) != (args.num_shards is None):
-            raise ValueError("--shard-index and --num-shards go together")
         common = dict(
             frames_per_sample=args.frames_per_sample,
             max_shard_mb=args.max_shard_mb,
@@ -69,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
             )
         return 0
     if args.command == "merge":
-        manifest = writer.merge(args.out)
+        manifest = writer.merge(args.out, overwrite=args.overwrite)
         t = manifest["totals"]
         print(f"merged {args.out}: {t['shards']} shards, {t['samples']} samples, {t['frames']} frames")
         return 0
@@ -84,14 +83,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from autosam2.errors import DatasetError
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "build" and (args.shard_index is None) != (args.num_shards is None):
+        parser.error("--shard-index and --num-shards go together")
+    from autosam2.errors import run_command
 
-    try:
-        return run(args)
-    except (DatasetError, FileExistsError, ValueError) as err:
-        print(f"shards {args.command}: {err}", file=sys.stderr)
-        return 1
+    return run_command(f"shards {args.command}", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -23,11 +24,12 @@ from typing import Any
 import webdataset as wds
 
 import autosam2
-from autosam2.atomic import atomic_directory, atomic_file, atomic_write_json
+from autosam2.atomic import atomic_file, atomic_write_json, make_folders, remove_empty
 from autosam2.data.codec import image_size
 from autosam2.data.polyp_gen import LIST_FILES, SequenceFiles, scan_split
 from autosam2.data.sample_format import FORMAT, FORMAT_VERSION, MANIFEST, encode_sample
-from autosam2.errors import DatasetError
+from autosam2.errors import DatasetError, OutputRefused
+from autosam2.outputs import SHARD_SET, claim, claim_shared, output_directory
 
 PARTS_DIR = "parts"
 TAR_OVERHEAD = 1536  # bytes per member: header + padding, for the size estimate
@@ -132,80 +134,97 @@ def build_part(
     """Write one disjoint part of the shard set into `out` and record it; return the part record."""
     root, out = Path(root).resolve(), Path(out)
     if frames_per_sample < 1 or max_shard_mb <= 0 or not 0 <= part_index < num_parts:
-        raise ValueError(
+        raise DatasetError(
             f"need frames_per_sample >= 1, max_shard_mb > 0, 0 <= shard index < num shards; got {frames_per_sample}, {max_shard_mb}, {part_index}/{num_parts}"
         )
-    sequences, problems = scan_split(root, split)
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise DatasetError(f"{problems[0]}{more}; run `autosam2 validate {root}` to list them all")
+    claim_shared(out, SHARD_SET, inputs=[root])
+    sequences = scan_root(root, split)
     if (out / MANIFEST).exists() and not overwrite:
-        raise FileExistsError(f"{out / MANIFEST}: shard set already built; pass --overwrite to rebuild")
+        raise OutputRefused(f"{out / MANIFEST}: shard set already built; pass --overwrite to rebuild")
     part_file = _part_path(out, part_index, num_parts)
     if part_file.exists():
         if not overwrite:
-            raise FileExistsError(f"{part_file}: part already written; pass --overwrite to rewrite it")
-        for shard in json.loads(part_file.read_text())["shards"]:
+            raise OutputRefused(f"{part_file}: part already written; pass --overwrite to rewrite it")
+        for shard in _read_record(part_file)["shards"]:
             (out / shard["name"]).unlink(missing_ok=True)
-    (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
     mine = assign_parts(sequences, num_parts)[part_index]
     jobs = plan_shards(mine, split, part_index, frames_per_sample, int(max_shard_mb * 1e6))
+    made = make_folders(out / PARTS_DIR)
+    moved: list[Path] = []
+    try:
+        label = f"shards {split} part {part_index}/{num_parts}" if progress else None
+        entries = _write_shards(jobs, out, part_index, workers, label, moved)
+        record = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "split": split,
+            "part": part_index,
+            "num_parts": num_parts,
+            "frames_per_sample": frames_per_sample,
+            "max_shard_mb": max_shard_mb,
+            "source": {
+                "root": str(root),
+                "list_file": str(root / split / LIST_FILES[split]),
+                "sequences": len(sequences),
+                "frames": sum(len(s.frames) for s in sequences),
+            },
+            "shards": entries,
+        }
+        atomic_write_json(part_file, record)
+    except BaseException:  # this task's shards and the folders it made go; other tasks' stay
+        for path in moved:
+            path.unlink(missing_ok=True)
+        remove_empty(made)
+        raise
+    return record
+
+
+def _write_shards(
+    jobs: list[ShardJob], out: Path, part_index: int, workers: int, label: str | None, moved: list[Path]
+) -> list[dict[str, Any]]:
+    """Write the shards in a staging folder inside `out`, then move them in (each moved path appended to
+    `moved`); return their manifest entries. `label`: a progress bar's."""
     staging = Path(tempfile.mkdtemp(prefix=f".part-{part_index:03d}.tmp-", dir=out))
     try:
         bar = None
-        if progress:
+        if label:
             from tqdm import tqdm
 
-            bar = tqdm(
-                total=sum(len(s.frames) for s in mine),
-                desc=f"shards {split} part {part_index}/{num_parts}",
-                unit="frame",
-            )
+            bar = tqdm(total=sum(len(s.frames) for j in jobs for s in j.sequences), desc=label, unit="frame")
         entries: list[dict[str, Any]] = []
-        if workers > 1 and len(jobs) > 1:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork")) as pool:
-                for entry in pool.map(write_shard, jobs, [staging] * len(jobs)):
-                    entries.append(entry)
-                    if bar:
-                        bar.update(entry["frames"])
-        else:
-            for job in jobs:
-                entries.append(write_shard(job, staging))
+        with (
+            ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork"))
+            if workers > 1 and len(jobs) > 1
+            else nullcontext()
+        ) as pool:
+            written = (
+                pool.map(write_shard, jobs, [staging] * len(jobs))
+                if pool
+                else map(write_shard, jobs, [staging] * len(jobs))
+            )
+            for entry in written:
+                entries.append(entry)
                 if bar:
-                    bar.update(entries[-1]["frames"])
+                    bar.update(entry["frames"])
         if bar:
             bar.close()
         for entry in entries:
             os.replace(staging / entry["name"], out / entry["name"])
+            moved.append(out / entry["name"])
+        return entries
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    record = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "split": split,
-        "part": part_index,
-        "num_parts": num_parts,
-        "frames_per_sample": frames_per_sample,
-        "max_shard_mb": max_shard_mb,
-        "source": {
-            "root": str(root),
-            "list_file": str(root / split / LIST_FILES[split]),
-            "sequences": len(sequences),
-            "frames": sum(len(s.frames) for s in sequences),
-        },
-        "shards": entries,
-    }
-    atomic_write_json(part_file, record)
-    return record
 
 
-def merge(out: str | Path) -> dict[str, Any]:
+def merge(out: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """Join every part record of `out` into `out/manifest.json`; all parts must be there and agree."""
     out = Path(out)
+    if not out.is_dir():
+        raise DatasetError(f"{out}: no such shard folder to merge")
     files = sorted((out / PARTS_DIR).glob("part-*-of-*.json"))
     if not files:
         raise DatasetError(f"{out / PARTS_DIR}: no part records to merge")
-    parts = [json.loads(f.read_text()) for f in files]
+    parts = [_read_record(f) for f in files]
     counts = {p["num_parts"] for p in parts}
     if len(counts) != 1:
         raise DatasetError(f"{out / PARTS_DIR}: parts of different job arrays ({sorted(counts)} parts)")
@@ -242,8 +261,12 @@ def merge(out: str | Path) -> dict[str, Any]:
             "sequences": len(sequences),
         },
     }
+    if (out / MANIFEST).exists() and not overwrite:
+        raise OutputRefused(f"{out / MANIFEST}: shard set already merged; pass --overwrite to merge again")
     atomic_write_json(out / MANIFEST, manifest)
-    shutil.rmtree(out / PARTS_DIR)
+    for f in files:  # only the records merged: anything else in parts/ is not ours to remove
+        f.unlink()
+    _remove_empty_folder(out / PARTS_DIR)
     return manifest
 
 
@@ -257,7 +280,43 @@ def build(
     overwrite: bool = False,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Build a whole shard set in a temp folder beside `out`, then rename it into place."""
-    with atomic_directory(out, overwrite) as tmp:
+    """Build a whole shard set in a temp folder beside `out`, then rename it into place: `out` must be
+    missing, an empty folder, or (with `overwrite`) a shard set, and apart from `root`; the dataset is
+    checked before anything is written."""
+    root = Path(root).resolve()
+    claim(out, SHARD_SET, overwrite, inputs=[root])
+    scan_root(root, split)
+    with output_directory(out, SHARD_SET, overwrite, inputs=[root]) as tmp:
         build_part(root, split, tmp, 0, 1, frames_per_sample, max_shard_mb, workers, progress=progress)
         return merge(tmp)
+
+
+def scan_root(root: str | Path, split: str) -> list[SequenceFiles]:
+    """The split's sequences; one DatasetError naming the first problem when its structure is broken."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset root does not exist")
+    sequences, problems = scan_split(root, split)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise DatasetError(f"{problems[0]}{more}; run `autosam2 validate {root}` to list them all")
+    return sequences
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    """A part record; one DatasetError naming it when it cannot be read."""
+    try:
+        record = json.loads(path.read_text())
+    except ValueError as err:
+        raise DatasetError(f"{path}: unreadable part record ({err})") from err
+    keys = ("part", "num_parts", "split", "frames_per_sample", "source", "format_version", "shards")
+    if not isinstance(record, dict) or not all(k in record for k in keys):
+        raise DatasetError(f"{path}: not a part record of a shard set (it lacks {', '.join(keys)})")
+    return record
+
+
+def _remove_empty_folder(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # it holds something else: left as it is

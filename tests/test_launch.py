@@ -11,7 +11,7 @@ from launch.__main__ import _output_dir_of, submit
 from tests.helpers import train_overrides
 
 
-def test_the_output_directory_is_read_by_the_commands_own_parser(tmp_path):
+def test_the_output_directory_is_read_by_the_commands_own_parser(tmp_path, tiny_root_pristine):
     assert (
         _output_dir_of("evaluate", ["--weights", "w.pt", f"--output-dir={tmp_path / 'a'}"]) == tmp_path / "a"
     )
@@ -20,7 +20,7 @@ def test_the_output_directory_is_read_by_the_commands_own_parser(tmp_path):
         == tmp_path / "b"
     )
     assert _output_dir_of("evaluate", ["--weights", "w.pt"]) == Path("results")
-    shard = ["/data/pg", "--split", "train", f"--out={tmp_path / 'shards' / 'train'}"]
+    shard = [str(tiny_root_pristine), "--split", "train", f"--out={tmp_path / 'shards' / 'train'}"]
     assert _output_dir_of("shard", shard) == tmp_path / "shards"
 
 

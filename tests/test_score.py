@@ -64,9 +64,9 @@ def expected_summary(pred_root: Path, gt_root: Path, keep=slice(1, -1)) -> dict[
 
 
 def test_score_writes_the_toolbox_figures_under_its_names_dropping_first_and_last(tmp_path):
-    pred, gt = method(tmp_path)
+    pred, gt = method(tmp_path / "data")
     out = tmp_path / "out"
-    done = score("--pred", str(pred), "--gt", str(tmp_path), "--output-dir", str(out))  # a folder holding GT/
+    done = score("--pred", str(pred), "--gt", str(tmp_path / "data"), "--output-dir", str(out))  # holds GT/
     assert done.returncode == 0, done.stderr
     result = json.loads((out / "metrics.json").read_text())
     assert set(result["summary"]) == set(TOOLBOX_METRICS)  # metrics.csv keeps the toolbox order

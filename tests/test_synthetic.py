@@ -107,7 +107,7 @@ def test_existing_output_is_refused_and_overwrite_replaces(tmp_path, capsys):
     assert "2 train + 1 valid sequences, 12 frames of 64x64" in capsys.readouterr().out
     (out / "marker").write_text("x")
     assert main(args) == 1
-    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert "already holds a synthetic dataset; pass --overwrite" in capsys.readouterr().err
     assert (out / "marker").exists()
     assert main([*args, "--overwrite"]) == 0
     assert not (out / "marker").exists() and (out / "train" / "train_list.txt").exists()

@@ -185,6 +185,8 @@ def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
         ) from err
     except ValueError as err:
         raise ShardError(f"{path}: manifest is not valid JSON ({err})") from err
+    if not isinstance(manifest, dict):
+        raise ShardError(f"{path}: not a shard set's manifest (a JSON {type(manifest).__name__})")
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise ShardError(
             f"{path}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}, "

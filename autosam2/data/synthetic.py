@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from autosam2.atomic import atomic_directory
 from autosam2.data.polyp_gen import LIST_FILES
+from autosam2.outputs import SYNTH_DATASET, output_directory
 
 SPLIT_CODES = {"train": 0, "valid": 1}
 # the hard split's episodes: the polyp is there (its mask unchanged) but all but invisible in the frame
@@ -403,7 +403,7 @@ def write_dataset(
     """Write a synthetic polyp_gen root at `out` atomically (temp folder, then rename); return a summary.
     ``workers`` processes generate sequences side by side; each sequence depends on the spec alone, so
     the dataset is the same for any number."""
-    with atomic_directory(out, overwrite) as tmp:
+    with output_directory(out, SYNTH_DATASET, overwrite) as tmp:
         names = sequence_names(spec)
         jobs = [(split, i, name) for split in ("train", "valid") for i, name in enumerate(names[split])]
         summary = {"spec": asdict(spec), "frames": 0, "empty_frames": 0, "events": {}}

@@ -1,0 +1,182 @@
+"""Which paths a command may write its output to: a missing path, an empty folder, or a folder holding
+the command's own kind of output (told by its marker file), never a path that is, holds or lies inside
+the command's input. Every command that writes a folder claims it here before any work.
+
+`--overwrite` replaces the command's own kind of output only: a folder holding anything else (a
+dataset, someone's notes) is refused in one line naming it and what it holds, with or without it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from autosam2.atomic import atomic_directory
+from autosam2.errors import OutputRefused
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """One kind of output folder: `noun` names it in messages; `owns(folder)` tells whether a non-empty
+    folder holds this kind (its marker file, read)."""
+
+    noun: str
+    owns: Callable[[Path], bool]
+
+
+def _json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _marker(name: str, *keys: str) -> Callable[[Path], bool]:
+    """A folder whose JSON file `name` is an object holding every one of `keys`."""
+    return lambda folder: bool(keys) and all(k in _json_object(folder / name) for k in keys)
+
+
+def _first_line(path: Path) -> str:
+    try:
+        with path.open(errors="replace") as f:
+            return f.readline().strip()
+    except OSError:
+        return ""
+
+
+# the names a shard set's folder holds, finished or in the making by a job array's tasks
+_SHARD_NAMES = re.compile(
+    r"^(manifest\.json|parts|[\w.-]+-\d{3}-\d{5}\.tar|\.part-\d{3}\.tmp-\w+|\.[\w.-]+\.tmp-\d+)$"
+)
+
+
+def _shard_set(folder: Path) -> bool:
+    """A shard set (its manifest says so), or a job array's parts in the making (only our names)."""
+    from autosam2.data.sample_format import FORMAT, MANIFEST
+
+    if _json_object(folder / MANIFEST).get("format") == FORMAT:
+        return True
+    return (folder / "parts").is_dir() and all(_SHARD_NAMES.match(p.name) for p in folder.iterdir())
+
+
+SHARD_SET = OutputKind("a shard set", _shard_set)
+SYNTH_DATASET = OutputKind("a synthetic dataset", _marker("synth.json", "spec"))
+EVALUATION = OutputKind("an evaluation", _marker("metrics.json", "summary", "weights"))
+SCORES = OutputKind("scores", _marker("metrics.json", "summary", "pred", "gt"))
+PREDICTIONS = OutputKind(
+    "predictions", lambda folder: _first_line(folder / "frames.csv").startswith("sequence,frame,presence")
+)
+DEMO_MARKER = "demo.json"
+# what `autosam2 demo` writes: a folder of these alone is an earlier demo's, marker or not
+DEMO_NAMES = frozenset(
+    {
+        DEMO_MARKER,
+        "polyp_gen",
+        "polyp_gen_hard",
+        "shards",
+        "shards_hard",
+        "run",
+        "run_video",
+        "results",
+        "results_hard",
+    }
+)
+DEMO = OutputKind(
+    "a demo's output",
+    lambda folder: (
+        _marker(DEMO_MARKER, "written_by")(folder) or all(p.name in DEMO_NAMES for p in folder.iterdir())
+    ),
+)
+
+
+def _apart_from_inputs(out: Path, inputs: Iterable[str | Path | None]) -> None:
+    here = out.resolve()
+    for given in inputs:
+        if given is None or str(given) == "":
+            continue
+        source = Path(given).resolve()
+        if here == source:
+            where = "is"
+        elif here.is_relative_to(source):
+            where = "lies inside"
+        elif source.is_relative_to(here):
+            where = "holds"
+        else:
+            continue
+        raise OutputRefused(
+            f"{out}: {where} the input {given}; choose an output path outside the input (nothing was written)"
+        )
+
+
+def _parent_is_a_folder(out: Path) -> None:
+    """A path whose nearest existing parent is a file can never be made: say so, not the temp name."""
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputRefused(f"{out}: cannot be made, {parent} is a file")
+            return
+
+
+def _holdings(folder: Path, entries: list[Path]) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in entries)
+    shown = ", ".join(names[:3])
+    return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def claim(
+    out: str | Path, kind: OutputKind, overwrite: bool, inputs: Iterable[str | Path | None] = ()
+) -> Path:
+    """Refuse, before any work and without writing anything, an output path this command may not take;
+    return it. `overwrite` allows replacing a folder of the same kind."""
+    out = Path(out)
+    _apart_from_inputs(out, inputs)
+    _parent_is_a_folder(out)
+    if (out.exists() and not out.is_dir()) or (out.is_symlink() and not out.exists()):
+        raise OutputRefused(f"{out}: is a file, not a folder; refusing to replace it with {kind.noun}")
+    if not out.exists():
+        return out
+    entries = list(out.iterdir())
+    if not entries:
+        return out
+    if not kind.owns(out):
+        raise OutputRefused(
+            f"{out}: holds {_holdings(out, entries)}, which is not {kind.noun}; refusing to replace it "
+            "(choose another output path, or remove it yourself)"
+        )
+    if not overwrite:
+        raise OutputRefused(f"{out}: already holds {kind.noun}; pass --overwrite to replace it")
+    return out
+
+
+def claim_shared(out: str | Path, kind: OutputKind, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """`claim` for a folder several tasks fill side by side (a job array's parts): a missing path, an
+    empty folder, or one that holds only this kind; what is already there stays."""
+    out = Path(out)
+    _apart_from_inputs(out, inputs)
+    _parent_is_a_folder(out)
+    if out.exists() and not out.is_dir():
+        raise OutputRefused(f"{out}: is a file, not a folder; refusing to write {kind.noun} there")
+    entries = list(out.iterdir()) if out.is_dir() else []
+    if entries and not kind.owns(out):
+        raise OutputRefused(
+            f"{out}: holds {_holdings(out, entries)}, which is not {kind.noun}; refusing to write there "
+            "(choose another output path, or remove it yourself)"
+        )
+    return out
+
+
+@contextmanager
+def output_directory(
+    out: str | Path, kind: OutputKind, overwrite: bool, inputs: Iterable[str | Path | None] = ()
+) -> Iterator[Path]:
+    """`claim` the path, then yield a temp folder that replaces it whole on success (atomic_directory)."""
+    out = claim(out, kind, overwrite, inputs)
+    if out.is_symlink():
+        out = out.resolve()  # a link to a folder of ours: the folder is replaced, the link stays
+    with atomic_directory(out, overwrite=True) as tmp:
+        yield tmp

@@ -1,0 +1,185 @@
+"""Output paths: every command that writes a folder takes a missing path, an empty folder or its own kind
+of output (with --overwrite), and refuses, before any work and in one line, an unrelated folder, a file,
+or a path that is, holds or lies inside its input, which stays byte for byte as it was."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from autosam2.cli import main as cli
+from autosam2.errors import OutputRefused
+from autosam2.outputs import EVALUATION, SCORES, SHARD_SET, SYNTH_DATASET, claim
+from launch.__main__ import main as launch
+from shards.__main__ import main as shards
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    from autosam2.config import load_config
+    from autosam2.model.sam2_builder import build_autosam2
+    from autosam2.model.weights import RunWeights
+
+    folder = tmp_path_factory.mktemp("weights")
+    cfg = load_config(None, ["model.image_size=64"])
+    torch.manual_seed(0)
+    RunWeights(folder, build_autosam2(cfg.model, torch.device("cpu")), cfg.model, True).save("w.pt", 0)
+    return folder / "w.pt"
+
+
+def digest(root: Path) -> dict[str, str]:
+    """Every path under `root` (itself included) and its bytes' hash."""
+    paths = [root, *sorted(root.rglob("*"))] if root.is_dir() else [root]
+    return {
+        str(p.relative_to(root.parent)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in paths
+    }
+
+
+# name -> (the input the command reads, under `box`; the call writing to `out`)
+def _commands(box: Path, tiny_root: Path, weights: Path) -> dict[str, tuple[Path, Callable[[Path], int]]]:
+    data = box / "polyp_gen"
+    shutil.copytree(tiny_root, data)
+    gt = data / "valid" / "masks"
+    frames = data / "valid" / "images" / "seq3"
+    build = ["build", str(data), "--split", "valid", "--overwrite"]
+    model = ["--weights", str(weights), "--cpu", "--overwrite"]
+    return {
+        "shards build": (data, lambda out: shards([*build, "--out", str(out)])),
+        "shards build part": (
+            data,
+            lambda out: shards([*build, "--out", str(out), "--shard-index", "0", "--num-shards", "2"]),
+        ),
+        "evaluate": (
+            data,
+            lambda out: cli(["evaluate", *model, "--data", str(data), "--output-dir", str(out)]),
+        ),
+        "predict": (frames, lambda out: cli(["predict", str(frames), *model, "--output-dir", str(out)])),
+        "score": (
+            gt,
+            lambda out: cli(
+                ["score", "--pred", str(gt), "--gt", str(gt), "--output-dir", str(out), "--overwrite"]
+            ),
+        ),
+        "launch shard": (
+            data,
+            lambda out: launch(["shard", "--cluster", "debug", "--", *build[1:], "--out", str(out)]),
+        ),
+    }
+
+
+HOSTILE = ("unrelated folder", "the input", "inside the input", "holding the input", "a file")
+EXPECTED = {
+    "unrelated folder": "holds notes.txt, which is not",
+    "the input": "is the input",
+    "inside the input": "lies inside the input",
+    "holding the input": "holds the input",
+    "a file": "is a file, not a folder",
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+@pytest.mark.parametrize(
+    "command", ["shards build", "shards build part", "evaluate", "predict", "score", "launch shard"]
+)
+def test_a_hostile_output_path_is_refused_in_one_line_and_nothing_changes(
+    tmp_path, tiny_root_pristine, weights, capsys, command, case
+):
+    box = tmp_path / "box"
+    source, run = _commands(box, tiny_root_pristine, weights)[command]
+    unrelated = tmp_path / "mine"
+    unrelated.mkdir()
+    (unrelated / "notes.txt").write_text("a week of notes")
+    (tmp_path / "afile").write_text("not a folder")
+    out = {
+        "unrelated folder": unrelated,
+        "the input": source,
+        "inside the input": source / "sub" if source.is_dir() else source,
+        "holding the input": box,
+        "a file": tmp_path / "afile",
+    }[case]
+    before = digest(tmp_path)
+    capsys.readouterr()
+    assert run(out) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and EXPECTED[case] in err[0] and str(out) in err[0], err
+    assert digest(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", ["synth", "demo"])
+@pytest.mark.parametrize("case", ["unrelated folder", "a file"])
+def test_commands_without_input_refuse_what_is_not_theirs(tmp_path, capsys, command, case):
+    out = tmp_path / "out"
+    if case == "a file":
+        out.write_text("not a folder")
+    else:
+        out.mkdir()
+        (out / "notes.txt").write_text("notes")
+    before = digest(tmp_path)
+    flag = ["--out", str(out), "--overwrite"]
+    assert cli([command, *flag]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(out) in err[0] and EXPECTED[case] in err[0], err
+    assert digest(tmp_path) == before
+
+
+def test_synth_replaces_its_own_dataset_and_an_empty_folder_only_when_asked(tmp_path, capsys):
+    out = tmp_path / "ds"
+    out.mkdir()
+    synth = ["synth", "--out", str(out), "--sequences", "1", "--frames", "2", "--size", "32"]
+    assert cli(synth) == 0  # an empty folder is taken as it is
+    first = digest(out)
+    assert cli(synth) == 1
+    assert "already holds a synthetic dataset; pass --overwrite" in capsys.readouterr().err
+    assert cli([*synth, "--seed", "1", "--overwrite"]) == 0
+    assert digest(out) != first and sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+def test_merge_removes_only_the_records_it_merged(tmp_path, tiny_root_pristine, capsys):
+    out = tmp_path / "set"
+    for index in range(2):
+        argv = ["build", str(tiny_root_pristine), "--split", "train", "--out", str(out), "--workers", "1"]
+        assert shards([*argv, "--shard-index", str(index), "--num-shards", "2"]) == 0
+    (out / "parts" / "README.txt").write_text("someone's note")
+    assert shards(["merge", str(out)]) == 0
+    assert sorted(p.name for p in (out / "parts").iterdir()) == ["README.txt"]
+    assert shards(["verify", str(out)]) == 0
+    assert shards(["merge", str(out)]) == 1  # nothing left to merge
+    assert "no part records to merge" in capsys.readouterr().err
+
+
+def test_a_rejected_dataset_leaves_no_parent_folder(tmp_path, tiny_root, capsys):
+    (tiny_root / "valid" / "val_list.txt").unlink()
+    out = tmp_path / "new" / "shards" / "valid"
+    assert shards(["build", str(tiny_root), "--split", "valid", "--out", str(out)]) == 1
+    assert "val_list.txt: list file is missing" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize(
+    "kind, marker, text",
+    [
+        (SHARD_SET, "manifest.json", '{"format": "autosam2-polyp-shards"}'),
+        (SYNTH_DATASET, "synth.json", '{"spec": {}}'),
+        (EVALUATION, "metrics.json", '{"summary": {}, "weights": "w.pt"}'),
+        (SCORES, "metrics.json", '{"summary": {}, "pred": "p", "gt": "g"}'),
+    ],
+)
+def test_a_kind_is_told_by_its_marker_and_nothing_else(tmp_path, kind, marker, text):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "masks").mkdir()
+    with pytest.raises(OutputRefused, match="which is not"):
+        claim(out, kind, overwrite=True)
+    (out / marker).write_text("{not json")
+    with pytest.raises(OutputRefused, match="which is not"):
+        claim(out, kind, overwrite=True)
+    (out / marker).write_text(text)
+    with pytest.raises(OutputRefused, match="pass --overwrite"):
+        claim(out, kind, overwrite=False)
+    assert claim(out, kind, overwrite=True) == out
