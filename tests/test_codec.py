@@ -31,6 +31,15 @@ def test_a_shard_mask_round_trips_as_a_one_bit_png():
     assert sorted(np.unique(mask_values(data, "m0000.png"))) == [0, 255]
 
 
+def test_a_one_bit_mask_decodes_to_canonical_bools():
+    """PIL's 1-bit pixels are the bytes 0 and 255; a bool tensor must hold 0 and 1."""
+    mask = torch.zeros(6, 9, dtype=torch.bool)
+    mask[2:5, 1:7] = True
+    decoded = decode_mask(encode_mask_png(mask), "m0000.png")
+    assert decoded.dtype == torch.bool and torch.equal(decoded, mask)
+    assert decoded.view(torch.uint8).max() == 1
+
+
 def _png(values: np.ndarray, palette: list[int] | None = None) -> bytes:
     image = Image.fromarray(values)
     if palette is not None:

@@ -5,7 +5,8 @@ Images become uint8 ``[3,H,W]`` RGB whatever their mode (grayscale, 16-bit, pale
 become bool ``[H,W]``, grey value above ``MASK_THRESHOLD`` (of 255) being polyp, because JPEG masks carry
 compression noise between 0 and 255 (the gt rule of `autosam2.metrics`, the toolbox's ``gt > 128``): a
 mask whose values all lie at or below it is empty, however noisy, unless what it stores are the labels 0
-and 1 (`read_mask` tells). Every failure is one DatasetError naming the source.
+and 1 (`read_mask` tells). Bool arrays and tensors made here hold the bytes 0 and 1 only. Every failure is
+one DatasetError naming the source.
 """
 
 from __future__ import annotations
@@ -91,7 +92,9 @@ def decode_mask(data: bytes, source: str | Path) -> torch.Tensor:
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.mode == "1":  # our shards' 1-bit PNG: no grey levels to threshold
-                return torch.from_numpy(np.array(im, dtype=bool))
+                # compared, not cast: PIL's 1-bit pixels are the bytes 0 and 255, which a cast to
+                # bool keeps as they are, and torch counts on a bool's byte being 0 or 1
+                return torch.from_numpy(np.asarray(im) != 0)
     except DECODE_ERRORS as err:
         raise DatasetError(f"{source}: cannot decode mask ({err})") from err
     return torch.from_numpy(mask_values(data, source) > MASK_THRESHOLD)
