@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -50,6 +52,39 @@ def test_folder_batches_split_the_windows_between_ranks(tiny_root_pristine):
     assert [r.per_epoch for r in ranks] == [windows // 2] * 2
     seen = [{(b.video_ids[0], int(b.frame_indices_TB[0, 0])) for b in r.epoch(0)} for r in ranks]
     assert not seen[0] & seen[1]
+
+
+def _clips(batches) -> list[tuple]:
+    """What identifies each clip of some batches: its sequence, its frames, its augmentation."""
+    return [
+        (b.video_ids[i], tuple(b.frame_indices_TB[:, i].tolist()), repr(b.augment[i]))
+        for b in batches
+        for i in range(b.batch_size)
+    ]
+
+
+def test_shard_batches_are_those_of_the_rank_given_whatever_the_environment(
+    tiny_shards_pristine, monkeypatch
+):
+    """Two ranks called in one process, no launcher: each its own share of the global order, the two
+    shares together the one epoch a single rank sees (4 samples hold a 4-frame clip)."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    data = DataConfig(train=str(tiny_shards_pristine["train"]), clip_len=4, batch_size=1, num_workers=1)
+    alone = training_batches(data, 32, seed=0, rank=0, world_size=1)
+    whole = _clips(b for _, b in alone.batches(0, 0, epochs=1, global_batch=1))
+    assert alone.per_epoch == 4 and len(set(whole)) == 4
+    ranks = [training_batches(data, 32, 0, rank, 2) for rank in (0, 1)]
+    assert [r.per_epoch for r in ranks] == [2, 2]
+    sought = [_clips(b for _, b in r.batches(0, 0, epochs=1, global_batch=2)) for r in ranks]
+    epoch = [_clips(r.epoch(0)) for r in ranks]
+    assert sought == epoch
+    assert not set(sought[0]) & set(sought[1])
+    assert sorted(sought[0] + sought[1]) == sorted(whole)
+    assert sought[0] == whole[0::2] and sought[1] == whole[1::2]  # step j: positions 2j, 2j + 1
+    resampled = replace(data, order="resample", batches_per_epoch=2)
+    drawn = [_clips(training_batches(resampled, 32, 0, rank, 2).epoch(0)) for rank in (0, 1)]
+    assert drawn[0] != drawn[1]  # each rank draws from its own seeded stream
 
 
 def test_a_source_that_cannot_feed_the_run_is_named(tiny_root_pristine, tmp_path):

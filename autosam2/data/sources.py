@@ -137,7 +137,8 @@ def collate_or_failure(items: list[VideoDatapoint | WorkerFailure]) -> ClipBatch
 def training_batches(
     data: DataConfig, image_size: int, seed: int, rank: int, world_size: int, pin_memory: bool = False
 ) -> TrainingBatches:
-    """The training batches of `data.train` for this rank: the shard stream, or clips of a folder."""
+    """The training batches of `data.train` for rank `rank` of `world_size` (those given, whatever the
+    environment says): the shard stream, or clips of a folder."""
     if is_shard_set(data.train):
         stream_cfg = StreamConfig(
             clip_len=data.clip_len,
@@ -151,7 +152,7 @@ def training_batches(
             on_error=data.on_error,
             augment=data.augment,
         )
-        stream = ClipStream(data.train, "train", stream_cfg)
+        stream = ClipStream(data.train, "train", stream_cfg, rank, world_size)
 
         def shard_epoch(epoch: int) -> Iterable[ClipBatch]:
             stream.set_epoch(epoch)
