@@ -63,7 +63,7 @@ def validate(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from autosam2.data.codec import MASK_THRESHOLD
-    from autosam2.data.polyp_gen import SPLITS, validate_root
+    from autosam2.data.polyp_gen import SPLITS, MaskNoise, validate_root
 
     reports = validate_root(
         args.root, splits=[args.split] if args.split else SPLITS, progress=sys.stderr.isatty()
@@ -80,6 +80,10 @@ def validate(argv: list[str] | None = None) -> int:
     ]
     soft = sum(r.soft_masks for r in reports)
     note = f"; {soft} masks have grey values (JPEG), foreground above {MASK_THRESHOLD}" if soft else ""
+    noise = MaskNoise()
+    for r in reports:
+        noise.merge(r.noise)
+    note += f"; {noise}" if noise.masks else ""
     print(f"{args.root}: ok; " + "; ".join(parts) + note)
     return 0
 

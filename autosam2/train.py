@@ -128,13 +128,8 @@ def _run(cfg: Config, info):
         cfg.data, cfg.model.image_size, cfg.train.seed, info.rank, info.world_size, info.device.type == "cuda"
     )
     total_steps = cfg.train.max_steps or max(1, cfg.train.epochs * data.per_epoch // cfg.optim.grad_accum)
-    if info.is_main and data.seek is not None:
-        per_step = info.world_size * cfg.data.batch_size
-        print(
-            f"data: global order, {data.per_epoch} steps of {per_step} clips per epoch ({info.world_size} rank(s) x "
-            f"{cfg.data.batch_size}); {data.dropped} sample(s) that fill no whole step dropped at each epoch's end",
-            flush=True,
-        )
+    if info.is_main:
+        print(data.describe(info.world_size, cfg.data), flush=True)
     engine = build_engine(model, cfg, total_steps, info)
     features = None
     if cfg.data.feature_cache == FeatureCacheKind.memory:

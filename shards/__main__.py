@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
             t = manifest["totals"]
             print(
                 f"wrote {args.out}: {t['shards']} shards, {t['samples']} samples, {t['frames']} frames, {t['bytes'] / 1e6:.1f} MB"
+                + _noise_note(manifest["shards"])
             )
         else:
             part = writer.build_part(
@@ -65,12 +66,16 @@ def run(args: argparse.Namespace) -> int:
             frames = sum(s["frames"] for s in part["shards"])
             print(
                 f"wrote part {args.shard_index} of {args.num_shards} into {args.out}: {len(part['shards'])} shards, {frames} frames"
+                + _noise_note(part["shards"])
             )
         return 0
     if args.command == "merge":
         manifest = writer.merge(args.out, overwrite=args.overwrite)
         t = manifest["totals"]
-        print(f"merged {args.out}: {t['shards']} shards, {t['samples']} samples, {t['frames']} frames")
+        print(
+            f"merged {args.out}: {t['shards']} shards, {t['samples']} samples, {t['frames']} frames"
+            + _noise_note(manifest["shards"])
+        )
         return 0
     problems = verify.verify(args.out, progress=progress)
     for problem in problems:
@@ -80,6 +85,14 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(f"{args.out}: ok")
     return 0
+
+
+def _noise_note(shards: list[dict]) -> str:
+    """`validate`'s count of the empty masks with compression noise, for these shards' sources."""
+    from shards.writer import mask_noise
+
+    noise = mask_noise(shards)
+    return f"; {noise}" if noise.masks else ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ import webdataset as wds
 import autosam2
 from autosam2.atomic import atomic_file, atomic_write_json, make_folders, remove_empty
 from autosam2.data.codec import image_size
-from autosam2.data.polyp_gen import LIST_FILES, SequenceFiles, scan_split
+from autosam2.data.polyp_gen import LIST_FILES, MaskNoise, SequenceFiles, scan_split
 from autosam2.data.sample_format import FORMAT, FORMAT_VERSION, MANIFEST, encode_sample
 from autosam2.errors import DatasetError, OutputRefused
 from autosam2.outputs import SHARD_SET, claim, claim_shared, output_directory
@@ -90,6 +90,7 @@ def write_shard(job: ShardJob, folder: Path) -> dict[str, Any]:
     samples: list[str] = []
     frames = 0
     sequences = {}
+    noise = MaskNoise()
     with atomic_file(final) as stream, wds.TarWriter(stream, encoder=False) as writer:
         for seq in job.sequences:
             n = len(seq.frames)
@@ -99,7 +100,7 @@ def write_shard(job: ShardJob, folder: Path) -> dict[str, Any]:
                 start = chunk * job.frames_per_sample
                 files = list(seq.frames[start : start + job.frames_per_sample])
                 sample = encode_sample(
-                    seq.name, job.split, chunk, chunks, start, files, size, n, seq.frames[0].image.name
+                    seq.name, job.split, chunk, chunks, start, files, size, n, seq.frames[0].image.name, noise
                 )
                 writer.write(sample)
                 samples.append(sample["__key__"])
@@ -112,7 +113,16 @@ def write_shard(job: ShardJob, folder: Path) -> dict[str, Any]:
         "frames": frames,
         "bytes": final.stat().st_size,
         "sha256": _sha256(final),
+        "empty_with_noise": asdict(noise),
     }
+
+
+def mask_noise(shards: list[dict[str, Any]]) -> MaskNoise:
+    """The source masks of these manifest shard entries that were empty with compression noise."""
+    noise = MaskNoise()
+    for shard in shards:
+        noise.merge(MaskNoise(**shard.get("empty_with_noise", {})))
+    return noise
 
 
 def _part_path(out: Path, index: int, count: int) -> Path:

@@ -47,6 +47,19 @@ def truncate(path: Path, fraction: float = 0.5) -> None:
     path.write_bytes(data[: int(len(data) * fraction)])
 
 
+def noisy_empty_jpeg(path: Path, quality: int, size: int = 64) -> int:
+    """Write the JPEG mask of a polyp-free frame whose compression noise stays below the threshold (a
+    faint smudge of grey 40, as annotation tools leave); return the highest value it decodes to."""
+    import numpy as np
+    from PIL import Image
+
+    smudge = np.zeros((size, size), np.uint8)
+    smudge[size // 3 : size // 2, size // 3 : size // 2 + 4] = 40
+    Image.fromarray(smudge).save(path, format="JPEG", quality=quality)
+    with Image.open(path) as im:
+        return int(np.asarray(im).max())
+
+
 def wait_for_line(path: Path, text: str, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

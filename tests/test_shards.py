@@ -3,6 +3,7 @@
 import hashlib
 import io
 import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -17,6 +18,7 @@ from autosam2.data.sample_format import FORMAT, FORMAT_VERSION
 from autosam2.errors import OutputRefused
 from shards.__main__ import main
 from shards.writer import build, build_part, merge
+from tests.helpers import noisy_empty_jpeg
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -248,15 +250,77 @@ def test_a_16bit_mask_and_a_cmyk_frame_read_the_same_everywhere(tiny_root, tmp_p
     assert bool((video.frames[1].image_CHW == red).all())
 
 
-def test_a_16bit_label_map_is_rejected_by_both(tiny_root, tmp_path, capsys):
+def _label_map(path: Path, kind: str) -> str:
+    """Write a 0/1 label map as `kind` at `path` (a .png); return what the problem line calls it."""
+    labels = np.zeros((64, 64), np.uint8)
+    labels[5:9, 5:9] = 1
+    if kind == "16-bit":
+        _png16(path, labels)
+        return "16-bit values 0 and 1"
+    if kind == "palette":  # index 1 drawn dark green: grey 59, below the threshold
+        image = Image.fromarray(labels, mode="L").convert("P")
+        image.putpalette([0, 0, 0, 0, 100, 0] + [0] * 762)
+        image.save(path)
+        return "palette indices 0 and 1"
+    Image.fromarray(labels).save(path)
+    return "8-bit greyscale values 0 and 1"
+
+
+@pytest.mark.parametrize("kind", ["8-bit", "16-bit", "palette"])
+def test_a_label_map_is_rejected_by_both(tiny_root, tmp_path, capsys, kind):
     from autosam2.cli import main as cli
 
     masks = tiny_root / "train" / "masks" / "seq2"
     (masks / "frame3.jpg").unlink()
-    labels = np.zeros((64, 64), np.uint16)
-    labels[5:9, 5:9] = 1
-    _png16(masks / "frame3.png", labels)
+    what = _label_map(masks / "frame3.png", kind)
     assert cli(["validate", str(tiny_root), "--split", "train"]) == 1
-    assert "frame3.png: mask values are all below 128" in capsys.readouterr().out
-    with pytest.raises(DatasetError, match=r"seq2/frame3\.png: mask values are all below 128"):
+    expected = f"frame3.png: mask is a 0/1 label map ({what}"
+    assert expected in capsys.readouterr().out
+    with pytest.raises(DatasetError, match=rf"seq2/{re.escape(expected)}.*masks must be greyscale 0/255"):
         build(tiny_root, "train", tmp_path / "s")
+
+
+def test_a_palette_mask_that_draws_the_polyp_light_is_a_mask_everywhere(tiny_root, tmp_path):
+    from autosam2.data.polyp_gen import PolypGenDataset, validate_split
+    from autosam2.data.stream import ClipStream
+
+    masks = tiny_root / "train" / "masks" / "seq2"
+    (masks / "frame3.jpg").unlink()
+    indices = np.zeros((64, 64), np.uint8)
+    indices[5:29, 8:40] = 1
+    image = Image.fromarray(indices, mode="L").convert("P")
+    image.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)
+    image.save(masks / "frame3.png")
+    assert validate_split(tiny_root, "train").problems == []
+    folder = PolypGenDataset(tiny_root, "train").load_frame("seq2", 2).object_mask()
+    build(tiny_root, "train", tmp_path / "s", frames_per_sample=5)
+    seq2 = next(v for v in ClipStream(tmp_path / "s", "eval").sequences() if v.video_id == "seq2")
+    for mask in (folder, seq2.frames[2].object_mask()):
+        assert np.array_equal(mask.numpy(), indices == 1)
+
+
+def test_jpeg_masks_with_compression_noise_are_built_as_empty_and_counted(tiny_root, tmp_path, capsys):
+    from autosam2.cli import main as cli
+    from autosam2.data.stream import ClipStream
+
+    masks = tiny_root / "train" / "masks"
+    peaks = [noisy_empty_jpeg(masks / "seq1" / f"frame{i}.jpg", q) for i, q in [(2, 30), (6, 60), (11, 90)]]
+    assert all(1 < peak < 128 for peak in peaks), peaks
+    count = f"3 masks are empty with compression noise (max {max(peaks)})"
+    assert cli(["validate", str(tiny_root), "--split", "train"]) == 0
+    assert capsys.readouterr().out.strip().endswith(count)
+    out = tmp_path / "s"
+    assert (
+        main(["build", str(tiny_root), "--split", "train", "--out", str(out), "--frames-per-sample", "5"])
+        == 0
+    )
+    assert capsys.readouterr().out.strip().endswith(f"MB; {count}")
+    seq1 = next(v for v in ClipStream(out, "eval").sequences() if v.video_id == "seq1")
+    assert not any(seq1.frames[i - 1].object_mask().any() for i in (2, 6, 11))  # frame2 is index 1
+    (shard,) = json.loads((out / "manifest.json").read_text())["shards"]
+    assert shard["empty_with_noise"] == {"masks": 3, "peak": max(peaks)}
+    parts = ["--shard-index", "0", "--num-shards", "1"]
+    assert main(["build", str(tiny_root), "--split", "train", "--out", str(tmp_path / "a"), *parts]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"1 shards, 24 frames; {count}")
+    assert main(["merge", str(tmp_path / "a")]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"24 frames; {count}")

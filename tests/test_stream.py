@@ -16,6 +16,18 @@ def batches(stream: ClipStream, workers: int = 0) -> list:
     return list(make_loader(stream, num_workers=workers))
 
 
+def test_evaluation_without_names_splits_the_shards_at_the_rank_given(tiny_shards_pristine, monkeypatch):
+    """One shard: rank 0 of 2 reads it all, rank 1 nothing, whatever RANK and WORLD_SIZE say."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    path = tiny_shards_pristine["valid"]
+    assert [v.video_id for v in ClipStream(path, "eval", rank=0, world_size=2).sequences()] == ["seq3"]
+    assert [v.video_id for v in ClipStream(path, "eval", rank=1, world_size=2).sequences()] == []
+    assert [v.video_id for v in ClipStream(path, "eval").sequences()] == []  # the environment's rank 1
+    with pytest.raises(ValueError, match="need both rank and world_size"):
+        ClipStream(path, "eval", rank=2, world_size=2)
+
+
 @pytest.mark.parametrize("split", ["train", "valid"])
 def test_round_trip_gives_the_folder_readers_bytes_and_masks(tiny_root_pristine, tiny_shards_pristine, split):
     folder = PolypGenDataset(tiny_root_pristine, split)

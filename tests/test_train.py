@@ -305,11 +305,14 @@ def test_training_goes_on_when_tracking_fails(train_data, tmp_path):
                     "train.validate_every": 100,
                     "tracking.uri": "http://127.0.0.1:9",
                     "tracking.flush_timeout_s": 5,  # what is not sent waits for `autosam2 sync`
+                    "data.batches_per_epoch": 20,  # 8 samples hold a clip
                 },
             ),
         ]
     )
     assert (out / "final.pt").exists() and "step 1/1" in result.stdout
+    (data_line,) = [line for line in result.stdout.splitlines() if line.startswith("data: ")]
+    assert data_line.endswith("an epoch's 20 clips cycle through the set's 8, 2.5 passes")
     assert "127.0.0.1:9" in result.stderr
     assert time.monotonic() - start < 180
 

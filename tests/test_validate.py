@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from autosam2.cli import main
+from tests.helpers import noisy_empty_jpeg
 
 
 def run_validate(root: Path, capsys: pytest.CaptureFixture) -> tuple[int, list[str]]:
@@ -21,6 +22,19 @@ def test_clean_root_gives_exit_0_and_a_one_line_summary(tiny_root, capsys):
     assert "ok" in lines[0]
     assert "train: 2 sequences, 24 frames" in lines[0] and "valid: 1 sequences, 12 frames" in lines[0]
     assert "empty-mask frames" in lines[0] and "foreground above 128" in lines[0]
+
+
+def test_jpeg_masks_of_polyp_free_frames_are_empty_masks_counted_with_their_noise(tiny_root, capsys):
+    """Compression noise below 128 at any JPEG quality: accepted, counted, its highest value said."""
+    masks = tiny_root / "train" / "masks"
+    peaks = [
+        noisy_empty_jpeg(masks / seq / f"frame{i}.jpg", quality)
+        for seq, i, quality in [("seq1", 3, 20), ("seq1", 4, 50), ("seq2", 1, 75), ("seq2", 9, 95)]
+    ]
+    assert all(1 < peak < 128 for peak in peaks), peaks
+    code, lines = run_validate(tiny_root, capsys)
+    assert code == 0 and len(lines) == 1, lines
+    assert lines[0].endswith(f"; 4 masks are empty with compression noise (max {max(peaks)})"), lines
 
 
 def _damage(root: Path, case: str) -> str:
@@ -63,7 +77,7 @@ def _damage(root: Path, case: str) -> str:
         path = train / "masks" / "seq1" / "frame1.png"
         (train / "masks" / "seq1" / "frame1.jpg").unlink()
         Image.fromarray(np.ones((64, 64), np.uint8)).save(path)
-        return "train/masks/seq1/frame1.png: mask values are all below 128 (max 1)"
+        return "train/masks/seq1/frame1.png: mask is a 0/1 label map (8-bit greyscale values 0 and 1)"
     if case == "missing split":
         import shutil
 

@@ -3,7 +3,10 @@
 
 Images become uint8 ``[3,H,W]`` RGB whatever their mode (grayscale, 16-bit, palette, RGBA, CMYK); masks
 become bool ``[H,W]``, grey value above ``MASK_THRESHOLD`` (of 255) being polyp, because JPEG masks carry
-compression noise between 0 and 255 (the gt rule of `autosam2.metrics`, the toolbox's ``gt > 128``). Every failure is one DatasetError naming the source.
+compression noise between 0 and 255 (the gt rule of `autosam2.metrics`, the toolbox's ``gt > 128``): a
+mask whose values all lie at or below it is empty, however noisy, unless what it stores are the labels 0
+and 1 (`read_mask` tells). Bool arrays and tensors made here hold the bytes 0 and 1 only. Every failure is
+one DatasetError naming the source.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -88,7 +92,9 @@ def decode_mask(data: bytes, source: str | Path) -> torch.Tensor:
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.mode == "1":  # our shards' 1-bit PNG: no grey levels to threshold
-                return torch.from_numpy(np.array(im, dtype=bool))
+                # compared, not cast: PIL's 1-bit pixels are the bytes 0 and 255, which a cast to
+                # bool keeps as they are, and torch counts on a bool's byte being 0 or 1
+                return torch.from_numpy(np.asarray(im) != 0)
     except DECODE_ERRORS as err:
         raise DatasetError(f"{source}: cannot decode mask ({err})") from err
     return torch.from_numpy(mask_values(data, source) > MASK_THRESHOLD)
@@ -101,6 +107,37 @@ def mask_values(data: bytes, source: str | Path) -> np.ndarray:
             return grey_values(im)
     except DECODE_ERRORS as err:
         raise DatasetError(f"{source}: cannot decode mask ({err})") from err
+
+
+class MaskValues(NamedTuple):
+    grey: np.ndarray  # uint8 [H,W], as `mask_values`
+    label_map: str | None  # how the file stores 0/1 labels, when it does (it then reads as empty)
+
+
+def read_mask(data: bytes, source: str | Path) -> MaskValues:
+    """The grey values of a mask file, and whether it is a 0/1 label map: a mask that reads as empty
+    (no value above MASK_THRESHOLD) whose stored values are exactly 0 and 1 — a palette image's
+    indices, not the colours they stand for. Any other mask that reads as empty is empty, its non-zero
+    values compression noise."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            grey = grey_values(im)
+            if im.mode == "1" or grey.max() > MASK_THRESHOLD:
+                return MaskValues(grey, None)
+            return MaskValues(grey, _label_map(im))
+    except DECODE_ERRORS as err:
+        raise DatasetError(f"{source}: cannot decode mask ({err})") from err
+
+
+def _label_map(im: Image.Image) -> str | None:
+    stored = np.asarray(im)  # a palette image's indices
+    if stored.max() != 1 or stored.min() < 0:
+        return None
+    if im.mode == "P":
+        return "palette indices 0 and 1, both drawn darker than grey " + str(MASK_THRESHOLD)
+    if im.mode in WIDE_MODES:
+        return "16-bit values 0 and 1" if im.mode.startswith("I;16") else "32-bit values 0 and 1"
+    return f"{'8-bit greyscale' if im.mode == 'L' else im.mode} values 0 and 1"
 
 
 def image_size(path: Path) -> tuple[int, int]:

@@ -4,7 +4,8 @@ Layout (from the seed): ``ROOT/{train,valid}/{images,masks}/<sequence>/<frame>.j
 ``ROOT/train/train_list.txt`` and ``ROOT/valid/val_list.txt`` naming one sequence per line.
 Frames follow the natural order of their names (frame2 before frame10); a mask pairs with the image of
 the same stem (``.jpg`` or ``.png``); masks are foreground above ``MASK_THRESHOLD`` because JPEG masks carry
-compression noise between 0 and 255.
+compression noise between 0 and 255: a mask with no value above it is empty (counted when it holds noise),
+unless it is a 0/1 label map, which is a problem.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from autosam2.data.codec import (
     decode_image,
     decode_mask,
     image_size,
-    mask_values,
+    read_mask,
 )
 from autosam2.data.video import POLYP_ID, Frame, LazyVideo, Object, VideoDatapoint
 from autosam2.errors import DatasetError
@@ -146,6 +147,28 @@ def scan_split(root: str | Path, split: str) -> tuple[list[SequenceFiles], list[
 
 
 @dataclass
+class MaskNoise:
+    """Masks that read as empty though not all zero (compression noise at or below MASK_THRESHOLD), and
+    the highest value seen in them."""
+
+    masks: int = 0
+    peak: int = 0
+
+    def add(self, noise: int) -> None:
+        """Count one mask by its `FrameCheck.noise` (0: not a noisy empty mask)."""
+        if noise:
+            self.masks += 1
+            self.peak = max(self.peak, noise)
+
+    def merge(self, other: MaskNoise) -> None:
+        self.masks += other.masks
+        self.peak = max(self.peak, other.peak)
+
+    def __str__(self) -> str:
+        return f"{self.masks} masks are empty with compression noise (max {self.peak})"
+
+
+@dataclass
 class SplitReport:
     """What `validate` found in one split."""
 
@@ -154,6 +177,7 @@ class SplitReport:
     frames: int = 0
     empty_frames: int = 0
     soft_masks: int = 0
+    noise: MaskNoise = field(default_factory=MaskNoise)
     problems: list[Problem] = field(default_factory=list)
 
 
@@ -165,6 +189,7 @@ class FrameCheck:
     size: tuple[int, int] | None = None  # (H, W) of the image
     empty: bool = False  # the mask was read and holds no polyp
     soft: bool = False  # grey values between 0 and 255 (JPEG noise)
+    noise: int = 0  # an empty mask's highest value (compression noise); 0 when all zero or not empty
     image_bytes: bytes = b""  # with keep_data only
     mask_HW: np.ndarray | None = None  # bool; with keep_data only
 
@@ -172,6 +197,7 @@ class FrameCheck:
 def check_frame(frame: FrameFiles, keep_data: bool = False) -> FrameCheck:
     """Read one frame and its mask the way training and the shard writer do, and list every problem:
     undecodable files, a mask whose size is not its frame's, a 0/1 label map (it would read as empty).
+    A mask with no value above MASK_THRESHOLD is otherwise empty, its highest value kept as `noise`.
     `validate` and `shards build` share this, so build never writes what validate rejects."""
     check = FrameCheck([])
     try:
@@ -180,7 +206,7 @@ def check_frame(frame: FrameFiles, keep_data: bool = False) -> FrameCheck:
     except (DatasetError, OSError) as err:
         check.problems.append(Problem(frame.image, _reason(err)))
     try:
-        values = mask_values(frame.mask.read_bytes(), frame.mask)
+        values, label_map = read_mask(frame.mask.read_bytes(), frame.mask)
     except (DatasetError, OSError) as err:
         check.problems.append(Problem(frame.mask, _reason(err)))
         return check
@@ -191,16 +217,17 @@ def check_frame(frame: FrameFiles, keep_data: bool = False) -> FrameCheck:
                 f"mask is {values.shape[1]}x{values.shape[0]}, its frame is {check.size[1]}x{check.size[0]} (WxH)",
             )
         )
-    peak = int(values.max())
-    if 0 < peak < MASK_THRESHOLD:
+    if label_map:
         check.problems.append(
             Problem(
                 frame.mask,
-                f"mask values are all below {MASK_THRESHOLD} (max {peak}): a 0/1 label map? masks must be 0/255",
+                f"mask is a 0/1 label map ({label_map}), which reads as empty: masks must be greyscale "
+                f"0/255, polyp above {MASK_THRESHOLD}",
             )
         )
     mask_HW = values > MASK_THRESHOLD
     check.empty = not mask_HW.any()
+    check.noise = int(values.max()) if check.empty and not label_map else 0
     check.soft = bool(((values > 0) & (values < 255)).any())
     if keep_data:
         check.mask_HW = mask_HW
@@ -242,6 +269,7 @@ def validate_split(root: str | Path, split: str, progress: bool = False, workers
             report.problems += check.problems
             report.empty_frames += check.empty
             report.soft_masks += check.soft
+            report.noise.add(check.noise)
             if check.size is None:
                 continue
             first = sequence_size.setdefault(seq.name, (check.size, frame.image.name))

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from autosam2.data.codec import decode_image, decode_mask, encode_mask_png
-from autosam2.data.polyp_gen import FrameFiles, Problem, check_frame, size_problem
+from autosam2.data.polyp_gen import FrameFiles, MaskNoise, Problem, check_frame, size_problem
 from autosam2.data.video import POLYP_ID, Frame, Object, VideoDatapoint
 from autosam2.errors import DatasetError
 
@@ -87,9 +87,11 @@ def encode_sample(
     size: tuple[int, int],
     sequence_frames: int,
     first_frame: str = "",
+    noise: MaskNoise | None = None,
 ) -> dict[str, Any]:
     """Build the webdataset sample dict for one chunk; every frame passes `validate`'s checks first
-    (one DatasetError naming the first problem), masks are binarised and stored as PNG."""
+    (one DatasetError naming the first problem), masks are binarised and stored as PNG; empty masks
+    with compression noise are counted into `noise`."""
     sample: dict[str, Any] = {"__key__": sample_key(sequence, chunk)}
     frame_members, mask_members = [], []
     problems: list[Problem] = []
@@ -100,6 +102,8 @@ def encode_sample(
             problems.append(size_problem(frame, check.size, tuple(size), first_frame or "its first frame"))
         if problems:
             continue
+        if noise is not None:
+            noise.add(check.noise)
         fm, mm = frame_member(i, frame.image.suffix), mask_member(i)
         sample[fm] = check.image_bytes
         sample[mm] = encode_mask_png(torch.from_numpy(check.mask_HW))

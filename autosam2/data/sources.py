@@ -8,6 +8,8 @@ for quick runs without shards and as the baseline the data benchmark compares th
 
 from __future__ import annotations
 
+import itertools
+import math
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 
 from autosam2.config import AugmentConfig, DataConfig, OnError
+from autosam2.data.order import usable_samples
 from autosam2.data.polyp_gen import PolypGenDataset
 from autosam2.data.sample_format import MANIFEST
 from autosam2.data.stream import (
@@ -64,13 +67,37 @@ class TrainingBatches:
     asked; `per_epoch` batches per rank; `skipped()` counts samples skipped for bad data so far.
     `seek(epoch, position, epochs)`, when given (the global order), yields (epoch, batch) from global
     sample `position` of `epoch` on, through epoch `epochs` - 1, without reading what comes before;
-    `dropped` positions at each epoch's end fill no whole step and are left out."""
+    `dropped` positions at each epoch's end fill no whole step and are left out. `source` says where
+    the clips come from, `held` how many clips one pass over the set gives (the samples or windows
+    that hold a clip): an epoch of more clips cycles through the set."""
 
     epoch: Callable[[int], Iterable[ClipBatch]]
     per_epoch: int
     skipped: Callable[[], int] = lambda: 0
     seek: Callable[[int, int, int], Iterable[tuple[int, ClipBatch]]] | None = None
     dropped: int = 0
+    source: str = ""
+    held: int = 0
+
+    def describe(self, world_size: int, data: DataConfig) -> str:
+        """The run's first line about its data: the steps of an epoch, and, when an epoch holds more
+        clips than the set (data.batches_per_epoch beyond it), how many passes over the set it makes."""
+        per_step = world_size * data.batch_size
+        line = (
+            f"data: {self.source}, {self.per_epoch} steps of {per_step} clips per epoch ({world_size} "
+            f"rank(s) x {data.batch_size})"
+        )
+        if self.seek is not None:
+            line += f"; {self.dropped} sample(s) that fill no whole step dropped at each epoch's end"
+        clips = self.per_epoch * per_step
+        if 0 < self.held < clips:
+            if data.batches_per_epoch:
+                line += f"; data.batches_per_epoch={data.batches_per_epoch} goes beyond the set"
+            line += (
+                f"{':' if data.batches_per_epoch else ';'} an epoch's {clips} clips cycle through the "
+                f"set's {self.held}, {round(clips / self.held, 2):g} passes"
+            )
+        return line
 
     def batches(
         self, epoch: int, position: int, epochs: int, global_batch: int
@@ -107,16 +134,18 @@ class FolderClips(torch.utils.data.Dataset):
         self.image_size = image_size
         self.seed = seed
         self.augment = augment or AugmentConfig()
-        self.epoch = 0
+        self.epoch, self.passage = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, passage: int = 0) -> None:
+        """Draw for `epoch`, and its `passage`-th pass over the windows (an epoch longer than the set)."""
+        self.epoch, self.passage = epoch, passage
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> VideoDatapoint | WorkerFailure:
-        rng = np.random.default_rng(worker_seed(self.seed, self.epoch, index))
+        extra = (self.passage,) if self.passage else ()
+        rng = np.random.default_rng(worker_seed(self.seed, self.epoch, index, *extra))
         try:
             video = self.dataset[index]
         except DatasetError as err:
@@ -137,54 +166,88 @@ def collate_or_failure(items: list[VideoDatapoint | WorkerFailure]) -> ClipBatch
 def training_batches(
     data: DataConfig, image_size: int, seed: int, rank: int, world_size: int, pin_memory: bool = False
 ) -> TrainingBatches:
-    """The training batches of `data.train` for this rank: the shard stream, or clips of a folder."""
+    """The training batches of `data.train` for rank `rank` of `world_size` (those given, whatever the
+    environment says): the shard stream, or clips of a folder."""
     if is_shard_set(data.train):
-        stream_cfg = StreamConfig(
-            clip_len=data.clip_len,
-            batch_size=data.batch_size,
-            image_size=image_size,
-            seed=seed,
-            order=data.order,
-            shuffle_shards=data.shuffle_shards,
-            shuffle_buffer=data.shuffle_buffer,
-            batches_per_epoch=data.batches_per_epoch,
-            on_error=data.on_error,
-            augment=data.augment,
-        )
-        stream = ClipStream(data.train, "train", stream_cfg)
+        return _shard_batches(data, image_size, seed, rank, world_size, pin_memory)
+    return _folder_batches(data, image_size, seed, rank, world_size)
 
-        def shard_epoch(epoch: int) -> Iterable[ClipBatch]:
-            stream.set_epoch(epoch)
-            return make_loader(stream, data.num_workers, pin_memory=pin_memory)
 
-        per_epoch = stream.batches_per_rank(world_size)
-        if per_epoch == 0:
-            raise DatasetError(
-                f"{data.train}: {stream.global_order.total} samples hold a {data.clip_len}-frame clip, fewer "
-                f"than one step takes ({world_size} rank(s) x data.batch_size {data.batch_size}); set "
-                "data.batches_per_epoch (the order then cycles through the set), or use fewer ranks"
-            )
-        if stream.global_order is None:
-            return TrainingBatches(shard_epoch, per_epoch, lambda: stream.skipped)
-
-        def seek(epoch: int, position: int, epochs: int) -> Iterator[tuple[int, ClipBatch]]:
-            stream.start_at(epoch, position, epochs)
-            steps = stream.steps(world_size)  # what the workers serve, batch by batch
-            loader = make_loader(stream, data.num_workers, pin_memory=pin_memory)
-            for step, batch in zip(steps, loader, strict=False):
-                yield step.epoch, batch
-
-        dropped = stream.global_order.dropped(data.batch_size * world_size, data.batches_per_epoch)
-        return TrainingBatches(shard_epoch, per_epoch, lambda: stream.skipped, seek, dropped)
-    clips = FolderClips(data.train, "train", data.clip_len, image_size, seed=seed, augment=data.augment)
-    sampler = torch.utils.data.DistributedSampler(
-        clips, world_size, rank, shuffle=True, seed=seed, drop_last=True
+def _shard_batches(
+    data: DataConfig, image_size: int, seed: int, rank: int, world_size: int, pin_memory: bool
+) -> TrainingBatches:
+    stream_cfg = StreamConfig(
+        clip_len=data.clip_len,
+        batch_size=data.batch_size,
+        image_size=image_size,
+        seed=seed,
+        order=data.order,
+        shuffle_shards=data.shuffle_shards,
+        shuffle_buffer=data.shuffle_buffer,
+        batches_per_epoch=data.batches_per_epoch,
+        on_error=data.on_error,
+        augment=data.augment,
     )
-    per_epoch = data.batches_per_epoch or max(1, len(sampler) // data.batch_size)
+    stream = ClipStream(data.train, "train", stream_cfg, rank, world_size)
 
-    def folder_epoch(epoch: int) -> Iterable[ClipBatch]:
-        sampler.set_epoch(epoch)
-        clips.set_epoch(epoch)
+    def shard_epoch(epoch: int) -> Iterable[ClipBatch]:
+        stream.set_epoch(epoch)
+        return make_loader(stream, data.num_workers, pin_memory=pin_memory)
+
+    per_epoch = stream.batches_per_rank(world_size)
+    if per_epoch == 0:
+        raise DatasetError(
+            f"{data.train}: {stream.global_order.total} samples hold a {data.clip_len}-frame clip, fewer "
+            f"than one step takes ({world_size} rank(s) x data.batch_size {data.batch_size}); set "
+            "data.batches_per_epoch (the order then cycles through the set), or use fewer ranks"
+        )
+    if stream.global_order is None:
+        held = sum(len(u) for u in usable_samples(stream.manifest, data.clip_len))
+        source = "resampled order (shards drawn with replacement)"
+        return TrainingBatches(shard_epoch, per_epoch, lambda: stream.skipped, source=source, held=held)
+
+    def seek(epoch: int, position: int, epochs: int) -> Iterator[tuple[int, ClipBatch]]:
+        stream.start_at(epoch, position, epochs)
+        steps = stream.steps(world_size)  # what the workers serve, batch by batch
+        loader = make_loader(stream, data.num_workers, pin_memory=pin_memory)
+        for step, batch in zip(steps, loader, strict=False):
+            yield step.epoch, batch
+
+    dropped = stream.global_order.dropped(data.batch_size * world_size, data.batches_per_epoch)
+    held = stream.global_order.total
+    return TrainingBatches(
+        shard_epoch, per_epoch, lambda: stream.skipped, seek, dropped, "global order", held
+    )
+
+
+def _folder_batches(
+    data: DataConfig, image_size: int, seed: int, rank: int, world_size: int
+) -> TrainingBatches:
+    """Clip windows of a polyp_gen root, this rank's share of each pass; an epoch longer than the set
+    goes on with further passes, each a fresh permutation and fresh augmentations."""
+    clips = FolderClips(data.train, "train", data.clip_len, image_size, seed=seed, augment=data.augment)
+    per_pass = len(clips) // world_size // data.batch_size  # what DistributedSampler(drop_last) serves
+    if per_pass == 0:
+        raise DatasetError(
+            f"{data.train}: {len(clips)} windows of {data.clip_len} frames, fewer than one step takes "
+            f"({world_size} rank(s) x data.batch_size {data.batch_size}); lower data.batch_size or "
+            "data.clip_len, or use fewer ranks"
+        )
+    per_epoch = data.batches_per_epoch or per_pass
+
+    def passage(epoch: int, index: int) -> Iterator[ClipBatch]:
+        # pass 0 is seeded by the epoch alone: a run whose epoch fits the set draws what it always did;
+        # later passes by (seed, epoch, pass), cut below 2**62 (the sampler adds the epoch to it)
+        sampler = torch.utils.data.DistributedSampler(
+            clips,
+            world_size,
+            rank,
+            shuffle=True,
+            seed=seed if index == 0 else worker_seed(seed, epoch, index) >> 2,
+            drop_last=True,
+        )
+        sampler.set_epoch(epoch if index == 0 else 0)
+        clips.set_epoch(epoch, index)
         loader = torch.utils.data.DataLoader(
             clips,
             batch_size=data.batch_size,
@@ -195,9 +258,13 @@ def training_batches(
             generator=torch.Generator().manual_seed(seed),
             worker_init_fn=ignore_stop_signals,
         )
-        return (batch for i, batch in enumerate(raise_worker_failures(loader)) if i < per_epoch)
+        return raise_worker_failures(loader)
 
-    return TrainingBatches(folder_epoch, per_epoch)
+    def folder_epoch(epoch: int) -> Iterable[ClipBatch]:
+        passes = (passage(epoch, i) for i in range(math.ceil(per_epoch / per_pass)))
+        return itertools.islice(itertools.chain.from_iterable(passes), per_epoch)
+
+    return TrainingBatches(folder_epoch, per_epoch, source="polyp_gen folder", held=len(clips))
 
 
 # evaluation ---------------------------------------------------------------------------------------------

@@ -22,6 +22,9 @@ each sequence inside one shard, so no sequence is split. Evaluation ranks take w
 (`sequences(names)`): a rank reads only the shards holding its sequences and skips the others' samples
 undecoded; without names, ranks split the shards (``split_by_node``).
 
+Ranks: a stream given its rank and world size reads as that rank, whatever the environment says; without
+them, as RANK / WORLD_SIZE or torch.distributed say (the reading a launcher's processes share).
+
 Bad data: by default a truncated shard or a broken sample raises a ShardError naming the shard and the
 sample key. With ``on_error="skip"`` the sample (or the unread rest of a broken shard) is skipped and
 counted in ``skipped``, a counter shared with the loader workers, for logging; evaluation also warns
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import itertools
 import multiprocessing
 import multiprocessing.util  # its exit hook is registered on import: ours must come after it
 import random
@@ -170,8 +174,8 @@ class ClipStream(torch.utils.data.IterableDataset):
     """Iterable of ClipBatch from a shard set (``mode="train"``) or of whole sequences (``mode="eval"``).
 
     Use with ``torch.utils.data.DataLoader(stream, batch_size=None, num_workers=K)``; call
-    ``set_epoch`` before each epoch. Rank and world size come from RANK / WORLD_SIZE or torch.distributed,
-    as webdataset reads them.
+    ``set_epoch`` before each epoch. The stream reads as rank `rank` of `world_size` when they are given,
+    otherwise as RANK / WORLD_SIZE or torch.distributed say (webdataset's reading of them).
     """
 
     def __init__(
@@ -179,9 +183,16 @@ class ClipStream(torch.utils.data.IterableDataset):
         shard_dir: str | Path,
         mode: Literal["train", "eval"] = "train",
         config: StreamConfig | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
     ):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+        if (rank is None) != (world_size is None) or (rank is not None and not 0 <= rank < world_size):
+            raise ValueError(
+                f"need both rank and world_size, 0 <= rank < world_size; got {rank}, {world_size}"
+            )
+        self.rank, self.world_size = rank, world_size
         self.config = config or StreamConfig()
         if self.config.on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {self.config.on_error!r}")
@@ -258,8 +269,20 @@ class ClipStream(torch.utils.data.IterableDataset):
         samples = self.manifest["totals"]["samples"]
         return max(1, samples // g)
 
-    def __iter__(self) -> Iterator[ClipBatch]:
+    def _place(self) -> tuple[int, int, int, int]:
+        """(rank, world size, loader worker, loader workers) of the process reading now."""
         rank, world_size, worker, num_workers = wds.utils.pytorch_worker_info()
+        if self.rank is not None:
+            rank, world_size = self.rank, self.world_size
+        return rank, world_size, worker, num_workers
+
+    def _split_by_rank(self, urls: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """webdataset's ``split_by_node``, at this stream's rank."""
+        rank, world_size, _, _ = self._place()
+        yield from itertools.islice(urls, rank, None, world_size)
+
+    def __iter__(self) -> Iterator[ClipBatch]:
+        rank, world_size, worker, num_workers = self._place()
         if self.mode == "eval":
             items = self._eval()
         elif self.global_order is not None:
@@ -399,8 +422,8 @@ class ClipStream(torch.utils.data.IterableDataset):
     def lazy_sequences(self, names: Iterable[str] | None = None) -> Iterator[LazyVideo]:
         """Whole sequences at their own size, in shard order, for this loader worker, each frame decoded
         only when it is reached: those `names` (read from the shards that hold them, other samples
-        skipped undecoded), or without names this rank's share of the shards (``split_by_node``, as an
-        IterableDataset under DDP is read). A sequence must be consumed (or dropped) before the next."""
+        skipped undecoded), or without names this rank's share of the shards (every world_size-th, as
+        webdataset's ``split_by_node`` splits them). A sequence must be consumed (or dropped) before the next."""
         wanted = None if names is None else set(names)
         urls = [
             url
@@ -411,7 +434,7 @@ class ClipStream(torch.utils.data.IterableDataset):
             return
         pipeline = wds.DataPipeline(
             wds.SimpleShardList(urls),
-            *([wds.split_by_node] if wanted is None else []),
+            *([self._split_by_rank] if wanted is None else []),
             wds.split_by_worker,
             lambda src: read_samples(src, self.expected, self.config.on_error, self._skip_warning),
             lambda src: (s for s in src if wanted is None or key_sequence(s["__key__"]) in wanted),
