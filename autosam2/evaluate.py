@@ -183,7 +183,7 @@ def _evaluate(args: argparse.Namespace, info) -> int:
     _log(args, out, {**summary, **kinds}, info.world_size)
     print(
         f"wrote {out}: masks/, soft/, {'overlays/, ' if not args.no_overlays else ''}metrics.json, metrics.csv "
-        f"({scored_line(metrics.frame_counts(), left_out)} over {info.world_size} rank(s))"
+        f"({scored_line(metrics.frame_counts(), left_out, f'over {info.world_size} rank(s)')})"
     )
     return 0
 

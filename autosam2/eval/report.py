@@ -169,10 +169,10 @@ def say_left_out(left_out: dict[str, str], file: TextIO = sys.stderr) -> None:
         print(f"warning: {line}", file=file, flush=True)
 
 
-def scored_line(frames: dict[str, int], left_out: dict[str, str]) -> str:
-    """``N sequences scored, F frames[; M left out: name: why; ...]`` for a command's last line."""
+def scored_line(frames: dict[str, int], left_out: dict[str, str], how: str = "scored") -> str:
+    """``N sequences <how>, F frames[; M left out: name: why; ...]`` for a command's last line."""
     n = sum(1 for count in frames.values() if count)
-    line = f"{n} sequence{'s' if n != 1 else ''} scored, {sum(frames.values())} frames"
+    line = f"{n} sequence{'s' if n != 1 else ''} {how}, {sum(frames.values())} frames"
     if left_out:
         named = "; ".join(listed([f"{name}: {why}" for name, why in left_out.items()]))
         line += f"; {len(left_out)} left out: {named}"
