@@ -13,7 +13,19 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from autosam2.config import ClipMode, ConfigError, Dataset, TrainConfig
-from autosam2.metrics import MODES
+from autosam2.metrics import DICE_RULES, MODES
+
+EPILOG = (
+    """\
+--metric-mode ours (default) scores every frame by our rules, as training's validation does (its
+valid/dice is this eval/dice); --metric-mode sunseg reports the SUN-SEG toolbox's 17 figures under its
+names (as `autosam2 score` does), dropping each sequence's first and last frame: a sequence left with
+none is named in a warning and in metrics.json ("left_out"). A figure left undefined is null in
+metrics.json, with the reason ("undefined").
+
+"""
+    + DICE_RULES
+)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, output_dir: str) -> None:
@@ -46,7 +58,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, output_dir: str) -> Non
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="autosam2 evaluate", description="streaming inference + metrics over a valid split"
+        prog="autosam2 evaluate",
+        description="streaming inference + metrics over a valid split",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_arguments(parser, "results")
     parser.add_argument("--dataset", default="polyp_gen", choices=[d.value for d in Dataset])
@@ -102,8 +117,8 @@ def _evaluate(args: argparse.Namespace, info) -> int:
     from autosam2.errors import DatasetError
     from autosam2.eval.episodes import episode_scores, print_episodes, read_events
     from autosam2.eval.inference import evaluate_sequences
-    from autosam2.eval.report import PredictionWriter, print_table, write_metrics
-    from autosam2.metrics import MetricAccumulator
+    from autosam2.eval.report import PredictionWriter, print_table, say_left_out, scored_line, write_metrics
+    from autosam2.metrics import REPORTED, TOOLBOX_METRICS, MetricAccumulator
     from autosam2.model.weights import load_trained_model
     from autosam2.outputs import EVALUATION, claim, output_directory
     from autosam2.progress import Progress
@@ -141,21 +156,21 @@ def _evaluate(args: argparse.Namespace, info) -> int:
         metrics = MetricAccumulator(mode=args.metric_mode)
         for part in gather_objects(mine):  # also the point where every rank's files are written
             metrics.merge(part)
-        per_sequence = metrics.per_sequence()
+        per_sequence, left_out = metrics.per_sequence(), metrics.left_out()
         if not per_sequence:
-            raise DatasetError(f"{args.data}: no sequences to evaluate")
+            raise DatasetError(_nothing_evaluated(args, left_out))
         summary = metrics.summary()
         extra = {**_described(args), "ranks": info.world_size, "frames": metrics.frame_counts()}
-        if args.metric_mode == "sunseg":  # the toolbox's figures under its names, as `score` writes them
-            extra["toolbox"] = metrics.toolbox_summary()
+        extra["left_out"] = left_out
         if info.is_main and events is not None:
             gt = Path(args.episodes) / args.split / "masks"
             extra["episodes"] = episode_scores(events, gt, tmp / "masks", sorted(per_sequence))
         if info.is_main:
-            write_metrics(tmp, per_sequence, summary, extra)
+            write_metrics(tmp, per_sequence, summary, extra, REPORTED[args.metric_mode])
     if not info.is_main:
         return 0
-    print_table(per_sequence, summary)
+    say_left_out(left_out)
+    print_table(per_sequence, summary, ("dice", "iou") if args.metric_mode == "ours" else TOOLBOX_METRICS)
     kinds = {}
     if "episodes" in extra:
         print_episodes(extra["episodes"])
@@ -165,12 +180,22 @@ def _evaluate(args: argparse.Namespace, info) -> int:
             for figure in ("dice", "presence_accuracy")
             if score["frames"]
         }
-    _log(args, out, {**summary, **extra.get("toolbox", {}), **kinds}, info.world_size)
+    _log(args, out, {**summary, **kinds}, info.world_size)
     print(
         f"wrote {out}: masks/, soft/, {'overlays/, ' if not args.no_overlays else ''}metrics.json, metrics.csv "
-        f"({len(per_sequence)} sequences over {info.world_size} rank(s))"
+        f"({scored_line(metrics.frame_counts(), left_out, f'over {info.world_size} rank(s)')})"
     )
     return 0
+
+
+def _nothing_evaluated(args: argparse.Namespace, left_out: dict[str, str]) -> str:
+    """The error when no sequence has a frame to score, saying why."""
+    if left_out:
+        return (
+            f"{args.data}: every sequence is too short for the sunseg mode's drop of its first and last "
+            f"frame ({len(left_out)} of {len(left_out)}); --metric-mode ours scores every frame"
+        )
+    return f"{args.data}: no sequences to evaluate"
 
 
 def _described(args: argparse.Namespace) -> dict[str, str]:

@@ -46,10 +46,24 @@ E = share of pixels predicted background, MAE = mean(prob)).
 * Dice, IoU, precision and recall are 0 whenever the intersection is empty, empty/empty included (the
   ``Medical`` class); ``weighted_f`` is 0 for an empty gt (``WeightedFmeasure.step``);
 * ``MetricAccumulator`` drops the first and the last frame of every sequence (``vps_evaluator.py``, after
-  DAVSOD) and also reports the toolbox's threshold-swept figures: Dice, IoU and recall (Sen) at the 256
-  thresholds ``np.linspace(1, 0, 256)`` and the E-measure curve, each averaged over frames, then sequences,
-  then reduced by max or mean (``max_dice`` is the benchmark's Dice, ``mean_recall`` its Sen,
-  ``max_e_measure`` its ``maxEm``). Per-frame ``dice`` etc. stay at the fixed threshold 0.5.
+  DAVSOD) and reports the toolbox's 17 figures under its own names (``TOOLBOX_METRICS``): the
+  threshold-swept ones (Dice, IoU, Sen, Spe at the 256 thresholds ``np.linspace(1, 0, 256)``, the E- and
+  F-measure curves) averaged over frames, then sequences, then reduced by max or mean (``maxDice``,
+  ``meanDice``). The per-frame ``dice`` etc. of ``frame_metrics(mode="sunseg")`` (at the fixed threshold
+  0.5) are building blocks, never reported.
+
+What is reported, under which names
+-----------------------------------
+A reported name means one rule wherever it appears (``REPORTED``): training's validation, ``evaluate``,
+``score``, metrics.json, metrics.csv and MLflow. ``dice``, ``iou``, ``precision``, ``recall`` follow our
+rule (every frame; 0/0 counts 1, so an empty prediction on a polyp-free frame scores 1) and come only from
+the ours mode, the mode of training's validation (``valid/dice``) and of ``evaluate``'s default
+(``eval/dice``). ``meanDice``, ``maxDice`` and the rest of ``TOOLBOX_METRICS`` follow the toolbox's (0
+wherever nothing overlaps, an empty prediction on a polyp-free frame included; each sequence's first and
+last frame dropped) and come only from the sunseg mode. A model that never predicts a polyp thus scores
+``dice`` = the share of polyp-free frames and ``meanDice`` near 0 (only the sweep's last threshold, 0,
+marks every pixel a polyp) on the same frames. A figure the toolbox's arithmetic leaves undefined
+(specificity without background: ``UNDEFINED``) is NaN, which metrics.json writes as null.
 
 Shared by both modes, as in the toolbox: the E-measure divides by H*W - 1 (as the original MATLAB code does) and its
 threshold sweep ends at 0, an all-foreground map, so a perfect prediction scores about 255.25/256 = 0.997 on
@@ -80,16 +94,6 @@ METRICS: tuple[str, ...] = (
     "weighted_f",
     "mae",
 )
-# Figures of the sunseg accumulator that come from threshold-swept curves (averaged, then reduced).
-CURVE_METRICS: tuple[str, ...] = (
-    "max_dice",
-    "mean_dice",
-    "max_iou",
-    "mean_iou",
-    "mean_recall",
-    "max_e_measure",
-)
-
 BINARY_THRESHOLD = 0.5
 S_ALPHA = 0.5
 F_BETA2 = 0.3  # the F-measure's beta^2, as in the saliency and polyp toolboxes
@@ -129,6 +133,28 @@ TOOLBOX_METRICS: tuple[str, ...] = (
     "maxIoU",
 )
 _SUNSEG_THRESHOLDS = np.linspace(1, 0, 256)
+
+# What each mode's accumulator reports (``summary``, ``per_sequence``), and so what metrics.json, the CSV and
+# MLflow (``valid/<name>``, ``eval/<name>``) hold: our names under our rules, the toolbox's under its own.
+REPORTED: dict[str, tuple[str, ...]] = {"ours": METRICS, "sunseg": TOOLBOX_METRICS}
+# Why a reported figure can be undefined (NaN; null in metrics.json), by name.
+UNDEFINED: dict[str, str] = {
+    "meanSpe": "a frame whose ground truth is all polyp has no background, so its specificity "
+    "TN / (TN + FP) is 0 / 0 (the toolbox gives NaN too)",
+    "maxSpe": "a frame whose ground truth is all polyp has no background, so its specificity "
+    "TN / (TN + FP) is 0 / 0 (the toolbox gives NaN too)",
+}
+# The Dice rules of the two modes in a user's words, for the commands' --help.
+DICE_RULES = """\
+Dice, one rule per metric mode (the same in training's validation, evaluate, score and MLflow):
+  ours    dice (valid/dice, eval/dice): every frame; 0/0 counts 1, so an empty prediction on a
+          polyp-free frame scores 1 (and any prediction there 0); iou, precision, recall alike.
+  sunseg  meanDice, maxDice (eval/meanDice, eval/maxDice): the SUN-SEG toolbox's rule, each
+          sequence's first and last frame dropped; a frame where prediction and ground truth do
+          not overlap scores 0, an empty prediction on a polyp-free frame included.
+A model that never predicts a polyp scores dice = its share of polyp-free frames (averaged per
+sequence) and meanDice near 0 (only the toolbox's last threshold, 0, marks a polyp: every pixel).
+"""
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -387,6 +413,11 @@ def weighted_f_measure(pred_HW: np.ndarray, gt_HW: np.ndarray, beta2: float = 1.
 # ------------------------------------------------------------------------------------------- a frame
 
 
+def too_short_for_the_drop(frames: int) -> str:
+    """Why a sequence of `frames` frames is not scored when each sequence's first and last are dropped."""
+    return f"{frames} frame{'s' if frames != 1 else ''}, none left after dropping the first and last (sunseg)"
+
+
 def _check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -527,8 +558,10 @@ class MetricAccumulator:
 
     Frames of a sequence must be added in temporal order: the sunseg mode drops each sequence's first and
     last frame (``drop_first_last``, default on in that mode only). A sequence left with no frame is shown
-    in ``frame_counts`` with 0 and left out of the means (the toolbox would turn the whole result into NaN).
-    Only running sums are kept per sequence, so a long video costs no more memory than a short one.
+    in ``frame_counts`` with 0, named with the reason by ``left_out`` and left out of the means (the
+    toolbox would turn the whole result into NaN). ``summary`` and ``per_sequence`` report the mode's
+    figures under its names (``REPORTED``). Only running sums are kept per sequence, so a long video costs
+    no more memory than a short one.
     """
 
     def __init__(self, mode: Mode = "ours", drop_first_last: bool | None = None) -> None:
@@ -589,65 +622,38 @@ class MetricAccumulator:
         """Frames that count towards each sequence's mean (after dropping, in the sunseg mode)."""
         return {name: sums.count for name, sums in self._sequences.items()}
 
-    def _scored(self) -> list[tuple[str, _SequenceSums]]:
-        # name order: sums over sequences do not depend on which rank scored which sequence first
-        return [(name, sums) for name, sums in sorted(self._sequences.items()) if sums.count]
-
-    def _sequence_curves(self) -> dict[str, np.ndarray]:
-        return {name: c for name, sums in self._scored() if (c := sums.mean_curves()) is not None}
-
-    @staticmethod
-    def _curve_figures(curves: np.ndarray) -> dict[str, float]:
-        dice, iou, recall, em = (curves[_ROW[name]] for name in ("dice", "iou", "recall", "e_measure"))
+    def left_out(self) -> dict[str, str]:
+        """Why each sequence with no frame left is not scored (the sunseg mode's first/last drop)."""
         return {
-            "max_dice": float(dice.max()),
-            "mean_dice": float(dice.mean()),
-            "max_iou": float(iou.max()),
-            "mean_iou": float(iou.mean()),
-            "mean_recall": float(recall.mean()),
-            "max_e_measure": float(em.max()),
+            name: too_short_for_the_drop(sums.seen)
+            for name, sums in sorted(self._sequences.items())
+            if not sums.count
+        }
+
+    def _means(self) -> dict[str, tuple[dict[str, float], np.ndarray | None]]:
+        """Per sequence with a frame left: its metric means and its mean sunseg curves. In name order, so
+        sums over sequences do not depend on which rank scored which sequence first."""
+        return {
+            name: (sums.means(), sums.mean_curves())
+            for name, sums in sorted(self._sequences.items())
+            if sums.count
         }
 
     def per_sequence(self) -> dict[str, dict[str, float]]:
-        """Mean of each metric over a sequence's frames, for every sequence with a frame left."""
-        out: dict[str, dict[str, float]] = {}
-        for name, sums in self._scored():
-            out[name] = sums.means()
-            curves = sums.mean_curves()
-            if curves is not None:
-                out[name].update(self._curve_figures(curves))
-        return out
-
-    def toolbox_per_sequence(self) -> dict[str, dict[str, float]]:
-        """The toolbox's 17 figures (``TOOLBOX_METRICS``) of each sequence; sunseg mode only."""
-        self._need_sunseg()
-        curves = self._sequence_curves()
-        return {name: _toolbox_figures(m, curves[name]) for name, m in self.per_sequence().items()}
-
-    def toolbox_summary(self) -> dict[str, float]:
-        """The toolbox's 17 figures over every sequence, reduced as ``eval/vps_evaluator.py`` does: frames
-        averaged per sequence, sequences averaged, then curves reduced by mean or max."""
-        self._need_sunseg()
-        per_seq = self.per_sequence()
-        if not per_seq:
-            raise ValueError("no sequence has a frame to score")
-        scalars = {k: float(np.mean([m[k] for m in per_seq.values()])) for k in METRICS}
-        return _toolbox_figures(scalars, np.mean(list(self._sequence_curves().values()), axis=0))
-
-    def _need_sunseg(self) -> None:
-        if self.mode != "sunseg":
-            raise ValueError(
-                "the toolbox's figures come from the sunseg mode (MetricAccumulator(mode='sunseg'))"
-            )
+        """The figures of each sequence with a frame left, under the mode's names (``REPORTED``)."""
+        means = self._means()
+        if self.mode == "sunseg":
+            return {name: _toolbox_figures(m, c) for name, (m, c) in means.items()}
+        return {name: m for name, (m, _) in means.items()}
 
     def summary(self) -> dict[str, float]:
-        """Mean over sequences of the per-sequence means (sunseg curves: averaged the same way, then reduced)."""
-        per_seq = self.per_sequence()
-        if not per_seq:
+        """The mean over sequences of the per-sequence means, under the mode's names (``REPORTED``). The
+        sunseg mode averages the curves the same way and reduces them (max / mean over thresholds) only
+        then, as ``eval/vps_evaluator.py`` does."""
+        means = self._means()
+        if not means:
             raise ValueError("no sequence has a frame to score")
-        out = {k: float(np.mean([m[k] for m in per_seq.values()])) for k in METRICS}
-        curves = self._sequence_curves()
-        if curves:
-            # The toolbox reduces (max / mean over thresholds) only after averaging across sequences.
-            out.update(self._curve_figures(np.mean(list(curves.values()), axis=0)))
-        return out
+        scalars = {k: float(np.mean([m[k] for m, _ in means.values()])) for k in METRICS}
+        if self.mode == "sunseg":
+            return _toolbox_figures(scalars, np.mean([c for _, c in means.values()], axis=0))
+        return scalars

@@ -10,10 +10,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from autosam2.metrics import MODES, TOOLBOX_METRICS
+from autosam2.metrics import DICE_RULES, MODES, REPORTED
 
-EPILOG = """\
+if TYPE_CHECKING:
+    from autosam2.eval.score import Pairing
+
+EPILOG = (
+    """\
 Layout: <root>/<sequence>/<frame>.png|jpg for --pred and --gt (a polyp_gen masks folder, the toolbox's
 Pred/<method>/<dataset>, or a dataset folder holding GT/). Frames pair by file stem in natural order.
 Masks are foreground above 128 (0..255); predictions are 8-bit soft maps or binary masks.
@@ -24,7 +29,15 @@ resizes predictions to the ground truth's size, and reports Smeasure wFmeasure M
 adpFm meanFm maxFm meanSen maxSen meanSpe maxSpe meanDice maxDice meanIoU maxIoU: frames averaged per
 sequence, sequences averaged, then threshold curves reduced by mean or max (not rounded).
 --metric-mode ours: our headline rules (see autosam2.metrics), every frame, our metric names.
+
+A sequence with no frame left after the drop is named in a warning and left out (metrics.json
+"left_out"); a figure the toolbox leaves undefined (meanSpe, maxSpe of a frame with no background) is
+null in metrics.json, "nan" in metrics.csv and "-" in the table, with the reason ("undefined").
+Missing, extra, unreadable or 0/1 label-map files are named one a line, up to 20, then "and N more".
+
 """
+    + DICE_RULES
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     from autosam2.errors import DatasetError
-    from autosam2.eval.report import print_table, write_metrics
+    from autosam2.eval.report import listed, print_table, say_left_out, scored_line, write_metrics
     from autosam2.eval.score import default_workers, pair_frames, score_all
     from autosam2.outputs import SCORES, claim, output_directory
     from autosam2.progress import track
@@ -77,11 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     pairing = pair_frames(args.pred, args.gt, drop)
     if pairing.missing and args.on_missing == "error":
         raise DatasetError(
-            "\n".join(pairing.missing)
+            "\n".join(listed(pairing.missing))
             + f"\n{len(pairing.missing)} missing or extra file(s); --on-missing skip scores the frames that pair"
         )
-    for line in pairing.missing:
+    for line in listed(pairing.missing):
         print(f"warning: skipped: {line}", file=sys.stderr, flush=True)
+    say_left_out(pairing.too_short)  # a missing file is said above
+    if not pairing.sequences:
+        raise DatasetError(_nothing_to_score(args, pairing))
 
     def progress(items, total):
         return track(items, total, "score", "sequence")
@@ -89,18 +105,28 @@ def main(argv: list[str] | None = None) -> int:
     with output_directory(out, SCORES, args.overwrite, [args.pred, args.gt]) as tmp:
         metrics = score_all(pairing.sequences, args.metric_mode, args.workers or default_workers(), progress)
         counts = metrics.frame_counts()
-        if not counts:
-            raise DatasetError(f"{args.pred}: no frame pairs with the ground truth in {args.gt}")
-        per_sequence = metrics.toolbox_per_sequence() if sunseg else metrics.per_sequence()
-        summary = metrics.toolbox_summary() if sunseg else metrics.summary()
-        columns = list(TOOLBOX_METRICS) if sunseg else list(summary)
-        write_metrics(tmp, per_sequence, summary, _described(args, drop, counts), columns)
+        per_sequence, summary = metrics.per_sequence(), metrics.summary()
+        columns = list(REPORTED[args.metric_mode])
+        described = {**_described(args, drop, counts), "left_out": pairing.left_out}
+        write_metrics(tmp, per_sequence, summary, described, columns)
     print_table(per_sequence, summary, columns)
     if args.mlflow:
         _log(args, out, summary)
-    frames = sum(counts.values())
-    print(f"wrote {out}: metrics.json, metrics.csv ({len(per_sequence)} sequences, {frames} frames scored)")
+    print(f"wrote {out}: metrics.json, metrics.csv ({scored_line(counts, pairing.left_out)})")
     return 0
+
+
+def _nothing_to_score(args: argparse.Namespace, pairing: Pairing) -> str:
+    """The error when no sequence has a frame to score, saying why."""
+    from autosam2.eval.report import listed
+
+    if pairing.too_short and not pairing.unpaired:
+        return (
+            f"{args.gt}: every sequence is too short for the sunseg mode's drop of its first and last "
+            f"frame ({len(pairing.too_short)} of {len(pairing.too_short)}); --keep-first-last scores them"
+        )
+    reasons = "; ".join(listed([f"{n}: {why}" for n, why in pairing.left_out.items()]))
+    return f"{args.pred}: no frame pairs with the ground truth in {args.gt} ({reasons})"
 
 
 def _described(args: argparse.Namespace, dropped: bool, counts: dict[str, int]) -> dict:

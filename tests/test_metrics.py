@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from autosam2.metrics import (
-    CURVE_METRICS,
     METRICS,
     TOOLBOX_METRICS,
     MetricAccumulator,
@@ -331,7 +330,10 @@ def test_sunseg_drops_first_and_last_frame() -> None:
     assert ours.summary()["dice"] == approx((0.5 + 0.5) / 2)
     assert sun.frame_counts() == {"v": 2, "short": 0}
     assert set(sun.per_sequence()) == {"v"}
-    assert sun.summary()["dice"] == 1.0  # only the two perfect middle frames of "v" count
+    # only the two perfect middle frames of "v" count: Dice 1 at every threshold above 0
+    assert sun.summary()["maxDice"] == 1.0
+    assert sun.left_out() == {"short": "2 frames, none left after dropping the first and last (sunseg)"}
+    assert ours.left_out() == {}
 
 
 def test_sunseg_threshold_curves() -> None:
@@ -342,15 +344,14 @@ def test_sunseg_threshold_curves() -> None:
     for prob, gt in (PERFECT, PERFECT, MISSED, PERFECT):
         acc.add_frame("v", prob, gt)
     s = acc.summary()
-    assert s["max_dice"] == approx(0.5)
-    assert s["mean_dice"] == approx((255 * 0.5 + 0.4) / 256)
-    assert s["max_iou"] == approx(0.5)
-    assert s["mean_iou"] == approx((255 * 0.5 + 0.25) / 256)
-    assert s["mean_recall"] == approx((255 * 0.5 + 1) / 256)
+    assert s["maxDice"] == approx(0.5)
+    assert s["meanDice"] == approx((255 * 0.5 + 0.4) / 256)
+    assert s["maxIoU"] == approx(0.5)
+    assert s["meanIoU"] == approx((255 * 0.5 + 0.25) / 256)
+    assert s["meanSen"] == approx((255 * 0.5 + 1) / 256)
     # E curve: PERFECT 16/15 above 0; MISSED (empty prediction) 4/15 above 0 -> max of the mean 10/15.
-    assert s["max_e_measure"] == approx((16 / 15 + 4 / 15) / 2)
-    assert s["dice"] == approx(0.5)  # the fixed-0.5 Dice is reported alongside
-    assert set(s) == set(METRICS) | set(CURVE_METRICS)
+    assert s["maxEm"] == approx((16 / 15 + 4 / 15) / 2)
+    assert list(s) == list(TOOLBOX_METRICS)  # the toolbox's names only: `dice` is ours alone
 
 
 def test_sunseg_curves_are_averaged_across_sequences_before_the_max() -> None:
@@ -358,7 +359,7 @@ def test_sunseg_curves_are_averaged_across_sequences_before_the_max() -> None:
     #   thresholds > 0.4: Dice 1; 0 < t <= 0.4: TP 4, FP 4 -> 8/12 = 2/3.
     # "w": object at 0.4, one background pixel at 1.0.
     #   thresholds > 0.4: TP 0 -> 0; 0 < t <= 0.4: TP 4, FP 1 -> 8/9.
-    # Mean curve: 0.5 above 0.4, (2/3 + 8/9)/2 = 7/9 below -> max_dice 7/9; the mean of the per-sequence
+    # Mean curve: 0.5 above 0.4, (2/3 + 8/9)/2 = 7/9 below -> maxDice 7/9; the mean of the per-sequence
     # maxima would be (1 + 8/9)/2.
     v = GT4.astype(float)
     v[0, :] = 0.4
@@ -367,9 +368,9 @@ def test_sunseg_curves_are_averaged_across_sequences_before_the_max() -> None:
     acc = MetricAccumulator("sunseg", drop_first_last=False)
     acc.add_frame("v", v, GT4)
     acc.add_frame("w", w, GT4)
-    assert acc.per_sequence()["v"]["max_dice"] == approx(1.0)
-    assert acc.per_sequence()["w"]["max_dice"] == approx(8 / 9)
-    assert acc.summary()["max_dice"] == approx(7 / 9)
+    assert acc.per_sequence()["v"]["maxDice"] == approx(1.0)
+    assert acc.per_sequence()["w"]["maxDice"] == approx(8 / 9)
+    assert acc.summary()["maxDice"] == approx(7 / 9)
 
 
 @pytest.mark.parametrize("mode", ["ours", "sunseg"])
@@ -441,13 +442,12 @@ def test_toolbox_maxima_come_from_curves_averaged_over_sequences_not_from_each_s
     acc = MetricAccumulator("sunseg", drop_first_last=False)
     acc.add_map("a", *_band_maps([255, 255, 153, 0]))
     acc.add_map("b", *_band_maps([255, 77, 0, 0]))
-    toolbox = acc.toolbox_summary()
+    toolbox = acc.summary()
     assert toolbox["maxDice"] == approx(0.9)
     assert toolbox["maxIoU"] == approx(5 / 6)
     assert toolbox["maxSen"] == approx(1.0)
-    per_seq = acc.toolbox_per_sequence()
+    per_seq = acc.per_sequence()
     assert per_seq["a"]["maxDice"] == per_seq["b"]["maxDice"] == approx(1.0)  # the mean of these would be 1
-    assert acc.summary()["max_dice"] == approx(0.9)  # the headline summary reduces the same way
     assert list(toolbox) == list(TOOLBOX_METRICS)
 
 
@@ -465,7 +465,7 @@ def test_the_toolbox_figures_of_one_frame_agree_with_pysodmetrics() -> None:
         pred = (pred * 255 * rng.uniform(0.2, 1)).astype(np.uint8)
         acc = MetricAccumulator("sunseg", drop_first_last=False)
         acc.add_map("v", pred, gt)
-        ours = acc.toolbox_summary()
+        ours = acc.summary()
         oracle = {}
         for name, cls in (("sm", sod.Smeasure), ("wfm", sod.WeightedFmeasure), ("mae", sod.MAE)):
             m = cls()
@@ -493,10 +493,10 @@ def test_the_toolbox_figures_of_one_frame_agree_with_pysodmetrics() -> None:
 def test_specificity_is_zero_without_overlap_and_nan_without_background() -> None:
     acc = MetricAccumulator("sunseg", drop_first_last=False)
     acc.add_map("miss", np.array([[0, 0, 255, 255]], np.uint8), np.array([[255, 255, 0, 0]], np.uint8))
-    assert acc.toolbox_summary()["maxSpe"] == 0.0  # the toolbox scores 0 wherever nothing overlaps
+    assert acc.summary()["maxSpe"] == 0.0  # the toolbox scores 0 wherever nothing overlaps
     full = MetricAccumulator("sunseg", drop_first_last=False)
     full.add_map("all", np.full((2, 2), 255, np.uint8), np.full((2, 2), 255, np.uint8))
-    assert math.isnan(full.toolbox_summary()["meanSpe"])  # TN / (TN + FP) = 0 / 0, as in the toolbox
+    assert math.isnan(full.summary()["meanSpe"])  # TN / (TN + FP) = 0 / 0, as in the toolbox
 
 
 def test_a_grey_edged_0_255_mask_is_foreground_above_128() -> None:

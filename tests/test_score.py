@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from autosam2.metrics import TOOLBOX_METRICS, MetricAccumulator
+from autosam2.metrics import DICE_RULES, TOOLBOX_METRICS, MetricAccumulator
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def expected_summary(pred_root: Path, gt_root: Path, keep=slice(1, -1)) -> dict[
     for seq in sorted(p.name for p in gt_root.iterdir()):
         for gt in sorted((gt_root / seq).iterdir(), key=lambda p: int(p.stem))[keep]:
             acc.add_map(seq, np.asarray(Image.open(pred_root / seq / gt.name)), np.asarray(Image.open(gt)))
-    return acc.toolbox_summary()
+    return acc.summary()
 
 
 def test_score_writes_the_toolbox_figures_under_its_names_dropping_first_and_last(tmp_path):
@@ -83,7 +83,8 @@ def test_score_writes_the_toolbox_figures_under_its_names_dropping_first_and_las
     assert json.loads((tmp_path / "all" / "metrics.json").read_text())["summary"] == pytest.approx(
         expected_summary(pred, gt, slice(None)), abs=1e-12
     )
-    assert "drops the first and" in score("--help").stdout
+    shown = score("--help").stdout
+    assert "drops the first and" in shown and DICE_RULES in shown  # the Dice rule of each mode, stated
 
 
 def test_predictions_of_another_size_are_resized_as_the_toolbox_does_and_said_once(tmp_path):
@@ -102,7 +103,7 @@ def test_predictions_of_another_size_are_resized_as_the_toolbox_does_and_said_on
                 seq, cv2.resize(small, (32, 24)), cv2.imread(str(gt / seq / f"{i}.png"), cv2.IMREAD_GRAYSCALE)
             )
     summary = json.loads((tmp_path / "out" / "metrics.json").read_text())["summary"]
-    assert summary == pytest.approx(acc.toolbox_summary(), abs=1e-12)
+    assert summary == pytest.approx(acc.summary(), abs=1e-12)
 
 
 def test_missing_and_extra_frames_are_each_named_and_skip_scores_the_rest(tmp_path):
@@ -194,5 +195,120 @@ def test_score_on_our_own_soft_maps_reproduces_evaluate(tmp_path, tiny_root):
     )
     assert scored.returncode == 0, scored.stderr
     again = json.loads((tmp_path / "s" / "metrics.json").read_text())
-    assert again["summary"] == evaluated["toolbox"]  # exactly: the same 8-bit maps, masks and reduction
+    assert again["summary"] == evaluated["summary"]  # exactly: the same 8-bit maps, masks and reduction
     assert again["frames"] == evaluated["frames"]
+
+
+def strict_json(text: str) -> dict:
+    """JSON as a strict parser reads it: NaN and Infinity are not JSON."""
+
+    def refuse(token: str):
+        raise ValueError(f"not JSON: {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_an_undefined_figure_is_null_in_strict_json_with_its_reason_and_a_dash_in_the_table(tmp_path):
+    pred, gt = method(tmp_path)
+    write(gt / "case1" / "2.png", np.full((24, 32), 255, np.uint8))  # all polyp: no specificity (0/0)
+    out = tmp_path / "out"
+    done = score("--pred", str(pred), "--gt", str(gt), "--output-dir", str(out))
+    assert done.returncode == 0, done.stderr
+    result = strict_json((out / "metrics.json").read_text())
+    assert result["summary"]["meanSpe"] is None and result["summary"]["maxSpe"] is None
+    assert result["per_sequence"]["case1"]["meanSpe"] is None
+    assert isinstance(result["per_sequence"]["case2"]["meanSpe"], float)
+    assert set(result["undefined"]) == {"meanSpe", "maxSpe"}
+    assert set(result["undefined"]["meanSpe"]) == {"case1", "mean"}
+    assert "no background" in result["undefined"]["meanSpe"]["case1"]
+    rows = {line.split(",")[0]: line.split(",") for line in (out / "metrics.csv").read_text().splitlines()}
+    spe = rows["sequence"].index("meanSpe")
+    assert rows["case1"][spe] == rows["mean"][spe] == "nan" and rows["case2"][spe] != "nan"
+    table = done.stdout.splitlines()
+    assert any(line.startswith("case1") and " - " in line for line in table)
+    assert any(line.startswith("-: meanSpe undefined (case1, mean): ") for line in table)
+
+
+def test_a_sequence_too_short_for_the_drop_is_named_counted_and_recorded(tmp_path):
+    pred, gt = method(tmp_path)
+    for i in (1, 2):  # two frames: nothing left once the first and the last are dropped
+        write(gt / "case3" / f"{i}.png", np.full((24, 32), 255, np.uint8))
+        write(pred / "case3" / f"{i}.png", np.full((24, 32), 255, np.uint8))
+    out = tmp_path / "out"
+    done = score("--pred", str(pred), "--gt", str(gt), "--output-dir", str(out))
+    assert done.returncode == 0, done.stderr
+    why = "2 frames, none left after dropping the first and last (sunseg)"
+    assert f"warning: case3: {why}; not scored" in done.stderr.splitlines()
+    assert f"(2 sequences scored, 6 frames; 1 left out: case3: {why})" in done.stdout
+    assert json.loads((out / "metrics.json").read_text())["left_out"] == {"case3": why}
+
+    alone = tmp_path / "alone"
+    for folder in ("GT", "Pred"):
+        (alone / folder).mkdir(parents=True)
+        (gt if folder == "GT" else pred).joinpath("case3").rename(alone / folder / "case3")
+    failed = score("--pred", str(alone / "Pred"), "--gt", str(alone / "GT"), "--output-dir", str(out / "x"))
+    assert failed.returncode == 1 and not (out / "x").exists()
+    assert "every sequence is too short" in failed.stderr and "--keep-first-last" in failed.stderr
+    assert "no frame pairs" not in failed.stderr
+    kept = score(
+        "--pred",
+        str(alone / "Pred"),
+        "--gt",
+        str(alone / "GT"),
+        "--output-dir",
+        str(out / "y"),
+        "--keep-first-last",
+    )
+    assert kept.returncode == 0 and "(1 sequence scored, 2 frames)" in kept.stdout
+
+
+def test_every_label_map_is_named_one_a_line_up_to_the_cap(tmp_path):
+    from autosam2.eval.report import MAX_LISTED
+
+    pred, gt = method(tmp_path, frames=14)  # 12 frames a sequence are read (first and last dropped)
+    for mask in (gt / "case2").iterdir():
+        write(mask, (np.asarray(Image.open(mask)) > 128).astype(np.uint8))  # 0/1, not 0/255
+    bad = sorted(
+        str(m)
+        for m in (gt / "case2").iterdir()
+        if m.stem not in ("1", "14") and np.asarray(Image.open(m)).max()
+    )
+    assert len(bad) == 11  # frame 3 is polyp-free: all 0 is an empty mask, not a label map
+    done = score("--pred", str(pred), "--gt", str(gt), "--output-dir", str(tmp_path / "out"))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    named = [line for line in done.stderr.splitlines() if "0/1 label map" in line]
+    assert sorted(line.removeprefix("autosam2 score: ").split(": ")[0] for line in named) == bad
+    for mask in (gt / "case1").iterdir():
+        write(mask, (np.asarray(Image.open(mask)) > 128).astype(np.uint8))
+    done = score("--pred", str(pred), "--gt", str(gt), "--output-dir", str(tmp_path / "out"))
+    lines = done.stderr.strip().splitlines()
+    assert sum("0/1 label map" in line for line in lines) == MAX_LISTED
+    assert "... and 2 more" in lines and lines[-1] == "22 file(s) cannot be scored"
+    assert str(MAX_LISTED) in score("--help").stdout  # the cap is stated
+
+
+def test_missing_files_past_the_cap_are_counted(tmp_path):
+    pred, gt = method(tmp_path, frames=14)
+    for seq in ("case1", "case2"):
+        for i in range(2, 14):
+            (pred / seq / f"{i}.png").unlink()
+    failed = score("--pred", str(pred), "--gt", str(gt), "--output-dir", str(tmp_path / "out"))
+    lines = failed.stderr.strip().splitlines()
+    assert failed.returncode == 1 and sum(": missing (ground truth" in line for line in lines) == 20
+    assert "... and 4 more" in lines and lines[-1].startswith("24 missing or extra file(s)")
+    skipped = score(
+        "--pred", str(pred), "--gt", str(gt), "--output-dir", str(tmp_path / "out"), "--on-missing", "skip"
+    )
+    assert skipped.returncode == 1  # nothing pairs: said with each sequence's reason
+    assert "case1: no prediction for any of its 12 frames" in skipped.stderr
+
+
+def test_resized_predictions_are_counted_per_size(tmp_path):
+    pred, gt = method(tmp_path)
+    for i, size in ((2, (101, 150)), (3, (101, 150)), (4, (48, 64))):
+        small = np.asarray(Image.open(pred / "case1" / f"{i}.png").resize(size[::-1]))
+        write(pred / "case1" / f"{i}.png", small)
+    done = score("--pred", str(pred), "--gt", str(gt), "--output-dir", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    (said,) = [line for line in done.stderr.splitlines() if "resized" in line]
+    assert f"{pred / 'case1'}: 2 predictions are 150x101, 1 is 64x48, the ground truth 32x24: resized" in said

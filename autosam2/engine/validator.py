@@ -2,7 +2,10 @@
 
 Every rank evaluates its share of `data.valid` (split by rank, as evaluation reads it), writes a GIF per
 sequence, and rank 0 merges the ranks' metrics into one summary, logs it with the per-sequence CSV and
-the GIFs, and keeps ``best.pt`` when the valid Dice improves.
+the GIFs, and keeps ``best.pt`` when the valid Dice improves. The metrics are those of `autosam2 evaluate`
+in its default mode, by the one accumulator (``VALIDATION_MODE``): ``valid/dice`` of some weights is the
+``eval/dice`` of ``evaluate --metric-mode ours`` on the same sequences (every frame; an empty prediction
+on a polyp-free frame scores 1, see `autosam2.metrics`).
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ from autosam2.data.sources import read_sequences
 from autosam2.engine.dist import DistInfo, gather_objects
 from autosam2.eval.inference import evaluate_sequences
 from autosam2.eval.report import PredictionWriter, write_metrics
-from autosam2.metrics import MetricAccumulator
+from autosam2.metrics import REPORTED, MetricAccumulator, Mode
 from autosam2.model.autosam2 import AutoSAM2
 from autosam2.model.weights import RunWeights
 from autosam2.progress import Progress
 from autosam2.tracking import MetricLogger
+
+VALIDATION_MODE: Mode = "ours"  # every frame counts: a checkpoint is chosen on polyp-free frames too
 
 
 class Validator:
@@ -58,10 +63,11 @@ class Validator:
                 self.model,
                 sequences,
                 self.info.device,
+                metric_mode=VALIDATION_MODE,
                 sink=PredictionWriter(folder, masks=False, overlay_dir=pictures, sheets=False),
                 on_sequence=lambda video: bar.update(note=video.video_id),
             )
-        metrics = MetricAccumulator()
+        metrics = MetricAccumulator(VALIDATION_MODE)
         for part in gather_objects(mine):  # also the point where every rank's GIFs are on disk
             metrics.merge(part)
         per_sequence = metrics.per_sequence()
@@ -75,7 +81,7 @@ class Validator:
         means = metrics.summary()
         summary = {f"valid/{k}": v for k, v in means.items()}
         self.logger.log_metrics(summary, step)
-        write_metrics(folder, per_sequence, means, {"step": step})
+        write_metrics(folder, per_sequence, means, {"step": step}, REPORTED[VALIDATION_MODE])
         self.logger.log_artifact(folder / "metrics.csv", f"valid/step_{step:08d}")
         self.logger.log_artifact(pictures, f"valid/step_{step:08d}")  # a folder lands as .../overlays
         print(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import shutil
 import sys
 from collections.abc import Sequence
@@ -19,9 +20,11 @@ from PIL import Image
 from autosam2.atomic import atomic_write_text
 from autosam2.data.polyp_gen import natural_key
 from autosam2.data.video import Frame, LazyVideo
+from autosam2.metrics import UNDEFINED
 from autosam2.overlays import GIF_SIDE, VideoWriter, contact_sheet, overlay, write_gif
 
 OVERLAY_FRAMES = 64  # frames of a sequence its GIF and sheet show, spread over it
+MAX_LISTED = 20  # files or sequences named one a line in an error or warning, then "and N more"
 
 
 def soft_map(prob_HW: np.ndarray) -> np.ndarray:
@@ -153,6 +156,46 @@ class PredictionWriter:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def listed(lines: list[str], cap: int = MAX_LISTED) -> list[str]:
+    """`lines`, the first `cap` of them, then one saying how many more there are."""
+    if len(lines) <= cap:
+        return list(lines)
+    return [*lines[:cap], f"... and {len(lines) - cap} more"]
+
+
+def say_left_out(left_out: dict[str, str], file: TextIO = sys.stderr) -> None:
+    """A warning naming each sequence left out of the metrics, and why."""
+    for line in listed([f"{name}: {why}; not scored" for name, why in left_out.items()]):
+        print(f"warning: {line}", file=file, flush=True)
+
+
+def scored_line(frames: dict[str, int], left_out: dict[str, str], how: str = "scored") -> str:
+    """``N sequences <how>, F frames[; M left out: name: why; ...]`` for a command's last line."""
+    n = sum(1 for count in frames.values() if count)
+    line = f"{n} sequence{'s' if n != 1 else ''} {how}, {sum(frames.values())} frames"
+    if left_out:
+        named = "; ".join(listed([f"{name}: {why}" for name, why in left_out.items()]))
+        line += f"; {len(left_out)} left out: {named}"
+    return line
+
+
+def undefined_figures(
+    per_sequence: dict[str, dict[str, float]], summary: dict[str, float]
+) -> dict[str, dict[str, str]]:
+    """Why each undefined (NaN or infinite) figure is so, by metric, then row (a sequence, or ``mean``)."""
+    rows = {**per_sequence, "mean": summary}
+    found: dict[str, dict[str, str]] = {}
+    for row, figures in rows.items():
+        for name, value in figures.items():
+            if not math.isfinite(value):
+                found.setdefault(name, {})[row] = UNDEFINED.get(name, "not a finite number")
+    return found
+
+
+def _finite_or_none(figures: dict[str, float]) -> dict[str, float | None]:
+    return {k: v if math.isfinite(v) else None for k, v in figures.items()}
+
+
 def write_metrics(
     out: Path,
     per_sequence: dict[str, dict[str, float]],
@@ -161,11 +204,19 @@ def write_metrics(
     columns: Sequence[str] | None = None,
 ) -> None:
     """``metrics.json`` (summary, per sequence, `extra`) and ``metrics.csv`` (a row per sequence, then the
-    mean; `columns` in this order, default all in name order)."""
+    mean; `columns` in this order, default all in name order). The JSON is strict: an undefined figure is
+    null, and ``"undefined"`` says why, by metric and row (``mean``: the summary); the CSV writes it
+    ``nan``."""
+    payload = {
+        "summary": _finite_or_none(summary),
+        "per_sequence": {name: _finite_or_none(m) for name, m in per_sequence.items()},
+        **extra,
+    }
+    undefined = undefined_figures(per_sequence, summary)
+    if undefined:
+        payload["undefined"] = undefined
     atomic_write_text(
-        out / "metrics.json",
-        json.dumps({"summary": summary, "per_sequence": per_sequence, **extra}, indent=1, sort_keys=True)
-        + "\n",
+        out / "metrics.json", json.dumps(payload, indent=1, sort_keys=True, allow_nan=False) + "\n"
     )
     keys = list(columns) if columns else sorted(summary)
     buf = io.StringIO()
@@ -177,27 +228,31 @@ def write_metrics(
     atomic_write_text(out / "metrics.csv", buf.getvalue())
 
 
+def _cell(value: float, width: int) -> str:
+    return f"{value:{width}.3f}" if math.isfinite(value) else f"{'-':>{width}}"
+
+
 def print_table(
     per_sequence: dict[str, dict[str, float]],
     summary: dict[str, float],
     columns: Sequence[str] = ("dice", "iou"),
     file: TextIO = sys.stdout,
 ) -> None:
-    """A row per sequence (natural order of names), then the summary; one column per metric."""
+    """A row per sequence (natural order of names), then the summary; one column per metric. An
+    undefined figure shows as ``-``, with a line under the table saying why."""
     width = max(8, *(len(n) for n in per_sequence))
     widths = [max(6, len(c)) for c in columns]
     print(
         f"{'sequence':<{width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(columns, widths, strict=True)),
         file=file,
     )
-    for name in sorted(per_sequence, key=natural_key):
-        m = per_sequence[name]
+    rows = [(name, per_sequence[name]) for name in sorted(per_sequence, key=natural_key)]
+    for name, m in [*rows, ("mean", summary)]:
         print(
-            f"{name:<{width}}  " + "  ".join(f"{m[c]:{w}.3f}" for c, w in zip(columns, widths, strict=True)),
+            f"{name:<{width}}  " + "  ".join(_cell(m[c], w) for c, w in zip(columns, widths, strict=True)),
             file=file,
         )
-    print(
-        f"{'mean':<{width}}  "
-        + "  ".join(f"{summary[c]:{w}.3f}" for c, w in zip(columns, widths, strict=True)),
-        file=file,
-    )
+    undefined = undefined_figures(per_sequence, summary)
+    for name in (c for c in columns if c in undefined):
+        where = sorted(undefined[name], key=natural_key)
+        print(f"-: {name} undefined ({', '.join(where)}): {undefined[name][where[0]]}", file=file)

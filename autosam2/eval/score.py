@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -21,7 +22,8 @@ from pathlib import Path
 
 from autosam2.data.polyp_gen import natural_key
 from autosam2.errors import DatasetError
-from autosam2.metrics import GT_THRESHOLD_8BIT, MetricAccumulator, Mode
+from autosam2.eval.report import listed
+from autosam2.metrics import GT_THRESHOLD_8BIT, MetricAccumulator, Mode, too_short_for_the_drop
 
 SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -36,10 +38,17 @@ class Sequence:
 
 @dataclass
 class Pairing:
-    """What `pair_frames` found: the sequences to score and one line per missing or extra file."""
+    """What `pair_frames` found: the sequences to score, one line per missing or extra file, and why each
+    sequence with no frame to score is left out (by name)."""
 
     sequences: list[Sequence]
     missing: list[str]
+    too_short: dict[str, str] = field(default_factory=dict)  # the first/last drop left no frame
+    unpaired: dict[str, str] = field(default_factory=dict)  # no prediction, or no ground-truth frame
+
+    @property
+    def left_out(self) -> dict[str, str]:
+        return dict(sorted({**self.unpaired, **self.too_short}.items(), key=lambda kv: natural_key(kv[0])))
 
 
 def ground_truth_root(path: str | Path) -> Path:
@@ -77,16 +86,22 @@ def pair_frames(pred_root: str | Path, gt_root: str | Path, drop_first_last: boo
         raise DatasetError(f"{gt_root}: no sequence folders (<sequence>/<frame>.png|jpg)")
     problems: list[str] = []
     missing: list[str] = []
+    too_short: dict[str, str] = {}
+    unpaired: dict[str, str] = {}
     sequences = []
     for name in names:
         gts = _images(gt_root / name, problems)
         ordered = sorted(gts, key=natural_key)
         kept = ordered[1:-1] if drop_first_last else ordered
+        if ordered and not kept:
+            too_short[name] = too_short_for_the_drop(len(ordered))
         pred_dir = pred_root / name
         if not pred_dir.is_dir():
             missing.append(
                 f"{pred_dir}: missing (the ground truth has sequence {name}, {len(ordered)} frames)"
             )
+            if name not in too_short:
+                unpaired[name] = "no prediction folder"
             continue
         preds = _images(pred_dir, problems)
         sequence = Sequence(name)
@@ -99,15 +114,20 @@ def pair_frames(pred_root: str | Path, gt_root: str | Path, drop_first_last: boo
             f"{preds[s]}: no ground truth for it in {gt_root / name}"
             for s in sorted(set(preds) - set(gts), key=natural_key)
         ]
-        sequences.append(sequence)
+        if sequence.frames:
+            sequences.append(sequence)
+        elif kept:
+            unpaired[name] = f"no prediction for any of its {len(kept)} frames"
+        elif not ordered:
+            unpaired[name] = "no ground-truth frame"
     missing += [
         f"{pred_root / n}: a sequence the ground truth does not have"
         for n in _folders(pred_root)
         if n not in names
     ]
     if problems:
-        raise DatasetError("\n".join(problems))
-    return Pairing(sequences, missing)
+        raise DatasetError("\n".join(listed(problems)))
+    return Pairing(sequences, missing, too_short, unpaired)
 
 
 def read_gray(path: Path):
@@ -135,9 +155,8 @@ def score_sequence(sequence: Sequence, mode: Mode) -> Scored:
     import cv2
 
     metrics = MetricAccumulator(mode=mode, drop_first_last=False)  # dropped when paired, as the toolbox
-    notes: list[str] = []
     errors: list[str] = []
-    resized = []
+    resized: Counter[tuple[tuple[int, int], tuple[int, int]]] = Counter()  # (pred, gt) shapes
     for gt_path, pred_path in sequence.frames:
         try:
             gt, pred = read_gray(gt_path), read_gray(pred_path)
@@ -149,18 +168,32 @@ def score_sequence(sequence: Sequence, mode: Mode) -> Scored:
                 f"{gt_path}: a 0/1 label map (values 0 and 1): masks are 0..255 with foreground above "
                 f"{GT_THRESHOLD_8BIT}; save them as 0/255"
             )
-            break  # one line for the sequence: its other masks are the same kind
+            continue
         if pred.shape != gt.shape:
-            resized.append((pred_path, pred.shape))
+            resized[pred.shape, gt.shape] += 1
             pred = cv2.resize(pred, (gt.shape[1], gt.shape[0]))
         metrics.add_map(sequence.name, pred, gt)
-    if resized:
-        (first, (h, w)), (gh, gw) = resized[0], gt.shape
-        notes.append(
-            f"{first}: {len(resized)} prediction(s) of {sequence.name} are {w}x{h}, the ground truth "
-            f"{gw}x{gh}: resized to the ground truth (bilinear, as the toolbox does)"
-        )
+    notes = [_resized_note(sequence, resized)] if resized else []
     return Scored(sequence.name, metrics, notes, errors)
+
+
+def _size(shape: tuple[int, int]) -> str:
+    return f"{shape[1]}x{shape[0]}"
+
+
+def _resized_note(sequence: Sequence, resized: Counter) -> str:
+    """One line for a sequence's resized predictions: how many of each size, and the ground truth's."""
+    by_pred: Counter[tuple[int, int]] = Counter()
+    for (pred, _), n in resized.items():
+        by_pred[pred] += n
+    (shape, n), *rest = by_pred.most_common()
+    counts = [f"{n} prediction{'s' if n > 1 else ''} {'are' if n > 1 else 'is'} {_size(shape)}"]
+    counts += [f"{m} {'are' if m > 1 else 'is'} {_size(other)}" for other, m in rest]
+    truths = sorted({_size(gt) for _, gt in resized})
+    return (
+        f"{sequence.frames[0][1].parent}: {', '.join(counts)}, the ground truth {' or '.join(truths)}: "
+        "resized to the ground truth's size (bilinear, as the toolbox does)"
+    )
 
 
 def score_all(
@@ -170,7 +203,8 @@ def score_all(
     progress: Callable[[Iterable[Scored], int], Iterable[Scored]] = lambda items, total: items,
 ) -> MetricAccumulator:
     """Every sequence scored (over `workers` processes), merged into one accumulator. Unreadable files
-    and 0/1 label maps raise one DatasetError listing every one; resizes are said on stderr."""
+    and 0/1 label maps raise one DatasetError naming each (one a line, up to ``report.MAX_LISTED``);
+    resizes are said on stderr, one line a sequence."""
     merged = MetricAccumulator(mode=mode, drop_first_last=False)
     errors: list[str] = []
     todo = [s for s in sequences if s.frames]
@@ -186,7 +220,7 @@ def score_all(
         errors += scored.errors
         merged.merge(scored.metrics)
     if errors:
-        raise DatasetError("\n".join(errors))
+        raise DatasetError("\n".join([*listed(errors), f"{len(errors)} file(s) cannot be scored"]))
     return merged
 
 
