@@ -31,6 +31,10 @@ class RankLost(RuntimeError):
     """Another rank of the run stopped (its own error says why), so this rank's collective failed."""
 
 
+class JobFailed(RuntimeError):
+    """A job the launcher waited for failed; the message names the job, its error and its log."""
+
+
 class TrainingAborted(RuntimeError):
     """Training cannot go on (too many non-finite losses in a row); the message gives the remedy."""
 

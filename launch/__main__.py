@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import signal
 import sys
 from collections.abc import Sequence
@@ -163,6 +164,20 @@ def _report(job: submitit.Job, what: str, tasks: int) -> None:
         print(f"  status: squeue -j {job.job_id}   |   sacct -j {job.job_id}")
 
 
+def _wait(job: submitit.Job) -> Any:
+    """Task 0's result of a job; a failed job is one JobFailed line: the job, its error's last line, its log
+    (submitit's own error carries the whole trace, which the log holds too)."""
+    from autosam2.errors import JobFailed
+
+    try:
+        return job.results()[0]
+    except submitit.core.utils.UncompletedJobError as err:
+        parts = str(err).split("-" * 22)  # submitit puts the job's trace between two such rules
+        trace = (parts[1] if len(parts) > 2 else str(err)).strip().splitlines()
+        last = trace[-1].strip() if trace else "no error recorded"
+        raise JobFailed(f"job {job.job_id} failed: {last}; log: {job.paths.stderr}") from err
+
+
 def _output_dir_of(what: str, argv: list[str]) -> Path:
     """Where an evaluate or shard job writes (train's comes from its config), read by its own parser and
     claimed before the job waits in the queue: our own kind of output only, apart from the input."""
@@ -210,74 +225,81 @@ def submit(argv: Sequence[str] | None = None) -> list[submitit.Job]:
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
     args, rest = build_parser().parse_args(argv[:split]), argv[split + 1 :]
-    gpus = args.gpus_per_node or 0
-    tasks = args.tasks_per_node or gpus or 1
     if args.what == "train" and args.tracking_uri:
         rest.append(f"tracking.uri={args.tracking_uri}")
     # a password in a URI goes to the job through the environment (sbatch and submitit's local
     # executor pass it on), never in its pickled arguments
     rest = _without_credentials(rest)
-    if args.what == "train":
-        from autosam2.engine.inputs import check_inputs
-        from autosam2.engine.run_lock import check_free
-        from autosam2.train import parse_config
-
-        # before the job waits in the queue: the whole config, every input, no live run in the folder
-        cfg = parse_config(rest)
-        check_inputs(cfg)
-        out = Path(cfg.train.output_dir).resolve()
-        check_free(out)
-    else:
-        out = _output_dir_of(args.what, rest).resolve()
+    cfg, out = _checked(args.what, rest)
     # evaluate's output folder appears whole when it is done (a renamed temp folder): its logs go beside it
     default = out.with_name(f"{out.name}.jobs") if args.what == "evaluate" else out / "jobs"
     folder = Path(args.folder) if args.folder else default
-    folder.mkdir(parents=True, exist_ok=True)
+    from autosam2.atomic import make_folders, remove_empty
 
+    made = make_folders(folder)
+    jobs: list[submitit.Job] = []
+    try:
+        _submit_jobs(args, rest, cfg, out, folder, jobs)
+    except OSError as err:
+        if err.filename is None:  # submitit's own writes (the job's pickle) name no file
+            err.filename = str(folder)
+        if not jobs and made:  # nothing was submitted: the job folder made for it goes
+            shutil.rmtree(folder, ignore_errors=True)
+            remove_empty(made[1:])
+        raise
+    if args.wait:
+        for job in jobs:
+            print(f"job {job.job_id}: {_wait(job)}")  # task 0's result (every task returns one)
+    return jobs
+
+
+def _checked(what: str, rest: list[str]):
+    """Before the job waits in the queue: the train config, every input and the output folder (no live
+    run in it; for evaluate and shard, our own kind of output only). Returns (train config, output)."""
+    if what != "train":
+        return None, _output_dir_of(what, rest).resolve()
+    from autosam2.engine.inputs import check_inputs
+    from autosam2.engine.run_lock import check_free
+    from autosam2.train import parse_config
+
+    cfg = parse_config(rest)
+    check_inputs(cfg)
+    out = Path(cfg.train.output_dir).resolve()
+    check_free(out)
+    return cfg, out
+
+
+def _submit_jobs(args, rest: list[str], cfg, out: Path, folder: Path, jobs: list[submitit.Job]) -> None:
+    """Submit what `args.what` asks for, appending each job to `jobs` as it is submitted."""
+    gpus = args.gpus_per_node or 0
+    tasks = args.tasks_per_node or gpus or 1
     if args.what == "train":
         from autosam2.tracking import default_tracking_uri, ensure_experiment
 
         if cfg.tracking.enabled:
             # created once here, so ranks (and array tasks) never race to create it
             out.mkdir(parents=True, exist_ok=True)
-            experiment_id = ensure_experiment(
-                cfg.tracking.uri or default_tracking_uri(out), cfg.tracking.experiment
-            )
-            print(
-                f"MLflow experiment {cfg.tracking.experiment!r} ({experiment_id}) at {cfg.tracking.uri or default_tracking_uri(out)}"
-            )
-        job = _executor(args, folder, tasks, gpus).submit(TrainJob(rest))
-        _report(job, "train", tasks * args.nodes)
-        jobs = [job]
+            uri = cfg.tracking.uri or default_tracking_uri(out)
+            experiment_id = ensure_experiment(uri, cfg.tracking.experiment)
+            print(f"MLflow experiment {cfg.tracking.experiment!r} ({experiment_id}) at {uri}")
+        jobs.append(_executor(args, folder, tasks, gpus).submit(TrainJob(rest)))
+        _report(jobs[-1], "train", tasks * args.nodes)
     elif args.what == "evaluate":
         # ranks split the sequences; rank 0 gathers the metrics and writes the output folder
-        job = _executor(args, folder, tasks, gpus).submit(EvaluateJob(rest))
-        _report(job, "evaluate", tasks * args.nodes)
-        jobs = [job]
+        jobs.append(_executor(args, folder, tasks, gpus).submit(EvaluateJob(rest)))
+        _report(jobs[-1], "evaluate", tasks * args.nodes)
     else:
         executor = _executor(args, folder, 1, 0)
-        jobs = executor.map_array(
-            shard_part,
-            [rest] * args.num_shards,
-            list(range(args.num_shards)),
-            [args.num_shards] * args.num_shards,
-        )
-        print(
-            f"submitted shard array {jobs[0].job_id.split('_')[0]} ({args.num_shards} tasks), logs in {folder}"
-        )
+        count = args.num_shards
+        jobs += executor.map_array(shard_part, [rest] * count, list(range(count)), [count] * count)
+        print(f"submitted shard array {jobs[0].job_id.split('_')[0]} ({count} tasks), logs in {folder}")
         if isinstance(jobs[0], submitit.SlurmJob):
-            array_id = jobs[0].job_id.split("_")[0]
-            executor.update_parameters(slurm_dependency=f"afterok:{array_id}")
+            executor.update_parameters(slurm_dependency=f"afterok:{jobs[0].job_id.split('_')[0]}")
         else:
-            for job in jobs:  # no dependencies outside SLURM: the parts must be done before the merge
-                job.result()
-        merge = executor.submit(shard_part, rest, None, args.num_shards)
-        _report(merge, "merge", 1)
-        jobs.append(merge)
-    if args.wait:
-        for job in jobs:
-            print(f"job {job.job_id}: {job.results()[0]}")  # task 0's result (every task returns one)
-    return jobs
+            for job in list(jobs):  # no dependencies outside SLURM: the parts must be done before the merge
+                _wait(job)
+        jobs.append(executor.submit(shard_part, rest, None, count))
+        _report(jobs[-1], "merge", 1)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -53,7 +53,7 @@ def commands(box: Path, weights: Path) -> dict[str, tuple[Path, list[str], bool]
         ),
         "launch shard": (
             data,
-            [*PY, "-m", "launch", "shard", "--cluster", "debug", "--", *build[4:]],
+            [*PY, "-m", "launch", "shard", "--cluster", "local", "--num-shards", "2", "--", *build[4:]],
             True,
         ),
     }
