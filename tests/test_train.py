@@ -92,7 +92,12 @@ def test_ddp_two_processes_train_checkpoint_log_and_evaluate(train_data, tmp_pat
     assert "step 4/4" in result.stdout and "valid dice" in result.stdout
     assert (out / "config.yaml").read_text().count("max_steps: 4") == 1
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000004"
-    assert {"final.pt", "best.pt"} <= {p.name for p in out.iterdir()}
+    assert {"final.pt", "best.pt", "base.pt"} <= {p.name for p in out.iterdir()}
+    # random-init SAM2: its weights once in base.pt; each weights file holds what trained (the decoder
+    # and the prompt head here) and names base.pt
+    assert all(
+        (out / name).stat().st_size < (out / "base.pt").stat().st_size / 4 for name in ("best.pt", "final.pt")
+    )
 
     client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
     (run_info,) = client.search_runs([client.get_experiment_by_name("autosam2").experiment_id])
@@ -121,8 +126,14 @@ def test_ddp_two_processes_train_checkpoint_log_and_evaluate(train_data, tmp_pat
         a.path for a in client.list_artifacts(run_info.info.run_id, "weights")
     }
     artifacts |= {a.path for a in client.list_artifacts(run_info.info.run_id, "valid/step_00000004/overlays")}
-    assert {"config.yaml", "weights/final.pt", "valid/step_00000004/overlays/seq5.gif"} <= artifacts
+    assert {
+        "config.yaml",
+        "weights/final.pt",
+        "weights/base.pt",
+        "valid/step_00000004/overlays/seq5.gif",
+    } <= artifacts
     assert run_info.info.status == "FINISHED"
+    out = out.rename(tmp_path / "moved")  # the weights find their base beside them
 
     results = tmp_path / "results"
     evaluated = run(
