@@ -94,6 +94,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_one_warning_and_moved_aside
     aside = [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step_00000006.damaged-")]
     assert len(aside) == 1 and warning[0].endswith(f"(moved to {aside[0]})"), warning
     assert {p.name: p.read_bytes() for p in aside[0].iterdir()} == contents  # kept as it was
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000004\n"  # names the one resumed
     state = checkpointer.load(engine, step_dir(tmp_path, 4))
     assert state.step == 4 and model.conv.bias.item() == 4.0
     for step in (6, 8, 10):  # the resumed run passes that step and prunes: the damaged folder stays
@@ -162,7 +163,8 @@ def test_latest_naming_a_missing_folder_falls_back_to_the_newest_complete(tmp_pa
     checkpointer, _, _ = saved(tmp_path)
     (tmp_path / "checkpoints" / "latest").write_text("step_00000009\n")
     assert checkpointer.resolve("auto") == step_dir(tmp_path, 6)
-    assert "step_00000009 (named by checkpoints/latest): does not exist" in capsys.readouterr().err
+    assert capsys.readouterr().err.endswith("step_00000009 (named by checkpoints/latest): does not exist\n")
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000006\n"
 
 
 def test_latest_wins_over_a_newer_folder_of_another_timeline(tmp_path, capsys):

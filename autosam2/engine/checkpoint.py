@@ -404,7 +404,12 @@ class Checkpointer:
             return folder
         chosen, found = self._choose()
         # kept for a look, under a name that no later save, prune or resume touches
-        skipped = [why if folder is None else f"{why} ({self._move_aside(folder)})" for folder, why in found]
+        skipped = [f"{why} ({self._move_aside(f)})" if f and f.is_dir() else why for f, why in found]
+        if found and self._pointed() != chosen:  # `latest` names what was skipped: it names the choice now
+            if chosen is not None:
+                atomic_write_text(self.root / "latest", chosen.name + "\n")
+            else:
+                (self.root / "latest").unlink(missing_ok=True)
         if chosen is not None and skipped:
             _warn(
                 f"resuming from {chosen.name}, the newest complete checkpoint; skipped " + "; ".join(skipped)
