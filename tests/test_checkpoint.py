@@ -132,6 +132,30 @@ def test_weights_that_are_not_finite_are_never_a_checkpoint(tmp_path, asynchrono
     assert checkpointer.resolve("auto") == step_dir(tmp_path, 2)
 
 
+def test_a_refused_checkpoint_ends_the_run_with_the_way_back(tmp_path):
+    """Weights gone NaN in the update of a checkpoint step: the save is refused, the run ends there."""
+    trainer, _ = make_trainer(tmp_path, TinyModel(), steps=10, overrides=["train.checkpoint_every=2"])
+    original_step = trainer.engine.step
+
+    def step_then_blow_up():
+        norm = original_step()
+        if trainer.engine.scheduler.last_epoch == 4:
+            with torch.no_grad():
+                trainer.engine.module.conv.bias.fill_(float("nan"))
+        return norm
+
+    trainer.engine.step = step_then_blow_up
+    with pytest.raises(TrainingAborted) as err:
+        trainer.fit(LoopState())
+    assert str(err.value) == (
+        f"{step_dir(tmp_path, 4)}: not written: the trained weights are not finite: 1 of 13 values are not "
+        "finite (in conv.bias); checkpoints/latest stays step_00000002; lower optim.lr (this run: 0.0001) "
+        "or check the data with `python -m shards verify`; then rerun: --resume auto goes on from "
+        "step_00000002, the newest complete checkpoint with finite weights, --resume none starts over"
+    )
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000002"]
+
+
 def test_a_non_finite_abort_sets_its_checkpoint_aside_and_says_how_to_go_on(tmp_path, capsys):
     """The checkpoint of the step where the losses turned non-finite holds the weights they came from:
     resuming it would fail again, so resume skips it; the message names the way back."""
