@@ -192,6 +192,9 @@ class TrainConfig:
     # a weights file (another run's final.pt or best.pt) to start from: its weights only, the optimizer,
     # schedule and step start fresh (a curriculum's next stage); a checkpoint to resume from wins over it
     init_from: str | None = None
+    # weights files (initial.pt, best.pt, final.pt) with the whole model; false: what the run trained, and
+    # the SAM2 checkpoint (or the run's base.pt) they build on, named and hashed
+    full_weights: bool = False
     max_bad_steps: int = 5  # non-finite losses in a row before the run aborts
     valid_sequences: int | None = None  # validate on the first N sequences only
     # a collective that waits longer than this fails the job (gloo and NCCL): a dead or hung rank

@@ -8,8 +8,11 @@ and `autosam2 sync OUT` replays whatever a finished job left. Records are delive
 carry the time they were logged, so a batch sent twice (the store took it, the reply was lost) is the
 same rows again, which SQL stores keep once.
 
-Artifacts are copied into ``artifacts/`` when logged, so a file changed later is sent as it was; each
-copy is removed once the store has it.
+Artifacts are hard-linked into ``artifacts/`` when logged (a folder file by file), so a file replaced
+later is sent as it was, without a second copy on the disk: every file we log is written to a temporary
+name and renamed into place, never rewritten in place, so the linked inode keeps the logged content.
+Where no link can be made (another file system), the file is copied. Each link or copy is removed once
+the store has it.
 
 Records (``op``): ``start`` (experiment, run name, run to resume), ``params``, ``metrics`` (step, time,
 values), ``tags``, ``artifact`` (spooled path, artifact path), ``end`` (status). Each names its ``run``,
@@ -125,15 +128,16 @@ class Outbox:
         return step + 1
 
     def spool(self, path: Path) -> str:
-        """`path` (a file or a folder) copied into the outbox as it is now; returns its place, relative."""
+        """`path` (a file or a folder) linked or copied into the outbox as it is now; returns its place,
+        relative."""
         place = Path(ARTIFACTS) / uuid.uuid4().hex / path.name
         target = self.folder / place
         target.parent.mkdir(parents=True)
         try:
             if path.is_dir():
-                shutil.copytree(path, target)
+                shutil.copytree(path, target, copy_function=link_or_copy)
             else:
-                shutil.copy2(path, target)
+                link_or_copy(path, target)
         except BaseException:
             shutil.rmtree(target.parent, ignore_errors=True)  # a full disk: no half copy stays
             raise
@@ -141,6 +145,14 @@ class Outbox:
 
     def unspool(self, place: str) -> None:
         shutil.rmtree((self.folder / place).parent, ignore_errors=True)
+
+
+def link_or_copy(source: str | Path, target: str | Path) -> None:
+    """A hard link of `source` at `target`; a copy where the file system refuses the link."""
+    try:
+        os.link(source, target)
+    except OSError:  # another file system (EXDEV), or one without hard links
+        shutil.copy2(source, target)
 
 
 def _last_byte(path: Path) -> bytes:

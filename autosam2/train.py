@@ -142,9 +142,11 @@ def _run(cfg: Config, info):
         checkpointer = Checkpointer(out, info, cfg.train.keep_checkpoints, cfg.train.checkpoint_async)
         state = checkpointer.resume(engine, cfg.train.resume)
         logger = _start_tracking(cfg, info, out, state, hosts, threads)
-        weights = RunWeights(out, engine.module, cfg.model, info.is_main)
+        weights = RunWeights(
+            out, engine.module, cfg.model, info.is_main, cfg.train.full_weights, cfg.train.init_from
+        )
         if state.step == 0:  # the model before its first step: the baseline to compare with
-            weights.save("initial.pt", 0)
+            weights.begin()
         validator = Validator(cfg, engine.module, info, logger, out, weights)
         trainer = Trainer(
             cfg, engine, data, total_steps, checkpointer, logger, info, validator, stop, features
@@ -188,13 +190,14 @@ def _start_tracking(
 
 
 def _finish(state, weights, logger, is_main: bool) -> None:
-    """After the loop: ``final.pt`` and the weights artifacts of a complete run, the MLflow status (a
-    stopped run is KILLED until the requeued job resumes it: RUNNING again, then FINISHED)."""
+    """After the loop: ``final.pt`` and the weights artifacts of a complete run (``base.pt`` too, where
+    they build on it), the MLflow status (a stopped run is KILLED until the requeued job resumes it:
+    RUNNING again, then FINISHED)."""
     if is_main and not state.stopped:
         final = weights.save("final.pt", state.step)
-        logger.log_artifact(final, "weights")
-        if (weights.out / "best.pt").exists():
-            logger.log_artifact(weights.out / "best.pt", "weights")
+        for path in (final, weights.out / "best.pt", weights.base_file):
+            if path is not None and path.exists():
+                logger.log_artifact(path, "weights")
         print(f"done: {state.step} steps; weights in {final}", flush=True)
     if is_main and state.stopped:
         print(

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -15,8 +18,9 @@ from autosam2.config import load_config
 from autosam2.engine.checkpoint import Checkpointer, LoopState, StopSignal
 from autosam2.engine.dist import DistInfo
 from autosam2.engine.engines import DDPEngine
-from autosam2.errors import CheckpointError
-from tests.helpers import INFO, TinyModel, make_trainer, truncate
+from autosam2.errors import CheckpointError, TrainingAborted
+from autosam2.model.weights import NonFiniteWeights
+from tests.helpers import INFO, TinyModel, make_trainer, train_overrides, truncate
 
 
 def saved(tmp_path: Path, steps=(2, 4, 6), keep: int = 2) -> tuple[Checkpointer, DDPEngine, TinyModel]:
@@ -65,23 +69,126 @@ NAMED = {
 }
 
 
+def _with_nan(folder: Path) -> None:
+    """engine.pt rewritten whole (its checksums sound) with one trained value NaN."""
+    state = torch.load(folder / "engine.pt", weights_only=True)
+    state["model"]["conv.bias"][0] = float("nan")
+    torch.save(state, folder / "engine.pt")
+
+
+DAMAGE["a NaN weight"] = _with_nan
+NAMED["a NaN weight"] = (
+    "engine.pt holds weights that are not finite: 1 of 13 values are not finite (in conv.bias)"
+)
+
+
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
-def test_a_damaged_newest_checkpoint_is_skipped_with_one_warning_naming_the_file(tmp_path, capsys, damage):
+def test_a_damaged_newest_checkpoint_is_skipped_with_one_warning_and_moved_aside(tmp_path, capsys, damage):
     checkpointer, engine, model = saved(tmp_path)
     DAMAGE[damage](step_dir(tmp_path, 6))
+    contents = {p.name: p.read_bytes() for p in step_dir(tmp_path, 6).iterdir()}
     assert checkpointer.resolve("auto") == step_dir(tmp_path, 4)
     warning = capsys.readouterr().err.strip().splitlines()
     assert len(warning) == 1 and warning[0].startswith("warning: resuming from step_00000004"), warning
     assert f"step_00000006 (named by checkpoints/latest): {NAMED[damage]}" in warning[0]
+    aside = [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step_00000006.damaged-")]
+    assert len(aside) == 1 and warning[0].endswith(f"(moved to {aside[0]})"), warning
+    assert {p.name: p.read_bytes() for p in aside[0].iterdir()} == contents  # kept as it was
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000004\n"  # names the one resumed
     state = checkpointer.load(engine, step_dir(tmp_path, 4))
     assert state.step == 4 and model.conv.bias.item() == 4.0
+    for step in (6, 8, 10):  # the resumed run passes that step and prunes: the damaged folder stays
+        checkpointer.save(engine, LoopState(step=step, batch=step))
+    assert {p.name: p.read_bytes() for p in aside[0].iterdir()} == contents
+    assert checkpointer.folders() == [step_dir(tmp_path, 10), step_dir(tmp_path, 8), step_dir(tmp_path, 4)]
+
+
+def test_a_deep_check_finds_a_nan_that_the_checksums_do_not(tmp_path):
+    _, engine, _ = saved(tmp_path, steps=(2,))
+    _with_nan(step_dir(tmp_path, 2))
+    assert (
+        Checkpointer.check(step_dir(tmp_path, 2)) is None
+    )  # the quick check, at every save, reads no tensor
+    assert Checkpointer.check(step_dir(tmp_path, 2), deep=True) == NAMED["a NaN weight"]
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_weights_that_are_not_finite_are_never_a_checkpoint(tmp_path, asynchronous):
+    model = TinyModel()
+    engine = DDPEngine(model, load_config(None, []).optim, 10, INFO)
+    checkpointer = Checkpointer(tmp_path, INFO, asynchronous=asynchronous)
+    checkpointer.save(engine, LoopState(step=2, batch=2))
+    with torch.no_grad():
+        model.conv.weight[0, 1] = float("inf")
+        model.presence.fill_(float("nan"))
+    with pytest.raises(NonFiniteWeights) as err:
+        checkpointer.save(engine, LoopState(step=4, batch=4))
+    assert str(err.value) == (
+        f"{step_dir(tmp_path, 4)}: not written: the trained weights are not finite: 2 of 13 values are not "
+        "finite (in presence, conv.weight); checkpoints/latest stays step_00000002"
+    )
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000002"]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    assert checkpointer.resolve("auto") == step_dir(tmp_path, 2)
+
+
+def test_a_refused_checkpoint_ends_the_run_with_the_way_back(tmp_path):
+    """Weights gone NaN in the update of a checkpoint step: the save is refused, the run ends there."""
+    trainer, _ = make_trainer(tmp_path, TinyModel(), steps=10, overrides=["train.checkpoint_every=2"])
+    original_step = trainer.engine.step
+
+    def step_then_blow_up():
+        norm = original_step()
+        if trainer.engine.scheduler.last_epoch == 4:
+            with torch.no_grad():
+                trainer.engine.module.conv.bias.fill_(float("nan"))
+        return norm
+
+    trainer.engine.step = step_then_blow_up
+    with pytest.raises(TrainingAborted) as err:
+        trainer.fit(LoopState())
+    assert str(err.value) == (
+        f"{step_dir(tmp_path, 4)}: not written: the trained weights are not finite: 1 of 13 values are not "
+        "finite (in conv.bias); checkpoints/latest stays step_00000002; lower optim.lr (this run: 0.0001) "
+        "or check the data with `python -m shards verify`; then rerun: --resume auto goes on from "
+        "step_00000002, the newest complete checkpoint with finite weights, --resume none starts over"
+    )
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000002"]
+
+
+def test_a_non_finite_abort_sets_its_checkpoint_aside_and_says_how_to_go_on(tmp_path, capsys):
+    """The checkpoint of the step where the losses turned non-finite holds the weights they came from:
+    resuming it would fail again, so resume skips it; the message names the way back."""
+    model = TinyModel()
+    model.poison = set(range(4, 100))  # from its 5th forward on (after step 4) every loss is NaN
+    trainer, _ = make_trainer(
+        tmp_path, model, steps=10, overrides=["train.checkpoint_every=2", "train.max_bad_steps=3"]
+    )
+    with pytest.raises(TrainingAborted) as err:
+        trainer.fit(LoopState())
+    assert str(err.value) == (
+        "3 non-finite losses in a row at step 4 (epoch 2, batch 1); they came from the weights of "
+        "step_00000004, now set aside; lower optim.lr (this run: 0.0001) or check the data with `python -m "
+        "shards verify`, or raise train.max_bad_steps; then rerun: --resume auto goes on from step_00000002, "
+        "the newest complete checkpoint with finite weights, --resume none starts over"
+    )
+    checkpointer = Checkpointer(tmp_path, INFO)
+    capsys.readouterr()
+    assert checkpointer.resolve("auto") == step_dir(tmp_path, 2)
+    warning = capsys.readouterr().err
+    assert (
+        "skipped " + str(step_dir(tmp_path, 4)) + " (named by checkpoints/latest): set aside by the run"
+        in warning
+    )
+    assert "3 non-finite losses in a row at step 4 (epoch 2, batch 1) came from its weights" in warning
 
 
 def test_latest_naming_a_missing_folder_falls_back_to_the_newest_complete(tmp_path, capsys):
     checkpointer, _, _ = saved(tmp_path)
     (tmp_path / "checkpoints" / "latest").write_text("step_00000009\n")
     assert checkpointer.resolve("auto") == step_dir(tmp_path, 6)
-    assert "step_00000009 (named by checkpoints/latest): does not exist" in capsys.readouterr().err
+    assert capsys.readouterr().err.endswith("step_00000009 (named by checkpoints/latest): does not exist\n")
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000006\n"
 
 
 def test_latest_wins_over_a_newer_folder_of_another_timeline(tmp_path, capsys):
@@ -127,18 +234,21 @@ def test_a_file_that_cannot_be_read_changes_nothing_and_names_itself(tmp_path):
     assert torch.equal(model.conv.bias, before)
 
 
-def test_pruning_keeps_the_folder_resumed_from_and_a_complete_one(tmp_path):
+def test_pruning_keeps_the_folder_resumed_from_and_a_complete_one(tmp_path, capsys):
     checkpointer, engine, _ = saved(tmp_path, steps=(2, 4))
     checkpointer.load(engine, step_dir(tmp_path, 2))  # protected from now on
     for step in (6, 8, 10):
         checkpointer.save(engine, LoopState(step=step, batch=step))
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["latest", "step_00000002", "step_00000008", "step_00000010"]
-    # a damaged folder is never counted as the complete one that pruning keeps
+    # a damaged folder is never counted as the complete one that pruning keeps, and is moved aside
     truncate(step_dir(tmp_path, 10) / "engine.pt")
     checkpointer.save(engine, LoopState(step=12, batch=12))
-    assert step_dir(tmp_path, 12).is_dir() and Checkpointer.check(step_dir(tmp_path, 10)) is not None
+    assert step_dir(tmp_path, 12).is_dir() and not step_dir(tmp_path, 10).exists()
     assert Checkpointer.check(step_dir(tmp_path, 8)) is None  # the complete one behind the new save
+    aside = [p for p in (tmp_path / "checkpoints").iterdir() if ".damaged-" in p.name]
+    assert len(aside) == 1 and aside[0].name.startswith("step_00000010.damaged-")
+    assert f"moved to {aside[0]}" in capsys.readouterr().err
 
 
 def test_saving_a_step_again_never_leaves_no_complete_checkpoint(tmp_path, monkeypatch):
@@ -404,3 +514,50 @@ def test_the_loop_logs_what_each_checkpoint_cost(tmp_path):
             assert (key, step) in logged, (key, step)
     sizes = [m["train/checkpoint_bytes"] for _, m in logger.metrics if "train/checkpoint_bytes" in m]
     assert all(size > 1000 for size in sizes)
+
+
+# real runs -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_run_whose_weights_blow_up_is_rerun_from_sound_weights(train_data, tmp_path):
+    """optim.lr=1e6: step 1 leaves weights near 1e6, finite, that make every later loss non-finite. The
+    run ends in one line naming the way back and sets step 1's checkpoint aside; the rerun with a sane
+    lr skips it with one warning, keeps it under a damaged name, and trains from scratch to the end."""
+    out = tmp_path / "out"
+    quiet = {"tracking.enabled": "false", "train.checkpoint_every": 1, "train.max_bad_steps": 3}
+    command = [sys.executable, "-m", "autosam2.cli", "train"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    blown = subprocess.run(
+        [*command, *train_overrides(train_data, out, **quiet, **{"optim.lr": "1e6"})],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert blown.returncode == 1, blown.stdout + blown.stderr
+    assert blown.stderr.strip().splitlines() == [
+        "autosam2 train: 3 non-finite losses in a row at step 1 (epoch 0, batch 4); they came from the "
+        "weights of step_00000001, now set aside; lower optim.lr (this run: 1e+06) or check the data with "
+        "`python -m shards verify`, or raise train.max_bad_steps; then rerun: --resume auto goes on from "
+        "scratch (no complete checkpoint is left), --resume none starts over"
+    ]
+    rerun = subprocess.run(
+        [*command, *train_overrides(train_data, out, **quiet, **{"train.max_steps": 2})],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    aside = next((out / "checkpoints").glob("step_00000001.damaged-*"))
+    warning = [line for line in rerun.stderr.splitlines() if line.startswith("warning:")]
+    assert warning == [
+        f"warning: no complete checkpoint in {out / 'checkpoints'}, starting from scratch; skipped "
+        f"{out / 'checkpoints' / 'step_00000001'} (named by checkpoints/latest): set aside by the run that "
+        "resumed or wrote it: 3 non-finite losses in a row at step 1 (epoch 0, batch 4) came from its "
+        f"weights (moved to {aside})"
+    ]
+    assert "done: 2 steps" in rerun.stdout
+    assert Checkpointer.check(step_dir(out, 2), deep=True) is None
+    assert (aside / "engine.pt").is_file()  # kept for a look, never resumed

@@ -469,6 +469,48 @@ def test_a_full_disk_cuts_one_record_and_the_outbox_goes_on(tmp_path: Path) -> N
     assert records == [{"op": "metrics", "step": 0}, None, {"op": "metrics", "step": 2}]
 
 
+def test_an_artifact_is_hard_linked_into_the_outbox_and_keeps_what_was_logged(tmp_path: Path) -> None:
+    """No second copy on the disk: a file (a folder file by file) is linked; our writers replace a file
+    by rename, so the linked inode keeps the logged content; removing the link leaves the file alone."""
+    from autosam2.atomic import atomic_write_text
+    from autosam2.outbox import Outbox
+
+    outbox = Outbox(tmp_path / "tracking")
+    weights = tmp_path / "final.pt"
+    atomic_write_text(weights, "as logged")
+    overlays = tmp_path / "overlays"
+    (overlays / "seq1").mkdir(parents=True)
+    (overlays / "a.gif").write_bytes(b"GIF89a-a")
+    (overlays / "seq1" / "b.gif").write_bytes(b"GIF89a-b")
+    file_place, folder_place = outbox.spool(weights), outbox.spool(overlays)
+    linked = outbox.folder / file_place
+    assert linked.stat().st_ino == weights.stat().st_ino and weights.stat().st_nlink == 2
+    for name in ("a.gif", "seq1/b.gif"):
+        original, spooled = overlays / name, outbox.folder / folder_place / name
+        assert spooled.stat().st_ino == original.stat().st_ino and original.stat().st_nlink == 2
+    atomic_write_text(weights, "written later")  # replaced by rename, as every file we log is
+    assert linked.read_text() == "as logged" and weights.stat().st_nlink == 1
+    outbox.unspool(folder_place)
+    assert (overlays / "a.gif").read_bytes() == b"GIF89a-a" and (overlays / "a.gif").stat().st_nlink == 1
+
+
+def test_an_artifact_that_cannot_be_linked_is_copied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from autosam2.outbox import Outbox
+
+    def across_file_systems(source, target, **kwargs):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", across_file_systems)
+    outbox = Outbox(tmp_path / "tracking")
+    weights = tmp_path / "best.pt"
+    weights.write_bytes(b"weights")
+    spooled = outbox.folder / outbox.spool(weights)
+    assert spooled.read_bytes() == b"weights" and spooled.stat().st_ino != weights.stat().st_ino
+    assert weights.stat().st_nlink == 1
+
+
 def test_bad_arguments_raise(sqlite_uri: str, tmp_path: Path) -> None:
     logger = MLflowLogger(sqlite_uri, "polyp", system_metrics=False)
     with pytest.raises(ValueError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,7 +93,12 @@ def test_ddp_two_processes_train_checkpoint_log_and_evaluate(train_data, tmp_pat
     assert "step 4/4" in result.stdout and "valid dice" in result.stdout
     assert (out / "config.yaml").read_text().count("max_steps: 4") == 1
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000004"
-    assert {"final.pt", "best.pt"} <= {p.name for p in out.iterdir()}
+    assert {"final.pt", "best.pt", "base.pt"} <= {p.name for p in out.iterdir()}
+    # random-init SAM2: its weights once in base.pt; each weights file holds what trained (the decoder
+    # and the prompt head here) and names base.pt
+    assert all(
+        (out / name).stat().st_size < (out / "base.pt").stat().st_size / 4 for name in ("best.pt", "final.pt")
+    )
 
     client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
     (run_info,) = client.search_runs([client.get_experiment_by_name("autosam2").experiment_id])
@@ -121,8 +127,14 @@ def test_ddp_two_processes_train_checkpoint_log_and_evaluate(train_data, tmp_pat
         a.path for a in client.list_artifacts(run_info.info.run_id, "weights")
     }
     artifacts |= {a.path for a in client.list_artifacts(run_info.info.run_id, "valid/step_00000004/overlays")}
-    assert {"config.yaml", "weights/final.pt", "valid/step_00000004/overlays/seq5.gif"} <= artifacts
+    assert {
+        "config.yaml",
+        "weights/final.pt",
+        "weights/base.pt",
+        "valid/step_00000004/overlays/seq5.gif",
+    } <= artifacts
     assert run_info.info.status == "FINISHED"
+    out = out.rename(tmp_path / "moved")  # the weights find their base beside them
 
     results = tmp_path / "results"
     evaluated = run(
@@ -220,6 +232,33 @@ def test_deepspeed_zero2_two_processes(train_data, tmp_path):
     assert alone.returncode == 1, alone.stdout[-3000:] + alone.stderr[-3000:]
     assert "a DeepSpeed ZeRO checkpoint written by 2 ranks cannot be resumed by 1" in alone.stderr
     assert "Resume with 2 ranks" in alone.stderr and "Traceback" not in alone.stderr
+
+
+@pytest.mark.slow
+def test_a_deepspeed_checkpoint_holds_the_trained_weights_and_resumes_exactly(train_data, tmp_path):
+    """Frozen parameters are what the model is built with, at every step: left out of the checkpoint, a
+    run resumed from step 2 still ends with the uninterrupted run's weights, to the bit."""
+    ds = {
+        "train.engine": "deepspeed",
+        "train.deepspeed_config": REPO / "configs/deepspeed/zero2.json",
+        "train.validate_every": 100,
+        "tracking.enabled": "false",
+    }
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    run([*TRAIN, *train_overrides(train_data, whole, **ds)])
+    module = torch.load(
+        whole / "checkpoints" / "step_00000004" / "deepspeed" / "mp_rank_00_model_states.pt",
+        map_location="cpu",
+        weights_only=True,
+    )["module"]
+    assert not any(k.startswith("image_encoder.") for k in module)  # frozen here
+    assert set(weights(whole / "final.pt")) - {k for k in module} == set()
+    shutil.copytree(whole / "checkpoints" / "step_00000002", resumed / "checkpoints" / "step_00000002")
+    (resumed / "checkpoints" / "latest").write_text("step_00000002\n")
+    result = run([*TRAIN, *train_overrides(train_data, resumed, **ds)])
+    assert f"resumed from {resumed / 'checkpoints' / 'step_00000002'} at step 2" in result.stdout
+    mine, theirs = weights(whole / "final.pt"), weights(resumed / "final.pt")
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
 def stop_and_resume(cmd: list[str], out: Path, at: int, steps: int) -> subprocess.CompletedProcess:

@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     root = _long_root(base, args.size, lengths)
     cfg = ModelConfig(variant=Variant(args.variant), image_size=args.image_size)
     torch.manual_seed(0)
-    save_weights(base / "w.pt", build_autosam2(cfg, torch.device("cpu")), cfg, full=True)
+    save_weights(base / "w.pt", build_autosam2(cfg, torch.device("cpu")), cfg, base=None)
     cli = [sys.executable, "-m", "autosam2.cli"]
     device = ["--cpu"] if args.cpu or not torch.cuda.is_available() else []
     table: dict[str, dict[str, Any]] = {c: {} for c in commands}

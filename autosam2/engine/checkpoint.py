@@ -6,15 +6,20 @@ rank. It is written under a ``.tmp`` name and renamed by rank 0 once every rank 
 names the newest one. An asynchronous save (`train.checkpoint_async`) copies the state to host memory and
 rank 0 writes the same folder on a background thread; `latest` moves only once it is complete, so a kill
 during the write leaves the previous checkpoint in charge. A write that fails (a full disk) fails on every
-rank with one error and leaves the earlier checkpoints as they were. Resuming takes the checkpoint ``latest`` names if it is complete,
-else the newest complete one, with a warning naming what was skipped; pruning never removes the last
-complete checkpoint nor the one resumed from. SIGUSR2 / SIGTERM only set a flag: the loop checkpoints
-at the next step boundary and exits cleanly.
+rank with one error and leaves the earlier checkpoints as they were; trained weights that are not finite
+are never written (one error on every rank). Resuming takes the checkpoint ``latest`` names if it is
+complete, else the newest complete one, with a warning naming what was skipped; a skipped folder (damaged,
+weights that are not finite, or set aside by a run whose losses its weights made non-finite) is moved
+aside as ``step_XXXXXXXX.damaged-<time>``, kept for inspection and never matched, pruned or overwritten.
+Pruning never removes the last complete checkpoint nor the one resumed from, and moves a damaged folder
+aside with a line instead of removing it. SIGUSR2 / SIGTERM only set a flag: the loop checkpoints at the
+next step boundary and exits cleanly.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import re
 import shutil
@@ -34,6 +39,7 @@ import torch
 from autosam2.atomic import atomic_write_json, atomic_write_text
 from autosam2.engine.dist import DistInfo, all_reduce, broadcast_object, gather_objects
 from autosam2.errors import CheckpointError, write_failure
+from autosam2.model.weights import NonFiniteWeights, nonfinite, trained_tensors
 
 
 @dataclass
@@ -109,10 +115,12 @@ class Checkpointer:
     def save(self, engine, state: LoopState) -> Path:
         """Every rank calls this; returns the final folder (for an asynchronous save, where it will be). A
         write that fails on any rank (a full disk) fails the save on every rank with one CheckpointError;
-        the partial folder is removed and the previous checkpoints are untouched."""
+        the partial folder is removed and the previous checkpoints are untouched. Trained weights that are
+        not finite are refused before anything is written (NonFiniteWeights on every rank)."""
         start = time.perf_counter()
         self.finish()
         final = self.root / f"step_{state.step:08d}"
+        self._refuse_nonfinite(engine, final)
         tmp = final.with_name(final.name + ".tmp")
         write = engine.snapshot() if self.asynchronous else None
         report = SaveReport(state.step, 0.0, asynchronous=write is not None)
@@ -150,6 +158,28 @@ class Checkpointer:
         if write is None:
             self._done(report, final, start)
         return final
+
+    def _refuse_nonfinite(self, engine, final: Path) -> None:
+        """Every rank: one NonFiniteWeights on every rank when any rank's trained weights are not finite."""
+        problems = [p for p in gather_objects(nonfinite(trained_tensors(engine.module))) if p]
+        if problems:
+            kept = self._pointed()
+            where = f"checkpoints/latest stays {kept.name}" if kept else "no earlier checkpoint exists"
+            raise NonFiniteWeights(
+                f"{final}: not written: the trained weights are not finite: {problems[0]}; {where}"
+            )
+
+    def set_aside(self, step: int, reason: str) -> Path | None:
+        """Rank 0: mark the complete checkpoint of `step`, if there is one, so that resuming skips it as a
+        damaged one (its weights are the cause of `reason`); returns the folder marked."""
+        folder = self.root / f"step_{step:08d}"
+        if not self.info.is_main or self.check(folder) is not None:
+            return None
+        try:
+            atomic_write_json(folder / UNSOUND_FILE, {"reason": reason})
+        except OSError:
+            return None  # a full disk: the caller says nothing of a mark that is not there
+        return folder
 
     def finish(self) -> None:
         """Every rank: wait for an asynchronous write in flight; if it failed, one CheckpointError on every
@@ -227,17 +257,41 @@ class Checkpointer:
         self._prune(final)
 
     def _prune(self, newest: Path) -> None:
-        """Keep `keep` complete checkpoints up to `newest` and the one resumed from. Folders of higher
-        steps belong to another timeline (a run resumed from an older checkpoint) and are left alone."""
+        """Keep `keep` complete checkpoints up to `newest` and the one resumed from; a damaged folder is
+        moved aside with a line. Folders of higher steps belong to another timeline (a run resumed from
+        an older checkpoint) and are left alone."""
         limit = _step_of(newest)
         kept = 1
         for folder in self.folders():
             if folder == newest or folder == self.protected or _step_of(folder) > limit:
                 continue
-            if kept < self.keep and self.check(folder) is None:
+            problem = self.check(folder)
+            if problem is not None:
+                _warn(f"checkpoint {folder.name} is not complete ({problem}): {self._move_aside(folder)}")
+            elif kept < self.keep:
                 kept += 1
-                continue
-            shutil.rmtree(folder, ignore_errors=True)
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _move_aside(self, folder: Path) -> str:
+        """Rename a damaged folder to a name no step pattern matches, never reused; says where it went."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        target = folder.with_name(f"{folder.name}.{DAMAGED}-{stamp}")
+        extra = 1
+        while target.exists():
+            extra += 1
+            target = folder.with_name(f"{folder.name}.{DAMAGED}-{stamp}-{extra}")
+        try:
+            folder.rename(target)
+        except OSError as err:
+            return f"left in place (cannot move it aside: {err.strerror or err})"
+        return f"moved to {target}"
+
+    def _pointed(self) -> Path | None:
+        """The step folder `latest` names, if it names one."""
+        pointer = self.root / "latest"
+        name = pointer.read_text(errors="replace").strip() if pointer.is_file() else ""
+        return self.root / name if _FOLDER.match(name) else None
 
     def _agree(self, final: Path, tmp: Path, error: str | None) -> None:
         """A barrier that carries failures: every rank raises the first rank's error."""
@@ -262,9 +316,16 @@ class Checkpointer:
     def check(folder: Path, deep: bool = False) -> str | None:
         """Why `folder` is not a complete checkpoint, or None. Reads the JSON files and the directory at
         the end of every torch file (a zip, so a cut file shows); `deep` also checks every byte against
-        the zip's CRCs (resume does; pruning, at every save, does not)."""
+        the zip's CRCs and that the stored weights are finite (resume does; pruning, at every save, does
+        not). A folder set aside (`set_aside`) is not complete either."""
         if not folder.is_dir():
             return "does not exist"
+        if (folder / UNSOUND_FILE).is_file():
+            try:
+                reason = json.loads((folder / UNSOUND_FILE).read_text())["reason"]
+            except (OSError, ValueError, KeyError, TypeError):
+                reason = "no reason readable"
+            return f"set aside by the run that resumed or wrote it: {reason}"
         state = folder / STATE_FILE
         if not state.is_file():
             return f"{STATE_FILE} is missing (the save did not finish)"
@@ -296,25 +357,25 @@ class Checkpointer:
                 json.loads(path.read_text())
             except (OSError, ValueError) as err:
                 return f"{path.name} is unreadable ({err})"
-        return None
+        return _nonfinite_weights(folder) if deep else None
 
     def latest(self) -> Path | None:
         """The checkpoint `--resume auto` takes: the one `latest` names when it is complete, else the
         newest complete one."""
         return self._choose()[0]
 
-    def _choose(self) -> tuple[Path | None, list[str]]:
+    def _choose(self) -> tuple[Path | None, list[tuple[Path | None, str]]]:
+        """The newest complete checkpoint, and what was skipped: (folder or None, why)."""
         candidates = []
         pointer = self.root / "latest"
         if pointer.is_file():
-            name = pointer.read_text(errors="replace").strip()
-            candidates.append(self.root / name if _FOLDER.match(name) else None)
+            candidates.append(self._pointed())
         candidates += self.folders()
-        skipped: list[str] = []
+        skipped: list[tuple[Path | None, str]] = []
         seen: set[Path] = set()
         for folder in candidates:
             if folder is None:
-                skipped.append("checkpoints/latest (it names no step folder)")
+                skipped.append((None, "checkpoints/latest (it names no step folder)"))
                 continue
             if folder in seen:
                 continue
@@ -323,7 +384,7 @@ class Checkpointer:
             if problem is None:
                 return folder, skipped
             named = " (named by checkpoints/latest)" if not skipped and folder == candidates[0] else ""
-            skipped.append(f"{folder}{named}: {problem}")
+            skipped.append((folder, f"{folder}{named}: {problem}"))
         return None, skipped
 
     def resolve(self, resume: str) -> Path | None:
@@ -341,7 +402,14 @@ class Checkpointer:
             if problem:
                 raise CheckpointError(f"{folder}: not a checkpoint folder to resume from ({problem})")
             return folder
-        chosen, skipped = self._choose()
+        chosen, found = self._choose()
+        # kept for a look, under a name that no later save, prune or resume touches
+        skipped = [f"{why} ({self._move_aside(f)})" if f and f.is_dir() else why for f, why in found]
+        if found and self._pointed() != chosen:  # `latest` names what was skipped: it names the choice now
+            if chosen is not None:
+                atomic_write_text(self.root / "latest", chosen.name + "\n")
+            else:
+                (self.root / "latest").unlink(missing_ok=True)
         if chosen is not None and skipped:
             _warn(
                 f"resuming from {chosen.name}, the newest complete checkpoint; skipped " + "; ".join(skipped)
@@ -404,7 +472,32 @@ class Checkpointer:
 
 
 STATE_FILE = "state.json"
+UNSOUND_FILE = "unsound.json"  # a checkpoint set aside: {"reason": why its weights are not to be resumed}
+DAMAGED = "damaged"  # step_XXXXXXXX.damaged-<time>: a folder resume or pruning found damaged, kept as it was
 _FOLDER = re.compile(r"^step_(\d+)(\.old)?$")
+
+
+def _nonfinite_weights(folder: Path) -> str | None:
+    """Why the weights stored in `folder` are not to be resumed (some value is not finite), or None."""
+    engine = folder / "engine.pt"
+    files = [engine] if engine.is_file() else sorted((folder / "deepspeed").glob("mp_rank_*_model_states.pt"))
+    for path in files:
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError:
+            continue  # holds more than tensors: the engine's own load judges it
+        except Exception as err:  # torch.load raises many types for a damaged file
+            return f"{path.relative_to(folder)} is unreadable ({_first_line(err)})"
+        stored = payload.get("model", payload.get("module")) if isinstance(payload, dict) else None
+        tensors = (
+            {k: v for k, v in stored.items() if isinstance(v, torch.Tensor)}
+            if isinstance(stored, dict)
+            else {}
+        )
+        problem = nonfinite(tensors)
+        if problem:
+            return f"{path.relative_to(folder)} holds weights that are not finite: {problem}"
+    return None
 
 
 def _step_of(folder: Path) -> int:

@@ -299,7 +299,10 @@ class DeepSpeedEngine(Engine):
 
     def save(self, folder: Path) -> None:
         try:
-            self.engine.save_checkpoint(str(folder), tag="deepspeed", save_latest=False)
+            # frozen parameters are what the model was built with, the same at every step: left out
+            self.engine.save_checkpoint(
+                str(folder), tag="deepspeed", save_latest=False, exclude_frozen_parameters=True
+            )
         except (OSError, RuntimeError):
             # writes come after DeepSpeed's last collective but one: meet the other ranks at its
             # closing barrier, so the failure is agreed on instead of hanging them
@@ -317,7 +320,8 @@ class DeepSpeedEngine(Engine):
                 f"{parts} ranks (nodes x tasks per node), or use train.engine=ddp, whose checkpoints "
                 "resume at any world size"
             )
-        path, _ = self.engine.load_checkpoint(str(folder), tag="deepspeed")
+        # not strict: the frozen parameters are not in it (those of older checkpoints load as well)
+        path, _ = self.engine.load_checkpoint(str(folder), tag="deepspeed", load_module_strict=False)
         if path is None:
             raise FileNotFoundError(f"{folder}: no DeepSpeed checkpoint in it")
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,6 +25,7 @@ from autosam2.engine.engines import Engine
 from autosam2.errors import TrainingAborted
 from autosam2.losses import clip_losses
 from autosam2.model.feature_cache import FeatureCache, frame_keys
+from autosam2.model.weights import NonFiniteWeights
 from autosam2.progress import hms
 from autosam2.tracking import MetricLogger
 
@@ -160,7 +163,8 @@ class Trainer:
             start = time.perf_counter()
             if saved != state.step:
                 state.run_id = state.run_id or self.logger.run_id  # known late when the store was down
-                self.checkpointer.save(self.engine, state)
+                with self._abort_on_nonfinite():
+                    self.checkpointer.save(self.engine, state)
                 saved = state.step
                 self.logger.log_metrics({"train/checkpoint_s": self.checkpointer.last.stall_s}, state.step)
             if last:
@@ -216,10 +220,34 @@ class Trainer:
         state.skipped_steps += 1
         self.logger.log_metrics({"train/skipped_steps": state.skipped_steps}, state.step)
         if state.bad_steps >= self.cfg.train.max_bad_steps:
-            raise TrainingAborted(
-                f"{state.bad_steps} non-finite losses in a row at step {state.step} (epoch {state.epoch}, batch {state.batch}); "
-                f"lower optim.lr, check the data with `python -m shards verify`, or raise train.max_bad_steps"
+            what = (
+                f"{state.bad_steps} non-finite losses in a row at step {state.step} (epoch {state.epoch}, "
+                f"batch {state.batch})"
             )
+            self.checkpointer.finish()
+            # the checkpoint of this step holds the weights these losses came from: resuming it fails again
+            marked = self.checkpointer.set_aside(state.step, f"{what} came from its weights")
+            cause = f"; they came from the weights of {marked.name}, now set aside" if marked else ""
+            raise TrainingAborted(f"{what}{cause}; {self._recovery(', or raise train.max_bad_steps')}")
+
+    def _recovery(self, also: str = "") -> str:
+        """What to change, and where a rerun goes on from (named on rank 0, which sees the folders)."""
+        where = "the newest complete checkpoint with finite weights"
+        if self.info.is_main:
+            found = self.checkpointer.latest()
+            where = f"{found.name}, {where}" if found else "scratch (no complete checkpoint is left)"
+        return (
+            f"lower optim.lr (this run: {self.cfg.optim.lr:g}) or check the data with `python -m shards "
+            f"verify`{also}; then rerun: --resume auto goes on from {where}, --resume none starts over"
+        )
+
+    @contextmanager
+    def _abort_on_nonfinite(self) -> Iterator[None]:
+        """Weights refused as not finite (a checkpoint, best.pt) end the run with the way back."""
+        try:
+            yield
+        except NonFiniteWeights as err:
+            raise TrainingAborted(f"{err}; {self._recovery()}") from err
 
     def _log(self, state: LoopState, result: StepResult, pace: tuple[float, float]) -> None:
         frames_per_s, wait_share = pace
@@ -266,4 +294,5 @@ class Trainer:
         dice = summary.get("valid/dice", -1.0)
         if dice > state.best_dice:
             state.best_dice = dice
-            self.validator.save_best(state.step, summary)
+            with self._abort_on_nonfinite():
+                self.validator.save_best(state.step, summary)

@@ -15,6 +15,7 @@ from autosam2.errors import CheckpointError
 
 CONFIGS = {variant: f"configs/sam2.1/sam2.1_{variant.value}.yaml" for variant in Variant}
 MODEL_CLASS = "autosam2.model.autosam2.AutoSAM2"
+OWN_MODULES = ("prompt_encoder.",)  # state_dict prefixes of our modules, which no SAM2 checkpoint holds
 
 
 def sam2_overrides(image_size: int, multimask_output: bool = False) -> list[str]:
@@ -71,7 +72,7 @@ def build_autosam2(cfg: ModelConfig, device: str | torch.device = "cpu"):
 
 
 def load_sam2_checkpoint(
-    model: torch.nn.Module, path: str | Path, allow_missing: Iterable[str] = ("prompt_encoder.",)
+    model: torch.nn.Module, path: str | Path, allow_missing: Iterable[str] = OWN_MODULES
 ) -> None:
     """Load an official SAM2 checkpoint (``{"model": state_dict}``) strictly.
 
@@ -113,7 +114,7 @@ def load_sam2_checkpoint(
 
 
 def save_sam2_checkpoint(
-    model: torch.nn.Module, path: str | Path, exclude: Iterable[str] = ("prompt_encoder.",)
+    model: torch.nn.Module, path: str | Path, exclude: Iterable[str] = OWN_MODULES
 ) -> None:
     """Write SAM2's own weights in the official format (our modules left out), atomically."""
     path = Path(path)
