@@ -80,13 +80,18 @@ def run(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    run(argv)
+    """0 when the run finished; `EXIT_STOPPED` when a signal stopped it early (it goes on with --resume auto)."""
+    state = run(argv)
+    if state.stopped:
+        from autosam2.engine.stop import EXIT_STOPPED
+
+        return EXIT_STOPPED
     return 0
 
 
 def _run(cfg: Config, info):
     from autosam2.data.sources import training_batches
-    from autosam2.engine.checkpoint import Checkpointer, StopSignal
+    from autosam2.engine.checkpoint import Checkpointer
     from autosam2.engine.dist import (
         announce_ranks,
         barrier,
@@ -98,13 +103,15 @@ def _run(cfg: Config, info):
     )
     from autosam2.engine.engines import build_engine, use_autocast
     from autosam2.engine.run_lock import take_output_dir
+    from autosam2.engine.stop import StopSignal
     from autosam2.engine.trainer import Trainer
     from autosam2.engine.validator import Validator
     from autosam2.model.feature_cache import FeatureCache
     from autosam2.model.sam2_builder import build_autosam2
     from autosam2.model.weights import RunWeights, init_from_weights
 
-    stop = StopSignal()  # early: a signal during set-up must not kill the job uncheckpointed
+    # early: a signal during set-up must not kill the job uncheckpointed
+    stop = StopSignal(announce=info.is_main)
     stop_when_launcher_gone(stop, info.rank)
     out = Path(cfg.train.output_dir).resolve()
     seed_everything(cfg.train.seed, info.rank)

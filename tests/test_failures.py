@@ -1,10 +1,11 @@
 """Failure paths of real runs, with loader workers at their default count: every error ends the process
-within seconds and leaves no process behind; a full disk, a killed launcher, a second run into the same
-directory and bad inputs each end in one line, and no checkpoint is lost."""
+within seconds and leaves no process behind; a full disk, a killed launcher, Ctrl-C, a second run into
+the same directory and bad inputs each end in one line, and no checkpoint is lost."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -350,6 +351,68 @@ def test_ranks_stop_with_a_checkpoint_when_torchrun_is_killed(train_data, tmp_pa
     stopped = next(line for line in text.splitlines() if line.startswith("stopped by signal at step"))
     step = int(stopped.split()[5].rstrip(";"))
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
+    assert not (out / "run.lock").exists()
+
+
+# stop signals -----------------------------------------------------------------------------------------
+
+STOPPING = "SIGINT: stopping at the next step boundary, with a checkpoint; Ctrl-C again to stop now"
+
+
+def ctrl_c(run: Run, times: int = 1) -> float:
+    """What a terminal's Ctrl-C does: SIGINT to every process of the foreground group (here the run's
+    session: its ranks or torchrun, and loader workers); `times` presses 0.3 s apart. When the first was."""
+    pressed = time.monotonic()
+    for i in range(times):
+        if i:
+            time.sleep(0.3)
+        os.killpg(run.proc.pid, signal.SIGINT)
+    return pressed
+
+
+def all_gone(run: Run) -> bool:
+    """The run's session is empty within 10 s (loader workers die with their rank)."""
+    deadline = time.monotonic() + 10
+    while run.session_alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return run.session_alive() == []
+
+
+def stopped_step(text: str) -> int:
+    line = next(line for line in text.splitlines() if line.startswith("stopped by signal at step"))
+    return int(line.split()[5].rstrip(";"))
+
+
+@pytest.mark.slow
+def test_ctrl_c_twice_exits_at_once_without_a_traceback(train_data, tmp_path):
+    run = Run([*TRAIN, *train_args(train_data, tmp_path / "out")])
+    run.wait_for("step 1/200")
+    pressed = ctrl_c(run, times=2)
+    assert run.finish(timeout=60) == 75, run.output()[-3000:]
+    assert time.monotonic() - pressed < 10, f"{time.monotonic() - pressed:.1f} s after the first Ctrl-C"
+    assert all_gone(run)
+    err = run.output("err")
+    assert err.count(STOPPING) == 1 and "Traceback" not in run.output(), run.output()[-3000:]
+    assert "SIGINT again: stopping now, without a checkpoint" in err
+    assert "stopped by signal" not in run.output("out")
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_reaches_the_ranks_once_and_they_checkpoint(train_data, tmp_path):
+    """torchrun starts its ranks in sessions of their own: Ctrl-C reaches torchrun, which sends each rank
+    one SIGINT, waits for them (30 s) and exits 1 with its own SignalException traceback."""
+    out = tmp_path / "out"
+    run = Run([*TORCHRUN_2, "-m", "autosam2.cli", "train", *train_args(train_data, out)])
+    run.wait_for("step 2/200")
+    ctrl_c(run)
+    assert run.finish(timeout=300) == 1, run.output()[-3000:]
+    text = run.output()
+    assert text.count("closing signal SIGINT") == 2 and text.count(STOPPING) == 1, text[-3000:]  # rank 0 says
+    k = stopped_step(text)
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{k:08d}"
+    assert "SignalException" in text and "autosam2/" not in "".join(
+        line for line in text.splitlines() if line.strip().startswith("File ")
+    )  # torchrun's traceback, none through our code
     assert not (out / "run.lock").exists()
 
 

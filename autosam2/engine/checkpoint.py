@@ -1,4 +1,4 @@
-"""Checkpoints that survive preemption: atomic step folders, exact resume, stop-on-signal, the loop state.
+"""Checkpoints that survive preemption: atomic step folders, exact resume, the loop state.
 
 A checkpoint is ``OUT/checkpoints/step_XXXXXXXX/`` holding the engine's state (model, optimizer,
 scheduler), ``state.json`` (the LoopState: step, epoch, position in the data stream, counters) and one RNG file per
@@ -8,8 +8,7 @@ rank 0 writes the same folder on a background thread; `latest` moves only once i
 during the write leaves the previous checkpoint in charge. A write that fails (a full disk) fails on every
 rank with one error and leaves the earlier checkpoints as they were. Resuming takes the checkpoint ``latest`` names if it is complete,
 else the newest complete one, with a warning naming what was skipped; pruning never removes the last
-complete checkpoint nor the one resumed from. SIGUSR2 / SIGTERM only set a flag: the loop checkpoints
-at the next step boundary and exits cleanly.
+complete checkpoint nor the one resumed from. Stop signals are `engine.stop`'s.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import json
 import random
 import re
 import shutil
-import signal
 import sys
 import threading
 import time
@@ -32,7 +30,7 @@ import numpy as np
 import torch
 
 from autosam2.atomic import atomic_write_json, atomic_write_text
-from autosam2.engine.dist import DistInfo, all_reduce, broadcast_object, gather_objects
+from autosam2.engine.dist import DistInfo, broadcast_object, gather_objects
 from autosam2.errors import CheckpointError, write_failure
 
 
@@ -451,26 +449,6 @@ def _py_rng_restore(data: dict[str, Any]) -> dict[str, Any]:
         "numpy": (kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached),
         "python": (version, tuple(internal), gauss),
     }
-
-
-class StopSignal:
-    """SIGUSR2 / SIGTERM (SLURM's time-limit and preemption signals) set a flag; ranks agree on it."""
-
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR2, signal.SIGTERM)):
-        self.received: int | None = None
-        for sig in signals:
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signum
-
-    def request(self, signum: int = signal.SIGTERM) -> None:
-        """Stop as if `signum` had arrived (the launcher is gone, for one)."""
-        self.received = signum
-
-    def should_stop(self) -> bool:
-        """True on every rank as soon as one rank got a signal (a collective: call it on all ranks)."""
-        return all_reduce(1.0 if self.received is not None else 0.0, op="max") > 0
 
 
 def agree_on_resume(folder: Path | None) -> Path | None:

@@ -17,9 +17,10 @@ from autosam2.config import ClipMode, Config
 from autosam2.data.sources import TrainingBatches
 from autosam2.data.transforms import prepare_batch
 from autosam2.data.video import ClipBatch
-from autosam2.engine.checkpoint import Checkpointer, LoopState, StopSignal
+from autosam2.engine.checkpoint import Checkpointer, LoopState
 from autosam2.engine.dist import DistInfo, all_reduce
 from autosam2.engine.engines import Engine
+from autosam2.engine.stop import StopSignal
 from autosam2.errors import TrainingAborted
 from autosam2.losses import clip_losses
 from autosam2.model.feature_cache import FeatureCache, frame_keys
@@ -204,7 +205,7 @@ class Trainer:
                 interval.paused += time.perf_counter() - start
             if state.step % train.checkpoint_every == 0:
                 checkpoint()
-            if self.stop.should_stop():
+            if state.step < self.total_steps and self.stop.should_stop():
                 state.stopped = True
                 checkpoint(last=True)
                 return state
