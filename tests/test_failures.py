@@ -12,10 +12,12 @@ import threading
 import time
 from pathlib import Path
 
+import mlflow
 import psutil
 import pytest
 
 from autosam2.cli import main as cli
+from autosam2.config import load_config
 from tests.helpers import TORCHRUN_2, train_overrides, truncate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -381,6 +383,48 @@ def all_gone(run: Run) -> bool:
 def stopped_step(text: str) -> int:
     line = next(line for line in text.splitlines() if line.startswith("stopped by signal at step"))
     return int(line.split()[5].rstrip(";"))
+
+
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_at_the_next_step_exits_75_and_a_resume_with_a_new_lr_records_it(
+    train_data, tmp_path
+):
+    from autosam2.engine.stop import EXIT_STOPPED
+
+    out = tmp_path / "out"
+    settings = {"train.max_steps": 8, "train.valid_sequences": 1}
+    run = Run([*TRAIN, *train_args(train_data, out, **settings)])
+    run.wait_for("step 2/8")
+    ctrl_c(run)
+    assert run.finish(timeout=300) == EXIT_STOPPED == 75, run.output()[-3000:]
+    assert all_gone(run)
+    assert run.output("err").count(STOPPING) == 1 and "Traceback" not in run.output(), run.output()[-3000:]
+    k = stopped_step(run.output("out"))
+    assert 2 <= k < 8 and not (out / "final.pt").exists()
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{k:08d}"  # nothing lost
+
+    again = Run([*TRAIN, *train_args(train_data, out, **settings, **{"optim.lr": 0.01})])
+    assert again.finish(timeout=300) == 0, again.output()[-3000:]
+    text = again.output("out")
+    line = next(line for line in text.splitlines() if line.startswith("optim.lr 0.001 -> 0.01"))
+    assert line.startswith(
+        f"optim.lr 0.001 -> 0.01 from step {k + 1}: the schedule goes on from its position"
+    )
+    promised = line.split(f"lr at step {k + 1}: ")[1].split()[0]
+    logged = next(line for line in text.splitlines() if line.startswith(f"step {k + 1}/8 "))
+    assert f" lr {promised} " in logged, (line, logged)
+    config = (out / "config.yaml").read_text()
+    assert config.startswith("# the values in effect; the run changed these as it resumed:\n")
+    assert f"#   from step {k + 1}: optim.lr 0.001 -> 0.01 (" in config
+    assert load_config(out / "config.yaml").optim.lr == 0.01  # still a config file, with the value in effect
+    client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
+    (run_info,) = client.search_runs([client.get_experiment_by_name("autosam2").experiment_id])
+    params, tags = run_info.data.params, run_info.data.tags
+    assert (
+        params["optim.lr"] == "0.001" and tags["param_changed.optim.lr"] == "0.01"
+    )  # MLflow keeps the first
+    assert tags["resumed_changes"].startswith(f"from step {k + 1}: optim.lr 0.001 -> 0.01")
+    assert run_info.info.status == "FINISHED"
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ import threading
 import time
 import zipfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,9 @@ from autosam2.errors import CheckpointError, write_failure
 @dataclass
 class LoopState:
     """Where training stands; saved in every checkpoint. `batch` counts the batches of `epoch` each rank
-    consumed, `world_size` ranks of `batch_size` clips each (0: not recorded, an older checkpoint)."""
+    consumed, `world_size` ranks of `batch_size` clips each (0: not recorded, an older checkpoint).
+    `config`: the config in effect, as plain values (None: an older checkpoint); `changes`: the settings
+    the run changed as it resumed (`engine.resume`), oldest first."""
 
     step: int = 0
     epoch: int = 0
@@ -50,6 +52,8 @@ class LoopState:
     best_dice: float = -1.0
     run_id: str | None = None
     stopped: bool = False
+    config: dict[str, Any] | None = None
+    changes: list[dict[str, Any]] = field(default_factory=list)
 
 
 def rng_state() -> dict[str, Any]:

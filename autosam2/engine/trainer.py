@@ -136,8 +136,11 @@ class Trainer:
                 f"on: epoch {state.epoch} goes on after {state.sample} clips (batch {state.batch} of "
                 f"{self.data.per_epoch} per rank)"
             )
+            other = " and ".join(
+                what for what, a, b in zip(("world size", "batch size"), saved, now, strict=True) if a != b
+            )
             print(
-                f"resuming at another world size: the checkpoint was written by {saved[0]} rank(s) x "
+                f"resuming at another {other}: the checkpoint was written by {saved[0]} rank(s) x "
                 f"{saved[1]} clip(s), this run has {now[0]} x {now[1]}; weights, optimizer, scheduler "
                 f"and step {state.step} are restored, and {how}; {self.total_steps} steps in all",
                 flush=True,
