@@ -81,12 +81,13 @@ def run(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     """0 when the run finished; `EXIT_STOPPED` when a signal stopped it early (it goes on with --resume auto)."""
-    state = run(argv)
-    if state.stopped:
-        from autosam2.engine.stop import EXIT_STOPPED
+    from autosam2.engine.stop import EXIT_STOPPED, settle
 
-        return EXIT_STOPPED
-    return 0
+    try:
+        state = run(argv)
+    finally:
+        settle()  # how the run ended decides the status, not a signal while the process shuts down
+    return EXIT_STOPPED if state.stopped else 0
 
 
 def _run(cfg: Config, info):
