@@ -122,6 +122,22 @@ def test_a_setting_the_restored_state_cannot_honour_is_refused_in_one_line(tmp_p
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == before
 
 
+def test_weight_decay_and_betas_go_into_the_restored_optimizer(tmp_path, capsys):
+    train(tmp_path / "run", ["train.max_steps=8"], stop_at=4)
+    capsys.readouterr()
+    overrides = [*BASE, "train.max_steps=8", "optim.weight_decay=0.05", "optim.betas=[0.8,0.99]"]
+    trainer, _ = make_trainer(tmp_path / "run", TinyModel(), steps=8, overrides=overrides)
+    state = trainer.checkpointer.resume(trainer.engine, "auto")
+    reconcile(trainer.cfg, state, trainer.engine, trainer.data, INFO, 8)
+    out = capsys.readouterr().out
+    assert "optim.weight_decay 0.01 -> 0.05 from step 5: set in the restored optimizer" in out
+    assert "optim.betas [0.9, 0.999] -> [0.8, 0.99] from step 5: set in the restored optimizer" in out
+    groups = trainer.engine.optimizer.param_groups  # restored from the checkpoint, then set
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0] and {g["betas"] for g in groups} == {
+        (0.8, 0.99)
+    }
+
+
 def test_a_batch_size_change_is_applied_where_the_epoch_stands_and_recorded(tmp_path, capsys):
     train(tmp_path / "run", ["train.max_steps=8"], stop_at=4)
     capsys.readouterr()

@@ -127,12 +127,9 @@ class Engine(ABC):
         decays = [g["weight_decay"] for g in param_groups(self.module, optim.weight_decay)]
         for group, decay in zip(groups, decays, strict=True):  # the order they were built in
             group.update(initial_lr=optim.lr, weight_decay=decay, betas=tuple(optim.betas))
-        scheduler = self.scheduler
-        scheduler.lr_lambdas = [schedule] * len(groups)
-        scheduler.base_lrs = [optim.lr] * len(groups)
-        scheduler._last_lr = [optim.lr * schedule(scheduler.last_epoch)] * len(groups)
-        for group, lr in zip(groups, scheduler._last_lr, strict=True):
-            group["lr"] = lr
+            group["lr"] = optim.lr * schedule(self.scheduler.last_epoch)  # what the next step uses
+        self.scheduler.lr_lambdas = [schedule] * len(groups)
+        self.scheduler.base_lrs = [optim.lr] * len(groups)
 
     def snapshot(self) -> Callable[[Path], None] | None:
         """For an asynchronous checkpoint: this rank's state copied to host memory now, returned as the
