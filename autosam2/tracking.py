@@ -64,6 +64,7 @@ HTTP_ENV_DEFAULTS = {
 }
 
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
+CHANGED_TAG = "param_changed."  # + a param's key: its value in effect, when a resumed run changed it
 
 # MLflow error codes meaning "the store answered and refused this request": the server is up, so
 # these do not start the cool-down that a connection failure does.
@@ -235,6 +236,7 @@ class MLflowLogger:
         self._closed = False
         self._run_id: str | None = None
         self._params: dict[str, str] = {}  # already in the run: MLflow refuses a changed value
+        self._changed: set[str] = set()  # params whose value in effect is in a `param_changed.` tag
         self._temporary = spool_dir is None
         folder = Path(tempfile.mkdtemp(prefix="autosam2-tracking-")) if spool_dir is None else Path(spool_dir)
         self.outbox = Outbox(folder)
@@ -250,6 +252,9 @@ class MLflowLogger:
             self.outbox.append({"op": "opened", "run": self._run_id})
             if run is not None:
                 self._params = dict(run.data.params)
+                self._changed = {
+                    k.removeprefix(CHANGED_TAG) for k in run.data.tags if k.startswith(CHANGED_TAG)
+                }
                 if next_system_step == 0:  # a resumed run continues its system/ steps, not from 0
                     next_system_step = 1 + max(
                         (m.step for m in run.data._metric_objs if m.key.startswith("system/")), default=-1
@@ -288,12 +293,18 @@ class MLflowLogger:
     def log_params(self, params: Mapping[str, Any]) -> None:
         flat = {key: _clip(value, MAX_PARAM_VALUE_CHARS) for key, value in flatten_config(params).items()}
         new = {k: v for k, v in flat.items() if k not in self._params}
-        changed = {k: v for k, v in flat.items() if k in self._params and self._params[k] != v}
+        changed = {
+            k: v
+            for k, v in flat.items()
+            if k in self._params and (self._params[k] != v or k in self._changed)
+        }
         if changed:
             # A resumed job may run with other overrides; MLflow refuses to change a param (and then
-            # drops the whole batch), so the new values go to tags instead.
+            # drops the whole batch), so the values in effect go to tags instead (a value changed back
+            # too: its tag must not keep the one before).
             _log.info("params changed since they were logged, kept as tags: %s", sorted(changed))
-            self.set_tags({f"param_changed.{k}": v for k, v in changed.items()})
+            self.set_tags({f"{CHANGED_TAG}{k}": v for k, v in changed.items()})
+            self._changed |= changed.keys()
         if new:
             self._params.update(new)
             self._append({"op": "params", "params": new})
@@ -738,8 +749,8 @@ def start_run(
     config_file: Path,
 ) -> MetricLogger:
     """A training run's logger (MLflow on rank 0, its outbox in ``out/tracking``): resumed when `run_id`
-    names one, else new with the flattened `params`; tagged with the git commit and `tags`; the merged
-    config file as an artifact."""
+    names one, else new; the flattened `params` (a resumed run's changed values go to tags, see
+    `MLflowLogger.log_params`); tagged with the git commit and `tags`; the config file as an artifact."""
     logger = make_logger(
         rank,
         cfg.enabled,
@@ -751,8 +762,7 @@ def start_run(
         spool_dir=out / "tracking",
         flush_timeout_s=cfg.flush_timeout_s,
     )
-    if run_id is None:
-        logger.log_params(params)
+    logger.log_params(params)
     logger.set_tags({"git_commit": git_commit(), **tags})
     logger.log_artifact(config_file)
     return logger

@@ -80,13 +80,19 @@ def run(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    run(argv)
-    return 0
+    """0 when the run finished; `EXIT_STOPPED` when a signal stopped it early (it goes on with --resume auto)."""
+    from autosam2.engine.stop import EXIT_STOPPED, settle
+
+    try:
+        state = run(argv)
+    finally:
+        settle()  # how the run ended decides the status, not a signal while the process shuts down
+    return EXIT_STOPPED if state.stopped else 0
 
 
 def _run(cfg: Config, info):
     from autosam2.data.sources import training_batches
-    from autosam2.engine.checkpoint import Checkpointer, StopSignal
+    from autosam2.engine.checkpoint import Checkpointer
     from autosam2.engine.dist import (
         announce_ranks,
         barrier,
@@ -97,14 +103,17 @@ def _run(cfg: Config, info):
         stop_when_launcher_gone,
     )
     from autosam2.engine.engines import build_engine, use_autocast
+    from autosam2.engine.resume import planned_steps, reconcile
     from autosam2.engine.run_lock import take_output_dir
+    from autosam2.engine.stop import StopSignal
     from autosam2.engine.trainer import Trainer
     from autosam2.engine.validator import Validator
     from autosam2.model.feature_cache import FeatureCache
     from autosam2.model.sam2_builder import build_autosam2
     from autosam2.model.weights import RunWeights, init_from_weights
 
-    stop = StopSignal()  # early: a signal during set-up must not kill the job uncheckpointed
+    # early: a signal during set-up must not kill the job uncheckpointed
+    stop = StopSignal(announce=info.is_main)
     stop_when_launcher_gone(stop, info.rank)
     out = Path(cfg.train.output_dir).resolve()
     seed_everything(cfg.train.seed, info.rank)
@@ -127,7 +136,7 @@ def _run(cfg: Config, info):
     data = training_batches(
         cfg.data, cfg.model.image_size, cfg.train.seed, info.rank, info.world_size, info.device.type == "cuda"
     )
-    total_steps = cfg.train.max_steps or max(1, cfg.train.epochs * data.per_epoch // cfg.optim.grad_accum)
+    total_steps = planned_steps(cfg, data, info.world_size)
     if info.is_main:
         print(data.describe(info.world_size, cfg.data), flush=True)
     engine = build_engine(model, cfg, total_steps, info)
@@ -141,6 +150,7 @@ def _run(cfg: Config, info):
     try:
         checkpointer = Checkpointer(out, info, cfg.train.keep_checkpoints, cfg.train.checkpoint_async)
         state = checkpointer.resume(engine, cfg.train.resume)
+        total_steps = reconcile(cfg, state, engine, data, info, total_steps)
         logger = _start_tracking(cfg, info, out, state, hosts, threads)
         weights = RunWeights(
             out, engine.module, cfg.model, info.is_main, cfg.train.full_weights, cfg.train.init_from
@@ -167,13 +177,20 @@ def _run(cfg: Config, info):
 def _start_tracking(
     cfg: Config, info, out: Path, state, hosts: list[tuple[str, str]], threads: tuple[int, str]
 ):
-    """The merged config into the run directory, and the run's MLflow run (resumed with the state's)."""
+    """The config in effect into the run directory, headed by the changes the run made as it resumed,
+    and the run's MLflow run (resumed with the state's; a changed value goes to a `param_changed.KEY`
+    tag, as MLflow keeps a param's first value, and the changes to the tag `resumed_changes`)."""
     from autosam2.atomic import atomic_write_text
     from autosam2.config import to_dict, to_yaml
+    from autosam2.engine.resume import describe
     from autosam2.tracking import flatten_config, start_run
 
+    changes = describe(state.changes)
     if info.is_main:
-        atomic_write_text(out / "config.yaml", to_yaml(cfg))
+        head = "".join(f"#   {line}\n" for line in changes)
+        if head:
+            head = "# the values in effect; the run changed these as it resumed:\n" + head
+        atomic_write_text(out / "config.yaml", head + to_yaml(cfg))
     tags = {
         "world_size": str(info.world_size),
         "engine": str(cfg.train.engine),
@@ -183,6 +200,8 @@ def _start_tracking(
         "torch_threads": str(threads[0]),  # a tag, not a param: a requeued job may get other CPUs
         "torch_threads_from": threads[1],
     }
+    if changes:
+        tags["resumed_changes"] = "; ".join(changes)
     params = flatten_config(to_dict(cfg))
     logger = start_run(cfg.tracking, out, info.rank, state.run_id, params, tags, out / "config.yaml")
     state.run_id = logger.run_id

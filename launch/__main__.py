@@ -33,7 +33,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
         from autosam2.train import run
 
-        state = run(self.argv)  # installs its own SIGUSR2/SIGTERM handlers: stop at a step boundary
+        state = run(self.argv)  # installs its own SIGUSR2/SIGTERM/SIGINT handlers: stop at a step boundary
         if state.stopped:
             if int(os.environ.get("RANK", "0")) == 0 and callable(requeue):
                 requeue(signal.SIGUSR2, None)  # calls self.checkpoint(), requeues, exits

@@ -17,9 +17,10 @@ from autosam2.config import load_config
 from autosam2.data.sources import TrainingBatches
 from autosam2.data.synthetic import SynthSpec
 from autosam2.data.video import ClipBatch
-from autosam2.engine.checkpoint import Checkpointer, StopSignal
+from autosam2.engine.checkpoint import Checkpointer
 from autosam2.engine.dist import DistInfo
 from autosam2.engine.engines import DDPEngine
+from autosam2.engine.stop import StopSignal
 from autosam2.engine.trainer import Trainer
 
 TINY = SynthSpec(train_sequences=2, valid_sequences=1, frames=12, size=64, seed=3)

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from autosam2.config import load_config
-from autosam2.engine.checkpoint import Checkpointer, LoopState, StopSignal
+from autosam2.engine.checkpoint import Checkpointer, LoopState
 from autosam2.engine.dist import DistInfo
 from autosam2.engine.engines import DDPEngine
+from autosam2.engine.stop import StopSignal
 from autosam2.errors import CheckpointError, TrainingAborted
 from autosam2.model.weights import NonFiniteWeights
 from tests.helpers import INFO, TinyModel, make_trainer, train_overrides, truncate

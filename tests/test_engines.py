@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from autosam2.config import load_config
-from autosam2.engine.engines import DDPEngine, lr_lambda, param_groups
+from autosam2.engine.engines import DDPEngine, LRSchedule, param_groups
 from tests.helpers import INFO, TinyModel, batch
 
 
@@ -32,6 +32,18 @@ def test_no_weight_decay_on_norms_biases_and_embeddings():
 
 def test_warmup_then_cosine():
     cfg = load_config(None, ["optim.warmup_steps=10", "optim.min_lr_ratio=0.1"])
-    f = lr_lambda(cfg.optim, 110)
+    f = LRSchedule.of(cfg.optim, 110)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
+
+
+def test_a_stretched_schedule_goes_on_from_its_step_without_a_jump_to_its_new_end():
+    schedule = LRSchedule(warmup=10, total=110, min_ratio=0.1)
+    for at in (5, 10, 60, 110):
+        longer = schedule.stretched(210, at)
+        assert longer(at) == pytest.approx(schedule(at))  # no jump where it was stretched
+        after = [longer(step) for step in range(max(at, 10), 211)]
+        assert all(b <= a for a, b in zip(after, after[1:], strict=False))
+        assert longer(210) == pytest.approx(0.1)
+    # halfway along what was left of the cosine at step 60: where the old one was at step 85
+    assert schedule.stretched(210, 60)(135) == pytest.approx(schedule(85))

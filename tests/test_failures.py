@@ -1,20 +1,23 @@
 """Failure paths of real runs, with loader workers at their default count: every error ends the process
-within seconds and leaves no process behind; a full disk, a killed launcher, a second run into the same
-directory and bad inputs each end in one line, and no checkpoint is lost."""
+within seconds and leaves no process behind; a full disk, a killed launcher, Ctrl-C, a second run into
+the same directory and bad inputs each end in one line, and no checkpoint is lost."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+import mlflow
 import psutil
 import pytest
 
 from autosam2.cli import main as cli
+from autosam2.config import load_config
 from tests.helpers import TORCHRUN_2, train_overrides, truncate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -350,6 +353,109 @@ def test_ranks_stop_with_a_checkpoint_when_torchrun_is_killed(train_data, tmp_pa
     stopped = next(line for line in text.splitlines() if line.startswith("stopped by signal at step"))
     step = int(stopped.split()[5].rstrip(";"))
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
+    assert not (out / "run.lock").exists()
+
+
+# stop signals -----------------------------------------------------------------------------------------
+
+STOPPING = "SIGINT: stopping at the next step boundary, with a checkpoint; Ctrl-C again to stop now"
+
+
+def ctrl_c(run: Run) -> float:
+    """What a terminal's Ctrl-C does: SIGINT to every process of the foreground group (here the run's
+    session: its ranks or torchrun, and loader workers). When it was."""
+    os.killpg(run.proc.pid, signal.SIGINT)
+    return time.monotonic()
+
+
+def all_gone(run: Run) -> bool:
+    """The run's session is empty within 10 s (loader workers die with their rank)."""
+    deadline = time.monotonic() + 10
+    while run.session_alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return run.session_alive() == []
+
+
+def stopped_step(text: str) -> int:
+    line = next(line for line in text.splitlines() if line.startswith("stopped by signal at step"))
+    return int(line.split()[5].rstrip(";"))
+
+
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_at_the_next_step_exits_75_and_a_resume_with_a_new_lr_records_it(
+    train_data, tmp_path
+):
+    from autosam2.engine.stop import EXIT_STOPPED
+
+    out = tmp_path / "out"
+    settings = {"train.max_steps": 8, "train.valid_sequences": 1}
+    run = Run([*TRAIN, *train_args(train_data, out, **settings)])
+    run.wait_for("step 2/8")
+    ctrl_c(run)
+    assert run.finish(timeout=300) == EXIT_STOPPED == 75, run.output()[-3000:]
+    assert all_gone(run)
+    assert run.output("err").count(STOPPING) == 1 and "Traceback" not in run.output(), run.output()[-3000:]
+    k = stopped_step(run.output("out"))
+    assert 2 <= k < 8 and not (out / "final.pt").exists()
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{k:08d}"  # nothing lost
+
+    again = Run([*TRAIN, *train_args(train_data, out, **settings, **{"optim.lr": 0.01})])
+    assert again.finish(timeout=300) == 0, again.output()[-3000:]
+    text = again.output("out")
+    line = next(line for line in text.splitlines() if line.startswith("optim.lr 0.001 -> 0.01"))
+    assert line.startswith(
+        f"optim.lr 0.001 -> 0.01 from step {k + 1}: the schedule goes on from its position"
+    )
+    promised = line.split(f"lr at step {k + 1}: ")[1].split()[0]
+    logged = next(line for line in text.splitlines() if line.startswith(f"step {k + 1}/8 "))
+    assert f" lr {promised} " in logged, (line, logged)
+    config = (out / "config.yaml").read_text()
+    assert config.startswith("# the values in effect; the run changed these as it resumed:\n")
+    assert f"#   from step {k + 1}: optim.lr 0.001 -> 0.01 (" in config
+    assert load_config(out / "config.yaml").optim.lr == 0.01  # still a config file, with the value in effect
+    client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
+    (run_info,) = client.search_runs([client.get_experiment_by_name("autosam2").experiment_id])
+    params, tags = run_info.data.params, run_info.data.tags
+    assert (
+        params["optim.lr"] == "0.001" and tags["param_changed.optim.lr"] == "0.01"
+    )  # MLflow keeps the first
+    assert tags["resumed_changes"].startswith(f"from step {k + 1}: optim.lr 0.001 -> 0.01")
+    assert run_info.info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_ctrl_c_twice_exits_at_once_without_a_traceback(train_data, tmp_path):
+    """Pressed during set-up, so the second press comes long before the first step boundary would."""
+    run = Run([*TRAIN, *train_args(train_data, tmp_path / "out")])
+    run.wait_for("starting from scratch")
+    ctrl_c(run)
+    run.wait_for(STOPPING)  # seen, then pressed again (two presses in one C call would count as one)
+    pressed = ctrl_c(run)
+    assert run.finish(timeout=60) == 75, run.output()[-3000:]
+    assert time.monotonic() - pressed < 10, f"{time.monotonic() - pressed:.1f} s after the second Ctrl-C"
+    assert all_gone(run)
+    err = run.output("err")
+    assert err.count(STOPPING) == 1 and "Traceback" not in run.output(), run.output()[-3000:]
+    assert "SIGINT again: stopping now, not at a step boundary" in err
+    assert "stopped by signal" not in run.output("out") and "step 1/" not in run.output("out")
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_reaches_the_ranks_once_and_they_checkpoint(train_data, tmp_path):
+    """torchrun starts its ranks in sessions of their own: Ctrl-C reaches torchrun, which sends each rank
+    one SIGINT, waits for them (30 s) and exits 1 with its own SignalException traceback."""
+    out = tmp_path / "out"
+    run = Run([*TORCHRUN_2, "-m", "autosam2.cli", "train", *train_args(train_data, out)])
+    run.wait_for("step 2/200")
+    ctrl_c(run)
+    assert run.finish(timeout=300) == 1, run.output()[-3000:]
+    text = run.output()
+    assert text.count("closing signal SIGINT") == 2 and text.count(STOPPING) == 1, text[-3000:]  # rank 0 says
+    k = stopped_step(text)
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{k:08d}"
+    assert "SignalException" in text and "autosam2/" not in "".join(
+        line for line in text.splitlines() if line.strip().startswith("File ")
+    )  # torchrun's traceback, none through our code
     assert not (out / "run.lock").exists()
 
 

@@ -24,9 +24,10 @@ from autosam2.bench.common import synthetic_clip
 from autosam2.config import load_config
 from autosam2.data.sources import TrainingBatches
 from autosam2.data.transforms import model_input
-from autosam2.engine.checkpoint import Checkpointer, StopSignal
+from autosam2.engine.checkpoint import Checkpointer
 from autosam2.engine.dist import single_process_group
 from autosam2.engine.engines import build_engine
+from autosam2.engine.stop import EXIT_STOPPED, StopSignal
 from autosam2.engine.trainer import Trainer
 from autosam2.model.sam2_builder import build_autosam2
 from autosam2.tracking import MLflowLogger, NullLogger
@@ -142,7 +143,7 @@ def _train(device: torch.device, data: dict[str, Path], out: Path, stop_at: int 
         lines.append(line)
         if stop_at is not None and line.startswith(f"step {stop_at}/"):
             proc.send_signal(signal.SIGUSR2)
-    assert proc.wait(timeout=600) == 0, "".join(lines)[-4000:]
+    assert proc.wait(timeout=600) == (EXIT_STOPPED if stop_at is not None else 0), "".join(lines)[-4000:]
     return "".join(lines)
 
 

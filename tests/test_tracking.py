@@ -158,6 +158,18 @@ def test_resume_appends_to_the_same_run(sqlite_uri: str) -> None:
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
+def test_a_value_changed_back_on_a_later_resume_is_the_one_its_tag_holds(sqlite_uri: str) -> None:
+    run_id = None
+    for lr in (0.1, 0.01, 0.1):  # the first run, then two resumed ones
+        logger = MLflowLogger(sqlite_uri, "polyp", run_id=run_id, system_metrics=False)
+        logger.log_params({"optim": {"lr": lr}})
+        logger.close("KILLED")
+        run_id = logger.run_id
+        run = mlflow.MlflowClient(sqlite_uri).get_run(run_id)
+        assert run.data.params == {"optim.lr": "0.1"}  # MLflow keeps a param's first value
+        assert run.data.tags.get("param_changed.optim.lr", "0.1") == str(lr)  # the value in effect
+
+
 def test_resume_of_unknown_run_starts_a_new_one(sqlite_uri: str) -> None:
     missing = "0" * 32
     with pytest.warns(TrackingWarning, match="not found"):

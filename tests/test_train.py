@@ -263,7 +263,9 @@ def test_a_deepspeed_checkpoint_holds_the_trained_weights_and_resumes_exactly(tr
 
 def stop_and_resume(cmd: list[str], out: Path, at: int, steps: int) -> subprocess.CompletedProcess:
     """Run `cmd`, stop both ranks with SLURM's signal once step `at` is logged, then run it again: the
-    resumed run's result, checked to have resumed from the stopped one's checkpoint."""
+    resumed run's result, checked to have resumed from the stopped one's checkpoint. The stopped ranks
+    exit 75; torchrun, which has no word for a stop, reports the first as failed, ends the others
+    (SIGTERM) and exits 1."""
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -273,7 +275,7 @@ def stop_and_resume(cmd: list[str], out: Path, at: int, steps: int) -> subproces
         if line.startswith(f"step {at}/{steps}"):
             for rank in psutil.Process(proc.pid).children():  # the two ranks, as SLURM signals every task
                 rank.send_signal(signal.SIGUSR2)
-    assert proc.wait(timeout=300) == 0, "".join(lines)[-4000:]
+    assert proc.wait(timeout=300) == 1 and "exitcode  : 75" in "".join(lines), "".join(lines)[-4000:]
     stopped = [line for line in lines if line.startswith("stopped by signal at step")]
     assert stopped and not (out / "final.pt").exists(), "".join(lines)[-3000:]
     k = int(stopped[0].split("step ")[1].split(";")[0])

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from autosam2.engine.checkpoint import LoopState, StopSignal
+from autosam2.engine.checkpoint import LoopState
+from autosam2.engine.stop import StopSignal
 from autosam2.errors import TrainingAborted
 from tests.helpers import TinyModel, make_trainer
 

@@ -18,9 +18,10 @@ import torch
 from autosam2.bench.common import default_device, synthetic_clip
 from autosam2.config import load_config
 from autosam2.data.sources import TrainingBatches
-from autosam2.engine.checkpoint import Checkpointer, LoopState, StopSignal
+from autosam2.engine.checkpoint import Checkpointer, LoopState
 from autosam2.engine.dist import single_process_group
 from autosam2.engine.engines import build_engine
+from autosam2.engine.stop import StopSignal
 from autosam2.engine.trainer import Trainer
 from autosam2.model.sam2_builder import build_autosam2
 from autosam2.tracking import NullLogger

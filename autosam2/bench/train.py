@@ -25,9 +25,10 @@ from autosam2.config import ClipMode, Config, Variant, load_config
 from autosam2.data.sources import TrainingBatches, training_batches
 from autosam2.data.stream import ClipStream, StreamConfig
 from autosam2.data.synthetic import SynthSpec
-from autosam2.engine.checkpoint import Checkpointer, LoopState, StopSignal
+from autosam2.engine.checkpoint import Checkpointer, LoopState
 from autosam2.engine.dist import DistInfo, single_process_group
 from autosam2.engine.engines import build_engine
+from autosam2.engine.stop import StopSignal
 from autosam2.engine.trainer import Trainer
 from autosam2.model.feature_cache import FeatureCache
 from autosam2.model.sam2_builder import build_autosam2

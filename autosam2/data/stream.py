@@ -529,11 +529,12 @@ class _SequenceChunks:
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader worker_init_fn: SLURM signals every process of a job step; workers leave the stop
-    decision (checkpoint at the next step) to their main process instead of dying under it. They die
-    with it instead: the kernel kills a worker when its rank exits, however it exits (kill -9 too)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    """DataLoader worker_init_fn: SLURM signals every process of a job step, and Ctrl-C every process of
+    the terminal's foreground group; workers leave the stop decision (checkpoint at the next step) to
+    their main process instead of dying under it. They die with it instead: the kernel kills a worker
+    when its rank exits, however it exits (kill -9 too)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     _die_with_parent()
 
 

@@ -1,4 +1,4 @@
-"""Checkpoints that survive preemption: atomic step folders, exact resume, stop-on-signal, the loop state.
+"""Checkpoints that survive preemption: atomic step folders, exact resume, the loop state.
 
 A checkpoint is ``OUT/checkpoints/step_XXXXXXXX/`` holding the engine's state (model, optimizer,
 scheduler), ``state.json`` (the LoopState: step, epoch, position in the data stream, counters) and one RNG file per
@@ -12,8 +12,7 @@ complete, else the newest complete one, with a warning naming what was skipped; 
 weights that are not finite, or set aside by a run whose losses its weights made non-finite) is moved
 aside as ``step_XXXXXXXX.damaged-<time>``, kept for inspection and never matched, pruned or overwritten.
 Pruning never removes the last complete checkpoint nor the one resumed from, and moves a damaged folder
-aside with a line instead of removing it. SIGUSR2 / SIGTERM only set a flag: the loop checkpoints at the
-next step boundary and exits cleanly.
+aside with a line instead of removing it. Stop signals are `engine.stop`'s.
 """
 
 from __future__ import annotations
@@ -23,13 +22,12 @@ import pickle
 import random
 import re
 import shutil
-import signal
 import sys
 import threading
 import time
 import zipfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +35,7 @@ import numpy as np
 import torch
 
 from autosam2.atomic import atomic_write_json, atomic_write_text
-from autosam2.engine.dist import DistInfo, all_reduce, broadcast_object, gather_objects
+from autosam2.engine.dist import DistInfo, broadcast_object, gather_objects
 from autosam2.errors import CheckpointError, write_failure
 from autosam2.model.weights import NonFiniteWeights, nonfinite, trained_tensors
 
@@ -45,7 +43,9 @@ from autosam2.model.weights import NonFiniteWeights, nonfinite, trained_tensors
 @dataclass
 class LoopState:
     """Where training stands; saved in every checkpoint. `batch` counts the batches of `epoch` each rank
-    consumed, `world_size` ranks of `batch_size` clips each (0: not recorded, an older checkpoint)."""
+    consumed, `world_size` ranks of `batch_size` clips each (0: not recorded, an older checkpoint).
+    `config`: the config in effect, as plain values (None: an older checkpoint); `changes`: the settings
+    the run changed as it resumed (`engine.resume`), oldest first."""
 
     step: int = 0
     epoch: int = 0
@@ -58,6 +58,8 @@ class LoopState:
     best_dice: float = -1.0
     run_id: str | None = None
     stopped: bool = False
+    config: dict[str, Any] | None = None
+    changes: list[dict[str, Any]] = field(default_factory=list)
 
 
 def rng_state() -> dict[str, Any]:
@@ -544,26 +546,6 @@ def _py_rng_restore(data: dict[str, Any]) -> dict[str, Any]:
         "numpy": (kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached),
         "python": (version, tuple(internal), gauss),
     }
-
-
-class StopSignal:
-    """SIGUSR2 / SIGTERM (SLURM's time-limit and preemption signals) set a flag; ranks agree on it."""
-
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR2, signal.SIGTERM)):
-        self.received: int | None = None
-        for sig in signals:
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signum
-
-    def request(self, signum: int = signal.SIGTERM) -> None:
-        """Stop as if `signum` had arrived (the launcher is gone, for one)."""
-        self.received = signum
-
-    def should_stop(self) -> bool:
-        """True on every rank as soon as one rank got a signal (a collective: call it on all ranks)."""
-        return all_reduce(1.0 if self.received is not None else 0.0, op="max") > 0
 
 
 def agree_on_resume(folder: Path | None) -> Path | None:

@@ -16,6 +16,7 @@ import json
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,23 +48,51 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
-def lr_lambda(cfg: OptimConfig, total_steps: int):
-    """Linear warm-up, then cosine down to `min_lr_ratio` of the peak at `total_steps`."""
+@dataclass
+class LRSchedule:
+    """The learning-rate factor after each optimizer step: linear warm-up over `warmup` steps, then a
+    cosine down to `min_ratio` of the peak at step `total`. `anchor` (step, progress): the cosine of a
+    run resumed with another length goes on from where it stood at that step, reaching its end at the
+    new `total` without a jump. A callable object, not a closure: LambdaLR keeps its fields in the
+    scheduler's state, so a checkpoint holds the schedule it was trained under."""
 
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / max(1, cfg.warmup_steps)
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    warmup: int
+    total: int
+    min_ratio: float
+    anchor: tuple[int, float] | None = None
 
-    return factor
+    @classmethod
+    def of(cls, optim: OptimConfig, total_steps: int) -> LRSchedule:
+        return cls(optim.warmup_steps, total_steps, optim.min_lr_ratio)
+
+    def progress(self, step: int) -> float:
+        """How far along the cosine `step` is: 0 up to the end of warm-up, 1 at `total` and after."""
+        start, at = self.anchor or (self.warmup, 0.0)
+        if step < start:
+            return min(1.0, max(0.0, (step - self.warmup) / max(1, self.total - self.warmup)))
+        return min(1.0, at + (1.0 - at) * (step - start) / max(1, self.total - start))
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / max(1, self.warmup)
+        cosine = 0.5 * (1 + math.cos(math.pi * self.progress(step)))
+        return self.min_ratio + (1 - self.min_ratio) * cosine
+
+    def stretched(self, total: int, step: int) -> LRSchedule:
+        """This schedule ending at `total` instead, from `step` on, with no jump at `step`."""
+        if step < self.warmup:  # the cosine has not begun: it simply spans the new length
+            return LRSchedule(self.warmup, total, self.min_ratio, self.anchor)
+        return LRSchedule(self.warmup, total, self.min_ratio, (step, self.progress(step)))
 
 
 class Engine(ABC):
-    """forward -> backward -> step; `step` acts on accumulation boundaries and returns the grad norm."""
+    """forward -> backward -> step; `step` acts on accumulation boundaries and returns the grad norm.
+    `optimizer` and `scheduler` (a LambdaLR over an `LRSchedule`) are what a checkpoint restores."""
 
     module: AutoSAM2
     grad_accum: int
+    optimizer: Any
+    scheduler: torch.optim.lr_scheduler.LambdaLR
 
     @abstractmethod
     def forward(
@@ -90,6 +119,17 @@ class Engine(ABC):
 
     @abstractmethod
     def load(self, folder: Path) -> None: ...
+
+    def retune(self, optim: OptimConfig, schedule: LRSchedule) -> None:
+        """`optim`'s peak lr, weight decay and betas and `schedule` in place of those a checkpoint restored,
+        from the scheduler's current step on: the schedule keeps its position, at the new peak."""
+        groups = self.optimizer.param_groups
+        decays = [g["weight_decay"] for g in param_groups(self.module, optim.weight_decay)]
+        for group, decay in zip(groups, decays, strict=True):  # the order they were built in
+            group.update(initial_lr=optim.lr, weight_decay=decay, betas=tuple(optim.betas))
+            group["lr"] = optim.lr * schedule(self.scheduler.last_epoch)  # what the next step uses
+        self.scheduler.lr_lambdas = [schedule] * len(groups)
+        self.scheduler.base_lrs = [optim.lr] * len(groups)
 
     def snapshot(self) -> Callable[[Path], None] | None:
         """For an asynchronous checkpoint: this rank's state copied to host memory now, returned as the
@@ -152,7 +192,7 @@ class DDPEngine(Engine):
         self.optimizer = torch.optim.AdamW(
             param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas)
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(optim, total_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, LRSchedule.of(optim, total_steps))
         self.micro = 0
 
     def forward(
@@ -271,7 +311,9 @@ class DeepSpeedEngine(Engine):
             model=model,
             model_parameters=param_groups(model, optim.weight_decay),
             config=ds_config,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim, total_steps)),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+                opt, LRSchedule.of(optim, total_steps)
+            ),
         )
 
     def forward(

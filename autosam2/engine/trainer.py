@@ -19,9 +19,10 @@ from autosam2.config import ClipMode, Config
 from autosam2.data.sources import TrainingBatches
 from autosam2.data.transforms import prepare_batch
 from autosam2.data.video import ClipBatch
-from autosam2.engine.checkpoint import Checkpointer, LoopState, StopSignal
+from autosam2.engine.checkpoint import Checkpointer, LoopState
 from autosam2.engine.dist import DistInfo, all_reduce
 from autosam2.engine.engines import Engine
+from autosam2.engine.stop import StopSignal
 from autosam2.errors import TrainingAborted
 from autosam2.losses import clip_losses
 from autosam2.model.feature_cache import FeatureCache, frame_keys
@@ -138,8 +139,11 @@ class Trainer:
                 f"on: epoch {state.epoch} goes on after {state.sample} clips (batch {state.batch} of "
                 f"{self.data.per_epoch} per rank)"
             )
+            other = " and ".join(
+                what for what, a, b in zip(("world size", "batch size"), saved, now, strict=True) if a != b
+            )
             print(
-                f"resuming at another world size: the checkpoint was written by {saved[0]} rank(s) x "
+                f"resuming at another {other}: the checkpoint was written by {saved[0]} rank(s) x "
                 f"{saved[1]} clip(s), this run has {now[0]} x {now[1]}; weights, optimizer, scheduler "
                 f"and step {state.step} are restored, and {how}; {self.total_steps} steps in all",
                 flush=True,
@@ -208,7 +212,7 @@ class Trainer:
                 interval.paused += time.perf_counter() - start
             if state.step % train.checkpoint_every == 0:
                 checkpoint()
-            if self.stop.should_stop():
+            if state.step < self.total_steps and self.stop.should_stop():
                 state.stopped = True
                 checkpoint(last=True)
                 return state
