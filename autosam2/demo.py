@@ -29,8 +29,14 @@ def _step(title: str) -> float:
 
 
 def _run(cmd: list[str]) -> None:
+    """One stage, as a user would run it; a stage that fails has said why: the demo stops naming it."""
+    from autosam2.errors import JobFailed
+
     print("$ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    code = subprocess.run(cmd).returncode
+    if code != 0:
+        stage = " ".join(part for part in cmd[1:6] if not part.startswith("/"))
+        raise JobFailed(f"the stage `{stage} ...` exited with status {code}; its output above says why")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ class RankLost(RuntimeError):
 
 
 class JobFailed(RuntimeError):
-    """A job the launcher waited for failed; the message names the job, its error and its log."""
+    """A job or stage a command waited for failed (its own output says why); the message names it."""
 
 
 class TrainingAborted(RuntimeError):
