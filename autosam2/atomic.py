@@ -16,32 +16,61 @@ from typing import Any, BinaryIO
 @contextmanager
 def atomic_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temp folder beside `out`; on success it replaces `out` (a folder, with `overwrite`), on
-    error it is removed, with the parent folders made for it."""
+    error it is removed, with the parent folders made for it. An empty folder `out` (a mount point, say,
+    which cannot be renamed) is filled in place from a temp folder inside it. An OSError names `out`
+    (or the path under it), never the temp folder."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(errno.EEXIST, "already exists; pass --overwrite to replace it", str(out))
-    made = make_folders(out.parent)
+    inside = out.is_dir() and not any(out.iterdir())
+    made = [] if inside else make_folders(out.parent)
+    tmp: Path | None = None
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except BaseException:
-        remove_empty(made)
-        raise
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should be as readable as any folder
-    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out if inside else out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should be as readable as any folder
         yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _put_in_place(tmp, out, inside)
+    except BaseException as err:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         remove_empty(made)
+        if isinstance(err, OSError):
+            name_output(err, tmp, out)
         raise
+
+
+def _put_in_place(tmp: Path, out: Path, inside: bool) -> None:
+    if inside:  # moved entry by entry into the empty folder, then the temp folder goes
+        moved = []
+        try:
+            for entry in list(tmp.iterdir()):
+                entry.rename(out / entry.name)
+                moved.append(out / entry.name)
+            tmp.rmdir()
+        except BaseException:
+            for path in moved:  # the folder is left as empty as it was
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            raise
+    elif out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+
+
+def name_output(err: OSError, tmp: Path | None, out: Path) -> None:
+    """An OSError of the writing names the output path, not the temp folder (a full disk's error from a
+    file object names no path at all)."""
+    if err.filename is None:
+        err.filename = str(out)
+    elif tmp is not None and str(err.filename).startswith(str(tmp)):
+        err.filename = str(out) + str(err.filename)[len(str(tmp)) :]
+    elif str(err.filename).startswith(str(out.parent / f".{out.name}.tmp-")):
+        err.filename = str(out)
 
 
 def make_folders(folder: Path) -> list[Path]:

@@ -15,7 +15,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -240,7 +241,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            loaded = OmegaConf.load(path)
+        except (yaml.YAMLError, UnicodeDecodeError) as err:  # not YAML at all
+            raise ConfigError(f"{path}: not a YAML file ({str(err).splitlines()[0]})") from err
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{path}: {_describe(err)}") from err
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(
+                f"{path}: a config file holds a mapping of sections, not a {type(loaded).__name__}"
+            )
+        try:
+            merged = OmegaConf.merge(merged, loaded)
         except OmegaConfBaseException as err:
             raise ConfigError(f"{path}: {_describe(err)}") from err
     for item in overrides or []:
@@ -312,6 +323,10 @@ def validate(cfg: Config) -> None:
         and (cfg.train.threads is None or cfg.train.threads >= 1),
         "train.epochs, checkpoint_every, keep_checkpoints, validate_every, log_every, dist_timeout_s and "
         "threads must be >= 1",
+    )
+    need(
+        cfg.train.max_steps is None or cfg.train.max_steps >= 1,
+        f"train.max_steps must be >= 1 (or null: epochs x batches), got {cfg.train.max_steps}",
     )
     if cfg.data.feature_cache == FeatureCacheKind.memory:
         need(

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from autosam2.arguments import positive_int
+
 
 def synth(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="autosam2 synth", description="write a synthetic polyp_gen dataset")
@@ -45,7 +47,9 @@ def synth(argv: list[str] | None = None) -> int:
         seed=args.seed,
         hard=args.hard,
     )
-    summary = write_dataset(args.out, spec, overwrite=args.overwrite, progress=True, workers=args.workers)
+    summary = write_dataset(
+        args.out, spec, overwrite=args.overwrite, progress=sys.stderr.isatty(), workers=args.workers
+    )
     share = summary["empty_frames"] / summary["frames"]
     print(
         f"wrote {args.out}: {spec.train_sequences} train + {spec.valid_sequences} valid sequences, "
@@ -97,7 +101,9 @@ def inspect(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--shards", type=Path, default=None, help="read a shard set through the evaluation stream instead"
     )
-    p.add_argument("--image-size", type=int, default=256, help="with --shards: the stream's image size")
+    p.add_argument(
+        "--image-size", type=positive_int, default=256, help="with --shards: the stream's image size"
+    )
     p.add_argument("--split", choices=["train", "valid"], default="valid")
     p.add_argument("--sequence", default=None, help="one sequence (default: all)")
     args = p.parse_args(argv)
@@ -121,8 +127,9 @@ def inspect(argv: list[str] | None = None) -> int:
     names = [args.sequence] if args.sequence else dataset.sequence_names
     for name in names:
         if name not in dataset.sequences:
-            print(f"{args.root}: no sequence {name!r} in split {args.split}", file=sys.stderr)
-            return 2
+            from autosam2.errors import DatasetError
+
+            raise DatasetError(f"{args.root}: no sequence {name!r} in split {args.split}")
         video = dataset.load_sequence(name)
         print(
             _summarise(

@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
+    _check(args)
     out = _claim(args.out, args.overwrite)
     root, shards, run = out / "polyp_gen", out / "shards", out / "run"
     hard_root, hard_shards, video_run = out / "polyp_gen_hard", out / "shards_hard", out / "run_video"
@@ -84,6 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"overlays (GIF per valid sequence): {out / 'results_hard' / 'final-video' / 'overlays'}")
     print(f"demo finished in {(time.perf_counter() - start) / 60:.1f} minutes")
     return 0
+
+
+def _check(args: argparse.Namespace) -> None:
+    """Both stages' configs with the overrides, before any work (the stages add only paths)."""
+    from autosam2.config import ConfigError, load_config
+
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc}: needs at least one training process")
+    for config in (args.config, args.video_config):
+        load_config(config, list(args.overrides))
 
 
 def _claim(out: Path, overwrite: bool) -> Path:

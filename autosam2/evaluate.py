@@ -12,6 +12,7 @@ import argparse
 from contextlib import nullcontext
 from pathlib import Path
 
+from autosam2.arguments import positive_int
 from autosam2.config import ClipMode, ConfigError, Dataset, TrainConfig
 from autosam2.metrics import DICE_RULES, MODES
 
@@ -46,7 +47,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, output_dir: str) -> Non
         help="video: SAM2 memory; frame: every frame alone",
     )
     parser.add_argument(
-        "--batch-size", type=int, default=8, help="frames encoded together by the image encoder"
+        "--batch-size", type=positive_int, default=8, help="frames encoded together by the image encoder"
     )
     parser.add_argument("--gpu", type=int, default=None)
     parser.add_argument("--cpu", action="store_true")

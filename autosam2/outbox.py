@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from autosam2.atomic import atomic_write_json
+from autosam2.errors import DatasetError
 
 OUTBOX = "outbox.jsonl"
 SENT = "sent.json"
@@ -49,9 +50,12 @@ class Outbox:
         sent = self.folder / SENT
         if sent.is_file():
             try:
-                self.state.update(json.loads(sent.read_text()))
-            except (OSError, ValueError) as err:
-                raise ValueError(
+                saved = json.loads(sent.read_text())
+                if not isinstance(saved, dict) or not isinstance(saved.get("sent", 0), int):
+                    raise ValueError("not the outbox's watermark")
+                self.state.update(saved)
+            except ValueError as err:
+                raise DatasetError(
                     f"{sent}: unreadable ({err}); delete it to send the whole outbox again"
                 ) from err
         self._lock = threading.Lock()

@@ -18,14 +18,27 @@ from pathlib import Path
 from autosam2.atomic import atomic_directory
 from autosam2.errors import OutputRefused
 
+# a temp or displaced folder our atomic writes leave beside an output when a process is killed
+_LEFT_BY_A_KILL = re.compile(r"^\.[\w.-]+\.(tmp|old)-\w+$")
+
 
 @dataclass(frozen=True)
 class OutputKind:
-    """One kind of output folder: `noun` names it in messages; `owns(folder)` tells whether a non-empty
-    folder holds this kind (its marker file, read)."""
+    """One kind of output folder: `noun` names it in messages, `marker(folder)` tells whether a folder
+    holds this kind (its marker file, read), `names` are the entries the command writes at the top of
+    its folder (a regular expression): a folder of this kind that holds anything else is not replaced."""
 
     noun: str
-    owns: Callable[[Path], bool]
+    marker: Callable[[Path], bool]
+    names: str
+
+    def owns(self, folder: Path) -> bool:
+        return self.marker(folder)
+
+    def foreign(self, folder: Path) -> list[Path]:
+        """What the folder holds that the command does not write."""
+        ours = re.compile(f"^({self.names})$")
+        return [p for p in folder.iterdir() if not (ours.match(p.name) or _LEFT_BY_A_KILL.match(p.name))]
 
 
 def _json_object(path: Path) -> dict:
@@ -50,52 +63,50 @@ def _first_line(path: Path) -> str:
 
 
 # the names a shard set's folder holds, finished or in the making by a job array's tasks
-_SHARD_NAMES = re.compile(
-    r"^(manifest\.json|parts|[\w.-]+-\d{3}-\d{5}\.tar|\.part-\d{3}\.tmp-\w+|\.[\w.-]+\.tmp-\d+)$"
-)
+_SHARD_NAMES = r"manifest\.json|parts|[\w.-]+-\d{3}-\d{5}\.tar|\.part-\d{3}\.tmp-\w+|\.[\w.-]+\.tmp-\d+"
+# what the default tracking store of an evaluation or a score puts in its folder
+_TRACKING_NAMES = r"mlflow\.db|mlartifacts|mlruns|tracking"
 
 
 def _shard_set(folder: Path) -> bool:
-    """A shard set (its manifest says so), or a job array's parts in the making (only our names)."""
+    """A shard set (its manifest says so), or a job array's parts in the making."""
     from autosam2.data.sample_format import FORMAT, MANIFEST
 
-    if _json_object(folder / MANIFEST).get("format") == FORMAT:
-        return True
-    return (folder / "parts").is_dir() and all(_SHARD_NAMES.match(p.name) for p in folder.iterdir())
+    return _json_object(folder / MANIFEST).get("format") == FORMAT or (folder / "parts").is_dir()
 
 
-SHARD_SET = OutputKind("a shard set", _shard_set)
-SYNTH_DATASET = OutputKind("a synthetic dataset", _marker("synth.json", "spec"))
-EVALUATION = OutputKind("an evaluation", _marker("metrics.json", "summary", "weights"))
-SCORES = OutputKind("scores", _marker("metrics.json", "summary", "pred", "gt"))
+SHARD_SET = OutputKind("a shard set", _shard_set, _SHARD_NAMES)
+SYNTH_DATASET = OutputKind(
+    "a synthetic dataset", _marker("synth.json", "spec"), r"synth\.json|train|valid|test"
+)
+EVALUATION = OutputKind(
+    "an evaluation",
+    _marker("metrics.json", "summary", "weights"),
+    rf"metrics\.json|metrics\.csv|masks|soft|overlays|{_TRACKING_NAMES}",
+)
+SCORES = OutputKind(
+    "scores",
+    _marker("metrics.json", "summary", "pred", "gt"),
+    rf"metrics\.json|metrics\.csv|{_TRACKING_NAMES}",
+)
 PREDICTIONS = OutputKind(
-    "predictions", lambda folder: _first_line(folder / "frames.csv").startswith("sequence,frame,presence")
+    "predictions",
+    lambda folder: _first_line(folder / "frames.csv").startswith("sequence,frame,presence"),
+    r"frames\.csv|masks|soft|overlays",
 )
 DEMO_MARKER = "demo.json"
 # what `autosam2 demo` writes: a folder of these alone is an earlier demo's, marker or not
-DEMO_NAMES = frozenset(
-    {
-        DEMO_MARKER,
-        "polyp_gen",
-        "polyp_gen_hard",
-        "shards",
-        "shards_hard",
-        "run",
-        "run_video",
-        "results",
-        "results_hard",
-    }
-)
+DEMO_NAMES = r"demo\.json|polyp_gen|polyp_gen_hard|shards|shards_hard|run|run_video|results|results_hard"
 DEMO = OutputKind(
     "a demo's output",
-    lambda folder: (
-        _marker(DEMO_MARKER, "written_by")(folder) or all(p.name in DEMO_NAMES for p in folder.iterdir())
-    ),
+    lambda folder: _marker(DEMO_MARKER, "written_by")(folder) or not DEMO.foreign(folder),
+    DEMO_NAMES,
 )
 
 
-def _apart_from_inputs(out: Path, inputs: Iterable[str | Path | None]) -> None:
-    here = out.resolve()
+def apart_from_inputs(out: Path, inputs: Iterable[str | Path | None], holding: bool = True) -> None:
+    """Refuse an output path that is an input, lies inside one, or (`holding`) holds one."""
+    here = Path(out).resolve()
     for given in inputs:
         if given is None or str(given) == "":
             continue
@@ -104,7 +115,7 @@ def _apart_from_inputs(out: Path, inputs: Iterable[str | Path | None]) -> None:
             where = "is"
         elif here.is_relative_to(source):
             where = "lies inside"
-        elif source.is_relative_to(here):
+        elif holding and source.is_relative_to(here):
             where = "holds"
         else:
             continue
@@ -134,7 +145,7 @@ def claim(
     """Refuse, before any work and without writing anything, an output path this command may not take;
     return it. `overwrite` allows replacing a folder of the same kind."""
     out = Path(out)
-    _apart_from_inputs(out, inputs)
+    apart_from_inputs(out, inputs)
     _parent_is_a_folder(out)
     if (out.exists() and not out.is_dir()) or (out.is_symlink() and not out.exists()):
         raise OutputRefused(f"{out}: is a file, not a folder; refusing to replace it with {kind.noun}")
@@ -143,11 +154,7 @@ def claim(
     entries = list(out.iterdir())
     if not entries:
         return out
-    if not kind.owns(out):
-        raise OutputRefused(
-            f"{out}: holds {_holdings(out, entries)}, which is not {kind.noun}; refusing to replace it "
-            "(choose another output path, or remove it yourself)"
-        )
+    _owned(out, kind, entries, "replace it")
     if not overwrite:
         raise OutputRefused(f"{out}: already holds {kind.noun}; pass --overwrite to replace it")
     return out
@@ -157,17 +164,29 @@ def claim_shared(out: str | Path, kind: OutputKind, inputs: Iterable[str | Path 
     """`claim` for a folder several tasks fill side by side (a job array's parts): a missing path, an
     empty folder, or one that holds only this kind; what is already there stays."""
     out = Path(out)
-    _apart_from_inputs(out, inputs)
+    apart_from_inputs(out, inputs)
     _parent_is_a_folder(out)
     if out.exists() and not out.is_dir():
         raise OutputRefused(f"{out}: is a file, not a folder; refusing to write {kind.noun} there")
     entries = list(out.iterdir()) if out.is_dir() else []
-    if entries and not kind.owns(out):
+    if entries:
+        _owned(out, kind, entries, "write there")
+    return out
+
+
+def _owned(out: Path, kind: OutputKind, entries: list[Path], doing: str) -> None:
+    """Refuse a non-empty folder that is not of `kind`, or holds more than its command writes."""
+    if not kind.owns(out):
         raise OutputRefused(
-            f"{out}: holds {_holdings(out, entries)}, which is not {kind.noun}; refusing to write there "
+            f"{out}: holds {_holdings(out, entries)}, which is not {kind.noun}; refusing to {doing} "
             "(choose another output path, or remove it yourself)"
         )
-    return out
+    foreign = kind.foreign(out)
+    if foreign:
+        raise OutputRefused(
+            f"{out}: holds {_holdings(out, foreign)} beside {kind.noun}, which this command does not "
+            f"write; refusing to {doing} (move it out first)"
+        )
 
 
 @contextmanager

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 
+from autosam2.arguments import positive_float
 from autosam2.config import TrainConfig
 
 
@@ -23,7 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("input", help="a video file, a folder of frames, or a folder of those")
     add_model_arguments(parser, "predictions")
     parser.add_argument(
-        "--fps", type=float, default=25.0, help="frame rate of the overlay video of a folder of frames"
+        "--fps",
+        type=positive_float,
+        default=25.0,
+        help="frame rate of the overlay video of a folder of frames",
     )
     parser.add_argument("--no-video", action="store_true", help="no overlay MP4 (GIF and sheet still)")
     return parser

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from autosam2.arguments import positive_int
 from autosam2.metrics import DICE_RULES, MODES, REPORTED
 
 if TYPE_CHECKING:
@@ -63,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-first-last", action="store_true", help="sunseg: score the first and last frames too"
     )
     p.add_argument(
-        "--workers", type=int, default=None, help="processes reading and scoring (default: cores, at most 8)"
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="processes reading and scoring (default: cores, at most 8)",
     )
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--mlflow", action="store_true", help="log the scores as an MLflow run")

@@ -20,6 +20,8 @@ from typing import Any
 
 import submitit
 
+from autosam2.arguments import positive_int
+
 
 class TrainJob(submitit.helpers.Checkpointable):
     """`autosam2 train ARGS` on every task. On SLURM's time-limit or preemption signal the run
@@ -75,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="slurm",
         help="slurm; local: subprocesses here; debug: in this process",
     )
-    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--nodes", type=positive_int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node, one task each")
     p.add_argument(
         "--tasks-per-node",
@@ -83,9 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="tasks per node without GPUs (CPU runs); default: --gpus-per-node or 1",
     )
-    p.add_argument("--cpus-per-task", type=int, default=8)
+    p.add_argument("--cpus-per-task", type=positive_int, default=8)
     p.add_argument("--mem-gb", type=float, default=None)
-    p.add_argument("--time", type=int, default=60, help="time limit in minutes")
+    p.add_argument("--time", type=positive_int, default=60, help="time limit in minutes")
     p.add_argument("--partition", default=None)
     p.add_argument("--account", default=None)
     p.add_argument("--qos", default=None)
@@ -106,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--signal-delay-s", type=int, default=120, help="SIGUSR2 this many seconds before the time limit"
     )
-    p.add_argument("--num-shards", type=int, default=4, help="shard: array tasks (disjoint parts)")
+    p.add_argument("--num-shards", type=positive_int, default=4, help="shard: array tasks (disjoint parts)")
     p.add_argument(
         "--tracking-uri",
         default=None,

@@ -10,6 +10,8 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from autosam2.arguments import non_negative_int, positive_float, positive_int
+
     parser = argparse.ArgumentParser(prog="python -m shards", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -18,16 +20,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--split", choices=["train", "valid"], required=True)
     b.add_argument("--out", type=Path, required=True)
     b.add_argument(
-        "--frames-per-sample", type=int, default=16, help="consecutive frames per sample (default 16)"
+        "--frames-per-sample",
+        type=positive_int,
+        default=16,
+        help="consecutive frames per sample (default 16)",
     )
     b.add_argument(
-        "--max-shard-mb", type=float, default=1024.0, help="close a shard before it passes this size"
+        "--max-shard-mb", type=positive_float, default=1024.0, help="close a shard before it passes this size"
     )
     b.add_argument(
-        "--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes writing shards"
+        "--workers", type=positive_int, default=min(8, os.cpu_count() or 1), help="processes writing shards"
     )
-    b.add_argument("--shard-index", type=int, default=None, help="job-array mode: write only this part ...")
-    b.add_argument("--num-shards", type=int, default=None, help="... of this many; then run `merge`")
+    b.add_argument(
+        "--shard-index", type=non_negative_int, default=None, help="job-array mode: write only this part ..."
+    )
+    b.add_argument("--num-shards", type=positive_int, default=None, help="... of this many; then run `merge`")
     b.add_argument("--overwrite", action="store_true")
 
     m = sub.add_parser("merge", help="join the parts written by a job array into manifest.json")
@@ -100,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "build" and (args.shard_index is None) != (args.num_shards is None):
         parser.error("--shard-index and --num-shards go together")
+    if args.command == "build" and args.num_shards is not None and args.shard_index >= args.num_shards:
+        parser.error(f"--shard-index {args.shard_index} is not a part of --num-shards {args.num_shards}")
     from autosam2.errors import run_command
 
     return run_command(f"shards {args.command}", lambda: run(args))

@@ -24,10 +24,10 @@ from typing import Any
 import webdataset as wds
 
 import autosam2
-from autosam2.atomic import atomic_file, atomic_write_json, make_folders, remove_empty
+from autosam2.atomic import atomic_file, atomic_write_json, make_folders, name_output, remove_empty
 from autosam2.data.codec import image_size
 from autosam2.data.polyp_gen import LIST_FILES, MaskNoise, SequenceFiles, scan_split
-from autosam2.data.sample_format import FORMAT, FORMAT_VERSION, MANIFEST, encode_sample
+from autosam2.data.sample_format import FORMAT, FORMAT_VERSION, MANIFEST, check_shard_entries, encode_sample
 from autosam2.errors import DatasetError, OutputRefused
 from autosam2.outputs import SHARD_SET, claim, claim_shared, output_directory
 
@@ -152,6 +152,19 @@ def build_part(
     if (out / MANIFEST).exists() and not overwrite:
         raise OutputRefused(f"{out / MANIFEST}: shard set already built; pass --overwrite to rebuild")
     part_file = _part_path(out, part_index, num_parts)
+    other = (
+        sorted(
+            p.name
+            for p in (out / PARTS_DIR).glob("part-*-of-*.json")
+            if not p.name.endswith(f"-of-{num_parts:03d}.json")
+        )
+        if (out / PARTS_DIR).is_dir()
+        else []
+    )
+    if other and not overwrite:
+        raise OutputRefused(
+            f"{out / PARTS_DIR}: holds {other[0]}, a part of another job array; pass --overwrite to rebuild, or choose another output path"
+        )
     if part_file.exists():
         if not overwrite:
             raise OutputRefused(f"{part_file}: part already written; pass --overwrite to rewrite it")
@@ -181,10 +194,12 @@ def build_part(
             "shards": entries,
         }
         atomic_write_json(part_file, record)
-    except BaseException:  # this task's shards and the folders it made go; other tasks' stay
+    except BaseException as err:  # this task's shards and the folders it made go; other tasks' stay
         for path in moved:
             path.unlink(missing_ok=True)
         remove_empty(made)
+        if isinstance(err, OSError):
+            name_output(err, None, out)
         raise
     return record
 
@@ -251,8 +266,13 @@ def merge(out: str | Path, overwrite: bool = False) -> dict[str, Any]:
                 raise DatasetError(f"{f}: {key} {p[key]!r} differs from part 0's {parts[0][key]!r}")
     shards = sorted((s for p in parts for s in p["shards"]), key=lambda s: s["name"])
     for shard in shards:
-        if not (out / shard["name"]).is_file():
-            raise DatasetError(f"{out / shard['name']}: listed by a part record but missing")
+        path = out / shard["name"]
+        if not path.is_file():
+            raise DatasetError(f"{path}: listed by a part record but missing")
+        if path.stat().st_size != shard["bytes"]:
+            raise DatasetError(
+                f"{path}: {path.stat().st_size} bytes, its part record says {shard['bytes']}; rerun that array task"
+            )
     sequences = {name: info for s in shards for name, info in s["sequences"].items()}
     manifest = {
         "format": FORMAT,
@@ -319,9 +339,13 @@ def _read_record(path: Path) -> dict[str, Any]:
         record = json.loads(path.read_text())
     except ValueError as err:
         raise DatasetError(f"{path}: unreadable part record ({err})") from err
-    keys = ("part", "num_parts", "split", "frames_per_sample", "source", "format_version", "shards")
-    if not isinstance(record, dict) or not all(k in record for k in keys):
-        raise DatasetError(f"{path}: not a part record of a shard set (it lacks {', '.join(keys)})")
+    keys = {"part": int, "num_parts": int, "split": str, "frames_per_sample": int, "format_version": int}
+    if not isinstance(record, dict) or not all(isinstance(record.get(k), t) for k, t in keys.items()):
+        wanted = ", ".join(f"{k} ({t.__name__})" for k, t in keys.items())
+        raise DatasetError(f"{path}: not a part record of a shard set (it needs {wanted})")
+    if "source" not in record:
+        raise DatasetError(f"{path}: not a part record of a shard set (it names no source)")
+    check_shard_entries(record.get("shards"), path)
     return record
 
 

@@ -81,6 +81,17 @@ def test_ctrl_c_is_one_line_and_130(capsys):
     assert capsys.readouterr().err.strip() == "shards build: interrupted"
 
 
+def test_a_decoder_error_reads_the_same_every_run():
+    from autosam2.data.codec import decode_image
+
+    messages = set()
+    for _ in range(2):
+        with pytest.raises(DatasetError) as caught:
+            decode_image(bytearray(b"not an image"), "seq/frame1.jpg")
+        messages.add(str(caught.value))
+    assert messages == {"seq/frame1.jpg: cannot decode image (cannot identify image file)"}
+
+
 def test_describe_names_both_paths_of_a_rename():
     err = OSError(errno.EXDEV, "Invalid cross-device link", "a/tmp", None, "b/out")
     assert describe(err) == "a/tmp -> b/out: invalid cross-device link"
@@ -177,7 +188,8 @@ def test_a_full_or_read_only_disk_is_one_line_and_leaves_nothing(disks, inputs, 
     capsys.readouterr()
     assert _commands(inputs)[command](out) == 1
     prog = PROG.get(command, command if command.startswith("shards") else f"autosam2 {command}")
-    assert EXPECTED_ERROR[disk] in _one_error_line(capsys.readouterr().err, prog)
+    line = _one_error_line(capsys.readouterr().err, prog)
+    assert EXPECTED_ERROR[disk] in line and str(place / "new") in line and ".tmp-" not in line, line
     assert {p.name for p in place.iterdir()} == before  # no output, no temp folder, no parent made
     assert digest(inputs["root"]) == source
 

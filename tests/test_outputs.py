@@ -162,18 +162,18 @@ def test_a_rejected_dataset_leaves_no_parent_folder(tmp_path, tiny_root, capsys)
 
 
 @pytest.mark.parametrize(
-    "kind, marker, text",
+    "kind, marker, text, entry",
     [
-        (SHARD_SET, "manifest.json", '{"format": "autosam2-polyp-shards"}'),
-        (SYNTH_DATASET, "synth.json", '{"spec": {}}'),
-        (EVALUATION, "metrics.json", '{"summary": {}, "weights": "w.pt"}'),
-        (SCORES, "metrics.json", '{"summary": {}, "pred": "p", "gt": "g"}'),
+        (SHARD_SET, "manifest.json", '{"format": "autosam2-polyp-shards"}', "train-000-00000.tar"),
+        (SYNTH_DATASET, "synth.json", '{"spec": {}}', "train"),
+        (EVALUATION, "metrics.json", '{"summary": {}, "weights": "w.pt"}', "masks"),
+        (SCORES, "metrics.json", '{"summary": {}, "pred": "p", "gt": "g"}', "metrics.csv"),
     ],
 )
-def test_a_kind_is_told_by_its_marker_and_nothing_else(tmp_path, kind, marker, text):
+def test_a_kind_is_told_by_its_marker_and_nothing_else(tmp_path, kind, marker, text, entry):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "masks").mkdir()
+    (out / entry).mkdir()
     with pytest.raises(OutputRefused, match="which is not"):
         claim(out, kind, overwrite=True)
     (out / marker).write_text("{not json")
@@ -183,3 +183,116 @@ def test_a_kind_is_told_by_its_marker_and_nothing_else(tmp_path, kind, marker, t
     with pytest.raises(OutputRefused, match="pass --overwrite"):
         claim(out, kind, overwrite=False)
     assert claim(out, kind, overwrite=True) == out
+
+
+def test_overwrite_never_takes_what_the_command_does_not_write(tmp_path, tiny_root_pristine, capsys):
+    out = tmp_path / "set"
+    build = ["build", str(tiny_root_pristine), "--split", "valid", "--out", str(out)]
+    assert shards(build) == 0
+    (out / "notes.txt").write_text("mine")
+    before = digest(out)
+    assert shards([*build, "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert "holds notes.txt beside a shard set, which this command does not write" in err
+    assert digest(out) == before
+
+
+def test_an_empty_mount_point_is_filled_in_place(tmp_path, capsys):
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounts a tmpfs (root; CI runs as root)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], check=True)
+    try:
+        assert cli(["synth", "--out", str(disk), "--sequences", "1", "--frames", "2", "--size", "32"]) == 0
+        assert sorted(p.name for p in disk.iterdir()) == ["synth.json", "train", "valid"]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_run_is_never_written_into_its_own_data(train_data, capsys):
+    from tests.helpers import train_overrides
+
+    for out in (train_data["train"], train_data["valid"] / "run"):
+        before = digest(train_data["train"].parent)
+        assert cli(["train", *train_overrides(train_data, out)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "the input" in err[0], err
+        assert digest(train_data["train"].parent) == before
+
+
+def test_a_part_of_another_job_array_is_refused(tmp_path, tiny_root_pristine, capsys):
+    out = tmp_path / "set"
+    argv = ["build", str(tiny_root_pristine), "--split", "train", "--out", str(out)]
+    assert shards([*argv, "--shard-index", "0", "--num-shards", "2"]) == 0
+    before = digest(out)
+    assert shards([*argv, "--shard-index", "0", "--num-shards", "3"]) == 1
+    assert "a part of another job array" in capsys.readouterr().err
+    assert digest(out) == before
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda r: r.update(shards="abc"), "its shard list is not a list"),
+        (lambda r: r.update(num_parts="two"), "not a part record of a shard set"),
+        (lambda r: r["shards"][0].pop("name"), "shard entry 0 does not hold"),
+    ],
+)
+def test_merge_of_a_garbled_part_record_is_one_line(tmp_path, tiny_root_pristine, capsys, edit, message):
+    import json
+
+    out = tmp_path / "set"
+    argv = ["build", str(tiny_root_pristine), "--split", "train", "--out", str(out)]
+    assert shards([*argv, "--shard-index", "0", "--num-shards", "1"]) == 0
+    record = out / "parts" / "part-000-of-001.json"
+    data = json.loads(record.read_text())
+    edit(data)
+    record.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert shards(["merge", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "Traceback" not in err[0], err
+    assert record.exists() and not (out / "manifest.json").exists()
+
+
+def test_merge_refuses_a_shard_cut_short(tmp_path, tiny_root_pristine, capsys):
+    out = tmp_path / "set"
+    argv = ["build", str(tiny_root_pristine), "--split", "train", "--out", str(out)]
+    assert shards([*argv, "--shard-index", "0", "--num-shards", "1"]) == 0
+    shard = sorted(out.glob("*.tar"))[0]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    assert shards(["merge", str(out)]) == 1
+    assert "bytes, its part record says" in capsys.readouterr().err
+    assert (out / "parts").is_dir() and not (out / "manifest.json").exists()
+
+
+def test_verify_of_a_garbled_manifest_is_one_line(tmp_path, tiny_shards, capsys):
+    import json
+
+    manifest = tiny_shards["valid"] / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["shards"] = [{}]
+    manifest.write_text(json.dumps(data))
+    assert shards(["verify", str(tiny_shards["valid"])]) == 1
+    said = capsys.readouterr()
+    assert "Traceback" not in said.err and "shard entry 0 does not hold" in said.out + said.err, said
+
+
+def test_the_demo_checks_its_configs_before_any_work(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli(["demo", "--out", str(out), "no.such.key=1"]) == 1
+    assert "override 'no.such.key=1'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_bench_longvideo_keeps_only_into_a_new_folder(tmp_path, capsys):
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "w.pt").write_text("precious")
+    assert cli(["bench", "longvideo", "--lengths", "2", "--keep", str(keep)]) == 1
+    assert "--keep needs a new or empty folder" in capsys.readouterr().err
+    assert (keep / "w.pt").read_text() == "precious"

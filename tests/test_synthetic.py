@@ -105,12 +105,15 @@ def test_existing_output_is_refused_and_overwrite_replaces(tmp_path, capsys):
     args = ["synth", "--out", str(out), "--sequences", "2", "--frames", "4", "--size", "64"]
     assert main(args) == 0
     assert "2 train + 1 valid sequences, 12 frames of 64x64" in capsys.readouterr().out
-    (out / "marker").write_text("x")
+    before = (out / "train" / "train_list.txt").read_text()
     assert main(args) == 1
     assert "already holds a synthetic dataset; pass --overwrite" in capsys.readouterr().err
-    assert (out / "marker").exists()
-    assert main([*args, "--overwrite"]) == 0
-    assert not (out / "marker").exists() and (out / "train" / "train_list.txt").exists()
+    (out / "marker").write_text("x")  # not the command's: --overwrite leaves the folder alone
+    assert main([*args, "--overwrite"]) == 1
+    assert "holds marker beside a synthetic dataset" in capsys.readouterr().err
+    (out / "marker").unlink()
+    assert main([*args, "--seed", "4", "--overwrite"]) == 0
+    assert (out / "train" / "train_list.txt").read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["pg"]
 
 

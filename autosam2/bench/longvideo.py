@@ -84,14 +84,49 @@ def _peak_rss(command: list[str]) -> tuple[int, float]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from autosam2.errors import OutputRefused
+
+    lengths = [int(n) for n in args.lengths.split(",")]
+    commands = args.commands.split(",")
+    if args.keep is not None and args.keep.exists() and (not args.keep.is_dir() or any(args.keep.iterdir())):
+        raise OutputRefused(f"{args.keep}: --keep needs a new or empty folder (this one holds something)")
+    base = args.keep or Path(tempfile.mkdtemp(prefix="autosam2-longvideo-"))
+    base.mkdir(parents=True, exist_ok=True)
+    try:
+        table, device = _measure(args, base, lengths, commands)
+    finally:
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+    ratios = {
+        c: round(max(r["peak_rss_mb"] for r in t.values()) / min(r["peak_rss_mb"] for r in t.values()), 3)
+        for c, t in table.items()
+    }
+    return {
+        "bench": "longvideo",
+        "peak_rss": table,
+        "ratio_highest_over_lowest": ratios,
+        "config": {
+            "lengths": lengths,
+            "frame_size": args.size,
+            "image_size": args.image_size,
+            "variant": args.variant,
+            "device": "cpu" if device else "cuda",
+            "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "kept": str(base) if args.keep else None,
+        },
+        "note": "peak RSS of each command's own process (ru_maxrss); ratio = max / min over the lengths",
+    }
+
+
+def _measure(
+    args: argparse.Namespace, base: Path, lengths: list[int], commands: list[str]
+) -> tuple[dict[str, Any], list[str]]:
+    """Peak RSS and time of each command on a video of each length, all under `base`."""
     from autosam2.config import ModelConfig, Variant
     from autosam2.model.sam2_builder import build_autosam2
     from autosam2.model.weights import save_weights
 
-    lengths = [int(n) for n in args.lengths.split(",")]
-    commands = args.commands.split(",")
-    base = args.keep or Path(tempfile.mkdtemp(prefix="autosam2-longvideo-"))
-    base.mkdir(parents=True, exist_ok=True)
     root = _long_root(base, args.size, lengths)
     cfg = ModelConfig(variant=Variant(args.variant), image_size=args.image_size)
     torch.manual_seed(0)
@@ -121,25 +156,4 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "seconds": round(seconds, 1),
                 "frames_per_s": round(n / seconds, 2),
             }
-    if not args.keep:
-        shutil.rmtree(base, ignore_errors=True)
-    ratios = {
-        c: round(max(r["peak_rss_mb"] for r in t.values()) / min(r["peak_rss_mb"] for r in t.values()), 3)
-        for c, t in table.items()
-    }
-    return {
-        "bench": "longvideo",
-        "peak_rss": table,
-        "ratio_highest_over_lowest": ratios,
-        "config": {
-            "lengths": lengths,
-            "frame_size": args.size,
-            "image_size": args.image_size,
-            "variant": args.variant,
-            "device": "cpu" if device else "cuda",
-            "torch_threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(),
-            "kept": str(base) if args.keep else None,
-        },
-        "note": "peak RSS of each command's own process (ru_maxrss); ratio = max / min over the lengths",
-    }
+    return table, device

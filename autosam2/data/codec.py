@@ -12,6 +12,7 @@ one DatasetError naming the source.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -33,6 +34,13 @@ DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError)
 warnings.filterwarnings(
     "ignore", "The image decoding and encoding capabilities of TorchVision", DeprecationWarning
 )
+
+
+def why(err: BaseException) -> str:
+    """A decoder's error in words that do not change run to run (PIL names the in-memory buffer it read,
+    by its address)."""
+    text = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err)).strip()
+    return text if text else type(err).__name__
 
 
 def grey_values(im: Image.Image) -> np.ndarray:
@@ -68,7 +76,7 @@ def decode_image(data: bytes, source: str | Path, device: torch.device | None = 
             else:
                 rgb = np.array(im if im.mode == "RGB" else im.convert("RGB"))
     except DECODE_ERRORS as err:
-        raise DatasetError(f"{source}: cannot decode image ({err})") from err
+        raise DatasetError(f"{source}: cannot decode image ({why(err)})") from err
     image = torch.from_numpy(rgb).permute(2, 0, 1)  # a view: stacking frames makes it contiguous
     return image if device is None else image.to(device)
 
@@ -83,7 +91,7 @@ def check_image(data: bytes, source: str | Path) -> tuple[int, int]:
                 im.draft(im.mode, (max(1, width // 8), max(1, height // 8)))
             im.load()
     except DECODE_ERRORS as err:
-        raise DatasetError(f"{source}: cannot decode image ({err})") from err
+        raise DatasetError(f"{source}: cannot decode image ({why(err)})") from err
     return height, width
 
 
@@ -96,7 +104,7 @@ def decode_mask(data: bytes, source: str | Path) -> torch.Tensor:
                 # bool keeps as they are, and torch counts on a bool's byte being 0 or 1
                 return torch.from_numpy(np.asarray(im) != 0)
     except DECODE_ERRORS as err:
-        raise DatasetError(f"{source}: cannot decode mask ({err})") from err
+        raise DatasetError(f"{source}: cannot decode mask ({why(err)})") from err
     return torch.from_numpy(mask_values(data, source) > MASK_THRESHOLD)
 
 
@@ -106,7 +114,7 @@ def mask_values(data: bytes, source: str | Path) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as im:
             return grey_values(im)
     except DECODE_ERRORS as err:
-        raise DatasetError(f"{source}: cannot decode mask ({err})") from err
+        raise DatasetError(f"{source}: cannot decode mask ({why(err)})") from err
 
 
 class MaskValues(NamedTuple):
@@ -126,7 +134,7 @@ def read_mask(data: bytes, source: str | Path) -> MaskValues:
                 return MaskValues(grey, None)
             return MaskValues(grey, _label_map(im))
     except DECODE_ERRORS as err:
-        raise DatasetError(f"{source}: cannot decode mask ({err})") from err
+        raise DatasetError(f"{source}: cannot decode mask ({why(err)})") from err
 
 
 def _label_map(im: Image.Image) -> str | None:
@@ -146,7 +154,7 @@ def image_size(path: Path) -> tuple[int, int]:
         with Image.open(path) as im:
             width, height = im.size
     except DECODE_ERRORS as err:
-        raise DatasetError(f"{path}: cannot read image header ({err})") from err
+        raise DatasetError(f"{path}: cannot read image header ({why(err)})") from err
     return height, width
 
 

@@ -284,7 +284,8 @@ def validate_root(
     """Validate each split of a dataset root; a missing root or split folder is itself a problem."""
     root = Path(root)
     if not root.is_dir():
-        return [SplitReport(split="-", problems=[Problem(root, "dataset root does not exist")])]
+        why = "is a file, not a dataset folder" if root.exists() else "dataset root does not exist"
+        return [SplitReport(split="-", problems=[Problem(root, why)])]
     reports = []
     for split in splits:
         if not (root / split).is_dir():

@@ -196,4 +196,23 @@ def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
             f"{path}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}, "
             f"this reader needs {FORMAT!r} version {FORMAT_VERSION}"
         )
+    check_shard_entries(manifest.get("shards"), path)
+    if not isinstance(manifest.get("totals", {}), dict):
+        raise ShardError(f"{path}: its totals are not an object")
     return manifest
+
+
+# what every shard entry of a manifest or part record holds, by type
+SHARD_ENTRY = {"name": str, "samples": list, "frames": int, "bytes": int, "sha256": str, "sequences": dict}
+
+
+def check_shard_entries(entries: Any, source: Path) -> None:
+    """One ShardError naming `source` when its shard list is not a list of well-formed entries."""
+    if not isinstance(entries, list):
+        raise ShardError(f"{source}: its shard list is not a list")
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not all(
+            isinstance(entry.get(k), t) for k, t in SHARD_ENTRY.items()
+        ):
+            wanted = ", ".join(f"{k} ({t.__name__})" for k, t in SHARD_ENTRY.items())
+            raise ShardError(f"{source}: shard entry {i} does not hold {wanted}")

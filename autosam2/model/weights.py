@@ -194,7 +194,10 @@ def read_weights(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError as err:
         raise CheckpointError(f"{path}: weights file not found") from err
     except Exception as err:  # a damaged or foreign file: torch.load raises many types
-        raise CheckpointError(f"{path}: not a loadable weights file ({type(err).__name__}: {err})") from err
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(
+            f"{path}: not a loadable weights file ({type(err).__name__}: {first[:200]})"
+        ) from err
     if not isinstance(payload, dict) or payload.get("format") != WEIGHTS_FORMAT:
         raise CheckpointError(f"{path}: not an AutoSAM2 weights file (written by `autosam2 train`)")
     return payload
