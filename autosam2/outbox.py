@@ -89,7 +89,7 @@ class Outbox:
 
     def pending(self, limit: int = 1000) -> list[tuple[int, dict[str, Any] | None]]:
         """Up to `limit` records after the watermark, each with the offset just past it; a line that is
-        not JSON (cut by a kill) comes as None, to be stepped over. A line still being written is left."""
+        not a whole record (cut by a kill, or edited by hand) comes as None, to be stepped over. A line still being written is left."""
         found: list[tuple[int, dict[str, Any] | None]] = []
         with open(self.path, "rb") as f:
             f.seek(int(self.state["sent"]))
@@ -101,9 +101,10 @@ class Outbox:
                 if not line.strip():
                     continue
                 try:
-                    found.append((offset, json.loads(line)))
+                    record = json.loads(line)
                 except ValueError:
-                    found.append((offset, None))
+                    record = None
+                found.append((offset, record if _well_formed(record) else None))
                 if len(found) >= limit:
                     break
         return found
@@ -163,3 +164,21 @@ def _last_byte(path: Path) -> bytes:
     with open(path, "rb") as f:
         f.seek(-1, os.SEEK_END)
         return f.read(1)
+
+
+# what each kind of record holds, by type (the loggers of autosam2.tracking write them)
+RECORD_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "opened": {},
+    "start": {"experiment": str, "name": (str, type(None)), "resume": (str, type(None))},
+    "params": {"params": dict},
+    "metrics": {"step": int, "t": (int, float), "metrics": dict},
+    "tags": {"tags": dict},
+    "artifact": {"file": str},
+    "end": {"status": str},
+}
+
+
+def _well_formed(record: Any) -> bool:
+    if not isinstance(record, dict) or record.get("op") not in RECORD_FIELDS:
+        return False
+    return all(isinstance(record.get(k), t) for k, t in RECORD_FIELDS[record["op"]].items())

@@ -495,9 +495,14 @@ class _Sender(threading.Thread):
                 self.wake.clear()
                 continue
             end, call, what, count = self._next_call(batch)
+            if call is None:  # not a record (cut by a kill, or edited): said, stepped over, not sent
+                self.on_failure(
+                    what, ValueError(f"{self.outbox.path}: the line before byte {end} is not a record")
+                )
+                self._mark(end)
+                continue
             try:
-                if call is not None:
-                    call()
+                call()
             except Exception as err:  # tracking must never stop training
                 if _is_refusal(err) and count > 1:  # which record? each alone, so only that one is lost
                     one_by_one = count

@@ -52,6 +52,22 @@ def tiny_shards(tiny_shards_pristine: dict[str, Path], tmp_path: Path) -> dict[s
 
 
 @pytest.fixture(scope="session")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A weights file of a random-init model at 64 px (holding every weight), for evaluate and predict."""
+    import torch
+
+    from autosam2.config import load_config
+    from autosam2.model.sam2_builder import build_autosam2
+    from autosam2.model.weights import RunWeights
+
+    folder = tmp_path_factory.mktemp("weights")
+    cfg = load_config(None, ["model.image_size=64"])
+    torch.manual_seed(0)
+    RunWeights(folder, build_autosam2(cfg.model, torch.device("cpu")), cfg.model, True).save("w.pt", 0)
+    return folder / "w.pt"
+
+
+@pytest.fixture(scope="session")
 def train_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Synthetic shards at 256 px for training runs: 4 train + 2 valid sequences of 8 frames, one per shard."""
     from shards.writer import build

@@ -17,7 +17,7 @@ from autosam2.cli import main as cli
 from autosam2.errors import INTERRUPTED, DatasetError, describe, run_command
 from launch.__main__ import main as launch
 from shards.__main__ import main as shards
-from tests.test_outputs import digest, weights  # noqa: F401 -- the weights fixture
+from tests.test_outputs import digest
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs (root; CI runs as root)")
 FREE_BYTES = 2048  # what a full disk leaves: less than one page of a file
@@ -162,7 +162,7 @@ EXPECTED_ERROR = {"full": "no space left on device", "readonly": "read-only file
 
 
 @pytest.fixture
-def inputs(tiny_root_pristine, weights) -> dict[str, Path]:  # noqa: F811
+def inputs(tiny_root_pristine, weights) -> dict[str, Path]:
     return {
         "root": tiny_root_pristine,
         "gt": tiny_root_pristine / "valid" / "masks",

@@ -10,26 +10,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 
 from autosam2.cli import main as cli
 from autosam2.errors import OutputRefused
 from autosam2.outputs import EVALUATION, SCORES, SHARD_SET, SYNTH_DATASET, claim
 from launch.__main__ import main as launch
 from shards.__main__ import main as shards
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    from autosam2.config import load_config
-    from autosam2.model.sam2_builder import build_autosam2
-    from autosam2.model.weights import RunWeights
-
-    folder = tmp_path_factory.mktemp("weights")
-    cfg = load_config(None, ["model.image_size=64"])
-    torch.manual_seed(0)
-    RunWeights(folder, build_autosam2(cfg.model, torch.device("cpu")), cfg.model, True).save("w.pt", 0)
-    return folder / "w.pt"
 
 
 def digest(root: Path) -> dict[str, str]:

@@ -23,19 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    from autosam2.config import load_config
-    from autosam2.model.sam2_builder import build_autosam2
-    from autosam2.model.weights import RunWeights
-
-    folder = tmp_path_factory.mktemp("weights")
-    cfg = load_config(None, ["model.image_size=64"])
-    torch.manual_seed(0)
-    RunWeights(folder, build_autosam2(cfg.model, torch.device("cpu")), cfg.model, True).save("w.pt", 0)
-    return folder / "w.pt"
-
-
-@pytest.fixture(scope="module")
 def model(weights):
     from autosam2.model.weights import load_trained_model
 

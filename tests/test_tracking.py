@@ -642,3 +642,15 @@ def test_a_tracking_failure_never_names_the_password():
         MLflowLogger("http://bob:hunter2@127.0.0.1:9/", "e", system_metrics=False)  # port 9: refused
     assert caught and all("hunter2" not in str(w.message) for w in caught)
     assert any("***@127.0.0.1:9" in str(w.message) for w in caught)
+
+
+def test_a_record_edited_into_another_shape_is_stepped_over_not_sent(tmp_path: Path) -> None:
+    from autosam2.outbox import Outbox
+
+    outbox = Outbox(tmp_path / "tracking")
+    outbox.append({"op": "metrics", "step": "x", "values": 5})  # no metrics, a step that is no number
+    outbox.append({"op": "metrics", "step": 1, "t": 0, "metrics": {"loss": 1.0}})
+    with open(outbox.path, "ab") as f:
+        f.write(b"[1, 2]\n")
+    records = [record for _, record in outbox.pending()]
+    assert records == [None, {"op": "metrics", "step": 1, "t": 0, "metrics": {"loss": 1.0}}, None]

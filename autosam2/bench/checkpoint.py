@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from autosam2.arguments import positive_int
 from autosam2.bench.common import default_device, synthetic_clip
 from autosam2.config import load_config
 from autosam2.data.sources import TrainingBatches
@@ -40,7 +41,7 @@ SIZES = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
-    p.add_argument("--repeats", type=int, default=3, help="saves each way (median reported)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="saves each way (median reported)")
     p.add_argument(
         "--image-size",
         type=int,

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from autosam2.arguments import non_negative_int, positive_int
 from autosam2.bench.common import synthetic_shards
 from autosam2.data.codec import decode_image
 from autosam2.data.sources import FolderClips
@@ -30,16 +31,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--root", type=Path, default=None, help="a polyp_gen root to read (default: a synthetic one)"
     )
-    p.add_argument("--size", type=int, default=512, help="synthetic frame side (default 512)")
-    p.add_argument("--image-size", type=int, default=512, help="model image size (default 512)")
-    p.add_argument("--sequences", type=int, default=6)
-    p.add_argument("--frames", type=int, default=32)
-    p.add_argument("--frames-per-sample", type=int, default=16)
-    p.add_argument("--clip-len", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--batches", type=int, default=25, help="batches timed per reader and round")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    p.add_argument("--size", type=positive_int, default=512, help="synthetic frame side (default 512)")
+    p.add_argument("--image-size", type=positive_int, default=512, help="model image size (default 512)")
+    p.add_argument("--sequences", type=positive_int, default=6)
+    p.add_argument("--frames", type=positive_int, default=32)
+    p.add_argument("--frames-per-sample", type=positive_int, default=16)
+    p.add_argument("--clip-len", type=positive_int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=2)
+    p.add_argument("--workers", type=non_negative_int, default=2)
+    p.add_argument("--batches", type=positive_int, default=25, help="batches timed per reader and round")
+    p.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds; medians are reported")
     p.add_argument(
         "--resume-samples", type=int, default=2000, help="samples of the resume-cost epoch (0: skip it)"
     )

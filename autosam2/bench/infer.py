@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from autosam2.arguments import positive_int
 from autosam2.bench.common import default_device, sync
 from autosam2.config import ModelConfig, Variant
 from autosam2.data.sources import read_sequences
@@ -27,12 +28,12 @@ from autosam2.model.sam2_builder import build_autosam2
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", default="hiera_t", choices=[v.value for v in Variant])
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--frames", type=int, default=64, help="frames of the sequence (default 64)")
+    p.add_argument("--image-size", type=positive_int, default=256)
+    p.add_argument("--frames", type=positive_int, default=64, help="frames of the sequence (default 64)")
     p.add_argument(
         "--encode-batch", type=int, default=8, help="frames encoded together (evaluate's --batch-size)"
     )
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=positive_int, default=3)
     p.add_argument("--device", default=default_device())
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the image encoder")

@@ -22,18 +22,43 @@ from typing import Any
 import torch
 from PIL import Image
 
+from autosam2.arguments import positive_int
 from autosam2.data.polyp_gen import LIST_FILES
 from autosam2.data.synthetic import SynthSpec, write_dataset
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lengths", default="100,1000,5000", help="sequence lengths in frames (comma-separated)")
-    p.add_argument("--size", type=int, default=256, help="frame side in pixels (default 256)")
-    p.add_argument("--image-size", type=int, default=256, help="the model's input size (default 256)")
+    p.add_argument(
+        "--lengths",
+        type=_lengths,
+        default="100,1000,5000",
+        help="sequence lengths in frames (comma-separated)",
+    )
+    p.add_argument("--size", type=positive_int, default=256, help="frame side in pixels (default 256)")
+    p.add_argument(
+        "--image-size", type=positive_int, default=256, help="the model's input size (default 256)"
+    )
     p.add_argument("--variant", default="hiera_t")
-    p.add_argument("--commands", default="evaluate,predict", help="which commands to measure")
+    p.add_argument(
+        "--commands",
+        type=_commands,
+        default="evaluate,predict",
+        help="which commands to measure (evaluate, predict)",
+    )
     p.add_argument("--cpu", action="store_true", help="run the commands on the CPU even with a GPU")
     p.add_argument("--keep", type=Path, default=None, help="keep the data and outputs in this folder")
+
+
+def _lengths(text: str) -> list[int]:
+    return [positive_int(n) for n in text.split(",")]
+
+
+def _commands(text: str) -> list[str]:
+    names = text.split(",")
+    unknown = [n for n in names if n not in ("evaluate", "predict")]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{', '.join(unknown)}: not evaluate or predict")
+    return names
 
 
 def _long_root(base: Path, size: int, lengths: list[int]) -> Path:
@@ -86,8 +111,7 @@ def _peak_rss(command: list[str]) -> tuple[int, float]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from autosam2.errors import OutputRefused
 
-    lengths = [int(n) for n in args.lengths.split(",")]
-    commands = args.commands.split(",")
+    lengths, commands = args.lengths, args.commands
     if args.keep is not None and args.keep.exists() and (not args.keep.is_dir() or any(args.keep.iterdir())):
         raise OutputRefused(f"{args.keep}: --keep needs a new or empty folder (this one holds something)")
     base = args.keep or Path(tempfile.mkdtemp(prefix="autosam2-longvideo-"))

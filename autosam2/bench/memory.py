@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from autosam2.arguments import positive_int
 from autosam2.bench.common import default_device, synthetic_clip
 from autosam2.config import Config, EngineKind, Precision, load_config
 from autosam2.data.sources import TrainingBatches
@@ -35,8 +36,10 @@ from autosam2.tracking import NullLogger
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None, help="run config (default: the embedded defaults)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
-    p.add_argument("--ranks", type=int, default=8, help="data-parallel ranks for ZeRO sharding (default 8)")
-    p.add_argument("--steps", type=int, default=2, help="training steps tracked (default 2)")
+    p.add_argument(
+        "--ranks", type=positive_int, default=8, help="data-parallel ranks for ZeRO sharding (default 8)"
+    )
+    p.add_argument("--steps", type=positive_int, default=2, help="training steps tracked (default 2)")
     p.add_argument("--device", default=default_device())
 
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from autosam2.arguments import positive_float, positive_int
 from autosam2.bench.mlflow_server import kill_group, start_mlflow_server
 from autosam2.tracking import MLflowLogger
 
@@ -37,10 +38,12 @@ STEP_METRICS = [
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--phase-s", type=float, default=10.0, help="how long each phase lasts")
-    p.add_argument("--step-s", type=float, default=0.05, help="the simulated training step")
-    p.add_argument("--artifact-every", type=int, default=20, help="steps between artifacts")
-    p.add_argument("--max-backoff-s", type=float, default=30.0, help="the sender's retry cap (the default)")
+    p.add_argument("--phase-s", type=positive_float, default=10.0, help="how long each phase lasts")
+    p.add_argument("--step-s", type=positive_float, default=0.05, help="the simulated training step")
+    p.add_argument("--artifact-every", type=positive_int, default=20, help="steps between artifacts")
+    p.add_argument(
+        "--max-backoff-s", type=positive_float, default=30.0, help="the sender's retry cap (the default)"
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from autosam2.arguments import positive_float, positive_int
 from autosam2.bench.common import default_device, sync, synthetic_shards
 from autosam2.config import ClipMode, Config, Variant, load_config
 from autosam2.data.sources import TrainingBatches, training_batches
@@ -51,16 +52,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None, help="run config to time (default: the flags below)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p.add_argument("--variant", default=None, choices=[v.value for v in Variant], help="default hiera_t")
-    p.add_argument("--image-size", type=int, default=None, help="default 256")
-    p.add_argument("--clip-len", type=int, default=None, help="default 4")
-    p.add_argument("--batch-size", type=int, default=None, help="default 1")
+    p.add_argument("--image-size", type=positive_int, default=None, help="default 256")
+    p.add_argument("--clip-len", type=positive_int, default=None, help="default 4")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="default 1")
     p.add_argument("--clip-mode", default=None, choices=[m.value for m in ClipMode], help="default video")
     p.add_argument(
         "--shards", type=Path, default=None, help="a shard set to read (default: synthetic shards)"
     )
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=positive_int, default=8)
     p.add_argument("--device", default=default_device())
-    p.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 TFLOP/s, for MFU")
+    p.add_argument(
+        "--peak-tflops", type=positive_float, default=None, help="the card's dense bf16 TFLOP/s, for MFU"
+    )
 
 
 class _StepClock:
