@@ -133,8 +133,8 @@ class Outbox:
         return step + 1
 
     def spool(self, path: Path) -> str:
-        """`path` (a file or a folder) linked or copied into the outbox as it is now; returns its place,
-        relative."""
+        """`path` (a file or a folder) linked or copied into the outbox as it is now (`link_or_copy`);
+        returns its place, relative."""
         place = Path(ARTIFACTS) / uuid.uuid4().hex / path.name
         target = self.folder / place
         target.parent.mkdir(parents=True)
@@ -152,12 +152,22 @@ class Outbox:
         shutil.rmtree((self.folder / place).parent, ignore_errors=True)
 
 
+# Files the project only ever replaces by rename (weights and checkpoints: temp, then rename), so a hard
+# link keeps what was logged; they are the large artifacts. Any other file (an overlay, a CSV, a caller's
+# own) may be rewritten in place after it is logged: it is copied.
+REPLACED_BY_RENAME = (".pt",)
+
+
 def link_or_copy(source: str | Path, target: str | Path) -> None:
-    """A hard link of `source` at `target`; a copy where the file system refuses the link."""
-    try:
-        os.link(source, target)
-    except OSError:  # another file system (EXDEV), or one without hard links
-        shutil.copy2(source, target)
+    """A hard link of `source` at `target` for a file replaced only by rename (REPLACED_BY_RENAME); a
+    copy for any other file, or where the file system refuses the link."""
+    if Path(source).suffix in REPLACED_BY_RENAME:
+        try:
+            os.link(source, target)
+            return
+        except OSError:  # another file system (EXDEV), or one without hard links
+            pass
+    shutil.copy2(source, target)
 
 
 def _last_byte(path: Path) -> bytes:

@@ -482,8 +482,8 @@ def test_a_full_disk_cuts_one_record_and_the_outbox_goes_on(tmp_path: Path) -> N
 
 
 def test_an_artifact_is_hard_linked_into_the_outbox_and_keeps_what_was_logged(tmp_path: Path) -> None:
-    """No second copy on the disk: a file (a folder file by file) is linked; our writers replace a file
-    by rename, so the linked inode keeps the logged content; removing the link leaves the file alone."""
+    """No second copy of a weights file on the disk: our writers replace it by rename, so the linked inode
+    keeps the logged content; any other file (an overlay) may be rewritten in place, so it is copied."""
     from autosam2.atomic import atomic_write_text
     from autosam2.outbox import Outbox
 
@@ -499,11 +499,13 @@ def test_an_artifact_is_hard_linked_into_the_outbox_and_keeps_what_was_logged(tm
     assert linked.stat().st_ino == weights.stat().st_ino and weights.stat().st_nlink == 2
     for name in ("a.gif", "seq1/b.gif"):
         original, spooled = overlays / name, outbox.folder / folder_place / name
-        assert spooled.stat().st_ino == original.stat().st_ino and original.stat().st_nlink == 2
-    atomic_write_text(weights, "written later")  # replaced by rename, as every file we log is
+        assert spooled.read_bytes() == original.read_bytes() and original.stat().st_nlink == 1
+    atomic_write_text(weights, "written later")  # replaced by rename, as every weights file we log is
     assert linked.read_text() == "as logged" and weights.stat().st_nlink == 1
+    (overlays / "a.gif").write_bytes(b"rewritten in place")
+    assert (outbox.folder / folder_place / "a.gif").read_bytes() == b"GIF89a-a"
     outbox.unspool(folder_place)
-    assert (overlays / "a.gif").read_bytes() == b"GIF89a-a" and (overlays / "a.gif").stat().st_nlink == 1
+    assert (overlays / "a.gif").read_bytes() == b"rewritten in place"
 
 
 def test_an_artifact_that_cannot_be_linked_is_copied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
