@@ -458,8 +458,11 @@ def test_a_full_disk_cuts_one_record_and_the_outbox_goes_on(tmp_path: Path) -> N
 
     from autosam2.outbox import Outbox
 
+    def record(step: int) -> dict:
+        return {"op": "metrics", "step": step, "t": step, "metrics": {"loss": 1.0}}
+
     outbox = Outbox(tmp_path / "tracking")
-    outbox.append({"op": "metrics", "step": 0})
+    outbox.append(record(0))
     real = outbox._file
 
     class FullDisk:
@@ -473,12 +476,12 @@ def test_a_full_disk_cuts_one_record_and_the_outbox_goes_on(tmp_path: Path) -> N
 
     outbox._file = FullDisk()
     with pytest.raises(OSError, match="No space left"):
-        outbox.append({"op": "metrics", "step": 1})
+        outbox.append(record(1))
     outbox._file = real  # space again
-    outbox.append({"op": "metrics", "step": 2})
+    outbox.append(record(2))
     outbox.close()
-    records = [record for _, record in Outbox(tmp_path / "tracking").pending()]
-    assert records == [{"op": "metrics", "step": 0}, None, {"op": "metrics", "step": 2}]
+    kept = [found for _, found in Outbox(tmp_path / "tracking").pending()]
+    assert kept == [record(0), None, record(2)]
 
 
 def test_an_artifact_is_hard_linked_into_the_outbox_and_keeps_what_was_logged(tmp_path: Path) -> None:
