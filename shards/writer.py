@@ -177,22 +177,8 @@ def build_part(
     try:
         label = f"shards {split} part {part_index}/{num_parts}" if progress else None
         entries = _write_shards(jobs, out, part_index, workers, label, moved)
-        record = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "split": split,
-            "part": part_index,
-            "num_parts": num_parts,
-            "frames_per_sample": frames_per_sample,
-            "max_shard_mb": max_shard_mb,
-            "source": {
-                "root": str(root),
-                "list_file": str(root / split / LIST_FILES[split]),
-                "sequences": len(sequences),
-                "frames": sum(len(s.frames) for s in sequences),
-            },
-            "shards": entries,
-        }
+        record = _part_record(root, split, part_index, num_parts, frames_per_sample, max_shard_mb, sequences)
+        record["shards"] = entries
         atomic_write_json(part_file, record)
     except BaseException as err:  # this task's shards and the folders it made go; other tasks' stay
         for path in moved:
@@ -202,6 +188,33 @@ def build_part(
             name_output(err, None, out)
         raise
     return record
+
+
+def _part_record(
+    root: Path,
+    split: str,
+    part_index: int,
+    num_parts: int,
+    frames_per_sample: int,
+    max_shard_mb: float,
+    sequences: list[SequenceFiles],
+) -> dict[str, Any]:
+    """What a part record says of its job array and its source, before its shards are added."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "split": split,
+        "part": part_index,
+        "num_parts": num_parts,
+        "frames_per_sample": frames_per_sample,
+        "max_shard_mb": max_shard_mb,
+        "source": {
+            "root": str(root),
+            "list_file": str(root / split / LIST_FILES[split]),
+            "sequences": len(sequences),
+            "frames": sum(len(s.frames) for s in sequences),
+        },
+    }
 
 
 def _write_shards(
