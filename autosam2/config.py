@@ -320,13 +320,10 @@ def validate(cfg: Config) -> None:
         and cfg.train.log_every >= 1
         and cfg.train.dist_timeout_s >= 1
         and cfg.train.keep_checkpoints >= 1
-        and (cfg.train.threads is None or cfg.train.threads >= 1),
-        "train.epochs, checkpoint_every, keep_checkpoints, validate_every, log_every, dist_timeout_s and "
-        "threads must be >= 1",
-    )
-    need(
-        cfg.train.max_steps is None or cfg.train.max_steps >= 1,
-        f"train.max_steps must be >= 1 (or null: epochs x batches), got {cfg.train.max_steps}",
+        and (cfg.train.threads is None or cfg.train.threads >= 1)
+        and (cfg.train.max_steps is None or cfg.train.max_steps >= 1),
+        "train.epochs, checkpoint_every, keep_checkpoints, validate_every, log_every, dist_timeout_s, "
+        "threads and max_steps (null: epochs x batches) must be >= 1",
     )
     if cfg.data.feature_cache == FeatureCacheKind.memory:
         need(
