@@ -473,17 +473,6 @@ def _sunseg_rows(pred_HW: np.ndarray, gt_HW: np.ndarray, em_curve: np.ndarray) -
     return np.stack([*rows, np.full(256, adp_em), np.full(256, adp_fm)])
 
 
-def sunseg_curves(prob: Any, gt: Any) -> dict[str, np.ndarray]:
-    """The toolbox's threshold-swept curves of one frame, 256 values each, from the highest threshold down.
-
-    ``dice``, ``iou``, ``recall``, ``specificity`` at ``np.linspace(1, 0, 256)`` (VPS ``Medical``: 0 when
-    nothing overlaps), ``e_measure`` and ``f_measure`` at the 8-bit thresholds, and the adaptive E- and
-    F-measure (constant rows), all on ``sunseg_map(prob)``.
-    """
-    _, curves = _score(*as_frame(prob, gt), "sunseg", curves=True)
-    return dict(zip(_CURVE_ROWS, curves, strict=True))
-
-
 def from_8bit(pred_u8: np.ndarray, gt_u8: np.ndarray, mode: Mode = "sunseg") -> tuple[np.ndarray, np.ndarray]:
     """``(pred, gt)`` as a mode scores two 8-bit grayscale files (a saved prediction, a mask): gt is
     foreground above ``GT_THRESHOLD_8BIT``; pred is ``/ 255``, in the sunseg mode also min-max stretched
