@@ -41,7 +41,8 @@ class OutputKind:
         return [p for p in folder.iterdir() if not (ours.match(p.name) or _LEFT_BY_A_KILL.match(p.name))]
 
 
-def _json_object(path: Path) -> dict:
+def json_object(path: Path) -> dict:
+    """The JSON object a file holds; {} for a missing, unreadable or non-object file."""
     try:
         value = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -51,7 +52,7 @@ def _json_object(path: Path) -> dict:
 
 def _marker(name: str, *keys: str) -> Callable[[Path], bool]:
     """A folder whose JSON file `name` is an object holding every one of `keys`."""
-    return lambda folder: bool(keys) and all(k in _json_object(folder / name) for k in keys)
+    return lambda folder: bool(keys) and all(k in json_object(folder / name) for k in keys)
 
 
 def _first_line(path: Path) -> str:
@@ -62,20 +63,10 @@ def _first_line(path: Path) -> str:
         return ""
 
 
-# the names a shard set's folder holds, finished or in the making by a job array's tasks
-_SHARD_NAMES = r"manifest\.json|parts|[\w.-]+-\d{3}-\d{5}\.tar|\.part-\d{3}\.tmp-\w+|\.[\w.-]+\.tmp-\d+"
 # what the default tracking store of an evaluation or a score puts in its folder
 _TRACKING_NAMES = r"mlflow\.db|mlartifacts|mlruns|tracking"
 
 
-def _shard_set(folder: Path) -> bool:
-    """A shard set (its manifest says so), or a job array's parts in the making."""
-    from autosam2.data.sample_format import FORMAT, MANIFEST
-
-    return _json_object(folder / MANIFEST).get("format") == FORMAT or (folder / "parts").is_dir()
-
-
-SHARD_SET = OutputKind("a shard set", _shard_set, _SHARD_NAMES)
 SYNTH_DATASET = OutputKind(
     "a synthetic dataset", _marker("synth.json", "spec"), r"synth\.json|train|valid|test"
 )

@@ -183,7 +183,8 @@ def _wait(job: submitit.Job) -> Any:
 def _output_dir_of(what: str, argv: list[str]) -> Path:
     """Where an evaluate or shard job writes (train's comes from its config), read by its own parser and
     claimed before the job waits in the queue: our own kind of output only, apart from the input."""
-    from autosam2.outputs import EVALUATION, SHARD_SET, claim, claim_shared
+    from autosam2.data.sample_format import SHARD_SET
+    from autosam2.outputs import EVALUATION, claim, claim_shared
 
     if what == "evaluate":
         from autosam2.evaluate import build_parser as evaluate_parser

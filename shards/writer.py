@@ -27,9 +27,16 @@ import autosam2
 from autosam2.atomic import atomic_file, atomic_write_json, make_folders, name_output, remove_empty
 from autosam2.data.codec import image_size
 from autosam2.data.polyp_gen import LIST_FILES, MaskNoise, SequenceFiles, scan_split
-from autosam2.data.sample_format import FORMAT, FORMAT_VERSION, MANIFEST, check_shard_entries, encode_sample
+from autosam2.data.sample_format import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    SHARD_SET,
+    check_shard_entries,
+    encode_sample,
+)
 from autosam2.errors import DatasetError, OutputRefused
-from autosam2.outputs import SHARD_SET, claim, claim_shared, output_directory
+from autosam2.outputs import claim, claim_shared, output_directory
 
 PARTS_DIR = "parts"
 TAR_OVERHEAD = 1536  # bytes per member: header + padding, for the size estimate

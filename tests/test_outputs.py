@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from autosam2.cli import main as cli
+from autosam2.data.sample_format import SHARD_SET
 from autosam2.errors import OutputRefused
-from autosam2.outputs import EVALUATION, SCORES, SHARD_SET, SYNTH_DATASET, claim
+from autosam2.outputs import EVALUATION, SCORES, SYNTH_DATASET, claim
 from launch.__main__ import main as launch
 from shards.__main__ import main as shards
 

@@ -18,10 +18,21 @@ from autosam2.data.codec import decode_image, decode_mask, encode_mask_png
 from autosam2.data.polyp_gen import FrameFiles, MaskNoise, Problem, check_frame, size_problem
 from autosam2.data.video import POLYP_ID, Frame, Object, VideoDatapoint
 from autosam2.errors import DatasetError
+from autosam2.outputs import OutputKind, json_object
 
 FORMAT = "autosam2-polyp-shards"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+# the names a shard set's folder holds, finished or in the making by a job array's tasks
+_SHARD_NAMES = r"manifest\.json|parts|[\w.-]+-\d{3}-\d{5}\.tar|\.part-\d{3}\.tmp-\w+|\.[\w.-]+\.tmp-\d+"
+
+
+def _is_shard_set(folder: Path) -> bool:
+    """A shard set (its manifest says so), or a job array's parts in the making."""
+    return json_object(folder / MANIFEST).get("format") == FORMAT or (folder / "parts").is_dir()
+
+
+SHARD_SET = OutputKind("a shard set", _is_shard_set, _SHARD_NAMES)
 KEY_SEPARATOR = "__"
 
 
