@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "score": ("autosam2.score:main", "score saved masks of any method (the SUN-SEG toolbox's figures)"),
     "sync": (
-        "autosam2.tracking:sync_main",
+        "autosam2.sync:main",
         "send what a run's tracking outbox still holds (its MLflow server was down) to its run",
     ),
     "demo": ("autosam2.demo:main", "the whole mission on the embedded defaults, on the CPU"),

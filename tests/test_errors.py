@@ -236,7 +236,7 @@ def test_readers_work_on_a_read_only_mount(tmp_path, tiny_root_pristine, tiny_sh
 
 @ROOT_ONLY
 def test_sync_of_a_run_on_a_read_only_disk_is_one_line(tmp_path, capsys):
-    from autosam2.outbox import Outbox
+    from autosam2.tracking.outbox import Outbox
 
     disk = tmp_path / "disk"
     _mount(disk, "size=4m")

@@ -22,6 +22,7 @@ COMMANDS = (
     "autosam2.predict",
     "autosam2.demo",
     "autosam2.data_commands",
+    "autosam2.sync",
 )
 HEAVY = ("torch", "torchvision", "sam2", "hydra", "deepspeed", "mlflow", "webdataset")
 

@@ -1,4 +1,4 @@
-"""Tests for autosam2.tracking: SQLite and a real local `mlflow server`, read back with MlflowClient."""
+"""Tests for the autosam2.tracking package and `autosam2 sync`: SQLite and a real local `mlflow server`, read back with MlflowClient."""
 
 from __future__ import annotations
 
@@ -15,8 +15,6 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from autosam2.tracking import (
-    HTTP_ENV_DEFAULTS,
-    MAX_PARAM_VALUE_CHARS,
     MetricLogger,
     MLflowLogger,
     NullLogger,
@@ -26,6 +24,7 @@ from autosam2.tracking import (
     flatten_config,
     make_logger,
 )
+from autosam2.tracking.mlflow_store import HTTP_ENV_DEFAULTS, MAX_PARAM_VALUE_CHARS
 from tests.helpers import free_port, kill_group, start_mlflow_server
 
 
@@ -361,7 +360,7 @@ def test_a_server_down_from_the_start_gets_the_whole_run_once_it_is_up(tmp_path:
     assert (
         os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == HTTP_ENV_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
     )
-    from autosam2.tracking import sync
+    from autosam2.sync import sync
 
     uri, proc = start_mlflow_server(tmp_path / "server", port=port)
     try:
@@ -426,7 +425,7 @@ def test_a_refused_record_is_stepped_over_and_the_rest_arrive(sqlite_uri: str, t
 def test_the_outbox_survives_a_line_cut_by_a_kill(tmp_path: Path, sqlite_uri: str) -> None:
     """A process killed while appending leaves half a line: the next logger starts a fresh line, the
     sender steps over the broken one and delivers the rest (the killed job's records included)."""
-    from autosam2.outbox import Outbox
+    from autosam2.tracking.outbox import Outbox
 
     spool = tmp_path / "tracking"
     first = MLflowLogger(sqlite_uri, "polyp", system_metrics=False, spool_dir=spool)
@@ -456,7 +455,7 @@ def test_a_full_disk_cuts_one_record_and_the_outbox_goes_on(tmp_path: Path) -> N
     on), nothing stays buffered to fail later appends or `close`, and the next record starts its own line."""
     import errno
 
-    from autosam2.outbox import Outbox
+    from autosam2.tracking.outbox import Outbox
 
     def record(step: int) -> dict:
         return {"op": "metrics", "step": step, "t": step, "metrics": {"loss": 1.0}}
@@ -488,7 +487,7 @@ def test_an_artifact_is_hard_linked_into_the_outbox_and_keeps_what_was_logged(tm
     """No second copy of a weights file on the disk: our writers replace it by rename, so the linked inode
     keeps the logged content; any other file (an overlay) may be rewritten in place, so it is copied."""
     from autosam2.atomic import atomic_write_text
-    from autosam2.outbox import Outbox
+    from autosam2.tracking.outbox import Outbox
 
     outbox = Outbox(tmp_path / "tracking")
     weights = tmp_path / "final.pt"
@@ -514,7 +513,7 @@ def test_an_artifact_is_hard_linked_into_the_outbox_and_keeps_what_was_logged(tm
 def test_an_artifact_that_cannot_be_linked_is_copied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
-    from autosam2.outbox import Outbox
+    from autosam2.tracking.outbox import Outbox
 
     def across_file_systems(source, target, **kwargs):
         raise OSError(errno.EXDEV, "Invalid cross-device link")
@@ -650,7 +649,7 @@ def test_a_tracking_failure_never_names_the_password():
 
 
 def test_a_record_edited_into_another_shape_is_stepped_over_not_sent(tmp_path: Path) -> None:
-    from autosam2.outbox import Outbox
+    from autosam2.tracking.outbox import Outbox
 
     outbox = Outbox(tmp_path / "tracking")
     outbox.append({"op": "metrics", "step": "x", "values": 5})  # no metrics, a step that is no number
@@ -659,3 +658,22 @@ def test_a_record_edited_into_another_shape_is_stepped_over_not_sent(tmp_path: P
         f.write(b"[1, 2]\n")
     records = [record for _, record in outbox.pending()]
     assert records == [None, {"op": "metrics", "step": 1, "t": 0, "metrics": {"loss": 1.0}}, None]
+
+
+def test_sync_takes_the_output_dir_as_a_positional_or_as_an_option(
+    tmp_path: Path, sqlite_uri: str, capsys: pytest.CaptureFixture
+) -> None:
+    from autosam2.sync import main
+    from autosam2.tracking.outbox import FOLDER, Outbox
+
+    for argv in ([str(tmp_path)], ["--output-dir", str(tmp_path)]):
+        with pytest.raises(FileNotFoundError, match="no tracking outbox here"):
+            main(argv)
+    for argv in ([], [str(tmp_path), "--output-dir", str(tmp_path)]):  # neither, or both
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 2
+    Outbox(tmp_path / FOLDER).close()
+    capsys.readouterr()
+    assert main(["--output-dir", str(tmp_path), "--tracking-uri", sqlite_uri, "--timeout", "10"]) == 0
+    assert f"sync: 0 record(s) sent; the outbox of {tmp_path} is empty" in capsys.readouterr().out

@@ -16,6 +16,7 @@ import psutil
 import pytest
 import torch
 
+from autosam2.engine.trainer import TRAIN_METRICS
 from autosam2.train import build_parser, config_from_args
 from tests.helpers import TORCHRUN_2, train_overrides
 
@@ -109,18 +110,7 @@ def test_ddp_two_processes_train_checkpoint_log_and_evaluate(train_data, tmp_pat
         and params["train.engine"] == "ddp"
     )
     assert tags["world_size"] == "2" and tags["engine"] == "ddp" and len(tags["git_commit"]) >= 7
-    for key in (
-        "train/loss_total",
-        "train/loss_focal",
-        "train/loss_dice",
-        "train/loss_iou",
-        "train/loss_presence",
-        "train/lr",
-        "train/grad_norm",
-        "train/frames_per_s",
-        "train/data_wait_share",
-        "train/skipped_samples",
-    ):
+    for key in TRAIN_METRICS:
         assert [m.step for m in client.get_metric_history(run_info.info.run_id, key)] == [1, 2, 3, 4], key
     assert client.get_metric_history(run_info.info.run_id, "valid/dice")[0].step == 4
     artifacts = {a.path for a in client.list_artifacts(run_info.info.run_id)} | {

@@ -12,6 +12,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from autosam2.tracking.credentials import CREDENTIAL_ENV
+
 
 def free_port() -> int:
 
@@ -48,7 +50,7 @@ def start_mlflow_server(
     port = port or free_port()  # a given port: the same server started again after an outage
     store.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+    for name in CREDENTIAL_ENV:  # the server runs without the client's credentials
         env.pop(name, None)
     cmd = [
         str(Path(sys.executable).with_name("mlflow")),
@@ -57,19 +59,7 @@ def start_mlflow_server(
         backend_uri or f"sqlite:///{store}/mlflow.db",
     ]
     if admin_password is not None:
-        ini = store / "basic_auth.ini"
-        ini.write_text(
-            "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
-            f"database_uri = sqlite:///{store}/basic_auth.db\nadmin_username = admin\n"
-            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-        )
-        ini.chmod(0o600)
-        env.update(
-            MLFLOW_AUTH_CONFIG_PATH=str(ini),
-            MLFLOW_AUTH_ADMIN_PASSWORD=admin_password,
-            MLFLOW_FLASK_SERVER_SECRET_KEY=os.urandom(16).hex(),
-        )
-        cmd += ["--app-name", "basic-auth"]
+        cmd += _basic_auth(store, admin_password, env)
     cmd += [
         "--artifacts-destination",
         str(store / "artifacts"),
@@ -82,12 +72,37 @@ def start_mlflow_server(
     ]
     with open(store / "server.log", "ab") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    _wait_until_healthy(proc, port, store, timeout_s)
+    return f"http://127.0.0.1:{port}", proc
+
+
+def _basic_auth(store: Path, admin_password: str, env: dict[str, str]) -> list[str]:
+    """MLflow's basic-auth app for a server of `store`: its config file and variables (set in `env`);
+    returns the server's arguments that turn it on."""
+    ini = store / "basic_auth.ini"
+    ini.write_text(
+        "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+        f"database_uri = sqlite:///{store}/basic_auth.db\nadmin_username = admin\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    ini.chmod(0o600)
+    env.update(
+        MLFLOW_AUTH_CONFIG_PATH=str(ini),
+        MLFLOW_AUTH_ADMIN_PASSWORD=admin_password,
+        MLFLOW_FLASK_SERVER_SECRET_KEY=os.urandom(16).hex(),
+    )
+    return ["--app-name", "basic-auth"]
+
+
+def _wait_until_healthy(proc: subprocess.Popen, port: int, store: Path, timeout_s: float) -> None:
+    """Poll the server's health endpoint; a server that exits or stays unhealthy for `timeout_s` is
+    stopped, and RuntimeError carries the end of its log."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as reply:
                 if reply.status == 200:
-                    return f"http://127.0.0.1:{port}", proc
+                    return
         except OSError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:

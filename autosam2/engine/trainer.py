@@ -30,6 +30,23 @@ from autosam2.model.weights import NonFiniteWeights
 from autosam2.progress import hms
 from autosam2.tracking import MetricLogger
 
+# What `_log` sends every logged step (MLflow's names): each loss of `clip_losses`, then the loop's figures.
+# A figure `_log` computes goes to MLflow when it is named here.
+TRAIN_METRICS = (
+    "train/loss_focal",
+    "train/loss_dice",
+    "train/loss_iou",
+    "train/loss_presence",
+    "train/loss_total",
+    "train/lr",
+    "train/grad_norm",
+    "train/frames_per_s",
+    "train/data_wait_share",
+    "train/skipped_samples",
+    "train/skipped_steps",
+    "train/epoch",
+)
+
 
 class Validation(Protocol):
     """What the loop asks of periodic validation (`engine.validator.Validator` is the real one)."""
@@ -255,9 +272,9 @@ class Trainer:
 
     def _log(self, state: LoopState, result: StepResult, pace: tuple[float, float]) -> None:
         frames_per_s, wait_share = pace
-        metrics = {f"train/loss_{k}": float(v.detach()) for k, v in result.losses.items()}
+        figures = {f"train/loss_{k}": float(v.detach()) for k, v in result.losses.items()}
         grad_norm = result.grad_norm
-        metrics.update(
+        figures.update(
             {
                 "train/lr": self.engine.lr,
                 "train/grad_norm": grad_norm if grad_norm is not None and math.isfinite(grad_norm) else -1.0,
@@ -268,6 +285,7 @@ class Trainer:
                 "train/epoch": state.epoch,
             }
         )
+        metrics = {name: figures[name] for name in TRAIN_METRICS}
         if self.features is not None:
             metrics.update(self.features.take_stats())
         self.logger.log_metrics(metrics, state.step)

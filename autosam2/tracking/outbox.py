@@ -2,21 +2,22 @@
 
 ``OUT/tracking/outbox.jsonl`` holds one JSON record per line, appended by the training process (the
 only thing a logging call does on the training thread); ``sent.json`` holds the byte offset up to which
-the store has confirmed the records (the watermark), the run they go to, and the next system-metrics
-step. A record that failed to reach the store stays after the watermark: the logger's sender retries it,
-and `autosam2 sync OUT` replays whatever a finished job left. Records are delivered in order; metrics
-carry the time they were logged, so a batch sent twice (the store took it, the reply was lost) is the
-same rows again, which SQL stores keep once.
+the store has confirmed the records (the watermark) and the run they go to. A record that failed to
+reach the store stays after the watermark: the logger's sender retries it, and `autosam2 sync OUT`
+replays whatever a finished job left. Records are delivered in order; metrics carry the time they were
+logged, so a batch sent twice (the store took it, the reply was lost) is the same rows again, which SQL
+stores keep once. The next system-metrics step is read back from the records (`next_system_step`).
 
-Artifacts are hard-linked into ``artifacts/`` when logged (a folder file by file), so a file replaced
-later is sent as it was, without a second copy on the disk: every file we log is written to a temporary
-name and renamed into place, never rewritten in place, so the linked inode keeps the logged content.
-Where no link can be made (another file system), the file is copied. Each link or copy is removed once
+An artifact is spooled into ``artifacts/`` when logged (a folder file by file), so what is sent is the
+file as it was then. Weights files (`REPLACED_BY_RENAME`: written to a temporary name and renamed into
+place, never rewritten) are hard-linked, without a second copy on the disk; every other file is copied,
+as is a weights file where no link can be made (another file system). Each link or copy is removed once
 the store has it.
 
-Records (``op``): ``start`` (experiment, run name, run to resume), ``params``, ``metrics`` (step, time,
-values), ``tags``, ``artifact`` (spooled path, artifact path), ``end`` (status). Each names its ``run``,
-or null: the run the latest ``start`` opened.
+Records (``op``): ``opened`` (the run the logger opened itself), ``start`` (experiment, run name, run to
+resume: for the sender to open), ``params``, ``metrics`` (step, time, values), ``tags``, ``artifact``
+(spooled path, artifact path), ``end`` (status). Each names its ``run``, or null: the run the latest
+``start`` opened.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 from autosam2.atomic import atomic_write_json
 from autosam2.errors import DatasetError
 
+FOLDER = "tracking"  # a run's outbox, in its output directory
 OUTBOX = "outbox.jsonl"
 SENT = "sent.json"
 ARTIFACTS = "artifacts"
@@ -119,10 +121,10 @@ class Outbox:
 
     def next_system_step(self) -> int:
         """One past the highest system-metrics step in the outbox (0 when there is none)."""
-        step = -1
+        step, quoted = -1, f'"{SYSTEM_PREFIX}'.encode()
         with open(self.path, "rb") as f:
             for line in f:
-                if b'"system/' not in line:
+                if quoted not in line:
                     continue
                 try:
                     record = json.loads(line)
@@ -176,7 +178,7 @@ def _last_byte(path: Path) -> bytes:
         return f.read(1)
 
 
-# what each kind of record holds, by type (the loggers of autosam2.tracking write them)
+# what each kind of record holds, by type (`MLflowLogger` writes them)
 RECORD_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "opened": {},
     "start": {"experiment": str, "name": (str, type(None)), "resume": (str, type(None))},

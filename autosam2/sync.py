@@ -1,0 +1,96 @@
+"""`autosam2 sync`: send what a run's tracking outbox still holds (its MLflow server was down) to its run."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import sys
+from pathlib import Path
+
+from autosam2.tracking.credentials import redact_uri, take_uri_credentials
+from autosam2.tracking.mlflow_store import bound_http_env, default_tracking_uri, open_client
+from autosam2.tracking.outbox import FOLDER, OUTBOX, Outbox
+from autosam2.tracking.sender import Sender
+
+
+def sync(
+    output_dir: str | Path, tracking_uri: str | None = None, timeout_s: float = 600.0
+) -> tuple[int, int]:
+    """Send what a run's outbox (``OUTPUT_DIR/tracking``) still holds to its tracking store (`tracking_uri`,
+    default the one in ``OUTPUT_DIR/config.yaml``); returns (records sent, records left)."""
+    folder = Path(output_dir) / FOLDER
+    if not (folder / OUTBOX).is_file():
+        raise FileNotFoundError(
+            errno.ENOENT,
+            f"no tracking outbox here (is {output_dir} a run's output dir?)",
+            str(folder / OUTBOX),
+        )
+    uri = tracking_uri or _uri_of_run(Path(output_dir))
+    uri = take_uri_credentials(uri)
+    bound_http_env()
+    outbox = Outbox(folder)
+    errors: list[str] = []
+
+    def failed(what: str, err: BaseException) -> None:
+        if not errors:
+            print(
+                f"sync: could not {what} at {redact_uri(uri)}: {redact_uri(str(err))[:500]}", file=sys.stderr
+            )
+        errors.append(what)
+
+    before = outbox.unsent()
+    sender = Sender(outbox, open_client(uri), redact_uri(uri), failed)
+    sender.start()
+    sender.finish(timeout_s)
+    left = outbox.unsent()
+    outbox.close()
+    return before - left, left
+
+
+def _uri_of_run(output_dir: Path) -> str:
+    from autosam2.config import load_config
+
+    config = output_dir / "config.yaml"
+    if not config.is_file():
+        raise FileNotFoundError(errno.ENOENT, "missing; pass --tracking-uri", str(config))
+    return load_config(config, []).tracking.uri or default_tracking_uri(output_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autosam2 sync",
+        description="send the tracking records a run could not deliver (its MLflow server was down) to its run",
+    )
+    parser.add_argument(
+        "output_dir",
+        type=Path,
+        nargs="?",
+        default=None,
+        metavar="OUTPUT_DIR",
+        help="the run's output directory (train.output_dir)",
+    )
+    parser.add_argument(
+        "--output-dir",
+        dest="output_dir_option",
+        type=Path,
+        default=None,
+        metavar="OUTPUT_DIR",
+        help="the run's output directory, as an option (instead of the positional one)",
+    )
+    parser.add_argument("--tracking-uri", default=None, help="default: the run's tracking.uri in config.yaml")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to keep trying (default 600)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.output_dir is None) == (args.output_dir_option is None):
+        parser.error("give the run's output directory once: OUTPUT_DIR or --output-dir OUTPUT_DIR")
+    output_dir = args.output_dir or args.output_dir_option
+    sent, left = sync(output_dir, args.tracking_uri, args.timeout)
+    if left:
+        print(f"sync: {sent} record(s) sent, {left} still waiting in {output_dir / FOLDER}", file=sys.stderr)
+        return 1
+    print(f"sync: {sent} record(s) sent; the outbox of {output_dir} is empty", flush=True)
+    return 0

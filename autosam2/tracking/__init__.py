@@ -1,0 +1,148 @@
+"""Run tracking: the MetricLogger interface, its null logger, and the factories a run calls; the MLflow
+logger behind it, made on rank 0 only.
+
+Only rank 0 logs (`make_logger`): concurrent SQLite writers lock, and users compare one run per job.
+The parts, one module each: `mlflow_logger` (the MLflow logger, whose calls only append to an outbox),
+`outbox` (the records on disk), `sender` (the thread that delivers them), `mlflow_store` (the client,
+experiments and runs), `system_metrics` (the sampler), `credentials` (user and password of a URI).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from autosam2.config import TrackingConfig
+from autosam2.tracking.credentials import redact_uri, take_uri_credentials
+from autosam2.tracking.mlflow_logger import MLflowLogger, flatten_config
+from autosam2.tracking.mlflow_store import TrackingWarning, default_tracking_uri, ensure_experiment
+from autosam2.tracking.outbox import FOLDER
+
+__all__ = [
+    "MLflowLogger",
+    "MetricLogger",
+    "NullLogger",
+    "TrackingWarning",
+    "default_tracking_uri",
+    "ensure_experiment",
+    "flatten_config",
+    "git_commit",
+    "make_logger",
+    "redact_uri",
+    "start_run",
+    "take_uri_credentials",
+]
+
+
+@runtime_checkable
+class MetricLogger(Protocol):
+    """Where a run's params, metrics, tags and artifacts go. Steps are global optimizer steps."""
+
+    @property
+    def run_id(self) -> str | None: ...
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
+
+    def set_tags(self, tags: Mapping[str, str]) -> None: ...
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+
+    def close(self, status: str = "FINISHED", flush_timeout_s: float | None = None) -> None: ...
+
+
+class NullLogger:
+    """Logs nothing: the logger of non-zero ranks, and of runs with tracking disabled."""
+
+    @property
+    def run_id(self) -> str | None:
+        return None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def close(self, status: str = "FINISHED", flush_timeout_s: float | None = None) -> None:
+        pass
+
+
+def make_logger(
+    rank: int,
+    enabled: bool,
+    tracking_uri: str,
+    experiment: str,
+    run_name: str | None = None,
+    run_id: str | None = None,
+    system_metrics: bool = True,
+    system_metrics_interval_s: float = 10.0,
+    spool_dir: str | Path | None = None,
+    flush_timeout_s: float = 60.0,
+) -> MetricLogger:
+    """The MLflow logger on rank 0 with tracking enabled; a NullLogger everywhere else."""
+    if rank != 0 or not enabled:
+        return NullLogger()
+    return MLflowLogger(
+        tracking_uri,
+        experiment,
+        run_name=run_name,
+        run_id=run_id,
+        system_metrics=system_metrics,
+        system_metrics_interval_s=system_metrics_interval_s,
+        spool_dir=spool_dir,
+        flush_timeout_s=flush_timeout_s,
+    )
+
+
+def start_run(
+    cfg: TrackingConfig,
+    out: Path,
+    rank: int,
+    run_id: str | None,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str],
+    config_file: Path,
+) -> MetricLogger:
+    """A training run's logger (MLflow on rank 0, its outbox in ``out/tracking``): resumed when `run_id`
+    names one, else new; the flattened `params` (a resumed run's changed values go to tags, see
+    `MLflowLogger.log_params`); tagged with the git commit and `tags`; the config file as an artifact."""
+    logger = make_logger(
+        rank,
+        cfg.enabled,
+        cfg.uri or default_tracking_uri(out),
+        cfg.experiment,
+        cfg.run_name,
+        run_id=run_id,
+        system_metrics=cfg.system_metrics,
+        spool_dir=out / FOLDER,
+        flush_timeout_s=cfg.flush_timeout_s,
+    )
+    logger.log_params(params)
+    logger.set_tags({"git_commit": git_commit(), **tags})
+    logger.log_artifact(config_file)
+    return logger
+
+
+def git_commit() -> str:
+    """The commit of the code that runs, or "unknown" outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).parent,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
