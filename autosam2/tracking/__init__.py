@@ -78,30 +78,13 @@ class NullLogger:
 
 
 def make_logger(
-    rank: int,
-    enabled: bool,
-    tracking_uri: str,
-    experiment: str,
-    run_name: str | None = None,
-    run_id: str | None = None,
-    system_metrics: bool = True,
-    system_metrics_interval_s: float = 10.0,
-    spool_dir: str | Path | None = None,
-    flush_timeout_s: float = 60.0,
+    rank: int, enabled: bool, tracking_uri: str, experiment: str, run_name: str | None = None, **options: Any
 ) -> MetricLogger:
-    """The MLflow logger on rank 0 with tracking enabled; a NullLogger everywhere else."""
+    """The MLflow logger on rank 0 with tracking enabled (`options` go to `MLflowLogger`); a NullLogger
+    everywhere else."""
     if rank != 0 or not enabled:
         return NullLogger()
-    return MLflowLogger(
-        tracking_uri,
-        experiment,
-        run_name=run_name,
-        run_id=run_id,
-        system_metrics=system_metrics,
-        system_metrics_interval_s=system_metrics_interval_s,
-        spool_dir=spool_dir,
-        flush_timeout_s=flush_timeout_s,
-    )
+    return MLflowLogger(tracking_uri, experiment, run_name=run_name, **options)
 
 
 def start_run(

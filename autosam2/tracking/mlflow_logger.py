@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from autosam2.config import TrackingConfig
 from autosam2.tracking.credentials import redact_uri
 from autosam2.tracking.mlflow_store import (
     MAX_PARAM_VALUE_CHARS,
@@ -83,7 +84,7 @@ class MLflowLogger:
         system_metrics: bool = True,
         system_metrics_interval_s: float = 10.0,
         spool_dir: str | Path | None = None,
-        flush_timeout_s: float = 60.0,
+        flush_timeout_s: float = TrackingConfig.flush_timeout_s,
         max_backoff_s: float = 30.0,
     ) -> None:
         self.tracking_uri = tracking_uri
