@@ -186,6 +186,8 @@ def config_key_problems(word: str, where: str) -> list[str]:
 def command_problems(parsers: dict, words: list[str], where: str) -> list[str]:
     """Route one simple command to the parser that reads it; commands of other programs are not ours."""
     program, args = words[0], words[1:]
+    if f"autosam2 {program}" in parsers and args[:1] and args[0].startswith("--"):  # `evaluate --compile`
+        program, args = "autosam2", words
     if program == "autosam2":
         return autosam2_problems(parsers, args, where)
     if program in ("python", "python3", "torchrun") and "-m" in args:
