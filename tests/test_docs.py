@@ -350,26 +350,13 @@ def run_trees(tmp_path_factory, tiny_root_pristine, tiny_shards_pristine, weight
         "train.validate_every": 2,
         "tracking.system_metrics": "false",
     }
-    model = ["--cpu", "--weights", str(weights)]
+    model, masks = ["--cpu", "--weights", str(weights)], str(valid / "masks")
+    out = {name: ["--output-dir", str(trees[name])] for name in OUTPUT_FOLDERS}
     commands = [
-        [
-            "train",
-            "--cpu",
-            "--output-dir",
-            str(trees["OUTPUT_DIR"]),
-            *(f"{k}={v}" for k, v in overrides.items()),
-        ],
-        ["evaluate", *model, "--data", str(shards["valid"]), "--output-dir", str(trees["EVAL_DIR"])],
-        ["predict", str(valid / "images"), *model, "--output-dir", str(trees["PRED_DIR"])],
-        [
-            "score",
-            "--pred",
-            str(valid / "masks"),
-            "--gt",
-            str(valid / "masks"),
-            "--output-dir",
-            str(trees["SCORE_DIR"]),
-        ],
+        ["train", "--cpu", *out["OUTPUT_DIR"], *(f"{k}={v}" for k, v in overrides.items())],
+        ["evaluate", *model, "--data", str(shards["valid"]), *out["EVAL_DIR"]],
+        ["predict", str(valid / "images"), *model, *out["PRED_DIR"]],
+        ["score", "--pred", masks, "--gt", masks, "--workers", "1", *out["SCORE_DIR"]],
     ]
     procs = [
         subprocess.Popen(
