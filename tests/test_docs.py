@@ -127,7 +127,7 @@ def parsers() -> dict[str, argparse.ArgumentParser]:
     top = cli.build_parser()
     found = {"autosam2": top, "shards": parser_of(lambda: _main("shards.__main__")([]))}
     found["launch"] = parser_of(lambda: _main("launch.__main__")([]))
-    for name in subcommands(top):
+    for name in subcommands(top) or cli.COMMANDS:
         found[f"autosam2 {name}"] = parser_of(lambda name=name: cli.main([name]), skip_prog=top.prog)
     return found
 
