@@ -1,4 +1,4 @@
-"""`python -m shards build | merge | verify`: offline sharding of polyp_gen folders."""
+"""`python -m shards COMMAND`: offline sharding of polyp_gen folders."""
 
 from __future__ import annotations
 
