@@ -117,17 +117,8 @@ def _data(root: Path, shards: Path, hard: bool = False) -> None:
     """Synthetic videos, checked, then sharded and verified as a user would."""
     python = sys.executable
     t = _step(f"synthetic polyp videos{', the hard split' if hard else ''}")
-    synth = [
-        python,
-        "-m",
-        "autosam2.cli",
-        "synth",
-        "--output-dir",
-        str(root),
-        "--overwrite",
-        "--workers",
-        "2",
-    ]
+    synth = [python, "-m", "autosam2.cli", "synth", "--output-dir", str(root)]
+    synth += ["--overwrite", "--workers", "2"]
     _run([*synth, *(["--hard"] if hard else [])])
     _run([python, "-m", "autosam2.cli", "validate", str(root)])
     for split in ("train", "valid"):
