@@ -1,3 +1,8 @@
 """AutoSAM2: SAM2 with a learned prompt encoder for colon-polyp video segmentation."""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("autosam2")  # setup.cfg's, as installed
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "unknown"

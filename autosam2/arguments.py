@@ -1,10 +1,12 @@
-"""Argument types every command's parser shares: a count or size that must be positive and finite is
-refused by argparse in its one usage line, before any work."""
+"""What every command's parser shares: argument types (a count or size that must be positive and finite is
+refused by argparse in its one usage line, before any work) and the flags of the command-line vocabulary."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+from typing import Any
 
 
 def _whole(text: str) -> int:
@@ -39,3 +41,77 @@ def positive_float(text: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"{text} must be a finite number above 0")
     return value
+
+
+# the vocabulary every command's parser shares: one spelling, one meaning and one default per flag; the
+# spellings listed after the first are the older ones, still accepted ---------------------------------------
+
+ENCODE_BATCH = 8  # frames per image-encoder call
+
+
+def default_workers() -> int:
+    """Worker processes of a command that spreads its data work over processes: the cores this process
+    may run on, at most 8."""
+    return max(1, min(8, len(os.sched_getaffinity(0))))
+
+
+def gpu_device(text: str) -> str:
+    """`--gpu N` as a device request: ``cuda:N``."""
+    return f"cuda:{non_negative_int(text)}"
+
+
+def add_output_dir(parser: argparse.ArgumentParser, *aliases: str, **kwargs: Any) -> argparse.Action:
+    """``--output-dir``: the folder a command writes (`args.output_dir`)."""
+    return parser.add_argument("--output-dir", *aliases, dest="output_dir", **kwargs)
+
+
+def add_device(
+    parser: argparse.ArgumentParser,
+    default: str | None,
+    gpu_help: str = "run on GPU N (cuda:N)",
+    cpu_help: str = "run on the CPU",
+    device_alias: bool = False,
+) -> None:
+    """``--gpu N`` / ``--cpu``: one device request in `args.device` (``cuda:N``, ``cpu``, or `default`);
+    with `device_alias`, ``--device cpu|cuda|cuda:N`` sets the same."""
+    group = parser.add_mutually_exclusive_group()
+    # the default comes from --cpu: argparse would pass a string default through --gpu's type
+    group.add_argument(
+        "--gpu", type=gpu_device, dest="device", default=argparse.SUPPRESS, metavar="N", help=gpu_help
+    )
+    group.add_argument(
+        "--cpu", action="store_const", const="cpu", dest="device", default=default, help=cpu_help
+    )
+    if device_alias:
+        group.add_argument(
+            "--device", dest="device", default=default, help=f"cpu | cuda | cuda:N (default {default})"
+        )
+
+
+def add_workers(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--workers N``: processes sharing the command's data work (`what` they do)."""
+    parser.add_argument(
+        "--workers",
+        type=positive_int,
+        default=default_workers(),
+        help=f"worker processes {what} (default: the cores, at most 8)",
+    )
+
+
+def add_encode_batch(parser: argparse.ArgumentParser, *aliases: str) -> None:
+    """``--encode-batch N``: frames per image-encoder call (`args.encode_batch`)."""
+    parser.add_argument(
+        "--encode-batch",
+        *aliases,
+        dest="encode_batch",
+        type=positive_int,
+        default=ENCODE_BATCH,
+        help=f"frames per image-encoder call (default {ENCODE_BATCH})",
+    )
+
+
+def add_no_overlays(parser: argparse.ArgumentParser) -> None:
+    """``--no-overlays``: write no overlay files (GIFs, PNG sheets, MP4s)."""
+    parser.add_argument(
+        "--no-overlays", action="store_true", help="write no overlays (GIFs, PNG sheets, overlay videos)"
+    )

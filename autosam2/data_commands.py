@@ -6,12 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from autosam2.arguments import positive_int
+from autosam2.arguments import add_output_dir, add_workers, positive_int
 
 
 def synth(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="autosam2 synth", description="write a synthetic polyp_gen dataset")
-    p.add_argument("--out", type=Path, required=True, help="dataset root to create")
+    add_output_dir(p, "--out", type=Path, required=True, help="dataset root to create")
     p.add_argument("--sequences", type=int, default=8, help="train sequences (default 8)")
     p.add_argument(
         "--valid-sequences", type=int, default=None, help="valid sequences (default: half of --sequences)"
@@ -19,7 +19,7 @@ def synth(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=24, help="frames per sequence (default 24)")
     p.add_argument("--size", type=int, default=256, help="frame side in pixels (default 256)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=1, help="processes generating sequences (same data)")
+    add_workers(p, "generating sequences (the data is the same for any number)")
     p.add_argument(
         "--hard",
         action="store_true",
@@ -27,14 +27,12 @@ def synth(argv: list[str] | None = None) -> int:
         "that hide a present polyp, about one per 10 frames, each after two clear frames; every frame "
         "labelled in synth.json",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace --output-dir if it exists")
     args = p.parse_args(argv)
     from autosam2.config import ConfigError
 
-    if min(args.size - 31, args.frames - 1, args.sequences, args.workers, args.valid_sequences or 1) < 1:
-        raise ConfigError(
-            "synthetic dataset needs size >= 32, frames >= 2, sequences >= 1 per split and workers >= 1"
-        )
+    if min(args.size - 31, args.frames - 1, args.sequences, args.valid_sequences or 1) < 1:
+        raise ConfigError("synthetic dataset needs size >= 32, frames >= 2 and sequences >= 1 per split")
 
     from autosam2.data.synthetic import SynthSpec, write_dataset
 
@@ -48,11 +46,11 @@ def synth(argv: list[str] | None = None) -> int:
         hard=args.hard,
     )
     summary = write_dataset(
-        args.out, spec, overwrite=args.overwrite, progress=sys.stderr.isatty(), workers=args.workers
+        args.output_dir, spec, overwrite=args.overwrite, progress=sys.stderr.isatty(), workers=args.workers
     )
     share = summary["empty_frames"] / summary["frames"]
     print(
-        f"wrote {args.out}: {spec.train_sequences} train + {spec.valid_sequences} valid sequences, "
+        f"wrote {args.output_dir}: {spec.train_sequences} train + {spec.valid_sequences} valid sequences, "
         f"{summary['frames']} frames of {spec.size}x{spec.size}, {summary['empty_frames']} polyp-free ({share:.0%}), seed {spec.seed}"
     )
     return 0

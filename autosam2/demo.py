@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from autosam2.arguments import add_output_dir
+
 EXPERIMENT = "autosam2-demo"
 STAGE2_CONFIG = "configs/cpu_demo_video.yaml"
 
@@ -41,9 +43,11 @@ def _run(cmd: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="autosam2 demo", description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("demo"))
+    add_output_dir(parser, "--out", type=Path, default=Path("demo"), help="the demo's folder (default demo)")
     parser.add_argument(
-        "--overwrite", action="store_true", help="replace an earlier demo's output in --out (nothing else)"
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier demo's output in --output-dir (nothing else)",
     )
     parser.add_argument("--config", default="configs/cpu_demo.yaml", help="stage 1 (frame mode)")
     parser.add_argument("--video-config", default=STAGE2_CONFIG, help="stage 2 (through memory)")
@@ -53,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     _check(args)
-    out = _claim(args.out, args.overwrite)
+    out = _claim(args.output_dir, args.overwrite)
     root, shards, run = out / "polyp_gen", out / "shards", out / "run"
     hard_root, hard_shards, video_run = out / "polyp_gen_hard", out / "shards_hard", out / "run_video"
     _data(root, shards)
@@ -113,11 +117,13 @@ def _data(root: Path, shards: Path, hard: bool = False) -> None:
     """Synthetic videos, checked, then sharded and verified as a user would."""
     python = sys.executable
     t = _step(f"synthetic polyp videos{', the hard split' if hard else ''}")
-    synth = [python, "-m", "autosam2.cli", "synth", "--out", str(root), "--overwrite", "--workers", "2"]
+    synth = [python, "-m", "autosam2.cli", "synth", "--output-dir", str(root)]
+    synth += ["--overwrite", "--workers", "2"]
     _run([*synth, *(["--hard"] if hard else [])])
     _run([python, "-m", "autosam2.cli", "validate", str(root)])
     for split in ("train", "valid"):
-        build = [python, "-m", "shards", "build", str(root), "--split", split, "--out", str(shards / split)]
+        build = [python, "-m", "shards", "build", str(root), "--split", split]
+        build += ["--output-dir", str(shards / split)]
         _run([*build, "--frames-per-sample", "8", "--max-shard-mb", "0.3", "--overwrite"])
         _run([python, "-m", "shards", "verify", str(shards / split)])
     print(f"({time.perf_counter() - t:.0f} s)")

@@ -12,7 +12,7 @@ import argparse
 from contextlib import nullcontext
 from pathlib import Path
 
-from autosam2.arguments import positive_int
+from autosam2.arguments import add_device, add_encode_batch, add_no_overlays, add_output_dir
 from autosam2.config import ClipMode, ConfigError, Dataset, TrainConfig
 from autosam2.metrics import DICE_RULES, MODES
 
@@ -39,18 +39,17 @@ def add_model_arguments(parser: argparse.ArgumentParser, output_dir: str) -> Non
     parser.add_argument(
         "--weights", required=True, help="weights file written by `autosam2 train` (final.pt / best.pt)"
     )
-    parser.add_argument("--output-dir", default=output_dir)
+    add_output_dir(parser, default=output_dir, help=f"the folder to write (default {output_dir})")
     parser.add_argument(
         "--mode",
         default="video",
         choices=[m.value for m in ClipMode],
         help="video: SAM2 memory; frame: every frame alone",
     )
-    parser.add_argument(
-        "--batch-size", type=positive_int, default=8, help="frames encoded together by the image encoder"
+    add_encode_batch(parser, "--batch-size")
+    add_device(
+        parser, "auto", gpu_help="run on GPU N (default: this rank's GPU if there is one, else the CPU)"
     )
-    parser.add_argument("--gpu", type=int, default=None)
-    parser.add_argument("--cpu", action="store_true")
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile the image encoder (falls back to eager)"
     )
@@ -85,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         "presence accuracy per kind of frame (hidden by haze, blur, glare, low contrast; occluded; "
         "polyp-free; clear) from its synth.json, in metrics.json and MLflow",
     )
-    parser.add_argument("--no-overlays", action="store_true")
+    add_no_overlays(parser)
     parser.add_argument(
         "--tracking-uri", default=None, help="MLflow URI (default: SQLite in the output directory)"
     )
@@ -98,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from autosam2.engine.dist import distributed
 
-    request = "cpu" if args.cpu else ("auto" if args.gpu is None else f"cuda:{args.gpu}")
-    with distributed(request, TrainConfig.dist_timeout_s) as info:
+    with distributed(args.device, TrainConfig().dist_timeout_s) as info:
         return _evaluate(args, info)
 
 
@@ -107,71 +105,103 @@ def _evaluate(args: argparse.Namespace, info) -> int:
     """Every rank runs its share of the sequences and writes their masks and overlays into the one
     output folder (on a shared file system across hosts); rank 0 gathers the metrics, writes the
     summary, renames the folder into place and logs the run."""
-    from autosam2.data.sources import read_sequences
-    from autosam2.engine.dist import (
-        announce_ranks,
-        broadcast_object,
-        configure_backends,
-        configure_threads,
-        gather_objects,
-    )
-    from autosam2.errors import DatasetError
-    from autosam2.eval.episodes import episode_scores, print_episodes, read_events
-    from autosam2.eval.inference import evaluate_sequences
-    from autosam2.eval.report import PredictionWriter, print_table, say_left_out, scored_line, write_metrics
-    from autosam2.metrics import REPORTED, TOOLBOX_METRICS, MetricAccumulator
-    from autosam2.model.weights import load_trained_model
+    from autosam2.engine.dist import announce_ranks, broadcast_object
+    from autosam2.eval.report import write_metrics
+    from autosam2.metrics import REPORTED
     from autosam2.outputs import EVALUATION, claim, output_directory
-    from autosam2.progress import Progress
 
-    device = info.device
     inputs = [args.data, args.weights, args.checkpoint, args.episodes]
     out = claim(args.output_dir, EVALUATION, args.overwrite, inputs)  # every rank says it, not rank 0 alone
     announce_ranks(info)
+    decode, events, model = _set_up(args, info.device)
+    writing = output_directory(out, EVALUATION, args.overwrite, inputs)
+    with writing if info.is_main else nullcontext() as tmp:
+        tmp = Path(broadcast_object(str(tmp) if info.is_main else None))
+        metrics = _run_sequences(args, info, model, decode, tmp)
+        per_sequence, summary, extra = _summarise(args, info, metrics, events, tmp)
+        if info.is_main:
+            write_metrics(tmp, per_sequence, summary, extra, REPORTED[args.metric_mode])
+    if info.is_main:
+        _report(args, out, per_sequence, summary, extra)
+    return 0
+
+
+def _set_up(args: argparse.Namespace, device):
+    """Before the work: where frames are decoded, the synthetic set's events (a bad root fails here),
+    the backends and threads, and the trained model."""
+    from autosam2.engine.dist import configure_backends, configure_threads
+    from autosam2.eval.episodes import read_events
+    from autosam2.model.weights import load_trained_model
+
     if args.decode_device == "cuda" and device.type != "cuda":
         raise ConfigError(
             "--decode-device cuda needs a GPU to evaluate on (drop --cpu, or decode on the cpu)"
         )
     decode = {"auto": device if device.type == "cuda" else None, "cpu": None, "cuda": device}
-    configure_backends(TrainConfig.cudnn_benchmark, TrainConfig.tf32)
+    defaults = TrainConfig()
+    configure_backends(defaults.cudnn_benchmark, defaults.tf32)
     configure_threads()  # the training rule: SLURM's --cpus-per-task, OMP_NUM_THREADS, or the cores
-    events = read_events(args.episodes) if args.episodes else None  # a bad root fails before the work
+    events = read_events(args.episodes) if args.episodes else None
     model, _ = load_trained_model(args.weights, args.checkpoint, device, compile=args.compile)
-    writing = output_directory(out, EVALUATION, args.overwrite, inputs)
-    with writing if info.is_main else nullcontext() as tmp:
-        tmp = Path(broadcast_object(str(tmp) if info.is_main else None))
-        sequences = read_sequences(
-            args.data, args.split, info.rank, info.world_size, decode_device=decode[args.decode_device]
+    return decode[args.decode_device], events, model
+
+
+def _run_sequences(args: argparse.Namespace, info, model, decode, tmp: Path):
+    """This rank's share of the sequences through the model, masks and overlays written into `tmp`;
+    every rank's metrics gathered (also the point where every rank's files are written)."""
+    from autosam2.data.sources import read_sequences
+    from autosam2.engine.dist import gather_objects
+    from autosam2.eval.inference import evaluate_sequences
+    from autosam2.eval.report import PredictionWriter
+    from autosam2.metrics import MetricAccumulator
+    from autosam2.progress import Progress
+
+    sequences = read_sequences(args.data, args.split, info.rank, info.world_size, decode_device=decode)
+    with Progress(len(sequences), "evaluate", "sequence", enabled=info.is_main) as bar:
+        mine = evaluate_sequences(
+            model,
+            sequences,
+            info.device,
+            args.mode,
+            args.metric_mode,
+            args.encode_batch,
+            sink=PredictionWriter(tmp, overlays=not args.no_overlays),
+            on_sequence=lambda video: bar.update(note=video.video_id),
         )
-        with Progress(len(sequences), "evaluate", "sequence", enabled=info.is_main) as bar:
-            mine = evaluate_sequences(
-                model,
-                sequences,
-                device,
-                args.mode,
-                args.metric_mode,
-                args.batch_size,
-                sink=PredictionWriter(tmp, overlays=not args.no_overlays),
-                on_sequence=lambda video: bar.update(note=video.video_id),
-            )
-        metrics = MetricAccumulator(mode=args.metric_mode)
-        for part in gather_objects(mine):  # also the point where every rank's files are written
-            metrics.merge(part)
-        per_sequence, left_out = metrics.per_sequence(), metrics.left_out()
-        if not per_sequence:
-            raise DatasetError(_nothing_evaluated(args, left_out))
-        summary = metrics.summary()
-        extra = {**_described(args), "ranks": info.world_size, "frames": metrics.frame_counts()}
-        extra["left_out"] = left_out
-        if info.is_main and events is not None:
-            gt = Path(args.episodes) / args.split / "masks"
-            extra["episodes"] = episode_scores(events, gt, tmp / "masks", sorted(per_sequence))
-        if info.is_main:
-            write_metrics(tmp, per_sequence, summary, extra, REPORTED[args.metric_mode])
-    if not info.is_main:
-        return 0
+    metrics = MetricAccumulator(mode=args.metric_mode)
+    for part in gather_objects(mine):
+        metrics.merge(part)
+    return metrics
+
+
+def _summarise(args: argparse.Namespace, info, metrics, events, tmp: Path) -> tuple[dict, dict, dict]:
+    """The figures per sequence, their summary and what metrics.json records beside them; an error when
+    nothing was scored."""
+    from autosam2.errors import DatasetError
+    from autosam2.eval.episodes import episode_scores
+
+    per_sequence, left_out = metrics.per_sequence(), metrics.left_out()
+    if not per_sequence:
+        raise DatasetError(_nothing_evaluated(args, left_out))
+    summary = metrics.summary()
+    extra = {**_described(args), "ranks": info.world_size, "frames": metrics.frame_counts()}
+    extra["left_out"] = left_out
+    if info.is_main and events is not None:
+        gt = Path(args.episodes) / args.split / "masks"
+        extra["episodes"] = episode_scores(events, gt, tmp / "masks", sorted(per_sequence))
+    return per_sequence, summary, extra
+
+
+def _report(args: argparse.Namespace, out: Path, per_sequence: dict, summary: dict, extra: dict) -> None:
+    """Rank 0's account: the tables, the MLflow run, and the line naming what was written."""
+    from autosam2.eval.episodes import print_episodes
+    from autosam2.eval.report import log_scores, print_table, say_left_out, scored_line
+    from autosam2.metrics import TOOLBOX_METRICS
+
+    left_out, ranks = extra["left_out"], extra["ranks"]
     say_left_out(left_out)
-    print_table(per_sequence, summary, ("dice", "iou") if args.metric_mode == "ours" else TOOLBOX_METRICS)
+    columns = ("dice", "iou") if args.metric_mode == "ours" else TOOLBOX_METRICS
+    print_table(per_sequence, summary, columns)
     kinds = {}
     if "episodes" in extra:
         print_episodes(extra["episodes"])
@@ -181,12 +211,18 @@ def _evaluate(args: argparse.Namespace, info) -> int:
             for figure in ("dice", "presence_accuracy")
             if score["frames"]
         }
-    _log(args, out, {**summary, **kinds}, info.world_size)
+    log_scores(
+        out,
+        args.tracking_uri,
+        args.experiment,
+        f"evaluate-{Path(args.weights).stem}-{args.mode}",
+        {**_described(args), "checkpoint": str(args.checkpoint), "ranks": ranks},
+        {**summary, **kinds},
+    )
     print(
         f"wrote {out}: masks/, soft/, {'overlays/, ' if not args.no_overlays else ''}metrics.json, metrics.csv "
-        f"({scored_line(metrics.frame_counts(), left_out, f'over {info.world_size} rank(s)')})"
+        f"({scored_line(extra['frames'], left_out, f'over {ranks} rank(s)')})"
     )
-    return 0
 
 
 def _nothing_evaluated(args: argparse.Namespace, left_out: dict[str, str]) -> str:
@@ -207,27 +243,3 @@ def _described(args: argparse.Namespace) -> dict[str, str]:
         "mode": args.mode,
         "metric_mode": args.metric_mode,
     }
-
-
-def _log(args: argparse.Namespace, out: Path, summary: dict[str, float], ranks: int) -> None:
-    """The evaluation as its own MLflow run: what was evaluated, the summary as ``eval/...``, the files."""
-    from autosam2.tracking import default_tracking_uri, make_logger, take_uri_credentials
-
-    uri = take_uri_credentials(args.tracking_uri) or default_tracking_uri(out.resolve())
-    logger = make_logger(
-        0,
-        True,
-        uri,
-        args.experiment,
-        run_name=f"evaluate-{Path(args.weights).stem}-{args.mode}",
-        system_metrics=False,
-    )
-    try:
-        logger.log_params({**_described(args), "checkpoint": str(args.checkpoint), "ranks": ranks})
-        logger.log_metrics({f"eval/{k}": v for k, v in summary.items()}, step=0)
-        for name in ("metrics.json", "metrics.csv"):
-            logger.log_artifact(out / name)
-        if (out / "overlays").is_dir():
-            logger.log_artifact(out / "overlays")
-    finally:
-        logger.close()

@@ -3,8 +3,9 @@
 Input: a video file (``.mp4``, ``.avi``, ``.mov``, ``.mkv``, ... through PyAV), a folder of frames, or a folder
 of those. Output (``--output-dir``, appearing only when complete): binary masks
 ``masks/<sequence>/<frame>.png`` (0/255), 8-bit soft maps ``soft/<sequence>/<frame>.png``, per sequence an
-overlay MP4 of every frame plus a GIF and PNG sheet in ``overlays/``, and ``frames.csv`` (per frame: the
-presence probability and the predicted polyp's pixels). Frames are read, predicted and written one by
+overlay MP4 of every frame (not with ``--no-overlay-video``) plus a GIF and PNG sheet in ``overlays/`` (none
+with ``--no-overlays``), and ``frames.csv`` (per frame: the presence probability and the predicted polyp's
+pixels). Frames are read, predicted and written one by
 one, so memory does not grow with the video's length.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 
-from autosam2.arguments import positive_float
+from autosam2.arguments import add_no_overlays, positive_float
 from autosam2.config import TrainConfig
 
 
@@ -29,7 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=25.0,
         help="frame rate of the overlay video of a folder of frames",
     )
-    parser.add_argument("--no-video", action="store_true", help="no overlay MP4 (GIF and sheet still)")
+    add_no_overlays(parser)
+    parser.add_argument(
+        "--no-overlay-video",
+        "--no-video",
+        dest="no_overlay_video",
+        action="store_true",
+        help="no overlay MP4 (the GIF and PNG sheet still)",
+    )
     return parser
 
 
@@ -47,26 +55,35 @@ def main(argv: list[str] | None = None) -> int:
     inputs = [args.input, args.weights, args.checkpoint]
     out = claim(args.output_dir, PREDICTIONS, args.overwrite, inputs)
     videos = read_inputs(args.input)
-    device = pick_device("cpu" if args.cpu else ("auto" if args.gpu is None else f"cuda:{args.gpu}"), 0)
-    configure_backends(TrainConfig.cudnn_benchmark, TrainConfig.tf32)
+    device = pick_device(args.device, 0)
+    defaults = TrainConfig()
+    configure_backends(defaults.cudnn_benchmark, defaults.tf32)
     model, _ = load_trained_model(args.weights, args.checkpoint, device, compile=args.compile)
     with (
         output_directory(out, PREDICTIONS, args.overwrite, inputs) as tmp,
         open(tmp / "frames.csv", "w", newline="") as f,
     ):
-        writer = PredictionWriter(tmp, video=not args.no_video, fps=args.fps, rows=csv.writer(f))
+        overlays = not args.no_overlays
+        writer = PredictionWriter(
+            tmp,
+            overlays=overlays,
+            video=overlays and not args.no_overlay_video,
+            fps=args.fps,
+            rows=csv.writer(f),
+        )
         with Progress(len(videos), "predict", "sequence", every_s=0.0) as bar:
             infer_sequences(
                 model,
                 videos,
                 device,
                 args.mode,
-                args.batch_size,
+                args.encode_batch,
                 sink=writer,
                 on_sequence=lambda video: bar.update(
                     note=f"{video.video_id}: {writer.frames[video.video_id]} frames"
                 ),
             )
         frames = sum(writer.frames.values())
-    print(f"wrote {out}: masks/, soft/, overlays/, frames.csv ({len(videos)} sequence(s), {frames} frames)")
+    written = "masks/, soft/, overlays/, frames.csv" if overlays else "masks/, soft/, frames.csv"
+    print(f"wrote {out}: {written} ({len(videos)} sequence(s), {frames} frames)")
     return 0

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from autosam2.arguments import positive_int
+from autosam2.arguments import add_output_dir, add_workers
 from autosam2.metrics import DICE_RULES, MODES, REPORTED
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--gt", required=True, help="ground truth: <gt>/<sequence>/<frame>.png|jpg (or <gt>/GT/...)"
     )
     p.add_argument("--metric-mode", default="sunseg", choices=list(MODES))
-    p.add_argument("--output-dir", default="scores", help="metrics.json, metrics.csv (default: scores)")
+    add_output_dir(p, default="scores", help="metrics.json, metrics.csv (default: scores)")
     p.add_argument(
         "--on-missing",
         default="error",
@@ -63,12 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--keep-first-last", action="store_true", help="sunseg: score the first and last frames too"
     )
-    p.add_argument(
-        "--workers",
-        type=positive_int,
-        default=None,
-        help="processes reading and scoring (default: cores, at most 8)",
-    )
+    add_workers(p, "reading and scoring")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--mlflow", action="store_true", help="log the scores as an MLflow run")
     p.add_argument(
@@ -83,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     from autosam2.errors import DatasetError
-    from autosam2.eval.report import listed, print_table, say_left_out, scored_line, write_metrics
-    from autosam2.eval.score import default_workers, pair_frames, score_all
+    from autosam2.eval.report import listed, log_scores, print_table, say_left_out, scored_line, write_metrics
+    from autosam2.eval.score import pair_frames, score_all
     from autosam2.outputs import SCORES, claim, output_directory
     from autosam2.progress import track
 
@@ -107,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         return track(items, total, "score", "sequence")
 
     with output_directory(out, SCORES, args.overwrite, [args.pred, args.gt]) as tmp:
-        metrics = score_all(pairing.sequences, args.metric_mode, args.workers or default_workers(), progress)
+        metrics = score_all(pairing.sequences, args.metric_mode, args.workers, progress)
         counts = metrics.frame_counts()
         per_sequence, summary = metrics.per_sequence(), metrics.summary()
         columns = list(REPORTED[args.metric_mode])
@@ -115,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         write_metrics(tmp, per_sequence, summary, described, columns)
     print_table(per_sequence, summary, columns)
     if args.mlflow:
-        _log(args, out, summary)
+        name = args.run_name or f"score-{Path(args.pred).resolve().name}"
+        params = {"pred": str(args.pred), "gt": str(args.gt), "metric_mode": args.metric_mode}
+        log_scores(out, args.tracking_uri, args.experiment, name, params, summary)
     print(f"wrote {out}: metrics.json, metrics.csv ({scored_line(counts, pairing.left_out)})")
     return 0
 
@@ -141,19 +138,3 @@ def _described(args: argparse.Namespace, dropped: bool, counts: dict[str, int]) 
         "first_last_dropped": dropped,
         "frames": counts,
     }
-
-
-def _log(args: argparse.Namespace, out: Path, summary: dict[str, float]) -> None:
-    """The scores as an MLflow run: what was scored, the summary as ``eval/...``, the files."""
-    from autosam2.tracking import default_tracking_uri, make_logger, take_uri_credentials
-
-    uri = take_uri_credentials(args.tracking_uri) or default_tracking_uri(out.resolve())
-    name = args.run_name or f"score-{Path(args.pred).resolve().name}"
-    logger = make_logger(0, True, uri, args.experiment, run_name=name, system_metrics=False)
-    try:
-        logger.log_params({"pred": str(args.pred), "gt": str(args.gt), "metric_mode": args.metric_mode})
-        logger.log_metrics({f"eval/{k}": v for k, v in summary.items()}, step=0)
-        for file in ("metrics.json", "metrics.csv"):
-            logger.log_artifact(out / file)
-    finally:
-        logger.close()

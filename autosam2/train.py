@@ -1,7 +1,7 @@
 """`autosam2 train`: load the config, build the parts, hand them to the trainer, tear down in `finally`.
 
-Works alone, under `torchrun` and under `srun`. The seed's flags keep their meaning and map onto the
-config; `key=value` arguments override any config field last. Parsing needs only the config (no torch),
+Works alone, under `torchrun` and under `srun`. Its flags map onto config fields; `key=value` arguments
+override any config field last. Parsing needs only the config (no torch),
 so `autosam2 train --help` and the launcher's check are quick.
 """
 
@@ -11,6 +11,7 @@ import argparse
 import os
 from pathlib import Path
 
+from autosam2.arguments import add_device, add_output_dir
 from autosam2.config import Config, Dataset, EngineKind, FeatureCacheKind, load_config
 
 
@@ -26,11 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="train.epochs")
     p.add_argument("--lr", type=float, default=None, help="optim.lr")
     p.add_argument("--dataset", default=None, choices=[d.value for d in Dataset], help="data.dataset")
-    p.add_argument(
-        "--gpu", type=int, default=None, help="GPU of a single-process run (under torchrun: LOCAL_RANK's)"
+    add_device(
+        p,
+        None,
+        gpu_help="GPU N of a single-process run, train.device=cuda:N (under torchrun: LOCAL_RANK's)",
+        cpu_help="train on the CPU (train.device=cpu)",
     )
-    p.add_argument("--cpu", action="store_true", help="train on the CPU (train.device=cpu)")
-    p.add_argument("--output-dir", default=None, help="train.output_dir")
+    add_output_dir(p, default=None, help="train.output_dir")
     p.add_argument("--engine", default=None, choices=[e.value for e in EngineKind], help="train.engine")
     p.add_argument("--resume", default=None, help="auto | none | a checkpoint folder (train.resume)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.warmup_steps=10")
@@ -47,7 +50,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "train.output_dir": args.output_dir,
         "train.engine": args.engine,
         "train.resume": args.resume,
-        "train.device": "cpu" if args.cpu else (f"cuda:{args.gpu}" if args.gpu is not None else None),
+        "train.device": args.device,
     }
     mapped = [f"{k}={v}" for k, v in flags.items() if v is not None]
     return load_config(args.config, mapped + list(args.overrides))

@@ -1,4 +1,4 @@
-"""`python -m launch train|evaluate|shard --cluster slurm|local|debug [options] -- [autosam2 args]`.
+"""`python -m launch WHAT --cluster slurm|local|debug [options] -- [the command's args]`.
 
 Submits through submitit: training as a Checkpointable job (one task per GPU; each task maps SLURM's
 variables to torch.distributed's as `autosam2 train` does under srun), evaluation as one task, sharding as
@@ -60,17 +60,23 @@ def shard_part(argv: list[str], index: int | None, count: int) -> int:
     if index is None:
         build = build_parser().parse_args(["build", *argv])
         again = ["--overwrite"] if build.overwrite else []
-        return run(build_parser().parse_args(["merge", str(build.out), *again]))
+        return run(build_parser().parse_args(["merge", "--output-dir", str(build.output_dir), *again]))
     return run(
         build_parser().parse_args(["build", *argv, "--shard-index", str(index), "--num-shards", str(count)])
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from autosam2.arguments import add_output_dir
+    from autosam2.commands import LAUNCH, commands_of
+
     p = argparse.ArgumentParser(
-        prog="python -m launch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=LAUNCH, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("what", choices=["train", "evaluate", "shard"])
+    jobs = commands_of(LAUNCH)
+    p.add_argument(
+        "what", choices=list(jobs), help="; ".join(f"{name}: {job.help}" for name, job in jobs.items())
+    )
     p.add_argument(
         "--cluster",
         choices=["slurm", "local", "debug"],
@@ -88,6 +94,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-task", type=positive_int, default=8)
     p.add_argument("--mem-gb", type=float, default=None)
     p.add_argument("--time", type=positive_int, default=60, help="time limit in minutes")
+    _add_slurm_arguments(p)
+    p.add_argument("--num-shards", type=positive_int, default=4, help="shard: array tasks (disjoint parts)")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow URI for the run (e.g. http://login-node:5000); default SQLite in the output directory",
+    )
+    p.add_argument("--name", default=None, help="job name (default: autosam2-WHAT)")
+    add_output_dir(
+        p,
+        "--folder",
+        default=None,
+        help="the job folder: submitit's pickles and every task's logs (default: the command's "
+        "OUTPUT_DIR/jobs; evaluate: OUTPUT_DIR.jobs beside it)",
+    )
+    p.add_argument("--wait", action="store_true", help="wait for the job(s) and print the result")
+    p.epilog = "After --: the arguments of `autosam2 train` / `autosam2 evaluate`, or of `python -m shards build` (shard)."
+    return p
+
+
+def _add_slurm_arguments(p: argparse.ArgumentParser) -> None:
+    """What SLURM is asked for beyond the resources: where, on whose account, and how a job is requeued."""
     p.add_argument("--partition", default=None)
     p.add_argument("--account", default=None)
     p.add_argument("--qos", default=None)
@@ -108,21 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--signal-delay-s", type=int, default=120, help="SIGUSR2 this many seconds before the time limit"
     )
-    p.add_argument("--num-shards", type=positive_int, default=4, help="shard: array tasks (disjoint parts)")
-    p.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="MLflow URI for the run (e.g. http://login-node:5000); default SQLite in the output directory",
-    )
-    p.add_argument("--name", default=None, help="job name (default: autosam2-WHAT)")
-    p.add_argument(
-        "--folder",
-        default=None,
-        help="job folder (default: OUTPUT_DIR/jobs; evaluate: OUTPUT_DIR.jobs beside it)",
-    )
-    p.add_argument("--wait", action="store_true", help="wait for the job(s) and print the result")
-    p.epilog = "After --: the arguments of `autosam2 train` / `autosam2 evaluate`, or of `python -m shards build` (shard)."
-    return p
 
 
 def _executor(args: argparse.Namespace, folder: Path, tasks: int, gpus: int) -> submitit.AutoExecutor:
@@ -199,7 +212,7 @@ def _output_dir_of(what: str, argv: list[str]) -> Path:
 
     args = shard_parser().parse_args(["build", *argv])
     scan_root(args.root, args.split)
-    out = claim_shared(args.out, SHARD_SET, [args.root])
+    out = claim_shared(args.output_dir, SHARD_SET, [args.root])
     if (out / MANIFEST).exists() and not args.overwrite:
         raise OutputRefused(f"{out / MANIFEST}: shard set already built; pass --overwrite to rebuild")
     return out.parent
@@ -236,7 +249,7 @@ def submit(argv: Sequence[str] | None = None) -> list[submitit.Job]:
     cfg, out = _checked(args.what, rest)
     # evaluate's output folder appears whole when it is done (a renamed temp folder): its logs go beside it
     default = out.with_name(f"{out.name}.jobs") if args.what == "evaluate" else out / "jobs"
-    folder = Path(args.folder) if args.folder else default
+    folder = Path(args.output_dir) if args.output_dir else default
     from autosam2.atomic import make_folders, remove_empty
 
     made = make_folders(folder)

@@ -729,6 +729,8 @@ def decode_bench(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from autosam2.arguments import add_device, add_output_dir
+
     parser = argparse.ArgumentParser(prog="python -m launch.gpu_check", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     wheels = sub.add_parser("wheels", help="build the wheelhouse for the device's Python (here)")
@@ -737,12 +739,12 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(
             name, help="the check on this machine's GPU" if name == "run" else "the check on the CPU, tiny"
         )
-        p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "gpu-check-out"))
+        add_output_dir(p, "--out", type=Path, default=Path(os.environ.get("OUT") or "gpu-check-out"))
         p.add_argument("--budget-s", type=float, default=420 if name == "run" else 1500)
     run = sub.choices["run"]
     run.add_argument("--dry", action="store_true", help=argparse.SUPPRESS)
     decode = sub.add_parser("decode", help="JPEG decoding frames/s, PIL vs the device")
-    decode.add_argument("--device", default="cuda")
+    add_device(decode, "cuda", device_alias=True)
     decode.add_argument("--size", type=int, default=1024)
     decode.add_argument("--frames", type=int, default=64)
     args = parser.parse_args(argv)
@@ -759,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(decode_bench(args)))
         return 0
     if args.command == "run":
-        report = run_check(args.out.resolve(), args.dry, args.budget_s)
+        report = run_check(args.output_dir.resolve(), args.dry, args.budget_s)
         print_table(report)
         return 0 if all(p.get("ok") for p in report["parts"].values()) else 1
     # dry-run: this Python's wheels into the stand-in image, then `run --dry` there
@@ -775,8 +777,8 @@ def main(argv: list[str] | None = None) -> int:
             "launch.gpu_check",
             "run",
             "--dry",
-            "--out",
-            str(args.out.resolve()),
+            "--output-dir",
+            str(args.output_dir.resolve()),
             "--budget-s",
             str(args.budget_s),
         ]

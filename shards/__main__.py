@@ -1,24 +1,26 @@
-"""`python -m shards build | merge | verify`: offline sharding of polyp_gen folders."""
+"""`python -m shards COMMAND`: offline sharding of polyp_gen folders."""
 
 from __future__ import annotations
 
 import argparse
-import os
+import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from autosam2.arguments import non_negative_int, positive_float, positive_int
+    from autosam2.arguments import add_output_dir, add_workers, non_negative_int, positive_float, positive_int
+    from autosam2.commands import SHARDS, commands_of
 
-    parser = argparse.ArgumentParser(prog="python -m shards", description=__doc__)
+    parser = argparse.ArgumentParser(prog=SHARDS, description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    helps = {name: command.help for name, command in commands_of(SHARDS).items()}
 
-    b = sub.add_parser("build", help="pack one split of a polyp_gen root into tar shards + manifest.json")
+    b = sub.add_parser("build", help=helps["build"])
     b.add_argument("root", type=Path)
     b.add_argument("--split", choices=["train", "valid"], required=True)
-    b.add_argument("--out", type=Path, required=True)
+    add_output_dir(b, "--out", type=Path, required=True, help="the shard set's folder")
     b.add_argument(
         "--frames-per-sample",
         type=positive_int,
@@ -28,63 +30,83 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--max-shard-mb", type=positive_float, default=1024.0, help="close a shard before it passes this size"
     )
-    b.add_argument(
-        "--workers", type=positive_int, default=min(8, os.cpu_count() or 1), help="processes writing shards"
-    )
+    add_workers(b, "writing shards")
     b.add_argument(
         "--shard-index", type=non_negative_int, default=None, help="job-array mode: write only this part ..."
     )
     b.add_argument("--num-shards", type=positive_int, default=None, help="... of this many; then run `merge`")
     b.add_argument("--overwrite", action="store_true")
 
-    m = sub.add_parser("merge", help="join the parts written by a job array into manifest.json")
-    m.add_argument("out", type=Path)
+    m = sub.add_parser("merge", help=helps["merge"])
+    m.add_argument("folder", type=Path, nargs="?", metavar="OUTPUT_DIR", help="the shard set's folder")
+    add_output_dir(m, type=Path, default=None, help="the shard set's folder (instead of OUTPUT_DIR)")
     m.add_argument("--overwrite", action="store_true", help="replace a manifest.json already there")
 
-    v = sub.add_parser("verify", help="check a shard set against its manifest; list every problem")
+    v = sub.add_parser("verify", help=helps["verify"])
     v.add_argument("out", type=Path)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    """Do what the parsed arguments say; errors propagate (the launcher's jobs report them)."""
-    from shards import verify, writer
+    """Do what the parsed arguments say (the registry's function of the command); errors propagate (the
+    launcher's jobs report them)."""
+    from autosam2.commands import SHARDS, commands_of
 
-    progress = sys.stderr.isatty()
-    if args.command == "build":
-        common = dict(
-            frames_per_sample=args.frames_per_sample,
-            max_shard_mb=args.max_shard_mb,
-            workers=args.workers,
-            overwrite=args.overwrite,
-            progress=progress,
-        )
-        if args.num_shards is None:
-            manifest = writer.build(args.root, args.split, args.out, **common)
-            t = manifest["totals"]
-            print(
-                f"wrote {args.out}: {t['shards']} shards, {t['samples']} samples, {t['frames']} frames, {t['bytes'] / 1e6:.1f} MB"
-                + _noise_note(manifest["shards"])
-            )
-        else:
-            part = writer.build_part(
-                args.root, args.split, args.out, args.shard_index, args.num_shards, **common
-            )
-            frames = sum(s["frames"] for s in part["shards"])
-            print(
-                f"wrote part {args.shard_index} of {args.num_shards} into {args.out}: {len(part['shards'])} shards, {frames} frames"
-                + _noise_note(part["shards"])
-            )
-        return 0
-    if args.command == "merge":
-        manifest = writer.merge(args.out, overwrite=args.overwrite)
+    module, function = commands_of(SHARDS)[args.command].target.split(":")
+    return getattr(importlib.import_module(module), function)(args)
+
+
+def build(args: argparse.Namespace) -> int:
+    from shards import writer
+
+    common = dict(
+        frames_per_sample=args.frames_per_sample,
+        max_shard_mb=args.max_shard_mb,
+        workers=args.workers,
+        overwrite=args.overwrite,
+        progress=sys.stderr.isatty(),
+    )
+    out = args.output_dir
+    if args.num_shards is None:
+        manifest = writer.build(args.root, args.split, out, **common)
         t = manifest["totals"]
         print(
-            f"merged {args.out}: {t['shards']} shards, {t['samples']} samples, {t['frames']} frames"
+            f"wrote {out}: {t['shards']} shards, {t['samples']} samples, {t['frames']} frames, {t['bytes'] / 1e6:.1f} MB"
             + _noise_note(manifest["shards"])
         )
         return 0
-    problems = verify.verify(args.out, progress=progress)
+    part = writer.build_part(args.root, args.split, out, args.shard_index, args.num_shards, **common)
+    frames = sum(s["frames"] for s in part["shards"])
+    print(
+        f"wrote part {args.shard_index} of {args.num_shards} into {out}: {len(part['shards'])} shards, {frames} frames"
+        + _noise_note(part["shards"])
+    )
+    return 0
+
+
+def merge(args: argparse.Namespace) -> int:
+    from shards import writer
+
+    out = merge_folder(args)
+    manifest = writer.merge(out, overwrite=args.overwrite)
+    t = manifest["totals"]
+    print(
+        f"merged {out}: {t['shards']} shards, {t['samples']} samples, {t['frames']} frames"
+        + _noise_note(manifest["shards"])
+    )
+    return 0
+
+
+def merge_folder(args: argparse.Namespace) -> Path | None:
+    """The folder `merge` joins: OUTPUT_DIR or --output-dir, whichever was given (None: neither, or both)."""
+    given = [f for f in (args.folder, args.output_dir) if f is not None]
+    return given[0] if len(given) == 1 else None
+
+
+def verify(args: argparse.Namespace) -> int:
+    from shards.verify import verify as check
+
+    problems = check(args.out, progress=sys.stderr.isatty())
     for problem in problems:
         print(problem)
     if problems:
@@ -109,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--shard-index and --num-shards go together")
     if args.command == "build" and args.num_shards is not None and args.shard_index >= args.num_shards:
         parser.error(f"--shard-index {args.shard_index} is not a part of --num-shards {args.num_shards}")
+    if args.command == "merge" and merge_folder(args) is None:
+        parser.error("merge: give the shard set's folder once, as OUTPUT_DIR or as --output-dir")
     from autosam2.errors import run_command
 
     return run_command(f"shards {args.command}", lambda: run(args))

@@ -12,18 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from autosam2.commands import REGISTRY, commands_of
+
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "autosam2"
-COMMANDS = (
-    "autosam2.cli",
-    "autosam2.train",
-    "autosam2.evaluate",
-    "autosam2.score",
-    "autosam2.predict",
-    "autosam2.demo",
-    "autosam2.data_commands",
-    "autosam2.sync",
-)
+# the command modules, as the registry names them; a registered package holds commands' helpers too
+COMMANDS = {command.module for command in REGISTRY}
+PACKAGES = {m for m in COMMANDS if (REPO / m.replace(".", "/") / "__init__.py").exists()}
 HEAVY = ("torch", "torchvision", "sam2", "hydra", "deepspeed", "mlflow", "webdataset")
 
 
@@ -48,7 +43,7 @@ LIBRARY = {module_name(p): imports_of(p) for p in sorted(PACKAGE.rglob("*.py"))}
 
 
 def is_command(module: str) -> bool:
-    return module in COMMANDS or module == "autosam2.bench" or module.startswith("autosam2.bench.")
+    return module in COMMANDS or any(module.startswith(package + ".") for package in PACKAGES)
 
 
 def within(name: str, top: str) -> bool:
@@ -97,16 +92,18 @@ def test_help_loads_neither_torch_nor_sam2(argv):
 
 
 def test_help_lists_every_command():
-    from autosam2.cli import COMMANDS as TABLE
-
     done = subprocess.run([sys.executable, "-m", "autosam2.cli", "--help"], capture_output=True, text=True)
     assert done.returncode == 0
     listed = {line.split()[0] for line in done.stdout.splitlines() if re.match(r"    \S", line)}
-    assert (
-        listed
-        == set(TABLE)
-        == {"train", "evaluate", "predict", "score", "sync", "demo", "synth", "validate", "inspect", "bench"}
-    )
-    for name, (target, _) in TABLE.items():  # every entry names a function that exists
-        module, function = target.split(":")
-        assert callable(getattr(__import__(module, fromlist=[function]), function)), name
+    assert listed == set(commands_of("autosam2"))
+
+
+@pytest.mark.parametrize("command", REGISTRY, ids=lambda c: f"{c.program} {c.name}".strip())
+def test_every_registered_command_names_what_exists(command):
+    module, function = command.target.split(":")
+    assert callable(getattr(__import__(module, fromlist=[function]), function))
+
+
+def test_a_registered_package_holds_commands_and_the_registry_is_library():
+    assert is_command("autosam2.bench.common")
+    assert not is_command("autosam2.commands") and not is_command("autosam2.config")

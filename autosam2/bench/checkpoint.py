@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from autosam2.arguments import positive_int
+from autosam2.arguments import add_device, add_output_dir, positive_int
 from autosam2.bench.common import default_device, synthetic_clip
 from autosam2.config import load_config
 from autosam2.data.sources import TrainingBatches
@@ -27,7 +27,8 @@ from autosam2.engine.trainer import Trainer
 from autosam2.model.sam2_builder import build_autosam2
 from autosam2.tracking import NullLogger
 
-# the two sizes the issue names: (variant, which parts train)
+# two trainable-set sizes, by the config overrides that make them: hiera-t with its prompt encoder and mask
+# decoder training, and hiera-b+ training whole
 SIZES = {
     "hiera_t_decoder_prompt": ["model.variant=hiera_t", "model.freeze.mask_decoder=false"],
     "hiera_b+_full": [
@@ -48,9 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=256,
         help="of the one train step (checkpoint size does not depend on it)",
     )
-    p.add_argument("--device", default=default_device())
-    p.add_argument(
-        "--out", type=Path, default=None, help="where checkpoints go (default: a temporary folder)"
+    add_device(p, default_device(), device_alias=True)
+    add_output_dir(
+        p, "--out", type=Path, default=None, help="where checkpoints go (default: a temporary folder)"
     )
 
 
@@ -112,7 +113,7 @@ def _one_size(name: str, args: argparse.Namespace, info, root: Path) -> dict[str
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory(prefix="autosam2-bench-") as tmp, single_process_group(device) as info:
-        root = args.out or Path(tmp)
+        root = args.output_dir or Path(tmp)
         sizes = {name: _one_size(name, args, info, root) for name in args.sizes}
     return {
         "bench": "checkpoint",
@@ -122,7 +123,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "repeats": args.repeats,
             "engine": "ddp",
             "torch_threads": torch.get_num_threads(),
-            "out": str(args.out) if args.out else "a temporary folder",
+            "out": str(args.output_dir) if args.output_dir else "a temporary folder",
         },
         "notes": "stall_s: the time Checkpointer.save blocks the loop (sync: the whole write and commit; "
         "async: the host snapshot and the per-rank RNG files); write_s: from the save's start to its commit; "

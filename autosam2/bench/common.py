@@ -32,7 +32,7 @@ def synthetic_shards(
         root = tmp / "polyp_gen"
         write_dataset(root, spec)
     out = tmp / "shards"
-    cmd = [sys.executable, "-m", "shards", "build", str(root), "--split", "train", "--out", str(out)]
+    cmd = [sys.executable, "-m", "shards", "build", str(root), "--split", "train", "--output-dir", str(out)]
     cmd += ["--frames-per-sample", str(frames_per_sample), "--workers", str(max(1, workers))]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:  # the tool's own one line, e.g. a bad frame of --root

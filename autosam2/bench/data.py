@@ -19,6 +19,7 @@ import torch
 
 from autosam2.arguments import non_negative_int, positive_int
 from autosam2.bench.common import synthetic_shards
+from autosam2.config import DataConfig
 from autosam2.data.codec import decode_image
 from autosam2.data.sources import FolderClips
 from autosam2.data.stream import ClipStream, StreamConfig, make_loader
@@ -37,8 +38,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=positive_int, default=32)
     p.add_argument("--frames-per-sample", type=positive_int, default=16)
     p.add_argument("--clip-len", type=positive_int, default=8)
-    p.add_argument("--batch-size", type=positive_int, default=2)
-    p.add_argument("--workers", type=non_negative_int, default=2)
+    p.add_argument("--batch-size", type=positive_int, default=2, help="clips per batch (default 2)")
+    workers = DataConfig().num_workers
+    p.add_argument(
+        "--loader-workers",
+        "--workers",
+        dest="loader_workers",
+        type=non_negative_int,
+        default=workers,
+        help=f"DataLoader worker processes of each reader, as data.num_workers (default {workers})",
+    )
     p.add_argument("--batches", type=positive_int, default=25, help="batches timed per reader and round")
     p.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds; medians are reported")
     p.add_argument(
@@ -87,66 +96,82 @@ def _cycle(loader: torch.utils.data.DataLoader) -> Iterable:
         yield from loader
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    t, b, w = args.clip_len, args.batch_size, args.workers
+NOTES = (
+    "a, b: loader workers decode the clip window, resize to image_size and draw the augmentation; "
+    "the augmentation itself runs batched on the training device (prepare_batch), shown on the CPU in "
+    "a_shard_stream_with_cpu_augment. c: read + decode of the same frame files only. resume: a shard set "
+    "of --resume-samples 2-frame samples at 64 px, 2-clip batches, the same loader workers; seconds from "
+    "asking for the stream at the position to its first batch (medians of --rounds)."
+)
+
+
+def _readers(args: argparse.Namespace, root: Path, shard_dir: Path) -> dict[str, Callable[[int], float]]:
+    """Each reader as a function of the round (the shard stream's seed) to its frames/s."""
+    t, b, w = args.clip_len, args.batch_size, args.loader_workers
     per_batch = t * b
+
+    def shard_stream(seed: int, order: str = "global") -> ClipStream:
+        cfg = StreamConfig(
+            clip_len=t,
+            batch_size=b,
+            image_size=args.image_size,
+            batches_per_epoch=args.batches + 1,
+            seed=seed,
+            order=order,
+        )
+        return ClipStream(shard_dir, "train", cfg)
+
+    clips = FolderClips(root, "train", clip_len=t, image_size=args.image_size, stride=args.frames_per_sample)
+    frame_paths = [f.image for s in clips.dataset.sequences.values() for f in s.frames]
+    loader = dict(num_workers=w, drop_last=True, shuffle=True, prefetch_factor=4 if w else None)
+    return {
+        "a": lambda r: _frames_per_second(make_loader(shard_stream(r), w), lambda _: per_batch, args.batches),
+        "b": lambda r: _frames_per_second(
+            _cycle(torch.utils.data.DataLoader(clips, batch_size=b, collate_fn=collate_clips, **loader)),
+            lambda _: per_batch,
+            args.batches,
+        ),
+        "c": lambda r: _frames_per_second(
+            _cycle(
+                torch.utils.data.DataLoader(
+                    _FrameFiles(frame_paths), batch_size=per_batch, collate_fn=_stack_frames, **loader
+                )
+            ),
+            len,
+            args.batches,
+        ),
+        "a_resampled": lambda r: _frames_per_second(
+            make_loader(shard_stream(r, "resample"), w), lambda _: per_batch, args.batches
+        ),
+        "a_aug": lambda r: _frames_per_second(
+            make_loader(shard_stream(r), w), lambda _: per_batch, args.batches, consume=prepare_batch
+        ),
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="autosam2-bench-") as tmp:
         spec = SynthSpec(
             train_sequences=args.sequences, valid_sequences=1, frames=args.frames, size=args.size, seed=0
         )
-        root, shard_dir = synthetic_shards(Path(tmp), spec, args.frames_per_sample, w, root=args.root)
-
-        def shard_stream(seed: int, order: str = "global") -> ClipStream:
-            cfg = StreamConfig(
-                clip_len=t,
-                batch_size=b,
-                image_size=args.image_size,
-                batches_per_epoch=args.batches + 1,
-                seed=seed,
-                order=order,
-            )
-            return ClipStream(shard_dir, "train", cfg)
-
-        clips = FolderClips(
-            root, "train", clip_len=t, image_size=args.image_size, stride=args.frames_per_sample
+        root, shard_dir = synthetic_shards(
+            Path(tmp), spec, args.frames_per_sample, args.loader_workers, root=args.root
         )
-        frame_paths = [f.image for s in clips.dataset.sequences.values() for f in s.frames]
-        loader = dict(num_workers=w, drop_last=True, shuffle=True, prefetch_factor=4 if w else None)
-        readers = {
-            "a": lambda r: _frames_per_second(
-                make_loader(shard_stream(r), w), lambda _: per_batch, args.batches
-            ),
-            "b": lambda r: _frames_per_second(
-                _cycle(torch.utils.data.DataLoader(clips, batch_size=b, collate_fn=collate_clips, **loader)),
-                lambda _: per_batch,
-                args.batches,
-            ),
-            "c": lambda r: _frames_per_second(
-                _cycle(
-                    torch.utils.data.DataLoader(
-                        _FrameFiles(frame_paths), batch_size=per_batch, collate_fn=_stack_frames, **loader
-                    )
-                ),
-                len,
-                args.batches,
-            ),
-            "a_resampled": lambda r: _frames_per_second(
-                make_loader(shard_stream(r, "resample"), w), lambda _: per_batch, args.batches
-            ),
-            "a_aug": lambda r: _frames_per_second(
-                make_loader(shard_stream(r), w), lambda _: per_batch, args.batches, consume=prepare_batch
-            ),
-        }
+        readers = _readers(args, root, shard_dir)
         # rounds interleave the readers, and medians damp the noise of a shared 2-core machine
         runs: dict[str, list[float]] = {k: [] for k in readers}
         for r in range(args.rounds):
             for name, reader in readers.items():
                 runs[name].append(reader(r))
-        shards, folder, decode, shards_aug, resampled = (
-            statistics.median(runs[k]) for k in ("a", "b", "c", "a_aug", "a_resampled")
-        )
         resume = _resume_cost(Path(tmp) / "resume", args) if args.resume_samples else None
+    return _figures(args, runs, resume)
 
+
+def _figures(args: argparse.Namespace, runs: dict[str, list[float]], resume: dict | None) -> dict[str, Any]:
+    """The report: each reader's median frames/s, their ratios against the targets, the resume cost."""
+    shards, folder, decode, shards_aug, resampled = (
+        statistics.median(runs[k]) for k in ("a", "b", "c", "a_aug", "a_resampled")
+    )
     return {
         "bench": "data",
         "runs_frames_per_s": {k: [round(v, 1) for v in vs] for k, vs in runs.items()},
@@ -173,20 +198,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "config": {
             "frame_size": args.size if not args.root else "from --root",
             "image_size": args.image_size,
-            "clip_len": t,
-            "batch_size": b,
-            "workers": w,
+            "clip_len": args.clip_len,
+            "batch_size": args.batch_size,
+            "workers": args.loader_workers,
             "batches_timed": args.batches,
             "rounds": args.rounds,
             "frames_per_sample": args.frames_per_sample,
             "cpu_count": os.cpu_count(),
             "torch_threads_main": torch.get_num_threads(),
         },
-        "notes": "a, b: loader workers decode the clip window, resize to image_size and draw the augmentation; "
-        "the augmentation itself runs batched on the training device (prepare_batch), shown on the CPU in "
-        "a_shard_stream_with_cpu_augment. c: read + decode of the same frame files only. resume: a shard set "
-        "of --resume-samples 2-frame samples at 64 px, 2-clip batches, the same loader workers; seconds from "
-        "asking for the stream at the position to its first batch (medians of --rounds).",
+        "notes": NOTES,
     }
 
 
@@ -194,7 +215,7 @@ def _resume_cost(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Seconds to the first batch of a stream resumed at 10 % and 90 % of an epoch, both orders."""
     sequences = max(1, args.resume_samples // 10)
     spec = SynthSpec(train_sequences=sequences, valid_sequences=1, frames=20, size=64, seed=1)
-    _, shard_dir = synthetic_shards(tmp, spec, frames_per_sample=2, workers=args.workers)
+    _, shard_dir = synthetic_shards(tmp, spec, frames_per_sample=2, workers=args.loader_workers)
     batch = 2
     figures: dict[str, Any] = {}
     for order in ("global", "resample"):
@@ -209,10 +230,10 @@ def _resume_cost(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
                 start = time.perf_counter()
                 if order == "global":
                     stream.start_at(0, position, 1)
-                    next(iter(make_loader(stream, args.workers)))
+                    next(iter(make_loader(stream, args.loader_workers)))
                 else:  # what a resume of the resampled order does: replay the epoch up to the position
                     stream.set_epoch(0)
-                    batches = iter(make_loader(stream, args.workers))
+                    batches = iter(make_loader(stream, args.loader_workers))
                     for _ in range(position // batch + 1):
                         next(batches)
                 times[share].append(time.perf_counter() - start)

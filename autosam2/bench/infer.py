@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from autosam2.arguments import positive_int
+from autosam2.arguments import add_device, add_encode_batch, positive_int
 from autosam2.bench.common import default_device, sync
 from autosam2.config import ModelConfig, Variant
 from autosam2.data.sources import read_sequences
@@ -30,14 +30,63 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", default="hiera_t", choices=[v.value for v in Variant])
     p.add_argument("--image-size", type=positive_int, default=256)
     p.add_argument("--frames", type=positive_int, default=64, help="frames of the sequence (default 64)")
-    p.add_argument(
-        "--encode-batch", type=int, default=8, help="frames encoded together (evaluate's --batch-size)"
-    )
+    add_encode_batch(p)
     p.add_argument("--rounds", type=positive_int, default=3)
-    p.add_argument("--device", default=default_device())
+    add_device(p, default_device(), device_alias=True)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the image encoder")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
+
+
+class _Passes:
+    """One timed pass over the frames each way: the bare image encoder, streaming inference, and the
+    evaluate pipeline over the same frames as JPEG files of a polyp_gen root under `tmp`."""
+
+    def __init__(self, args: argparse.Namespace, model, tmp: Path):
+        self.args, self.model, self.tmp = args, model, tmp
+        self.device = torch.device(args.device)
+        size = args.image_size
+        self.frames = [torch.randn(1, 3, size, size, device=self.device) for _ in range(args.frames)]
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=args.bf16)
+        write_dataset(
+            tmp / "data",
+            SynthSpec(train_sequences=1, valid_sequences=1, frames=args.frames, size=size, seed=0),
+        )
+
+    def encoder(self) -> float:
+        start = time.perf_counter()
+        with torch.no_grad(), self.autocast:
+            for frame in self.frames:
+                self.model.image_encoder(frame)
+        sync(self.device)
+        return time.perf_counter() - start
+
+    def stream(self) -> float:
+        start = time.perf_counter()
+        frames, batch = self.frames, self.args.encode_batch
+        with self.autocast:
+            for _ in self.model.stream(iter(frames), num_frames=len(frames), encode_batch=batch):
+                pass
+        sync(self.device)
+        return time.perf_counter() - start
+
+    def evaluate(self) -> float:
+        out = self.tmp / "out"
+        shutil.rmtree(out, ignore_errors=True)
+        decode = self.device if self.device.type == "cuda" else None  # as `evaluate --decode-device auto`
+        start = time.perf_counter()
+        with self.autocast:
+            evaluate_sequences(
+                self.model,
+                read_sequences(self.tmp / "data", "valid", 0, 1, decode_device=decode),
+                self.device,
+                "video",
+                "sunseg",
+                self.args.encode_batch,
+                sink=PredictionWriter(out),
+            )
+        sync(self.device)
+        return time.perf_counter() - start
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -47,59 +96,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ModelConfig(variant=Variant(args.variant), image_size=args.image_size), device
     ).eval()
     compiled = model.compile_image_encoder(args.compile_backend) if args.compile else None
-    frames = [torch.randn(1, 3, args.image_size, args.image_size, device=device) for _ in range(args.frames)]
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
-
-    def encoder_pass() -> float:
-        start = time.perf_counter()
-        with torch.no_grad(), autocast:
-            for frame in frames:
-                model.image_encoder(frame)
-        sync(device)
-        return time.perf_counter() - start
-
-    def stream_pass() -> float:
-        start = time.perf_counter()
-        with autocast:
-            for _ in model.stream(iter(frames), num_frames=len(frames), encode_batch=args.encode_batch):
-                pass
-        sync(device)
-        return time.perf_counter() - start
-
     tmp = Path(tempfile.mkdtemp(prefix="autosam2-bench-infer-"))
     try:
-        write_dataset(
-            tmp / "data",
-            SynthSpec(train_sequences=1, valid_sequences=1, frames=args.frames, size=args.image_size, seed=0),
-        )
-
-        decode = device if device.type == "cuda" else None  # as `evaluate --decode-device auto`
-
-        def evaluate_pass() -> float:
-            out = tmp / "out"
-            shutil.rmtree(out, ignore_errors=True)
-            start = time.perf_counter()
-            with autocast:
-                evaluate_sequences(
-                    model,
-                    read_sequences(tmp / "data", "valid", 0, 1, decode_device=decode),
-                    device,
-                    "video",
-                    "sunseg",
-                    args.encode_batch,
-                    sink=PredictionWriter(out),
-                )
-            sync(device)
-            return time.perf_counter() - start
-
+        passes = _Passes(args, model, tmp)
         start = time.perf_counter()
-        encoder_pass(), stream_pass(), evaluate_pass()  # warm-up (and compilation)
+        passes.encoder(), passes.stream(), passes.evaluate()  # warm-up (and compilation)
         warm_up = time.perf_counter() - start
         encoder, streaming, evaluate = ([] for _ in range(3))
         for _ in range(args.rounds):  # interleaved: a slow stretch of the machine hits all three
-            encoder.append(encoder_pass())
-            streaming.append(stream_pass())
-            evaluate.append(evaluate_pass())
+            encoder.append(passes.encoder())
+            streaming.append(passes.stream())
+            evaluate.append(passes.evaluate())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     encoder_s, streaming_s, evaluate_s = (statistics.median(t) for t in (encoder, streaming, evaluate))

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from autosam2.arguments import positive_int
+from autosam2.arguments import add_device, positive_int
 from autosam2.data.polyp_gen import LIST_FILES
 from autosam2.data.synthetic import SynthSpec, write_dataset
 
@@ -45,8 +45,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="evaluate,predict",
         help="which commands to measure (evaluate, predict)",
     )
-    p.add_argument("--cpu", action="store_true", help="run the commands on the CPU even with a GPU")
+    add_device(
+        p,
+        "auto",
+        gpu_help="run the commands on GPU N (default: a GPU if there is one)",
+        cpu_help="run the commands on the CPU even with a GPU",
+    )
     p.add_argument("--keep", type=Path, default=None, help="keep the data and outputs in this folder")
+
+
+def _device_flags(request: str) -> list[str]:
+    """The commands' device flags for a device request (``auto``, ``cpu``, ``cuda``, ``cuda:N``)."""
+    if request == "cpu" or not torch.cuda.is_available():
+        return ["--cpu"]
+    return ["--gpu", request.split(":")[1]] if ":" in request else []
 
 
 def _lengths(text: str) -> list[int]:
@@ -134,7 +146,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "frame_size": args.size,
             "image_size": args.image_size,
             "variant": args.variant,
-            "device": "cpu" if device else "cuda",
+            "device": "cpu" if device == ["--cpu"] else "cuda" + (f":{device[1]}" if device else ""),
             "torch_threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),
             "kept": str(base) if args.keep else None,
@@ -156,7 +168,7 @@ def _measure(
     torch.manual_seed(0)
     save_weights(base / "w.pt", build_autosam2(cfg, torch.device("cpu")), cfg, base=None)
     cli = [sys.executable, "-m", "autosam2.cli"]
-    device = ["--cpu"] if args.cpu or not torch.cuda.is_available() else []
+    device = _device_flags(args.device)
     table: dict[str, dict[str, Any]] = {c: {} for c in commands}
     for n in lengths:
         name = f"long{n}"

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from autosam2.arguments import positive_int
+from autosam2.arguments import add_device, positive_int
 from autosam2.bench.common import default_device, synthetic_clip
 from autosam2.config import Config, EngineKind, Precision, load_config
 from autosam2.data.sources import TrainingBatches
@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--ranks", type=positive_int, default=8, help="data-parallel ranks for ZeRO sharding (default 8)"
     )
     p.add_argument("--steps", type=positive_int, default=2, help="training steps tracked (default 2)")
-    p.add_argument("--device", default=default_device())
+    add_device(p, default_device(), device_alias=True)
 
 
 def peak_bytes(run: Callable[[], None], device: torch.device) -> int:
@@ -114,6 +114,22 @@ def _measure(cfg: Config, device: torch.device, steps: int) -> tuple[torch.nn.Mo
     return model, engine, peak_bytes(run_steps, device), len(no_dropout)
 
 
+def _engine_extra(ds_config: dict | None, n_trainable: int, ranks: int) -> tuple[str, dict[str, float]]:
+    """The engine's name and the bytes it holds beside the step's own: ZeRO's partitions by its stage
+    (`ds_config`: DeepSpeed's config; None: DDP), or DDP's gradient buckets over several ranks."""
+    extra: dict[str, float] = {}
+    if ds_config is not None:
+        zero = ds_config.get("zero_optimization", {})
+        stage = int(zero.get("stage", 0))
+        extra["zero_adam_states"] = 8 * n_trainable / (ranks if stage >= 1 else 1)
+        extra["zero_reduced_gradients"] = 4 * n_trainable / (ranks if stage >= 2 else 1)
+        extra["zero_reduce_bucket"] = 4 * min(n_trainable, int(zero.get("reduce_bucket_size", 5e8)))
+        return f"deepspeed ZeRO-{stage}", extra
+    if ranks > 1:
+        extra["ddp_gradient_buckets"] = 4 * n_trainable  # DDP's flat copy of the gradients
+    return "ddp", extra
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = load_config(args.config, args.overrides)
     device = torch.device(args.device)
@@ -130,8 +146,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     adam_states = _nbytes(v for v in states if isinstance(v, torch.Tensor) and v.device == device)
     n_trainable = sum(p.numel() for p in trainable)
     ranks = max(1, args.ranks)
-    extra: dict[str, float] = {}
-    engine_name = "ddp"
     peak = weights + counted
     optimizer_states = adam_states
     if deepspeed:
@@ -139,14 +153,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # where the peak is, so the full ones come off it
         peak -= adam_states
         optimizer_states = 0
-        zero = ds_config.get("zero_optimization", {})
-        stage = int(zero.get("stage", 0))
-        engine_name = f"deepspeed ZeRO-{stage}"
-        extra["zero_adam_states"] = 8 * n_trainable / (ranks if stage >= 1 else 1)
-        extra["zero_reduced_gradients"] = 4 * n_trainable / (ranks if stage >= 2 else 1)
-        extra["zero_reduce_bucket"] = 4 * min(n_trainable, int(zero.get("reduce_bucket_size", 5e8)))
-    elif ranks > 1:
-        extra["ddp_gradient_buckets"] = 4 * n_trainable  # DDP's flat copy of the gradients
+    engine_name, extra = _engine_extra(ds_config if deepspeed else None, n_trainable, ranks)
     mib = 2**20
     return {
         "bench": "memory",

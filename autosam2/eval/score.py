@@ -12,7 +12,6 @@ does (their predictions are never read).
 
 from __future__ import annotations
 
-import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -222,7 +221,3 @@ def score_all(
     if errors:
         raise DatasetError("\n".join([*listed(errors), f"{len(errors)} file(s) cannot be scored"]))
     return merged
-
-
-def default_workers() -> int:
-    return max(1, min(8, len(os.sched_getaffinity(0))))
