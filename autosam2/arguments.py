@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 
@@ -63,6 +64,21 @@ def gpu_device(text: str) -> str:
 def add_output_dir(parser: argparse.ArgumentParser, *aliases: str, **kwargs: Any) -> argparse.Action:
     """``--output-dir``: the folder a command writes (`args.output_dir`)."""
     return parser.add_argument("--output-dir", *aliases, dest="output_dir", **kwargs)
+
+
+def add_folder_or_output_dir(parser: argparse.ArgumentParser, what: str) -> None:
+    """The folder a command works on, given once: as the positional OUTPUT_DIR (`args.folder`) or as
+    ``--output-dir``; `given_folder` reads it back."""
+    parser.add_argument("folder", type=Path, nargs="?", metavar="OUTPUT_DIR", help=what)
+    add_output_dir(parser, type=Path, default=None, help=f"{what} (instead of OUTPUT_DIR)")
+
+
+def given_folder(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
+    """The folder of `add_folder_or_output_dir`; a usage error when it was given neither way or both."""
+    given = [f for f in (args.folder, args.output_dir) if f is not None]
+    if len(given) != 1:
+        parser.error("give the folder once: as OUTPUT_DIR or as --output-dir OUTPUT_DIR")
+    return given[0]
 
 
 def add_device(

@@ -7,6 +7,7 @@ import errno
 import sys
 from pathlib import Path
 
+from autosam2.arguments import add_folder_or_output_dir, given_folder
 from autosam2.tracking.credentials import redact_uri, take_uri_credentials
 from autosam2.tracking.mlflow_store import bound_http_env, default_tracking_uri, open_client
 from autosam2.tracking.outbox import FOLDER, OUTBOX, Outbox
@@ -61,22 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="autosam2 sync",
         description="send the tracking records a run could not deliver (its MLflow server was down) to its run",
     )
-    parser.add_argument(
-        "output_dir",
-        type=Path,
-        nargs="?",
-        default=None,
-        metavar="OUTPUT_DIR",
-        help="the run's output directory (train.output_dir)",
-    )
-    parser.add_argument(
-        "--output-dir",
-        dest="output_dir_option",
-        type=Path,
-        default=None,
-        metavar="OUTPUT_DIR",
-        help="the run's output directory, as an option (instead of the positional one)",
-    )
+    add_folder_or_output_dir(parser, "the run's output directory (train.output_dir)")
     parser.add_argument("--tracking-uri", default=None, help="default: the run's tracking.uri in config.yaml")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to keep trying (default 600)")
     return parser
@@ -85,9 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if (args.output_dir is None) == (args.output_dir_option is None):
-        parser.error("give the run's output directory once: OUTPUT_DIR or --output-dir OUTPUT_DIR")
-    output_dir = args.output_dir or args.output_dir_option
+    output_dir = given_folder(parser, args)
     sent, left = sync(output_dir, args.tracking_uri, args.timeout)
     if left:
         print(f"sync: {sent} record(s) sent, {left} still waiting in {output_dir / FOLDER}", file=sys.stderr)

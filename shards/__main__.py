@@ -10,7 +10,14 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from autosam2.arguments import add_output_dir, add_workers, non_negative_int, positive_float, positive_int
+    from autosam2.arguments import (
+        add_folder_or_output_dir,
+        add_output_dir,
+        add_workers,
+        non_negative_int,
+        positive_float,
+        positive_int,
+    )
     from autosam2.commands import SHARDS, commands_of
 
     parser = argparse.ArgumentParser(prog=SHARDS, description=__doc__)
@@ -38,8 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true")
 
     m = sub.add_parser("merge", help=helps["merge"])
-    m.add_argument("folder", type=Path, nargs="?", metavar="OUTPUT_DIR", help="the shard set's folder")
-    add_output_dir(m, type=Path, default=None, help="the shard set's folder (instead of OUTPUT_DIR)")
+    add_folder_or_output_dir(m, "the shard set's folder")
     m.add_argument("--overwrite", action="store_true", help="replace a manifest.json already there")
 
     v = sub.add_parser("verify", help=helps["verify"])
@@ -87,7 +93,7 @@ def build(args: argparse.Namespace) -> int:
 def merge(args: argparse.Namespace) -> int:
     from shards import writer
 
-    out = merge_folder(args)
+    out = args.output_dir
     manifest = writer.merge(out, overwrite=args.overwrite)
     t = manifest["totals"]
     print(
@@ -95,12 +101,6 @@ def merge(args: argparse.Namespace) -> int:
         + _noise_note(manifest["shards"])
     )
     return 0
-
-
-def merge_folder(args: argparse.Namespace) -> Path | None:
-    """The folder `merge` joins: OUTPUT_DIR or --output-dir, whichever was given (None: neither, or both)."""
-    given = [f for f in (args.folder, args.output_dir) if f is not None]
-    return given[0] if len(given) == 1 else None
 
 
 def verify(args: argparse.Namespace) -> int:
@@ -131,8 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--shard-index and --num-shards go together")
     if args.command == "build" and args.num_shards is not None and args.shard_index >= args.num_shards:
         parser.error(f"--shard-index {args.shard_index} is not a part of --num-shards {args.num_shards}")
-    if args.command == "merge" and merge_folder(args) is None:
-        parser.error("merge: give the shard set's folder once, as OUTPUT_DIR or as --output-dir")
+    if args.command == "merge":
+        from autosam2.arguments import given_folder
+
+        args.output_dir = given_folder(parser, args)
     from autosam2.errors import run_command
 
     return run_command(f"shards {args.command}", lambda: run(args))

@@ -200,14 +200,19 @@ def test_an_older_spelling_parses_as_the_new_one(target, old, new, dest):
     assert vars(old_args) == vars(new_args) and getattr(new_args, dest) not in (None, False)
 
 
-def test_shards_merge_takes_its_folder_once(capsys):
-    from shards.__main__ import build_parser, merge_folder
+@pytest.mark.parametrize("build", ["shards.__main__:build_parser", "autosam2.sync:build_parser"])
+def test_a_folder_given_as_positional_or_option_is_taken_once(build, capsys):
+    from autosam2.arguments import given_folder
 
-    parser = build_parser()
-    assert merge_folder(parser.parse_args(["merge", "s"])) == Path("s")
-    assert merge_folder(parser.parse_args(["merge", "--output-dir", "s"])) == Path("s")
-    assert merge_folder(parser.parse_args(["merge"])) is None
-    assert merge_folder(parser.parse_args(["merge", "s", "--output-dir", "t"])) is None
+    module, name = build.split(":")
+    parser = getattr(importlib.import_module(module), name)()
+    first = ["merge"] if module.startswith("shards") else []
+    assert given_folder(parser, parser.parse_args([*first, "s"])) == Path("s")
+    assert given_folder(parser, parser.parse_args([*first, "--output-dir", "s"])) == Path("s")
+    for twice_or_never in ([], ["s", "--output-dir", "t"]):
+        with pytest.raises(SystemExit) as refused:
+            given_folder(parser, parser.parse_args([*first, *twice_or_never]))
+        assert refused.value.code == 2 and "give the folder once" in capsys.readouterr().err
 
 
 def test_autosam2_version_is_the_installed_packages(capsys):
