@@ -22,9 +22,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from autosam2.arguments import positive_float, positive_int
 from autosam2.bench.common import default_device, sync, synthetic_shards
-from autosam2.config import ClipMode, Config, Variant, load_config
-from autosam2.data.sources import TrainingBatches, training_batches
-from autosam2.data.stream import ClipStream, StreamConfig
+from autosam2.config import ClipMode, Config, DataConfig, Variant, load_config
+from autosam2.data.batches import TrainingBatches
+from autosam2.data.sources import training_batches
+from autosam2.data.stream import ClipStream
 from autosam2.data.synthetic import SynthSpec
 from autosam2.engine.checkpoint import Checkpointer, LoopState
 from autosam2.engine.dist import DistInfo, single_process_group
@@ -157,11 +158,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out = Path(tmp) / "run"
         cfg = _config(args, shards, out)
         clip = next(
-            iter(
-                ClipStream(
-                    shards, "train", StreamConfig(clip_len=clip_len, batch_size=batch, image_size=size)
-                )
-            )
+            iter(ClipStream(shards, "train", DataConfig(clip_len=clip_len, batch_size=batch), size, seed=0))
         )
         memory: dict[str, float] = {}
         flops: list[float] = []
