@@ -181,9 +181,8 @@ class TrainConfig:
     deepspeed_config: str = "configs/deepspeed/zero2.json"
     output_dir: str = "output"
     checkpoint_every: int = 500  # optimizer steps
-    keep_checkpoints: int = (
-        2  # the newest K complete checkpoints stay (weights/best.pt is apart, always kept)
-    )
+    # the newest K complete checkpoints stay (best.pt, apart from them, is always kept)
+    keep_checkpoints: int = 2
     # copy the state to host memory and write it on a background thread, so the step stalls only for the
     # copy (train.engine=ddp; DeepSpeed's save is a collective of its own and stays synchronous)
     checkpoint_async: bool = True
@@ -325,34 +324,44 @@ def validate(cfg: Config) -> None:
         "train.epochs, checkpoint_every, keep_checkpoints, validate_every, log_every, dist_timeout_s, "
         "threads and max_steps (null: epochs x batches) must be >= 1",
     )
-    if cfg.data.feature_cache == FeatureCacheKind.memory:
-        need(
-            cfg.model.freeze.image_encoder,
+    problems += _feature_cache_problems(cfg)
+    if problems:
+        raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def _feature_cache_problems(cfg: Config) -> list[str]:
+    """data.feature_cache=memory keeps the frozen image encoder's output per frame: it needs a frozen
+    encoder and frames that reach it unchanged but for flips."""
+    if cfg.data.feature_cache != FeatureCacheKind.memory:
+        return []
+    problems = []
+    if not cfg.model.freeze.image_encoder:
+        problems.append(
             "data.feature_cache=memory keeps the frozen image encoder's output: it needs "
-            "model.freeze.image_encoder=true",
+            "model.freeze.image_encoder=true"
         )
-        aug = cfg.data.augment
-        changed = {
-            "degrees": aug.degrees,
-            "translate": aug.translate,
-            "brightness": aug.brightness,
-            "contrast": aug.contrast,
-            "saturation": aug.saturation,
-        }
-        changed = {k: v for k, v in changed.items() if v != 0}
-        if aug.scale_min != 1 or aug.scale_max != 1:
-            changed |= {"scale_min": aug.scale_min, "scale_max": aug.scale_max}
-        need(
-            not aug.enabled or not changed,
+    aug = cfg.data.augment
+    changed = {
+        "degrees": aug.degrees,
+        "translate": aug.translate,
+        "brightness": aug.brightness,
+        "contrast": aug.contrast,
+        "saturation": aug.saturation,
+    }
+    changed = {k: v for k, v in changed.items() if v != 0}
+    if aug.scale_min != 1 or aug.scale_max != 1:
+        changed |= {"scale_min": aug.scale_min, "scale_max": aug.scale_max}
+    if aug.enabled and changed:
+        problems.append(
             "data.feature_cache=memory needs frames that reach the encoder unchanged but for flips: set "
             + ", ".join(
                 f"data.augment.{k}={1 if k.startswith('scale') else 0} (got {v})" for k, v in changed.items()
             )
-            + " or data.augment.enabled=false",
+            + " or data.augment.enabled=false"
         )
-        need(cfg.data.feature_cache_gb >= 0, "data.feature_cache_gb must be >= 0")
-    if problems:
-        raise ConfigError("invalid config: " + "; ".join(problems))
+    if cfg.data.feature_cache_gb < 0:
+        problems.append("data.feature_cache_gb must be >= 0")
+    return problems
 
 
 # writing ------------------------------------------------------------------------------------------------

@@ -109,9 +109,10 @@ def inspect(argv: list[str] | None = None) -> int:
     from autosam2.data.video import collate_clips
 
     if args.shards:
-        from autosam2.data.stream import ClipStream, StreamConfig
+        from autosam2.config import DataConfig
+        from autosam2.data.stream import ClipStream
 
-        stream = ClipStream(args.shards, "eval", StreamConfig(image_size=args.image_size))
+        stream = ClipStream(args.shards, "eval", DataConfig(), args.image_size, seed=0)
         for batch in stream:
             if args.sequence in (None, batch.video_ids[0]):
                 print(_summarise(stream.manifest["split"], batch.video_ids[0], batch))

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from autosam2.arguments import add_device, add_output_dir
 from autosam2.config import Config, Dataset, EngineKind, FeatureCacheKind, load_config
+
+if TYPE_CHECKING:
+    from autosam2.data.batches import TrainingBatches
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,39 +99,66 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(cfg: Config, info):
-    from autosam2.data.sources import training_batches
-    from autosam2.engine.checkpoint import Checkpointer
+    """Set up this process, build the parts (reading everything before anything is written: a bad
+    checkpoint or data set leaves no output behind), then train in the locked output directory."""
+    from autosam2.engine.run_lock import take_output_dir
+
+    stop, hosts, threads = _set_up_process(cfg, info)
+    parts = _build_parts(cfg, info)
+    out = Path(cfg.train.output_dir).resolve()
+    lock = take_output_dir(out, info)
+    try:
+        return _train(cfg, info, out, parts, stop, (hosts, threads))
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _set_up_process(cfg: Config, info):
+    """Stop signals first (a signal during set-up must not kill the job uncheckpointed), then seeds,
+    backends and threads; (stop signal, each rank's host, torch threads and where that count came from)."""
     from autosam2.engine.dist import (
         announce_ranks,
-        barrier,
         configure_backends,
         configure_threads,
-        gather_objects,
         seed_everything,
         stop_when_launcher_gone,
     )
-    from autosam2.engine.engines import build_engine, use_autocast
-    from autosam2.engine.resume import planned_steps, reconcile
-    from autosam2.engine.run_lock import take_output_dir
     from autosam2.engine.stop import StopSignal
-    from autosam2.engine.trainer import Trainer
-    from autosam2.engine.validator import Validator
-    from autosam2.model.feature_cache import FeatureCache
-    from autosam2.model.sam2_builder import build_autosam2
-    from autosam2.model.weights import RunWeights, init_from_weights
 
-    # early: a signal during set-up must not kill the job uncheckpointed
     stop = StopSignal(announce=info.is_main)
     stop_when_launcher_gone(stop, info.rank)
-    out = Path(cfg.train.output_dir).resolve()
     seed_everything(cfg.train.seed, info.rank)
     configure_backends(cfg.train.cudnn_benchmark, cfg.train.tf32)
     threads = configure_threads(cfg.train.threads)
     hosts = announce_ranks(info)
     if info.is_main:
         print(f"threads: {threads[0]} torch threads per rank ({threads[1]})", flush=True)
+    return stop, hosts, threads
 
-    # everything read before anything is written: a bad checkpoint or data set leaves no output behind
+
+@dataclass
+class _Parts:
+    """What a run is built from before it writes anything."""
+
+    model: Any
+    data: TrainingBatches
+    engine: Any
+    features: Any  # a FeatureCache, or None
+    total_steps: int
+
+
+def _build_parts(cfg: Config, info) -> _Parts:
+    """The model (its weights from train.init_from when set), the training batches, the planned steps,
+    the engine and the feature cache."""
+    from autosam2.data.sources import training_batches
+    from autosam2.engine.dist import gather_objects
+    from autosam2.engine.engines import build_engine, use_autocast
+    from autosam2.engine.resume import planned_steps
+    from autosam2.model.feature_cache import FeatureCache
+    from autosam2.model.sam2_builder import build_autosam2
+    from autosam2.model.weights import init_from_weights
+
     model = build_autosam2(cfg.model, info.device)
     if cfg.train.init_from:
         extra = init_from_weights(model, cfg.train.init_from, cfg.model)
@@ -148,33 +180,44 @@ def _run(cfg: Config, info):
         autocast = use_autocast(cfg.train.precision, info.device)
         share = gather_objects if info.world_size > 1 else None
         features = FeatureCache(model.image_encoder, int(cfg.data.feature_cache_gb * 1e9), autocast, share)
+    return _Parts(model, data, engine, features, total_steps)
 
-    lock = take_output_dir(out, info)
+
+def _train(
+    cfg: Config, info, out: Path, parts: _Parts, stop, where: tuple[list[tuple[str, str]], tuple[int, str]]
+):
+    """Resume (the checkpoint's settings reconciled with this run's), start tracking (`where`: each
+    rank's host, the torch threads), train, and finish the weights and the MLflow run; the final
+    LoopState."""
+    from autosam2.engine.checkpoint import Checkpointer
+    from autosam2.engine.dist import barrier
+    from autosam2.engine.resume import reconcile
+    from autosam2.engine.trainer import Trainer
+    from autosam2.engine.validator import Validator
+    from autosam2.model.weights import RunWeights
+
+    engine = parts.engine
+    checkpointer = Checkpointer(out, info, cfg.train.keep_checkpoints, cfg.train.checkpoint_async)
+    state = checkpointer.resume(engine, cfg.train.resume)
+    total_steps = reconcile(cfg, state, engine, parts.data, info, parts.total_steps)
+    logger = _start_tracking(cfg, info, out, state, *where)
+    weights = RunWeights(
+        out, engine.module, cfg.model, info.is_main, cfg.train.full_weights, cfg.train.init_from
+    )
+    if state.step == 0:  # the model before its first step: the baseline to compare with
+        weights.begin()
+    validator = Validator(cfg, engine.module, info, logger, out, weights)
+    trainer = Trainer(
+        cfg, engine, parts.data, total_steps, checkpointer, logger, info, validator, stop, parts.features
+    )
     try:
-        checkpointer = Checkpointer(out, info, cfg.train.keep_checkpoints, cfg.train.checkpoint_async)
-        state = checkpointer.resume(engine, cfg.train.resume)
-        total_steps = reconcile(cfg, state, engine, data, info, total_steps)
-        logger = _start_tracking(cfg, info, out, state, hosts, threads)
-        weights = RunWeights(
-            out, engine.module, cfg.model, info.is_main, cfg.train.full_weights, cfg.train.init_from
-        )
-        if state.step == 0:  # the model before its first step: the baseline to compare with
-            weights.begin()
-        validator = Validator(cfg, engine.module, info, logger, out, weights)
-        trainer = Trainer(
-            cfg, engine, data, total_steps, checkpointer, logger, info, validator, stop, features
-        )
-        try:
-            state = trainer.fit(state)
-        except BaseException:
-            logger.close("FAILED")
-            raise
-        _finish(state, weights, logger, info.is_main)
-        barrier()
-        return state
-    finally:
-        if lock is not None:
-            lock.release()
+        state = trainer.fit(state)
+    except BaseException:
+        logger.close("FAILED")
+        raise
+    _finish(state, weights, logger, info.is_main)
+    barrier()
+    return state
 
 
 def _start_tracking(

@@ -5,18 +5,19 @@ import sys
 
 import torch.distributed as dist
 
-from autosam2.data.stream import ClipStream, StreamConfig, make_loader
+from autosam2.config import DataConfig
+from autosam2.data.stream import ClipStream, make_loader
 
 
 def main(shard_dir: str, out: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    evaluation = ClipStream(shard_dir, "eval", StreamConfig(image_size=32))
+    evaluation = ClipStream(shard_dir, "eval", DataConfig(), 32, seed=0)
     sequences = [(b.video_ids[0], b.images_TBCHW.shape[0]) for b in make_loader(evaluation, num_workers=2)]
     shards = sorted(
         {s["name"] for s in evaluation.manifest["shards"] for name, _ in sequences if name in s["sequences"]}
     )
-    training = ClipStream(shard_dir, "train", StreamConfig(clip_len=3, batch_size=2, image_size=32, seed=1))
+    training = ClipStream(shard_dir, "train", DataConfig(clip_len=3, batch_size=2), 32, seed=1)
     counts = []
     for epoch in range(2):
         training.set_epoch(epoch)

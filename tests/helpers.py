@@ -14,7 +14,7 @@ from torch import nn
 
 from autosam2.bench.mlflow_server import free_port, kill_group, start_mlflow_server  # noqa: F401 -- tests use them from here
 from autosam2.config import load_config
-from autosam2.data.sources import TrainingBatches
+from autosam2.data.batches import TrainingBatches
 from autosam2.data.synthetic import SynthSpec
 from autosam2.data.video import ClipBatch
 from autosam2.engine.checkpoint import Checkpointer

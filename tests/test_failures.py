@@ -127,8 +127,9 @@ def train_args(data, out: Path, **extra) -> list[str]:
 
 HOLD_WORKERS = """
 import multiprocessing, sys, time
-from autosam2.data.stream import ClipStream, StreamConfig, make_loader
-it = iter(make_loader(ClipStream(sys.argv[1], "train", StreamConfig(clip_len=2, image_size=64)), 2))
+from autosam2.config import DataConfig
+from autosam2.data.stream import ClipStream, make_loader
+it = iter(make_loader(ClipStream(sys.argv[1], "train", DataConfig(clip_len=2), 64, seed=0), 2))
 next(it)
 print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
 if sys.argv[2] == "sleep":

@@ -22,7 +22,7 @@ import torch
 
 from autosam2.bench.common import synthetic_clip
 from autosam2.config import load_config
-from autosam2.data.sources import TrainingBatches
+from autosam2.data.batches import TrainingBatches
 from autosam2.data.transforms import model_input
 from autosam2.engine.checkpoint import Checkpointer
 from autosam2.engine.dist import single_process_group

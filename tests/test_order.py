@@ -12,7 +12,7 @@ from autosam2.config import DataConfig
 from autosam2.data.order import GlobalOrder, TarIndex, usable_samples
 from autosam2.data.sample_format import read_manifest
 from autosam2.data.sources import training_batches
-from autosam2.data.stream import ClipStream, StreamConfig, make_loader
+from autosam2.data.stream import ClipStream, make_loader
 from autosam2.data.synthetic import SynthSpec, write_dataset
 
 CLIP = 3
@@ -41,10 +41,10 @@ def clip_id(batch, i: int) -> tuple:
 
 def global_steps(shards: Path, ranks: int, workers: int, batch: int, start=(0, 0), epochs: int = 1, **cfg):
     """Step by step, the clips every rank received (rank 0's first): what the whole job consumed."""
-    config = StreamConfig(clip_len=CLIP, batch_size=batch, image_size=32, seed=5, shuffle_shards=3, **cfg)
+    config = DataConfig(clip_len=CLIP, batch_size=batch, shuffle_shards=3, **cfg)
     per_rank = []
     for rank in range(ranks):
-        stream = ClipStream(shards, "train", config)
+        stream = ClipStream(shards, "train", config, 32, seed=5)
         stream.start_at(start[0], start[1], epochs)
         with (
             pytest.MonkeyPatch.context() as env
@@ -111,8 +111,8 @@ def test_a_resume_reads_no_shard_before_its_position(shards, monkeypatch):
     monkeypatch.setattr(
         TarIndex, "read", lambda self, url, key: read.append(key) or real_read(self, url, key)
     )
-    config = StreamConfig(clip_len=CLIP, batch_size=3, image_size=32, seed=5, shuffle_shards=3)
-    stream = ClipStream(shards, "train", config)
+    config = DataConfig(clip_len=CLIP, batch_size=3, shuffle_shards=3)
+    stream = ClipStream(shards, "train", config, 32, seed=5)
     stream.start_at(0, 27, 1)
     (last,) = list(make_loader(stream, num_workers=0))
     order = stream.global_order

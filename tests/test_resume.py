@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from autosam2.config import ConfigError
-from autosam2.data.sources import TrainingBatches
+from autosam2.data.batches import TrainingBatches
 from autosam2.engine.checkpoint import LoopState
 from autosam2.engine.resume import describe, planned_steps, reconcile
 from tests.helpers import INFO, RecordingLogger, TinyModel, make_trainer

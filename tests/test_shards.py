@@ -199,6 +199,7 @@ def _rename_sequence(root: Path, old: str, new: str) -> None:
 
 def test_sequence_names_with_dots_round_trip_through_the_shards(tiny_root, tmp_path, capsys):
     from autosam2.cli import main as cli
+    from autosam2.config import DataConfig
     from autosam2.data.stream import ClipStream
     from shards.verify import verify
 
@@ -210,7 +211,9 @@ def test_sequence_names_with_dots_round_trip_through_the_shards(tiny_root, tmp_p
     assert sorted(manifest["sequences"]) == ["100%.v2", "seq.1"]
     assert "seq%2E1__00000" in manifest["shards"][0]["samples"]
     assert "100%25%2Ev2__00002" in manifest["shards"][0]["samples"]
-    names = [video.video_id for video in ClipStream(tmp_path / "s", "eval").sequences()]
+    names = [
+        video.video_id for video in ClipStream(tmp_path / "s", "eval", DataConfig(), None, seed=0).sequences()
+    ]
     assert names == ["seq.1", "100%.v2"]
     assert verify(tmp_path / "s") == []
 
@@ -222,8 +225,9 @@ def _png16(path: Path, values: np.ndarray) -> None:
 
 def test_a_16bit_mask_and_a_cmyk_frame_read_the_same_everywhere(tiny_root, tmp_path):
     """Pixel values, not just "no error": the folder reader, validate, the shards and the stream agree."""
+    from autosam2.config import DataConfig
     from autosam2.data.polyp_gen import PolypGenDataset, validate_split
-    from autosam2.data.stream import ClipStream, StreamConfig
+    from autosam2.data.stream import ClipStream
 
     frames = tiny_root / "train" / "images" / "seq1"
     masks = tiny_root / "train" / "masks" / "seq1"
@@ -244,7 +248,9 @@ def test_a_16bit_mask_and_a_cmyk_frame_read_the_same_everywhere(tiny_root, tmp_p
     assert red.shape == (3, 64, 64) and red[0].min() >= 250 and red[1:].max() <= 5
     build(tiny_root, "train", tmp_path / "s", frames_per_sample=5)
     video = next(
-        v for v in ClipStream(tmp_path / "s", "eval", StreamConfig()).sequences() if v.video_id == "seq1"
+        v
+        for v in ClipStream(tmp_path / "s", "eval", DataConfig(), 256, seed=0).sequences()
+        if v.video_id == "seq1"
     )
     assert np.array_equal(video.frames[0].object_mask().numpy(), expected_mask)
     assert bool((video.frames[1].image_CHW == red).all())
@@ -281,6 +287,7 @@ def test_a_label_map_is_rejected_by_both(tiny_root, tmp_path, capsys, kind):
 
 
 def test_a_palette_mask_that_draws_the_polyp_light_is_a_mask_everywhere(tiny_root, tmp_path):
+    from autosam2.config import DataConfig
     from autosam2.data.polyp_gen import PolypGenDataset, validate_split
     from autosam2.data.stream import ClipStream
 
@@ -294,13 +301,18 @@ def test_a_palette_mask_that_draws_the_polyp_light_is_a_mask_everywhere(tiny_roo
     assert validate_split(tiny_root, "train").problems == []
     folder = PolypGenDataset(tiny_root, "train").load_frame("seq2", 2).object_mask()
     build(tiny_root, "train", tmp_path / "s", frames_per_sample=5)
-    seq2 = next(v for v in ClipStream(tmp_path / "s", "eval").sequences() if v.video_id == "seq2")
+    seq2 = next(
+        v
+        for v in ClipStream(tmp_path / "s", "eval", DataConfig(), None, seed=0).sequences()
+        if v.video_id == "seq2"
+    )
     for mask in (folder, seq2.frames[2].object_mask()):
         assert np.array_equal(mask.numpy(), indices == 1)
 
 
 def test_jpeg_masks_with_compression_noise_are_built_as_empty_and_counted(tiny_root, tmp_path, capsys):
     from autosam2.cli import main as cli
+    from autosam2.config import DataConfig
     from autosam2.data.stream import ClipStream
 
     masks = tiny_root / "train" / "masks"
@@ -315,7 +327,9 @@ def test_jpeg_masks_with_compression_noise_are_built_as_empty_and_counted(tiny_r
         == 0
     )
     assert capsys.readouterr().out.strip().endswith(f"MB; {count}")
-    seq1 = next(v for v in ClipStream(out, "eval").sequences() if v.video_id == "seq1")
+    seq1 = next(
+        v for v in ClipStream(out, "eval", DataConfig(), None, seed=0).sequences() if v.video_id == "seq1"
+    )
     assert not any(seq1.frames[i - 1].object_mask().any() for i in (2, 6, 11))  # frame2 is index 1
     (shard,) = json.loads((out / "manifest.json").read_text())["shards"]
     assert shard["empty_with_noise"] == {"masks": 3, "peak": max(peaks)}

@@ -1,12 +1,15 @@
 """The streaming clip pipeline: round trip, windows, determinism, equal batches, bad shards."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
+from autosam2.config import DataConfig
 from autosam2.data.order import usable_samples
 from autosam2.data.polyp_gen import PolypGenDataset
 from autosam2.data.sample_format import ShardError
-from autosam2.data.stream import ClipStream, StreamConfig, make_loader, read_samples
+from autosam2.data.stream import ClipStream, make_loader, read_samples
 from tests.helpers import rewrite_tar, truncate
 
 SHARD = "train-000-00000.tar"
@@ -21,17 +24,23 @@ def test_evaluation_without_names_splits_the_shards_at_the_rank_given(tiny_shard
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     path = tiny_shards_pristine["valid"]
-    assert [v.video_id for v in ClipStream(path, "eval", rank=0, world_size=2).sequences()] == ["seq3"]
-    assert [v.video_id for v in ClipStream(path, "eval", rank=1, world_size=2).sequences()] == []
-    assert [v.video_id for v in ClipStream(path, "eval").sequences()] == []  # the environment's rank 1
+    assert [
+        v.video_id for v in ClipStream(path, "eval", DataConfig(), None, 0, rank=0, world_size=2).sequences()
+    ] == ["seq3"]
+    assert [
+        v.video_id for v in ClipStream(path, "eval", DataConfig(), None, 0, rank=1, world_size=2).sequences()
+    ] == []
+    assert [
+        v.video_id for v in ClipStream(path, "eval", DataConfig(), None, seed=0).sequences()
+    ] == []  # the environment's rank 1
     with pytest.raises(ValueError, match="need both rank and world_size"):
-        ClipStream(path, "eval", rank=2, world_size=2)
+        ClipStream(path, "eval", DataConfig(), None, 0, rank=2, world_size=2)
 
 
 @pytest.mark.parametrize("split", ["train", "valid"])
 def test_round_trip_gives_the_folder_readers_bytes_and_masks(tiny_root_pristine, tiny_shards_pristine, split):
     folder = PolypGenDataset(tiny_root_pristine, split)
-    stream = ClipStream(tiny_shards_pristine[split], "eval", StreamConfig(image_size=64))
+    stream = ClipStream(tiny_shards_pristine[split], "eval", DataConfig(), 64, seed=0)
     seen = []
     for batch in batches(stream, workers=2):
         (name,) = batch.video_ids
@@ -56,8 +65,8 @@ def test_round_trip_gives_the_folder_readers_bytes_and_masks(tiny_root_pristine,
 
 
 def test_training_batches_are_windows_inside_one_chunk(tiny_shards_pristine):
-    cfg = StreamConfig(clip_len=4, batch_size=2, image_size=32, seed=7, batches_per_epoch=6, shuffle_buffer=4)
-    out = batches(ClipStream(tiny_shards_pristine["train"], "train", cfg))
+    cfg = DataConfig(clip_len=4, batch_size=2, batches_per_epoch=6, shuffle_buffer=4)
+    out = batches(ClipStream(tiny_shards_pristine["train"], "train", cfg, 32, seed=7))
     assert len(out) == 6
     for batch in out:
         assert batch.images_TBCHW.shape == (4, 2, 3, 32, 32) and batch.images_TBCHW.dtype == torch.uint8
@@ -77,40 +86,37 @@ def _fingerprint(out: list) -> list:
 
 
 def test_deterministic_for_seed_epoch_rank_and_worker(tiny_shards_pristine, monkeypatch):
-    cfg = StreamConfig(clip_len=3, batch_size=1, image_size=32, seed=3, batches_per_epoch=8)
+    cfg = DataConfig(clip_len=3, batch_size=1, batches_per_epoch=8)
     path = tiny_shards_pristine["train"]
-    first = _fingerprint(batches(ClipStream(path, "train", cfg), workers=2))
-    assert first == _fingerprint(batches(ClipStream(path, "train", cfg), workers=2))
-    other_epoch = ClipStream(path, "train", cfg)
+    first = _fingerprint(batches(ClipStream(path, "train", cfg, 32, seed=3), workers=2))
+    assert first == _fingerprint(batches(ClipStream(path, "train", cfg, 32, seed=3), workers=2))
+    other_epoch = ClipStream(path, "train", cfg, 32, seed=3)
     other_epoch.set_epoch(1)
     assert _fingerprint(batches(other_epoch, workers=2)) != first
-    assert (
-        _fingerprint(
-            batches(ClipStream(path, "train", StreamConfig(**{**cfg.__dict__, "seed": 4})), workers=2)
-        )
-        != first
-    )
+    assert _fingerprint(batches(ClipStream(path, "train", cfg, 32, seed=4), workers=2)) != first
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert _fingerprint(batches(ClipStream(path, "train", cfg), workers=2)) != first
+    assert _fingerprint(batches(ClipStream(path, "train", cfg, 32, seed=3), workers=2)) != first
 
 
 @pytest.mark.parametrize("workers", [0, 2, 3])
 def test_every_epoch_has_the_configured_number_of_batches(tiny_shards_pristine, workers):
-    cfg = StreamConfig(clip_len=3, batch_size=2, image_size=32, batches_per_epoch=7)
-    assert len(batches(ClipStream(tiny_shards_pristine["train"], "train", cfg), workers)) == 7
+    cfg = DataConfig(clip_len=3, batch_size=2, batches_per_epoch=7)
+    assert len(batches(ClipStream(tiny_shards_pristine["train"], "train", cfg, 32, seed=0), workers)) == 7
 
 
 def test_default_epoch_length_divides_samples_over_ranks(tiny_shards_pristine):
-    resampled = StreamConfig(clip_len=3, batch_size=2, order="resample")
-    stream = ClipStream(tiny_shards_pristine["train"], "train", resampled)
+    resampled = DataConfig(clip_len=3, batch_size=2, order="resample")
+    stream = ClipStream(tiny_shards_pristine["train"], "train", resampled, 256, seed=0)
     assert (
         stream.batches_per_rank(1) == 3
         and stream.batches_per_rank(2) == 1
         and stream.batches_per_rank(16) == 1
     )
     # the global order counts the samples that hold a clip, and drops what fills no whole step
-    stream = ClipStream(tiny_shards_pristine["train"], "train", StreamConfig(clip_len=3, batch_size=2))
+    stream = ClipStream(
+        tiny_shards_pristine["train"], "train", DataConfig(clip_len=3, batch_size=2), 256, seed=0
+    )
     usable = sum(len(u) for u in usable_samples(stream.manifest, 3))
     assert 0 < usable < stream.manifest["totals"]["samples"]
     for ranks in (1, 2, 16):
@@ -120,10 +126,14 @@ def test_default_epoch_length_divides_samples_over_ranks(tiny_shards_pristine):
 
 def test_clip_longer_than_samples_is_refused(tiny_shards_pristine):
     with pytest.raises(ShardError, match="samples hold 5 frames, fewer than clip_len 8"):
-        ClipStream(tiny_shards_pristine["train"], "train", StreamConfig(clip_len=8))
+        ClipStream(tiny_shards_pristine["train"], "train", DataConfig(clip_len=8), 256, seed=0)
 
 
-CFG = StreamConfig(clip_len=3, batch_size=1, image_size=32, batches_per_epoch=30, shuffle_buffer=1)
+CFG = DataConfig(clip_len=3, batch_size=1, batches_per_epoch=30, shuffle_buffer=1)
+
+
+def stream_of(path, mode: str, cfg: DataConfig = CFG) -> ClipStream:
+    return ClipStream(path, mode, cfg, 32, seed=0)
 
 
 def test_truncated_shard_names_shard_and_key(tiny_shards):
@@ -131,7 +141,7 @@ def test_truncated_shard_names_shard_and_key(tiny_shards):
     with pytest.raises(
         ShardError, match=rf"{SHARD}: tar is truncated or corrupt (after|at) sample seq\d__0000\d"
     ):
-        batches(ClipStream(tiny_shards["train"], "train", CFG))
+        batches(stream_of(tiny_shards["train"], "train"))
 
 
 def test_corrupted_member_names_shard_key_and_member(tiny_shards):
@@ -142,19 +152,19 @@ def test_corrupted_member_names_shard_key_and_member(tiny_shards):
     with pytest.raises(
         ShardError, match=r"valid-000-00000\.tar: sample seq3__00001: f0002\.jpg: cannot decode image"
     ):
-        batches(ClipStream(tiny_shards["valid"], "eval", CFG))
+        batches(stream_of(tiny_shards["valid"], "eval"))
 
 
 def test_missing_mask_member_names_shard_and_key(tiny_shards):
     rewrite_tar(tiny_shards["train"] / SHARD, lambda n, d: None if n.startswith("seq2__00001.m") else d)
     with pytest.raises(ShardError, match=rf"{SHARD}: sample seq2__00001: member m000\d\.png is missing"):
-        batches(ClipStream(tiny_shards["train"], "train", StreamConfig(**{**CFG.__dict__, "clip_len": 5})))
+        batches(stream_of(tiny_shards["train"], "train", replace(CFG, clip_len=5)))
 
 
 def test_skip_policy_counts_and_goes_on(tiny_shards):
     rewrite_tar(tiny_shards["train"] / SHARD, lambda n, d: None if n.startswith("seq2__00001.m") else d)
-    cfg = StreamConfig(**{**CFG.__dict__, "clip_len": 5, "on_error": "skip", "batches_per_epoch": 12})
-    stream = ClipStream(tiny_shards["train"], "train", cfg)
+    cfg = replace(CFG, clip_len=5, on_error="skip", batches_per_epoch=12)
+    stream = stream_of(tiny_shards["train"], "train", cfg)
     out = batches(stream, workers=2)
     assert len(out) == 12
     for b in out:  # the broken chunk (seq2 frames 5..9) never arrives
@@ -164,7 +174,7 @@ def test_skip_policy_counts_and_goes_on(tiny_shards):
 
 def test_skip_policy_in_evaluation_drops_the_incomplete_sequence(tiny_shards):
     rewrite_tar(tiny_shards["train"] / SHARD, lambda n, d: b"junk" if n == "seq1__00001.f0000.jpg" else d)
-    stream = ClipStream(tiny_shards["train"], "eval", StreamConfig(image_size=64, on_error="skip"))
+    stream = ClipStream(tiny_shards["train"], "eval", DataConfig(on_error="skip"), 64, seed=0)
     out = batches(stream, workers=2)
     assert [b.video_ids for b in out] == [["seq2"]]
     assert stream.skipped == 3  # the broken chunk, then the two chunks of seq1 that arrived
@@ -172,7 +182,7 @@ def test_skip_policy_in_evaluation_drops_the_incomplete_sequence(tiny_shards):
 
 def test_skip_policy_counts_the_unread_rest_of_a_truncated_shard(tiny_shards):
     truncate(tiny_shards["valid"] / "valid-000-00000.tar", 0.4)
-    stream = ClipStream(tiny_shards["valid"], "eval", StreamConfig(image_size=64, on_error="skip"))
+    stream = ClipStream(tiny_shards["valid"], "eval", DataConfig(on_error="skip"), 64, seed=0)
     assert batches(stream) == []
     assert stream.skipped >= 2
 
@@ -181,7 +191,7 @@ def test_skip_policy_counts_the_unread_rest_of_a_truncated_shard(tiny_shards):
 def test_a_workers_error_arrives_as_itself_in_one_line(tiny_shards, workers):
     truncate(tiny_shards["train"] / SHARD, 0.55)
     with pytest.raises(ShardError) as err:
-        batches(ClipStream(tiny_shards["train"], "train", CFG), workers=workers)
+        batches(stream_of(tiny_shards["train"], "train"), workers=workers)
     assert "\n" not in str(err.value) and "DataLoader worker" not in str(err.value)
     assert str(err.value).startswith(str(tiny_shards["train"] / SHARD))
 
@@ -197,8 +207,8 @@ UNREADABLE = {
 def test_skip_policy_stops_when_every_sample_has_failed(tiny_shards, damage, workers):
     for shard in tiny_shards["train"].glob("*.tar"):
         UNREADABLE[damage](shard)
-    cfg = StreamConfig(**{**CFG.__dict__, "on_error": "skip", "batches_per_epoch": 1000})
-    stream = ClipStream(tiny_shards["train"], "train", cfg)
+    cfg = replace(CFG, on_error="skip", batches_per_epoch=1000)
+    stream = stream_of(tiny_shards["train"], "train", cfg)
     usable = sum(len(u) for u in usable_samples(stream.manifest, cfg.clip_len))  # those that hold a clip
     with pytest.raises(
         ShardError, match=rf"all {usable} samples failed to read since the last good clip"
@@ -213,8 +223,8 @@ def test_skip_policy_is_not_stopped_by_a_set_with_good_samples(tiny_shards):
         tiny_shards["train"] / SHARD,
         lambda n, d: b"{" if n.endswith(".json") and not n.startswith("seq1__00000") else d,
     )
-    cfg = StreamConfig(**{**CFG.__dict__, "on_error": "skip", "batches_per_epoch": 20})
-    stream = ClipStream(tiny_shards["train"], "train", cfg)
+    cfg = replace(CFG, on_error="skip", batches_per_epoch=20)
+    stream = stream_of(tiny_shards["train"], "train", cfg)
     out = batches(stream, workers=2)
     assert len(out) == 20 and {b.video_ids[0] for b in out} == {"seq1"}
     assert stream.skipped > 0
@@ -227,7 +237,7 @@ def test_no_sequence_long_enough_for_a_clip_is_refused(tmp_path):
     write_dataset(tmp_path / "pg", SynthSpec(train_sequences=2, valid_sequences=1, frames=3, size=32, seed=1))
     build(tmp_path / "pg", "train", tmp_path / "shards", frames_per_sample=8)
     with pytest.raises(ShardError, match="no sequence has clip_len 4 frames \\(the longest has 3\\)"):
-        ClipStream(tmp_path / "shards", "train", StreamConfig(clip_len=4))
+        ClipStream(tmp_path / "shards", "train", DataConfig(clip_len=4), 256, seed=0)
 
 
 @pytest.mark.parametrize("source", ["shards", "folder"])

@@ -72,7 +72,7 @@ def test_the_logged_data_wait_and_frames_per_s_cover_the_whole_interval_epoch_st
     wait share and frames/s are those of the whole interval, not of the one step that was logged."""
     import time
 
-    from autosam2.data.sources import TrainingBatches
+    from autosam2.data.batches import TrainingBatches
     from tests.helpers import batch
 
     def epoch(e: int):

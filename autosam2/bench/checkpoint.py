@@ -18,7 +18,7 @@ import torch
 from autosam2.arguments import add_device, add_output_dir, positive_int
 from autosam2.bench.common import default_device, synthetic_clip
 from autosam2.config import load_config
-from autosam2.data.sources import TrainingBatches
+from autosam2.data.batches import TrainingBatches
 from autosam2.engine.checkpoint import Checkpointer, LoopState
 from autosam2.engine.dist import single_process_group
 from autosam2.engine.engines import build_engine

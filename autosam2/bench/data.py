@@ -22,7 +22,7 @@ from autosam2.bench.common import synthetic_shards
 from autosam2.config import DataConfig
 from autosam2.data.codec import decode_image
 from autosam2.data.sources import FolderClips
-from autosam2.data.stream import ClipStream, StreamConfig, make_loader
+from autosam2.data.stream import ClipStream, make_loader
 from autosam2.data.synthetic import SynthSpec
 from autosam2.data.transforms import prepare_batch
 from autosam2.data.video import collate_clips
@@ -111,17 +111,12 @@ def _readers(args: argparse.Namespace, root: Path, shard_dir: Path) -> dict[str,
     per_batch = t * b
 
     def shard_stream(seed: int, order: str = "global") -> ClipStream:
-        cfg = StreamConfig(
-            clip_len=t,
-            batch_size=b,
-            image_size=args.image_size,
-            batches_per_epoch=args.batches + 1,
-            seed=seed,
-            order=order,
-        )
-        return ClipStream(shard_dir, "train", cfg)
+        data = DataConfig(clip_len=t, batch_size=b, batches_per_epoch=args.batches + 1, order=order)
+        return ClipStream(shard_dir, "train", data, args.image_size, seed)
 
-    clips = FolderClips(root, "train", clip_len=t, image_size=args.image_size, stride=args.frames_per_sample)
+    clips = FolderClips(
+        root, "train", clip_len=t, image_size=args.image_size, seed=0, stride=args.frames_per_sample
+    )
     frame_paths = [f.image for s in clips.dataset.sequences.values() for f in s.frames]
     loader = dict(num_workers=w, drop_last=True, shuffle=True, prefetch_factor=4 if w else None)
     return {
@@ -220,7 +215,7 @@ def _resume_cost(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     figures: dict[str, Any] = {}
     for order in ("global", "resample"):
         stream = ClipStream(
-            shard_dir, "train", StreamConfig(clip_len=2, batch_size=batch, image_size=64, order=order)
+            shard_dir, "train", DataConfig(clip_len=2, batch_size=batch, order=order), 64, seed=0
         )
         samples = stream.batches_per_rank(1) * batch
         times: dict[str, list[float]] = {"10": [], "90": []}

@@ -23,7 +23,7 @@ import torch
 from autosam2.arguments import add_device, positive_int
 from autosam2.bench.common import default_device, synthetic_clip
 from autosam2.config import Config, EngineKind, Precision, load_config
-from autosam2.data.sources import TrainingBatches
+from autosam2.data.batches import TrainingBatches
 from autosam2.engine.checkpoint import Checkpointer
 from autosam2.engine.dist import DistInfo
 from autosam2.engine.engines import DDPEngine, read_deepspeed_config

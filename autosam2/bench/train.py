@@ -23,8 +23,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from autosam2.arguments import add_device, positive_float, positive_int
 from autosam2.bench.common import default_device, sync, synthetic_shards
 from autosam2.config import ClipMode, Config, DataConfig, ModelConfig, Variant, load_config
-from autosam2.data.sources import TrainingBatches, training_batches
-from autosam2.data.stream import ClipStream, StreamConfig
+from autosam2.data.batches import TrainingBatches
+from autosam2.data.sources import training_batches
+from autosam2.data.stream import ClipStream
 from autosam2.data.synthetic import SynthSpec
 from autosam2.engine.checkpoint import Checkpointer, LoopState
 from autosam2.engine.dist import DistInfo, single_process_group
@@ -236,7 +237,7 @@ def _inputs(args: argparse.Namespace, tmp: Path) -> tuple[Config, Any]:
         spec = SynthSpec(train_sequences=2, valid_sequences=1, frames=max(8, clip_len * 2), size=size, seed=0)
         _, shards = synthetic_shards(tmp, spec, frames_per_sample=clip_len * 2)
     cfg = _config(args, shards, tmp / "run")
-    stream = ClipStream(shards, "train", StreamConfig(clip_len=clip_len, batch_size=batch, image_size=size))
+    stream = ClipStream(shards, "train", DataConfig(clip_len=clip_len, batch_size=batch), size, seed=0)
     return cfg, next(iter(stream))
 
 

@@ -68,7 +68,7 @@ class Step:
 
 
 class GlobalOrder:
-    def __init__(self, manifest: dict[str, Any], clip_len: int, seed: int, window: int = 8):
+    def __init__(self, manifest: dict[str, Any], clip_len: int, seed: int, window: int):
         self.seed, self.window = seed, max(1, window)
         self.usable = usable_samples(manifest, clip_len)
         self.total = sum(len(u) for u in self.usable)

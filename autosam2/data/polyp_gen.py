@@ -1,6 +1,6 @@
 """The polyp_gen folder layout: scan, validate and lazily read sequences and clip windows.
 
-Layout (from the seed): ``ROOT/{train,valid}/{images,masks}/<sequence>/<frame>.jpg`` with
+Layout: ``ROOT/{train,valid}/{images,masks}/<sequence>/<frame>.jpg`` with
 ``ROOT/train/train_list.txt`` and ``ROOT/valid/val_list.txt`` naming one sequence per line.
 Frames follow the natural order of their names (frame2 before frame10); a mask pairs with the image of
 the same stem (``.jpg`` or ``.png``); masks are foreground above ``MASK_THRESHOLD`` because JPEG masks carry

@@ -12,19 +12,19 @@ import itertools
 import math
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from autosam2.config import AugmentConfig, DataConfig, OnError
+from autosam2.data.batches import TrainingBatches
 from autosam2.data.order import usable_samples
 from autosam2.data.polyp_gen import PolypGenDataset
 from autosam2.data.sample_format import MANIFEST
 from autosam2.data.stream import (
     ClipStream,
-    StreamConfig,
     WorkerFailure,
     ignore_stop_signals,
     make_loader,
@@ -44,8 +44,8 @@ def check_source(path: str | Path, split: str, clip_len: int | None = None, key:
     """Raise one error naming the path if it cannot feed `split` (with `clip_len`-frame training clips):
     no such folder, a broken manifest, a folder layout with problems, no sequence long enough. Reads
     manifests and file names only."""
-    if is_shard_set(path):
-        ClipStream(path, "train" if clip_len else "eval", StreamConfig(clip_len=clip_len or 1))
+    if is_shard_set(path):  # the manifest is checked; no clip is drawn, so no size or seed applies
+        ClipStream(path, "train" if clip_len else "eval", DataConfig(clip_len=clip_len or 1), None, seed=0)
         return
     if not Path(path).is_dir():
         raise DatasetError(f"{key}={path}: neither a shard set ({MANIFEST}) nor a polyp_gen root")
@@ -61,62 +61,6 @@ def check_source(path: str | Path, split: str, clip_len: int | None = None, key:
 # training -----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TrainingBatches:
-    """What the loop draws from: `epoch(e)` yields epoch e's batches, the same ones every time it is
-    asked; `per_epoch` batches per rank; `skipped()` counts samples skipped for bad data so far.
-    `seek(epoch, position, epochs)`, when given (the global order), yields (epoch, batch) from global
-    sample `position` of `epoch` on, through epoch `epochs` - 1, without reading what comes before;
-    `dropped` positions at each epoch's end fill no whole step and are left out. `source` says where
-    the clips come from, `held` how many clips one pass over the set gives (the samples or windows
-    that hold a clip): an epoch of more clips cycles through the set."""
-
-    epoch: Callable[[int], Iterable[ClipBatch]]
-    per_epoch: int
-    skipped: Callable[[], int] = lambda: 0
-    seek: Callable[[int, int, int], Iterable[tuple[int, ClipBatch]]] | None = None
-    dropped: int = 0
-    source: str = ""
-    held: int = 0
-
-    def describe(self, world_size: int, data: DataConfig) -> str:
-        """The run's first line about its data: the steps of an epoch, and, when an epoch holds more
-        clips than the set (data.batches_per_epoch beyond it), how many passes over the set it makes."""
-        per_step = world_size * data.batch_size
-        line = (
-            f"data: {self.source}, {self.per_epoch} steps of {per_step} clips per epoch ({world_size} "
-            f"rank(s) x {data.batch_size})"
-        )
-        if self.seek is not None:
-            line += f"; {self.dropped} sample(s) that fill no whole step dropped at each epoch's end"
-        clips = self.per_epoch * per_step
-        if 0 < self.held < clips:
-            if data.batches_per_epoch:
-                line += f"; data.batches_per_epoch={data.batches_per_epoch} goes beyond the set"
-            line += (
-                f"{':' if data.batches_per_epoch else ';'} an epoch's {clips} clips cycle through the "
-                f"set's {self.held}, {round(clips / self.held, 2):g} passes"
-            )
-        return line
-
-    def batches(
-        self, epoch: int, position: int, epochs: int, global_batch: int
-    ) -> Iterator[tuple[int, ClipBatch]]:
-        """(epoch, batch) from `position` (global samples consumed) of `epoch` to the end of epoch
-        `epochs` - 1. Without `seek`, an epoch's stream is replayed up to the position (a resume decodes
-        every batch before it) and each epoch has a loader of its own."""
-        if self.seek is not None:
-            yield from self.seek(epoch, position, epochs)
-            return
-        for e in range(epoch, epochs):
-            batches = iter(self.epoch(e))
-            for _ in range(position // global_batch if e == epoch else 0):
-                if next(batches, None) is None:
-                    break
-            for batch in batches:
-                yield e, batch
-
-
 class FolderClips(torch.utils.data.Dataset):
     """Clip windows of T frames from a polyp_gen split, resized and with their augmentation drawn."""
 
@@ -126,7 +70,7 @@ class FolderClips(torch.utils.data.Dataset):
         split: str,
         clip_len: int,
         image_size: int,
-        seed: int = 0,
+        seed: int,
         stride: int = 1,
         augment: AugmentConfig | None = None,
     ):
@@ -176,19 +120,7 @@ def training_batches(
 def _shard_batches(
     data: DataConfig, image_size: int, seed: int, rank: int, world_size: int, pin_memory: bool
 ) -> TrainingBatches:
-    stream_cfg = StreamConfig(
-        clip_len=data.clip_len,
-        batch_size=data.batch_size,
-        image_size=image_size,
-        seed=seed,
-        order=data.order,
-        shuffle_shards=data.shuffle_shards,
-        shuffle_buffer=data.shuffle_buffer,
-        batches_per_epoch=data.batches_per_epoch,
-        on_error=data.on_error,
-        augment=data.augment,
-    )
-    stream = ClipStream(data.train, "train", stream_cfg, rank, world_size)
+    stream = ClipStream(data.train, "train", data, image_size, seed, rank, world_size)
 
     def shard_epoch(epoch: int) -> Iterable[ClipBatch]:
         stream.set_epoch(epoch)
@@ -303,8 +235,8 @@ def read_sequences(
     the `rank`-th. With ``on_error="skip"`` a sequence that cannot be read to its end is said in a warning
     and its frames raise SequenceSkipped, for the consumer to forget it. ``decode_device``: where a
     polyp_gen root's JPEG frames are decoded (None: here; shards decode in the stream)."""
-    if is_shard_set(source):
-        stream = ClipStream(source, "eval", StreamConfig(image_size=None, on_error=on_error))
+    if is_shard_set(source):  # whole sequences at their own size: nothing is drawn, no seed applies
+        stream = ClipStream(source, "eval", DataConfig(on_error=on_error), image_size=None, seed=0)
         names = share(sorted(stream.manifest["sequences"]), rank, world_size, limit)
         return Sequences(names, lambda: stream.lazy_sequences(names))
     dataset = PolypGenDataset(source, split, decode_device=decode_device)

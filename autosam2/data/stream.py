@@ -1,6 +1,6 @@
 """The streaming clip pipeline: WebDataset shards -> clip batches, split over ranks and loader workers.
 
-Training, in the global order (``order="global"``, the default; `autosam2.data.order`): epoch e's samples
+Training, in the global order (``data.order=global``; `autosam2.data.order`): epoch e's samples
 come in one sequence fixed by (seed, e) — a seeded permutation of the shards, shuffled inside windows of
 ``shuffle_shards`` shards — and each global step takes the next ranks x B of them, rank r its B, from
 the loader worker DataLoader's round robin asks. A clip's window of T frames and its augmentation are
@@ -9,7 +9,7 @@ worker count. A worker reads only its own samples, by their offsets in the tar. 
 position, epochs)` begins an iteration anywhere (a resume: nothing before it is read) and runs through
 the epochs with one loader, so its workers live across epoch boundaries.
 
-Training, resampled (``order="resample"``): every (rank, worker) draws shards with replacement from its
+Training, resampled (``data.order=resample``): every (rank, worker) draws shards with replacement from its
 own seeded RNG (webdataset's ``ResampledShards``), shuffles samples in a buffer, takes a random window
 of T frames inside each chunk, decodes only those frames, resizes them to the model's size, draws the
 clip's augmentation and batches B clips; ``with_epoch`` makes every rank yield exactly the same number
@@ -46,7 +46,6 @@ import signal
 import sys
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,7 +54,7 @@ import torch
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from autosam2.config import AugmentConfig, OnError, Order
+from autosam2.config import DataConfig, OnError
 from autosam2.data.order import GlobalOrder, Step, TarIndex, clip_seed
 from autosam2.data.sample_format import (
     SampleRecord,
@@ -70,22 +69,6 @@ from autosam2.data.sample_format import (
 from autosam2.data.transforms import resize_video, sample_augment
 from autosam2.data.video import ClipBatch, Frame, LazyVideo, VideoDatapoint, collate_clips
 from autosam2.errors import DatasetError, SequenceSkipped
-
-
-@dataclass(frozen=True)
-class StreamConfig:
-    """What the stream reads and how; `batches_per_epoch` is per rank (default: samples / (B x ranks))."""
-
-    clip_len: int = 8
-    batch_size: int = 1
-    image_size: int | None = 256  # None (evaluation only): sequences keep their own size
-    seed: int = 0
-    order: Order = Order["global"]
-    shuffle_shards: int = 8  # order=global: shards per shuffle window
-    shuffle_buffer: int = 64  # order=resample: samples in the shuffle buffer
-    batches_per_epoch: int | None = None
-    on_error: OnError = OnError["raise"]
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 def worker_seed(*parts: int) -> int:
@@ -175,14 +158,19 @@ class ClipStream(torch.utils.data.IterableDataset):
 
     Use with ``torch.utils.data.DataLoader(stream, batch_size=None, num_workers=K)``; call
     ``set_epoch`` before each epoch. The stream reads as rank `rank` of `world_size` when they are given,
-    otherwise as RANK / WORLD_SIZE or torch.distributed say (webdataset's reading of them).
+    otherwise as RANK / WORLD_SIZE or torch.distributed say (webdataset's reading of them). `data` is the
+    run config's data section (clip length, batch size, order, shuffling, epoch length, error policy,
+    augmentation); `image_size` the side clips are resized to (the model's; None, for evaluation: each
+    sequence keeps its own size); `seed` seeds every draw (train.seed).
     """
 
     def __init__(
         self,
         shard_dir: str | Path,
-        mode: Literal["train", "eval"] = "train",
-        config: StreamConfig | None = None,
+        mode: Literal["train", "eval"],
+        data: DataConfig,
+        image_size: int | None,
+        seed: int,
         rank: int | None = None,
         world_size: int | None = None,
     ):
@@ -193,9 +181,9 @@ class ClipStream(torch.utils.data.IterableDataset):
                 f"need both rank and world_size, 0 <= rank < world_size; got {rank}, {world_size}"
             )
         self.rank, self.world_size = rank, world_size
-        self.config = config or StreamConfig()
-        if self.config.on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {self.config.on_error!r}")
+        self.data, self.image_size, self.seed = data, image_size, seed
+        if data.on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {data.on_error!r}")
         self.shard_dir = Path(shard_dir)
         self.mode = mode
         self.manifest = read_manifest(self.shard_dir)
@@ -205,8 +193,8 @@ class ClipStream(torch.utils.data.IterableDataset):
             self._check_clip_len()
         self.epoch = 0
         self.global_order = (
-            GlobalOrder(self.manifest, self.config.clip_len, self.config.seed, self.config.shuffle_shards)
-            if mode == "train" and self.config.order == "global"
+            GlobalOrder(self.manifest, data.clip_len, seed, data.shuffle_shards)
+            if mode == "train" and data.order == "global"
             else None
         )
         self._start, self._epochs = Step(0, 0), 1  # global order: where the next iteration begins and ends
@@ -215,7 +203,7 @@ class ClipStream(torch.utils.data.IterableDataset):
     def _check_clip_len(self) -> None:
         """Some sample must hold a whole clip, or training would draw samples forever and yield none."""
         per_sample = self.manifest["frames_per_sample"]
-        clip_len = self.config.clip_len
+        clip_len = self.data.clip_len
         if per_sample < clip_len:
             raise ShardError(
                 f"{self.shard_dir}: samples hold {per_sample} frames, fewer than clip_len {clip_len}; "
@@ -254,18 +242,18 @@ class ClipStream(torch.utils.data.IterableDataset):
         """Global order: the global steps the next iteration makes, in order (every rank's batch i is
         step i's)."""
         assert self.global_order is not None
-        g = self.config.batch_size * world_size
+        g = self.data.batch_size * world_size
         start = self._start
         return self.global_order.steps(
-            start.epoch, start.position, self._epochs, g, self.config.batches_per_epoch
+            start.epoch, start.position, self._epochs, g, self.data.batches_per_epoch
         )
 
     def batches_per_rank(self, world_size: int) -> int:
-        g = self.config.batch_size * world_size
+        g = self.data.batch_size * world_size
         if self.global_order is not None:
-            return self.global_order.steps_per_epoch(g, self.config.batches_per_epoch)  # 0: fewer than a step
-        if self.config.batches_per_epoch is not None:
-            return self.config.batches_per_epoch
+            return self.global_order.steps_per_epoch(g, self.data.batches_per_epoch)  # 0: fewer than a step
+        if self.data.batches_per_epoch is not None:
+            return self.data.batches_per_epoch
         samples = self.manifest["totals"]["samples"]
         return max(1, samples // g)
 
@@ -299,8 +287,8 @@ class ClipStream(torch.utils.data.IterableDataset):
 
     # training ---------------------------------------------------------------------------------------
     def _train(self, rank: int, world_size: int, worker: int, num_workers: int) -> Iterator[ClipBatch]:
-        cfg = self.config
-        seed = worker_seed(cfg.seed, self.epoch, rank, worker)
+        cfg = self.data
+        seed = worker_seed(self.seed, self.epoch, rank, worker)
         rng = np.random.default_rng(seed)
         total = self.batches_per_rank(world_size)
         mine = total // num_workers + (1 if worker < total % num_workers else 0)
@@ -324,7 +312,7 @@ class ClipStream(torch.utils.data.IterableDataset):
     def _train_global(self, rank: int, world_size: int, worker: int, num_workers: int) -> Iterator[ClipBatch]:
         """This rank's batches of the global steps, those of loader worker `worker`: DataLoader takes
         batch i from worker i mod `num_workers`, so the rank gets step i's clips as batch i."""
-        cfg = self.config
+        cfg = self.data
         reader = TarIndex()
         assert self.global_order is not None
         usable = {
@@ -345,14 +333,14 @@ class ClipStream(torch.utils.data.IterableDataset):
         """The clip at `position` of `epoch`: the sample the order puts there, its window of frames and
         augmentation drawn from (seed, epoch, position). A broken sample under on_error=skip is counted
         and replaced by the next readable one of the epoch's order (the same one whatever the world size)."""
-        cfg = self.config
+        cfg = self.data
         order = self.global_order
         assert order is not None
         for attempt in range(order.total):
             shard, index = order.at(epoch, position, later=attempt)
             url = self.urls[shard]
             key = self.expected[url][index]
-            rng = np.random.default_rng(clip_seed(cfg.seed, epoch, position))
+            rng = np.random.default_rng(clip_seed(self.seed, epoch, position))
             try:
                 sample = reader.read(url, key)
                 frames = len(sample_record(sample).frames)
@@ -369,13 +357,13 @@ class ClipStream(torch.utils.data.IterableDataset):
                 watch.failure([key], str(err))
                 continue
             watch.success()
-            video = resize_video(video, cfg.image_size)
+            video = resize_video(video, self.image_size)
             video.metadata["augment"] = sample_augment(rng, cfg.augment)
             return video
         raise ShardError(f"{self.shard_dir}: no readable sample for position {position} of epoch {epoch}")
 
     def _skip_or_raise(self, sample: dict[str, Any], err: ShardError, skip: Callable[[list[str], str], None]):
-        if self.config.on_error == "raise":
+        if self.data.on_error == "raise":
             raise err
         skip([str(sample.get("__key__"))], str(err))
 
@@ -387,7 +375,7 @@ class ClipStream(torch.utils.data.IterableDataset):
         watch: _FailureWatch,
     ) -> Iterator[VideoDatapoint]:
         """Raw chunk -> random window of T frames, decoded, resized, with its augmentation drawn."""
-        cfg = self.config
+        cfg = self.data
         for sample in samples:
             try:
                 length = len(sample_record(sample).frames)
@@ -400,15 +388,15 @@ class ClipStream(torch.utils.data.IterableDataset):
                 self._skip_or_raise(sample, err, skip)
                 continue
             watch.success()
-            video = resize_video(video, cfg.image_size)
+            video = resize_video(video, self.image_size)
             video.metadata["augment"] = sample_augment(rng, cfg.augment)
             yield video
 
     # evaluation -------------------------------------------------------------------------------------
     def _eval(self) -> Iterator[ClipBatch]:
         for video in self.sequences():
-            if self.config.image_size:
-                video = resize_video(video, self.config.image_size)
+            if self.image_size:
+                video = resize_video(video, self.image_size)
             yield collate_clips([video])
 
     def sequences(self, names: Iterable[str] | None = None) -> Iterator[VideoDatapoint]:
@@ -436,7 +424,7 @@ class ClipStream(torch.utils.data.IterableDataset):
             wds.SimpleShardList(urls),
             *([self._split_by_rank] if wanted is None else []),
             wds.split_by_worker,
-            lambda src: read_samples(src, self.expected, self.config.on_error, self._skip_warning),
+            lambda src: read_samples(src, self.expected, self.data.on_error, self._skip_warning),
             lambda src: (s for s in src if wanted is None or key_sequence(s["__key__"]) in wanted),
         )
         samples = _Peekable(iter(pipeline))
@@ -517,7 +505,7 @@ class _SequenceChunks:
                     f"{self.url}: sequence {self.first.sequence} has chunks {chunks} of {self.first.num_chunks}"
                 )
         except ShardError as err:
-            if self.stream.config.on_error == "raise":
+            if self.stream.data.on_error == "raise":
                 raise
             self.drain()
             self.stream._skip_warning(self.keys, str(err))
@@ -563,7 +551,7 @@ _PR_SET_PDEATHSIG = 1
 atexit.register(_kill_loader_workers)
 
 
-def make_loader(stream: ClipStream, num_workers: int = 2, pin_memory: bool = False) -> Iterable[ClipBatch]:
+def make_loader(stream: ClipStream, num_workers: int, pin_memory: bool = False) -> Iterable[ClipBatch]:
     """A DataLoader over the stream (batching happens inside the stream, so batch_size=None); a worker's
     data error is raised in the main process as itself, one line, not as DataLoader's traceback text."""
     loader = torch.utils.data.DataLoader(
@@ -574,7 +562,7 @@ def make_loader(stream: ClipStream, num_workers: int = 2, pin_memory: bool = Fal
         persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None,
         # its own generator: worker seeds do not draw from (and shift) the global RNG a resume restores
-        generator=torch.Generator().manual_seed(stream.config.seed),
+        generator=torch.Generator().manual_seed(stream.seed),
         worker_init_fn=ignore_stop_signals,
     )
     return _Loader(loader)

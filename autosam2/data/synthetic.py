@@ -5,7 +5,7 @@ lumen) that carries one polyp (a shaded, irregular dome with a specular highligh
 zooms and rolls, so the polyp moves and scales; it leaves the view for a stretch of every sequence
 (polyp-free frames), a tissue fold sometimes slides over part of it (partial occlusion: the mask keeps
 only the visible part), and short episodes of motion blur or fluid haze hide it without changing its
-mask (where video memory should help). Masks are written as JPEG, like the seed's data.
+mask (where video memory should help). Masks are written as JPEG, as polyp_gen roots hold them.
 
 Everything is drawn from ``numpy.random.default_rng((seed, split, index))``: the same seed gives
 byte-identical files.
@@ -206,16 +206,97 @@ def _fold_alpha(
     return np.clip((1 - radius) * half_thick / 1.5, 0, 1).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class _Fold:
+    """A tissue fold that slides over part of the polyp: per frame it covers, its shift from the polyp
+    centre and its direction; its half thickness and half length; its colour."""
+
+    at: dict[int, tuple[np.ndarray, float]]
+    half_thick: float
+    half_long: float
+    colour: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Scene:
+    """One sequence, drawn before any frame: the canvas (the polyp's mask on a canvas of its own, and in
+    the hard split the same tissue without the polyp), the camera path, the per-frame episodes (blur
+    sigma, haze, kind, strength of a glare or fading), the fold, and the frame's pixel grid and vignette."""
+
+    size: int
+    side: int
+    hard: bool
+    canvas: Image.Image
+    plain: Image.Image | None
+    mask: Image.Image
+    r_max: float
+    offset: np.ndarray
+    zoom: np.ndarray
+    roll: np.ndarray
+    blur: np.ndarray
+    haze: np.ndarray
+    episode: list[str]
+    hiding: dict[int, float]
+    fold: _Fold
+    xx: np.ndarray
+    yy: np.ndarray
+    vignette: np.ndarray
+
+
 def generate_sequence(name: str, split: str, index: int, spec: SynthSpec) -> SynthSequence:
     """Render one sequence; deterministic in (spec.seed, split, index)."""
-    # the hard split draws from streams of its own, so the default set stays what it always was
+    # the hard split draws from streams of its own (a fourth seed part), apart from the default set's
     rng = np.random.default_rng((spec.seed, SPLIT_CODES[split], index, *((1,) if spec.hard else ())))
-    size, n = spec.size, spec.frames
+    scene = _scene(rng, spec)
+    frames, masks, events = [], [], []
+    for i in range(spec.frames):
+        frame, mask, event = _render_frame(rng, scene, i)
+        frames.append(frame)
+        masks.append(mask)
+        events.append(event)
+    return SynthSequence(name, frames, masks, events)
+
+
+def _scene(rng: np.random.Generator, spec: SynthSpec) -> _Scene:
+    """The canvas with its polyp and reflections, the camera path, the episodes and the fold, drawn in
+    that order."""
+    size = spec.size
     side = int(CANVAS_SCALE * size)
     canvas = _canvas(rng, side, size)
     plain = canvas.copy() if spec.hard else None  # the same tissue without the polyp, to fade it into
     mask_canvas, r_max = _add_polyp(rng, canvas, size)
-    # a few specular reflections that move with the tissue
+    _add_reflections(rng, canvas, plain, size)
+    offset, zoom, roll = _camera(rng, spec.frames, size, r_max)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    vignette = 1.0 - 0.45 * (np.hypot(xx - size / 2, yy - size / 2) / (size / math.sqrt(2))) ** 2
+    blur, haze, episode, hiding, visible = _episodes(rng, spec, offset)
+    return _Scene(
+        size=size,
+        side=side,
+        hard=spec.hard,
+        canvas=Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8)),
+        plain=None if plain is None else Image.fromarray(np.clip(plain, 0, 255).astype(np.uint8)),
+        mask=Image.fromarray(mask_canvas),
+        r_max=r_max,
+        offset=offset,
+        zoom=zoom,
+        roll=roll,
+        blur=blur,
+        haze=haze,
+        episode=episode,
+        hiding=hiding,
+        fold=_fold(rng, spec.frames, size, visible, r_max, zoom),
+        xx=xx,
+        yy=yy,
+        vignette=vignette,
+    )
+
+
+def _add_reflections(
+    rng: np.random.Generator, canvas: np.ndarray, plain: np.ndarray | None, size: int
+) -> None:
+    """A few specular reflections that move with the tissue, on the canvas (and the polyp-free one)."""
+    side = canvas.shape[0]
     for _ in range(int(rng.integers(3, 8))):
         x, y = rng.uniform(0, side, 2)
         s = rng.uniform(0.004, 0.012) * size
@@ -229,14 +310,15 @@ def generate_sequence(name: str, split: str, index: int, spec: SynthSpec) -> Syn
         spot = np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * s**2))[..., None]
         for layer in (canvas,) if plain is None else (canvas, plain):
             layer[lo_y:hi_y, lo_x:hi_x] = layer[lo_y:hi_y, lo_x:hi_x] * (1 - spot) + 255 * spot
-    canvas_img = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
-    plain_img = None if plain is None else Image.fromarray(np.clip(plain, 0, 255).astype(np.uint8))
-    mask_img = Image.fromarray(mask_canvas)
-    offset, zoom, roll = _camera(rng, n, size, r_max)
 
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    vignette = 1.0 - 0.45 * (np.hypot(xx - size / 2, yy - size / 2) / (size / math.sqrt(2))) ** 2
-    # episodes: one hard-to-see stretch (blur or haze, mask unchanged), maybe one partial occlusion
+
+def _episodes(
+    rng: np.random.Generator, spec: SynthSpec, offset: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, list[str], dict[int, float], list[int]]:
+    """Per frame: blur sigma, haze, episode kind and (hard split) the strength of its glare or fading;
+    and the frames with the polyp in view. The default split has one hard-to-see stretch (blur or haze,
+    mask unchanged); the hard split its HIDING episodes."""
+    size, n = spec.size, spec.frames
     blur = rng.uniform(0.0, 0.8, n)
     haze = np.zeros(n)
     episode = [""] * n
@@ -261,8 +343,15 @@ def generate_sequence(name: str, split: str, index: int, spec: SynthSpec) -> Syn
                 blur[i] = rng.uniform(2.5, 4.5) * size / 256
             else:
                 haze[i] = rng.uniform(0.55, 0.75)
-    # a fold slides in from one side, covers part of the polyp (its near edge stops inside it), slides away
-    occlude_at: dict[int, tuple[np.ndarray, float]] = {}
+    return blur, haze, episode, hiding, visible
+
+
+def _fold(
+    rng: np.random.Generator, n: int, size: int, visible: list[int], r_max: float, zoom: np.ndarray
+) -> _Fold:
+    """A fold that (in most sequences) slides in from one side, covers part of the polyp (its near edge
+    stops inside it) and slides away."""
+    at: dict[int, tuple[np.ndarray, float]] = {}
     half_thick, half_long = rng.uniform(0.12, 0.2) * size, rng.uniform(0.35, 0.5) * size
     if visible and rng.random() < 0.6:
         first = int(rng.choice(visible))
@@ -273,67 +362,94 @@ def generate_sequence(name: str, split: str, index: int, spec: SynthSpec) -> Syn
         for k, i in enumerate(range(first, min(n, first + length))):
             reach = math.sin(math.pi * (k + 0.5) / length)
             edge = r_max * zoom[i] * (1.1 - reach * (1.1 - target))
-            occlude_at[i] = (toward * (edge + half_thick), direction)
-    fold_colour = np.array([176.0, 86.0, 80.0]) + rng.normal(0, 8, 3)
+            at[i] = (toward * (edge + half_thick), direction)
+    colour = np.array([176.0, 86.0, 80.0]) + rng.normal(0, 8, 3)
+    return _Fold(at, half_thick, half_long, colour)
 
-    frames, masks, events = [], [], []
-    for i in range(n):
-        # frame pixel p maps to canvas point c + R(p - centre - offset)/zoom
-        cos, sin = math.cos(roll[i]) / zoom[i], math.sin(roll[i]) / zoom[i]
-        cx = cy = side / 2.0
-        ox, oy = size / 2 + offset[i, 0], size / 2 + offset[i, 1]
-        affine = (cos, -sin, cx - cos * ox + sin * oy, sin, cos, cy - sin * ox - cos * oy)
-        frame = np.asarray(
-            canvas_img.transform((size, size), Image.AFFINE, affine, resample=Image.BILINEAR), np.float32
-        )
-        mask = (
-            np.asarray(mask_img.transform((size, size), Image.AFFINE, affine, resample=Image.BILINEAR)) >= 128
-        )
-        if episode[i] == "low_contrast":  # the polyp faded into the tissue beneath it
-            under = np.asarray(
-                plain_img.transform((size, size), Image.AFFINE, affine, resample=Image.BILINEAR), np.float32
-            )
-            frame = frame * (1 - hiding[i]) + under * hiding[i]
-        occluded = 0.0
-        if i in occlude_at:
-            shift, direction = occlude_at[i]
-            alpha = _fold_alpha(xx, yy, size / 2 + offset[i] + shift, direction, half_thick, half_long)
-            texture = 1 + 0.1 * _noise(rng, (size, size), (6, 16))
-            frame = frame * (1 - alpha[..., None]) + (fold_colour * texture[..., None]) * alpha[..., None]
-            covered = mask & (alpha >= 0.5)
-            occluded = float(covered.sum() / max(1, mask.sum()))
-            mask = mask & (alpha < 0.5)
-        frame = frame * vignette[..., None]
-        if haze[i] > 0:
-            frame = frame * (1 - haze[i]) + np.array([205.0, 170.0, 150.0]) * haze[i]
-        glare_at = None
-        if episode[i] == "specular":  # light off a wet fold washes out the polyp and the tissue around it
-            glare_at = size / 2 + offset[i] + rng.uniform(-0.6, 0.6, 2) * r_max * zoom[i]
-        elif spec.hard and rng.random() < DECOY_GLARE:  # as often away from any polyp: no give-away
-            glare_at = rng.uniform(0.1, 0.9, 2) * size
-            if mask.any() and np.hypot(*(glare_at - size / 2 - offset[i])) < 3 * r_max * zoom[i]:
-                glare_at = None
-        if glare_at is not None:
-            reach = 2.2 * r_max * zoom[i]
-            strength = hiding.get(i, 0.93)
-            glare = strength * np.exp(-((np.hypot(xx - glare_at[0], yy - glare_at[1]) / reach) ** 4))
-            frame = frame * (1 - glare[..., None]) + 250.0 * glare[..., None]
-        frame = frame + rng.normal(0, 2.0, frame.shape)
-        img = Image.fromarray(np.clip(frame, 0, 255).astype(np.uint8))
-        if blur[i] > 0.3:
-            img = img.filter(ImageFilter.GaussianBlur(float(blur[i])))
-        frames.append(np.asarray(img))
-        masks.append(mask)
-        events.append(
-            {
-                "episode": episode[i],
-                "blur_sigma": round(float(blur[i]), 2),
-                "haze": round(float(haze[i]), 2),
-                "occluded": round(occluded, 3),
-                "visible": bool(mask.any()),
-            }
-        )
-    return SynthSequence(name, frames, masks, events)
+
+def _render_frame(rng: np.random.Generator, scene: _Scene, i: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Frame `i`: the camera's view, the fold over it, vignette, haze, glare, sensor noise and blur;
+    with its mask and its `events` record."""
+    frame, mask = _view(scene, i)
+    frame, mask, occluded = _fold_over(rng, scene, i, frame, mask)
+    frame = frame * scene.vignette[..., None]
+    if scene.haze[i] > 0:
+        frame = frame * (1 - scene.haze[i]) + np.array([205.0, 170.0, 150.0]) * scene.haze[i]
+    frame = _glare(rng, scene, i, frame, mask)
+    frame = frame + rng.normal(0, 2.0, frame.shape)
+    img = Image.fromarray(np.clip(frame, 0, 255).astype(np.uint8))
+    if scene.blur[i] > 0.3:
+        img = img.filter(ImageFilter.GaussianBlur(float(scene.blur[i])))
+    event = {
+        "episode": scene.episode[i],
+        "blur_sigma": round(float(scene.blur[i]), 2),
+        "haze": round(float(scene.haze[i]), 2),
+        "occluded": round(occluded, 3),
+        "visible": bool(mask.any()),
+    }
+    return np.asarray(img), mask, event
+
+
+def _view(scene: _Scene, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """The camera's view of the canvas and of the mask at frame `i` (a low_contrast frame fades the
+    polyp into the tissue beneath it)."""
+    size = scene.size
+    # frame pixel p maps to canvas point c + R(p - centre - offset)/zoom
+    cos, sin = math.cos(scene.roll[i]) / scene.zoom[i], math.sin(scene.roll[i]) / scene.zoom[i]
+    cx = cy = scene.side / 2.0
+    ox, oy = size / 2 + scene.offset[i, 0], size / 2 + scene.offset[i, 1]
+    affine = (cos, -sin, cx - cos * ox + sin * oy, sin, cos, cy - sin * ox - cos * oy)
+
+    def seen(image: Image.Image) -> Image.Image:
+        return image.transform((size, size), Image.AFFINE, affine, resample=Image.BILINEAR)
+
+    frame = np.asarray(seen(scene.canvas), np.float32)
+    mask = np.asarray(seen(scene.mask)) >= 128
+    if scene.episode[i] == "low_contrast":
+        under = np.asarray(seen(scene.plain), np.float32)
+        frame = frame * (1 - scene.hiding[i]) + under * scene.hiding[i]
+    return frame, mask
+
+
+def _fold_over(
+    rng: np.random.Generator, scene: _Scene, i: int, frame: np.ndarray, mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """The fold over frame `i`, where it covers one: the frame, the mask of the polyp's visible part,
+    and the share of the polyp it covers."""
+    fold = scene.fold
+    if i not in fold.at:
+        return frame, mask, 0.0
+    shift, direction = fold.at[i]
+    size = scene.size
+    alpha = _fold_alpha(
+        scene.xx, scene.yy, size / 2 + scene.offset[i] + shift, direction, fold.half_thick, fold.half_long
+    )
+    texture = 1 + 0.1 * _noise(rng, (size, size), (6, 16))
+    frame = frame * (1 - alpha[..., None]) + (fold.colour * texture[..., None]) * alpha[..., None]
+    covered = mask & (alpha >= 0.5)
+    occluded = float(covered.sum() / max(1, mask.sum()))
+    return frame, mask & (alpha < 0.5), occluded
+
+
+def _glare(
+    rng: np.random.Generator, scene: _Scene, i: int, frame: np.ndarray, mask: np.ndarray
+) -> np.ndarray:
+    """A specular frame's glare, light off a wet fold that washes out the polyp and the tissue around
+    it; in the hard split, as often a decoy glare away from any polyp, so a glare gives nothing away."""
+    size, offset, r_max, zoom = scene.size, scene.offset, scene.r_max, scene.zoom
+    glare_at = None
+    if scene.episode[i] == "specular":
+        glare_at = size / 2 + offset[i] + rng.uniform(-0.6, 0.6, 2) * r_max * zoom[i]
+    elif scene.hard and rng.random() < DECOY_GLARE:
+        glare_at = rng.uniform(0.1, 0.9, 2) * size
+        if mask.any() and np.hypot(*(glare_at - size / 2 - offset[i])) < 3 * r_max * zoom[i]:
+            glare_at = None
+    if glare_at is None:
+        return frame
+    reach = 2.2 * r_max * zoom[i]
+    strength = scene.hiding.get(i, 0.93)
+    glare = strength * np.exp(-((np.hypot(scene.xx - glare_at[0], scene.yy - glare_at[1]) / reach) ** 4))
+    return frame * (1 - glare[..., None]) + 250.0 * glare[..., None]
 
 
 def _hiding_episodes(rng: np.random.Generator, n: int, visible: list[int]) -> dict[int, tuple[str, float]]:
@@ -383,7 +499,7 @@ def write_sequence(split_dir: Path, seq: SynthSequence) -> None:
     image_dir.mkdir(parents=True)
     mask_dir.mkdir(parents=True)
     for i, (frame, mask) in enumerate(zip(seq.frames, seq.masks, strict=True)):
-        # frame1..frameN, unpadded like the seed's names, so natural order matters
+        # frame1..frameN, unpadded as polyp_gen names them, so natural order matters
         Image.fromarray(frame).save(image_dir / f"frame{i + 1}.jpg", quality=90)
         Image.fromarray(mask.astype(np.uint8) * 255).save(
             mask_dir / f"frame{i + 1}.jpg", quality=100, subsampling=0

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from autosam2.config import Config, ConfigError, to_dict
-from autosam2.data.sources import TrainingBatches
+from autosam2.data.batches import TrainingBatches
 from autosam2.engine.checkpoint import LoopState
 from autosam2.engine.dist import DistInfo
 from autosam2.engine.engines import Engine, LRSchedule
@@ -79,12 +79,8 @@ def planned_steps(cfg: Config, data: TrainingBatches, world_size: int, state: Lo
         return fresh
     if state.world_size * state.batch_size == per_step:
         return fresh
-    consumed = state.sample if state.sample >= 0 else state.batch * state.world_size * state.batch_size
-    if data.seek is None:  # the epoch is replayed by whole batches of this run's size
-        consumed = consumed // per_step * per_step
-    this_epoch = max(0, (data.per_epoch * per_step + data.dropped - consumed) // per_step)
-    left = this_epoch + (cfg.train.epochs - state.epoch - 1) * data.per_epoch
-    return state.step + left // accum
+    resumed = data.resume(state, world_size, cfg.data.batch_size)
+    return state.step + data.batches_left(state.epoch, resumed.sample, cfg.train.epochs, per_step) // accum
 
 
 def reconcile(

@@ -1,7 +1,8 @@
 """The training loop, and nothing else: data, engine, checkpoints, validation and tracking are handed in.
 
 `train_step` is one batch through the model and the engine (its frozen image-encoder features from a
-FeatureCache when one is handed in), the same step the benchmarks time; `fit` walks the epochs around it: resume position, logging, validation, checkpoints, stop signals.
+FeatureCache when one is handed in), the same step the benchmarks time; `fit` walks the epochs around
+it: the resumed position (as the data counts it), logging, validation, checkpoints, stop signals.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Protocol
 import torch
 
 from autosam2.config import ClipMode, Config
-from autosam2.data.sources import TrainingBatches
+from autosam2.data.batches import TrainingBatches
 from autosam2.data.transforms import prepare_batch
 from autosam2.data.video import ClipBatch
 from autosam2.engine.checkpoint import Checkpointer, LoopState
@@ -109,6 +110,8 @@ class Trainer:
         self.clock = time.monotonic  # the pace of the log lines (steps/s, elapsed, ETA) is read off this
         self._clock: tuple[float, int] = (self.clock(), 0)  # (start of this process's loop, its step)
         self._last_log: tuple[float, int] = self._clock
+        # fit's: the step last checkpointed, the loop's start, the time it spent validating
+        self._saved, self._loop_start, self._validating = -1, time.perf_counter(), 0.0
 
     def train_step(self, batch: ClipBatch) -> StepResult:
         """Augment on the device, forward, losses; unless any rank's loss is not finite, backward and,
@@ -132,71 +135,31 @@ class Trainer:
         self.engine.backward(losses["total"])
         return StepResult(losses, self.engine.step(), finite=True)
 
-    def _rederive_position(self, state: LoopState) -> None:
-        """The position in the epoch as global samples consumed (`state.sample`; from the batch count of
-        a checkpoint that predates it). At another world size or batch size: in the global order the
-        epoch goes on at the same sample, the same samples as the uninterrupted run; in the resampled
-        order (seeded per rank) the same number of clips counts as consumed, and the order changes."""
+    def _resume_position(self, state: LoopState) -> None:
+        """The epoch's position at this run's world size and batch size, as the data's order counts it;
+        a change of either is said once, with what it does to the sample order."""
         now = (self.info.world_size, self.cfg.data.batch_size)
-        saved = (state.world_size, state.batch_size)
-        per_step = now[0] * now[1]
-        if state.sample < 0:
-            state.sample = state.batch * (saved[0] * saved[1] if state.world_size else per_step)
-        moved = state.world_size and saved != now and (state.step or state.batch)
-        if self.data.seek is None:
-            state.batch = state.sample // per_step
-            state.sample = state.batch * per_step
-        else:
-            state.batch = state.sample // per_step  # this run's batches of the epoch, for the record
-        if moved and self.info.is_main:
-            how = (
-                f"the global sample order goes on unchanged: epoch {state.epoch} resumes at sample {state.sample}"
-                if self.data.seek is not None
-                else f"the data stream is re-derived for {now[0]} rank(s), so the sample order changes from here "
-                f"on: epoch {state.epoch} goes on after {state.sample} clips (batch {state.batch} of "
-                f"{self.data.per_epoch} per rank)"
-            )
-            other = " and ".join(
-                what for what, a, b in zip(("world size", "batch size"), saved, now, strict=True) if a != b
-            )
+        resumed = self.data.resume(state, *now)
+        state.batch, state.sample = resumed.batch, resumed.sample
+        if resumed.moved and self.info.is_main:
             print(
-                f"resuming at another {other}: the checkpoint was written by {saved[0]} rank(s) x "
-                f"{saved[1]} clip(s), this run has {now[0]} x {now[1]}; weights, optimizer, scheduler "
-                f"and step {state.step} are restored, and {how}; {self.total_steps} steps in all",
+                f"{resumed.moved}; weights, optimizer, scheduler and step {state.step} are restored, and "
+                f"{resumed.order}; {self.total_steps} steps in all",
                 flush=True,
             )
         state.world_size, state.batch_size = now
 
     def fit(self, state: LoopState) -> LoopState:
+        """Train from `state` until the planned step, the end of the last epoch or a stop signal."""
         train = self.cfg.train
         self.engine.module.train()
-        self._rederive_position(state)
+        self._resume_position(state)
         self._clock = self._last_log = (self.clock(), state.step)
-        saved = state.step if state.step > 0 else -1  # a resumed run's step is in its checkpoint already
+        # a resumed run's step is in its checkpoint already
+        self._saved = state.step if state.step > 0 else -1
+        self._loop_start, self._validating = time.perf_counter(), 0.0
         per_step = self.info.world_size * self.cfg.data.batch_size
         interval = _Interval()
-        loop_start, validating = time.perf_counter(), 0.0
-
-        def checkpoint(
-            last: bool = False,
-        ) -> None:  # once per step: a second save would replace a good folder
-            nonlocal saved
-            start = time.perf_counter()
-            if saved != state.step:
-                state.run_id = state.run_id or self.logger.run_id  # known late when the store was down
-                with self._abort_on_nonfinite():
-                    self.checkpointer.save(self.engine, state)
-                saved = state.step
-                self.logger.log_metrics({"train/checkpoint_s": self.checkpointer.last.stall_s}, state.step)
-            if last:
-                self.checkpointer.finish()
-            for report in self.checkpointer.take_reports():
-                self.logger.log_metrics(
-                    {"train/checkpoint_bytes": report.bytes, "train/checkpoint_write_s": report.write_s},
-                    report.step,
-                )
-            interval.paused += time.perf_counter() - start
-
         batches = self.data.batches(state.epoch, state.sample, train.epochs, per_step)
         while state.step < self.total_steps:
             t0 = time.perf_counter()
@@ -221,20 +184,44 @@ class Trainer:
             if state.step % train.log_every == 0 or state.step == 1:
                 self._log(state, result, interval.take())
             if self.validator and self.validator.should_validate(state.step, self.total_steps):
-                start = time.perf_counter()
-                # time to accuracy: this process's loop until now, validations left out
-                self.logger.log_metrics({"train/wall_s": start - loop_start - validating}, state.step)
-                self._validate(state)
-                validating += time.perf_counter() - start
-                interval.paused += time.perf_counter() - start
+                self._validate_paused(state, interval)
             if state.step % train.checkpoint_every == 0:
-                checkpoint()
+                self._checkpoint(state, interval)
             if state.step < self.total_steps and self.stop.should_stop():
                 state.stopped = True
-                checkpoint(last=True)
+                self._checkpoint(state, interval, last=True)
                 return state
-        checkpoint(last=True)
+        self._checkpoint(state, interval, last=True)
         return state
+
+    def _checkpoint(self, state: LoopState, interval: _Interval, last: bool = False) -> None:
+        """A checkpoint of this step, once (a second save would replace a good folder); `last`: wait for
+        the writes. The time it takes is a pause of the interval."""
+        start = time.perf_counter()
+        if self._saved != state.step:
+            state.run_id = state.run_id or self.logger.run_id  # known late when the store was down
+            with self._abort_on_nonfinite():
+                self.checkpointer.save(self.engine, state)
+            self._saved = state.step
+            self.logger.log_metrics({"train/checkpoint_s": self.checkpointer.last.stall_s}, state.step)
+        if last:
+            self.checkpointer.finish()
+        for report in self.checkpointer.take_reports():
+            self.logger.log_metrics(
+                {"train/checkpoint_bytes": report.bytes, "train/checkpoint_write_s": report.write_s},
+                report.step,
+            )
+        interval.paused += time.perf_counter() - start
+
+    def _validate_paused(self, state: LoopState, interval: _Interval) -> None:
+        """Validation, logged with the time to accuracy (this process's loop until now, validations
+        left out); its time is a pause of the interval."""
+        start = time.perf_counter()
+        self.logger.log_metrics({"train/wall_s": start - self._loop_start - self._validating}, state.step)
+        self._validate(state)
+        spent = time.perf_counter() - start
+        self._validating += spent
+        interval.paused += spent
 
     def _bad_step(self, state: LoopState) -> None:
         state.bad_steps += 1
