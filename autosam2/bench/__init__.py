@@ -18,6 +18,7 @@ KINDS = {
     "longvideo": "peak host RSS of evaluate and predict over sequences of 100 / 1,000 / 5,000 frames",
     "checkpoint": "loop stall per checkpoint, synchronous vs asynchronous, at two trainable-set sizes",
     "tracking": "longest logging stall while the MLflow server is up, hung and dead; flush time after",
+    "decode": "JPEG decoding frames/s: PIL, the project's decoder on the CPU and on the device",
 }
 
 
