@@ -9,24 +9,27 @@ STAMP  := $(VENV)/.installed
 DEMO   ?= demo
 DRY_RUN ?= 0
 OUT    ?= gpu-check-out
+PINS   := requirements.txt
+# $(call pin,NAME): NAME's line in $(PINS), e.g. torch==2.14.1
+pin = $(shell grep -E '^$(1)==' $(PINS))
 
 .PHONY: venv sysdeps demo test lint clean-demo gpu-check
 
 venv: $(STAMP)
 
 # torch first; sam2 and deepspeed then build against it as pure-Python packages (no CUDA ops);
-# the project last, editable, with the dev extra. Pins live in setup.cfg.
-$(STAMP): setup.cfg pyproject.toml
+# the project last, editable, with the dev extra. Pins live in $(PINS).
+$(STAMP): setup.cfg pyproject.toml $(PINS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q $(call pin,torch) $(call pin,torchvision)
 	$(PIP) install -q "setuptools>=64" wheel ninja
-	SAM2_BUILD_CUDA=0 $(PIP) install -q --no-build-isolation sam2==1.1.0
-	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation deepspeed==0.19.8
+	SAM2_BUILD_CUDA=0 $(PIP) install -q --no-build-isolation $(call pin,sam2)
+	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation $(call pin,deepspeed)
 	$(PIP) install -q --no-build-isolation -e ".[dev]"
 	touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/autosam2 demo --out $(DEMO) --overwrite
+	$(VENV)/bin/autosam2 demo --output-dir $(DEMO) --overwrite
 
 # system packages the tests start for real: a single-node SLURM (slurm-wlm, munge, slurmdbd, MariaDB),
 # and Debian's Chromium for the MLflow UI test (Playwright drives it; no browser download)

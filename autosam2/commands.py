@@ -126,6 +126,12 @@ REGISTRY: tuple[Command, ...] = (
         "autosam2.bench.tracking:run",
         "longest logging stall while the MLflow server is up, hung and dead; flush time after",
     ),
+    Command(
+        BENCH,
+        "decode",
+        "autosam2.bench.decode:run",
+        "JPEG decoding frames/s: PIL, the project's decoder on the CPU and on the device",
+    ),
     Command(SHARDS, "", "shards.__main__:main", "offline sharding of polyp_gen folders"),
     Command(
         SHARDS,

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-check-out}
 
 if [ "${DRY_RUN:-0}" = 1 ]; then
-  exec .venv/bin/python -m launch.gpu_check dry-run --out "$OUT"
+  exec .venv/bin/python -m launch.gpu_check dry-run --output-dir "$OUT"
 fi
 
 if [ ! -x .venv/bin/python ] && python3 -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
@@ -21,7 +21,7 @@ if [ ! -x .venv/bin/python ] && python3 -c 'import sys, torch; sys.exit(not torc
     --upgrade --target "$site" "$wheels"/*.whl
   echo "gpu-check: installed $(ls "$wheels"/*.whl | wc -l) wheels in $(( $(date +%s) - start )) s"
   export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
-  exec python3 -m launch.gpu_check run --out "$OUT"
+  exec python3 -m launch.gpu_check run --output-dir "$OUT"
 fi
 
 exec .venv/bin/python -m launch.gpu_check wheels

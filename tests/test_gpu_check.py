@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import gpu_check
+from launch import gpu_check, gpu_parts, wheelhouse
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,30 +29,66 @@ def test_the_dry_run_runs_every_part_in_a_stand_in_for_the_device_image(tmp_path
     failed = {name: part.get("error") for name, part in report["parts"].items() if not part.get("ok")}
     assert done.returncode == 0 and not failed, failed
     assert report["dry_run"] is True
+    # every part of the table that the dry run holds ran, and no other
+    assert set(report["parts"]) == {part.name for part in gpu_parts.PARTS if part.in_dry_run}
     # the GPU tests ran (on the CPU), none skipped: the stand-in image had everything they import
     tests = report["parts"]["tests"]
     assert tests["passed"] == len(tests["tests"]) >= 5 and tests["failed"] == tests["skipped"] == 0
     summary = report["summary"]
-    for name in gpu_check.TRAIN_CONFIGS:
+    for name in gpu_parts.TRAIN_CONFIGS:
         assert summary[name]["frames_per_s"] > 0 and summary[name]["estimate_GiB"] > 0
         assert 0 <= summary[name]["data_wait_share"] <= 1
-    for variant in ("hiera_t", "hiera_bplus"):
-        assert summary[f"infer_{variant}_compiled"]["compiled_ran"] is True
-        assert summary[f"infer_{variant}_eager"]["streaming_fps"] > 0
+    for part in gpu_parts.PARTS:
+        if part.name.startswith("infer_"):
+            assert summary[part.name]["streaming_fps"] > 0
+            assert summary[part.name]["compiled_ran"] is part.name.endswith("_compiled")
     assert min(summary["decode"][k] for k in ("pil_fps", "cpu_fps", "device_fps")) > 0
-    assert {"synth", "shards"} <= set(report["parts"])  # one data set made for the training and data parts
+    assert set(summary["goals"]) == {goal.figure for goal in gpu_parts.GOALS}
+    assert summary["goals_met"] == "not judged: a dry run"
     listing = json.loads(next((REPO / ".gpu-check").glob("wheels-cp3*/wheels.json")).read_text())
-    assert listing["MiB"] <= gpu_check.WHEELHOUSE_LIMIT_MIB
+    assert listing["MiB"] <= wheelhouse.WHEELHOUSE_LIMIT_MIB
     assert not any(w.startswith(("torch-", "torchvision-")) for w in listing["wheels"])
     assert (out / "gpu_check.log").stat().st_size > 0
 
 
 def test_the_wheel_list_leaves_out_what_the_image_has_and_keeps_what_it_lacks():
-    needed = gpu_check.needed_distributions()
+    needed = wheelhouse.needed_distributions()
     assert {"sam2", "deepspeed", "webdataset", "submitit", "omegaconf", "hydra-core", "iopath"} <= set(needed)
     assert {"mlflow-skinny", "sqlalchemy", "pydantic", "pydantic-core"} <= set(needed)
-    assert not set(needed) & gpu_check.IMAGE_PACKAGES
+    assert not set(needed) & wheelhouse.IMAGE_PACKAGES
     assert "mlflow" not in needed  # the server and UI stay behind
+    pins = wheelhouse.pins()  # requirements.txt's, and what the wheelhouse carries of them
+    assert {"torch", "torchvision", "sam2", "deepspeed"} <= set(pins)
+    assert all(needed[name] == version for name, version in pins.items() if name in needed)
+
+
+def test_the_summary_judges_each_goal_at_its_threshold():
+    def parts(fps: float, peak: float, estimate: float, wait: float) -> dict:
+        train = {"memory": {"max_allocated_GiB": peak}, "data_wait_share": wait}
+        found = {f"train_{name}": {"ok": True, "result": train} for name in gpu_parts.TRAIN_CONFIGS}
+        found["estimate_zero2_hiera_bplus"] = {"ok": True, "result": {"estimate_per_gpu_GiB": estimate}}
+        found["infer_hiera_t_eager"] = {"ok": True, "result": {"fps": {"streaming_inference": fps}}}
+        return found
+
+    at = parts(
+        gpu_parts.STREAMING_FPS_GOAL,
+        gpu_parts.ZERO2_PEAK_GOAL_GIB,
+        gpu_parts.ZERO2_PEAK_GOAL_GIB / (1 + gpu_parts.ESTIMATE_TOLERANCE / 2),
+        gpu_parts.DATA_WAIT_GOAL,
+    )
+    assert gpu_parts.summarize(at)["goals_met"] == {goal.name: True for goal in gpu_parts.GOALS}
+    past = parts(100.0, 25.0, 10.0, 0.05)
+    assert gpu_parts.summarize(past)["goals_met"] == {goal.name: False for goal in gpu_parts.GOALS}
+    assert gpu_parts.summarize({})["goals_met"] == {goal.name: None for goal in gpu_parts.GOALS}
+
+
+def test_the_docs_table_names_every_part_its_limit_and_its_goals():
+    table = gpu_parts.parts_markdown().splitlines()
+    assert len(table) == 2 + len(gpu_parts.PARTS)
+    for part, row in zip(gpu_parts.PARTS, table[2:], strict=True):
+        assert row.startswith(f"| `{part.name}` |")
+        assert part.limit_s is None or f"| {part.limit_s:g} s |" in row
+        assert all(goal.text in row for goal in gpu_parts.GOALS if goal.name in part.goals)
 
 
 def test_a_part_that_fails_or_overruns_is_recorded_and_the_rest_still_run(tmp_path):
