@@ -4,6 +4,7 @@ device image, so it cannot rot between the loans of a GPU machine."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -110,4 +111,13 @@ def test_a_part_that_fails_or_overruns_is_recorded_and_the_rest_still_run(tmp_pa
     assert check.part("late", ["python3", "-c", "print(1)"], 30) is None  # under 10 s left: not started
     assert (
         "budget" in json.loads((tmp_path / "late" / "gpu_check.json").read_text())["parts"]["late"]["error"]
+    )
+
+
+def test_the_gpu_page_holds_the_table_the_parts_render():
+    page = (Path(__file__).resolve().parents[1] / "docs" / "gpu.md").read_text()
+    between = re.search(r"<!-- gpu-check-parts -->\n(.*?)<!-- /gpu-check-parts -->", page, re.S)
+    assert between, "docs/gpu.md lost its gpu-check-parts markers"
+    assert between.group(1).strip() == gpu_parts.parts_markdown().strip(), (
+        "docs/gpu.md is behind launch/gpu_parts.py: paste `python -m launch.gpu_check parts` between its markers"
     )
