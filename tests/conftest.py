@@ -1,15 +1,136 @@
-"""Shared fixtures: tiny synthetic polyp_gen roots made by the project's own generator, shard sets, a
-real MLflow server, the real SLURM. What is not a fixture lives in `tests/helpers.py`."""
+"""Shared fixtures (tiny synthetic polyp_gen roots made by the project's own generator, shard sets, a
+real MLflow server, the real SLURM) and the one place that sorts tests into kinds: unit, integration,
+cluster (tests/README.md). What is not a fixture lives in `tests/helpers.py`."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from autosam2.data.synthetic import SynthSpec, write_dataset
 from tests.helpers import TINY, kill_group, start_mlflow_server
+
+# kinds ---------------------------------------------------------------------------------------------------
+# A test is `cluster` when its module is in CLUSTER; else `integration` when it is slow, uses a server
+# fixture, or is named in INTEGRATION (its module, or itself); else `unit`. Unit tests start no process:
+# the guard below fails one that does, naming this table.
+CLUSTER = {"test_hosts.py", "test_slurm.py"}  # the modules that use the test SLURM, and only they
+CLUSTER_FIXTURES = {"slurm_cluster", "slurm_hosts"}
+INTEGRATION_FIXTURES = {"mlflow_server"}
+INTEGRATION = {
+    # whole modules: each test runs a command, torchrun, DeepSpeed, a server or a browser
+    "test_bench.py",
+    "test_failures.py",
+    "test_gpu.py",
+    "test_launch.py",
+    "test_mlflow_ui.py",
+    "test_stop.py",
+    "test_stream_distributed.py",
+    "test_train.py",
+    "test_validator.py",
+    # single tests of modules that are otherwise unit
+}
+# Under pytest-xdist (`-n 2`) the cluster tests are one unit of work: one worker runs them in order,
+# since they share the one test SLURM (fixed ports, state folders, network namespaces, munge), while
+# the other workers take the rest.
+CLUSTER_GROUP = "cluster"
+TIMELINE_ENV = "AUTOSAM2_TEST_TIMELINE"
+
+
+def kind_of(item: pytest.Item) -> str:
+    """unit, integration or cluster (the tables above)."""
+    module = item.path.name
+    if module in CLUSTER:
+        return "cluster"
+    fixtures = set(getattr(item, "fixturenames", ()))
+    if fixtures & CLUSTER_FIXTURES:
+        raise pytest.UsageError(f"{item.nodeid} uses the test SLURM: add {module} to CLUSTER in {__file__}")
+    if (
+        fixtures & INTEGRATION_FIXTURES
+        or item.get_closest_marker("slow")
+        or module in INTEGRATION
+        or f"{module}::{getattr(item, 'originalname', item.name)}" in INTEGRATION
+    ):
+        return "integration"
+    return "unit"
+
+
+def scope_of(nodeid: str) -> str:
+    """The unit of work pytest-xdist hands out: the cluster group, or the test alone."""
+    return CLUSTER_GROUP if nodeid.split("::")[0].rsplit("/", 1)[-1] in CLUSTER else nodeid
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)  # ahead of xdist's own choice
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """xdist's load balancing, with the cluster tests as one unit of work (handed out first, being
+    the largest)."""
+    if config.getvalue("dist") not in ("load", "loadgroup"):
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ClusterApart(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return scope_of(nodeid)
+
+    return ClusterApart(config, log)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:  # in-process torch work: the cores shared among the workers, not each taking all
+        import torch
+
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(kind_of(item))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # after the cluster group, the slow tests first: the longest run beside the cluster tests and
+        # the short ones fill the end
+        items.sort(key=lambda item: 0 if item.get_closest_marker("slow") else 1)
+
+
+@pytest.fixture(autouse=True)
+def _unit_starts_no_process(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if request.node.get_closest_marker("unit") is None:
+        return
+
+    def refuse(self, args, *rest, **kwargs):
+        raise AssertionError(
+            f"a unit test started a process ({args!r}): name it in INTEGRATION in tests/conftest.py"
+        )
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
+
+
+# a timeline of the run (tests/timeline.py draws it) ---------------------------------------------------------
+_spans: dict[str, dict] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if not os.environ.get(TIMELINE_ENV):
+        return
+    node = getattr(report, "node", None)  # set where xdist's controller receives a worker's report
+    worker = node.gateway.id if node is not None else os.environ.get("PYTEST_XDIST_WORKER", "main")
+    span = _spans.setdefault(report.nodeid, {"test": report.nodeid, "worker": worker, "start": report.start})
+    span["stop"] = report.stop
+    span["kind"] = next((k for k in ("cluster", "integration", "unit") if k in report.keywords), "unit")
+    span.setdefault("outcome", "passed")
+    if report.outcome != "passed":
+        span["outcome"] = report.outcome
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    path = os.environ.get(TIMELINE_ENV)
+    if path and not hasattr(session.config, "workerinput"):  # the controller, or a run without workers
+        Path(path).write_text(json.dumps(sorted(_spans.values(), key=lambda s: s["start"]), indent=1))
 
 
 @pytest.fixture(scope="session")
