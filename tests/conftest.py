@@ -29,11 +29,33 @@ INTEGRATION = {
     "test_gpu.py",
     "test_launch.py",
     "test_mlflow_ui.py",
+    "test_score.py",
     "test_stop.py",
     "test_stream_distributed.py",
     "test_train.py",
     "test_validator.py",
-    # single tests of modules that are otherwise unit
+    # single tests of modules that are otherwise unit (every parametrization of the function)
+    "test_cli.py::test_bad_root_gives_one_clear_error",
+    "test_cli.py::test_console_script_runs_the_demo_steps",
+    "test_cli.py::test_every_command_reports_bad_input_in_one_line_through_the_one_dispatcher",
+    "test_cli.py::test_second_make_run_installs_nothing",
+    "test_dist.py::test_a_rank_that_only_sees_another_go_names_that_ranks_error",
+    "test_dist.py::test_slurm_variables_become_torchrun_variables",  # scontrol
+    "test_errors.py::test_debug_shows_the_traceback_of_a_user_error",
+    "test_errors.py::test_merge_on_a_full_disk_keeps_the_parts",  # mount
+    "test_errors.py::test_readers_work_on_a_read_only_mount",
+    "test_errors.py::test_sync_of_a_run_on_a_read_only_disk_is_one_line",
+    "test_gpu_check.py::test_a_part_that_fails_or_overruns_is_recorded_and_the_rest_still_run",
+    "test_imports.py::test_help_lists_every_command",
+    "test_imports.py::test_help_loads_neither_torch_nor_sam2",
+    "test_imports.py::test_the_config_imports_none_of_ours_and_nothing_heavy",
+    "test_outputs.py::test_an_empty_mount_point_is_filled_in_place",
+    "test_predict.py::test_a_folder_of_sequences_and_videos_is_one_sequence_each",
+    "test_predict.py::test_a_video_file_gives_the_masks_of_its_frames_folder",
+    "test_predict.py::test_bad_input_is_one_line_naming_the_file_and_leaves_no_output",
+    "test_run_lock.py::test_a_live_holder_refuses_a_second_run_and_a_dead_one_is_taken_over",
+    "test_shards.py::test_module_command_end_to_end",
+    "test_tracking.py::test_a_server_down_from_the_start_gets_the_whole_run_once_it_is_up",
 }
 # Under pytest-xdist (`-n 2`) the cluster tests are one unit of work: one worker runs them in order,
 # since they share the one test SLURM (fixed ports, state folders, network namespaces, munge), while
@@ -80,12 +102,23 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
     return ClusterApart(config, log)
 
 
-def pytest_configure(config: pytest.Config) -> None:
+def worker_threads() -> int | None:
+    """Under pytest-xdist, each worker's share of the cores for its in-process torch work (commands that
+    tests start follow the project's own thread rule); None when not under xdist."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if workers > 1:  # in-process torch work: the cores shared among the workers, not each taking all
+    return max(1, len(os.sched_getaffinity(0)) // workers) if workers > 1 else None
+
+
+def _share_threads() -> None:
+    threads = worker_threads()
+    if threads is not None:
         import torch
 
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
+        torch.set_num_threads(threads)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _share_threads()  # for the session fixtures too
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -98,7 +131,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(autouse=True)
-def _unit_starts_no_process(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+def _kind_rules(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test starts with its worker's share of torch threads (a test before it may have changed
+    them); a unit test may not start a process."""
+    _share_threads()
     if request.node.get_closest_marker("unit") is None:
         return
 
