@@ -1,15 +1,172 @@
-"""Shared fixtures: tiny synthetic polyp_gen roots made by the project's own generator, shard sets, a
-real MLflow server, the real SLURM. What is not a fixture lives in `tests/helpers.py`."""
+"""Shared fixtures (tiny synthetic polyp_gen roots made by the project's own generator, shard sets, a
+real MLflow server, the real SLURM) and the one place that sorts tests into kinds: unit, integration,
+cluster (tests/README.md). What is not a fixture lives in `tests/helpers.py`."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from autosam2.data.synthetic import SynthSpec, write_dataset
 from tests.helpers import TINY, kill_group, start_mlflow_server
+
+# kinds ---------------------------------------------------------------------------------------------------
+# A test is `cluster` when its module is in CLUSTER; else `integration` when it is slow, uses a server
+# fixture, or is named in INTEGRATION (its module, or itself); else `unit`. Unit tests start no process:
+# the guard below fails one that does, naming this table.
+CLUSTER = {"test_hosts.py", "test_slurm.py"}  # the modules that use the test SLURM, and only they
+CLUSTER_FIXTURES = {"slurm_cluster", "slurm_hosts"}
+INTEGRATION_FIXTURES = {"mlflow_server"}
+INTEGRATION = {
+    # whole modules: each test runs a command, torchrun, DeepSpeed, a server or a browser
+    "test_bench.py",
+    "test_failures.py",
+    "test_gpu.py",
+    "test_launch.py",
+    "test_mlflow_ui.py",
+    "test_score.py",
+    "test_stop.py",
+    "test_stream_distributed.py",
+    "test_train.py",
+    "test_validator.py",
+    # single tests of modules that are otherwise unit (every parametrization of the function)
+    "test_cli.py::test_bad_root_gives_one_clear_error",
+    "test_cli.py::test_console_script_runs_the_demo_steps",
+    "test_cli.py::test_every_command_reports_bad_input_in_one_line_through_the_one_dispatcher",
+    "test_cli.py::test_second_make_run_installs_nothing",
+    "test_dist.py::test_a_rank_that_only_sees_another_go_names_that_ranks_error",
+    "test_dist.py::test_slurm_variables_become_torchrun_variables",  # scontrol
+    "test_errors.py::test_debug_shows_the_traceback_of_a_user_error",
+    "test_errors.py::test_merge_on_a_full_disk_keeps_the_parts",  # mount
+    "test_errors.py::test_readers_work_on_a_read_only_mount",
+    "test_errors.py::test_sync_of_a_run_on_a_read_only_disk_is_one_line",
+    "test_gpu_check.py::test_a_part_that_fails_or_overruns_is_recorded_and_the_rest_still_run",
+    "test_imports.py::test_help_lists_every_command",
+    "test_imports.py::test_help_loads_neither_torch_nor_sam2",
+    "test_imports.py::test_the_config_imports_none_of_ours_and_nothing_heavy",
+    "test_outputs.py::test_an_empty_mount_point_is_filled_in_place",
+    "test_predict.py::test_a_folder_of_sequences_and_videos_is_one_sequence_each",
+    "test_predict.py::test_a_video_file_gives_the_masks_of_its_frames_folder",
+    "test_predict.py::test_bad_input_is_one_line_naming_the_file_and_leaves_no_output",
+    "test_run_lock.py::test_a_live_holder_refuses_a_second_run_and_a_dead_one_is_taken_over",
+    "test_shards.py::test_module_command_end_to_end",
+    "test_tracking.py::test_a_server_down_from_the_start_gets_the_whole_run_once_it_is_up",
+}
+# Under pytest-xdist (`-n 2`) the cluster tests are one unit of work: one worker runs them in order,
+# since they share the one test SLURM (fixed ports, state folders, network namespaces, munge), while
+# the other workers take the rest.
+CLUSTER_GROUP = "cluster"
+TIMELINE_ENV = "AUTOSAM2_TEST_TIMELINE"
+
+
+def kind_of(item: pytest.Item) -> str:
+    """unit, integration or cluster (the tables above)."""
+    module = item.path.name
+    if module in CLUSTER:
+        return "cluster"
+    fixtures = set(getattr(item, "fixturenames", ()))
+    if fixtures & CLUSTER_FIXTURES:
+        raise pytest.UsageError(f"{item.nodeid} uses the test SLURM: add {module} to CLUSTER in {__file__}")
+    if (
+        fixtures & INTEGRATION_FIXTURES
+        or item.get_closest_marker("slow")
+        or module in INTEGRATION
+        or f"{module}::{getattr(item, 'originalname', item.name)}" in INTEGRATION
+    ):
+        return "integration"
+    return "unit"
+
+
+def scope_of(nodeid: str) -> str:
+    """The unit of work pytest-xdist hands out: the cluster group, or the test alone."""
+    return CLUSTER_GROUP if nodeid.split("::")[0].rsplit("/", 1)[-1] in CLUSTER else nodeid
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)  # ahead of xdist's own choice
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """xdist's load balancing, with the cluster tests as one unit of work (handed out first, being
+    the largest)."""
+    if config.getvalue("dist") not in ("load", "loadgroup"):
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ClusterApart(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return scope_of(nodeid)
+
+    return ClusterApart(config, log)
+
+
+def worker_threads() -> int | None:
+    """Under pytest-xdist, each worker's share of the cores for its in-process torch work (commands that
+    tests start follow the project's own thread rule); None when not under xdist."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, len(os.sched_getaffinity(0)) // workers) if workers > 1 else None
+
+
+def _share_threads() -> None:
+    threads = worker_threads()
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _share_threads()  # for the session fixtures too
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(kind_of(item))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # after the cluster group, the slow tests first: the longest run beside the cluster tests and
+        # the short ones fill the end
+        items.sort(key=lambda item: 0 if item.get_closest_marker("slow") else 1)
+
+
+@pytest.fixture(autouse=True)
+def _kind_rules(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test starts with its worker's share of torch threads (a test before it may have changed
+    them); a unit test may not start a process."""
+    _share_threads()
+    if request.node.get_closest_marker("unit") is None:
+        return
+
+    def refuse(self, args, *rest, **kwargs):
+        raise AssertionError(
+            f"a unit test started a process ({args!r}): name it in INTEGRATION in tests/conftest.py"
+        )
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
+
+
+# a timeline of the run (tests/timeline.py draws it) ---------------------------------------------------------
+_spans: dict[str, dict] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if not os.environ.get(TIMELINE_ENV):
+        return
+    node = getattr(report, "node", None)  # set where xdist's controller receives a worker's report
+    worker = node.gateway.id if node is not None else os.environ.get("PYTEST_XDIST_WORKER", "main")
+    span = _spans.setdefault(report.nodeid, {"test": report.nodeid, "worker": worker, "start": report.start})
+    span["stop"] = report.stop
+    span["kind"] = next((k for k in ("cluster", "integration", "unit") if k in report.keywords), "unit")
+    span.setdefault("outcome", "passed")
+    if report.outcome != "passed":
+        span["outcome"] = report.outcome
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    path = os.environ.get(TIMELINE_ENV)
+    if path and not hasattr(session.config, "workerinput"):  # the controller, or a run without workers
+        Path(path).write_text(json.dumps(sorted(_spans.values(), key=lambda s: s["start"]), indent=1))
 
 
 @pytest.fixture(scope="session")
