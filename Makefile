@@ -38,8 +38,10 @@ sysdeps:
 		|| bash launch/slurm_test_cluster.sh install
 	@command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 
+# two pytest-xdist workers: the SLURM tests on one, the rest beside them (tests/README.md); -n0: serially
+PYTEST_ARGS ?= -n 2
 test: $(STAMP) sysdeps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The device check (launch/gpu_check.sh): here it builds the wheelhouse the GPU machine needs; there it
 # installs it and measures the GPU path into $(OUT)/gpu_check.json. DRY_RUN=1: the same on the CPU, tiny.
