@@ -5,9 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from autosam2.config import Config
 from autosam2.data.synthetic import SynthSpec, write_dataset
 from autosam2.data.video import ClipBatch, any_pixel
 from autosam2.errors import DatasetError
@@ -15,6 +17,19 @@ from autosam2.errors import DatasetError
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_config(config: Path | None, cfg: Config) -> dict[str, Any]:
+    """The run config a benchmark measured, as its figures record it."""
+    return {
+        "config": str(config) if config else None,
+        "variant": str(cfg.model.variant),
+        "image_size": cfg.model.image_size,
+        "clip_len": cfg.data.clip_len,
+        "batch_size": cfg.data.batch_size,
+        "clip_mode": str(cfg.model.clip_mode),
+        "precision": str(cfg.train.precision),
+    }
 
 
 def sync(device: torch.device) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from autosam2.arguments import add_device, positive_int
-from autosam2.bench.common import default_device, synthetic_clip
+from autosam2.bench.common import default_device, run_config, synthetic_clip
 from autosam2.config import Config, EngineKind, Precision, load_config
 from autosam2.data.batches import TrainingBatches
 from autosam2.engine.checkpoint import Checkpointer
@@ -171,13 +171,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "frozen": sum(p.numel() for p in model.parameters()) - n_trainable,
         },
         "config": {
-            "config": str(args.config) if args.config else None,
-            "variant": str(cfg.model.variant),
-            "image_size": cfg.model.image_size,
-            "clip_len": cfg.data.clip_len,
-            "batch_size": cfg.data.batch_size,
-            "clip_mode": str(cfg.model.clip_mode),
-            "precision": str(cfg.train.precision),
+            **run_config(args.config, cfg),
             "engine": engine_name,
             "ranks": ranks,
             "device": str(device),

@@ -21,7 +21,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from autosam2.arguments import add_device, positive_float, positive_int
-from autosam2.bench.common import default_device, sync, synthetic_shards
+from autosam2.bench.common import default_device, run_config, sync, synthetic_shards
 from autosam2.config import ClipMode, Config, DataConfig, ModelConfig, Variant, load_config
 from autosam2.data.batches import TrainingBatches
 from autosam2.data.sources import training_batches
@@ -301,14 +301,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _described(args: argparse.Namespace, cfg: Config, device: torch.device) -> dict[str, Any]:
     """What was timed, as the figures record it."""
     return {
-        "config": str(args.config) if args.config else None,
-        "variant": str(cfg.model.variant),
-        "image_size": cfg.model.image_size,
-        "clip_len": cfg.data.clip_len,
-        "batch_size": cfg.data.batch_size,
-        "clip_mode": str(cfg.model.clip_mode),
+        **run_config(args.config, cfg),
         "engine": str(cfg.train.engine),
-        "precision": str(cfg.train.precision),
         "num_workers": cfg.data.num_workers,
         "compile": cfg.model.compile,
         "device": str(device),
