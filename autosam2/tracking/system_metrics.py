@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import Protocol
 
 from autosam2.tracking.outbox import SYSTEM_PREFIX
 
-if TYPE_CHECKING:
-    from autosam2.tracking.mlflow_logger import MLflowLogger
+
+class _Metrics(Protocol):
+    """Where the samples go: the run's logger."""
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
+
 
 _log = logging.getLogger(__name__)
 
@@ -21,7 +26,7 @@ class SystemSampler(threading.Thread):
     outbox like any metric, so an outage loses none and the sampling never stops for one.
     `MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`, when exported, overrides the interval (as in MLflow)."""
 
-    def __init__(self, logger: MLflowLogger, interval_s: float, first_step: int):
+    def __init__(self, logger: _Metrics, interval_s: float, first_step: int):
         super().__init__(name="system-metrics", daemon=True)
         from mlflow.environment_variables import MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
         from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
