@@ -11,6 +11,7 @@ SHARDS = "python -m shards"
 LAUNCH = "python -m launch"
 GPU_CHECK = "python -m launch.gpu_check"
 HOSTS_BENCH = "python launch/hosts_bench.py"
+DIST = "python -m autosam2.engine.dist"
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,9 @@ REGISTRY: tuple[Command, ...] = (
         GPU_CHECK, "", "launch.gpu_check:main", "the GPU check: wheelhouse, the check on a GPU, decode speed"
     ),
     Command(HOSTS_BENCH, "", "launch.hosts_bench:main", "one host vs two hosts on the local SLURM cluster"),
+    Command(
+        DIST, "", "autosam2.engine.dist.__main__:main", "a SLURM job's rendezvous port, for train.sbatch"
+    ),
 )
 
 

@@ -173,3 +173,13 @@ def test_a_rank_that_only_sees_another_go_names_that_ranks_error(tmp_path):
         "another rank stopped, so this one stops too (rank 1: shard train-007.tar is cut at sample seq9__00002"
         in lost[0]
     )
+
+
+def test_the_port_command_prints_the_jobs_port_and_refuses_a_job_id_that_is_not_one(capsys):
+    from autosam2.engine.dist.__main__ import main
+    from autosam2.engine.dist.slurm import job_port
+
+    assert main(["port", "54321"]) == 0 and capsys.readouterr().out.strip() == str(job_port(54321))
+    with pytest.raises(SystemExit) as refused:
+        main(["port", "abc"])
+    assert refused.value.code == 2 and "'abc' is not a whole number" in capsys.readouterr().err
