@@ -61,6 +61,14 @@ def gpu_device(text: str) -> str:
     return f"cuda:{non_negative_int(text)}"
 
 
+def device_name(text: str) -> str:
+    """`--device` as a device request: ``cpu``, ``cuda`` or ``cuda:N``."""
+    kind, _, index = text.partition(":")
+    if text == "cpu" or (kind == "cuda" and (not index or index.isdigit())):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not cpu, cuda or cuda:N")
+
+
 def add_output_dir(parser: argparse.ArgumentParser, *aliases: str, **kwargs: Any) -> argparse.Action:
     """``--output-dir``: the folder a command writes (`args.output_dir`)."""
     return parser.add_argument("--output-dir", *aliases, dest="output_dir", **kwargs)
@@ -100,7 +108,11 @@ def add_device(
     )
     if device_alias:
         group.add_argument(
-            "--device", dest="device", default=default, help=f"cpu | cuda | cuda:N (default {default})"
+            "--device",
+            dest="device",
+            type=device_name,
+            default=default,
+            help=f"cpu | cuda | cuda:N (default {default})",
         )
 
 

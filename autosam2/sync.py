@@ -6,8 +6,10 @@ import argparse
 import errno
 import sys
 from pathlib import Path
+from typing import Any
 
-from autosam2.arguments import add_folder_or_output_dir, given_folder
+from autosam2.arguments import add_folder_or_output_dir, given_folder, positive_float
+from autosam2.config import ConfigError
 from autosam2.tracking.credentials import redact_uri, take_uri_credentials
 from autosam2.tracking.mlflow_store import bound_http_env, default_tracking_uri, open_client
 from autosam2.tracking.outbox import FOLDER, OUTBOX, Outbox
@@ -40,7 +42,7 @@ def sync(
         errors.append(what)
 
     before = outbox.unsent()
-    sender = Sender(outbox, open_client(uri), redact_uri(uri), failed)
+    sender = Sender(outbox, _client(uri), redact_uri(uri), failed)
     sender.start()
     sender.finish(timeout_s)
     left = outbox.unsent()
@@ -57,6 +59,16 @@ def _uri_of_run(output_dir: Path) -> str:
     return load_config(config, []).tracking.uri or default_tracking_uri(output_dir)
 
 
+def _client(uri: str) -> Any:
+    """The MLflow client of `uri`; a URI MLflow refuses (a file store) is the user's error, in one line."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return open_client(uri)
+    except MlflowException as err:
+        raise ConfigError(f"--tracking-uri {redact_uri(uri)}: {str(err).splitlines()[0]}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="autosam2 sync",
@@ -64,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_folder_or_output_dir(parser, "the run's output directory (train.output_dir)")
     parser.add_argument("--tracking-uri", default=None, help="default: the run's tracking.uri in config.yaml")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to keep trying (default 600)")
+    parser.add_argument(
+        "--timeout", type=positive_float, default=600.0, help="seconds to keep trying (default 600)"
+    )
     return parser
 
 

@@ -231,4 +231,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from autosam2.errors import run_command
+
+    sys.exit(run_command("python -m launch.gpu_check", main))

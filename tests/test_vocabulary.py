@@ -8,6 +8,7 @@ import importlib
 from pathlib import Path
 
 import pytest
+import torch
 
 from autosam2.commands import AUTOSAM2, REGISTRY, commands_of
 
@@ -223,3 +224,42 @@ def test_autosam2_version_is_the_installed_packages(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.strip() == f"autosam2 {version('autosam2')}"
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda:abc", "gpu"])
+def test_a_device_that_is_not_one_is_a_usage_error(device, capsys):
+    from autosam2.bench import main
+
+    with pytest.raises(SystemExit) as refused:
+        main(["decode", "--device", device])
+    assert refused.value.code == 2 and "is not cpu, cuda or cuda:N" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for a GPU where there is none")
+@pytest.mark.parametrize("argv", [["bench", "decode", "--gpu", "0"], ["bench", "infer", "--device", "cuda"]])
+def test_a_gpu_asked_for_where_there_is_none_is_one_line(argv, capsys):
+    from autosam2.cli import main
+
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("asked for, but no CUDA device is visible; use --cpu") and "\n" not in err
+
+
+def test_sync_refuses_a_timeout_that_is_not_a_finite_positive_number(tmp_path, capsys):
+    from autosam2.sync import main
+
+    for timeout in ("nan", "inf", "-5"):
+        with pytest.raises(SystemExit) as refused:
+            main([str(tmp_path), "--timeout", timeout])
+        assert refused.value.code == 2 and "--timeout" in capsys.readouterr().err
+
+
+def test_sync_to_a_tracking_uri_mlflow_refuses_is_one_line(tmp_path, capsys):
+    from autosam2.cli import main
+
+    (tmp_path / "run" / "tracking").mkdir(parents=True)
+    (tmp_path / "run" / "tracking" / "outbox.jsonl").write_text("")
+    uri = str(tmp_path / "mlruns")  # a file store, which MLflow no longer takes
+    assert main(["sync", str(tmp_path / "run"), "--tracking-uri", uri, "--timeout", "2"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"autosam2 sync: --tracking-uri {uri}: ") and "\n" not in err

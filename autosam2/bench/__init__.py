@@ -27,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "device", None) not in (None, "cpu"):  # a GPU asked for: one line where there is none
+        from autosam2.engine.dist import pick_device
+
+        pick_device(args.device, 0)
     module, function = KINDS[args.kind].target.split(":")
     # stdout carries the figures alone (`autosam2 bench train > figures.json`): what the measured code
     # prints (the trainer's step lines, MLflow's run links) goes to stderr
