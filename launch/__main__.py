@@ -20,7 +20,7 @@ from typing import Any
 
 import submitit
 
-from autosam2.arguments import positive_int
+from autosam2.arguments import non_negative_int, positive_int
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -84,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="slurm; local: subprocesses here; debug: in this process",
     )
     p.add_argument("--nodes", type=positive_int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node, one task each")
+    p.add_argument(
+        "--gpus-per-node", type=non_negative_int, default=None, help="GPUs per node, one task each (0: none)"
+    )
     p.add_argument(
         "--tasks-per-node",
         type=int,
