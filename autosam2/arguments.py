@@ -143,3 +143,35 @@ def add_no_overlays(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-overlays", action="store_true", help="write no overlays (GIFs, PNG sheets, overlay videos)"
     )
+
+
+def add_layout(
+    parser: argparse.ArgumentParser, default: str | None = "auto", help: str | None = None
+) -> None:
+    """``--layout`` (alias ``--dataset``): a dataset folder's layout (docs/data.md)."""
+    from autosam2.config import Layout
+
+    parser.add_argument(
+        "--layout",
+        "--dataset",
+        dest="layout",
+        default=default,
+        choices=[layout.value for layout in Layout],
+        help=help or "the dataset folder's layout (default: auto, told by its folders; see docs/data.md)",
+    )
+
+
+def add_split(
+    parser: argparse.ArgumentParser,
+    default: str | None = None,
+    what: str = "read",
+    default_text: str = "the layout's own",
+) -> None:
+    """``--split``: a dataset folder's split by name (any name its layout has: train, valid, test,
+    TestEasyDataset/Unseen, ...)."""
+    parser.add_argument(
+        "--split",
+        default=default,
+        help=f"the split of a dataset folder to {what} (default: {default or default_text}; any split "
+        "its layout has, e.g. valid, test, TestEasyDataset/Unseen)",
+    )

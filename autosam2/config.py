@@ -27,8 +27,14 @@ class ConfigError(ValueError):
 # choices ------------------------------------------------------------------------------------------------
 
 
-class Dataset(StrEnum):
-    polyp_gen = "polyp_gen"
+class Layout(StrEnum):
+    """Dataset folder layouts (`autosam2.data.layouts`); auto: told by the folders."""
+
+    auto = "auto"
+    polyp_gen = "polyp_gen"  # the seed's ROOT/<split>/{images,masks}/<sequence>/
+    sunseg = "sunseg"  # SUN-SEG: ROOT/TrainDataset|TestEasyDataset/Seen|.../{Frame,GT}/<case>/
+    polypgen = "polypgen"  # PolypGen: multi-centre single frames and sequence data
+    images = "images"  # a flat image set: images/ + masks/ (Kvasir-SEG, CVC), optional sequences CSV
 
 
 # SAM2.1 model sizes; the names are what users write (`model.variant=hiera_b+`), not identifiers
@@ -95,9 +101,11 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    dataset: Dataset = Dataset.polyp_gen
-    train: str = "demo/shards/train"  # a shard set (manifest.json) or a polyp_gen root (split train)
-    valid: str = "demo/shards/valid"  # a shard set or a polyp_gen root (split valid)
+    train: str = "demo/shards/train"  # a shard set (manifest.json) or a dataset folder (data.layout)
+    valid: str = "demo/shards/valid"  # a shard set or a dataset folder
+    layout: Layout = Layout.auto  # a dataset folder's layout (auto: told by its folders)
+    train_split: str | None = None  # a folder's split to train on (None: the layout's train split)
+    valid_split: str | None = None  # a folder's split to validate on (None: the layout's valid split)
     clip_len: int = 8
     batch_size: int = 1  # clips per rank and step
     num_workers: int = 2

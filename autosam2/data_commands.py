@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from autosam2.arguments import add_output_dir, add_workers, positive_int
+from autosam2.arguments import add_layout, add_output_dir, add_split, add_workers, positive_int
 
 
 def synth(argv: list[str] | None = None) -> int:
@@ -58,18 +58,19 @@ def synth(argv: list[str] | None = None) -> int:
 
 def validate(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="autosam2 validate", description="check a polyp_gen root; list every problem, one per line"
+        prog="autosam2 validate",
+        description="check a dataset folder in any layout (docs/data.md); list every problem, one per line",
     )
     p.add_argument("root", type=Path)
-    p.add_argument("--split", choices=["train", "valid"], default=None, help="check one split only")
+    add_layout(p)
+    add_split(p, what="check", default_text="every split there is")
     args = p.parse_args(argv)
 
     from autosam2.data.codec import MASK_THRESHOLD
-    from autosam2.data.polyp_gen import SPLITS, MaskNoise, validate_root
+    from autosam2.data.folder import MaskNoise, validate_root
+    from autosam2.data.layouts import reader
 
-    reports = validate_root(
-        args.root, splits=[args.split] if args.split else SPLITS, progress=sys.stderr.isatty()
-    )
+    reports = validate_root(args.root, [args.split] if args.split else None, sys.stderr.isatty(), args.layout)
     problems = [p for r in reports for p in r.problems]
     for problem in problems:
         print(problem)
@@ -86,14 +87,16 @@ def validate(argv: list[str] | None = None) -> int:
     for r in reports:
         noise.merge(r.noise)
     note += f"; {noise}" if noise.masks else ""
-    print(f"{args.root}: ok; " + "; ".join(parts) + note)
+    layout = reader(args.root, args.layout).layout
+    print(f"{args.root}: ok ({layout} layout); " + "; ".join(parts) + note)
     return 0
 
 
 def inspect(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="autosam2 inspect",
-        description="read the sequences of a polyp_gen root (or shard set) and summarise each",
+        description="name a dataset folder's layout and splits, read the sequences of one split (or of a "
+        "shard set) and summarise each",
     )
     p.add_argument("root", type=Path, nargs="?", default=None)
     p.add_argument(
@@ -102,7 +105,8 @@ def inspect(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--image-size", type=positive_int, default=256, help="with --shards: the stream's image size"
     )
-    p.add_argument("--split", choices=["train", "valid"], default="valid")
+    add_layout(p)
+    add_split(p, what="read", default_text="the layout's valid split")
     p.add_argument("--sequence", default=None, help="one sequence (default: all)")
     args = p.parse_args(argv)
 
@@ -120,9 +124,15 @@ def inspect(argv: list[str] | None = None) -> int:
     if args.root is None:
         print("autosam2 inspect: give a dataset ROOT or --shards DIR", file=sys.stderr)
         return 2
-    from autosam2.data.polyp_gen import PolypGenDataset
+    from autosam2.data.folder import FolderDataset
+    from autosam2.data.layouts import reader
 
-    dataset = PolypGenDataset(args.root, args.split)
+    found = reader(args.root, args.layout)
+    args.split = args.split or found.default_split(args.root, "valid")
+    print(
+        f"{args.root}: {found.layout} layout ({found.release}); splits: {', '.join(found.splits(args.root))}"
+    )
+    dataset = FolderDataset(args.root, args.split, layout=found.layout)
     names = [args.sequence] if args.sequence else dataset.sequence_names
     for name in names:
         if name not in dataset.sequences:

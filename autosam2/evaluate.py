@@ -12,8 +12,8 @@ import argparse
 from contextlib import nullcontext
 from pathlib import Path
 
-from autosam2.arguments import add_device, add_encode_batch, add_no_overlays, add_output_dir
-from autosam2.config import ClipMode, ConfigError, Dataset, TrainConfig
+from autosam2.arguments import add_device, add_encode_batch, add_layout, add_no_overlays, add_output_dir
+from autosam2.config import ClipMode, ConfigError, TrainConfig
 from autosam2.metrics import DICE_RULES, MODES
 
 EPILOG = (
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_arguments(parser, "results")
-    parser.add_argument("--dataset", default="polyp_gen", choices=[d.value for d in Dataset])
+    add_layout(parser)
     parser.add_argument("--data", default="demo/shards/valid", help="a shard set or a polyp_gen root")
     parser.add_argument(
         "--split", default="valid", choices=["train", "valid"], help="split, when --data is a polyp_gen root"

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autosam2.arguments import add_device, add_output_dir
-from autosam2.config import Config, Dataset, EngineKind, FeatureCacheKind, load_config
+from autosam2.arguments import add_device, add_layout, add_output_dir
+from autosam2.config import Config, EngineKind, FeatureCacheKind, load_config
 
 if TYPE_CHECKING:
     from autosam2.data.batches import TrainingBatches
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="clips per rank and step (data.batch_size)")
     p.add_argument("--epochs", type=int, default=None, help="train.epochs")
     p.add_argument("--lr", type=float, default=None, help="optim.lr")
-    p.add_argument("--dataset", default=None, choices=[d.value for d in Dataset], help="data.dataset")
+    add_layout(p, default=None, help="data.layout: the layout of data.train/data.valid when they are folders")
     add_device(
         p,
         None,
@@ -51,7 +51,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "data.batch_size": args.batch_size,
         "train.epochs": args.epochs,
         "optim.lr": args.lr,
-        "data.dataset": args.dataset,
+        "data.layout": args.layout,
         "train.output_dir": args.output_dir,
         "train.engine": args.engine,
         "train.resume": args.resume,

@@ -26,7 +26,9 @@ import webdataset as wds
 import autosam2
 from autosam2.atomic import atomic_file, atomic_write_json, make_folders, name_output, remove_empty
 from autosam2.data.codec import image_size
-from autosam2.data.polyp_gen import LIST_FILES, MaskNoise, SequenceFiles, scan_split
+from autosam2.data.folder import MaskNoise, scan_split
+from autosam2.data.layouts import SequenceFiles
+from autosam2.data.layouts.polyp_gen import list_file
 from autosam2.data.sample_format import (
     FORMAT,
     FORMAT_VERSION,
@@ -217,7 +219,7 @@ def _part_record(
         "max_shard_mb": max_shard_mb,
         "source": {
             "root": str(root),
-            "list_file": str(root / split / LIST_FILES[split]),
+            "list_file": str(list_file(root, split)),
             "sequences": len(sequences),
             "frames": sum(len(s.frames) for s in sequences),
         },

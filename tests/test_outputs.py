@@ -141,10 +141,10 @@ def test_merge_removes_only_the_records_it_merged(tmp_path, tiny_root_pristine, 
 
 
 def test_a_rejected_dataset_leaves_no_parent_folder(tmp_path, tiny_root, capsys):
-    (tiny_root / "valid" / "val_list.txt").unlink()
+    (tiny_root / "valid" / "val_list.txt").write_text("seq404\n")
     out = tmp_path / "new" / "shards" / "valid"
     assert shards(["build", str(tiny_root), "--split", "valid", "--out", str(out)]) == 1
-    assert "val_list.txt: list file is missing" in capsys.readouterr().err
+    assert "sequence 'seq404' is listed in val_list.txt but has no images folder" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
 
 

@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from autosam2.data.polyp_gen import DatasetError
 from autosam2.data.sample_format import FORMAT, FORMAT_VERSION
-from autosam2.errors import OutputRefused
+from autosam2.errors import DatasetError, OutputRefused
 from shards.__main__ import main
 from shards.writer import build, build_part, merge
 from tests.helpers import noisy_empty_jpeg
@@ -226,7 +225,7 @@ def _png16(path: Path, values: np.ndarray) -> None:
 def test_a_16bit_mask_and_a_cmyk_frame_read_the_same_everywhere(tiny_root, tmp_path):
     """Pixel values, not just "no error": the folder reader, validate, the shards and the stream agree."""
     from autosam2.config import DataConfig
-    from autosam2.data.polyp_gen import PolypGenDataset, validate_split
+    from autosam2.data.folder import FolderDataset, validate_split
     from autosam2.data.stream import ClipStream
 
     frames = tiny_root / "train" / "images" / "seq1"
@@ -242,7 +241,7 @@ def test_a_16bit_mask_and_a_cmyk_frame_read_the_same_everywhere(tiny_root, tmp_p
 
     report = validate_split(tiny_root, "train")
     assert report.problems == []
-    folder = PolypGenDataset(tiny_root, "train")
+    folder = FolderDataset(tiny_root, "train")
     assert np.array_equal(folder.load_frame("seq1", 0).object_mask().numpy(), expected_mask)
     red = folder.load_frame("seq1", 1).image_CHW
     assert red.shape == (3, 64, 64) and red[0].min() >= 250 and red[1:].max() <= 5
@@ -288,7 +287,7 @@ def test_a_label_map_is_rejected_by_both(tiny_root, tmp_path, capsys, kind):
 
 def test_a_palette_mask_that_draws_the_polyp_light_is_a_mask_everywhere(tiny_root, tmp_path):
     from autosam2.config import DataConfig
-    from autosam2.data.polyp_gen import PolypGenDataset, validate_split
+    from autosam2.data.folder import FolderDataset, validate_split
     from autosam2.data.stream import ClipStream
 
     masks = tiny_root / "train" / "masks" / "seq2"
@@ -299,7 +298,7 @@ def test_a_palette_mask_that_draws_the_polyp_light_is_a_mask_everywhere(tiny_roo
     image.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)
     image.save(masks / "frame3.png")
     assert validate_split(tiny_root, "train").problems == []
-    folder = PolypGenDataset(tiny_root, "train").load_frame("seq2", 2).object_mask()
+    folder = FolderDataset(tiny_root, "train").load_frame("seq2", 2).object_mask()
     build(tiny_root, "train", tmp_path / "s", frames_per_sample=5)
     seq2 = next(
         v

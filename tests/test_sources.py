@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from autosam2.config import DataConfig
-from autosam2.data.polyp_gen import PolypGenDataset
+from autosam2.data.folder import FolderDataset
 from autosam2.data.sources import FolderClips, check_source, is_shard_set, read_sequences, training_batches
 from autosam2.errors import DatasetError, SequenceSkipped
 from tests.helpers import rewrite_tar, truncate
@@ -22,7 +22,7 @@ def test_folder_clips_are_resized_windows_with_seeded_augmentation(tiny_root_pri
     video = clips[4]
     assert video.video_id == "seq2" and [f.frame_index for f in video.frames] == [4, 5, 6, 7]
     assert video.size == (32, 32) and video.frames[0].image_CHW.shape == (3, 32, 32)
-    raw = PolypGenDataset(tiny_root_pristine, "train").load_frame("seq2", 4)
+    raw = FolderDataset(tiny_root_pristine, "train").load_frame("seq2", 4)
     assert raw.object_mask().any() == video.frames[0].object_mask().any()
     assert clips[4].metadata["augment"] == video.metadata["augment"]
     clips.set_epoch(1)
@@ -153,5 +153,5 @@ def test_validation_reading_honours_the_error_policy(tiny_root, tiny_shards, cap
             kept.append((video.video_id, len(video.load())))
         except SequenceSkipped:  # said as a warning; the consumer forgets the sequence
             continue
-    assert kept == [("seq2", PolypGenDataset(tiny_root, "train").num_frames("seq2"))]
+    assert kept == [("seq2", FolderDataset(tiny_root, "train").num_frames("seq2"))]
     assert "warning: skipped" in capsys.readouterr().err

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from autosam2.config import DataConfig
+from autosam2.data.folder import FolderDataset
 from autosam2.data.order import usable_samples
-from autosam2.data.polyp_gen import PolypGenDataset
 from autosam2.data.sample_format import ShardError
 from autosam2.data.stream import ClipStream, make_loader, read_samples
 from tests.helpers import rewrite_tar, truncate
@@ -39,7 +39,7 @@ def test_evaluation_without_names_splits_the_shards_at_the_rank_given(tiny_shard
 
 @pytest.mark.parametrize("split", ["train", "valid"])
 def test_round_trip_gives_the_folder_readers_bytes_and_masks(tiny_root_pristine, tiny_shards_pristine, split):
-    folder = PolypGenDataset(tiny_root_pristine, split)
+    folder = FolderDataset(tiny_root_pristine, split)
     stream = ClipStream(tiny_shards_pristine[split], "eval", DataConfig(), 64, seed=0)
     seen = []
     for batch in batches(stream, workers=2):

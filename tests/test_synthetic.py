@@ -10,7 +10,7 @@ from PIL import Image, ImageFilter
 
 from autosam2.cli import main
 from autosam2.data import synthetic
-from autosam2.data.polyp_gen import PolypGenDataset, validate_root
+from autosam2.data.folder import FolderDataset, validate_root
 from autosam2.data.synthetic import SynthSpec, generate_sequence, write_dataset
 from tests.helpers import TINY
 
@@ -87,7 +87,7 @@ def test_default_set_has_occlusion_hard_frames_and_enough_polyp_free_frames(tmp_
     summary = write_dataset(tmp_path / "d", spec)
     assert summary["frames"] == (8 + 4) * 24
     assert summary["empty_frames"] >= 0.1 * summary["frames"]
-    valid = PolypGenDataset(tmp_path / "d", "valid")
+    valid = FolderDataset(tmp_path / "d", "valid")
     assert len(valid.sequence_names) == 4
     events = [e for seq in summary["events"].values() for e in seq]
     assert any(0.05 < e["occluded"] < 0.95 and e["visible"] for e in events), "no partial occlusion"

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from autosam2.arguments import add_device, positive_int
-from autosam2.data.polyp_gen import LIST_FILES
+from autosam2.data.layouts.polyp_gen import LIST_FILES
 from autosam2.data.synthetic import SynthSpec, write_dataset
 
 

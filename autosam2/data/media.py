@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from autosam2.data.codec import decode_image, image_size
-from autosam2.data.polyp_gen import image_files, natural_key
+from autosam2.data.layouts.files import image_files, natural_key
 from autosam2.data.video import Frame, LazyVideo
 from autosam2.errors import DatasetError
 

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from autosam2.data.codec import decode_image, decode_mask, encode_mask_png
-from autosam2.data.polyp_gen import FrameFiles, MaskNoise, Problem, check_frame, size_problem
+from autosam2.data.folder import MaskNoise, check_frame, size_problem
+from autosam2.data.layouts import FrameFiles, Problem
 from autosam2.data.video import POLYP_ID, Frame, Object, VideoDatapoint
 from autosam2.errors import DatasetError
 from autosam2.outputs import OutputKind, json_object

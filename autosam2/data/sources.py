@@ -20,8 +20,8 @@ import torch
 
 from autosam2.config import AugmentConfig, DataConfig, OnError
 from autosam2.data.batches import TrainingBatches
+from autosam2.data.folder import FolderDataset
 from autosam2.data.order import usable_samples
-from autosam2.data.polyp_gen import PolypGenDataset
 from autosam2.data.sample_format import MANIFEST
 from autosam2.data.stream import (
     ClipStream,
@@ -49,7 +49,7 @@ def check_source(path: str | Path, split: str, clip_len: int | None = None, key:
         return
     if not Path(path).is_dir():
         raise DatasetError(f"{key}={path}: neither a shard set ({MANIFEST}) nor a polyp_gen root")
-    dataset = PolypGenDataset(path, split, clip_len)
+    dataset = FolderDataset(path, split, clip_len)
     if clip_len and not dataset.windows:
         longest = max((dataset.num_frames(n) for n in dataset.sequence_names), default=0)
         raise DatasetError(
@@ -74,7 +74,7 @@ class FolderClips(torch.utils.data.Dataset):
         stride: int = 1,
         augment: AugmentConfig | None = None,
     ):
-        self.dataset = PolypGenDataset(root, split, clip_len=clip_len, stride=stride)
+        self.dataset = FolderDataset(root, split, clip_len=clip_len, stride=stride)
         self.image_size = image_size
         self.seed = seed
         self.augment = augment or AugmentConfig()
@@ -239,7 +239,7 @@ def read_sequences(
         stream = ClipStream(source, "eval", DataConfig(on_error=on_error), image_size=None, seed=0)
         names = share(sorted(stream.manifest["sequences"]), rank, world_size, limit)
         return Sequences(names, lambda: stream.lazy_sequences(names))
-    dataset = PolypGenDataset(source, split, decode_device=decode_device)
+    dataset = FolderDataset(source, split, decode_device=decode_device)
     names = share(dataset.sequence_names, rank, world_size, limit)
 
     def videos() -> Iterator[LazyVideo]:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from autosam2.data.polyp_gen import LIST_FILES
+from autosam2.data.layouts.polyp_gen import LIST_FILES
 from autosam2.outputs import SYNTH_DATASET, output_directory
 
 SPLIT_CODES = {"train": 0, "valid": 1}

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from autosam2.atomic import atomic_write_text
-from autosam2.data.polyp_gen import natural_key
+from autosam2.data.layouts.files import natural_key
 from autosam2.data.video import Frame, LazyVideo
 from autosam2.metrics import UNDEFINED
 from autosam2.overlays import GIF_SIDE, VideoWriter, contact_sheet, overlay, write_gif

@@ -19,7 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from autosam2.data.polyp_gen import natural_key
+from autosam2.data.layouts.files import natural_key
 from autosam2.errors import DatasetError
 from autosam2.eval.report import listed
 from autosam2.metrics import GT_THRESHOLD_8BIT, MetricAccumulator, Mode, too_short_for_the_drop

@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from autosam2.data.polyp_gen import ClipWindow, PolypGenDataset, natural_key
+from autosam2.data.folder import ClipWindow, FolderDataset
+from autosam2.data.layouts.files import natural_key
 from autosam2.data.synthetic import generate_sequence, sequence_names
 from autosam2.errors import DatasetError
 from tests.helpers import TINY
@@ -25,7 +26,7 @@ def test_natural_order_puts_frame2_before_frame10():
 
 
 def test_reads_the_synthetic_set_in_natural_order_with_its_masks(tiny_root):
-    train = PolypGenDataset(tiny_root, "train")
+    train = FolderDataset(tiny_root, "train")
     assert train.sequence_names == sequence_names(TINY)["train"]
     video = train.load_sequence("seq1")
     # 12 frames named frame1..frame12: natural order, not frame1, frame10, frame11, frame12, frame2
@@ -47,7 +48,7 @@ def test_png_masks_pair_by_stem_and_grey_or_rgba_frames_become_rgb(tiny_root):
     (seq_images / "frame5.jpg").unlink()
     Image.new("RGBA", (64, 64), (10, 20, 30, 128)).save(seq_images / "frame5.png")
 
-    dataset = PolypGenDataset(tiny_root, "train")
+    dataset = FolderDataset(tiny_root, "train")
     frame3 = dataset.load_frame("seq1", 2)
     assert torch.equal(frame3.object_mask(), torch.from_numpy(mask > 128))
     grey = dataset.load_frame("seq1", 3).image_CHW
@@ -59,21 +60,21 @@ def test_png_masks_pair_by_stem_and_grey_or_rgba_frames_become_rgb(tiny_root):
 def test_a_frame_of_another_size_is_refused_naming_the_file(tiny_root):
     path = tiny_root / "train" / "images" / "seq2" / "frame7.jpg"
     Image.open(path).resize((48, 64)).save(path)
-    dataset = PolypGenDataset(tiny_root, "train")  # lazy: construction reads no pixels
+    dataset = FolderDataset(tiny_root, "train")  # lazy: construction reads no pixels
     dataset.load_frame("seq2", 5)
     with pytest.raises(DatasetError, match=r"seq2/frame7\.jpg: frame is 48x64, sequence 'seq2' is 64x64"):
         dataset.load_frame("seq2", 6)
 
 
 def test_clip_windows_and_short_sequences(tiny_root):
-    dataset = PolypGenDataset(tiny_root, "train", clip_len=5, stride=3)
+    dataset = FolderDataset(tiny_root, "train", clip_len=5, stride=3)
     assert dataset.windows == [ClipWindow(s, start, 5) for s in ("seq1", "seq2") for start in (0, 3, 6)]
     clip = dataset[4]
     assert clip.video_id == "seq2" and [f.frame_index for f in clip.frames] == [3, 4, 5, 6, 7]
     assert [f.name for f in clip.frames] == ["frame4", "frame5", "frame6", "frame7", "frame8"]
-    whole = PolypGenDataset(tiny_root, "valid")
+    whole = FolderDataset(tiny_root, "valid")
     assert whole.windows == [ClipWindow("seq3", 0, 12)] and len(whole[0]) == 12
-    long = PolypGenDataset(tiny_root, "train", clip_len=13)
+    long = FolderDataset(tiny_root, "train", clip_len=13)
     assert len(long) == 0 and long.short_sequences == ["seq1", "seq2"]
     with pytest.raises(IndexError):
         dataset.load_clip(ClipWindow("seq1", 10, 5))
@@ -82,18 +83,18 @@ def test_clip_windows_and_short_sequences(tiny_root):
 def test_structural_problems_raise_one_error_naming_the_file(tiny_root):
     (tiny_root / "train" / "masks" / "seq2" / "frame9.jpg").unlink()
     with pytest.raises(DatasetError, match=r"seq2/frame9\.jpg: image has no mask.*autosam2 validate"):
-        PolypGenDataset(tiny_root, "train")
+        FolderDataset(tiny_root, "train")
 
 
 def test_missing_root_is_named(tmp_path: Path):
     with pytest.raises(DatasetError, match="nowhere: dataset root does not exist"):
-        PolypGenDataset(tmp_path / "nowhere", "train")
+        FolderDataset(tmp_path / "nowhere", "train")
 
 
 def test_corrupt_image_is_named_when_read(tiny_root):
     path = tiny_root / "valid" / "images" / "seq3" / "frame2.jpg"
     path.write_bytes(b"not a jpeg at all")
-    dataset = PolypGenDataset(tiny_root, "valid")
+    dataset = FolderDataset(tiny_root, "valid")
     with pytest.raises(DatasetError, match=r"seq3/frame2\.jpg: cannot"):
         dataset.load_sequence("seq3")
 

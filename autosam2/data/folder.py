@@ -1,16 +1,13 @@
-"""The polyp_gen folder layout: scan, validate and lazily read sequences and clip windows.
+"""A dataset folder in any layout (`autosam2.data.layouts`): validate it and lazily read its sequences and
+clip windows.
 
-Layout: ``ROOT/{train,valid}/{images,masks}/<sequence>/<frame>.jpg`` with
-``ROOT/train/train_list.txt`` and ``ROOT/valid/val_list.txt`` naming one sequence per line.
-Frames follow the natural order of their names (frame2 before frame10); a mask pairs with the image of
-the same stem (``.jpg`` or ``.png``); masks are foreground above ``MASK_THRESHOLD`` because JPEG masks carry
-compression noise between 0 and 255: a mask with no value above it is empty (counted when it holds noise),
-unless it is a 0/1 label map, which is a problem.
+Masks are foreground above ``MASK_THRESHOLD`` because JPEG masks carry compression noise between 0 and
+255: a mask with no value above it is empty (counted when it holds noise), unless it is a 0/1 label map,
+which is a problem. A frame without a mask file (where its layout says such a frame is polyp-free) is empty.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from autosam2.config import Layout
 from autosam2.data.codec import (
     MASK_THRESHOLD,
     check_image,
@@ -28,34 +26,9 @@ from autosam2.data.codec import (
     image_size,
     read_mask,
 )
+from autosam2.data.layouts import FrameFiles, Problem, SequenceFiles, reader, scan
 from autosam2.data.video import POLYP_ID, Frame, LazyVideo, Object, VideoDatapoint
 from autosam2.errors import DatasetError
-
-SPLITS = ("train", "valid")
-LIST_FILES = {"train": "train_list.txt", "valid": "val_list.txt"}
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-
-
-@dataclass(frozen=True)
-class Problem:
-    path: Path
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.message}"
-
-
-@dataclass(frozen=True)
-class FrameFiles:
-    name: str
-    image: Path
-    mask: Path
-
-
-@dataclass(frozen=True)
-class SequenceFiles:
-    name: str
-    frames: tuple[FrameFiles, ...]
 
 
 class ClipWindow(NamedTuple):
@@ -64,86 +37,11 @@ class ClipWindow(NamedTuple):
     length: int
 
 
-def natural_key(name: str) -> list[int | str]:
-    """Sort key that orders embedded numbers by value: frame2 < frame10."""
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
-
-
-def image_files(folder: Path) -> dict[str, Path]:
-    """Image files of a folder by stem; hidden files and other suffixes are ignored."""
-    files: dict[str, Path] = {}
-    for path in folder.iterdir():
-        if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES:
-            files.setdefault(path.stem, path)
-    return files
-
-
-def _duplicate_stems(folder: Path) -> list[Problem]:
-    seen: dict[str, Path] = {}
-    problems = []
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES:
-            if path.stem in seen:
-                problems.append(
-                    Problem(path, f"same frame name as {seen[path.stem].name}; which one is meant?")
-                )
-            else:
-                seen[path.stem] = path
-    return problems
-
-
-def read_list_file(root: Path, split: str) -> tuple[list[str], list[Problem]]:
-    list_path = Path(root) / split / LIST_FILES[split]
-    if not list_path.is_file():
-        return [], [Problem(list_path, "list file is missing")]
-    names = [line.strip() for line in list_path.read_text().splitlines()]
-    names = [n for n in names if n and not n.startswith("#")]
-    if not names:
-        return [], [Problem(list_path, "list file names no sequence")]
-    problems = [
-        Problem(list_path, f"sequence {name!r} is listed more than once")
-        for name in sorted({n for n in names if names.count(n) > 1})
-    ]
-    return list(dict.fromkeys(names)), problems
-
-
-def scan_split(root: str | Path, split: str) -> tuple[list[SequenceFiles], list[Problem]]:
-    """Index one split from the file names alone (no decoding); return the index and every problem."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    root = Path(root)
-    names, problems = read_list_file(root, split)
-    sequences = []
-    for name in names:
-        image_dir = root / split / "images" / name
-        mask_dir = root / split / "masks" / name
-        if not image_dir.is_dir():
-            problems.append(
-                Problem(
-                    image_dir, f"sequence {name!r} is listed in {LIST_FILES[split]} but has no images folder"
-                )
-            )
-            continue
-        images = image_files(image_dir)
-        problems += _duplicate_stems(image_dir)
-        if not images:
-            problems.append(Problem(image_dir, "sequence folder has no frames"))
-            continue
-        if not mask_dir.is_dir():
-            problems.append(Problem(mask_dir, f"masks folder of sequence {name!r} is missing"))
-            continue
-        masks = image_files(mask_dir)
-        problems += _duplicate_stems(mask_dir)
-        for stem in sorted(set(images) - set(masks), key=natural_key):
-            problems.append(
-                Problem(images[stem], f"image has no mask (expected {mask_dir / stem}.jpg or .png)")
-            )
-        for stem in sorted(set(masks) - set(images), key=natural_key):
-            problems.append(Problem(masks[stem], f"mask has no image (expected {image_dir / stem}.jpg)"))
-        paired = sorted(set(images) & set(masks), key=natural_key)
-        if paired:
-            sequences.append(SequenceFiles(name, tuple(FrameFiles(s, images[s], masks[s]) for s in paired)))
-    return sequences, problems
+def scan_split(
+    root: str | Path, split: str, layout: Layout | str = Layout.auto
+) -> tuple[list[SequenceFiles], list[Problem]]:
+    """Index one split of a dataset folder from the file names alone; the index and every problem."""
+    return scan(root, split, layout)
 
 
 @dataclass
@@ -205,6 +103,13 @@ def check_frame(frame: FrameFiles, keep_data: bool = False) -> FrameCheck:
         check.size = check_image(check.image_bytes, frame.image)
     except (DatasetError, OSError) as err:
         check.problems.append(Problem(frame.image, _reason(err)))
+    if frame.mask is None:  # polyp-free by its layout's rule
+        check.empty = True
+        if keep_data and check.size is not None:
+            check.mask_HW = np.zeros(check.size, dtype=bool)
+        elif not keep_data:
+            check.image_bytes = b""
+        return check
     try:
         values, label_map = read_mask(frame.mask.read_bytes(), frame.mask)
     except (DatasetError, OSError) as err:
@@ -252,9 +157,15 @@ def size_problem(
     )
 
 
-def validate_split(root: str | Path, split: str, progress: bool = False, workers: int = 4) -> SplitReport:
+def validate_split(
+    root: str | Path,
+    split: str,
+    progress: bool = False,
+    workers: int = 4,
+    layout: Layout | str = Layout.auto,
+) -> SplitReport:
     """Check one split completely: structure, then every image and mask decoded and sized."""
-    sequences, problems = scan_split(root, split)
+    sequences, problems = scan_split(root, split, layout)
     report = SplitReport(split=split, sequences=len(sequences), problems=problems)
     frames = [(seq, frame) for seq in sequences for frame in seq.frames]
     report.frames = len(frames)
@@ -279,26 +190,34 @@ def validate_split(root: str | Path, split: str, progress: bool = False, workers
 
 
 def validate_root(
-    root: str | Path, splits: Iterable[str] = SPLITS, progress: bool = False
+    root: str | Path,
+    splits: Iterable[str] | None = None,
+    progress: bool = False,
+    layout: Layout | str = Layout.auto,
 ) -> list[SplitReport]:
-    """Validate each split of a dataset root; a missing root or split folder is itself a problem."""
+    """Validate each split of a dataset folder (None: every split its layout finds); a root that is no
+    dataset folder, a missing split folder or a folder with no split is itself a problem."""
     root = Path(root)
-    if not root.is_dir():
-        why = "is a file, not a dataset folder" if root.exists() else "dataset root does not exist"
-        return [SplitReport(split="-", problems=[Problem(root, why)])]
+    try:
+        found = reader(root, layout)
+    except DatasetError as err:
+        return [SplitReport(split="-", problems=[Problem(root, _reason(err))])]
+    names = list(splits) if splits is not None else found.splits(root)
+    if not names:
+        return [SplitReport(split="-", problems=[Problem(root, f"holds no {found.layout} split folder")])]
     reports = []
-    for split in splits:
+    for split in names:
         if not (root / split).is_dir():
             reports.append(
                 SplitReport(split=split, problems=[Problem(root / split, "split folder is missing")])
             )
         else:
-            reports.append(validate_split(root, split, progress=progress))
+            reports.append(validate_split(root, split, progress=progress, layout=found.layout))
     return reports
 
 
-class PolypGenDataset(torch.utils.data.Dataset):
-    """Lazy reader of one polyp_gen split; items are clip windows ``(sequence, start, T)``.
+class FolderDataset(torch.utils.data.Dataset):
+    """Lazy reader of one split of a dataset folder in any layout; items are clip windows ``(sequence, start, T)``.
 
     ``clip_len=None`` makes each whole sequence one item; otherwise every window of ``clip_len``
     consecutive frames whose start is a multiple of ``stride`` (sequences shorter than ``clip_len`` are
@@ -313,16 +232,18 @@ class PolypGenDataset(torch.utils.data.Dataset):
         clip_len: int | None = None,
         stride: int = 1,
         decode_device: torch.device | None = None,
+        layout: Layout | str = Layout.auto,
     ):
         self.root = Path(root)
         self.decode_device = decode_device  # None: frames decoded here (PIL); a GPU: nvJPEG there
         self.split = split
-        if not self.root.is_dir():
-            raise DatasetError(f"{self.root}: dataset root does not exist")
-        sequences, problems = scan_split(self.root, split)
+        self.layout = reader(self.root, layout).layout  # a root that is no dataset folder: one line
+        sequences, problems = scan_split(self.root, split, self.layout)
         if problems:
             more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-            raise DatasetError(f"{problems[0]}{more}; run `autosam2 validate {self.root}` to list them all")
+            raise DatasetError(
+                f"{problems[0]}{more}; run `autosam2 validate {self.root} --layout {self.layout} --split {split}` to list them all"
+            )
         if (clip_len is not None and clip_len < 1) or stride < 1:
             raise ValueError(f"clip_len and stride must be >= 1, got {clip_len} and {stride}")
         self.sequences = {seq.name: seq for seq in sequences}
@@ -356,7 +277,10 @@ class PolypGenDataset(torch.utils.data.Dataset):
     def load_frame(self, sequence: str, index: int) -> Frame:
         files = self.sequences[sequence].frames[index]
         image = decode_image(files.image.read_bytes(), files.image, self.decode_device)
-        mask = decode_mask(files.mask.read_bytes(), files.mask)
+        if files.mask is None:  # polyp-free by its layout's rule
+            mask = torch.zeros(image.shape[-2:], dtype=torch.bool)
+        else:
+            mask = decode_mask(files.mask.read_bytes(), files.mask)
         expected = self.sequence_size(sequence)
         if tuple(image.shape[-2:]) != expected:
             raise DatasetError(

@@ -1,0 +1,99 @@
+"""Published dataset layouts: which one a folder holds, the splits it has, and each split's sequences as
+files (nothing decoded). One module per layout; `READERS` is the one list of them, in the order `auto`
+tries them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from autosam2.config import Layout
+from autosam2.data.layouts import polyp_gen, sunseg
+from autosam2.data.layouts.files import FrameFiles, Problem, SequenceFiles
+from autosam2.errors import DatasetError
+
+__all__ = ["READERS", "FrameFiles", "Problem", "Reader", "SequenceFiles", "detect", "reader", "scan"]
+
+Scan = tuple[list[SequenceFiles], list[Problem]]
+PURPOSES = ("train", "valid", "test")
+
+
+@dataclass(frozen=True)
+class Reader:
+    """One layout: whether a root holds it, its splits, a split's files, and the split each purpose reads
+    by default (`defaults`: train / valid / test -> split name)."""
+
+    layout: Layout
+    looks_like: Callable[[Path], bool]
+    splits: Callable[[Path], list[str]]
+    scan: Callable[[Path, str], Scan]
+    defaults: Mapping[str, str]
+    release: str  # the published release and document the reader follows
+
+    def default_split(self, root: Path, purpose: str) -> str:
+        """The split `purpose` reads when none is named: the layout's default, or the only split there is."""
+        split = self.defaults.get(purpose)
+        present = self.splits(root)
+        if split is None and len(present) == 1:
+            return present[0]
+        if split in present:
+            return split
+        named = ", ".join(present) or "none"
+        raise DatasetError(
+            f"{root}: no {purpose} split{f' {split!r}' if split else ''} in this {self.layout} folder "
+            f"(splits: {named}); name one with --split"
+        )
+
+
+READERS: dict[Layout, Reader] = {
+    Layout.sunseg: Reader(
+        Layout.sunseg, sunseg.looks_like, sunseg.splits, sunseg.scan, sunseg.DEFAULT_SPLITS, sunseg.RELEASE
+    ),
+    Layout.polyp_gen: Reader(
+        Layout.polyp_gen,
+        polyp_gen.looks_like,
+        polyp_gen.splits,
+        polyp_gen.scan,
+        polyp_gen.DEFAULT_SPLITS,
+        polyp_gen.RELEASE,
+    ),
+}
+
+
+def detect(root: str | Path) -> Layout:
+    """The layout of a dataset folder, told by its folders; one DatasetError line when none fits."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(
+            f"{root}: {'is a file, not a dataset folder' if root.exists() else 'dataset root does not exist'}"
+        )
+    for layout, found in READERS.items():
+        if found.looks_like(root):
+            return layout
+    names = ", ".join(layout.value for layout in READERS)
+    raise DatasetError(f"{root}: not a dataset folder in a known layout ({names}); see docs/data.md")
+
+
+def reader(root: str | Path, layout: Layout | str = Layout.auto) -> Reader:
+    """The reader of `root`: the one `layout` names, or the detected one for auto."""
+    layout = Layout(layout)
+    if layout == Layout.auto:
+        layout = detect(root)
+    if layout not in READERS:
+        raise DatasetError(f"{root}: layout {layout} has no reader in this version")
+    return READERS[layout]
+
+
+def split_name(root: str | Path, layout: Layout | str, split: str | None, purpose: str) -> str:
+    """`split`, or the one `purpose` reads by default in `root`'s layout."""
+    return split if split else reader(root, layout).default_split(Path(root), purpose)
+
+
+def scan(root: str | Path, split: str, layout: Layout | str = Layout.auto) -> Scan:
+    """Index one split of `root` from file names alone; the sequences and every problem found."""
+    root = Path(root)
+    found = reader(root, layout)
+    if not split or Path(split).is_absolute() or ".." in Path(split).parts:
+        raise DatasetError(f"{root}: split {split!r} is not a folder name inside the dataset")
+    return found.scan(root, split)
