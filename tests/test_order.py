@@ -273,7 +273,7 @@ def test_a_list_of_one_source_is_that_source_and_a_mix_takes_shard_sets_only(sha
     assert clips[0] == clips[1]
     folder = tmp_path / "pg"
     write_dataset(folder, SynthSpec(train_sequences=1, valid_sequences=1, frames=4, size=32))
-    with pytest.raises(DatasetError, match=rf"^data.train\[1\]={folder}: a polyp_gen folder; a mix of data"):
+    with pytest.raises(DatasetError, match=rf"^data.train\[1\]={folder}: not a shard set; a mix of data"):
         check_training_sources(DataConfig(train=[str(shards), str(folder)]))
     with pytest.raises(DatasetError, match=rf"^data.train\[0\]={tmp_path / 'no'}: neither a shard set"):
         check_training_sources(DataConfig(train=[str(tmp_path / "no"), str(shards)]))

@@ -55,6 +55,12 @@ def source_seed(seed: int, source: int) -> int:
     return _seed(seed, source, _SOURCE)
 
 
+def longest_sample(manifest: dict[str, Any]) -> int:
+    """The most frames any sample of the manifest holds."""
+    per_sample = int(manifest["frames_per_sample"])
+    return max((min(int(s["frames"]), per_sample) for s in manifest["sequences"].values()), default=0)
+
+
 def usable_samples(manifest: dict[str, Any], clip_len: int) -> list[list[int]]:
     """Per shard of the manifest, the indices of its samples that hold at least `clip_len` frames."""
     per_sample = int(manifest["frames_per_sample"])

@@ -20,7 +20,7 @@ import torch
 
 from autosam2.config import AugmentConfig, DataConfig, OnError
 from autosam2.data.batches import TrainingBatches
-from autosam2.data.order import MixOrder, source_seed, usable_samples
+from autosam2.data.order import MixOrder, longest_sample, source_seed, usable_samples
 from autosam2.data.polyp_gen import PolypGenDataset
 from autosam2.data.sample_format import MANIFEST, read_manifest
 from autosam2.data.stream import (
@@ -132,8 +132,8 @@ def check_training_sources(data: DataConfig) -> None:
         check_source(path, "train", 1, key=f"data.train[{i}]")
         if not is_shard_set(path):
             raise DatasetError(
-                f"data.train[{i}]={path}: a polyp_gen folder; a mix of data.train sources reads shard sets "
-                f"only (build them with `python -m shards build {path} --split train --output-dir DIR`)"
+                f"data.train[{i}]={path}: not a shard set; a mix of data.train sources reads shard sets only "
+                f"(build one with `python -m shards build {path} --split train --output-dir DIR`)"
             )
 
 
@@ -183,14 +183,7 @@ def _mixed_batches(
     weights = data.train_weights or [1.0] * len(paths)
     streams = []
     for k, path in enumerate(paths):
-        manifest = read_manifest(Path(path))
-        longest = max(
-            (
-                min(int(q["frames"]), int(manifest["frames_per_sample"]))
-                for q in manifest["sequences"].values()
-            ),
-            default=0,
-        )
+        longest = longest_sample(read_manifest(Path(path)))
         own = replace(data, train=path, clip_len=max(1, min(data.clip_len, longest)))
         streams.append(ClipStream(path, "train", own, image_size, source_seed(seed, k), rank, world_size))
     g = data.batch_size * world_size

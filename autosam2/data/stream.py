@@ -59,7 +59,7 @@ import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from autosam2.config import DataConfig, OnError
-from autosam2.data.order import GlobalOrder, MixOrder, MixStep, Step, TarIndex, clip_seed
+from autosam2.data.order import GlobalOrder, MixOrder, MixStep, Step, TarIndex, clip_seed, longest_sample
 from autosam2.data.sample_format import (
     SampleRecord,
     ShardError,
@@ -213,7 +213,7 @@ class ClipStream(torch.utils.data.IterableDataset):
                 f"{self.shard_dir}: samples hold {per_sample} frames, fewer than clip_len {clip_len}; "
                 f"rebuild the shards with --frames-per-sample >= {clip_len}"
             )
-        longest = max((min(s["frames"], per_sample) for s in self.manifest["sequences"].values()), default=0)
+        longest = longest_sample(self.manifest)
         if longest < clip_len:
             raise ShardError(
                 f"{self.shard_dir}: no sequence has clip_len {clip_len} frames (the longest has {longest}); "
