@@ -11,7 +11,7 @@ the epochs with one loader, so its workers live across epoch boundaries.
 
 Training from a mix of shard sets (`MixedStream`): each global step takes its clips from one set, the one
 `MixOrder` draws for it, at the set's own clip length and positions in its own global order; the rest
-is as above, one loader for every set.
+is as above, one loader serving every set.
 
 Training, resampled (``data.order=resample``): every (rank, worker) draws shards with replacement from its
 own seeded RNG (webdataset's ``ResampledShards``), shuffles samples in a buffer, takes a random window
