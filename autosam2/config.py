@@ -101,7 +101,10 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    train: str = "demo/shards/train"  # a shard set (manifest.json) or a dataset folder (data.layout)
+    # a shard set (manifest.json) or a dataset folder (data.layout); or a list of shard sets, mixed step by
+    # step by `train_weights` (`train_sources()` gives the list either way)
+    train: Any = "demo/shards/train"
+    train_weights: list[float] | None = None  # one per source of `train`; None: equal weights
     valid: str = "demo/shards/valid"  # a shard set or a dataset folder
     layout: Layout = Layout.auto  # a dataset folder's layout (auto: told by its folders)
     train_split: str | None = None  # a folder's split to train on (None: the layout's train split)
@@ -119,6 +122,10 @@ class DataConfig:
     feature_cache: FeatureCacheKind = FeatureCacheKind.none
     feature_cache_gb: float = 8.0  # host memory per rank; frames beyond it are encoded every time
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def train_sources(self) -> list[str]:
+        """The training sources `train` names: one path, or each of a list."""
+        return [self.train] if isinstance(self.train, str) else list(self.train)
 
 
 @dataclass
@@ -332,9 +339,34 @@ def validate(cfg: Config) -> None:
         "train.epochs, checkpoint_every, keep_checkpoints, validate_every, log_every, dist_timeout_s, "
         "threads and max_steps (null: epochs x batches) must be >= 1",
     )
+    problems += _train_problems(cfg.data)
     problems += _feature_cache_problems(cfg)
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def _train_problems(data: DataConfig) -> list[str]:
+    """data.train: a path or a list of paths; data.train_weights: a weight >= 0 for each, not all 0;
+    sources are mixed in the global order only."""
+    train = data.train
+    if isinstance(train, str):
+        paths = [train] if train else []
+    else:
+        paths = (
+            list(train) if isinstance(train, list) and all(isinstance(t, str) and t for t in train) else []
+        )
+    if not paths:
+        return [f"data.train must be a path or a list of paths, got {train!r}"]
+    problems = []
+    weights = data.train_weights
+    if weights is not None and (len(weights) != len(paths) or min(weights) < 0 or sum(weights) <= 0):
+        problems.append(
+            f"data.train_weights must hold one weight >= 0 for each of the {len(paths)} source(s) of "
+            f"data.train, not all 0, got {list(weights)}"
+        )
+    if len(paths) > 1 and data.order != Order["global"]:
+        problems.append(f"a mix of data.train sources is drawn in data.order=global, got {data.order}")
+    return problems
 
 
 def _feature_cache_problems(cfg: Config) -> list[str]:

@@ -201,6 +201,8 @@ def _train(
     state = checkpointer.resume(engine, cfg.train.resume)
     total_steps = reconcile(cfg, state, engine, parts.data, info, parts.total_steps)
     logger = _start_tracking(cfg, info, out, state, *where)
+    if parts.data.mix:  # the sets, their weights and samples, beside the params data.train*
+        logger.set_tags({"data_mix": parts.data.describe(info.world_size, cfg.data)})
     weights = RunWeights(
         out, engine.module, cfg.model, info.is_main, cfg.train.full_weights, cfg.train.init_from
     )

@@ -56,6 +56,20 @@ def test_yaml_file_then_overrides(tmp_path):
             "data.augment.scale_max=1 (got 1.15) or data.augment.enabled=false",
         ),
         (["data.feature_cache=disk"], "data.feature_cache must be none or memory, got 'disk'"),
+        (
+            ["data.train=[a, b]", "data.train_weights=[1]"],
+            "data.train_weights must hold one weight >= 0 for each of the 2",
+        ),
+        (["data.train=[a, b]", "data.train_weights=[1, -1]"], "data.train_weights must hold one weight >= 0"),
+        (["data.train=[a, b]", "data.train_weights=[0, 0]"], "not all 0, got [0.0, 0.0]"),
+        (["data.train_weights=[1, 2]"], "for each of the 1 source(s) of data.train"),
+        (["data.train_weights=[x]"], "data.train_weights[0]: Value 'x'"),
+        (["data.train=[]"], "data.train must be a path or a list of paths, got []"),
+        (["data.train=12"], "data.train must be a path or a list of paths, got 12"),
+        (
+            ["data.train=[a, b]", "data.order=resample"],
+            "a mix of data.train sources is drawn in data.order=global",
+        ),
     ],
 )
 def test_bad_config_is_refused_with_one_clear_error(overrides, message):
@@ -99,3 +113,14 @@ def test_the_feature_cache_takes_flip_only_or_unaugmented_training():
     assert load_config(None, flips).data.augment.hflip == 0.5
     plain = load_config(None, ["data.feature_cache=memory", "data.augment.enabled=false"])
     assert plain.data.feature_cache == "memory"
+
+
+def test_data_train_is_a_path_or_a_list_of_sources_weighted_equally_by_default(tmp_path):
+    one = load_config(None, ["data.train=/data/a"])
+    assert one.data.train == "/data/a" and one.data.train_sources() == ["/data/a"]
+    mix = load_config(None, ["data.train=[/data/a, /data/b]", "data.train_weights=[3, 0]"])
+    assert mix.data.train_sources() == ["/data/a", "/data/b"] and mix.data.train_weights == [3.0, 0.0]
+    written = tmp_path / "config.yaml"
+    written.write_text(to_yaml(mix))
+    assert load_config(written) == mix
+    assert load_config(None, ["data.train=[/data/a, /data/b]"]).data.train_weights is None

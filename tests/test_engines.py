@@ -47,3 +47,25 @@ def test_a_stretched_schedule_goes_on_from_its_step_without_a_jump_to_its_new_en
         assert longer(210) == pytest.approx(0.1)
     # halfway along what was left of the cosine at step 60: where the old one was at step 85
     assert schedule.stretched(210, 60)(135) == pytest.approx(schedule(85))
+
+
+@pytest.mark.parametrize(
+    "overrides,unused",
+    [
+        (["model.freeze.memory=false"], False),
+        (["model.freeze.memory=false", "model.clip_mode=frame"], True),
+        (["model.freeze.memory=false", "data.train=[a, b]"], True),  # a mix's one-frame clips
+        (["data.train=[a, b]"], False),  # frozen memory: nothing to leave unused
+    ],
+)
+def test_ddp_is_told_of_parameters_a_step_may_leave_unused(monkeypatch, overrides, unused):
+    import torch
+
+    from autosam2.engine.dist import single_process_group
+    from autosam2.engine.engines import build_engine
+
+    monkeypatch.delenv("RANK", raising=False)
+    cfg = load_config(None, ["train.device=cpu", "train.precision=fp32", *overrides])
+    with single_process_group(torch.device("cpu")) as info:
+        engine = build_engine(TinyModel(), cfg, 4, info)
+        assert engine.wrapped.find_unused_parameters is unused

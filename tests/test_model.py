@@ -320,3 +320,18 @@ def test_a_failed_compile_warns_once_and_runs_eagerly():
     ):  # the model's own error is not taken for a compile failure
         model.compile_image_encoder(no_compiler)
         model.image_encoder(torch.randn(1, 2, 64, 64))
+
+
+def test_a_one_frame_clip_in_video_mode_is_a_frame_mode_step_and_leaves_memory_unused():
+    """A mix's one-frame clips (single frames) train in video mode as in frame mode: frame 0 is the
+    conditioning frame, nothing is written to memory; trainable memory modules take no part (so a mix
+    builds DDP with find_unused_parameters, `engines.build_engine`)."""
+    model = make_model(FreezeConfig(mask_decoder=False, memory=False)).train()
+    images, masks, present = synthetic_clip(frames=1)
+    video, frame = model.forward_clip(images), model.forward_clip(images, per_frame=True)
+    assert torch.equal(video.mask_logits_TBHW, frame.mask_logits_TBHW)
+    assert torch.equal(video.object_logits_TB, frame.object_logits_TB)
+    clip_losses(video.mask_logits_TBHW, video.iou_TB, video.object_logits_TB, masks, present)[
+        "total"
+    ].backward()
+    assert _grads(model, "sam_mask_decoder.") > 0 and _grads(model, "memory_attention.") == 0

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from autosam2.config import DataConfig
-from autosam2.data.order import GlobalOrder, TarIndex, usable_samples
+from autosam2.data.order import GlobalOrder, MixOrder, TarIndex, usable_samples
 from autosam2.data.sample_format import read_manifest
 from autosam2.data.sources import training_batches
 from autosam2.data.stream import ClipStream, make_loader
@@ -146,3 +146,139 @@ def test_training_batches_drop_the_remainder_and_name_a_set_too_small_for_one_st
         DatasetError, match=r"30 samples hold a 3-frame clip, fewer than one step takes \(8 rank"
     ):
         training_batches(data, 32, seed=0, rank=0, world_size=8)
+
+
+# a mix of shard sets ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def singles(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 one-frame sequences (single frames, as PolypGen's), one shard each: 6 one-frame samples."""
+    from shards.writer import build
+
+    base = tmp_path_factory.mktemp("singles")
+    write_dataset(base / "pg", SynthSpec(train_sequences=6, valid_sequences=1, frames=2, size=32, seed=12))
+    for folder in (base / "pg" / "train").glob("*/seq*"):
+        sorted(folder.iterdir())[-1].unlink()  # frame2 of images and masks: one frame is left
+    build(base / "pg", "train", base / "train", frames_per_sample=4, max_shard_mb=0.0001)
+    return base / "train"
+
+
+def mix_steps(
+    sets: list[Path], ranks: int, batch: int, start=(0, 0), epochs: int = 1, workers: int = 1, **cfg
+):
+    """Step by step, the clips of a mix every rank received (rank 0's first), and each step's frames."""
+    config = DataConfig(
+        train=[str(s) for s in sets],
+        clip_len=CLIP,
+        batch_size=batch,
+        shuffle_shards=3,
+        num_workers=workers,
+        **cfg,
+    )
+    per_rank = [
+        [b for _, b in training_batches(config, 32, 5, rank, ranks).batches(*start, epochs, ranks * batch)]
+        for rank in range(ranks)
+    ]
+    assert len({len(batches) for batches in per_rank}) == 1, "every rank gets the same number of batches"
+    return [
+        ([clip_id(b, i) for b in step for i in range(b.batch_size)], step[0].num_frames)
+        for step in zip(*per_rank, strict=True)
+    ]
+
+
+def test_a_mix_draws_each_step_from_one_source_by_weight_and_each_goes_on_along_its_own_order():
+    order = MixOrder([1.0, 3.0, 0.0], seed=2, steps_per_epoch=400, global_batch=4)
+    drawn, before = order.sources(0)
+    assert 0.68 < (drawn == 1).mean() < 0.82 and not (drawn == 2).any()  # weight 3 of 4; 0: never
+    short = MixOrder([1.0, 3.0, 0.0], seed=2, steps_per_epoch=10, global_batch=4)
+    assert list(short.sources(0)[0]) == list(drawn[:10])  # draw j is the same whatever the epoch's length
+    assert list(order.sources(1)[0]) != list(drawn)  # each epoch its own draws
+    steps = list(order.steps(0, 0, 1))
+    for source in (0, 1):
+        assert [s.at for s in steps if s.source == source] == [4 * i for i in range((drawn == source).sum())]
+    assert list(order.steps(0, 4 * 37, 2)) == steps[37:] + list(order.steps(1, 0, 2))
+
+
+@pytest.mark.parametrize("ranks,workers", [(2, 1), (2, 2), (4, 1)])
+def test_a_mix_gives_any_world_size_and_worker_count_the_same_clips_at_each_step(
+    shards, singles, ranks, workers
+):
+    """Sequences (3-frame clips) and single frames (one-frame clips) weighted 1:3, 4 clips a step: an
+    epoch of 30 // 4 + 6 // 4 = 8 steps; the single frames cycle through their order, a fresh
+    permutation each pass."""
+    reference = mix_steps([shards, singles], ranks=1, batch=4, train_weights=[1, 3])
+    assert mix_steps([shards, singles], ranks, 4 // ranks, workers=workers, train_weights=[1, 3]) == reference
+    assert len(reference) == 8
+    for clips, frames in reference:
+        (source,) = {c[0].split(":")[0] for c in clips}  # the whole step from one source
+        assert frames == {"0": CLIP, "1": 1}[source]
+    single = [c[0] for clips, frames in reference if frames == 1 for c in clips]
+    assert len(single) > 6 and all(len(set(single[i : i + 6])) == 6 for i in range(0, len(single) - 5, 6))
+    seq = [c[:2] for clips, frames in reference if frames == CLIP for c in clips]
+    assert len(set(seq)) == len(seq)  # the sequences' own order, not yet through one pass
+
+
+@pytest.mark.parametrize("k", [1, 5, 8, 11])
+def test_a_mixed_run_stopped_at_any_step_resumes_at_another_world_size_with_the_same_clips(
+    shards, singles, k
+):
+    """2 ranks x 2 clips stop after step k (8 steps an epoch: 8 is the epoch's end); 4 ranks x 1 and 1 x
+    4 go on with the very clips of the uninterrupted run, through the next epoch."""
+    whole = mix_steps([shards, singles], ranks=2, batch=2, epochs=2, train_weights=[2, 1])
+    assert len(whole) == 16 and whole[:8] != whole[8:]
+    start = divmod(k, 8)
+    for ranks, batch in ((4, 1), (1, 4)):
+        after = mix_steps([shards, singles], ranks, batch, (start[0], 4 * start[1]), 2, train_weights=[2, 1])
+        assert after == whole[k:]
+
+
+def test_a_mix_resumed_at_another_step_size_goes_on_at_whole_steps_of_that_size(shards, singles):
+    from autosam2.engine.checkpoint import LoopState
+
+    config = DataConfig(train=[str(shards), str(singles)], clip_len=CLIP, batch_size=1, num_workers=0)
+    batches = training_batches(config, 32, 5, 0, 2)
+    assert batches.per_epoch == 30 // 2 + 6 // 2
+    saved = LoopState(step=3, epoch=0, batch=3, sample=12, world_size=4, batch_size=1)
+    resumed = batches.resume(saved, world_size=2, batch_size=1)
+    assert (resumed.batch, resumed.sample) == (6, 12)
+    assert "the mix draws a source per step of 2 clips" in resumed.order and "step 6 of 18" in resumed.order
+    odd = batches.resume(LoopState(step=1, epoch=0, batch=1, sample=3, world_size=3, batch_size=1), 2, 1)
+    assert (odd.batch, odd.sample) == (1, 2)  # whole steps of this run
+    same = batches.resume(LoopState(step=6, epoch=0, batch=6, sample=12, world_size=1, batch_size=2), 2, 1)
+    assert same.order.startswith("the global sample order goes on unchanged")
+
+
+def test_the_data_line_names_each_source_of_a_mix_its_weight_and_its_samples(shards, singles):
+    config = DataConfig(train=[str(shards), str(singles)], train_weights=[3, 1], clip_len=CLIP, num_workers=0)
+    line = training_batches(config, 32, 0, 0, 2).describe(2, config)
+    assert line == (
+        "data: mix of 2 shard sets in the global order, 18 steps of 2 clips per epoch (2 rank(s) x 1); each "
+        f"step's clips from one set, drawn by data.train_weights: {shards} (weight 3, 75% of the steps: 30 "
+        f"samples hold a 3-frame clip, about 0.9 passes per epoch), {singles} (weight 1, 25% of the steps: "
+        "6 samples hold a 1-frame clip, about 1.5 passes per epoch)"
+    )
+
+
+def test_a_list_of_one_source_is_that_source_and_a_mix_takes_shard_sets_only(shards, singles, tmp_path):
+    from autosam2.data.sources import check_training_sources
+    from autosam2.errors import DatasetError
+
+    one = DataConfig(train=str(shards), clip_len=CLIP, batch_size=2, num_workers=0)
+    listed = DataConfig(train=[str(shards)], clip_len=CLIP, batch_size=2, num_workers=0)
+    clips = [
+        [clip_id(b, i) for b in training_batches(d, 32, 0, 0, 1).epoch(0) for i in range(2)]
+        for d in (one, listed)
+    ]
+    assert clips[0] == clips[1]
+    folder = tmp_path / "pg"
+    write_dataset(folder, SynthSpec(train_sequences=1, valid_sequences=1, frames=4, size=32))
+    with pytest.raises(DatasetError, match=rf"^data.train\[1\]={folder}: not a shard set; a mix of data"):
+        check_training_sources(DataConfig(train=[str(shards), str(folder)]))
+    with pytest.raises(DatasetError, match=rf"^data.train\[0\]={tmp_path / 'no'}: neither a shard set"):
+        check_training_sources(DataConfig(train=[str(tmp_path / "no"), str(shards)]))
+    check_training_sources(DataConfig(train=[str(shards), str(singles)], clip_len=8))  # each its own length
+    with pytest.raises(DatasetError, match=r"each of its shard sets holds fewer samples than one step takes"):
+        training_batches(
+            DataConfig(train=[str(singles), str(singles)], batch_size=4, num_workers=0), 32, 0, 0, 2
+        )

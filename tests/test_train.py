@@ -388,3 +388,40 @@ def test_a_feature_cached_run_stopped_and_resumed_trains_what_the_encoder_would(
     hits = client.get_metric_history(run_info.info.run_id, "train/feature_cache_hit_rate")
     assert sorted(m.step for m in hits) == list(range(1, 13)) and max(m.value for m in hits) == 1.0
     assert all(m.value > 0 for m in client.get_metric_history(run_info.info.run_id, "train/feature_cache_gb"))
+
+
+def test_a_mix_of_single_frames_and_sequences_trains_through_trainable_memory(train_data, tmp_path):
+    """Two ranks on sequences (2-frame clips) and one-frame sequences (one-frame clips: steps that leave
+    the memory modules unused, then a step through them) with trainable memory: DDP is told, the run
+    ends, MLflow says the mix."""
+    from autosam2.config import DataConfig
+    from autosam2.data.order import MixOrder
+    from autosam2.data.sources import training_batches
+    from autosam2.data.synthetic import SynthSpec, write_dataset
+    from shards.writer import build
+
+    write_dataset(
+        tmp_path / "pg", SynthSpec(train_sequences=3, valid_sequences=1, frames=2, size=256, seed=9)
+    )
+    for folder in (tmp_path / "pg" / "train").glob("*/seq*"):
+        sorted(folder.iterdir())[-1].unlink()  # one frame left in each sequence
+    build(tmp_path / "pg", "train", tmp_path / "frames", frames_per_sample=4)
+    sets = [str(train_data["train"]), str(tmp_path / "frames")]
+    per_epoch = training_batches(DataConfig(train=sets, clip_len=2), 64, 0, 0, 2).per_epoch
+    assert list(MixOrder([1, 1], 0, per_epoch, 2).sources(0)[0][:3]) == [1, 1, 0]
+    out = tmp_path / "run"
+    settings = {
+        "data.train": f"[{','.join(sets)}]",
+        "model.freeze.memory": "false",
+        "model.image_size": 64,
+        "train.max_steps": 3,
+        "train.validate_every": 100,
+    }
+    result = run([*TORCHRUN, *train_overrides(train_data, out, **settings)])
+    assert "data: mix of 2 shard sets in the global order, 5 steps of 2 clips" in result.stdout
+    assert "step 3/3" in result.stdout and (out / "final.pt").exists()
+    client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
+    (run_info,) = client.search_runs([client.get_experiment_by_name("autosam2").experiment_id])
+    tags, params = run_info.data.tags, run_info.data.params
+    assert tags["data_mix"].startswith("data: mix of 2 shard sets") and "1-frame clip" in tags["data_mix"]
+    assert params["data.train"] == str(sets)

@@ -6,7 +6,9 @@ at the same global sample at any world size or batch size, nothing before it rea
 the uninterrupted run. The resampled shard stream (seeded per rank and worker) and a folder root's
 DistributedSampler replay: the epoch's stream is run again up to the position, which counts whole
 batches of this run's size; at another world size or batch size the same number of clips counts as
-consumed and the order changes from there.
+consumed and the order changes from there. A mix of shard sets seeks too, in whole steps: its sources
+are drawn per global step, so at another step size (ranks x clips) the epoch goes on at this run's step
+that many samples reach, each source where that many steps of this size put it.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ class TrainingBatches:
     sample `position` of `epoch` on, through epoch `epochs` - 1, without reading what comes before;
     `dropped` positions at each epoch's end fill no whole step and are left out. `source` says where
     the clips come from, `held` how many clips one pass over the set gives (the samples or windows
-    that hold a clip): an epoch of more clips cycles through the set."""
+    that hold a clip): an epoch of more clips cycles through the set. `mix`: the sources of a mix and
+    their weights, said in the data line (empty for one source)."""
 
     epoch: Callable[[int], Iterable[ClipBatch]]
     per_epoch: int
@@ -61,6 +64,7 @@ class TrainingBatches:
     dropped: int = 0
     source: str = ""
     held: int = 0
+    mix: str = ""
 
     def describe(self, world_size: int, data: DataConfig) -> str:
         """The run's first line about its data: the steps of an epoch, and, when an epoch holds more
@@ -70,7 +74,9 @@ class TrainingBatches:
             f"data: {self.source}, {self.per_epoch} steps of {per_step} clips per epoch ({world_size} "
             f"rank(s) x {data.batch_size})"
         )
-        if self.seek is not None:
+        if self.mix:
+            line += f"; {self.mix}"
+        elif self.seek is not None:
             line += f"; {self.dropped} sample(s) that fill no whole step dropped at each epoch's end"
         clips = self.per_epoch * per_step
         if 0 < self.held < clips:
@@ -110,7 +116,7 @@ class TrainingBatches:
         if sample < 0:
             sample = saved.batch * (then[0] * then[1] if saved.world_size else per_step)
         batch = sample // per_step
-        if self.seek is None:
+        if self.seek is None or self.mix:
             sample = batch * per_step
         if not saved.world_size or then == now or not (saved.step or saved.batch):
             return Resumed(batch, sample)
@@ -123,7 +129,11 @@ class TrainingBatches:
         )
         order = (
             f"the global sample order goes on unchanged: epoch {saved.epoch} resumes at sample {sample}"
-            if self.seek is not None
+            if self.seek is not None and (not self.mix or then[0] * then[1] == per_step)
+            else f"the mix draws a source per step of {per_step} clips, so its order is that of a run of "
+            f"this step size from here on: epoch {saved.epoch} goes on at step {batch} of {self.per_epoch}, "
+            "each source where that many steps put it"
+            if self.mix
             else f"the data stream is re-derived for {now[0]} rank(s), so the sample order changes from here "
             f"on: epoch {saved.epoch} goes on after {sample} clips (batch {batch} of {self.per_epoch} per rank)"
         )

@@ -13,6 +13,11 @@ DataLoader's round robin, so the batches a rank receives do not depend on its wo
 positions of an epoch that do not fill a whole step are dropped (`dropped`), so every rank has the same
 number of batches. Resuming at (epoch, position) is computing from there: nothing before is read.
 
+A mix of shard sets (`MixOrder`) takes each global step whole from one set, since a batch stacks clips
+of one length: step j of epoch e comes from the set a weighted draw seeded by (seed, e) picks at j, the
+same on every rank; each set goes on along its own global order, at the positions its earlier steps of
+the epoch left it at (further passes when it runs out). Epoch positions count whole steps of the mix.
+
 `TarIndex` finds a sample's members by their offsets in the tar (read from the tar headers once per
 shard, skipping over the data), so a loader worker reads only its own samples and skips others without
 reading, let alone decoding, them.
@@ -30,8 +35,10 @@ from webdataset.tariterators import base_plus_ext
 
 from autosam2.data.sample_format import KEY_SEPARATOR, ShardError, key_sequence
 
-_ORDER = 0x0D  # keeps the order's seeds apart from the clips' (`clip_seed`)
+_ORDER = 0x0D  # keeps the order's seeds apart from the clips' (`clip_seed`) and the mix's draws
 _CLIP = 0x0C
+_MIX = 0x0E
+_SOURCE = 0x0F
 
 
 def _seed(*parts: int) -> int:
@@ -41,6 +48,17 @@ def _seed(*parts: int) -> int:
 def clip_seed(seed: int, epoch: int, position: int) -> int:
     """The seed of the clip at `position` of `epoch`: its window of frames and its augmentation."""
     return _seed(seed, epoch, position, _CLIP)
+
+
+def source_seed(seed: int, source: int) -> int:
+    """The seed of source `source` of a mix: its own global order, clip windows and augmentations."""
+    return _seed(seed, source, _SOURCE)
+
+
+def longest_sample(manifest: dict[str, Any]) -> int:
+    """The most frames any sample of the manifest holds."""
+    per_sample = int(manifest["frames_per_sample"])
+    return max((min(int(s["frames"]), per_sample) for s in manifest["sequences"].values()), default=0)
 
 
 def usable_samples(manifest: dict[str, Any], clip_len: int) -> list[list[int]]:
@@ -119,6 +137,51 @@ class GlobalOrder:
         order = np.concatenate(rows) if rows else np.zeros((0, 2), dtype=np.int64)
         self._cache = ((epoch, passage), order)
         return order
+
+
+@dataclass(frozen=True)
+class MixStep:
+    """A global step of a mix: its epoch and epoch position (`Step`'s), the `source` it takes its clips
+    from and `at`, the position of its first clip in that source's global order of the epoch."""
+
+    epoch: int
+    position: int
+    source: int
+    at: int
+
+
+class MixOrder:
+    """Which source each global step of an epoch takes its `global_batch` clips from, and where in that
+    source's order: `steps_per_epoch` steps, sources drawn by `weights` (>= 0, not all 0)."""
+
+    def __init__(self, weights: list[float], seed: int, steps_per_epoch: int, global_batch: int):
+        total = float(sum(weights))
+        self.cumulative = np.cumsum(np.asarray(weights, dtype=np.float64)) / total
+        self.seed, self.steps_per_epoch, self.global_batch = seed, steps_per_epoch, global_batch
+        self._cache: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def sources(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per step of `epoch`: the source drawn, and how many steps of the epoch before it drew that
+        source. Draw j is the j-th number of one generator seeded by (seed, epoch), whatever the length."""
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1], self._cache[2]
+        draws = np.random.default_rng(_seed(self.seed, epoch, _MIX)).random(self.steps_per_epoch)
+        drawn = np.minimum(np.searchsorted(self.cumulative, draws, side="right"), len(self.cumulative) - 1)
+        before = np.zeros(len(drawn), dtype=np.int64)
+        for source in np.unique(drawn):
+            mine = drawn == source
+            before[mine] = np.arange(int(mine.sum()))
+        self._cache = (epoch, drawn, before)
+        return drawn, before
+
+    def steps(self, epoch: int, position: int, epochs: int) -> Iterator[MixStep]:
+        """The global steps from (`epoch`, `position`: whole steps of the mix) to the end of epoch
+        `epochs` - 1."""
+        g = self.global_batch
+        for e in range(epoch, epochs):
+            drawn, before = self.sources(e)
+            for j in range(position // g if e == epoch else 0, self.steps_per_epoch):
+                yield MixStep(e, j * g, int(drawn[j]), int(before[j]) * g)
 
 
 class TarIndex:

@@ -21,10 +21,11 @@ import torch
 from autosam2.config import AugmentConfig, DataConfig, OnError
 from autosam2.data.batches import TrainingBatches
 from autosam2.data.folder import FolderDataset
-from autosam2.data.order import usable_samples
-from autosam2.data.sample_format import MANIFEST
+from autosam2.data.order import MixOrder, longest_sample, source_seed, usable_samples
+from autosam2.data.sample_format import MANIFEST, read_manifest
 from autosam2.data.stream import (
     ClipStream,
+    MixedStream,
     WorkerFailure,
     ignore_stop_signals,
     make_loader,
@@ -111,10 +112,29 @@ def training_batches(
     data: DataConfig, image_size: int, seed: int, rank: int, world_size: int, pin_memory: bool = False
 ) -> TrainingBatches:
     """The training batches of `data.train` for rank `rank` of `world_size` (those given, whatever the
-    environment says): the shard stream, or clips of a folder."""
+    environment says): the shard stream, clips of a folder, or a mix of shard sets."""
+    if len(data.train_sources()) > 1:
+        return _mixed_batches(data, image_size, seed, rank, world_size, pin_memory)
+    data = replace(data, train=data.train_sources()[0])
     if is_shard_set(data.train):
         return _shard_batches(data, image_size, seed, rank, world_size, pin_memory)
     return _folder_batches(data, image_size, seed, rank, world_size)
+
+
+def check_training_sources(data: DataConfig) -> None:
+    """Raise one error naming the first source of `data.train` that cannot feed training (`check_source`);
+    a mix takes shard sets only, each at its own clip length (see `_mixed_batches`)."""
+    paths = data.train_sources()
+    if len(paths) == 1:
+        check_source(paths[0], "train", data.clip_len, key="data.train")
+        return
+    for i, path in enumerate(paths):
+        check_source(path, "train", 1, key=f"data.train[{i}]")
+        if not is_shard_set(path):
+            raise DatasetError(
+                f"data.train[{i}]={path}: not a shard set; a mix of data.train sources reads shard sets only "
+                f"(build one with `python -m shards build {path} --split train --output-dir DIR`)"
+            )
 
 
 def _shard_batches(
@@ -150,6 +170,53 @@ def _shard_batches(
     return TrainingBatches(
         shard_epoch, per_epoch, lambda: stream.skipped, seek, dropped, "global order", held
     )
+
+
+def _mixed_batches(
+    data: DataConfig, image_size: int, seed: int, rank: int, world_size: int, pin_memory: bool
+) -> TrainingBatches:
+    """Shard sets mixed step by step in the global order (`MixOrder`): an epoch of
+    data.batches_per_epoch steps, or of the sets' own steps summed. A set whose samples all hold fewer
+    than data.clip_len frames trains clips of as many frames as its longest sample (one-frame sequences:
+    one-frame clips, frame mode); each set has its own seed (`source_seed`)."""
+    paths = data.train_sources()
+    weights = data.train_weights or [1.0] * len(paths)
+    streams = []
+    for k, path in enumerate(paths):
+        longest = longest_sample(read_manifest(Path(path)))
+        own = replace(data, train=path, clip_len=max(1, min(data.clip_len, longest)))
+        streams.append(ClipStream(path, "train", own, image_size, source_seed(seed, k), rank, world_size))
+    g = data.batch_size * world_size
+    per_epoch = data.batches_per_epoch or sum(s.global_order.total // g for s in streams)
+    if per_epoch == 0:
+        raise DatasetError(
+            f"data.train: each of its shard sets holds fewer samples than one step takes ({world_size} "
+            f"rank(s) x data.batch_size {data.batch_size}); set data.batches_per_epoch (each set then "
+            "cycles), or use fewer ranks"
+        )
+    stream = MixedStream(streams, MixOrder(weights, seed, per_epoch, g), seed)
+
+    def mix_epoch(epoch: int) -> Iterable[ClipBatch]:
+        stream.set_epoch(epoch)
+        return make_loader(stream, data.num_workers, pin_memory=pin_memory)
+
+    def seek(epoch: int, position: int, epochs: int) -> Iterator[tuple[int, ClipBatch]]:
+        stream.start_at(epoch, position, epochs)
+        steps = stream.steps()  # what the workers serve, batch by batch
+        loader = make_loader(stream, data.num_workers, pin_memory=pin_memory)
+        for step, batch in zip(steps, loader, strict=False):
+            yield step.epoch, batch
+
+    shares = np.asarray(weights, dtype=np.float64) / sum(weights)
+    said = [
+        f"{s.shard_dir} (weight {w:g}, {share:.0%} of the steps: {s.global_order.total} samples hold a "
+        f"{s.data.clip_len}-frame clip, about {share * per_epoch * g / s.global_order.total:.2g} passes "
+        "per epoch)"
+        for s, w, share in zip(streams, weights, shares, strict=True)
+    ]
+    mix = "each step's clips from one set, drawn by data.train_weights: " + ", ".join(said)
+    source = f"mix of {len(paths)} shard sets in the global order"
+    return TrainingBatches(mix_epoch, per_epoch, lambda: stream.skipped, seek, source=source, mix=mix)
 
 
 def _folder_batches(

@@ -9,6 +9,10 @@ worker count. A worker reads only its own samples, by their offsets in the tar. 
 position, epochs)` begins an iteration anywhere (a resume: nothing before it is read) and runs through
 the epochs with one loader, so its workers live across epoch boundaries.
 
+Training from a mix of shard sets (`MixedStream`): each global step takes its clips from one set, the one
+`MixOrder` draws for it, at the set's own clip length and positions in its own global order; the rest
+is as above, one loader serving every set.
+
 Training, resampled (``data.order=resample``): every (rank, worker) draws shards with replacement from its
 own seeded RNG (webdataset's ``ResampledShards``), shuffles samples in a buffer, takes a random window
 of T frames inside each chunk, decodes only those frames, resizes them to the model's size, draws the
@@ -55,7 +59,7 @@ import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from autosam2.config import DataConfig, OnError
-from autosam2.data.order import GlobalOrder, Step, TarIndex, clip_seed
+from autosam2.data.order import GlobalOrder, MixOrder, MixStep, Step, TarIndex, clip_seed, longest_sample
 from autosam2.data.sample_format import (
     SampleRecord,
     ShardError,
@@ -209,7 +213,7 @@ class ClipStream(torch.utils.data.IterableDataset):
                 f"{self.shard_dir}: samples hold {per_sample} frames, fewer than clip_len {clip_len}; "
                 f"rebuild the shards with --frames-per-sample >= {clip_len}"
             )
-        longest = max((min(s["frames"], per_sample) for s in self.manifest["sequences"].values()), default=0)
+        longest = longest_sample(self.manifest)
         if longest < clip_len:
             raise ShardError(
                 f"{self.shard_dir}: no sequence has clip_len {clip_len} frames (the longest has {longest}); "
@@ -277,13 +281,7 @@ class ClipStream(torch.utils.data.IterableDataset):
             items = self._train_global(rank, world_size, worker, num_workers)
         else:
             items = self._train(rank, world_size, worker, num_workers)
-        if torch.utils.data.get_worker_info() is None:
-            yield from items
-            return
-        try:
-            yield from items
-        except DatasetError as err:  # ShardError included
-            yield WorkerFailure(err)
+        yield from _failures_as_items(items)
 
     # training ---------------------------------------------------------------------------------------
     def _train(self, rank: int, world_size: int, worker: int, num_workers: int) -> Iterator[ClipBatch]:
@@ -314,22 +312,26 @@ class ClipStream(torch.utils.data.IterableDataset):
         batch i from worker i mod `num_workers`, so the rank gets step i's clips as batch i."""
         cfg = self.data
         reader = TarIndex()
-        assert self.global_order is not None
-        usable = {
-            self.expected[self.urls[s]][i] for s, idx in enumerate(self.global_order.usable) for i in idx
-        }
-        watch = _FailureWatch(self.shard_dir, usable)
+        watch = self.failure_watch()
         first = rank * cfg.batch_size
         try:
             for i, step in enumerate(self.steps(world_size)):
                 if i % num_workers != worker:
                     continue
                 positions = range(step.position + first, step.position + first + cfg.batch_size)
-                yield collate_clips([self._clip_at(step.epoch, p, reader, watch) for p in positions])
+                yield collate_clips([self.clip_at(step.epoch, p, reader, watch) for p in positions])
         finally:
             reader.close()
 
-    def _clip_at(self, epoch: int, position: int, reader: TarIndex, watch: _FailureWatch) -> VideoDatapoint:
+    def failure_watch(self) -> _FailureWatch:
+        """Global order: the watch over the samples that hold a clip (those the order draws)."""
+        assert self.global_order is not None
+        usable = {
+            self.expected[self.urls[s]][i] for s, idx in enumerate(self.global_order.usable) for i in idx
+        }
+        return _FailureWatch(self.shard_dir, usable)
+
+    def clip_at(self, epoch: int, position: int, reader: TarIndex, watch: _FailureWatch) -> VideoDatapoint:
         """The clip at `position` of `epoch`: the sample the order puts there, its window of frames and
         augmentation drawn from (seed, epoch, position). A broken sample under on_error=skip is counted
         and replaced by the next readable one of the epoch's order (the same one whatever the world size)."""
@@ -455,6 +457,71 @@ class ClipStream(torch.utils.data.IterableDataset):
         )
 
 
+def _failures_as_items(items: Iterator[ClipBatch]) -> Iterator[ClipBatch]:
+    """`items`; in a loader worker, a data error ends them as a WorkerFailure item instead."""
+    if torch.utils.data.get_worker_info() is None:
+        yield from items
+        return
+    try:
+        yield from items
+    except DatasetError as err:  # ShardError included
+        yield WorkerFailure(err)
+
+
+class MixedStream(torch.utils.data.IterableDataset):
+    """Iterable of ClipBatch from several shard sets mixed step by step (`MixOrder`), each a training
+    ClipStream in the global order with its own clip length and seed; used like one (`make_loader`,
+    `set_epoch`, `start_at`, `steps`). Rank r takes clips [rB, rB + B) of each step from the step's
+    source, loader worker w the steps i = w mod workers, as in one shard set's global order. A clip's
+    video id is `<source>:<sequence>`, so sequences of one name in two sets stay apart (the feature
+    cache keys frames by it)."""
+
+    def __init__(self, sources: list[ClipStream], order: MixOrder, seed: int):
+        if any(s.global_order is None or s.rank is None for s in sources):
+            raise ValueError("a mix needs training streams in the global order, given their rank")
+        self.sources, self.order, self.seed = sources, order, seed
+        self.rank, self.batch_size = sources[0].rank, sources[0].data.batch_size
+        self._start, self._epochs = Step(0, 0), 1
+
+    @property
+    def skipped(self) -> int:
+        return sum(s.skipped for s in self.sources)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._start, self._epochs = Step(epoch, 0), epoch + 1
+
+    def start_at(self, epoch: int, position: int, epochs: int) -> None:
+        self._start, self._epochs = Step(epoch, position), epochs
+
+    def steps(self) -> Iterator[MixStep]:
+        """The global steps the next iteration makes, in order (every rank's batch i is step i's)."""
+        return self.order.steps(self._start.epoch, self._start.position, self._epochs)
+
+    def __iter__(self) -> Iterator[ClipBatch]:
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        yield from _failures_as_items(self._batches(worker, num_workers))
+
+    def _batches(self, worker: int, num_workers: int) -> Iterator[ClipBatch]:
+        readers = [TarIndex() for _ in self.sources]
+        watches = [s.failure_watch() for s in self.sources]
+        first = self.rank * self.batch_size
+        try:
+            for i, step in enumerate(self.steps()):
+                if i % num_workers != worker:
+                    continue
+                k, source = step.source, self.sources[step.source]
+                positions = range(step.at + first, step.at + first + self.batch_size)
+                batch = collate_clips(
+                    [source.clip_at(step.epoch, p, readers[k], watches[k]) for p in positions]
+                )
+                batch.video_ids = [f"{k}:{name}" for name in batch.video_ids]
+                yield batch
+        finally:
+            for reader in readers:
+                reader.close()
+
+
 class _Peekable:
     """An iterator whose next item can be looked at first (None at the end)."""
 
@@ -551,7 +618,9 @@ _PR_SET_PDEATHSIG = 1
 atexit.register(_kill_loader_workers)
 
 
-def make_loader(stream: ClipStream, num_workers: int, pin_memory: bool = False) -> Iterable[ClipBatch]:
+def make_loader(
+    stream: ClipStream | MixedStream, num_workers: int, pin_memory: bool = False
+) -> Iterable[ClipBatch]:
     """A DataLoader over the stream (batching happens inside the stream, so batch_size=None); a worker's
     data error is raised in the main process as itself, one line, not as DataLoader's traceback text."""
     loader = torch.utils.data.DataLoader(

@@ -380,6 +380,8 @@ def build_engine(
         return DeepSpeedEngine(
             model, cfg.optim, total_steps, info, ds_config, cfg.data.batch_size, autocast=autocast
         )
-    # trainable memory modules sit unused when every frame is a conditioning frame
-    unused = cfg.model.clip_mode == ClipMode.frame and not cfg.model.freeze.memory
+    # trainable memory modules sit unused when every frame is a conditioning frame, and in a mix's steps
+    # of one-frame clips
+    mixed = len(cfg.data.train_sources()) > 1
+    unused = (cfg.model.clip_mode == ClipMode.frame or mixed) and not cfg.model.freeze.memory
     return DDPEngine(model, cfg.optim, total_steps, info, autocast=autocast, find_unused=unused)

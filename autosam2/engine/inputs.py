@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from autosam2.config import Config, EngineKind, PromptKind
-from autosam2.data.sources import check_source
+from autosam2.data.sources import check_source, check_training_sources
 from autosam2.engine.checkpoint import Checkpointer
 from autosam2.engine.engines import read_deepspeed_config
 from autosam2.errors import CheckpointError
@@ -16,9 +16,9 @@ from autosam2.outputs import apart_from_inputs
 def check_inputs(cfg: Config) -> None:
     # a run writes beside what it reads only outside it: a later `shards build --overwrite` of the set
     # would take the run with it
-    inputs = [cfg.data.train, cfg.data.valid, cfg.model.checkpoint, cfg.train.init_from]
+    inputs = [*cfg.data.train_sources(), cfg.data.valid, cfg.model.checkpoint, cfg.train.init_from]
     apart_from_inputs(Path(cfg.train.output_dir), inputs, holding=False)
-    check_source(cfg.data.train, "train", cfg.data.clip_len, key="data.train")
+    check_training_sources(cfg.data)
     check_source(cfg.data.valid, "valid", key="data.valid")
     files = {"model.checkpoint": cfg.model.checkpoint, "train.init_from": cfg.train.init_from}
     if cfg.model.prompt.kind == PromptKind.cnn:
