@@ -61,6 +61,12 @@ REGISTRY: tuple[Command, ...] = (
     ),
     Command(
         AUTOSAM2,
+        "benchmark",
+        "autosam2.benchmark:main",
+        "every SUN-SEG test split by the toolbox's protocol, beside the published methods",
+    ),
+    Command(
+        AUTOSAM2,
         "sync",
         "autosam2.sync:main",
         "send what a run's tracking outbox still holds (its MLflow server was down) to its run",

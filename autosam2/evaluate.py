@@ -106,27 +106,38 @@ def _evaluate(args: argparse.Namespace, info) -> int:
     output folder (on a shared file system across hosts); rank 0 gathers the metrics, writes the
     summary, renames the folder into place and logs the run."""
     from autosam2.engine.dist import announce_ranks, broadcast_object
-    from autosam2.eval.report import write_metrics
-    from autosam2.metrics import REPORTED
     from autosam2.outputs import EVALUATION, claim, output_directory
 
     inputs = [args.data, args.weights, args.checkpoint, args.episodes]
     out = claim(args.output_dir, EVALUATION, args.overwrite, inputs)  # every rank says it, not rank 0 alone
     announce_ranks(info)
-    decode, events, model = _set_up(args, info.device)
+    decode, events, model = set_up(args, info.device)
     writing = output_directory(out, EVALUATION, args.overwrite, inputs)
     with writing if info.is_main else nullcontext() as tmp:
         tmp = Path(broadcast_object(str(tmp) if info.is_main else None))
-        metrics = _run_sequences(args, info, model, decode, tmp)
-        per_sequence, summary, extra = _summarise(args, info, metrics, events, tmp)
-        if info.is_main:
-            write_metrics(tmp, per_sequence, summary, extra, REPORTED[args.metric_mode])
+        per_sequence, summary, extra = evaluate_into(args, info, model, decode, events, tmp)
     if info.is_main:
         _report(args, out, per_sequence, summary, extra)
     return 0
 
 
-def _set_up(args: argparse.Namespace, device):
+def evaluate_into(
+    args: argparse.Namespace, info, model, decode, events, tmp: Path
+) -> tuple[dict, dict, dict]:
+    """The split `args` name through the model, on every rank: masks, soft maps and overlays written
+    into `tmp` (each rank its share), the metrics gathered and written there by rank 0 (metrics.json,
+    metrics.csv); returns the figures per sequence, their summary and what metrics.json holds beside."""
+    from autosam2.eval.report import write_metrics
+    from autosam2.metrics import REPORTED
+
+    metrics = _run_sequences(args, info, model, decode, tmp)
+    per_sequence, summary, extra = _summarise(args, info, metrics, events, tmp)
+    if info.is_main:
+        write_metrics(tmp, per_sequence, summary, extra, REPORTED[args.metric_mode])
+    return per_sequence, summary, extra
+
+
+def set_up(args: argparse.Namespace, device):
     """Before the work: where frames are decoded, the synthetic set's events (a bad root fails here),
     the backends and threads, and the trained model."""
     from autosam2.engine.dist import configure_backends, configure_threads

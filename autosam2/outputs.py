@@ -80,6 +80,11 @@ SCORES = OutputKind(
     _marker("metrics.json", "summary", "pred", "gt"),
     rf"metrics\.json|metrics\.csv|{_TRACKING_NAMES}",
 )
+BENCHMARK = OutputKind(
+    "a benchmark",
+    _marker("benchmark.json", "benchmark", "rows"),
+    rf"benchmark\.json|benchmark\.csv|Test\w+|{_TRACKING_NAMES}",  # a split's folder: TestEasyDataset_Seen
+)
 PREDICTIONS = OutputKind(
     "predictions",
     lambda folder: _first_line(folder / "frames.csv").startswith("sequence,frame,presence"),

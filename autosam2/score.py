@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from autosam2.arguments import add_output_dir, add_workers
+from autosam2.eval.benchmark import add_splits
 from autosam2.metrics import DICE_RULES, MODES, REPORTED
 
 if TYPE_CHECKING:
+    from autosam2.eval.benchmark import SplitResult
     from autosam2.eval.score import Pairing
 
 EPILOG = (
@@ -36,6 +38,12 @@ A sequence with no frame left after the drop is named in a warning and left out 
 null in metrics.json, "nan" in metrics.csv and "-" in the table, with the reason ("undefined").
 Missing, extra, unreadable or 0/1 label-map files are named one a line, up to 20, then "and N more".
 
+--layout sunseg: --pred is a method's folder in the toolbox's prediction layout
+(Pred/<method>/<split>/<case>/<frame>.png) and --gt a SUN-SEG root (<split>/GT/<case>/<frame>.png);
+every test split (--splits: some of them) is scored, each case's frames in the toolbox's order, into
+OUTPUT_DIR/<split with / as _>/, and OUTPUT_DIR/benchmark.json, benchmark.csv and the printed table set
+the method (named by its folder) beside the published methods, as `autosam2 benchmark sunseg` does.
+
 """
     + DICE_RULES
 )
@@ -53,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--gt", required=True, help="ground truth: <gt>/<sequence>/<frame>.png|jpg (or <gt>/GT/...)"
     )
     p.add_argument("--metric-mode", default="sunseg", choices=list(MODES))
+    p.add_argument(
+        "--layout",
+        default=None,
+        choices=["sunseg"],
+        help="sunseg: --pred Pred/<method>, --gt a SUN-SEG root; every test split and the benchmark table",
+    )
+    add_splits(p)
     add_output_dir(p, default="scores", help="metrics.json, metrics.csv (default: scores)")
     p.add_argument(
         "--on-missing",
@@ -70,23 +85,49 @@ def build_parser() -> argparse.ArgumentParser:
         "--tracking-uri", default=None, help="with --mlflow (default: SQLite in the output directory)"
     )
     p.add_argument("--experiment", default="autosam2")
-    p.add_argument("--run-name", default=None, help="with --mlflow (default: score-<pred folder>)")
+    p.add_argument(
+        "--run-name",
+        default=None,
+        help="with --mlflow (default: score-<pred folder>; with --layout, followed by -<split>)",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.layout is not None and args.metric_mode != "sunseg":
+        parser.error("--layout sunseg scores by the toolbox's protocol: --metric-mode sunseg only")
+    if args.splits and args.layout is None:
+        parser.error("--splits is for --layout sunseg (a SUN-SEG root's test splits)")
 
-    from autosam2.errors import DatasetError
-    from autosam2.eval.report import listed, log_scores, print_table, say_left_out, scored_line, write_metrics
-    from autosam2.eval.score import pair_frames, score_all
-    from autosam2.outputs import SCORES, claim, output_directory
-    from autosam2.progress import track
+    from autosam2.eval.report import log_scores, print_table, scored_line
+    from autosam2.outputs import BENCHMARK, SCORES, claim, output_directory
 
+    if args.layout is not None:
+        claim(args.output_dir, BENCHMARK, args.overwrite, [args.pred, args.gt])
+        return _score_benchmark(args)
     out = claim(args.output_dir, SCORES, args.overwrite, [args.pred, args.gt])
-    sunseg = args.metric_mode == "sunseg"
-    drop = sunseg and not args.keep_first_last
-    pairing = pair_frames(args.pred, args.gt, drop)
+    pairing = _pair(args, args.pred, args.gt)
+    with output_directory(out, SCORES, args.overwrite, [args.pred, args.gt]) as tmp:
+        result = _score(args, pairing, args.pred, args.gt, tmp)
+    print_table(result.per_sequence, result.summary, REPORTED[args.metric_mode])
+    if args.mlflow:
+        name = args.run_name or f"score-{Path(args.pred).resolve().name}"
+        params = {"pred": str(args.pred), "gt": str(args.gt), "metric_mode": args.metric_mode}
+        log_scores(out, args.tracking_uri, args.experiment, name, params, result.summary)
+    print(f"wrote {out}: metrics.json, metrics.csv ({scored_line(result.extra['frames'], pairing.left_out)})")
+    return 0
+
+
+def _pair(args: argparse.Namespace, pred: Path | str, gt: Path | str, order=None) -> Pairing:
+    """The frames of `pred` and `gt` paired; missing and extra files an error (every one listed) or, with
+    --on-missing skip, a warning each; an error when no sequence is left to score."""
+    from autosam2.errors import DatasetError
+    from autosam2.eval.report import listed, say_left_out
+    from autosam2.eval.score import pair_frames
+
+    pairing = pair_frames(pred, gt, args.metric_mode == "sunseg" and not args.keep_first_last, order)
     if pairing.missing and args.on_missing == "error":
         raise DatasetError(
             "\n".join(listed(pairing.missing))
@@ -96,44 +137,106 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: skipped: {line}", file=sys.stderr, flush=True)
     say_left_out(pairing.too_short)  # a missing file is said above
     if not pairing.sequences:
-        raise DatasetError(_nothing_to_score(args, pairing))
+        raise DatasetError(_nothing_to_score(pred, gt, pairing))
+    return pairing
+
+
+def _score(
+    args: argparse.Namespace, pairing: Pairing, pred, gt, tmp: Path, split: str | None = None
+) -> SplitResult:
+    """The paired frames scored; metrics.json and metrics.csv written into `tmp` (`split`: the split
+    they are, recorded in metrics.json)."""
+    from autosam2.eval.benchmark import SplitResult
+    from autosam2.eval.report import write_metrics
+    from autosam2.eval.score import score_all
+    from autosam2.progress import track
 
     def progress(items, total):
         return track(items, total, "score", "sequence")
 
-    with output_directory(out, SCORES, args.overwrite, [args.pred, args.gt]) as tmp:
-        metrics = score_all(pairing.sequences, args.metric_mode, args.workers, progress)
-        counts = metrics.frame_counts()
-        per_sequence, summary = metrics.per_sequence(), metrics.summary()
-        columns = list(REPORTED[args.metric_mode])
-        described = {**_described(args, drop, counts), "left_out": pairing.left_out}
-        write_metrics(tmp, per_sequence, summary, described, columns)
-    print_table(per_sequence, summary, columns)
+    metrics = score_all(pairing.sequences, args.metric_mode, args.workers, progress)
+    per_sequence, summary = metrics.per_sequence(), metrics.summary()
+    drop = args.metric_mode == "sunseg" and not args.keep_first_last
+    described = {**_described(args, pred, gt, drop, metrics.frame_counts()), "left_out": pairing.left_out}
+    if split is not None:
+        described["split"] = split
+    write_metrics(tmp, per_sequence, summary, described, list(REPORTED[args.metric_mode]))
+    return SplitResult(split or str(gt), per_sequence, summary, described)
+
+
+def _score_benchmark(args: argparse.Namespace) -> int:
+    """--layout sunseg: every test split of a prediction folder in the toolbox's layout scored (all
+    paired first, so a missing split or file stops before anything is written), a folder per split,
+    and the benchmark table beside the published methods."""
+    from autosam2.data.layouts.sunseg import frame_order
+    from autosam2.eval.benchmark import log_splits, print_benchmark, split_folder, write_benchmark
+    from autosam2.eval.report import scored_line
+    from autosam2.outputs import BENCHMARK, output_directory
+
+    pred, gt, method = Path(args.pred), Path(args.gt), Path(args.pred).resolve().name
+    splits = _benchmark_splits(args)
+    pairings = {s: _pair(args, pred / s, gt / s / "GT", frame_order) for s in splits}
+    results = []
+    with output_directory(args.output_dir, BENCHMARK, args.overwrite, [args.pred, args.gt]) as tmp:
+        for split, pairing in pairings.items():
+            folder = tmp / split_folder(split)
+            folder.mkdir()
+            results.append(_score(args, pairing, pred / split, gt / split / "GT", folder, split))
+        described = {"pred": str(args.pred), "gt": str(args.gt), "metric_mode": args.metric_mode}
+        described["first_last_dropped"] = not args.keep_first_last
+        rows = write_benchmark(tmp, args.layout, method, results, described)
+    out = Path(args.output_dir)
+    print_benchmark(rows, args.layout)
     if args.mlflow:
-        name = args.run_name or f"score-{Path(args.pred).resolve().name}"
-        params = {"pred": str(args.pred), "gt": str(args.gt), "metric_mode": args.metric_mode}
-        log_scores(out, args.tracking_uri, args.experiment, name, params, summary)
-    print(f"wrote {out}: metrics.json, metrics.csv ({scored_line(counts, pairing.left_out)})")
+        log_splits(
+            out, args.tracking_uri, args.experiment, args.run_name or f"score-{method}", results, described
+        )
+    for result in results:
+        line = scored_line(result.extra["frames"], result.extra["left_out"])
+        print(f"wrote {out / split_folder(result.split)}: metrics.json, metrics.csv ({line})")
+    print(f"wrote {out}: benchmark.json, benchmark.csv ({len(rows)} rows)")
     return 0
 
 
-def _nothing_to_score(args: argparse.Namespace, pairing: Pairing) -> str:
+def _benchmark_splits(args: argparse.Namespace) -> list[str]:
+    """The splits to score (--splits, default every test split); one DatasetError naming every split
+    folder missing from --pred or --gt."""
+    from autosam2.data.layouts.sunseg import TESTS
+    from autosam2.errors import DatasetError
+
+    splits = args.splits or list(TESTS)
+    missing = [
+        f"{args.gt}: no {split}/GT folder (a SUN-SEG root holds {split}/GT/<case>/<frame>.png)"
+        for split in splits
+        if not (Path(args.gt) / split / "GT").is_dir()
+    ]
+    missing += [
+        f"{args.pred}: no {split} folder (the toolbox's prediction layout: <method>/{split}/<case>/<frame>.png)"
+        for split in splits
+        if not (Path(args.pred) / split).is_dir()
+    ]
+    if missing:
+        raise DatasetError("\n".join(missing))
+    return splits
+
+
+def _nothing_to_score(pred: Path | str, gt: Path | str, pairing: Pairing) -> str:
     """The error when no sequence has a frame to score, saying why."""
     from autosam2.eval.report import listed
 
     if pairing.too_short and not pairing.unpaired:
         return (
-            f"{args.gt}: every sequence is too short for the sunseg mode's drop of its first and last "
+            f"{gt}: every sequence is too short for the sunseg mode's drop of its first and last "
             f"frame ({len(pairing.too_short)} of {len(pairing.too_short)}); --keep-first-last scores them"
         )
     reasons = "; ".join(listed([f"{n}: {why}" for n, why in pairing.left_out.items()]))
-    return f"{args.pred}: no frame pairs with the ground truth in {args.gt} ({reasons})"
+    return f"{pred}: no frame pairs with the ground truth in {gt} ({reasons})"
 
 
-def _described(args: argparse.Namespace, dropped: bool, counts: dict[str, int]) -> dict:
+def _described(args: argparse.Namespace, pred, gt, dropped: bool, counts: dict[str, int]) -> dict:
     return {
-        "pred": str(args.pred),
-        "gt": str(args.gt),
+        "pred": str(pred),
+        "gt": str(gt),
         "metric_mode": args.metric_mode,
         "first_last_dropped": dropped,
         "frames": counts,

@@ -35,6 +35,7 @@ INTEGRATION = {
     "test_train.py",
     "test_validator.py",
     # single tests of modules that are otherwise unit (every parametrization of the function)
+    "test_benchmark.py::test_a_root_without_a_split_is_one_line_and_nothing_is_written",
     "test_cli.py::test_bad_root_gives_one_clear_error",
     "test_cli.py::test_console_script_runs_the_demo_steps",
     "test_cli.py::test_every_command_reports_bad_input_in_one_line_through_the_one_dispatcher",

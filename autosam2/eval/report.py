@@ -265,15 +265,19 @@ def log_scores(
     run_name: str,
     params: dict[str, Any],
     summary: dict[str, float],
+    tags: dict[str, str] | None = None,
 ) -> None:
     """Scores written into `out` as their own MLflow run (`tracking_uri`, default SQLite in `out`): the
-    params, the summary as ``eval/...``, metrics.json, metrics.csv and overlays/ when `out` holds it."""
+    params, `tags`, the summary as ``eval/...``, metrics.json, metrics.csv and overlays/ when `out` holds
+    it."""
     from autosam2.tracking import default_tracking_uri, make_logger, take_uri_credentials
 
     uri = take_uri_credentials(tracking_uri) or default_tracking_uri(out.resolve())
     logger = make_logger(0, True, uri, experiment, run_name=run_name, system_metrics=False)
     try:
         logger.log_params(params)
+        if tags:
+            logger.set_tags(tags)
         logger.log_metrics({f"eval/{k}": v for k, v in summary.items()}, step=0)
         for name in ("metrics.json", "metrics.csv"):
             logger.log_artifact(out / name)

@@ -4,7 +4,7 @@ them, scored by the one `MetricAccumulator`.
 Layout, for predictions and ground truth alike: ``<root>/<sequence>/<frame>.png|jpg`` (a polyp_gen masks
 folder, or the toolbox's ``Pred/<method>/<dataset>`` and ``<dataset>/GT``; a root holding a ``GT`` folder
 is read from it). Sequences are the ground truth's folders; frames pair by file stem, in natural order
-of their names. Files are read as 8-bit grayscale with OpenCV and a prediction of another size is
+of their names or in a layout's own order (SUN-SEG: its evaluator's). Files are read as 8-bit grayscale with OpenCV and a prediction of another size is
 resized to its ground truth's with ``cv2.resize`` (bilinear), exactly as ``eval/vps_evaluator.py`` does.
 The sunseg mode drops each sequence's first and last ground-truth frame before pairing, as the toolbox
 does (their predictions are never read).
@@ -73,9 +73,15 @@ def _folders(root: Path) -> list[str]:
     return sorted((p.name for p in root.iterdir() if p.is_dir()), key=natural_key)
 
 
-def pair_frames(pred_root: str | Path, gt_root: str | Path, drop_first_last: bool) -> Pairing:
-    """Pair every ground-truth frame with the prediction of the same stem. Raises DatasetError when a
-    root is not a folder of sequence folders, or two files claim one frame."""
+def pair_frames(
+    pred_root: str | Path,
+    gt_root: str | Path,
+    drop_first_last: bool,
+    order: Callable[[list[str]], list[str]] | None = None,
+) -> Pairing:
+    """Pair every ground-truth frame with the prediction of the same stem; a sequence's frames in
+    `order` (its stems in a layout's order; default natural order), which decides the first and last.
+    Raises DatasetError when a root is not a folder of sequence folders, or two files claim one frame."""
     pred_root, gt_root = Path(pred_root), ground_truth_root(gt_root)
     for role, root in (("--pred", pred_root), ("--gt", gt_root)):
         if not root.is_dir():
@@ -90,7 +96,7 @@ def pair_frames(pred_root: str | Path, gt_root: str | Path, drop_first_last: boo
     sequences = []
     for name in names:
         gts = _images(gt_root / name, problems)
-        ordered = sorted(gts, key=natural_key)
+        ordered = order(list(gts)) if order else sorted(gts, key=natural_key)
         kept = ordered[1:-1] if drop_first_last else ordered
         if ordered and not kept:
             too_short[name] = too_short_for_the_drop(len(ordered))

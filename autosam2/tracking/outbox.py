@@ -194,3 +194,33 @@ def _well_formed(record: Any) -> bool:
     if not isinstance(record, dict) or record.get("op") not in RECORD_FIELDS:
         return False
     return all(isinstance(record.get(k), t) for k, t in RECORD_FIELDS[record["op"]].items())
+
+
+def recorded_run(folder: str | Path) -> str | None:
+    """The run a folder's records went to, read without opening the outbox: the one ``sent.json`` names
+    (the store confirmed it), else the last the logger recorded opening; None when neither is there."""
+    folder = Path(folder)
+    try:
+        sent = json.loads((folder / SENT).read_text())
+    except (OSError, ValueError):
+        sent = None
+    if isinstance(sent, dict) and isinstance(sent.get("run_id"), str):
+        return sent["run_id"]
+    opened = None
+    try:
+        with open(folder / OUTBOX, "rb") as f:
+            for line in f:
+                if b'"opened"' in line:
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        continue
+                    if (
+                        _well_formed(record)
+                        and record["op"] == "opened"
+                        and isinstance(record.get("run"), str)
+                    ):
+                        opened = record["run"]
+    except OSError:
+        return None
+    return opened
