@@ -37,8 +37,12 @@ class Layout(StrEnum):
     images = "images"  # a flat image set: images/ + masks/ (Kvasir-SEG, CVC), optional sequences CSV
 
 
-# SAM2.1 model sizes; the names are what users write (`model.variant=hiera_b+`), not identifiers
+# SAM2 model sizes; the names are what users write (`model.variant=hiera_b+`), not identifiers
 Variant = StrEnum("Variant", [(v, v) for v in ("hiera_t", "hiera_s", "hiera_b+", "hiera_l")], module=__name__)
+# SAM2's releases, named as Meta names their configs and checkpoints: sam2 (SAM 2.0), sam2.1
+Release = StrEnum("Release", [(v, v) for v in ("sam2", "sam2.1")], module=__name__)
+# what model.variant and model.release left unset build without a checkpoint (with one: what it holds)
+DEFAULT_VARIANT, DEFAULT_RELEASE = Variant["hiera_t"], Release["sam2.1"]
 
 
 class ClipMode(StrEnum):
@@ -152,9 +156,13 @@ class FreezeConfig:
 
 @dataclass
 class ModelConfig:
-    variant: Variant = Variant["hiera_t"]
+    # unset (null): the size and release model.checkpoint holds, DEFAULT_VARIANT/RELEASE without one;
+    # set: the checkpoint must hold them (autosam2.model.sam2_checkpoint settles both before a run)
+    variant: Variant | None = None
+    release: Release | None = None
     image_size: int = 1024
-    checkpoint: str | None = None  # official SAM2 checkpoint; None: random init
+    # a SAM2 checkpoint in Meta's format (sam2.1_hiera_tiny.pt, ...: docs/training.md); None: random init
+    checkpoint: str | None = None
     multimask_output: bool = False
     clip_mode: ClipMode = ClipMode.video
     # torch.compile of the image encoder (training and inference); a failed compile warns once and runs eager

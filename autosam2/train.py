@@ -77,8 +77,10 @@ def run(argv: list[str] | None = None):
 
     from autosam2.engine.dist import distributed, single_process_group
     from autosam2.engine.inputs import check_inputs
+    from autosam2.model.sam2_checkpoint import settle_model
 
     check_inputs(cfg)
+    cfg.model = settle_model(cfg.model)  # the size and release the checkpoint holds, logged and recorded
     with distributed(cfg.train.device, cfg.train.dist_timeout_s) as info:
         if info.world_size == 1 and cfg.train.engine == EngineKind.deepspeed:
             # DeepSpeed wants a process group; without a launcher's it would go looking for MPI

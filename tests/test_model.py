@@ -236,16 +236,20 @@ def test_bad_checkpoints_give_one_error_listing_the_keys(tmp_path: Path):
     )
     assert "unexpected keys: extra.weight" in message
     torch.save(state, tmp_path / "bare.pt")
-    with pytest.raises(CheckpointError, match=r"bare\.pt: expected the official SAM2 format"):
+    with pytest.raises(
+        CheckpointError, match=r"bare\.pt: not a SAM2 checkpoint: SAM2 weights without Meta's"
+    ):
         load_sam2_checkpoint(model, tmp_path / "bare.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match=r"junk\.pt: not a loadable checkpoint"):
+    with pytest.raises(CheckpointError, match=r"junk\.pt: not a SAM2 checkpoint: a text file"):
         load_sam2_checkpoint(model, tmp_path / "junk.pt")
     with pytest.raises(CheckpointError, match="not found"):
         load_sam2_checkpoint(model, tmp_path / "absent.pt")
     small = {k: v for k, v in build_model("hiera_s", S).state_dict().items()}
     torch.save({"model": small}, tmp_path / "small.pt")
-    with pytest.raises(CheckpointError, match="does not fit this model"):
+    with pytest.raises(
+        CheckpointError, match=r"small\.pt: holds hiera_s \(SAM2\.1\), which does not fit this"
+    ):
         load_sam2_checkpoint(model, tmp_path / "small.pt")
 
 

@@ -83,7 +83,10 @@ def test_a_run_from_a_checkpoint_keeps_the_trained_parts_and_names_that_checkpoi
     assert _same(model, load_trained_model(weights, elsewhere, torch.device("cpu"))[0])
     torch.manual_seed(3)
     save_sam2_checkpoint(build_autosam2(SMALL), tmp_path / "other.pt")
-    with pytest.raises(CheckpointError, match=r"other\.pt: is another file, not the SAM2 weights .*best\.pt"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"other\.pt: is another file, holding hiera_t \(SAM2\.1\), not the SAM2 weights .*best\.pt",
+    ):
         load_trained_model(weights, tmp_path / "other.pt", torch.device("cpu"))
 
 

@@ -13,6 +13,7 @@ from autosam2.config import Config
 from autosam2.data.synthetic import SynthSpec, write_dataset
 from autosam2.data.video import ClipBatch, any_pixel
 from autosam2.errors import DatasetError
+from autosam2.model.sam2_checkpoint import settle_model
 
 
 def default_device() -> str:
@@ -23,7 +24,7 @@ def run_config(config: Path | None, cfg: Config) -> dict[str, Any]:
     """The run config a benchmark measured, as its figures record it."""
     return {
         "config": str(config) if config else None,
-        "variant": str(cfg.model.variant),
+        "variant": str(settle_model(cfg.model).variant),
         "image_size": cfg.model.image_size,
         "clip_len": cfg.data.clip_len,
         "batch_size": cfg.data.batch_size,

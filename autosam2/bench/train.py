@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from autosam2.arguments import add_device, positive_float, positive_int
 from autosam2.bench.common import default_device, run_config, sync, synthetic_shards
-from autosam2.config import ClipMode, Config, DataConfig, ModelConfig, Variant, load_config
+from autosam2.config import DEFAULT_VARIANT, ClipMode, Config, DataConfig, ModelConfig, Variant, load_config
 from autosam2.data.batches import TrainingBatches
 from autosam2.data.sources import training_batches
 from autosam2.data.stream import ClipStream
@@ -73,7 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--variant",
         default=None,
         choices=[v.value for v in Variant],
-        help=f"model.variant (default {model.variant})",
+        help=f"model.variant (default {DEFAULT_VARIANT})",
     )
     p.add_argument(
         "--image-size",

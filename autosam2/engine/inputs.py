@@ -10,6 +10,7 @@ from autosam2.data.sources import check_source, check_training_sources
 from autosam2.engine.checkpoint import Checkpointer
 from autosam2.engine.engines import read_deepspeed_config
 from autosam2.errors import CheckpointError
+from autosam2.model.sam2_checkpoint import settle_model
 from autosam2.outputs import apart_from_inputs
 
 
@@ -26,6 +27,7 @@ def check_inputs(cfg: Config) -> None:
     for key, path in files.items():
         if path is not None and not Path(path).is_file():
             raise CheckpointError(f"{key}={path}: file not found")
+    settle_model(cfg.model)  # the checkpoint is SAM2's, of the size and release asked
     if cfg.train.engine == EngineKind.deepspeed:
         read_deepspeed_config(Path(cfg.train.deepspeed_config))
     if cfg.train.resume not in ("auto", "none"):

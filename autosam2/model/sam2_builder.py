@@ -1,5 +1,6 @@
-"""Build SAM2 (as our AutoSAM2 subclass) from its config by name, load official checkpoints strictly, and
-`build_autosam2`: the one factory of the model a run trains (SAM2, its learned prompt encoder, frozen parts)."""
+"""Build SAM2 (as our AutoSAM2 subclass) from sam2's config of a size and release, load Meta's checkpoints
+strictly, and `build_autosam2`: the one factory of the model a run trains (SAM2, its learned prompt
+encoder, frozen parts)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ import torch
 from sam2.build_sam import build_sam2
 
 from autosam2.atomic import atomic_file
-from autosam2.config import ModelConfig, Variant
+from autosam2.config import ModelConfig, Release, Variant
 from autosam2.errors import CheckpointError
+from autosam2.model.sam2_checkpoint import OWN_MODULES, Sam2File, read_sam2_checkpoint, settle
 
-CONFIGS = {variant: f"configs/sam2.1/sam2.1_{variant.value}.yaml" for variant in Variant}
+# sam2's config of each (release, size): configs/sam2.1/sam2.1_hiera_t.yaml, configs/sam2/sam2_hiera_t.yaml
+CONFIGS = {(r, v): f"configs/{r}/{r}_{v}.yaml" for r in Release for v in Variant}
 MODEL_CLASS = "autosam2.model.autosam2.AutoSAM2"
-OWN_MODULES = ("prompt_encoder.",)  # state_dict prefixes of our modules, which no SAM2 checkpoint holds
 
 
 def sam2_overrides(image_size: int, multimask_output: bool = False) -> list[str]:
@@ -33,37 +35,42 @@ def sam2_overrides(image_size: int, multimask_output: bool = False) -> list[str]
 
 
 def build_model(
-    variant: str = "hiera_t",
+    variant: str | None = None,
     image_size: int = 1024,
     checkpoint: str | Path | None = None,
     multimask_output: bool = False,
     device: str | torch.device = "cpu",
+    release: str | None = None,
 ):
-    """SAM2 of `variant` at `image_size` as an AutoSAM2 (no prompt encoder attached yet).
+    """SAM2 of `variant` and `release` at `image_size` as an AutoSAM2 (no prompt encoder attached yet);
+    each None: what `checkpoint` holds, else hiera_t, sam2.1 (`sam2_checkpoint.settle`).
 
     Without a checkpoint the weights are random (tests, demo); with one, every SAM2 key must load.
     """
-    if variant not in CONFIGS:
-        raise ValueError(f"unknown SAM2 variant {variant!r}; choose one of {sorted(CONFIGS)}")
+    if variant is not None and variant not in {v.value for v in Variant}:
+        raise ValueError(f"unknown SAM2 variant {variant!r}; choose one of {[v.value for v in Variant]}")
+    variant, release, found = settle(variant, release, checkpoint)
     # apply_postprocessing=False: its dynamic multimask fallback would make inference differ from training
     model = build_sam2(
-        CONFIGS[variant],
+        CONFIGS[(release, variant)],
         ckpt_path=None,
         device="cpu",
         mode="eval",
         hydra_overrides_extra=sam2_overrides(image_size, multimask_output),
         apply_postprocessing=False,
     )
-    if checkpoint is not None:
-        load_sam2_checkpoint(model, checkpoint, allow_missing=())
+    if found is not None:
+        load_state(model, found, allow_missing=())
     return model.to(device)
 
 
 def build_autosam2(cfg: ModelConfig, device: str | torch.device = "cpu"):
-    """The model of a run: SAM2 of `cfg.variant` (loaded from `cfg.checkpoint`, random without one), the
-    learned prompt encoder of `cfg.prompt`, the parts `cfg.freeze` names frozen, the image encoder compiled
-    if `cfg.compile`, on `device`."""
-    model = build_model(cfg.variant, cfg.image_size, cfg.checkpoint, cfg.multimask_output)
+    """The model of a run: SAM2 of `cfg.variant` and `cfg.release` (loaded from `cfg.checkpoint`, random
+    without one), the learned prompt encoder of `cfg.prompt`, the parts `cfg.freeze` names frozen, the
+    image encoder compiled if `cfg.compile`, on `device`."""
+    model = build_model(
+        cfg.variant, cfg.image_size, cfg.checkpoint, cfg.multimask_output, release=cfg.release
+    )
     model.attach_prompt_encoder(cfg.prompt)
     model.freeze(cfg.freeze)
     if cfg.compile:
@@ -74,22 +81,16 @@ def build_autosam2(cfg: ModelConfig, device: str | torch.device = "cpu"):
 def load_sam2_checkpoint(
     model: torch.nn.Module, path: str | Path, allow_missing: Iterable[str] = OWN_MODULES
 ) -> None:
-    """Load an official SAM2 checkpoint (``{"model": state_dict}``) strictly.
+    """Load a SAM2 checkpoint in Meta's format (``{"model": state_dict}``) strictly (`load_state`); a
+    file that is not one is one CheckpointError saying what it is."""
+    load_state(model, read_sam2_checkpoint(path), allow_missing)
 
-    Every key of the file must exist in the model and every model key must come from the file, except
+
+def load_state(model: torch.nn.Module, found: Sam2File, allow_missing: Iterable[str] = OWN_MODULES) -> None:
+    """Every key of the file must exist in the model and every model key must come from the file, except
     keys under the `allow_missing` prefixes (our own modules, absent from Meta's checkpoints). Anything
-    else is one CheckpointError listing the keys.
-    """
-    path = Path(path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as err:
-        raise CheckpointError(f"{path}: checkpoint file not found") from err
-    except Exception as err:  # torch.load raises many types for a damaged or foreign file
-        raise CheckpointError(f"{path}: not a loadable checkpoint ({type(err).__name__}: {err})") from err
-    if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):
-        raise CheckpointError(f"{path}: expected the official SAM2 format {{'model': state_dict}}")
-    state = payload["model"]
+    else is one CheckpointError listing the keys."""
+    state = found.state
     allow = tuple(allow_missing)
     own = model.state_dict()
     missing = sorted(k for k in own if k not in state and not k.startswith(allow))
@@ -109,7 +110,9 @@ def load_sam2_checkpoint(
             if keys:
                 shown = ", ".join(keys[:20]) + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "")
                 parts.append(f"{label}: {shown}")
-        raise CheckpointError(f"{path}: does not fit this model; " + "; ".join(parts))
+        raise CheckpointError(
+            f"{found.path}: holds {found.holds}, which does not fit this model; " + "; ".join(parts)
+        )
     model.load_state_dict(state, strict=False)
 
 

@@ -30,12 +30,8 @@ from torch import nn
 from autosam2.atomic import atomic_file
 from autosam2.config import ModelConfig, section_from_dict, to_dict
 from autosam2.errors import CheckpointError, write_failure
-from autosam2.model.sam2_builder import (
-    OWN_MODULES,
-    build_autosam2,
-    load_sam2_checkpoint,
-    save_sam2_checkpoint,
-)
+from autosam2.model.sam2_builder import build_autosam2, load_sam2_checkpoint, save_sam2_checkpoint
+from autosam2.model.sam2_checkpoint import OWN_MODULES, read_sam2_checkpoint, settle_model
 
 WEIGHTS_FORMAT = "autosam2-weights"
 VERSION = 2
@@ -137,7 +133,8 @@ def find_base(weights: Path, record: dict[str, Any], given: str | Path | None = 
             return candidate
         differ.append(str(candidate))
     if given is not None:
-        found = "is another file" if differ else "is not a file"
+        # a file that is no SAM2 checkpoint says what it is; one that is, what it holds
+        found = f"is another file, holding {read_sam2_checkpoint(given).holds}" if differ else "is not a file"
         raise CheckpointError(
             f"{given}: {found}, not the SAM2 weights {weights} was trained on ({record['path']}: {wanted})"
         )
@@ -166,6 +163,8 @@ def save_weights(
     state = model.state_dict()
     if base is not None:
         state = {k: v for k, v in state.items() if k in trained or k.startswith(OWN_MODULES)}
+    if model_config.variant is None or model_config.release is None:
+        model_config = settle_model(model_config)  # the file records the size and release built
     payload = {
         "format": WEIGHTS_FORMAT,
         "version": VERSION,
@@ -242,10 +241,11 @@ def init_from_weights(model: nn.Module, path: str | Path, model_config: ModelCon
     path = Path(path)
     payload = read_weights(path)
     theirs = section_from_dict(ModelConfig, payload["model_config"], f"{path}: model_config")
-    different = [
+    model_config = settle_model(model_config)
+    different = [  # a value the file does not record (null) is not compared
         f"{key} {getattr(theirs, key)} (this run: {getattr(model_config, key)})"
-        for key in ("variant", "image_size")
-        if getattr(theirs, key) != getattr(model_config, key)
+        for key in ("variant", "release", "image_size")
+        if getattr(theirs, key) not in (getattr(model_config, key), None)
     ]
     if theirs.prompt != model_config.prompt:
         different.append(f"model.prompt {to_dict(theirs.prompt)} (this run: {to_dict(model_config.prompt)})")
