@@ -9,8 +9,9 @@ sam2's loader, which loads the released files strictly, reads them back.
 from __future__ import annotations
 
 import os
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from PIL import Image
 from sam2.build_sam import build_sam2
 
 from autosam2.cli import main as cli
-from autosam2.config import ModelConfig, Release, Variant, load_config
+from autosam2.config import ConfigError, ModelConfig, Release, Variant, load_config
 from autosam2.errors import CheckpointError
 from autosam2.model.sam2_builder import build_autosam2, build_model
 from autosam2.model.sam2_checkpoint import read_sam2_checkpoint, settle_model
@@ -64,8 +65,9 @@ def write_meta_file(path: Path, release: str, variant: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def meta_file(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    """Meta's checkpoint of a name, written on first use (once per session) into one folder."""
+def meta_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Path]]:
+    """Meta's checkpoint of a name, written on first use (once per session) into one folder, removed at
+    the end of the session (up to 1.9 GB)."""
     folder = tmp_path_factory.mktemp("meta_checkpoints")
 
     def get(name: str) -> Path:
@@ -78,7 +80,8 @@ def meta_file(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]
             )
         return path
 
-    return get
+    yield get
+    shutil.rmtree(folder)
 
 
 def refusal(checkpoint: Path, **asked: str) -> str:
@@ -132,6 +135,8 @@ def test_the_size_asked_must_be_the_files(meta_file):
     assert settle_model(ModelConfig(checkpoint=str(small), variant="hiera_s")).variant == "hiera_s"
     with pytest.raises(CheckpointError, match="holds hiera_s"):
         build_model("hiera_t", 64, small)
+    with pytest.raises(ConfigError, match=r"model\.release must be sam2 or sam2\.1, got 'sam3'"):
+        load_config(None, ["model.release=sam3"])
     # without a checkpoint: what was asked, else the defaults
     assert (settle_model(ModelConfig()).variant, settle_model(ModelConfig()).release) == ("hiera_t", "sam2.1")
     assert settle_model(ModelConfig(variant="hiera_l", release="sam2")).release == "sam2"
@@ -151,6 +156,8 @@ def test_a_renamed_file_is_read_by_its_contents_and_a_misnamed_one_refused(meta_
     older.parent.mkdir()
     os.link(meta_file("sam2_hiera_tiny.pt"), older)
     assert "holds hiera_t (SAM2.0), not the hiera_t (SAM2.1)" in refusal(older)
+    for link in (renamed, misnamed, older):  # the last links to files the session removes
+        link.unlink()
 
 
 # files that are not SAM2 checkpoints ----------------------------------------------------------------------
@@ -225,6 +232,7 @@ def test_a_file_that_is_not_a_sam2_checkpoint_says_what_it_is(meta_file, tmp_pat
     make(path, meta_file)
     message = refusal(path)
     assert says in message, message
+    path.unlink()  # up to 160 MB
 
 
 def test_a_folder_or_a_missing_file_is_one_line(tmp_path):

@@ -141,7 +141,11 @@ def _load(path: Path) -> Any:
 
 
 def _is_sam2(state: Any) -> bool:
-    return isinstance(state, dict) and PATCH_EMBED in state and any(str(k).startswith(MEMORY) for k in state)
+    return (
+        isinstance(state, dict)
+        and isinstance(state.get(PATCH_EMBED), torch.Tensor)
+        and any(str(k).startswith(MEMORY) for k in state)
+    )
 
 
 def _variant(path: Path, state: dict[str, torch.Tensor]) -> Variant:
