@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help=helps["build"])
     b.add_argument("root", type=Path)
-    b.add_argument("--split", choices=["train", "valid"], required=True)
+    b.add_argument("--split", choices=["train", "valid", "test"], required=True)
     add_output_dir(b, "--out", type=Path, required=True, help="the shard set's folder")
     b.add_argument(
         "--frames-per-sample",
