@@ -16,6 +16,12 @@ def synth(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--valid-sequences", type=int, default=None, help="valid sequences (default: half of --sequences)"
     )
+    p.add_argument(
+        "--test-sequences",
+        type=int,
+        default=None,
+        help="held-out test sequences (default: half of --sequences; 0: no test split)",
+    )
     p.add_argument("--frames", type=int, default=24, help="frames per sequence (default 24)")
     p.add_argument("--size", type=int, default=256, help="frame side in pixels (default 256)")
     p.add_argument("--seed", type=int, default=0)
@@ -31,15 +37,21 @@ def synth(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from autosam2.config import ConfigError
 
-    if min(args.size - 31, args.frames - 1, args.sequences, args.valid_sequences or 1) < 1:
-        raise ConfigError("synthetic dataset needs size >= 32, frames >= 2 and sequences >= 1 per split")
+    half = max(1, args.sequences // 2)
+    valid = args.valid_sequences if args.valid_sequences is not None else half
+    test = args.test_sequences if args.test_sequences is not None else half
+    if min(args.size - 31, args.frames - 1, args.sequences, valid, test + 1) < 1:
+        raise ConfigError(
+            "synthetic dataset needs size >= 32, frames >= 2, train and valid sequences >= 1 and "
+            "test sequences >= 0"
+        )
 
     from autosam2.data.synthetic import SynthSpec, write_dataset
 
-    valid = args.valid_sequences if args.valid_sequences is not None else max(1, args.sequences // 2)
     spec = SynthSpec(
         train_sequences=args.sequences,
         valid_sequences=valid,
+        test_sequences=test,
         frames=args.frames,
         size=args.size,
         seed=args.seed,
@@ -49,9 +61,10 @@ def synth(argv: list[str] | None = None) -> int:
         args.output_dir, spec, overwrite=args.overwrite, progress=sys.stderr.isatty(), workers=args.workers
     )
     share = summary["empty_frames"] / summary["frames"]
+    splits = " + ".join(f"{len(names)} {split}" for split, names in summary["splits"].items())
     print(
-        f"wrote {args.output_dir}: {spec.train_sequences} train + {spec.valid_sequences} valid sequences, "
-        f"{summary['frames']} frames of {spec.size}x{spec.size}, {summary['empty_frames']} polyp-free ({share:.0%}), seed {spec.seed}"
+        f"wrote {args.output_dir}: {splits} sequences, {summary['frames']} frames of {spec.size}x{spec.size}, "
+        f"{summary['empty_frames']} polyp-free ({share:.0%}), seed {spec.seed}"
     )
     return 0
 

@@ -195,7 +195,7 @@ def test_an_empty_mount_point_is_filled_in_place(tmp_path, capsys):
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], check=True)
     try:
         assert cli(["synth", "--out", str(disk), "--sequences", "1", "--frames", "2", "--size", "32"]) == 0
-        assert sorted(p.name for p in disk.iterdir()) == ["synth.json", "train", "valid"]
+        assert sorted(p.name for p in disk.iterdir()) == ["synth.json", "test", "train", "valid"]
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
 

@@ -45,6 +45,24 @@ def test_layout_lists_and_validation(tiny_root_pristine):
     assert [r.problems for r in reports] == [[], []]
 
 
+def test_a_test_split_leaves_train_and_valid_byte_identical(tiny_root_pristine, tmp_path):
+    root = tmp_path / "with_test"
+    summary = write_dataset(root, SynthSpec(**{**TINY.__dict__, "test_sequences": 2}))
+    assert not (tiny_root_pristine / "test").exists()
+    for split in ("train", "valid"):
+        assert digest(root / split) == digest(tiny_root_pristine / split)
+    assert (root / "test" / "test_list.txt").read_text() == "seq4\nseq5\n"
+    assert summary["splits"] == {"train": ["seq1", "seq2"], "valid": ["seq3"], "test": ["seq4", "seq5"]}
+    written = json.loads((root / "synth.json").read_text())
+    assert written["splits"]["test"] == ["seq4", "seq5"] and written["spec"]["test_sequences"] == 2
+    assert [len(written["events"][name]) for name in ("seq4", "seq5")] == [12, 12]
+    assert [r.problems for r in validate_root(root, splits=["train", "valid", "test"])] == [[], [], []]
+    # a stream of its own: the first test sequence is not the first valid sequence again
+    test_frame = np.asarray(Image.open(root / "test" / "images" / "seq4" / "frame1.jpg"))
+    valid_frame = np.asarray(Image.open(root / "valid" / "images" / "seq3" / "frame1.jpg"))
+    assert np.abs(test_frame.astype(int) - valid_frame.astype(int)).mean() > 5
+
+
 def _centroid(mask: np.ndarray) -> np.ndarray:
     ys, xs = np.nonzero(mask)
     return np.array([xs.mean(), ys.mean()])
@@ -104,7 +122,7 @@ def test_existing_output_is_refused_and_overwrite_replaces(tmp_path, capsys):
     out = tmp_path / "pg"
     args = ["synth", "--out", str(out), "--sequences", "2", "--frames", "4", "--size", "64"]
     assert main(args) == 0
-    assert "2 train + 1 valid sequences, 12 frames of 64x64" in capsys.readouterr().out
+    assert "2 train + 1 valid + 1 test sequences, 16 frames of 64x64" in capsys.readouterr().out
     before = (out / "train" / "train_list.txt").read_text()
     assert main(args) == 1
     assert "already holds a synthetic dataset; pass --overwrite" in capsys.readouterr().err
@@ -115,6 +133,20 @@ def test_existing_output_is_refused_and_overwrite_replaces(tmp_path, capsys):
     assert main([*args, "--seed", "4", "--overwrite"]) == 0
     assert (out / "train" / "train_list.txt").read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["pg"]
+
+
+def test_synth_sizes_its_test_split_or_leaves_it_out(tmp_path, capsys):
+    args = ["synth", "--frames", "2", "--size", "32", "--sequences", "4"]
+    assert main([*args, "--out", str(tmp_path / "half"), "--valid-sequences", "1"]) == 0
+    assert "4 train + 1 valid + 2 test sequences, 14 frames" in capsys.readouterr().out
+    assert main([*args, "--out", str(tmp_path / "none"), "--test-sequences", "0"]) == 0
+    assert "4 train + 2 valid sequences, 12 frames" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "none").iterdir()) == ["synth.json", "train", "valid"]
+    for bad in (["--test-sequences", "-1"], ["--valid-sequences", "0"]):
+        assert main([*args, "--out", str(tmp_path / "bad"), *bad]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "test sequences >= 0" in err[0] and "Traceback" not in err[0], err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_a_failure_half_way_leaves_nothing_behind(tmp_path, monkeypatch):
@@ -184,5 +216,7 @@ def test_synth_writes_the_hard_split_with_its_labels(tmp_path, capsys):
     assert main(["synth", "--out", str(tmp_path / "h"), "--sequences", "2", "--size", "64", "--hard"]) == 0
     written = json.loads((tmp_path / "h" / "synth.json").read_text())
     assert written["spec"]["hard"] is True
-    labels = {synthetic.frame_kind(e) for seq in written["events"].values() for e in seq}
-    assert labels & set(synthetic.HIDING)
+    assert written["splits"] == {"train": ["seq1", "seq2"], "valid": ["seq3"], "test": ["seq4"]}
+    for names in written["splits"].values():  # every split's frames labelled, the test split's too
+        labels = {synthetic.frame_kind(e) for name in names for e in written["events"][name]}
+        assert labels & set(synthetic.HIDING) and "absent" in labels, (names, labels)

@@ -8,7 +8,8 @@ only the visible part), and short episodes of motion blur or fluid haze hide it 
 mask (where video memory should help). Masks are written as JPEG, as polyp_gen roots hold them.
 
 Everything is drawn from ``numpy.random.default_rng((seed, split, index))``: the same seed gives
-byte-identical files.
+byte-identical files, and each split has a stream of its own, so a test split (or none) leaves the train
+and valid files as they are.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from autosam2.data.layouts.polyp_gen import LIST_FILES
 from autosam2.outputs import SYNTH_DATASET, output_directory
 
-SPLIT_CODES = {"train": 0, "valid": 1}
+SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}  # the split's part of every sequence's seed
 # the hard split's episodes: the polyp is there (its mask unchanged) but all but invisible in the frame
 HIDING = ("haze", "blur", "specular", "low_contrast")
 # the label of every frame, for scores per kind: one of HIDING, or occluded (a fold covers part of the
@@ -39,19 +40,23 @@ ABSENT_FRACTION = (0.15, 0.3)  # share of each sequence with the polyp fully out
 
 @dataclass(frozen=True)
 class SynthSpec:
-    """What `autosam2 synth` makes: sequence counts per split, frames per sequence, frame side, seed."""
+    """What `autosam2 synth` makes: sequence counts per split (no test split unless asked), frames per
+    sequence, frame side, seed."""
 
     train_sequences: int = 8
     valid_sequences: int = 4
+    test_sequences: int = 0
     frames: int = 24
     size: int = 256
     seed: int = 0
     hard: bool = False  # the hard split: episodes that hide a present polyp almost entirely
 
     def __post_init__(self) -> None:
-        if self.size < 32 or self.frames < 2 or self.train_sequences < 1 or self.valid_sequences < 1:
+        small = self.size < 32 or self.frames < 2 or self.test_sequences < 0
+        if small or self.train_sequences < 1 or self.valid_sequences < 1:
             raise ValueError(
-                f"synthetic dataset needs size >= 32, frames >= 2 and >= 1 sequence per split: {self}"
+                "synthetic dataset needs size >= 32, frames >= 2, >= 1 train and valid sequence and "
+                f">= 0 test sequences: {self}"
             )
 
 
@@ -485,12 +490,16 @@ def frame_kind(event: dict) -> str:
 
 
 def sequence_names(spec: SynthSpec) -> dict[str, list[str]]:
-    """Names per split; unique across splits (seq1..seqN train, then valid)."""
-    n = spec.train_sequences
-    return {
-        "train": [f"seq{i + 1}" for i in range(n)],
-        "valid": [f"seq{n + i + 1}" for i in range(spec.valid_sequences)],
-    }
+    """Names per split written (test only when it has sequences); unique across splits (seq1..seqN
+    train, then valid, then test)."""
+    counts = {"train": spec.train_sequences, "valid": spec.valid_sequences, "test": spec.test_sequences}
+    names: dict[str, list[str]] = {}
+    first = 1
+    for split, count in counts.items():
+        if count:
+            names[split] = [f"seq{first + i}" for i in range(count)]
+        first += count
+    return names
 
 
 def write_sequence(split_dir: Path, seq: SynthSequence) -> None:
@@ -521,8 +530,8 @@ def write_dataset(
     the dataset is the same for any number."""
     with output_directory(out, SYNTH_DATASET, overwrite) as tmp:
         names = sequence_names(spec)
-        jobs = [(split, i, name) for split in ("train", "valid") for i, name in enumerate(names[split])]
-        summary = {"spec": asdict(spec), "frames": 0, "empty_frames": 0, "events": {}}
+        jobs = [(split, i, name) for split in names for i, name in enumerate(names[split])]
+        summary = {"spec": asdict(spec), "splits": names, "frames": 0, "empty_frames": 0, "events": {}}
         with ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
             run = pool.map if pool is not None else map
             results = run(
@@ -536,7 +545,7 @@ def write_dataset(
                 summary["frames"] += frames
                 summary["empty_frames"] += empty
                 summary["events"][name] = events
-        for split in ("train", "valid"):
+        for split in names:
             (tmp / split / LIST_FILES[split]).write_text("".join(f"{n}\n" for n in names[split]))
         (tmp / "synth.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     return summary
