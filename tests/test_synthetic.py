@@ -56,7 +56,7 @@ def test_a_test_split_leaves_train_and_valid_byte_identical(tiny_root_pristine, 
     written = json.loads((root / "synth.json").read_text())
     assert written["splits"]["test"] == ["seq4", "seq5"] and written["spec"]["test_sequences"] == 2
     assert [len(written["events"][name]) for name in ("seq4", "seq5")] == [12, 12]
-    assert [r.problems for r in validate_root(root, splits=["train", "valid", "test"])] == [[], [], []]
+    assert {r.split: r.problems for r in validate_root(root)} == {"test": [], "train": [], "valid": []}
     # a stream of its own: the first test sequence is not the first valid sequence again
     test_frame = np.asarray(Image.open(root / "test" / "images" / "seq4" / "frame1.jpg"))
     valid_frame = np.asarray(Image.open(root / "valid" / "images" / "seq3" / "frame1.jpg"))

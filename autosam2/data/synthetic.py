@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from autosam2.data.layouts.polyp_gen import LIST_FILES
+from autosam2.data.layouts.polyp_gen import list_file
 from autosam2.outputs import SYNTH_DATASET, output_directory
 
 SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}  # the split's part of every sequence's seed
@@ -546,6 +546,6 @@ def write_dataset(
                 summary["empty_frames"] += empty
                 summary["events"][name] = events
         for split in names:
-            (tmp / split / LIST_FILES[split]).write_text("".join(f"{n}\n" for n in names[split]))
+            list_file(tmp, split).write_text("".join(f"{n}\n" for n in names[split]))
         (tmp / "synth.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     return summary
