@@ -67,7 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_layout(parser)
     parser.add_argument("--data", default="demo/shards/valid", help="a shard set or a polyp_gen root")
     parser.add_argument(
-        "--split", default="valid", choices=["train", "valid"], help="split, when --data is a polyp_gen root"
+        "--split",
+        default="valid",
+        choices=["train", "valid", "test"],
+        help="split, when --data is a polyp_gen root",
     )
     parser.add_argument("--metric-mode", default="ours", choices=list(MODES))
     parser.add_argument(
