@@ -1,12 +1,12 @@
 """`autosam2 demo`: the whole mission on the embedded defaults, on the CPU, in minutes.
 
-Synthetic polyp videos (the default set and the hard split) -> validation -> WebDataset shards -> a
-two-stage curriculum in 2-process DDP (hiera-t, 256 px, random-init SAM2, the frozen encoder's features
-cached): stage 1 frame by frame on the default set, stage 2 through SAM2's memory on the hard split from
-stage 1's weights -> evaluation of stage 1 per frame on the default set, and of stage 2 in video (memory)
-and per-frame mode on the hard split, with Dice and presence per kind of frame -> the tables, and the
-`mlflow ui` command. Everything is in
-MLflow (SQLite).
+Synthetic polyp videos (the default set and the hard split, each with train, valid and a held-out test
+split) -> validation -> WebDataset shards -> a two-stage curriculum in 2-process DDP (hiera-t, 256 px,
+random-init SAM2, the frozen encoder's features cached): stage 1 frame by frame on the default set,
+stage 2 through SAM2's memory on the hard split from stage 1's weights -> evaluation of stage 1 per frame
+on the default set, and of stage 2 in video (memory) and per-frame mode on the hard split, each on the
+valid and the test split, with Dice and presence per kind of frame -> the tables (valid and test side by
+side, also in demo.json), and the `mlflow ui` command. Everything is in MLflow (SQLite).
 """
 
 from __future__ import annotations
@@ -23,6 +23,13 @@ from autosam2.arguments import add_output_dir
 
 EXPERIMENT = "autosam2-demo"
 STAGE2_CONFIG = "configs/cpu_demo_video.yaml"
+SPLITS = ("train", "valid", "test")
+# the held-out split: few sequences, so it adds little to the demo's minutes
+TEST_SEQUENCES = 2
+# valid steers the runs (their validation curves, the configs chosen by them); test is held out
+HELD_OUT = (
+    "test: held out, no stage trained, validated or was tuned on it; valid: the runs' own validation split"
+)
 
 
 def _step(title: str) -> float:
@@ -83,8 +90,14 @@ def main(argv: list[str] | None = None) -> int:
             ("stage 2, per frame", video_run / "final.pt", "frame"),
         ],
     )
-    _summary("the default set (stage 1: frame mode)", default)
-    _summary("the hard split (stage 2: through memory, from stage 1)", hard)
+    tables = {
+        "the default set (stage 1: frame mode)": default,
+        "the hard split (stage 2: through memory, from stage 1)": hard,
+    }
+    for title, summaries in tables.items():
+        _summary(title, summaries)
+    print(f"({HELD_OUT})")
+    _record(out, tables, time.perf_counter() - start)
     print(f"\nmlflow ui --backend-store-uri {uri} --port 5000    # then open http://127.0.0.1:5000")
     print(f"overlays (GIF per valid sequence): {out / 'results_hard' / 'final-video' / 'overlays'}")
     print(f"demo finished in {(time.perf_counter() - start) / 60:.1f} minutes")
@@ -118,10 +131,10 @@ def _data(root: Path, shards: Path, hard: bool = False) -> None:
     python = sys.executable
     t = _step(f"synthetic polyp videos{', the hard split' if hard else ''}")
     synth = [python, "-m", "autosam2.cli", "synth", "--output-dir", str(root)]
-    synth += ["--overwrite", "--workers", "2"]
+    synth += ["--overwrite", "--workers", "2", "--test-sequences", str(TEST_SEQUENCES)]
     _run([*synth, *(["--hard"] if hard else [])])
     _run([python, "-m", "autosam2.cli", "validate", str(root)])
-    for split in ("train", "valid"):
+    for split in SPLITS:
         build = [python, "-m", "shards", "build", str(root), "--split", split]
         build += ["--output-dir", str(shards / split)]
         _run([*build, "--frames-per-sample", "8", "--max-shard-mb", "0.3", "--overwrite"])
@@ -150,52 +163,71 @@ def _train(args: argparse.Namespace, config: str, shards: Path, run: Path, name:
 
 def _evaluate(
     root: Path, shards: Path, results: Path, uri: str, models: list[tuple[str, Path, str]]
-) -> dict[str, tuple[dict, dict]]:
-    """Each (label, weights, mode) on the valid sequences: metrics, and Dice and presence per frame kind."""
-    t = _step(f"evaluation on the valid sequences of {root.name}")
-    summaries = {}
+) -> dict[str, dict[str, dict]]:
+    """Each (label, weights, mode) on the valid and the test sequences: per label and split, the
+    figures of one table row (`_figures`); overlays for valid only."""
+    t = _step(f"evaluation on the valid and test sequences of {root.name}")
+    summaries: dict[str, dict[str, dict]] = {}
     for label, weights, mode in models:
-        target = results / f"{weights.stem}-{mode}"
-        evaluate = [sys.executable, "-m", "autosam2.cli", "evaluate", "--weights", str(weights)]
-        evaluate += ["--data", str(shards / "valid"), "--output-dir", str(target), "--mode", mode, "--cpu"]
-        evaluate += [
-            "--episodes",
-            str(root),
-            "--tracking-uri",
-            uri,
-            "--experiment",
-            EXPERIMENT,
-            "--overwrite",
-        ]
-        _run(evaluate)
-        metrics = json.loads((target / "metrics.json").read_text())
-        summaries[label] = (metrics, metrics["episodes"])
+        for split in SPLITS[1:]:
+            target = results / f"{weights.stem}-{mode}{'' if split == 'valid' else f'-{split}'}"
+            evaluate = [sys.executable, "-m", "autosam2.cli", "evaluate", "--weights", str(weights)]
+            evaluate += ["--data", str(shards / split), "--split", split, "--output-dir", str(target)]
+            evaluate += ["--mode", mode, "--cpu", "--episodes", str(root), "--tracking-uri", uri]
+            evaluate += ["--experiment", EXPERIMENT, "--overwrite"]
+            _run([*evaluate, *(["--no-overlays"] if split != "valid" else [])])
+            metrics = json.loads((target / "metrics.json").read_text())
+            summaries.setdefault(label, {})[split] = _figures(metrics)
     print(f"({time.perf_counter() - t:.0f} s)")
     return summaries
+
+
+def _figures(metrics: dict) -> dict:
+    """One table row from an evaluation's metrics.json: the headline figures, Dice per kind of frame,
+    presence accuracy (all frames and hidden ones), and the frames per kind."""
+    m, kinds = metrics["summary"], metrics["episodes"]
+    return {
+        **{name: m[name] for name in ("dice", "iou", "s_measure", "e_measure")},
+        **{f"dice_{kind}": kinds[kind]["dice"] for kind in ("hidden", "occluded", "clear")},
+        "presence_accuracy": kinds["all"]["presence_accuracy"],
+        "presence_accuracy_hidden": kinds["hidden"]["presence_accuracy"],
+        "sequences": len(metrics["per_sequence"]),
+        "frames": {kind: score["frames"] for kind, score in kinds.items()},
+    }
+
+
+def _record(out: Path, tables: dict[str, dict[str, dict[str, dict]]], seconds: float) -> None:
+    """The tables' figures into demo.json, beside its marker."""
+    from autosam2.atomic import atomic_write_json
+    from autosam2.outputs import DEMO_MARKER, json_object
+
+    record = json_object(out / DEMO_MARKER)
+    record.update(minutes=round(seconds / 60, 2), held_out=HELD_OUT, results=tables)
+    atomic_write_json(out / DEMO_MARKER, record)
 
 
 def _figure(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def _summary(title: str, summaries: dict[str, tuple[dict, dict]]) -> None:
+def _summary(title: str, summaries: dict[str, dict[str, dict]]) -> None:
     print(f"\n== summary: {title}")
     print(
-        f"{'model':<24} {'dice':>6} {'iou':>6} {'S-measure':>9} {'mean E':>7}   dice on: {'hidden':>6} "
-        f"{'occluded':>8} {'clear':>6}   presence acc. (hidden)"
+        f"{'model':<24} {'split':<5} {'dice':>6} {'iou':>6} {'S-measure':>9} {'mean E':>7}   dice on: "
+        f"{'hidden':>6} {'occluded':>8} {'clear':>6}   presence acc. (hidden)"
     )
-    for label, (metrics, kinds) in summaries.items():
-        m = metrics["summary"]
+    for label, splits in summaries.items():
+        for split, f in splits.items():
+            print(
+                f"{label if split == 'valid' else '':<24} {split:<5} {f['dice']:6.3f} {f['iou']:6.3f} "
+                f"{f['s_measure']:9.3f} {f['e_measure']:7.3f}   {'':8} {_figure(f['dice_hidden']):>6} "
+                f"{_figure(f['dice_occluded']):>8} {_figure(f['dice_clear']):>6}   "
+                f"{_figure(f['presence_accuracy']):>13} ({_figure(f['presence_accuracy_hidden'])})"
+            )
+    for split, f in next(iter(summaries.values())).items():
+        n = f["frames"]
+        hidden = ", ".join(f"{n[k]} {k}" for k in ("haze", "blur", "specular", "low_contrast"))
         print(
-            f"{label:<24} {m['dice']:6.3f} {m['iou']:6.3f} {m['s_measure']:9.3f} {m['e_measure']:7.3f}   "
-            f"{'':8} {_figure(kinds['hidden']['dice']):>6} {_figure(kinds['occluded']['dice']):>8} "
-            f"{_figure(kinds['clear']['dice']):>6}   {_figure(kinds['all']['presence_accuracy']):>13} "
-            f"({_figure(kinds['hidden']['presence_accuracy'])})"
+            f"({split}: {f['sequences']} sequences, {n['all']} frames: {n['hidden']} with the polyp there but "
+            f"hidden ({hidden}), {n['occluded']} partly occluded, {n['clear']} clear, {n['absent']} polyp-free)"
         )
-    kinds = next(iter(summaries.values()))[1]
-    hidden = ", ".join(f"{kinds[k]['frames']} {k}" for k in ("haze", "blur", "specular", "low_contrast"))
-    print(
-        f"(valid frames: {kinds['hidden']['frames']} with the polyp there but hidden ({hidden}), "
-        f"{kinds['occluded']['frames']} partly occluded, {kinds['clear']['frames']} clear, "
-        f"{kinds['absent']['frames']} polyp-free)"
-    )
