@@ -35,7 +35,7 @@ DATA_WAIT_GOAL = 0.02  # share of a training step spent waiting for data, either
 SIZES = {
     "gpu": {
         "device": ["--gpu", "0"],
-        "synth": "--size 1024 --sequences 4 --valid-sequences 1 --frames 32".split(),
+        "synth": "--size 1024 --sequences 4 --valid-sequences 1 --test-sequences 0 --frames 32".split(),
         "frames_per_sample": 16,
         "train_overrides": [],
         "train_steps": 8,
@@ -46,7 +46,7 @@ SIZES = {
     },
     "dry": {
         "device": ["--cpu"],
-        "synth": "--size 128 --sequences 2 --valid-sequences 1 --frames 8".split(),
+        "synth": "--size 128 --sequences 2 --valid-sequences 1 --test-sequences 0 --frames 8".split(),
         "frames_per_sample": 4,
         "train_overrides": ["model.image_size=64", "data.clip_len=2", "data.num_workers=1"],
         "train_steps": 3,
