@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from autosam2.arguments import add_output_dir, add_workers
+from autosam2.arguments import add_layout, add_output_dir, add_split, add_workers
 from autosam2.metrics import DICE_RULES, MODES, REPORTED
 
 if TYPE_CHECKING:
@@ -22,6 +22,9 @@ EPILOG = (
     """\
 Layout: <root>/<sequence>/<frame>.png|jpg for --pred and --gt (a polyp_gen masks folder, the toolbox's
 Pred/<method>/<dataset>, or a dataset folder holding GT/). Frames pair by file stem in natural order.
+A --gt that is a dataset folder in a known layout (told by its folders, or named by --layout; see
+docs/data.md) is read as that layout reads it: the masks of --split (default: its valid split) in the
+layout's frame order (SUN-SEG: GT/<case>/<stem>.png in the official evaluator's order).
 Masks are foreground above 128 (0..255); predictions are 8-bit soft maps or binary masks.
 
 --metric-mode sunseg (default) is the SUN-SEG/VPS toolbox (eval/vps_evaluator.py): it drops the first and
@@ -50,8 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--pred", required=True, help="predictions: <pred>/<sequence>/<frame>.png|jpg")
     p.add_argument(
-        "--gt", required=True, help="ground truth: <gt>/<sequence>/<frame>.png|jpg (or <gt>/GT/...)"
+        "--gt",
+        required=True,
+        help="ground truth: <gt>/<sequence>/<frame>.png|jpg (or <gt>/GT/...), or a dataset folder",
     )
+    add_layout(p, help="--gt as a dataset folder in this layout (default auto: when its folders tell one)")
+    add_split(p, what="score against", default_text="its valid split")
     p.add_argument("--metric-mode", default="sunseg", choices=list(MODES))
     add_output_dir(p, default="scores", help="metrics.json, metrics.csv (default: scores)")
     p.add_argument(
@@ -86,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     out = claim(args.output_dir, SCORES, args.overwrite, [args.pred, args.gt])
     sunseg = args.metric_mode == "sunseg"
     drop = sunseg and not args.keep_first_last
-    pairing = pair_frames(args.pred, args.gt, drop)
+    pairing = pair_frames(args.pred, args.gt, drop, _truth(args))
     if pairing.missing and args.on_missing == "error":
         raise DatasetError(
             "\n".join(listed(pairing.missing))
@@ -115,6 +122,21 @@ def main(argv: list[str] | None = None) -> int:
         log_scores(out, args.tracking_uri, args.experiment, name, params, summary)
     print(f"wrote {out}: metrics.json, metrics.csv ({scored_line(counts, pairing.left_out)})")
     return 0
+
+
+def _truth(args: argparse.Namespace):
+    """The ground truth of --gt as a dataset folder (its layout named, or told by its folders, or a
+    --split named), or None for a ``<gt>/<sequence>/`` tree."""
+    from autosam2.data.layouts import detect
+    from autosam2.errors import DatasetError
+    from autosam2.eval.score import layout_truth
+
+    if args.layout == "auto" and not args.split:
+        try:
+            args.layout = detect(args.gt)
+        except DatasetError:
+            return None
+    return layout_truth(args.gt, args.layout, args.split)
 
 
 def _nothing_to_score(args: argparse.Namespace, pairing: Pairing) -> str:

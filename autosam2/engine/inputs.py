@@ -18,8 +18,9 @@ def check_inputs(cfg: Config) -> None:
     # would take the run with it
     inputs = [cfg.data.train, cfg.data.valid, cfg.model.checkpoint, cfg.train.init_from]
     apart_from_inputs(Path(cfg.train.output_dir), inputs, holding=False)
-    check_source(cfg.data.train, "train", cfg.data.clip_len, key="data.train")
-    check_source(cfg.data.valid, "valid", key="data.valid")
+    data = cfg.data
+    check_source(data.train, "train", data.clip_len, "data.train", data.layout, data.train_split)
+    check_source(data.valid, "valid", None, "data.valid", data.layout, data.valid_split)
     files = {"model.checkpoint": cfg.model.checkpoint, "train.init_from": cfg.train.init_from}
     if cfg.model.prompt.kind == PromptKind.cnn:
         files["model.prompt.backbone_weights"] = cfg.model.prompt.backbone_weights
