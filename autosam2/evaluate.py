@@ -262,12 +262,12 @@ def _described(args: argparse.Namespace) -> dict[str, str]:
 def resolve_folder(args: argparse.Namespace) -> None:
     """With a dataset folder as --data: its layout (told by its folders for auto) and split (the
     layout's valid split when none is named) into `args`; a folder in no layout, or without the split,
-    is one DatasetError listing the splits there are. A shard set is left as it is."""
+    is one DatasetError listing the splits there are. A shard set, or a path that is no folder, is left
+    as it is (reading it says what it is)."""
     from autosam2.data.layouts import reader, split_name
     from autosam2.data.sources import is_shard_set
 
-    if is_shard_set(args.data):
-        args.split = None
+    if is_shard_set(args.data) or not Path(args.data).is_dir():
         return
     args.layout = reader(args.data, args.layout).layout
     args.split = split_name(args.data, args.layout, args.split, "valid")
