@@ -133,6 +133,12 @@ REGISTRY: tuple[Command, ...] = (
         "autosam2.bench.decode:run",
         "JPEG decoding frames/s: PIL, the project's decoder on the CPU and on the device",
     ),
+    Command(
+        BENCH,
+        "layouts",
+        "autosam2.bench.layouts:run",
+        "validate / inspect time and peak memory over each layout, shard build frames/s vs polyp_gen",
+    ),
     Command(SHARDS, "", "shards.__main__:main", "offline sharding of dataset folders"),
     Command(
         SHARDS,

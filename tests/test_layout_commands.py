@@ -191,3 +191,29 @@ def test_a_training_split_that_is_not_there_is_one_line_before_any_work(sunseg_r
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "no split 'TestHardDataset/Nope' in this sunseg folder (splits: TrainDataset" in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_the_data_page_holds_the_table_the_readers_render():
+    import re
+
+    from autosam2.data.layouts import layouts_markdown
+
+    page = (REPO / "docs" / "data.md").read_text()
+    between = re.search(r"<!-- layouts -->\n(.*?)<!-- /layouts -->", page, re.S)
+    assert between, "docs/data.md lost its layouts markers"
+    assert between.group(1) == layouts_markdown(), (
+        "docs/data.md is behind autosam2/data/layouts: paste layouts_markdown() between its markers"
+    )
+
+
+@pytest.mark.slow  # commands in processes of their own
+def test_bench_layouts_measures_each_layout_against_polyp_gen(tmp_path):
+    from autosam2.bench import build_parser, layouts
+
+    args = build_parser().parse_args(["layouts", "--frames", "30", "--repeats", "1", "--keep", str(tmp_path)])
+    figures = layouts.run(args)
+    assert set(figures) >= {"polyp_gen", "sunseg"}
+    assert figures["polyp_gen"]["shard_build_vs_polyp_gen"] == 1.0
+    for name in ("polyp_gen", "sunseg"):
+        assert figures[name]["validate"]["s"] > 0 and figures[name]["inspect"]["peak_rss_mb"] > 0
+        assert read_manifest(tmp_path / f"shards-{name}")["totals"]["frames"] == 30

@@ -118,3 +118,15 @@ def _what_it_is(root: Path) -> str:
         return f"its folders are in the {detect(root)} layout; name that with --layout"
     except DatasetError:
         return "nor in any other known layout"
+
+
+def layouts_markdown() -> str:
+    """The layouts as a Markdown table (docs/data.md holds it): name, release followed, default splits."""
+    rows = [
+        "| `--layout` | reads (the release followed) | train / valid / test split by default |",
+        "|---|---|---|",
+    ]
+    for layout, found in READERS.items():
+        defaults = " / ".join(f"`{found.defaults[p]}`" if p in found.defaults else "-" for p in PURPOSES)
+        rows.append(f"| `{layout}` | {found.release} | {defaults} |")
+    return "\n".join(rows) + "\n"
