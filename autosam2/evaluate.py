@@ -254,20 +254,27 @@ def _described(args: argparse.Namespace) -> dict[str, str]:
         "mode": args.mode,
         "metric_mode": args.metric_mode,
     }
-    if args.split:  # a dataset folder: its layout and split
+    if args.split:  # resolved by `resolve_folder`
         described.update(layout=str(args.layout), split=args.split)
     return described
 
 
 def resolve_folder(args: argparse.Namespace) -> None:
-    """With a dataset folder as --data: its layout (told by its folders for auto) and split (the
-    layout's valid split when none is named) into `args`; a folder in no layout, or without the split,
-    is one DatasetError listing the splits there are. A shard set, or a path that is no folder, is left
-    as it is (reading it says what it is)."""
+    """The layout and split of --data into `args`: a shard set's from its manifest (a --split that is
+    not the set's is a ConfigError); a dataset folder's told by its folders (or --layout) and --split (the
+    layout's valid split when none is named), one DatasetError when it is in no layout or has no such
+    split, listing the splits there are. A path that is neither is left to the read to name."""
     from autosam2.data.layouts import reader, split_name
+    from autosam2.data.sample_format import read_manifest
     from autosam2.data.sources import is_shard_set
 
-    if is_shard_set(args.data) or not Path(args.data).is_dir():
-        return
-    args.layout = reader(args.data, args.layout).layout
-    args.split = split_name(args.data, args.layout, args.split, "valid")
+    if is_shard_set(args.data):
+        manifest = read_manifest(args.data)
+        if args.split and args.split != manifest["split"]:
+            raise ConfigError(
+                f"--split {args.split}: {args.data} is a shard set of split {manifest['split']}"
+            )
+        args.layout, args.split = manifest.get("layout", "polyp_gen"), manifest["split"]
+    elif Path(args.data).is_dir():
+        args.layout = reader(args.data, args.layout).layout
+        args.split = split_name(args.data, args.layout, args.split, "valid")

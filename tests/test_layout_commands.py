@@ -217,3 +217,18 @@ def test_bench_layouts_measures_each_layout_against_polyp_gen(tmp_path):
     for name in ("polyp_gen", "sunseg"):
         assert figures[name]["validate"]["s"] > 0 and figures[name]["inspect"]["peak_rss_mb"] > 0
         assert read_manifest(tmp_path / f"shards-{name}")["totals"]["frames"] == 30
+
+
+def test_evaluate_on_a_shard_set_takes_its_split_and_refuses_another(tiny_shards_pristine, weights, capsys):
+    from argparse import Namespace
+
+    from autosam2.evaluate import resolve_folder
+
+    args = Namespace(data=str(tiny_shards_pristine["valid"]), layout="auto", split=None)
+    resolve_folder(args)
+    assert (args.layout, args.split) == ("polyp_gen", "valid")
+    data = ["--data", str(tiny_shards_pristine["valid"]), "--split", "train"]
+    assert cli(["evaluate", "--weights", str(weights), "--cpu", *data]) != 0
+    err = capsys.readouterr().err
+    assert f"--split train: {tiny_shards_pristine['valid']} is a shard set of split valid" in err
+    assert len(err.strip().splitlines()) == 1
