@@ -169,9 +169,10 @@ def build_part(
     overwrite: bool = False,
     progress: bool = False,
     layout: Layout | str = Layout.auto,
+    sequences: list[SequenceFiles] | None = None,
 ) -> dict[str, Any]:
     """Write one disjoint part of the shard set of `split` (a split of `root`'s layout) into `out` and
-    record it; return the part record."""
+    record it; return the part record. `sequences`: the split as `scan_root` read it (None: read here)."""
     root, out = Path(root).resolve(), Path(out)
     if frames_per_sample < 1 or max_shard_mb <= 0 or not 0 <= part_index < num_parts:
         raise DatasetError(
@@ -179,7 +180,7 @@ def build_part(
         )
     claim_shared(out, SHARD_SET, inputs=[root])
     layout = reader(root, layout).layout
-    sequences = scan_root(root, split, layout)
+    sequences = scan_root(root, split, layout) if sequences is None else sequences
     part_file = _part_path(out, part_index, num_parts)
     _clear_part(out, part_file, num_parts, overwrite)
     mine = assign_parts(sequences, num_parts)[part_index]
@@ -370,10 +371,20 @@ def build(
     checked before anything is written."""
     root = Path(root).resolve()
     claim(out, SHARD_SET, overwrite, inputs=[root])
-    scan_root(root, split, layout)
+    sequences = scan_root(root, split, layout)
     with output_directory(out, SHARD_SET, overwrite, inputs=[root]) as tmp:
         build_part(
-            root, split, tmp, 0, 1, frames_per_sample, max_shard_mb, workers, progress=progress, layout=layout
+            root,
+            split,
+            tmp,
+            0,
+            1,
+            frames_per_sample,
+            max_shard_mb,
+            workers,
+            progress=progress,
+            layout=layout,
+            sequences=sequences,
         )
         return merge(tmp)
 
