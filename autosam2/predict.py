@@ -2,8 +2,8 @@
 
 Input: a video file (``.mp4``, ``.avi``, ``.mov``, ``.mkv``, ... through PyAV), a folder of frames, or a folder
 of those; or one split of a dataset folder in a known layout (told by its folders, or named by
-``--layout``; ``--split``, default its valid split), its sequences' frames in the layout's order. Output (``--output-dir``, appearing only when complete): binary masks
-``masks/<sequence>/<frame>.png`` (0/255), 8-bit soft maps ``soft/<sequence>/<frame>.png``, per sequence an
+``--layout``; ``--split``, default its valid split), its sequences' frames in the layout's order.
+Output (``--output-dir``, appearing only when complete): binary masks ``masks/<sequence>/<frame>.png`` (0/255), 8-bit soft maps ``soft/<sequence>/<frame>.png``, per sequence an
 overlay MP4 of every frame (not with ``--no-overlay-video``) plus a GIF and PNG sheet in ``overlays/`` (none
 with ``--no-overlays``), and ``frames.csv`` (per frame: the presence probability and the predicted polyp's
 pixels). Frames are read, predicted and written one by

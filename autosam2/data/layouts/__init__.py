@@ -61,13 +61,19 @@ READERS: dict[Layout, Reader] = {
 }
 
 
-def detect(root: str | Path) -> Layout:
-    """The layout of a dataset folder, told by its folders; one DatasetError line when none fits."""
+def check_root(root: str | Path) -> Path:
+    """`root`, when it is a folder; one DatasetError line when it is a file or missing."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(
             f"{root}: {'is a file, not a dataset folder' if root.exists() else 'dataset root does not exist'}"
         )
+    return root
+
+
+def detect(root: str | Path) -> Layout:
+    """The layout of a dataset folder, told by its folders; one DatasetError line when none fits."""
+    root = check_root(root)
     for layout, found in READERS.items():
         if found.looks_like(root):
             return layout
@@ -88,7 +94,7 @@ def reader(root: str | Path, layout: Layout | str = Layout.auto) -> Reader:
 def split_name(root: str | Path, layout: Layout | str, split: str | None, purpose: str) -> str:
     """`split`, or the one `purpose` reads by default in `root`'s layout; one DatasetError listing the
     splits there are when `split` is none of them (nor another folder inside the dataset)."""
-    root = Path(root)
+    root = check_root(root)
     found = reader(root, layout)
     present = found.splits(root)
     if not present:
