@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 def _truth(args: argparse.Namespace):
     """The ground truth of --gt as a dataset folder (its layout named, or told by its folders, or a
     --split named), or None for a ``<gt>/<sequence>/`` tree."""
-    from autosam2.data.layouts import detect
+    from autosam2.data.layouts import detect, reader, split_name
     from autosam2.errors import DatasetError
     from autosam2.eval.score import layout_truth
 
@@ -136,6 +136,8 @@ def _truth(args: argparse.Namespace):
             args.layout = detect(args.gt)
         except DatasetError:
             return None
+    args.layout = reader(args.gt, args.layout).layout
+    args.split = split_name(args.gt, args.layout, args.split, "valid")
     return layout_truth(args.gt, args.layout, args.split)
 
 
@@ -153,10 +155,13 @@ def _nothing_to_score(args: argparse.Namespace, pairing: Pairing) -> str:
 
 
 def _described(args: argparse.Namespace, dropped: bool, counts: dict[str, int]) -> dict:
-    return {
+    described = {
         "pred": str(args.pred),
         "gt": str(args.gt),
         "metric_mode": args.metric_mode,
         "first_last_dropped": dropped,
         "frames": counts,
     }
+    if args.split:  # --gt read as a dataset folder (`_truth`)
+        described.update(layout=str(args.layout), split=args.split)
+    return described

@@ -143,7 +143,8 @@ def test_evaluate_score_and_predict_read_a_sunseg_split_in_the_official_order(
     score = ["score", "--pred", str(evaluated / "soft"), "--gt", str(sunseg_root), "--layout", "sunseg"]
     assert cli([*score, "--split", HARD, "--output-dir", str(scored)]) == 0
     # the same frames dropped as evaluate's sunseg mode (the official first and last), the same figures
-    assert json.loads((scored / "metrics.json").read_text())["summary"] == metrics["summary"]
+    again = json.loads((scored / "metrics.json").read_text())
+    assert again["summary"] == metrics["summary"] and (again["layout"], again["split"]) == ("sunseg", HARD)
     assert cli(["score", "--pred", str(evaluated / "soft"), "--gt", str(sunseg_root), "--split", "nope"]) != 0
     assert "no split 'nope' in this sunseg folder" in capsys.readouterr().err
 
