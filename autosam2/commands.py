@@ -139,12 +139,18 @@ REGISTRY: tuple[Command, ...] = (
         "autosam2.bench.decode:run",
         "JPEG decoding frames/s: PIL, the project's decoder on the CPU and on the device",
     ),
-    Command(SHARDS, "", "shards.__main__:main", "offline sharding of polyp_gen folders"),
+    Command(
+        BENCH,
+        "layouts",
+        "autosam2.bench.layouts:run",
+        "validate / inspect time and peak memory over each layout, shard build frames/s vs polyp_gen",
+    ),
+    Command(SHARDS, "", "shards.__main__:main", "offline sharding of dataset folders"),
     Command(
         SHARDS,
         "build",
         "shards.__main__:build",
-        "pack one split of a polyp_gen root into tar shards + manifest.json",
+        "pack one split of a dataset folder (any layout) into tar shards + manifest.json",
     ),
     Command(
         SHARDS, "merge", "shards.__main__:merge", "join the parts written by a job array into manifest.json"

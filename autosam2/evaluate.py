@@ -1,7 +1,8 @@
 """`autosam2 evaluate`: streaming inference over a split, metrics, masks and overlays, logged to MLflow.
 
 Composes the evaluation library (`autosam2.eval`): the trained model rebuilt from its weights file, every
-sequence of `--data` (shards or a polyp_gen root) run through it, predicted masks in the polyp_gen layout,
+sequence of `--data` (shards, or a split of a dataset folder in any layout) run through it, predicted
+masks as ``masks/<sequence>/<frame>.png``,
 8-bit soft maps beside them (``soft/``, re-scorable by `autosam2 score` or the official toolbox), overlays, ``metrics.json`` / ``metrics.csv`` and a table. The output folder appears only when complete.
 Under torchrun or srun the ranks split the sequences and rank 0 gathers the metrics once.
 """
@@ -12,7 +13,14 @@ import argparse
 from contextlib import nullcontext
 from pathlib import Path
 
-from autosam2.arguments import add_device, add_encode_batch, add_layout, add_no_overlays, add_output_dir
+from autosam2.arguments import (
+    add_device,
+    add_encode_batch,
+    add_layout,
+    add_no_overlays,
+    add_output_dir,
+    add_split,
+)
 from autosam2.config import ClipMode, ConfigError, TrainConfig
 from autosam2.metrics import DICE_RULES, MODES
 
@@ -65,19 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_arguments(parser, "results")
     add_layout(parser)
-    parser.add_argument("--data", default="demo/shards/valid", help="a shard set or a polyp_gen root")
     parser.add_argument(
-        "--split",
-        default="valid",
-        choices=["train", "valid", "test"],
-        help="split, when --data is a polyp_gen root",
+        "--data", default="demo/shards/valid", help="a shard set or a dataset folder (docs/data.md)"
     )
+    add_split(parser, what="evaluate, when --data is a dataset folder", default_text="its valid split")
     parser.add_argument("--metric-mode", default="ours", choices=list(MODES))
     parser.add_argument(
         "--decode-device",
         default="auto",
         choices=["auto", "cpu", "cuda"],
-        help="where a polyp_gen root's JPEG frames are decoded (auto: on the GPU when evaluating on one)",
+        help="where a dataset folder's JPEG frames are decoded (auto: on the GPU when evaluating on one)",
     )
     parser.add_argument(
         "--episodes",
@@ -111,6 +116,7 @@ def _evaluate(args: argparse.Namespace, info) -> int:
     from autosam2.engine.dist import announce_ranks, broadcast_object
     from autosam2.outputs import EVALUATION, claim, output_directory
 
+    resolve_folder(args)
     inputs = [args.data, args.weights, args.checkpoint, args.episodes]
     out = claim(args.output_dir, EVALUATION, args.overwrite, inputs)  # every rank says it, not rank 0 alone
     announce_ranks(info)
@@ -170,7 +176,9 @@ def _run_sequences(args: argparse.Namespace, info, model, decode, tmp: Path):
     from autosam2.metrics import MetricAccumulator
     from autosam2.progress import Progress
 
-    sequences = read_sequences(args.data, args.split, info.rank, info.world_size, decode_device=decode)
+    sequences = read_sequences(
+        args.data, args.split, info.rank, info.world_size, decode_device=decode, layout=args.layout
+    )
     with Progress(len(sequences), "evaluate", "sequence", enabled=info.is_main) as bar:
         mine = evaluate_sequences(
             model,
@@ -201,7 +209,7 @@ def _summarise(args: argparse.Namespace, info, metrics, events, tmp: Path) -> tu
     extra = {**_described(args), "ranks": info.world_size, "frames": metrics.frame_counts()}
     extra["left_out"] = left_out
     if info.is_main and events is not None:
-        gt = Path(args.episodes) / args.split / "masks"
+        gt = Path(args.episodes) / (args.split or "valid") / "masks"
         extra["episodes"] = episode_scores(events, gt, tmp / "masks", sorted(per_sequence))
     return per_sequence, summary, extra
 
@@ -251,9 +259,33 @@ def _nothing_evaluated(args: argparse.Namespace, left_out: dict[str, str]) -> st
 
 def _described(args: argparse.Namespace) -> dict[str, str]:
     """What was evaluated, as metrics.json and the MLflow run record it."""
-    return {
+    described = {
         "weights": str(args.weights),
         "data": str(args.data),
         "mode": args.mode,
         "metric_mode": args.metric_mode,
     }
+    if args.split:  # resolved by `resolve_folder`
+        described.update(layout=str(args.layout), split=args.split)
+    return described
+
+
+def resolve_folder(args: argparse.Namespace) -> None:
+    """The layout and split of --data into `args`: a shard set's from its manifest (a --split that is
+    not the set's is a ConfigError); a dataset folder's told by its folders (or --layout) and --split (the
+    layout's valid split when none is named), one DatasetError when it is in no layout or has no such
+    split, listing the splits there are. A path that is neither is left to the read to name."""
+    from autosam2.data.layouts import reader, split_name
+    from autosam2.data.sample_format import read_manifest
+    from autosam2.data.sources import is_shard_set
+
+    if is_shard_set(args.data):
+        manifest = read_manifest(args.data)
+        if args.split and args.split != manifest["split"]:
+            raise ConfigError(
+                f"--split {args.split}: {args.data} is a shard set of split {manifest['split']}"
+            )
+        args.layout, args.split = manifest.get("layout", "polyp_gen"), manifest["split"]
+    elif Path(args.data).is_dir():
+        args.layout = reader(args.data, args.layout).layout
+        args.split = split_name(args.data, args.layout, args.split, "valid")

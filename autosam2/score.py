@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from autosam2.arguments import add_output_dir, add_workers
+from autosam2.arguments import add_layout, add_output_dir, add_split, add_workers
 from autosam2.eval.benchmark import add_splits
 from autosam2.metrics import DICE_RULES, MODES, REPORTED
 
@@ -24,6 +24,9 @@ EPILOG = (
     """\
 Layout: <root>/<sequence>/<frame>.png|jpg for --pred and --gt (a polyp_gen masks folder, the toolbox's
 Pred/<method>/<dataset>, or a dataset folder holding GT/). Frames pair by file stem in natural order.
+A --gt that is a dataset folder in a known layout (told by its folders, or named by --layout; see
+docs/data.md) is read as that layout reads it: the masks of --split (default: its valid split) in the
+layout's frame order (SUN-SEG: GT/<case>/<stem>.png in the official evaluator's order).
 Masks are foreground above 128 (0..255); predictions are 8-bit soft maps or binary masks.
 
 --metric-mode sunseg (default) is the SUN-SEG/VPS toolbox (eval/vps_evaluator.py): it drops the first and
@@ -38,12 +41,11 @@ A sequence with no frame left after the drop is named in a warning and left out 
 null in metrics.json, "nan" in metrics.csv and "-" in the table, with the reason ("undefined").
 Missing, extra, unreadable or 0/1 label-map files are named one a line, up to 20, then "and N more".
 
---layout sunseg: --pred is a method's folder in the toolbox's prediction layout
-(Pred/<method>/<split>/<case>/<frame>.png) and --gt a SUN-SEG root (<split>/GT/<case>/<frame>.png);
-every test split (--splits: some of them) is scored, each case's frames in the toolbox's order, into
+SUN-SEG benchmark: --gt a SUN-SEG root (<split>/GT/<case>/<frame>.png), no --split, and --pred a
+method's folder in the toolbox's prediction layout (Pred/<method>/<split>/<case>/<frame>.png): every
+test split (--splits: some of them) is scored, each case's frames in the toolbox's order, into
 OUTPUT_DIR/<split with / as _>/, and OUTPUT_DIR/benchmark.json, benchmark.csv and the printed table set
 the method (named by its folder) beside the published methods, as `autosam2 benchmark sunseg` does.
-
 """
     + DICE_RULES
 )
@@ -58,15 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--pred", required=True, help="predictions: <pred>/<sequence>/<frame>.png|jpg")
     p.add_argument(
-        "--gt", required=True, help="ground truth: <gt>/<sequence>/<frame>.png|jpg (or <gt>/GT/...)"
+        "--gt",
+        required=True,
+        help="ground truth: <gt>/<sequence>/<frame>.png|jpg (or <gt>/GT/...), or a dataset folder",
     )
+    add_layout(p, help="--gt as a dataset folder in this layout (default auto: when its folders tell one)")
+    add_split(p, what="score against", default_text="its valid split")
     p.add_argument("--metric-mode", default="sunseg", choices=list(MODES))
-    p.add_argument(
-        "--layout",
-        default=None,
-        choices=["sunseg"],
-        help="sunseg: --pred Pred/<method>, --gt a SUN-SEG root; every test split and the benchmark table",
-    )
     add_splits(p)
     add_output_dir(p, default="scores", help="metrics.json, metrics.csv (default: scores)")
     p.add_argument(
@@ -85,32 +85,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--tracking-uri", default=None, help="with --mlflow (default: SQLite in the output directory)"
     )
     p.add_argument("--experiment", default="autosam2")
-    p.add_argument(
-        "--run-name",
-        default=None,
-        help="with --mlflow (default: score-<pred folder>; with --layout, followed by -<split>)",
-    )
+    p.add_argument("--run-name", default=None, help="with --mlflow (default: score-<pred folder>)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.layout is not None and args.metric_mode != "sunseg":
-        parser.error("--layout sunseg scores by the toolbox's protocol: --metric-mode sunseg only")
-    if args.splits and args.layout is None:
-        parser.error("--splits is for --layout sunseg (a SUN-SEG root's test splits)")
+    benchmark = _benchmark_mode(parser, args)
 
     from autosam2.eval.report import log_scores, print_table, scored_line
     from autosam2.outputs import BENCHMARK, SCORES, claim, output_directory
 
-    if args.layout is not None:
+    if benchmark:
         claim(args.output_dir, BENCHMARK, args.overwrite, [args.pred, args.gt])
         return _score_benchmark(args)
     out = claim(args.output_dir, SCORES, args.overwrite, [args.pred, args.gt])
-    pairing = _pair(args, args.pred, args.gt)
+    pairing = _pair(args, args.pred, args.gt, _truth(args))
     with output_directory(out, SCORES, args.overwrite, [args.pred, args.gt]) as tmp:
-        result = _score(args, pairing, args.pred, args.gt, tmp)
+        result = _score(args, pairing, args.pred, args.gt, tmp, args.split)
     print_table(result.per_sequence, result.summary, REPORTED[args.metric_mode])
     if args.mlflow:
         name = args.run_name or f"score-{Path(args.pred).resolve().name}"
@@ -120,14 +113,39 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _pair(args: argparse.Namespace, pred: Path | str, gt: Path | str, order=None) -> Pairing:
+def _benchmark_mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> bool:
+    """Whether to score SUN-SEG's test splits and write the benchmark table: --gt is a SUN-SEG root (named
+    by --layout sunseg, or told by its folders), no single --split is named, and --pred is in the
+    toolbox's prediction layout (``<method>/<split>/<case>/``) or --splits names the splits."""
+    from autosam2.data.layouts import detect
+    from autosam2.data.layouts.sunseg import TESTS
+    from autosam2.errors import DatasetError
+
+    if args.splits and args.split:
+        parser.error("--splits (several SUN-SEG test splits) and --split (one split): name one of them")
+    sunseg = args.layout == "sunseg"
+    if args.layout == "auto" and not args.split:
+        try:
+            sunseg = detect(args.gt) == "sunseg"
+        except DatasetError:
+            sunseg = False
+    by_split = any((Path(args.pred) / split).is_dir() for split in TESTS)
+    if args.splits and not sunseg:
+        parser.error("--splits is for --layout sunseg (a SUN-SEG root's test splits)")
+    benchmark = sunseg and not args.split and (by_split or bool(args.splits))
+    if benchmark and args.metric_mode != "sunseg":
+        parser.error("--layout sunseg scores by the toolbox's protocol: --metric-mode sunseg only")
+    return benchmark
+
+
+def _pair(args: argparse.Namespace, pred: Path | str, gt: Path | str, truth=None) -> Pairing:
     """The frames of `pred` and `gt` paired; missing and extra files an error (every one listed) or, with
     --on-missing skip, a warning each; an error when no sequence is left to score."""
     from autosam2.errors import DatasetError
     from autosam2.eval.report import listed, say_left_out
     from autosam2.eval.score import pair_frames
 
-    pairing = pair_frames(pred, gt, args.metric_mode == "sunseg" and not args.keep_first_last, order)
+    pairing = pair_frames(pred, gt, args.metric_mode == "sunseg" and not args.keep_first_last, truth)
     if pairing.missing and args.on_missing == "error":
         raise DatasetError(
             "\n".join(listed(pairing.missing))
@@ -168,25 +186,25 @@ def _score_benchmark(args: argparse.Namespace) -> int:
     """--layout sunseg: every test split of a prediction folder in the toolbox's layout scored (all
     paired first, so a missing split or file stops before anything is written), a folder per split,
     and the benchmark table beside the published methods."""
-    from autosam2.data.layouts.sunseg import frame_order
     from autosam2.eval.benchmark import log_splits, print_benchmark, split_folder, write_benchmark
     from autosam2.eval.report import scored_line
+    from autosam2.eval.score import layout_truth
     from autosam2.outputs import BENCHMARK, output_directory
 
     pred, gt, method = Path(args.pred), Path(args.gt), Path(args.pred).resolve().name
     splits = _benchmark_splits(args)
-    pairings = {s: _pair(args, pred / s, gt / s / "GT", frame_order) for s in splits}
+    pairings = {s: _pair(args, pred / s, gt, layout_truth(gt, "sunseg", s)) for s in splits}
     results = []
     with output_directory(args.output_dir, BENCHMARK, args.overwrite, [args.pred, args.gt]) as tmp:
         for split, pairing in pairings.items():
             folder = tmp / split_folder(split)
             folder.mkdir()
-            results.append(_score(args, pairing, pred / split, gt / split / "GT", folder, split))
+            results.append(_score(args, pairing, pred / split, gt / split, folder, split))
         described = {"pred": str(args.pred), "gt": str(args.gt), "metric_mode": args.metric_mode}
         described["first_last_dropped"] = not args.keep_first_last
-        rows = write_benchmark(tmp, args.layout, method, results, described)
+        rows = write_benchmark(tmp, "sunseg", method, results, described)
     out = Path(args.output_dir)
-    print_benchmark(rows, args.layout)
+    print_benchmark(rows, "sunseg")
     if args.mlflow:
         log_splits(
             out, args.tracking_uri, args.experiment, args.run_name or f"score-{method}", results, described
@@ -220,6 +238,23 @@ def _benchmark_splits(args: argparse.Namespace) -> list[str]:
     return splits
 
 
+def _truth(args: argparse.Namespace):
+    """The ground truth of --gt as a dataset folder (its layout named, or told by its folders, or a
+    --split named), or None for a ``<gt>/<sequence>/`` tree."""
+    from autosam2.data.layouts import detect, reader, split_name
+    from autosam2.errors import DatasetError
+    from autosam2.eval.score import layout_truth
+
+    if args.layout == "auto" and not args.split:
+        try:
+            args.layout = detect(args.gt)
+        except DatasetError:
+            return None
+    args.layout = reader(args.gt, args.layout).layout
+    args.split = split_name(args.gt, args.layout, args.split, "valid")
+    return layout_truth(args.gt, args.layout, args.split)
+
+
 def _nothing_to_score(pred: Path | str, gt: Path | str, pairing: Pairing) -> str:
     """The error when no sequence has a frame to score, saying why."""
     from autosam2.eval.report import listed
@@ -234,10 +269,13 @@ def _nothing_to_score(pred: Path | str, gt: Path | str, pairing: Pairing) -> str
 
 
 def _described(args: argparse.Namespace, pred, gt, dropped: bool, counts: dict[str, int]) -> dict:
-    return {
+    described = {
         "pred": str(pred),
         "gt": str(gt),
         "metric_mode": args.metric_mode,
         "first_last_dropped": dropped,
         "frames": counts,
     }
+    if args.split:  # --gt read as a dataset folder (`_truth`)
+        described.update(layout=str(args.layout), split=args.split)
+    return described

@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="train.epochs")
     p.add_argument("--lr", type=float, default=None, help="optim.lr")
     add_layout(p, default=None, help="data.layout: the layout of data.train/data.valid when they are folders")
+    p.add_argument("--train-split", default=None, help="data.train_split: the folder's split to train on")
+    p.add_argument("--valid-split", default=None, help="data.valid_split: the folder's split to validate on")
     add_device(
         p,
         None,
@@ -52,6 +54,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "train.epochs": args.epochs,
         "optim.lr": args.lr,
         "data.layout": args.layout,
+        "data.train_split": args.train_split,
+        "data.valid_split": args.valid_split,
         "train.output_dir": args.output_dir,
         "train.engine": args.engine,
         "train.resume": args.resume,

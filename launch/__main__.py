@@ -203,8 +203,10 @@ def _output_dir_of(what: str, argv: list[str]) -> Path:
 
     if what == "evaluate":
         from autosam2.evaluate import build_parser as evaluate_parser
+        from autosam2.evaluate import resolve_folder
 
         args = evaluate_parser().parse_args(argv)
+        resolve_folder(args)  # a dataset folder in no layout, or without the split, fails here
         inputs = [args.data, args.weights, args.checkpoint, args.episodes]
         return claim(args.output_dir, EVALUATION, args.overwrite, inputs)
     from autosam2.data.sample_format import MANIFEST
@@ -213,7 +215,7 @@ def _output_dir_of(what: str, argv: list[str]) -> Path:
     from shards.writer import scan_root
 
     args = shard_parser().parse_args(["build", *argv])
-    scan_root(args.root, args.split)
+    scan_root(args.root, args.split, args.layout)
     out = claim_shared(args.output_dir, SHARD_SET, [args.root])
     if (out / MANIFEST).exists() and not args.overwrite:
         raise OutputRefused(f"{out / MANIFEST}: shard set already built; pass --overwrite to rebuild")

@@ -1,4 +1,4 @@
-"""`python -m shards COMMAND`: offline sharding of polyp_gen folders."""
+"""`python -m shards COMMAND`: offline sharding of dataset folders (any layout, any split)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from pathlib import Path
 def build_parser() -> argparse.ArgumentParser:
     from autosam2.arguments import (
         add_folder_or_output_dir,
+        add_layout,
         add_output_dir,
+        add_split,
         add_workers,
         non_negative_int,
         positive_float,
@@ -26,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help=helps["build"])
     b.add_argument("root", type=Path)
-    b.add_argument("--split", choices=["train", "valid", "test"], required=True)
+    add_layout(b)
+    add_split(b, what="shard")
     add_output_dir(b, "--out", type=Path, required=True, help="the shard set's folder")
     b.add_argument(
         "--frames-per-sample",
@@ -71,6 +74,7 @@ def build(args: argparse.Namespace) -> int:
         workers=args.workers,
         overwrite=args.overwrite,
         progress=sys.stderr.isatty(),
+        layout=args.layout,
     )
     out = args.output_dir
     if args.num_shards is None:

@@ -1,4 +1,7 @@
-"""Build WebDataset tar shards from a polyp_gen split: plan, write (in parallel, to temp names), merge.
+"""Build WebDataset tar shards from one split of a dataset folder in any layout (`autosam2.data.layouts`):
+plan, write (in parallel, to temp names), merge. The manifest names the layout and the split; shard
+files are named after the split with any character outside ``[A-Za-z0-9_.-]`` as '-'
+(``TestHardDataset/Unseen`` -> ``TestHardDataset-Unseen-000-00000.tar``).
 
 A sequence never spans two shards, so evaluation ranks that split by shard read whole sequences. A
 shard is closed before the next sequence would take it past ``max_shard_mb`` (a longer sequence gets a
@@ -12,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
@@ -25,15 +29,16 @@ import webdataset as wds
 
 import autosam2
 from autosam2.atomic import atomic_file, atomic_write_json, make_folders, name_output, remove_empty
+from autosam2.config import Layout
 from autosam2.data.codec import image_size
 from autosam2.data.folder import MaskNoise, scan_split
-from autosam2.data.layouts import SequenceFiles
-from autosam2.data.layouts.polyp_gen import list_file
+from autosam2.data.layouts import SequenceFiles, reader, split_name
 from autosam2.data.sample_format import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
     SHARD_SET,
+    UNLABELLED_VERSION,
     check_shard_entries,
     encode_sample,
 )
@@ -53,7 +58,21 @@ class ShardJob:
 
 
 def _sequence_bytes(seq: SequenceFiles) -> int:
-    return sum(f.image.stat().st_size + f.mask.stat().st_size // 4 + 3 * TAR_OVERHEAD for f in seq.frames)
+    return sum(
+        f.image.stat().st_size + (f.mask.stat().st_size // 4 if f.mask else 0) + 3 * TAR_OVERHEAD
+        for f in seq.frames
+    )
+
+
+def shard_prefix(split: str) -> str:
+    """A split's name as the start of its shard files' names: one path component, no '/'."""
+    return re.sub(r"[^\w.-]", "-", split)
+
+
+def format_version(sequences: list[SequenceFiles]) -> int:
+    """The format version these sequences are written in: the newest when a frame has labels."""
+    labelled = any(frame.labels for seq in sequences for frame in seq.frames)
+    return FORMAT_VERSION if labelled else UNLABELLED_VERSION
 
 
 def assign_parts(sequences: list[SequenceFiles], num_parts: int) -> list[list[SequenceFiles]]:
@@ -80,7 +99,7 @@ def plan_shards(
         groups[-1].append(seq)
         size += seq_bytes
     return [
-        ShardJob(f"{split}-{part:03d}-{i:05d}.tar", split, tuple(g), frames_per_sample)
+        ShardJob(f"{shard_prefix(split)}-{part:03d}-{i:05d}.tar", split, tuple(g), frames_per_sample)
         for i, g in enumerate(groups)
     ]
 
@@ -149,18 +168,49 @@ def build_part(
     workers: int = 1,
     overwrite: bool = False,
     progress: bool = False,
+    layout: Layout | str = Layout.auto,
+    sequences: list[SequenceFiles] | None = None,
 ) -> dict[str, Any]:
-    """Write one disjoint part of the shard set into `out` and record it; return the part record."""
+    """Write one disjoint part of the shard set of `split` (a split of `root`'s layout) into `out` and
+    record it; return the part record. `sequences`: the split as `scan_root` read it (None: read here)."""
     root, out = Path(root).resolve(), Path(out)
     if frames_per_sample < 1 or max_shard_mb <= 0 or not 0 <= part_index < num_parts:
         raise DatasetError(
             f"need frames_per_sample >= 1, max_shard_mb > 0, 0 <= shard index < num shards; got {frames_per_sample}, {max_shard_mb}, {part_index}/{num_parts}"
         )
     claim_shared(out, SHARD_SET, inputs=[root])
-    sequences = scan_root(root, split)
+    layout = reader(root, layout).layout
+    sequences = scan_root(root, split, layout) if sequences is None else sequences
+    part_file = _part_path(out, part_index, num_parts)
+    _clear_part(out, part_file, num_parts, overwrite)
+    mine = assign_parts(sequences, num_parts)[part_index]
+    jobs = plan_shards(mine, split, part_index, frames_per_sample, int(max_shard_mb * 1e6))
+    made = make_folders(out / PARTS_DIR)
+    moved: list[Path] = []
+    try:
+        label = f"shards {split} part {part_index}/{num_parts}" if progress else None
+        entries = _write_shards(jobs, out, part_index, workers, label, moved)
+        source = {"root": str(root), "layout": str(layout), "split": split}
+        record = _part_record(
+            source, split, part_index, num_parts, frames_per_sample, max_shard_mb, sequences
+        )
+        record["shards"] = entries
+        atomic_write_json(part_file, record)
+    except BaseException as err:  # this task's shards and the folders it made go; other tasks' stay
+        for path in moved:
+            path.unlink(missing_ok=True)
+        remove_empty(made)
+        if isinstance(err, OSError):
+            name_output(err, None, out)
+        raise
+    return record
+
+
+def _clear_part(out: Path, part_file: Path, num_parts: int, overwrite: bool) -> None:
+    """Refuse a built set, another job array's parts or this part written before (without
+    `overwrite`); with it, this part's earlier shards go."""
     if (out / MANIFEST).exists() and not overwrite:
         raise OutputRefused(f"{out / MANIFEST}: shard set already built; pass --overwrite to rebuild")
-    part_file = _part_path(out, part_index, num_parts)
     other = (
         sorted(
             p.name
@@ -179,28 +229,10 @@ def build_part(
             raise OutputRefused(f"{part_file}: part already written; pass --overwrite to rewrite it")
         for shard in _read_record(part_file)["shards"]:
             (out / shard["name"]).unlink(missing_ok=True)
-    mine = assign_parts(sequences, num_parts)[part_index]
-    jobs = plan_shards(mine, split, part_index, frames_per_sample, int(max_shard_mb * 1e6))
-    made = make_folders(out / PARTS_DIR)
-    moved: list[Path] = []
-    try:
-        label = f"shards {split} part {part_index}/{num_parts}" if progress else None
-        entries = _write_shards(jobs, out, part_index, workers, label, moved)
-        record = _part_record(root, split, part_index, num_parts, frames_per_sample, max_shard_mb, sequences)
-        record["shards"] = entries
-        atomic_write_json(part_file, record)
-    except BaseException as err:  # this task's shards and the folders it made go; other tasks' stay
-        for path in moved:
-            path.unlink(missing_ok=True)
-        remove_empty(made)
-        if isinstance(err, OSError):
-            name_output(err, None, out)
-        raise
-    return record
 
 
 def _part_record(
-    root: Path,
+    source: dict[str, str],
     split: str,
     part_index: int,
     num_parts: int,
@@ -208,18 +240,18 @@ def _part_record(
     max_shard_mb: float,
     sequences: list[SequenceFiles],
 ) -> dict[str, Any]:
-    """What a part record says of its job array and its source, before its shards are added."""
+    """What a part record says of its job array and its source (root, layout, split, and the split's
+    counts), before its shards are added."""
     return {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version(sequences),
         "split": split,
         "part": part_index,
         "num_parts": num_parts,
         "frames_per_sample": frames_per_sample,
         "max_shard_mb": max_shard_mb,
         "source": {
-            "root": str(root),
-            "list_file": str(list_file(root, split)),
+            **source,
             "sequences": len(sequences),
             "frames": sum(len(s.frames) for s in sequences),
         },
@@ -298,8 +330,9 @@ def merge(out: str | Path, overwrite: bool = False) -> dict[str, Any]:
     sequences = {name: info for s in shards for name, info in s["sequences"].items()}
     manifest = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": parts[0]["format_version"],
         "created_by": f"autosam2 {autosam2.__version__}",
+        "layout": parts[0]["source"].get("layout", str(Layout.polyp_gen)),
         "split": parts[0]["split"],
         "frames_per_sample": parts[0]["frames_per_sample"],
         "source": parts[0]["source"],
@@ -331,27 +364,45 @@ def build(
     workers: int = 1,
     overwrite: bool = False,
     progress: bool = False,
+    layout: Layout | str = Layout.auto,
 ) -> dict[str, Any]:
     """Build a whole shard set in a temp folder beside `out`, then rename it into place: `out` must be
     missing, an empty folder, or (with `overwrite`) a shard set, and apart from `root`; the dataset is
     checked before anything is written."""
     root = Path(root).resolve()
     claim(out, SHARD_SET, overwrite, inputs=[root])
-    scan_root(root, split)
+    sequences = scan_root(root, split, layout)
     with output_directory(out, SHARD_SET, overwrite, inputs=[root]) as tmp:
-        build_part(root, split, tmp, 0, 1, frames_per_sample, max_shard_mb, workers, progress=progress)
+        build_part(
+            root,
+            split,
+            tmp,
+            0,
+            1,
+            frames_per_sample,
+            max_shard_mb,
+            workers,
+            progress=progress,
+            layout=layout,
+            sequences=sequences,
+        )
         return merge(tmp)
 
 
-def scan_root(root: str | Path, split: str) -> list[SequenceFiles]:
-    """The split's sequences; one DatasetError naming the first problem when its structure is broken."""
+def scan_root(root: str | Path, split: str, layout: Layout | str = Layout.auto) -> list[SequenceFiles]:
+    """The split's sequences; one DatasetError when `root` is in no layout (or not in `layout`), has no
+    split `split` (listing those it has), or naming the first problem when its structure is broken."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset root does not exist")
-    sequences, problems = scan_split(root, split)
+    layout = reader(root, layout).layout
+    split = split_name(root, layout, split, "train")
+    sequences, problems = scan_split(root, split, layout)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise DatasetError(f"{problems[0]}{more}; run `autosam2 validate {root}` to list them all")
+        raise DatasetError(
+            f"{problems[0]}{more}; run `autosam2 validate {root} --layout {layout} --split {split}` to list them all"
+        )
     return sequences
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from autosam2.data.sample_format import FORMAT, FORMAT_VERSION
+from autosam2.data.sample_format import FORMAT, UNLABELLED_VERSION
 from autosam2.errors import DatasetError, OutputRefused
 from shards.__main__ import main
 from shards.writer import build, build_part, merge
@@ -30,9 +30,11 @@ def tar_members(path: Path) -> dict[str, bytes]:
 def test_manifest_describes_every_shard(tiny_shards_pristine, tiny_root_pristine):
     out = tiny_shards_pristine["train"]
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["format"] == FORMAT and manifest["format_version"] == FORMAT_VERSION
+    assert manifest["format"] == FORMAT and manifest["format_version"] == UNLABELLED_VERSION  # no labels
     assert manifest["split"] == "train" and manifest["frames_per_sample"] == 5
+    assert manifest["layout"] == "polyp_gen"
     assert manifest["source"]["root"] == str(tiny_root_pristine.resolve())
+    assert manifest["source"]["layout"] == "polyp_gen" and manifest["source"]["split"] == "train"
     assert manifest["source"]["frames"] == 24 and manifest["source"]["sequences"] == 2
     assert manifest["totals"] == {
         "shards": 1,

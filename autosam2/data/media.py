@@ -66,6 +66,11 @@ def frame_folder(folder: str | Path, name: str | None = None) -> LazyVideo:
     files = sorted(image_files(folder).items(), key=lambda item: natural_key(item[0]))
     if not files:
         raise DatasetError(f"{folder}: holds no frames (.jpg, .jpeg, .png)")
+    return frame_files(name or folder.name, files, folder)
+
+
+def frame_files(name: str, files: list[tuple[str, Path]], source: Path) -> LazyVideo:
+    """Frame files (stem, path) as one sequence, in the order given."""
     size = image_size(files[0][1])
 
     def read() -> Iterator[Frame]:
@@ -78,7 +83,7 @@ def frame_folder(folder: str | Path, name: str | None = None) -> LazyVideo:
                 )
             yield Frame(index, image, [], name=stem)
 
-    return LazyVideo(name or folder.name, size, len(files), read, {"source": str(folder)})
+    return LazyVideo(name, size, len(files), read, {"source": str(source)})
 
 
 def read_inputs(path: str | Path) -> list[LazyVideo]:

@@ -3,6 +3,11 @@
 One sample is a chunk of consecutive frames of one sequence, keyed ``<sequence>__<chunk>``:
 ``f0000.jpg`` .. the original frame bytes (never re-encoded; ``.png`` when the source frame was PNG),
 ``m0000.png`` .. each mask as a lossless 1-bit PNG, and ``json``, the record below.
+
+Format versions: 1, the record without labels; 2, the record may carry ``labels``, each frame's labels
+from its layout (SUN-SEG's pathology class), which a version-1 reader cannot read. A shard set is
+written as version 1 unless a frame of its split has labels, so sets without labels stay readable by
+version-1 readers; this reader reads both (`READABLE_VERSIONS`).
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from autosam2.errors import DatasetError
 from autosam2.outputs import OutputKind, json_object
 
 FORMAT = "autosam2-polyp-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version written (with labels); see the module docstring
+UNLABELLED_VERSION = 1  # what a shard set whose frames carry no labels is written as
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 # the names a shard set's folder holds, finished or in the making by a job array's tasks
 _SHARD_NAMES = r"manifest\.json|parts|[\w.-]+-\d{3}-\d{5}\.tar|\.part-\d{3}\.tmp-\w+|\.[\w.-]+\.tmp-\d+"
@@ -76,9 +83,11 @@ class SampleRecord:
     mask_members: list[str]
     size: list[int]  # [H, W]
     sequence_frames: int
+    labels: list[dict[str, str]] | None = None  # per frame, in order (version 2); None: no frame has any
 
     def to_json(self) -> bytes:
-        return json.dumps(self.__dict__, sort_keys=True).encode()
+        fields = {k: v for k, v in self.__dict__.items() if k != "labels" or v is not None}
+        return json.dumps(fields, sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, data: bytes, source: str) -> SampleRecord:
@@ -103,7 +112,7 @@ def encode_sample(
 ) -> dict[str, Any]:
     """Build the webdataset sample dict for one chunk; every frame passes `validate`'s checks first
     (one DatasetError naming the first problem), masks are binarised and stored as PNG; empty masks
-    with compression noise are counted into `noise`."""
+    with compression noise are counted into `noise`. Frames' labels go into the record (`labels`)."""
     sample: dict[str, Any] = {"__key__": sample_key(sequence, chunk)}
     frame_members, mask_members = [], []
     problems: list[Problem] = []
@@ -135,6 +144,7 @@ def encode_sample(
         mask_members=mask_members,
         size=list(size),
         sequence_frames=sequence_frames,
+        labels=[dict(f.labels) for f in files] if any(f.labels for f in files) else None,
     )
     sample["json"] = record.to_json()
     return sample
@@ -203,10 +213,11 @@ def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
         raise ShardError(f"{path}: manifest is not valid JSON ({err})") from err
     if not isinstance(manifest, dict):
         raise ShardError(f"{path}: not a shard set's manifest (a JSON {type(manifest).__name__})")
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format") != FORMAT or manifest.get("format_version") not in READABLE_VERSIONS:
+        versions = " or ".join(str(v) for v in READABLE_VERSIONS)
         raise ShardError(
             f"{path}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}, "
-            f"this reader needs {FORMAT!r} version {FORMAT_VERSION}"
+            f"this reader needs {FORMAT!r} version {versions}"
         )
     check_shard_entries(manifest.get("shards"), path)
     if not isinstance(manifest.get("totals", {}), dict):

@@ -1,9 +1,10 @@
 """Shards or folders? The one answer: which a data path is, whether it can feed a run, the training
 batches a run draws from it and the whole sequences evaluation reads.
 
-A shard set (``manifest.json``) streams through `ClipStream`; a polyp_gen root is read frame by frame,
-for quick runs without shards and as the baseline the data benchmark compares the stream with
-(`FolderClips`: the same window, decode, resize and augmentation draw, seeded by (seed, epoch, index)).
+A shard set (``manifest.json``) streams through `ClipStream`; a dataset folder in any layout
+(`autosam2.data.layouts`, one split of it) is read frame by frame, for quick runs without shards and as
+the baseline the data benchmark compares the stream with (`FolderClips`: the same window, decode, resize
+and augmentation draw, seeded by (seed, epoch, index)).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from autosam2.config import AugmentConfig, DataConfig, OnError
+from autosam2.config import AugmentConfig, DataConfig, Layout, OnError
 from autosam2.data.batches import TrainingBatches
 from autosam2.data.folder import FolderDataset
+from autosam2.data.layouts import split_name
 from autosam2.data.order import MixOrder, longest_sample, source_seed, usable_samples
 from autosam2.data.sample_format import MANIFEST, read_manifest
 from autosam2.data.stream import (
@@ -41,16 +43,25 @@ def is_shard_set(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-def check_source(path: str | Path, split: str, clip_len: int | None = None, key: str = "data") -> None:
-    """Raise one error naming the path if it cannot feed `split` (with `clip_len`-frame training clips):
-    no such folder, a broken manifest, a folder layout with problems, no sequence long enough. Reads
-    manifests and file names only."""
+def check_source(
+    path: str | Path,
+    purpose: str,
+    clip_len: int | None = None,
+    key: str = "data",
+    layout: Layout | str = Layout.auto,
+    split: str | None = None,
+) -> None:
+    """Raise one error naming the path if it cannot feed `purpose` (train / valid, with `clip_len`-frame
+    training clips): no such folder, a broken manifest, a folder in no layout or with problems, a split it
+    does not have (`split`, or the layout's own for `purpose`), no sequence long enough. Reads manifests
+    and file names only."""
     if is_shard_set(path):  # the manifest is checked; no clip is drawn, so no size or seed applies
         ClipStream(path, "train" if clip_len else "eval", DataConfig(clip_len=clip_len or 1), None, seed=0)
         return
     if not Path(path).is_dir():
-        raise DatasetError(f"{key}={path}: neither a shard set ({MANIFEST}) nor a polyp_gen root")
-    dataset = FolderDataset(path, split, clip_len)
+        raise DatasetError(f"{key}={path}: neither a shard set ({MANIFEST}) nor a dataset folder")
+    split = split_name(path, layout, split, purpose)
+    dataset = FolderDataset(path, split, clip_len, layout=layout)
     if clip_len and not dataset.windows:
         longest = max((dataset.num_frames(n) for n in dataset.sequence_names), default=0)
         raise DatasetError(
@@ -63,19 +74,22 @@ def check_source(path: str | Path, split: str, clip_len: int | None = None, key:
 
 
 class FolderClips(torch.utils.data.Dataset):
-    """Clip windows of T frames from a polyp_gen split, resized and with their augmentation drawn."""
+    """Clip windows of T frames from a split of a dataset folder (None: its layout's train split), resized
+    and with their augmentation drawn."""
 
     def __init__(
         self,
         root: str | Path,
-        split: str,
+        split: str | None,
         clip_len: int,
         image_size: int,
         seed: int,
         stride: int = 1,
         augment: AugmentConfig | None = None,
+        layout: Layout | str = Layout.auto,
     ):
-        self.dataset = FolderDataset(root, split, clip_len=clip_len, stride=stride)
+        split = split_name(root, layout, split, "train")
+        self.dataset = FolderDataset(root, split, clip_len=clip_len, stride=stride, layout=layout)
         self.image_size = image_size
         self.seed = seed
         self.augment = augment or AugmentConfig()
@@ -126,7 +140,7 @@ def check_training_sources(data: DataConfig) -> None:
     a mix takes shard sets only, each at its own clip length (see `_mixed_batches`)."""
     paths = data.train_sources()
     if len(paths) == 1:
-        check_source(paths[0], "train", data.clip_len, key="data.train")
+        check_source(paths[0], "train", data.clip_len, "data.train", data.layout, data.train_split)
         return
     for i, path in enumerate(paths):
         check_source(path, "train", 1, key=f"data.train[{i}]")
@@ -222,9 +236,17 @@ def _mixed_batches(
 def _folder_batches(
     data: DataConfig, image_size: int, seed: int, rank: int, world_size: int
 ) -> TrainingBatches:
-    """Clip windows of a polyp_gen root, this rank's share of each pass; an epoch longer than the set
-    goes on with further passes, each a fresh permutation and fresh augmentations."""
-    clips = FolderClips(data.train, "train", data.clip_len, image_size, seed=seed, augment=data.augment)
+    """Clip windows of a dataset folder's train split, this rank's share of each pass; an epoch longer
+    than the set goes on with further passes, each a fresh permutation and fresh augmentations."""
+    clips = FolderClips(
+        data.train,
+        data.train_split,
+        data.clip_len,
+        image_size,
+        seed=seed,
+        augment=data.augment,
+        layout=data.layout,
+    )
     per_pass = len(clips) // world_size // data.batch_size  # what DistributedSampler(drop_last) serves
     if per_pass == 0:
         raise DatasetError(
@@ -263,7 +285,8 @@ def _folder_batches(
         passes = (passage(epoch, i) for i in range(math.ceil(per_epoch / per_pass)))
         return itertools.islice(itertools.chain.from_iterable(passes), per_epoch)
 
-    return TrainingBatches(folder_epoch, per_epoch, source="polyp_gen folder", held=len(clips))
+    source = f"{clips.dataset.layout} folder"
+    return TrainingBatches(folder_epoch, per_epoch, source=source, held=len(clips))
 
 
 # evaluation ---------------------------------------------------------------------------------------------
@@ -290,23 +313,26 @@ class Sequences:
 
 def read_sequences(
     source: str | Path,
-    split: str,
+    split: str | None,
     rank: int,
     world_size: int,
     limit: int | None = None,
     on_error: OnError | str = "raise",
     decode_device: torch.device | None = None,
+    layout: Layout | str = Layout.auto,
 ) -> Sequences:
-    """Whole sequences of a shard set or of a polyp_gen root, this rank's share, read lazily (a frame is
-    decoded when it is reached): the first `limit` sequences in name order, every `world_size`-th from
-    the `rank`-th. With ``on_error="skip"`` a sequence that cannot be read to its end is said in a warning
-    and its frames raise SequenceSkipped, for the consumer to forget it. ``decode_device``: where a
-    polyp_gen root's JPEG frames are decoded (None: here; shards decode in the stream)."""
+    """Whole sequences of a shard set or of one split of a dataset folder (`split`; None: its layout's
+    valid split), this rank's share, read lazily (a frame is decoded when it is reached): the first
+    `limit` sequences in the set's order, every `world_size`-th from the `rank`-th. With
+    ``on_error="skip"`` a sequence that cannot be read to its end is said in a warning and its frames
+    raise SequenceSkipped, for the consumer to forget it. ``decode_device``: where a folder's JPEG frames
+    are decoded (None: here; shards decode in the stream)."""
     if is_shard_set(source):  # whole sequences at their own size: nothing is drawn, no seed applies
         stream = ClipStream(source, "eval", DataConfig(on_error=on_error), image_size=None, seed=0)
         names = share(sorted(stream.manifest["sequences"]), rank, world_size, limit)
         return Sequences(names, lambda: stream.lazy_sequences(names))
-    dataset = FolderDataset(source, split, decode_device=decode_device)
+    split = split_name(source, layout, split, "valid")
+    dataset = FolderDataset(source, split, decode_device=decode_device, layout=layout)
     names = share(dataset.sequence_names, rank, world_size, limit)
 
     def videos() -> Iterator[LazyVideo]:

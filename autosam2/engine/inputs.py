@@ -19,8 +19,9 @@ def check_inputs(cfg: Config) -> None:
     # would take the run with it
     inputs = [*cfg.data.train_sources(), cfg.data.valid, cfg.model.checkpoint, cfg.train.init_from]
     apart_from_inputs(Path(cfg.train.output_dir), inputs, holding=False)
-    check_training_sources(cfg.data)
-    check_source(cfg.data.valid, "valid", key="data.valid")
+    data = cfg.data
+    check_training_sources(data)
+    check_source(data.valid, "valid", None, "data.valid", data.layout, data.valid_split)
     files = {"model.checkpoint": cfg.model.checkpoint, "train.init_from": cfg.train.init_from}
     if cfg.model.prompt.kind == PromptKind.cnn:
         files["model.prompt.backbone_weights"] = cfg.model.prompt.backbone_weights

@@ -52,11 +52,12 @@ class Validator:
         data = self.cfg.data
         sequences = read_sequences(
             data.valid,
-            "valid",
+            data.valid_split,
             self.info.rank,
             self.info.world_size,
             self.cfg.train.valid_sequences,
             data.on_error,
+            layout=data.layout,
         )
         with Progress(len(sequences), f"valid step {step}", "sequence", enabled=self.info.is_main) as bar:
             mine = evaluate_sequences(

@@ -4,7 +4,9 @@ them, scored by the one `MetricAccumulator`.
 Layout, for predictions and ground truth alike: ``<root>/<sequence>/<frame>.png|jpg`` (a polyp_gen masks
 folder, or the toolbox's ``Pred/<method>/<dataset>`` and ``<dataset>/GT``; a root holding a ``GT`` folder
 is read from it). Sequences are the ground truth's folders; frames pair by file stem, in natural order
-of their names or in a layout's own order (SUN-SEG: its evaluator's). Files are read as 8-bit grayscale with OpenCV and a prediction of another size is
+of their names. Ground truth may instead be one split of a dataset folder in its layout
+(`layout_truth`: SUN-SEG's ``GT/<case>/<stem>.png`` in the official evaluator's frame order), the
+predictions then ``<pred>/<case>/<stem>.png``. Files are read as 8-bit grayscale with OpenCV and a prediction of another size is
 resized to its ground truth's with ``cv2.resize`` (bilinear), exactly as ``eval/vps_evaluator.py`` does.
 The sunseg mode drops each sequence's first and last ground-truth frame before pairing, as the toolbox
 does (their predictions are never read).
@@ -73,30 +75,61 @@ def _folders(root: Path) -> list[str]:
     return sorted((p.name for p in root.iterdir() if p.is_dir()), key=natural_key)
 
 
-def pair_frames(
-    pred_root: str | Path,
-    gt_root: str | Path,
-    drop_first_last: bool,
-    order: Callable[[list[str]], list[str]] | None = None,
-) -> Pairing:
-    """Pair every ground-truth frame with the prediction of the same stem; a sequence's frames in
-    `order` (its stems in a layout's order; default natural order), which decides the first and last.
-    Raises DatasetError when a root is not a folder of sequence folders, or two files claim one frame."""
-    pred_root, gt_root = Path(pred_root), ground_truth_root(gt_root)
+# the ground truth to score against: sequence -> its frames in order, (stem, mask file)
+Truth = dict[str, list[tuple[str, Path]]]
+
+
+def tree_truth(gt_root: Path, problems: list[str]) -> Truth:
+    """The ground truth of a ``<gt>/<sequence>/<frame>`` tree, frames in natural order of their names."""
+    truth = {}
+    for name in _folders(gt_root):
+        gts = _images(gt_root / name, problems)
+        truth[name] = [(stem, gts[stem]) for stem in sorted(gts, key=natural_key)]
+    return truth
+
+
+def layout_truth(root: str | Path, layout: str, split: str | None) -> Truth:
+    """The ground truth of one split of a dataset folder (None: its layout's valid split), frames in the
+    layout's order; one DatasetError when the folder is in no layout or the split is not there, or
+    listing the split's problems. A frame its layout calls polyp-free without a mask file is left out
+    (the toolbox scores ground-truth files)."""
+    from autosam2.data.layouts import scan, split_name
+
+    split = split_name(root, layout, split, "valid")
+    sequences, problems = scan(root, split, layout)
+    if problems:
+        raise DatasetError("\n".join(listed([str(p) for p in problems])))
+    return {s.name: [(f.name, f.mask) for f in s.frames if f.mask is not None] for s in sequences}
+
+
+def _roots(pred_root: Path, gt_root: Path, truth: Truth | None, problems: list[str]) -> Truth:
+    """Both roots are folders; the ground truth (`truth`, or read from the tree) has a sequence."""
     for role, root in (("--pred", pred_root), ("--gt", gt_root)):
         if not root.is_dir():
             raise DatasetError(f"{root}: not a folder ({role} takes <root>/<sequence>/<frame>.png|jpg)")
-    names = _folders(gt_root)
-    if not names:
+    truth = tree_truth(gt_root, problems) if truth is None else truth
+    if not truth:
         raise DatasetError(f"{gt_root}: no sequence folders (<sequence>/<frame>.png|jpg)")
+    return truth
+
+
+def pair_frames(
+    pred_root: str | Path, gt_root: str | Path, drop_first_last: bool, truth: Truth | None = None
+) -> Pairing:
+    """Pair every ground-truth frame (of the ``<gt>/<sequence>/`` tree, or of `truth`) with the
+    prediction of the same stem. Raises DatasetError when a root is not a folder of sequence folders, or
+    two files claim one frame."""
+    pred_root = Path(pred_root)
+    gt_root = Path(gt_root) if truth is not None else ground_truth_root(gt_root)
     problems: list[str] = []
+    names = list(truth := _roots(pred_root, gt_root, truth, problems))
     missing: list[str] = []
     too_short: dict[str, str] = {}
     unpaired: dict[str, str] = {}
     sequences = []
     for name in names:
-        gts = _images(gt_root / name, problems)
-        ordered = order(list(gts)) if order else sorted(gts, key=natural_key)
+        gts = dict(truth[name])
+        ordered = [stem for stem, _ in truth[name]]
         kept = ordered[1:-1] if drop_first_last else ordered
         if ordered and not kept:
             too_short[name] = too_short_for_the_drop(len(ordered))
@@ -115,8 +148,9 @@ def pair_frames(
                 sequence.frames.append((gts[stem], preds[stem]))
             else:
                 missing.append(f"{pred_dir / stem}.png: missing (ground truth {gts[stem]})")
+        where = gts[ordered[0]].parent if ordered else gt_root / name
         missing += [
-            f"{preds[s]}: no ground truth for it in {gt_root / name}"
+            f"{preds[s]}: no ground truth for it in {where}"
             for s in sorted(set(preds) - set(gts), key=natural_key)
         ]
         if sequence.frames:

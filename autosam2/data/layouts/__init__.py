@@ -61,13 +61,19 @@ READERS: dict[Layout, Reader] = {
 }
 
 
-def detect(root: str | Path) -> Layout:
-    """The layout of a dataset folder, told by its folders; one DatasetError line when none fits."""
+def check_root(root: str | Path) -> Path:
+    """`root`, when it is a folder; one DatasetError line when it is a file or missing."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(
             f"{root}: {'is a file, not a dataset folder' if root.exists() else 'dataset root does not exist'}"
         )
+    return root
+
+
+def detect(root: str | Path) -> Layout:
+    """The layout of a dataset folder, told by its folders; one DatasetError line when none fits."""
+    root = check_root(root)
     for layout, found in READERS.items():
         if found.looks_like(root):
             return layout
@@ -86,8 +92,21 @@ def reader(root: str | Path, layout: Layout | str = Layout.auto) -> Reader:
 
 
 def split_name(root: str | Path, layout: Layout | str, split: str | None, purpose: str) -> str:
-    """`split`, or the one `purpose` reads by default in `root`'s layout."""
-    return split if split else reader(root, layout).default_split(Path(root), purpose)
+    """`split`, or the one `purpose` reads by default in `root`'s layout; one DatasetError listing the
+    splits there are when `split` is none of them (nor another folder inside the dataset)."""
+    root = check_root(root)
+    found = reader(root, layout)
+    present = found.splits(root)
+    if not present:
+        raise DatasetError(f"{root}: not a {found.layout} folder ({_what_it_is(root)}); see docs/data.md")
+    if not split:
+        return found.default_split(root, purpose)
+    inside = not Path(split).is_absolute() and ".." not in Path(split).parts
+    if split not in present and not (inside and (root / split).is_dir()):
+        raise DatasetError(
+            f"{root}: no split {split!r} in this {found.layout} folder (splits: {', '.join(present) or 'none'})"
+        )
+    return split
 
 
 def scan(root: str | Path, split: str, layout: Layout | str = Layout.auto) -> Scan:
@@ -97,3 +116,23 @@ def scan(root: str | Path, split: str, layout: Layout | str = Layout.auto) -> Sc
     if not split or Path(split).is_absolute() or ".." in Path(split).parts:
         raise DatasetError(f"{root}: split {split!r} is not a folder name inside the dataset")
     return found.scan(root, split)
+
+
+def _what_it_is(root: Path) -> str:
+    """The layout `root`'s folders tell, in words, for an error about another layout."""
+    try:
+        return f"its folders are in the {detect(root)} layout; name that with --layout"
+    except DatasetError:
+        return "nor in any other known layout"
+
+
+def layouts_markdown() -> str:
+    """The layouts as a Markdown table (docs/data.md holds it): name, release followed, default splits."""
+    rows = [
+        "| `--layout` | reads (the release followed) | train / valid / test split by default |",
+        "|---|---|---|",
+    ]
+    for layout, found in READERS.items():
+        defaults = " / ".join(f"`{found.defaults[p]}`" if p in found.defaults else "-" for p in PURPOSES)
+        rows.append(f"| `{layout}` | {found.release} | {defaults} |")
+    return "\n".join(rows) + "\n"
