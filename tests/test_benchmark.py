@@ -254,7 +254,8 @@ def test_score_with_the_sunseg_layout_takes_the_toolbox_s_protocol_only(capsys):
     from autosam2.score import main
 
     for extra, said in (
-        (["--layout", "sunseg", "--metric-mode", "ours"], "--metric-mode sunseg only"),
+        (["--layout", "sunseg", "--splits", "TestEasyDataset/Seen", "--metric-mode", "ours"], "sunseg only"),
+        (["--splits", "TestEasyDataset/Seen", "--split", "TestEasyDataset/Seen"], "name one of them"),
         (["--splits", "TestEasyDataset/Seen"], "--splits is for --layout sunseg"),
     ):
         with pytest.raises(SystemExit) as exit_:
