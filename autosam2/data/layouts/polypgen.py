@@ -34,8 +34,8 @@ from autosam2.data.layouts.files import (
 POSITIVE = "sequenceData/positive"
 NEGATIVE = "sequenceData/negativeOnly"
 MASK_SUFFIX = "_mask"
-# The release has no train/test split; its EndoCV2021 protocol holds out centre C6 and the sequences.
-# Training names its centres (--split data_C1, or several sources mixed by weight).
+# The release has no train/test split. C1..C5's single frames were EndoCV2021's training data and C6's
+# were not: C6 validates, the video sequences test; training names its centres (no default).
 DEFAULT_SPLITS = {"valid": "data_C6", "test": POSITIVE}
 RELEASE = (
     "PolypGen2021_MultiCenterData_v3 (Synapse syn26376615; Ali et al., Sci Data 2023): data_C1..C6 "
