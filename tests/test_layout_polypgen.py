@@ -3,16 +3,23 @@ negative-only sequences as polyp-free frames, one problem line per missing mask.
 
 from __future__ import annotations
 
+import json
 import shutil
+import tarfile
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from autosam2.cli import main
 from autosam2.config import Layout
 from autosam2.data.folder import FolderDataset, validate_root
 from autosam2.data.layouts import READERS, detect, reader, scan
 from autosam2.data.layouts.polypgen import NEGATIVE, POSITIVE
+from autosam2.data.sample_format import read_manifest
 from autosam2.errors import DatasetError
+from shards.__main__ import main as shards
+from shards.verify import verify
 from tests.layout_fixtures.polypgen import CENTRES, EMPTY_SINGLE, write_polypgen
 from tests.layout_fixtures.polypgen import NEGATIVE as NEGATIVE_FRAMES
 from tests.layout_fixtures.polypgen import POSITIVE as POSITIVE_FRAMES
@@ -142,3 +149,30 @@ def test_inspect_names_the_layout_and_reads_the_held_out_centre(polypgen_root, c
     assert main(["inspect", str(polypgen_root)]) == 0
     out = capsys.readouterr().out
     assert "polypgen layout (PolypGen2021_MultiCenterData_v3" in out and "C6_0002" in out
+
+
+def test_shards_build_writes_negative_frames_with_empty_masks_in_natural_order(polypgen_root, tmp_path):
+    out = tmp_path / "negative"
+    build = ["build", str(polypgen_root), "--layout", "polypgen", "--split", NEGATIVE, "--out", str(out)]
+    assert shards(build) == 0
+    manifest = read_manifest(out)
+    assert (manifest["layout"], manifest["split"]) == ("polypgen", NEGATIVE)
+    assert manifest["totals"]["sequences"] == 3 and manifest["totals"]["frames"] == 7
+    assert verify(out) == []
+    with tarfile.open(next(out.glob("*.tar"))) as tar:
+        members = tar.getmembers()
+        first = json.loads(tar.extractfile("seq1_neg__00000.json").read())
+        masks = [np.asarray(Image.open(tar.extractfile(m))) for m in members if m.name.endswith(".png")]
+    assert first["frames"] == ["seq1_img1", "seq1_img2", "seq1_img10"]
+    assert len(masks) == 7 and not any(m.any() for m in masks)
+
+
+def test_shards_build_of_a_centre_and_of_a_set_with_a_missing_mask(damaged_root, tmp_path, capsys):
+    out = tmp_path / "c2"
+    assert shards(["build", str(damaged_root), "--split", "data_C2", "--out", str(out)]) == 0
+    totals = read_manifest(out)["totals"]
+    assert (totals["sequences"], totals["samples"], totals["frames"]) == (3, 3, 3)  # one frame each
+    (damaged_root / POSITIVE / "seq10" / "masks_seq10" / "9_endocv2021_positive_8_mask.jpg").unlink()
+    assert shards(["build", str(damaged_root), "--split", POSITIVE, "--out", str(tmp_path / "pos")]) != 0
+    assert "9_endocv2021_positive_8.jpg: image has no mask" in capsys.readouterr().err
+    assert not (tmp_path / "pos").exists()
