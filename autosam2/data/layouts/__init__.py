@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autosam2.config import Layout
-from autosam2.data.layouts import polyp_gen, sunseg
+from autosam2.data.layouts import polyp_gen, polypgen, sunseg
 from autosam2.data.layouts.files import FrameFiles, Problem, SequenceFiles
 from autosam2.errors import DatasetError
 
@@ -49,6 +49,14 @@ class Reader:
 READERS: dict[Layout, Reader] = {
     Layout.sunseg: Reader(
         Layout.sunseg, sunseg.looks_like, sunseg.splits, sunseg.scan, sunseg.DEFAULT_SPLITS, sunseg.RELEASE
+    ),
+    Layout.polypgen: Reader(
+        Layout.polypgen,
+        polypgen.looks_like,
+        polypgen.splits,
+        polypgen.scan,
+        polypgen.DEFAULT_SPLITS,
+        polypgen.RELEASE,
     ),
     Layout.polyp_gen: Reader(
         Layout.polyp_gen,

@@ -80,8 +80,8 @@ def pair_folder(
     name: str, image_dir: Path, mask_dir: Path, order=natural_key, mask_suffix: str = ""
 ) -> tuple[SequenceFiles | None, list[Problem]]:
     """One sequence from an images folder and a masks folder whose files share a stem (a mask's stem may
-    end in `mask_suffix`, e.g. ``_mask``): every image without a mask and mask without an image is a
-    problem; the paired frames in `order` of their stems."""
+    end in `mask_suffix`, e.g. ``_mask``, whose '_' an image stem ending in '_' shares): every image
+    without a mask and mask without an image is a problem; the paired frames in `order` of their stems."""
     images = image_files(image_dir)
     problems = duplicate_stems(image_dir)
     if not images:
@@ -93,6 +93,9 @@ def pair_folder(
         for stem, path in image_files(mask_dir).items()
     }
     problems += duplicate_stems(mask_dir)
+    for stem in [s for s in images if s.endswith("_") and mask_suffix.startswith("_") and s not in masks]:
+        if stem[:-1] in masks and stem[:-1] not in images:  # x_.jpg's mask written x_mask.jpg, one '_'
+            masks[stem] = masks.pop(stem[:-1])
     for stem in sorted(set(images) - set(masks), key=natural_key):
         problems.append(
             Problem(images[stem], f"image has no mask (expected {mask_dir / stem}{mask_suffix}.jpg or .png)")
