@@ -16,7 +16,7 @@ import argparse
 from contextlib import nullcontext
 from pathlib import Path
 
-from autosam2.arguments import add_no_overlays
+from autosam2.arguments import add_no_overlays, add_tracking
 from autosam2.config import TrainConfig
 from autosam2.eval.benchmark import BENCHMARKS, add_splits
 from autosam2.evaluate import add_model_arguments
@@ -52,10 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--method", default=None, help="this model's name in the table (default: <run folder>/<weights stem>)"
     )
     add_no_overlays(parser)
-    parser.add_argument(
-        "--tracking-uri", default=None, help="MLflow URI (default: SQLite in the output directory)"
-    )
-    parser.add_argument("--experiment", default="autosam2")
+    add_tracking(parser)
     return parser
 
 

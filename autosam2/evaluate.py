@@ -20,6 +20,7 @@ from autosam2.arguments import (
     add_no_overlays,
     add_output_dir,
     add_split,
+    add_tracking,
 )
 from autosam2.config import ClipMode, ConfigError, TrainConfig
 from autosam2.metrics import DICE_RULES, MODES
@@ -93,10 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         "polyp-free; clear) from its synth.json, in metrics.json and MLflow",
     )
     add_no_overlays(parser)
-    parser.add_argument(
-        "--tracking-uri", default=None, help="MLflow URI (default: SQLite in the output directory)"
-    )
-    parser.add_argument("--experiment", default="autosam2")
+    add_tracking(parser)
     return parser
 
 
