@@ -99,12 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return on_ranks(build_parser().parse_args(argv), _evaluate)
 
+
+def on_ranks(args: argparse.Namespace, work) -> int:
+    """`work(args, info)` on this process's rank (alone, or one of torchrun's / srun's), the process
+    group set up around it and taken down after."""
     from autosam2.engine.dist import distributed
 
     with distributed(args.device, TrainConfig().dist_timeout_s) as info:
-        return _evaluate(args, info)
+        return work(args, info)
 
 
 def _evaluate(args: argparse.Namespace, info) -> int:
