@@ -202,12 +202,13 @@ def validate_root(
         found = reader(root, layout)
     except DatasetError as err:
         return [SplitReport(split="-", problems=[Problem(root, _reason(err))])]
-    names = list(splits) if splits is not None else found.splits(root)
+    present = found.splits(root)  # a split need not be a folder: `all`, a root that is one image set
+    names = list(splits) if splits is not None else present
     if not names:
         return [SplitReport(split="-", problems=[Problem(root, f"holds no {found.layout} split folder")])]
     reports = []
     for split in names:
-        if not (root / split).is_dir():
+        if split not in present and not (root / split).is_dir():
             reports.append(
                 SplitReport(split=split, problems=[Problem(root / split, "split folder is missing")])
             )
