@@ -164,6 +164,12 @@ def test_a_csv_without_its_header_is_one_problem(cvc, header):
     assert str(problems[0]).startswith(f"{cvc / 'sequences.csv'}: row 1: the header must name the columns")
 
 
+def test_a_csv_that_is_not_text_is_one_problem(cvc):
+    (cvc / "sequences.csv").write_bytes(b"frame,sequence\n\xff\xfe1,a\n")
+    _, problems = scan(cvc, "all")
+    assert [p.message.split(" (")[0] for p in problems] == ["is not a UTF-8 CSV file"]
+
+
 def test_validate_and_inspect_read_each_set_where_it_lies(sets, capsys):
     assert main(["validate", str(sets["kvasir"])]) == 0
     out = capsys.readouterr().out

@@ -94,15 +94,14 @@ def scan(root: Path, split: str) -> tuple[list[SequenceFiles], list[Problem]]:
         return [], [
             Problem(mask_dir, f"split {split!r} has no {mask_dir.name!r} folder beside {image_dir.name}/")
         ]
-    images = image_files(image_dir)
-    if not images:
+    if not _holds_images(image_dir):
         return [], [Problem(image_dir, "holds no image")]
     paired, problems = pair_folder(split, image_dir, mask_dir)
     frames = list(paired.frames) if paired else []
     table = folder / SEQUENCES_CSV
     if not table.is_file():
         return [SequenceFiles(f.name, (f,)) for f in frames], problems
-    groups, csv_problems = read_sequences(table, images)
+    groups, csv_problems = read_sequences(table, image_files(image_dir))
     sequences, group_problems = group(frames, groups, table)
     return sequences, problems + csv_problems + group_problems
 
@@ -110,13 +109,18 @@ def scan(root: Path, split: str) -> tuple[list[SequenceFiles], list[Problem]]:
 def read_sequences(table: Path, images: dict[str, Path]) -> tuple[dict[str, tuple[str, int]], list[Problem]]:
     """Each frame stem the CSV names -> (its sequence, the CSV row); a problem per row that is malformed,
     names no image of the set (by stem or file name) or names a frame already named."""
-    with table.open(newline="", encoding="utf-8-sig") as f:
-        rows = [(n, row) for n, row in enumerate(csv.reader(f), start=1) if any(c.strip() for c in row)]
-    header = [c.strip().lower() for c in rows[0][1]] if rows else []
+    try:
+        with table.open(newline="", encoding="utf-8-sig") as f:
+            rows = [(n, row) for n, row in enumerate(csv.reader(f), start=1) if any(c.strip() for c in row)]
+    except (UnicodeDecodeError, csv.Error) as err:
+        return {}, [Problem(table, f"is not a UTF-8 CSV file ({err})")]
+    first, header = (rows[0][0], [c.strip().lower() for c in rows[0][1]]) if rows else (1, [])
     if "frame" not in header or "sequence" not in header:
         found = ", ".join(header) or "nothing"
         return {}, [
-            Problem(table, f"row 1: the header must name the columns frame and sequence (found {found})")
+            Problem(
+                table, f"row {first}: the header must name the columns frame and sequence (found {found})"
+            )
         ]
     at_frame, at_sequence = header.index("frame"), header.index("sequence")
     by_name = {path.name: stem for stem, path in images.items()}
