@@ -176,6 +176,8 @@ def test_validate_and_inspect_read_each_set_where_it_lies(sets, capsys):
     assert (
         "ok (images layout); all: 4 sequences, 4 frames, 0 empty-mask frames; 4 masks have grey values" in out
     )
+    assert main(["validate", str(sets["kvasir"]), "--split", "all", "--layout", "images"]) == 0
+    assert "all: 4 sequences" in capsys.readouterr().out
     assert main(["validate", str(sets["pranet"]), "--split", "TestDataset/Kvasir", "--layout", "images"]) == 0
     assert "TestDataset/Kvasir: 3 sequences, 3 frames" in capsys.readouterr().out
     assert main(["inspect", str(sets["cvc"])]) == 0
