@@ -15,7 +15,10 @@ from autosam2.config import Layout
 from autosam2.data.folder import FolderDataset, validate_root
 from autosam2.data.layouts import detect, reader, scan
 from autosam2.data.layouts import images as flat
+from autosam2.data.sample_format import read_manifest
 from autosam2.errors import DatasetError
+from shards.__main__ import main as shards
+from shards.verify import verify
 from tests.layout_fixtures import frame_and_mask, save
 from tests.layout_fixtures.images import (
     PRANET_TESTS,
@@ -24,6 +27,7 @@ from tests.layout_fixtures.images import (
     write_pranet,
     write_sequences_csv,
 )
+from tests.layout_fixtures.polypgen import write_polypgen
 from tests.layout_fixtures.sunseg import write_sunseg
 
 
@@ -36,6 +40,7 @@ def sets(tmp_path_factory):
         "cvc": write_cvc_clinicdb(parent),
         "pranet": write_pranet(parent),
         "sunseg": write_sunseg(parent / "SUN-SEG", frames=2, size=32),
+        "polypgen": write_polypgen(parent / "PolypGen2021_MultiCenterData_v3", size=32),
     }
 
 
@@ -53,11 +58,13 @@ def test_detect_tells_every_fixture_layout_apart(sets, tiny_root_pristine):
         sets["pranet"] / "TestDataset": Layout.images,
         sets["pranet"] / "TrainDataset": Layout.images,
         sets["sunseg"]: Layout.sunseg,
+        sets["polypgen"]: Layout.polypgen,
         tiny_root_pristine: Layout.polyp_gen,
     }
     assert {root: detect(root) for root in expected} == expected
     # polyp_gen's images/ holds sequence folders, not frames: no set there, at any depth
-    assert flat.splits(tiny_root_pristine) == [] and flat.splits(sets["sunseg"]) == []
+    assert [flat.splits(sets[name]) for name in ("sunseg", "polypgen")] == [[], []]
+    assert flat.splits(tiny_root_pristine) == []
 
 
 def test_a_root_that_is_one_set_has_the_split_all_read_by_default(sets):
@@ -263,3 +270,27 @@ def test_a_hidden_or_unknown_file_is_no_frame(cvc):
     save(frame_and_mask(np.random.default_rng(0), 48)[0], cvc / "Original" / "._7.tif")
     sequences, problems = scan(cvc, "all")
     assert problems == [] and len(sequences) == 6
+
+
+def test_shards_build_takes_the_only_split_by_default_and_any_set_by_name(sets, cvc, tmp_path, capsys):
+    out = tmp_path / "kvasir"
+    assert shards(["build", str(sets["kvasir"]), "--layout", "images", "--output-dir", str(out)]) == 0
+    manifest = read_manifest(out)
+    assert (manifest["layout"], manifest["split"], manifest["totals"]["samples"]) == ("images", "all", 4)
+    assert verify(out) == []
+    out = tmp_path / "clinicdb"
+    assert (
+        shards(
+            ["build", str(sets["pranet"]), "--split", "TestDataset/CVC-ClinicDB", "--output-dir", str(out)]
+        )
+        == 0
+    )
+    assert read_manifest(out)["totals"]["frames"] == 3 and [p.name for p in out.glob("*.tar")] == [
+        "TestDataset-CVC-ClinicDB-000-00000.tar"
+    ]
+    write_sequences_csv(cvc, [(str(n), "clip") for n in range(1, 7)])
+    out = tmp_path / "grouped"
+    assert shards(["build", str(cvc), "--output-dir", str(out), "--frames-per-sample", "4"]) == 0
+    assert (
+        sorted(read_manifest(out)["sequences"]) == ["clip"] and read_manifest(out)["totals"]["samples"] == 2
+    )
