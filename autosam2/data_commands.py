@@ -138,10 +138,10 @@ def inspect(argv: list[str] | None = None) -> int:
         print("autosam2 inspect: give a dataset ROOT or --shards DIR", file=sys.stderr)
         return 2
     from autosam2.data.folder import FolderDataset
-    from autosam2.data.layouts import reader
+    from autosam2.data.layouts import reader, split_name
 
     found = reader(args.root, args.layout)
-    args.split = args.split or found.default_split(args.root, "valid")
+    args.split = split_name(args.root, found.layout, args.split, "valid")
     print(
         f"{args.root}: {found.layout} layout ({found.release}); splits: {', '.join(found.splits(args.root))}"
     )

@@ -9,7 +9,7 @@ import pytest
 from autosam2.cli import main
 from autosam2.config import Layout
 from autosam2.data.folder import FolderDataset, validate_root
-from autosam2.data.layouts import detect, reader, scan
+from autosam2.data.layouts import detect, reader, scan, split_name
 from autosam2.data.layouts.sunseg import TESTS, frame_order, official_key
 from autosam2.errors import DatasetError
 from tests.layout_fixtures.sunseg import SPLIT_CASES, frame_stems, write_sunseg
@@ -90,10 +90,29 @@ def test_polyp_gen_takes_any_split_name_and_list_files_are_optional(tiny_root, c
     assert reader(tiny_root).splits(tiny_root) == ["test", "train", "valid"]
 
 
-@pytest.mark.parametrize("split", ["../train", "/etc", ""])
+@pytest.mark.parametrize("split", ["../train", "/etc", "", ".", "./"])
 def test_a_split_outside_the_dataset_is_refused(tiny_root_pristine, split):
     with pytest.raises(DatasetError, match="is not a folder name inside the dataset"):
         scan(tiny_root_pristine, split)
+
+
+@pytest.mark.parametrize("split", ["TestEasyDataset/Unseen/", "./TestEasyDataset//Unseen"])
+def test_a_split_is_named_as_the_layout_names_it(sunseg_root, split, capsys):
+    assert split_name(sunseg_root, "auto", split, "valid") == "TestEasyDataset/Unseen"
+    (report,) = validate_root(sunseg_root, [split])
+    assert report.split == "TestEasyDataset/Unseen" and report.problems == []
+    assert main(["inspect", str(sunseg_root), "--split", split]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith("TestEasyDataset/Unseen/case3_1: ")
+
+
+def test_validate_of_a_missing_split_lists_the_splits_there_are(sunseg_root, capsys):
+    (report,) = validate_root(sunseg_root, ["TestEasy"])
+    (problem,) = report.problems
+    assert str(problem) == (
+        f"{sunseg_root / 'TestEasy'}: split folder is missing (splits: TrainDataset, {', '.join(TESTS)})"
+    )
+    assert main(["inspect", str(sunseg_root), "--split", "TestEasy"]) == 1
+    assert "(splits: TrainDataset, TestEasyDataset/Seen, " in capsys.readouterr().err
 
 
 def test_an_explicit_layout_that_does_not_fit_says_what_is_there(sunseg_root):
