@@ -180,6 +180,7 @@ def build_part(
         )
     claim_shared(out, SHARD_SET, inputs=[root])
     layout = reader(root, layout).layout
+    split = split_name(root, layout, split, "train")
     sequences = scan_root(root, split, layout) if sequences is None else sequences
     part_file = _part_path(out, part_index, num_parts)
     _clear_part(out, part_file, num_parts, overwrite)
@@ -372,6 +373,7 @@ def build(
     root = Path(root).resolve()
     claim(out, SHARD_SET, overwrite, inputs=[root])
     sequences = scan_root(root, split, layout)
+    split = split_name(root, layout, split, "train")
     with output_directory(out, SHARD_SET, overwrite, inputs=[root]) as tmp:
         build_part(
             root,

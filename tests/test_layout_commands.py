@@ -104,6 +104,22 @@ def test_a_split_or_layout_that_does_not_fit_is_one_line_and_writes_nothing(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("split", "name"),
+    [
+        ([], "TrainDataset"),  # the layout's train split by default
+        (["--split", "TestHardDataset/Unseen/"], HARD),  # a shell's completion adds the slash
+        (["--split", "./TestHardDataset//Unseen"], HARD),
+    ],
+)
+def test_shards_build_names_the_split_as_the_layout_does(sunseg_root, tmp_path, split, name):
+    out = tmp_path / "out"
+    assert shards(["build", str(sunseg_root), *split, "--out", str(out)]) == 0
+    manifest = read_manifest(out)
+    assert manifest["split"] == name and manifest["source"]["split"] == name
+    assert [p.name for p in out.glob("*.tar")] == [f"{name.replace('/', '-')}-000-00000.tar"]
+
+
 def test_polyp_gen_shards_any_split_with_its_layout_named(tiny_root, tmp_path):
     import shutil
 
