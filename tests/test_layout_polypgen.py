@@ -110,6 +110,17 @@ def test_a_missing_mask_in_a_positive_set_is_one_problem_naming_the_file(damaged
     assert [p.path.name for p in report.problems] == ["C5_EndoCV2021_0001.jpg"]
 
 
+def test_a_mask_in_a_negative_only_sequence_is_a_problem_not_a_frame(damaged_root):
+    folder = damaged_root / NEGATIVE / "seq1_neg"
+    stray = shutil.copy(folder / "seq1_img1.jpg", folder / "seq1_img1_mask.jpg")
+    (report,) = validate_root(damaged_root, [NEGATIVE])
+    assert [str(p) for p in report.problems] == [
+        f"{stray}: a mask in a negative-only sequence, whose frames are polyp-free"
+    ]
+    sequences, _ = scan(damaged_root, NEGATIVE)
+    assert [f.name for f in sequences[0].frames] == ["seq1_img1", "seq1_img2", "seq1_img10"]
+
+
 def test_broken_sequence_folders_are_named(damaged_root):
     shutil.rmtree(damaged_root / POSITIVE / "seq1" / "images_seq1")
     (damaged_root / NEGATIVE / "seq11_neg").mkdir()
