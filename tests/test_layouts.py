@@ -49,6 +49,19 @@ def test_official_key_reads_the_three_numbers_and_odd_names_fall_back_to_natural
     assert frame_order(["frame10", "frame2"]) == ["frame2", "frame10"]
 
 
+def test_a_sunseg_name_outside_the_pattern_among_names_in_it_is_a_problem(sunseg_root, tmp_path):
+    root = shutil.copytree(sunseg_root, tmp_path / "SUN-SEG")
+    case = root / "TestHardDataset/Seen"
+    first = sorted((case / "Frame/case1_2").iterdir())[0]
+    odd = shutil.copy(first, case / "Frame/case1_2/copy of frame.jpg")
+    shutil.copy(case / "GT/case1_2" / f"{first.stem}.png", case / "GT/case1_2/copy of frame.png")
+    (report,) = validate_root(root, ["TestHardDataset/Seen"])
+    assert [str(p) for p in report.problems] == [
+        f"{odd}: name outside SUN-SEG's pattern (..._<n>-1_a<k>_..._image<m>): the official frame order "
+        "cannot place it"
+    ]
+
+
 def test_sunseg_reads_gt_as_masks_and_classification_as_labels_and_ignores_the_rest(sunseg_root):
     sequences, _ = scan(sunseg_root, "TrainDataset")
     assert [s.name for s in sequences] == SPLIT_CASES["TrainDataset"]

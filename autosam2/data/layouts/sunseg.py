@@ -7,7 +7,8 @@ per line) is read into each frame's labels as ``pathology``.
 
 A case's frames are in the official evaluator's order: by the number before '-', the number after '_a' and
 the number after '_image' of the file name (``case_M_20181001100941_0U62372100109341_1_005_001-1_a2_ayy_
-image0001.jpg``); a case with a name outside that pattern is in natural order.
+image0001.jpg``); a case with no name in that pattern is in natural order, a name outside it among names
+in it is a problem.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def scan(root: Path, split: str) -> tuple[list[SequenceFiles], list[Problem]]:
         problems += found
         if sequence is None:
             continue
+        problems += _outside_the_pattern(sequence)
         stems = frame_order([f.name for f in sequence.frames])
         by_stem = {f.name: f for f in sequence.frames}
         frames = tuple(_labelled(by_stem[s], case, classes) for s in stems)
@@ -94,3 +96,18 @@ def scan(root: Path, split: str) -> tuple[list[SequenceFiles], list[Problem]]:
 def _labelled(frame, case: str, classes: dict[str, str]):
     label = classes.get(f"{case}/{frame.name}") or classes.get(frame.name)
     return frame if label is None else type(frame)(frame.name, frame.image, frame.mask, {"pathology": label})
+
+
+def _outside_the_pattern(sequence: SequenceFiles) -> list[Problem]:
+    """A problem per frame whose name the official order cannot place, in a case whose other names fit
+    (a case with no name in the pattern is read in natural order)."""
+    odd = [f for f in sequence.frames if official_key(f.name) is None]
+    if len(odd) == len(sequence.frames):
+        return []
+    return [
+        Problem(
+            f.image,
+            "name outside SUN-SEG's pattern (..._<n>-1_a<k>_..._image<m>): the official frame order cannot place it",
+        )
+        for f in odd
+    ]
