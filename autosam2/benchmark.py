@@ -99,8 +99,10 @@ def _benchmark(args: argparse.Namespace, info) -> int:
 
 
 def _splits(args: argparse.Namespace) -> list[str]:
-    """The splits to run (--splits, default every test split), each present in --data; else one
-    DatasetError naming the root and every split it lacks."""
+    """The splits to run (--splits, default every test split), each present in --data and its files in
+    place (a broken last split is found before the first is run); else one DatasetError naming the root
+    and every split it lacks, or the first problem."""
+    from autosam2.data.folder import FolderDataset
     from autosam2.data.layouts import sunseg
     from autosam2.errors import DatasetError
 
@@ -117,6 +119,8 @@ def _splits(args: argparse.Namespace) -> list[str]:
             f"{root}: no {', '.join(missing)} (a SUN-SEG root holds <split>/Frame/<case>/ and "
             f"<split>/GT/<case>/; found: {', '.join(present) or 'none'})"
         )
+    for split in wanted:
+        FolderDataset(root, split, layout="sunseg")  # reads file names only; raises on the first problem
     return wanted
 
 
