@@ -236,6 +236,20 @@ def test_bench_layouts_measures_each_layout_against_polyp_gen(tmp_path):
         assert read_manifest(tmp_path / f"shards-{name}")["totals"]["frames"] == 30
 
 
+def test_bench_layouts_keeps_its_fixtures_only_in_a_new_or_empty_folder(tmp_path, capsys):
+    data = tmp_path / "data"
+    mine = data / "polyp_gen" / "train" / "images" / "seq0" / "frame0.jpg"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"the user's frame")
+    assert cli(["bench", "layouts", "--frames", "2", "--keep", str(data)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"autosam2 bench: {data}: --keep takes a new or empty folder (the fixtures are written there); it "
+        "holds files already, nothing was written"
+    )
+    assert mine.read_bytes() == b"the user's frame"
+    assert [p for p in data.rglob("*") if p.is_file()] == [mine]
+
+
 def test_evaluate_on_a_shard_set_takes_its_split_and_refuses_another(tiny_shards_pristine, weights, capsys):
     from argparse import Namespace
 
