@@ -175,3 +175,13 @@ def add_split(
         help=f"the split of a dataset folder to {what} (default: {default or default_text}; any split "
         "its layout has, e.g. valid, test, TestEasyDataset/Unseen)",
     )
+
+
+def add_tracking(parser: argparse.ArgumentParser, when: str = "") -> None:
+    """``--tracking-uri`` and ``--experiment`` of a command that logs its results as MLflow runs."""
+    parser.add_argument(
+        "--tracking-uri", default=None, help=f"{when}MLflow URI (default: SQLite in the output directory)"
+    )
+    parser.add_argument(
+        "--experiment", default="autosam2", help=f"{when}MLflow experiment (default autosam2)"
+    )

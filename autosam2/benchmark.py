@@ -16,8 +16,7 @@ import argparse
 from contextlib import nullcontext
 from pathlib import Path
 
-from autosam2.arguments import add_no_overlays
-from autosam2.config import TrainConfig
+from autosam2.arguments import add_no_overlays, add_tracking
 from autosam2.eval.benchmark import BENCHMARKS, add_splits
 from autosam2.evaluate import add_model_arguments
 
@@ -52,20 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--method", default=None, help="this model's name in the table (default: <run folder>/<weights stem>)"
     )
     add_no_overlays(parser)
-    parser.add_argument(
-        "--tracking-uri", default=None, help="MLflow URI (default: SQLite in the output directory)"
-    )
-    parser.add_argument("--experiment", default="autosam2")
+    add_tracking(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from autosam2.evaluate import on_ranks
 
-    from autosam2.engine.dist import distributed
-
-    with distributed(args.device, TrainConfig().dist_timeout_s) as info:
-        return _benchmark(args, info)
+    return on_ranks(build_parser().parse_args(argv), _benchmark)
 
 
 def _benchmark(args: argparse.Namespace, info) -> int:

@@ -20,6 +20,7 @@ from autosam2.arguments import (
     add_no_overlays,
     add_output_dir,
     add_split,
+    add_tracking,
 )
 from autosam2.config import ClipMode, ConfigError, TrainConfig
 from autosam2.metrics import DICE_RULES, MODES
@@ -93,20 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
         "polyp-free; clear) from its synth.json, in metrics.json and MLflow",
     )
     add_no_overlays(parser)
-    parser.add_argument(
-        "--tracking-uri", default=None, help="MLflow URI (default: SQLite in the output directory)"
-    )
-    parser.add_argument("--experiment", default="autosam2")
+    add_tracking(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return on_ranks(build_parser().parse_args(argv), _evaluate)
 
+
+def on_ranks(args: argparse.Namespace, work) -> int:
+    """`work(args, info)` on this process's rank (alone, or one of torchrun's / srun's), the process
+    group set up around it and taken down after."""
     from autosam2.engine.dist import distributed
 
     with distributed(args.device, TrainConfig().dist_timeout_s) as info:
-        return _evaluate(args, info)
+        return work(args, info)
 
 
 def _evaluate(args: argparse.Namespace, info) -> int:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from autosam2.arguments import add_layout, add_output_dir, add_split, add_workers
+from autosam2.arguments import add_layout, add_output_dir, add_split, add_tracking, add_workers
 from autosam2.eval.benchmark import add_splits
 from autosam2.metrics import DICE_RULES, MODES, REPORTED
 
@@ -81,10 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_workers(p, "reading and scoring")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--mlflow", action="store_true", help="log the scores as an MLflow run")
-    p.add_argument(
-        "--tracking-uri", default=None, help="with --mlflow (default: SQLite in the output directory)"
-    )
-    p.add_argument("--experiment", default="autosam2")
+    add_tracking(p, "with --mlflow: ")
     p.add_argument("--run-name", default=None, help="with --mlflow (default: score-<pred folder>)")
     return p
 

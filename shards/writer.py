@@ -180,8 +180,8 @@ def build_part(
         )
     claim_shared(out, SHARD_SET, inputs=[root])
     layout = reader(root, layout).layout
-    split = split_name(root, layout, split, "train")
     sequences = scan_root(root, split, layout) if sequences is None else sequences
+    split = split_name(root, layout, split, "train")  # None: the one scan_root read
     part_file = _part_path(out, part_index, num_parts)
     _clear_part(out, part_file, num_parts, overwrite)
     mine = assign_parts(sequences, num_parts)[part_index]
@@ -373,7 +373,7 @@ def build(
     root = Path(root).resolve()
     claim(out, SHARD_SET, overwrite, inputs=[root])
     sequences = scan_root(root, split, layout)
-    split = split_name(root, layout, split, "train")
+    split = split_name(root, layout, split, "train")  # None: the one scan_root read
     with output_directory(out, SHARD_SET, overwrite, inputs=[root]) as tmp:
         build_part(
             root,

@@ -229,9 +229,10 @@ def test_bench_layouts_measures_each_layout_against_polyp_gen(tmp_path):
 
     args = build_parser().parse_args(["layouts", "--frames", "30", "--repeats", "1", "--keep", str(tmp_path)])
     figures = layouts.run(args)
-    assert set(figures) >= {"polyp_gen", "sunseg"}
+    names = [layout.value for layout in layouts.WRITERS]
+    assert set(figures) >= {"polyp_gen", "sunseg", "polypgen"} and set(figures) >= set(names)
     assert figures["polyp_gen"]["shard_build_vs_polyp_gen"] == 1.0
-    for name in ("polyp_gen", "sunseg"):
+    for name in names:
         assert figures[name]["validate"]["s"] > 0 and figures[name]["inspect"]["peak_rss_mb"] > 0
         assert read_manifest(tmp_path / f"shards-{name}")["totals"]["frames"] == 30
 

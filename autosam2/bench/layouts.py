@@ -74,10 +74,36 @@ def write_sunseg(root: Path, frames: int, files: tuple[bytes, bytes]) -> str:
     return "TestHardDataset/Unseen"
 
 
+def write_polypgen(root: Path, frames: int, files: tuple[bytes, bytes]) -> str:
+    """PolypGen's positive sequence data, ``root/sequenceData/positive/seqN/{images_seqN/<stem>.jpg,
+    masks_seqN/<stem>_mask.png}`` (PNG masks, the bytes every layout here shares; the release's are JPEG);
+    returns the split."""
+    for k in range(frames):
+        seq, name = f"seq{k // SEQUENCE_FRAMES + 1}", f"{k // SEQUENCE_FRAMES + 1}_{k % SEQUENCE_FRAMES:04d}"
+        folder = root / "sequenceData" / "positive" / seq
+        _write(folder / f"images_{seq}" / f"{name}.jpg", files[0])
+        _write(folder / f"masks_{seq}" / f"{name}_mask.png", files[1])
+    return "sequenceData/positive"
+
+
+def write_images(root: Path, frames: int, files: tuple[bytes, bytes]) -> str:
+    """A flat set ``root/{images,masks}/<k>`` whose sequences.csv groups the frames into sequences;
+    returns its one split."""
+    rows = ["frame,sequence"]
+    for k in range(frames):
+        _write(root / "images" / f"{k:06d}.jpg", files[0])
+        _write(root / "masks" / f"{k:06d}.png", files[1])
+        rows.append(f"{k:06d},seq{k // SEQUENCE_FRAMES}")
+    _write(root / "sequences.csv", ("\n".join(rows) + "\n").encode())
+    return "all"
+
+
 # the layouts this benchmark writes, polyp_gen first (the reference)
 WRITERS: dict[Layout, Callable[[Path, int, tuple[bytes, bytes]], str]] = {
     Layout.polyp_gen: write_polyp_gen,
     Layout.sunseg: write_sunseg,
+    Layout.polypgen: write_polypgen,
+    Layout.images: write_images,
 }
 
 

@@ -202,7 +202,8 @@ def validate_root(
         found = reader(root, layout)
     except DatasetError as err:
         return [SplitReport(split="-", problems=[Problem(root, _reason(err))])]
-    names = list(splits) if splits is not None else found.splits(root)
+    present = found.splits(root)  # a split need not be a folder: `all`, a root that is one image set
+    names = list(splits) if splits is not None else present
     if not names:
         return [SplitReport(split="-", problems=[Problem(root, f"holds no {found.layout} split folder")])]
     reports = []
@@ -212,8 +213,8 @@ def validate_root(
         except DatasetError as err:
             reports.append(SplitReport(split=split, problems=[Problem(root, _reason(err))]))
             continue
-        if not (root / split).is_dir():
-            there = ", ".join(found.splits(root)) or "none"
+        if split not in present and not (root / split).is_dir():
+            there = ", ".join(present) or "none"
             problem = Problem(root / split, f"split folder is missing (splits: {there})")
             reports.append(SplitReport(split=split, problems=[problem]))
         else:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from autosam2.config import Layout
-from autosam2.data.layouts import polyp_gen, polypgen, sunseg
+from autosam2.data.layouts import images, polyp_gen, polypgen, sunseg
 from autosam2.data.layouts.files import FrameFiles, Problem, SequenceFiles
 from autosam2.errors import DatasetError
 
@@ -67,6 +67,10 @@ READERS: dict[Layout, Reader] = {
         polypgen.scan,
         polypgen.DEFAULT_SPLITS,
         polypgen.RELEASE,
+    ),
+    # before polyp_gen, whose test for a split (a folder holding images/) a set's parent passes too
+    Layout.images: Reader(
+        Layout.images, images.looks_like, images.splits, images.scan, images.DEFAULT_SPLITS, images.RELEASE
     ),
     Layout.polyp_gen: Reader(
         Layout.polyp_gen,
