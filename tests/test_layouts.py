@@ -128,6 +128,18 @@ def test_validate_of_a_missing_split_lists_the_splits_there_are(sunseg_root, cap
     assert "(splits: TrainDataset, TestEasyDataset/Seen, " in capsys.readouterr().err
 
 
+def test_a_listed_sequence_that_climbs_out_of_the_split_is_a_problem_not_a_sequence(tiny_root):
+    (tiny_root / "valid" / "val_list.txt").write_text("seq3\n../../train/images/seq1\n")
+    sequences, problems = scan(tiny_root, "valid")
+    assert [s.name for s in sequences] == ["seq3"]
+    assert [str(p) for p in problems] == [
+        f"{tiny_root / 'valid'}: sequence '../../train/images/seq1': a name outputs named after it would "
+        "write outside their folder"
+    ]
+    with pytest.raises(DatasetError, match="would write outside their folder"):
+        FolderDataset(tiny_root, "valid")  # so evaluate and predict write nothing
+
+
 def test_an_explicit_layout_that_does_not_fit_says_what_is_there(sunseg_root):
     with pytest.raises(
         DatasetError, match=r"no train split 'train' in this polyp_gen folder \(splits: none\)"

@@ -138,7 +138,24 @@ def scan(root: str | Path, split: str, layout: Layout | str = Layout.auto) -> Sc
     """Index one split of `root` from file names alone; the sequences and every problem found."""
     root = Path(root)
     found = reader(root, layout)
-    return found.scan(root, clean_split(root, split))
+    split = clean_split(root, split)
+    sequences, problems = found.scan(root, split)
+    unsafe = [s for s in sequences if not _inside(s.name)]
+    where = root / split if (root / split).is_dir() else root  # a split need not be a folder
+    problems += [
+        Problem(
+            where,
+            f"sequence {s.name!r}: a name outputs named after it would write outside their folder",
+        )
+        for s in unsafe
+    ]
+    return [s for s in sequences if s not in unsafe], problems
+
+
+def _inside(name: str) -> bool:
+    """Whether a folder named `name` under another stays inside it (no '..', not absolute, not empty)."""
+    path = PurePosixPath(name)
+    return bool(name) and not path.is_absolute() and ".." not in path.parts and path.as_posix() != "."
 
 
 def clean_split(root: Path, split: str) -> str:
