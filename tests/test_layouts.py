@@ -62,6 +62,14 @@ def test_a_sunseg_name_outside_the_pattern_among_names_in_it_is_a_problem(sunseg
     ]
 
 
+def test_the_parent_of_seen_and_unseen_names_them(sunseg_root):
+    (report,) = validate_root(sunseg_root, ["TestEasyDataset"])
+    assert [str(p) for p in report.problems] == [
+        f"{sunseg_root / 'TestEasyDataset' / 'Frame'}: split 'TestEasyDataset' has no Frame folder (it holds "
+        "the splits TestEasyDataset/Seen, TestEasyDataset/Unseen: name one)"
+    ]
+
+
 def test_sunseg_reads_gt_as_masks_and_classification_as_labels_and_ignores_the_rest(sunseg_root):
     sequences, _ = scan(sunseg_root, "TrainDataset")
     assert [s.name for s in sequences] == SPLIT_CASES["TrainDataset"]

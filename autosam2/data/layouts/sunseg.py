@@ -74,7 +74,9 @@ def scan(root: Path, split: str) -> tuple[list[SequenceFiles], list[Problem]]:
     split_dir = root / split
     frame_root = split_dir / "Frame"
     if not frame_root.is_dir():
-        return [], [Problem(frame_root, f"split {split!r} has no Frame folder")]
+        inner = [s for s in splits(root) if s.startswith(f"{split}/")]
+        held = f" (it holds the splits {', '.join(inner)}: name one)" if inner else ""
+        return [], [Problem(frame_root, f"split {split!r} has no Frame folder{held}")]
     cases = subfolders(frame_root)
     if not cases:
         return [], [Problem(frame_root, "holds no case folder")]
