@@ -97,6 +97,20 @@ def test_negative_only_frames_have_no_mask_and_read_as_empty(polypgen_root):
     assert len(video.frames) == 2 and not any(f.object_mask().any() for f in video.frames)
 
 
+def test_score_reads_negative_only_frames_as_empty_ground_truth(polypgen_root, tmp_path):
+    pred = tmp_path / "pred"
+    for name, numbers in NEGATIVE_FRAMES.items():
+        (pred / name).mkdir(parents=True)
+        for n in numbers:
+            Image.new("L", (64, 64)).save(pred / name / f"{name.removesuffix('_neg')}_img{n}.png")
+    out = tmp_path / "scores"
+    argv = ["score", "--pred", str(pred), "--gt", str(polypgen_root), "--split", NEGATIVE]
+    assert main([*argv, "--keep-first-last", "--output-dir", str(out)]) == 0
+    scores = json.loads((out / "metrics.json").read_text())
+    assert sorted(scores["per_sequence"]) == sorted(NEGATIVE_FRAMES)
+    assert scores["frames"] == {name: len(numbers) for name, numbers in NEGATIVE_FRAMES.items()}
+
+
 def test_a_missing_mask_in_a_positive_set_is_one_problem_naming_the_file(damaged_root):
     mask = damaged_root / POSITIVE / "seq2" / "masks_seq2" / "1_endocv2021_positive_9_mask.jpg"
     mask.unlink()
