@@ -120,6 +120,19 @@ def test_shards_build_names_the_split_as_the_layout_does(sunseg_root, tmp_path, 
     assert [p.name for p in out.glob("*.tar")] == [f"{name.replace('/', '-')}-000-00000.tar"]
 
 
+def test_a_symlink_loop_as_input_is_one_line_not_a_traceback(tmp_path, capsys):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    assert shards(["build", str(loop), "--out", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err.strip() == f"shards build: {loop}: dataset root does not exist"
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    assert cli(["score", "--pred", str(loop), "--gt", str(gt), "--output-dir", str(tmp_path / "s")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"autosam2 score: {loop}: not a folder") and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists() and not (tmp_path / "s").exists()
+
+
 def test_polyp_gen_shards_any_split_with_its_layout_named(tiny_root, tmp_path):
     import shutil
 
