@@ -1,4 +1,4 @@
-"""`autosam2 synth | validate | inspect`: write a synthetic dataset, check a polyp_gen root, read one back."""
+"""`autosam2 synth | validate | inspect`: write a synthetic dataset, check a dataset folder in any layout, read one back."""
 
 from __future__ import annotations
 
