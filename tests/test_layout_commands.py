@@ -183,6 +183,15 @@ def test_evaluate_score_and_predict_read_a_sunseg_split_in_the_official_order(
     assert [line.split(",")[1] for line in rows if line.startswith(case)] == frame_stems(case, 6)
 
 
+def test_score_on_a_sunseg_gt_tree_drops_the_official_first_and_last(sunseg_root, tmp_path):
+    from autosam2.eval.score import pair_frames
+
+    gt = sunseg_root / HARD / "GT"
+    pairing = pair_frames(gt, gt, drop_first_last=True)  # the masks scored against themselves
+    (case,) = SPLIT_CASES[HARD]
+    assert [g.stem for g, _ in pairing.sequences[0].frames] == frame_stems(case, 6)[1:-1]
+
+
 def test_score_pairs_by_the_layouts_order_not_by_name(sunseg_root):
     from autosam2.eval.score import layout_truth, pair_frames
 

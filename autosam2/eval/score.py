@@ -95,11 +95,14 @@ Truth = dict[str, list[tuple[str, Path | PolypFree]]]
 
 
 def tree_truth(gt_root: Path, problems: list[str]) -> Truth:
-    """The ground truth of a ``<gt>/<sequence>/<frame>`` tree, frames in natural order of their names."""
+    """The ground truth of a ``<gt>/<sequence>/<frame>`` tree, frames in the toolbox's order: SUN-SEG's
+    names by the official evaluator's key, other names in natural order."""
+    from autosam2.data.layouts.sunseg import frame_order
+
     truth = {}
     for name in _folders(gt_root):
         gts = _images(gt_root / name, problems)
-        truth[name] = [(stem, gts[stem]) for stem in sorted(gts, key=natural_key)]
+        truth[name] = [(stem, gts[stem]) for stem in frame_order(list(gts))]
     return truth
 
 
