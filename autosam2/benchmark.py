@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="a trained model over a benchmark's test splits, beside the published methods",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     parser.add_argument("benchmark", choices=list(BENCHMARKS), help="the benchmark (its protocol and splits)")
     add_model_arguments(parser, "benchmark")

@@ -71,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     from autosam2.commands import LAUNCH, commands_of
 
     p = argparse.ArgumentParser(
-        prog=LAUNCH, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=LAUNCH,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     jobs = commands_of(LAUNCH)
     p.add_argument(
