@@ -153,3 +153,18 @@ def test_an_explicit_layout_that_does_not_fit_says_what_is_there(sunseg_root):
         DatasetError, match=r"no train split 'train' in this polyp_gen folder \(splits: none\)"
     ):
         reader(sunseg_root, "polyp_gen").default_split(sunseg_root, "train")
+
+
+def test_classification_lines_that_are_not_frame_and_class_are_said_and_the_rest_read(
+    sunseg_root, tmp_path, capsys
+):
+    root = shutil.copytree(sunseg_root, tmp_path / "SUN-SEG")
+    path = root / "TestHardDataset/Seen/Classification/classification.txt"
+    path.write_text("garbage\r\n" + path.read_text().replace("\n", "\r\n"))
+    sequences, problems = scan(root, "TestHardDataset/Seen")
+    assert problems == [] and sequences[0].frames[0].labels == {"pathology": "low_grade_adenoma"}
+    assert "1 line(s) are not '<frame> <class>' (first: line 1); not read" in capsys.readouterr().err
+    path.write_bytes(b"\xff\xfe\x00bad")
+    sequences, problems = scan(root, "TestHardDataset/Seen")
+    assert problems == [] and sequences[0].frames[0].labels == {}
+    assert "frames carry no pathology label" in capsys.readouterr().err

@@ -52,8 +52,15 @@ class Reader:
         named = ", ".join(present) or "none"
         raise DatasetError(
             f"{root}: no {purpose} split{f' {split!r}' if split else ''} in this {self.layout} folder "
-            f"(splits: {named}); name one with --split"
+            f"(splits: {named}); name one with {_SPLIT_FLAGS.get(purpose, '--split')}"
         )
+
+
+# how each purpose's split is named: training's in its config (or train's flags), the commands' by --split
+_SPLIT_FLAGS = {
+    "train": "data.train_split (train --train-split; shards build --split)",
+    "valid": "--split (training: data.valid_split)",
+}
 
 
 READERS: dict[Layout, Reader] = {

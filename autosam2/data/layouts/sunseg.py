@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from autosam2.data.layouts.files import Problem, SequenceFiles, natural_key, pair_folder, subfolders
+from autosam2.data.layouts.files import Problem, SequenceFiles, natural_key, pair_folder, say_once, subfolders
 
 TRAIN = "TrainDataset"
 TESTS = ("TestEasyDataset/Seen", "TestEasyDataset/Unseen", "TestHardDataset/Seen", "TestHardDataset/Unseen")
@@ -55,17 +55,28 @@ def looks_like(root: Path) -> bool:
 
 
 def read_classes(split_dir: Path) -> dict[str, str]:
-    """Pathology class per frame (keyed by ``<case>/<stem>`` and by stem) from classification.txt."""
+    """Pathology class per frame (keyed by ``<case>/<stem>`` and by stem) from classification.txt; lines
+    that hold no frame and class, or a file that is not text, are said once and not read (the classes are
+    labels users filter on, not what training or scoring needs)."""
     path = split_dir / CLASSIFICATION
     if not path.is_file():
         return {}
-    classes = {}
-    for line in path.read_text().splitlines():
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (UnicodeDecodeError, OSError) as err:
+        say_once(f"{path}: not read ({type(err).__name__}: {err}); frames carry no pathology label")
+        return {}
+    classes, odd = {}, []
+    for number, line in enumerate(lines, 1):
         parts = line.split()
         if len(parts) >= 2:
             name = Path(parts[0])
             classes[str(name.with_suffix(""))] = parts[1]
             classes.setdefault(name.stem, parts[1])
+        elif parts:
+            odd.append(number)
+    if odd:
+        say_once(f"{path}: {len(odd)} line(s) are not '<frame> <class>' (first: line {odd[0]}); not read")
     return classes
 
 
