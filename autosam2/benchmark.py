@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="a trained model over a benchmark's test splits, beside the published methods",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     parser.add_argument("benchmark", choices=list(BENCHMARKS), help="the benchmark (its protocol and splits)")
     add_model_arguments(parser, "benchmark")
@@ -92,8 +93,10 @@ def _benchmark(args: argparse.Namespace, info) -> int:
 
 
 def _splits(args: argparse.Namespace) -> list[str]:
-    """The splits to run (--splits, default every test split), each present in --data; else one
-    DatasetError naming the root and every split it lacks."""
+    """The splits to run (--splits, default every test split), each present in --data and its files in
+    place (a broken last split is found before the first is run); else one DatasetError naming the root
+    and every split it lacks, or the first problem."""
+    from autosam2.data.folder import FolderDataset
     from autosam2.data.layouts import sunseg
     from autosam2.errors import DatasetError
 
@@ -110,6 +113,8 @@ def _splits(args: argparse.Namespace) -> list[str]:
             f"{root}: no {', '.join(missing)} (a SUN-SEG root holds <split>/Frame/<case>/ and "
             f"<split>/GT/<case>/; found: {', '.join(present) or 'none'})"
         )
+    for split in wanted:
+        FolderDataset(root, split, layout="sunseg")  # reads file names only; raises on the first problem
     return wanted
 
 

@@ -22,12 +22,13 @@ def build_parser() -> argparse.ArgumentParser:
         description=program(AUTOSAM2).help + ".",
         epilog="`autosam2 COMMAND --help` shows the options of a command. Errors in your input, data or disk "
         f"are one line and exit status 1; --debug (or {DEBUG_VARIABLE}=1) shows the traceback of every error.",
+        allow_abbrev=False,
     )
     parser.add_argument("--debug", action="store_true", help="show the traceback of every error")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
-        sub.add_parser(name, help=command.help, add_help=False)
+        sub.add_parser(name, help=command.help, add_help=False, allow_abbrev=False)
     return parser
 
 

@@ -76,19 +76,19 @@ REGISTRY: tuple[Command, ...] = (
         AUTOSAM2,
         "synth",
         "autosam2.data_commands:synth",
-        "write a synthetic polyp_gen dataset (train + valid)",
+        "write a synthetic polyp_gen dataset (train, valid and test)",
     ),
     Command(
         AUTOSAM2,
         "validate",
         "autosam2.data_commands:validate",
-        "check a polyp_gen root; list every problem, one per line",
+        "check a dataset folder in any layout; list every problem, one per line",
     ),
     Command(
         AUTOSAM2,
         "inspect",
         "autosam2.data_commands:inspect",
-        "summarise the sequences of a polyp_gen root or shard set",
+        "name a dataset folder's layout and splits, summarise its sequences or a shard set's",
     ),
     Command(AUTOSAM2, "bench", "autosam2.bench:main", "benchmarks, one JSON object of figures each"),
     Command(

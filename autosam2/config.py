@@ -374,6 +374,11 @@ def _train_problems(data: DataConfig) -> list[str]:
         )
     if len(paths) > 1 and data.order != Order["global"]:
         problems.append(f"a mix of data.train sources is drawn in data.order=global, got {data.order}")
+    twice = sorted({p for p in paths if paths.count(p) > 1})
+    if twice:
+        problems.append(
+            f"data.train names {', '.join(twice)} more than once; give one source a larger data.train_weights"
+        )
     return problems
 
 

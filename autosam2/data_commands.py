@@ -1,4 +1,4 @@
-"""`autosam2 synth | validate | inspect`: write a synthetic dataset, check a polyp_gen root, read one back."""
+"""`autosam2 synth | validate | inspect`: write a synthetic dataset, check a dataset folder in any layout, read one back."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from autosam2.arguments import add_layout, add_output_dir, add_split, add_worker
 
 
 def synth(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="autosam2 synth", description="write a synthetic polyp_gen dataset")
+    p = argparse.ArgumentParser(
+        prog="autosam2 synth", description="write a synthetic polyp_gen dataset", allow_abbrev=False
+    )
     add_output_dir(p, "--out", type=Path, required=True, help="dataset root to create")
     p.add_argument("--sequences", type=int, default=8, help="train sequences (default 8)")
     p.add_argument(
@@ -73,6 +75,7 @@ def validate(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="autosam2 validate",
         description="check a dataset folder in any layout (docs/data.md); list every problem, one per line",
+        allow_abbrev=False,
     )
     p.add_argument("root", type=Path)
     add_layout(p)
@@ -110,6 +113,7 @@ def inspect(argv: list[str] | None = None) -> int:
         prog="autosam2 inspect",
         description="name a dataset folder's layout and splits, read the sequences of one split (or of a "
         "shard set) and summarise each",
+        allow_abbrev=False,
     )
     p.add_argument("root", type=Path, nargs="?", default=None)
     p.add_argument(
@@ -138,10 +142,10 @@ def inspect(argv: list[str] | None = None) -> int:
         print("autosam2 inspect: give a dataset ROOT or --shards DIR", file=sys.stderr)
         return 2
     from autosam2.data.folder import FolderDataset
-    from autosam2.data.layouts import reader
+    from autosam2.data.layouts import reader, split_name
 
     found = reader(args.root, args.layout)
-    args.split = args.split or found.default_split(args.root, "valid")
+    args.split = split_name(args.root, found.layout, args.split, "valid")
     print(
         f"{args.root}: {found.layout} layout ({found.release}); splits: {', '.join(found.splits(args.root))}"
     )

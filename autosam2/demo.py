@@ -49,7 +49,7 @@ def _run(cmd: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="autosam2 demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="autosam2 demo", description=__doc__, allow_abbrev=False)
     add_output_dir(parser, "--out", type=Path, default=Path("demo"), help="the demo's folder (default demo)")
     parser.add_argument(
         "--overwrite",

@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="streaming inference + metrics over a valid split",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     add_model_arguments(parser, "results")
     add_layout(parser)

@@ -9,6 +9,7 @@ dataset, someone's notes) is refused in one line naming it and what it holds, wi
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -102,11 +103,11 @@ DEMO = OutputKind(
 
 def apart_from_inputs(out: Path, inputs: Iterable[str | Path | None], holding: bool = True) -> None:
     """Refuse an output path that is an input, lies inside one, or (`holding`) holds one."""
-    here = Path(out).resolve()
+    here = _real(out)
     for given in inputs:
         if given is None or str(given) == "":
             continue
-        source = Path(given).resolve()
+        source = _real(given)
         if here == source:
             where = "is"
         elif here.is_relative_to(source):
@@ -118,6 +119,12 @@ def apart_from_inputs(out: Path, inputs: Iterable[str | Path | None], holding: b
         raise OutputRefused(
             f"{out}: {where} the input {given}; choose an output path outside the input (nothing was written)"
         )
+
+
+def _real(path: str | Path) -> Path:
+    """`path` with its links followed; a symlink loop stays where it loops (the command that reads it
+    then says it is missing), where `Path.resolve` raises."""
+    return Path(os.path.realpath(path))
 
 
 def _parent_is_a_folder(out: Path) -> None:

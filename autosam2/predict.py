@@ -23,7 +23,9 @@ from autosam2.config import TrainConfig
 def build_parser() -> argparse.ArgumentParser:
     from autosam2.evaluate import add_model_arguments
 
-    parser = argparse.ArgumentParser(prog="autosam2 predict", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="autosam2 predict", description=__doc__.split("\n")[0], allow_abbrev=False
+    )
     parser.add_argument(
         "input", help="a video file, a folder of frames, a folder of those, or a dataset folder"
     )

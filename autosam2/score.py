@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="score saved masks of any method against ground-truth masks",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     p.add_argument("--pred", required=True, help="predictions: <pred>/<sequence>/<frame>.png|jpg")
     p.add_argument(

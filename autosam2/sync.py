@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="autosam2 sync",
         description="send the tracking records a run could not deliver (its MLflow server was down) to its run",
+        allow_abbrev=False,
     )
     add_folder_or_output_dir(parser, "the run's output directory (train.output_dir)")
     parser.add_argument("--tracking-uri", default=None, help="default: the run's tracking.uri in config.yaml")

@@ -22,7 +22,9 @@ if TYPE_CHECKING:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="autosam2 train", description="train AutoSAM2 (alone, under torchrun, or under srun)"
+        prog="autosam2 train",
+        description="train AutoSAM2 (alone, under torchrun, or under srun)",
+        allow_abbrev=False,
     )
     p.add_argument("--config", default=None, help="YAML run config (see configs/)")
     p.add_argument(

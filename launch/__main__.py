@@ -71,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     from autosam2.commands import LAUNCH, commands_of
 
     p = argparse.ArgumentParser(
-        prog=LAUNCH, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=LAUNCH,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     jobs = commands_of(LAUNCH)
     p.add_argument(
@@ -109,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--folder",
         default=None,
         help="the job folder: submitit's pickles and every task's logs (default: the command's "
-        "OUTPUT_DIR/jobs; evaluate: OUTPUT_DIR.jobs beside it)",
+        "OUTPUT_DIR/jobs; evaluate and shard: OUTPUT_DIR.jobs beside it)",
     )
     p.add_argument("--wait", action="store_true", help="wait for the job(s) and print the result")
     p.epilog = "After --: the arguments of `autosam2 train` / `autosam2 evaluate`, or of `python -m shards build` (shard)."
@@ -219,7 +222,7 @@ def _output_dir_of(what: str, argv: list[str]) -> Path:
     out = claim_shared(args.output_dir, SHARD_SET, [args.root])
     if (out / MANIFEST).exists() and not args.overwrite:
         raise OutputRefused(f"{out / MANIFEST}: shard set already built; pass --overwrite to rebuild")
-    return out.parent
+    return out
 
 
 def _without_credentials(argv: list[str]) -> list[str]:
@@ -251,8 +254,9 @@ def submit(argv: Sequence[str] | None = None) -> list[submitit.Job]:
     # executor pass it on), never in its pickled arguments
     rest = _without_credentials(rest)
     cfg, out = _checked(args.what, rest)
-    # evaluate's output folder appears whole when it is done (a renamed temp folder): its logs go beside it
-    default = out.with_name(f"{out.name}.jobs") if args.what == "evaluate" else out / "jobs"
+    # evaluate's output folder appears whole when it is done (a renamed temp folder) and a shard set holds
+    # its shards only: their logs go beside them
+    default = out / "jobs" if args.what == "train" else out.with_name(f"{out.name}.jobs")
     folder = Path(args.output_dir) if args.output_dir else default
     from autosam2.atomic import make_folders, remove_empty
 

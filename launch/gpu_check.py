@@ -165,19 +165,29 @@ def print_table(report: dict) -> None:
 def _parser() -> argparse.ArgumentParser:
     from autosam2.arguments import add_output_dir
 
-    parser = argparse.ArgumentParser(prog="python -m launch.gpu_check", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.gpu_check", description=__doc__.split("\n")[0], allow_abbrev=False
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    wheels = sub.add_parser("wheels", help="build the wheelhouse for the device's Python (here)")
+    wheels = sub.add_parser(
+        "wheels", help="build the wheelhouse for the device's Python (here)", allow_abbrev=False
+    )
     wheels.add_argument("--python-version", default=DEVICE_PYTHON)
     for name in ("run", "dry-run"):
         p = sub.add_parser(
-            name, help="the check on this machine's GPU" if name == "run" else "the check on the CPU, tiny"
+            name,
+            help="the check on this machine's GPU" if name == "run" else "the check on the CPU, tiny",
+            allow_abbrev=False,
         )
         add_output_dir(p, "--out", type=Path, default=Path(os.environ.get("OUT") or "gpu-check-out"))
         p.add_argument("--budget-s", type=float, default=BUDGET_S[name])
     sub.choices["run"].add_argument("--dry", action="store_true", help=argparse.SUPPRESS)
-    sub.add_parser("parts", help="the parts and goals as a Markdown table")
-    sub.add_parser("decode", help="JPEG decoding frames/s: `autosam2 bench decode` under another name")
+    sub.add_parser("parts", help="the parts and goals as a Markdown table", allow_abbrev=False)
+    sub.add_parser(
+        "decode",
+        help="JPEG decoding frames/s: `autosam2 bench decode` under another name",
+        allow_abbrev=False,
+    )
     return parser
 
 

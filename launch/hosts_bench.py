@@ -91,7 +91,9 @@ def trainable_bytes() -> int:
 def main(argv: list[str] | None = None) -> int:
     from autosam2.commands import HOSTS_BENCH
 
-    parser = argparse.ArgumentParser(prog=HOSTS_BENCH, description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog=HOSTS_BENCH, description=__doc__.splitlines()[0], allow_abbrev=False
+    )
     parser.add_argument("--steps", type=int, nargs=2, default=[4, 12], help="the short and the long run")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank (OMP_NUM_THREADS)")
     args = parser.parse_args(argv)

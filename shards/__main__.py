@@ -22,11 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     from autosam2.commands import SHARDS, commands_of
 
-    parser = argparse.ArgumentParser(prog=SHARDS, description=__doc__)
+    parser = argparse.ArgumentParser(prog=SHARDS, description=__doc__, allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
     helps = {name: command.help for name, command in commands_of(SHARDS).items()}
 
-    b = sub.add_parser("build", help=helps["build"])
+    b = sub.add_parser("build", help=helps["build"], allow_abbrev=False)
     b.add_argument("root", type=Path)
     add_layout(b)
     add_split(b, what="shard")
@@ -47,11 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--num-shards", type=positive_int, default=None, help="... of this many; then run `merge`")
     b.add_argument("--overwrite", action="store_true")
 
-    m = sub.add_parser("merge", help=helps["merge"])
+    m = sub.add_parser("merge", help=helps["merge"], allow_abbrev=False)
     add_folder_or_output_dir(m, "the shard set's folder")
     m.add_argument("--overwrite", action="store_true", help="replace a manifest.json already there")
 
-    v = sub.add_parser("verify", help=helps["verify"])
+    v = sub.add_parser("verify", help=helps["verify"], allow_abbrev=False)
     v.add_argument("out", type=Path)
     return parser
 

@@ -173,7 +173,7 @@ def build_part(
 ) -> dict[str, Any]:
     """Write one disjoint part of the shard set of `split` (a split of `root`'s layout) into `out` and
     record it; return the part record. `sequences`: the split as `scan_root` read it (None: read here)."""
-    root, out = Path(root).resolve(), Path(out)
+    root, out = Path(os.path.realpath(root)), Path(out)
     if frames_per_sample < 1 or max_shard_mb <= 0 or not 0 <= part_index < num_parts:
         raise DatasetError(
             f"need frames_per_sample >= 1, max_shard_mb > 0, 0 <= shard index < num shards; got {frames_per_sample}, {max_shard_mb}, {part_index}/{num_parts}"
@@ -370,7 +370,7 @@ def build(
     """Build a whole shard set in a temp folder beside `out`, then rename it into place: `out` must be
     missing, an empty folder, or (with `overwrite`) a shard set, and apart from `root`; the dataset is
     checked before anything is written."""
-    root = Path(root).resolve()
+    root = Path(os.path.realpath(root))  # a symlink loop: said missing, not raised
     claim(out, SHARD_SET, overwrite, inputs=[root])
     sequences = scan_root(root, split, layout)
     split = split_name(root, layout, split, "train")  # None: the one scan_root read

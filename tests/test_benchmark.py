@@ -250,6 +250,19 @@ def test_a_root_without_a_split_is_one_line_and_nothing_is_written(tmp_path, sun
     assert not out.exists()
 
 
+def test_a_broken_last_split_is_found_before_the_first_is_run(tmp_path, sunseg):
+    import argparse
+
+    from autosam2.benchmark import _splits
+    from autosam2.errors import DatasetError
+
+    root = shutil.copytree(sunseg, tmp_path / "SUN-SEG")
+    gt = sorted((root / TESTS[-1] / "GT").glob("*/*.png"))[0]
+    gt.unlink()
+    with pytest.raises(DatasetError, match=f"image has no mask .*--split {TESTS[-1]}` to list them all"):
+        _splits(argparse.Namespace(data=str(root), splits=None))
+
+
 def test_score_with_the_sunseg_layout_takes_the_toolbox_s_protocol_only(capsys):
     from autosam2.score import main
 

@@ -65,6 +65,7 @@ def test_yaml_file_then_overrides(tmp_path):
         (["data.train_weights=[1, 2]"], "for each of the 1 source(s) of data.train"),
         (["data.train_weights=[x]"], "data.train_weights[0]: Value 'x'"),
         (["data.train=[]"], "data.train must be a path or a list of paths, got []"),
+        (["data.train=[a, b, a]"], "data.train names a more than once; give one source a larger"),
         (["data.train=12"], "data.train must be a path or a list of paths, got 12"),
         (
             ["data.train=[a, b]", "data.order=resample"],

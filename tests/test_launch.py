@@ -21,7 +21,7 @@ def test_the_output_directory_is_read_by_the_commands_own_parser(tmp_path, tiny_
     )
     assert _output_dir_of("evaluate", ["--weights", "w.pt"]) == Path("results")
     shard = [str(tiny_root_pristine), "--split", "train", f"--out={tmp_path / 'shards' / 'train'}"]
-    assert _output_dir_of("shard", shard) == tmp_path / "shards"
+    assert _output_dir_of("shard", shard) == tmp_path / "shards" / "train"  # its jobs: train.jobs beside it
 
 
 @pytest.mark.slow

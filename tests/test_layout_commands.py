@@ -104,6 +104,35 @@ def test_a_split_or_layout_that_does_not_fit_is_one_line_and_writes_nothing(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("split", "name"),
+    [
+        ([], "TrainDataset"),  # the layout's train split by default
+        (["--split", "TestHardDataset/Unseen/"], HARD),  # a shell's completion adds the slash
+        (["--split", "./TestHardDataset//Unseen"], HARD),
+    ],
+)
+def test_shards_build_names_the_split_as_the_layout_does(sunseg_root, tmp_path, split, name):
+    out = tmp_path / "out"
+    assert shards(["build", str(sunseg_root), *split, "--out", str(out)]) == 0
+    manifest = read_manifest(out)
+    assert manifest["split"] == name and manifest["source"]["split"] == name
+    assert [p.name for p in out.glob("*.tar")] == [f"{name.replace('/', '-')}-000-00000.tar"]
+
+
+def test_a_symlink_loop_as_input_is_one_line_not_a_traceback(tmp_path, capsys):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    assert shards(["build", str(loop), "--out", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err.strip() == f"shards build: {loop}: dataset root does not exist"
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    assert cli(["score", "--pred", str(loop), "--gt", str(gt), "--output-dir", str(tmp_path / "s")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"autosam2 score: {loop}: not a folder") and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists() and not (tmp_path / "s").exists()
+
+
 def test_polyp_gen_shards_any_split_with_its_layout_named(tiny_root, tmp_path):
     import shutil
 
@@ -152,6 +181,15 @@ def test_evaluate_score_and_predict_read_a_sunseg_split_in_the_official_order(
     assert cli(["predict", str(sunseg_root), "--split", HARD, *model, "--output-dir", str(predicted)]) == 0
     rows = (predicted / "frames.csv").read_text().splitlines()
     assert [line.split(",")[1] for line in rows if line.startswith(case)] == frame_stems(case, 6)
+
+
+def test_score_on_a_sunseg_gt_tree_drops_the_official_first_and_last(sunseg_root, tmp_path):
+    from autosam2.eval.score import pair_frames
+
+    gt = sunseg_root / HARD / "GT"
+    pairing = pair_frames(gt, gt, drop_first_last=True)  # the masks scored against themselves
+    (case,) = SPLIT_CASES[HARD]
+    assert [g.stem for g, _ in pairing.sequences[0].frames] == frame_stems(case, 6)[1:-1]
 
 
 def test_score_pairs_by_the_layouts_order_not_by_name(sunseg_root):
@@ -219,6 +257,20 @@ def test_bench_layouts_measures_each_layout_against_polyp_gen(tmp_path):
     for name in names:
         assert figures[name]["validate"]["s"] > 0 and figures[name]["inspect"]["peak_rss_mb"] > 0
         assert read_manifest(tmp_path / f"shards-{name}")["totals"]["frames"] == 30
+
+
+def test_bench_layouts_keeps_its_fixtures_only_in_a_new_or_empty_folder(tmp_path, capsys):
+    data = tmp_path / "data"
+    mine = data / "polyp_gen" / "train" / "images" / "seq0" / "frame0.jpg"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"the user's frame")
+    assert cli(["bench", "layouts", "--frames", "2", "--keep", str(data)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"autosam2 bench: {data}: --keep takes a new or empty folder (the fixtures are written there); it "
+        "holds files already, nothing was written"
+    )
+    assert mine.read_bytes() == b"the user's frame"
+    assert [p for p in data.rglob("*") if p.is_file()] == [mine]
 
 
 def test_evaluate_on_a_shard_set_takes_its_split_and_refuses_another(tiny_shards_pristine, weights, capsys):

@@ -97,6 +97,20 @@ def test_negative_only_frames_have_no_mask_and_read_as_empty(polypgen_root):
     assert len(video.frames) == 2 and not any(f.object_mask().any() for f in video.frames)
 
 
+def test_score_reads_negative_only_frames_as_empty_ground_truth(polypgen_root, tmp_path):
+    pred = tmp_path / "pred"
+    for name, numbers in NEGATIVE_FRAMES.items():
+        (pred / name).mkdir(parents=True)
+        for n in numbers:
+            Image.new("L", (64, 64)).save(pred / name / f"{name.removesuffix('_neg')}_img{n}.png")
+    out = tmp_path / "scores"
+    argv = ["score", "--pred", str(pred), "--gt", str(polypgen_root), "--split", NEGATIVE]
+    assert main([*argv, "--keep-first-last", "--output-dir", str(out)]) == 0
+    scores = json.loads((out / "metrics.json").read_text())
+    assert sorted(scores["per_sequence"]) == sorted(NEGATIVE_FRAMES)
+    assert scores["frames"] == {name: len(numbers) for name, numbers in NEGATIVE_FRAMES.items()}
+
+
 def test_a_missing_mask_in_a_positive_set_is_one_problem_naming_the_file(damaged_root):
     mask = damaged_root / POSITIVE / "seq2" / "masks_seq2" / "1_endocv2021_positive_9_mask.jpg"
     mask.unlink()
@@ -108,6 +122,17 @@ def test_a_missing_mask_in_a_positive_set_is_one_problem_naming_the_file(damaged
     (damaged_root / "data_C5" / "masks_C5" / "C5_EndoCV2021_0001_mask.jpg").unlink()
     (report,) = validate_root(damaged_root, ["data_C5"])
     assert [p.path.name for p in report.problems] == ["C5_EndoCV2021_0001.jpg"]
+
+
+def test_a_mask_in_a_negative_only_sequence_is_a_problem_not_a_frame(damaged_root):
+    folder = damaged_root / NEGATIVE / "seq1_neg"
+    stray = shutil.copy(folder / "seq1_img1.jpg", folder / "seq1_img1_mask.jpg")
+    (report,) = validate_root(damaged_root, [NEGATIVE])
+    assert [str(p) for p in report.problems] == [
+        f"{stray}: a mask in a negative-only sequence, whose frames are polyp-free"
+    ]
+    sequences, _ = scan(damaged_root, NEGATIVE)
+    assert [f.name for f in sequences[0].frames] == ["seq1_img1", "seq1_img2", "seq1_img10"]
 
 
 def test_broken_sequence_folders_are_named(damaged_root):

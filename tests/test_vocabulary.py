@@ -263,3 +263,16 @@ def test_sync_to_a_tracking_uri_mlflow_refuses_is_one_line(tmp_path, capsys):
     assert main(["sync", str(tmp_path / "run"), "--tracking-uri", uri, "--timeout", "2"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"autosam2 sync: --tracking-uri {uri}: ") and "\n" not in err
+
+
+def test_no_parser_takes_an_abbreviated_flag(parsers):
+    # `train --data ROOT` must not be read as `--dataset ROOT` (the layout), nor any prefix as a flag
+    assert [name for name, parser in parsers.items() if parser.allow_abbrev] == []
+
+
+def test_a_prefix_of_a_flag_is_refused_as_unknown(capsys):
+    from autosam2.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--data", "/data/SUN-SEG"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --data" in capsys.readouterr().err

@@ -17,11 +17,13 @@ KINDS = commands_of(BENCH)
 
 def build_parser() -> argparse.ArgumentParser:
     """Every kind's parser under one, each kind's module imported to add its arguments."""
-    parser = argparse.ArgumentParser(prog=BENCH, description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=BENCH, description=__doc__.split("\n")[0], allow_abbrev=False)
     kinds = parser.add_subparsers(dest="kind", required=True)
     for name, kind in KINDS.items():
         module = importlib.import_module(kind.module)
-        module.add_arguments(kinds.add_parser(name, help=kind.help, description=kind.help))
+        module.add_arguments(
+            kinds.add_parser(name, help=kind.help, description=kind.help, allow_abbrev=False)
+        )
     return parser
 
 

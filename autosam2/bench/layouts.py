@@ -17,6 +17,7 @@ import numpy as np
 
 from autosam2.arguments import positive_int
 from autosam2.config import Layout
+from autosam2.errors import OutputRefused
 
 SEQUENCE_FRAMES = 100  # frames per sequence of the fixture
 
@@ -138,6 +139,10 @@ def _measure(what: str, argv: list[str]) -> dict[str, float]:
     return {k: round(figures[k], 2 if k == "s" else 1) for k in ("s", "peak_rss_mb", "work_rss_mb")}
 
 
+def _empty(folder: Path) -> bool:
+    return next(folder.iterdir(), None) is None
+
+
 def _shard_build(root: Path, split: str, layout: Layout, out: Path) -> dict[str, float]:
     """`python -m shards build` of one split with one worker."""
     argv = ["build", str(root), "--layout", layout.value, "--split", split, "--output-dir", str(out)]
@@ -145,6 +150,11 @@ def _shard_build(root: Path, split: str, layout: Layout, out: Path) -> dict[str,
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.keep is not None and args.keep.exists() and not (args.keep.is_dir() and _empty(args.keep)):
+        raise OutputRefused(
+            f"{args.keep}: --keep takes a new or empty folder (the fixtures are written there); it holds "
+            f"{'a file' if not args.keep.is_dir() else 'files already'}, nothing was written"
+        )
     base = Path(tempfile.mkdtemp(prefix="bench-layouts-")) if args.keep is None else args.keep
     files = _frame_bytes(args.size)
     splits = {layout: write(base / layout.value, args.frames, files) for layout, write in WRITERS.items()}

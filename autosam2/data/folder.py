@@ -26,7 +26,7 @@ from autosam2.data.codec import (
     image_size,
     read_mask,
 )
-from autosam2.data.layouts import FrameFiles, Problem, SequenceFiles, reader, scan
+from autosam2.data.layouts import FrameFiles, Problem, SequenceFiles, clean_split, reader, scan
 from autosam2.data.video import POLYP_ID, Frame, LazyVideo, Object, VideoDatapoint
 from autosam2.errors import DatasetError
 
@@ -208,10 +208,15 @@ def validate_root(
         return [SplitReport(split="-", problems=[Problem(root, f"holds no {found.layout} split folder")])]
     reports = []
     for split in names:
+        try:
+            split = clean_split(root, split)
+        except DatasetError as err:
+            reports.append(SplitReport(split=split, problems=[Problem(root, _reason(err))]))
+            continue
         if split not in present and not (root / split).is_dir():
-            reports.append(
-                SplitReport(split=split, problems=[Problem(root / split, "split folder is missing")])
-            )
+            there = ", ".join(present) or "none"
+            problem = Problem(root / split, f"split folder is missing (splits: {there})")
+            reports.append(SplitReport(split=split, problems=[problem]))
         else:
             reports.append(validate_split(root, split, progress=progress, layout=found.layout))
     return reports

@@ -29,12 +29,27 @@ from autosam2.metrics import GT_THRESHOLD_8BIT, MetricAccumulator, Mode, too_sho
 SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
+@dataclass(frozen=True)
+class PolypFree:
+    """The ground truth of a frame its layout calls polyp-free without a mask file (PolypGen's
+    negative-only frames): all background, at the frame's size."""
+
+    image: Path
+
+    @property
+    def parent(self) -> Path:
+        return self.image.parent
+
+    def __str__(self) -> str:
+        return f"{self.image} (polyp-free, no mask file)"
+
+
 @dataclass
 class Sequence:
     """One sequence's frames to score, in order: (ground truth file, prediction file)."""
 
     name: str
-    frames: list[tuple[Path, Path]] = field(default_factory=list)
+    frames: list[tuple[Path | PolypFree, Path]] = field(default_factory=list)
 
 
 @dataclass
@@ -76,30 +91,33 @@ def _folders(root: Path) -> list[str]:
 
 
 # the ground truth to score against: sequence -> its frames in order, (stem, mask file)
-Truth = dict[str, list[tuple[str, Path]]]
+Truth = dict[str, list[tuple[str, Path | PolypFree]]]
 
 
 def tree_truth(gt_root: Path, problems: list[str]) -> Truth:
-    """The ground truth of a ``<gt>/<sequence>/<frame>`` tree, frames in natural order of their names."""
+    """The ground truth of a ``<gt>/<sequence>/<frame>`` tree, frames in the toolbox's order: SUN-SEG's
+    names by the official evaluator's key, other names in natural order."""
+    from autosam2.data.layouts.sunseg import frame_order
+
     truth = {}
     for name in _folders(gt_root):
         gts = _images(gt_root / name, problems)
-        truth[name] = [(stem, gts[stem]) for stem in sorted(gts, key=natural_key)]
+        truth[name] = [(stem, gts[stem]) for stem in frame_order(list(gts))]
     return truth
 
 
 def layout_truth(root: str | Path, layout: str, split: str | None) -> Truth:
     """The ground truth of one split of a dataset folder (None: its layout's valid split), frames in the
     layout's order; one DatasetError when the folder is in no layout or the split is not there, or
-    listing the split's problems. A frame its layout calls polyp-free without a mask file is left out
-    (the toolbox scores ground-truth files)."""
+    listing the split's problems. A frame its layout calls polyp-free without a mask file is scored
+    against an empty mask, as `evaluate` scores it."""
     from autosam2.data.layouts import scan, split_name
 
     split = split_name(root, layout, split, "valid")
     sequences, problems = scan(root, split, layout)
     if problems:
         raise DatasetError("\n".join(listed([str(p) for p in problems])))
-    return {s.name: [(f.name, f.mask) for f in s.frames if f.mask is not None] for s in sequences}
+    return {s.name: [(f.name, f.mask or PolypFree(f.image)) for f in s.frames] for s in sequences}
 
 
 def _roots(pred_root: Path, gt_root: Path, truth: Truth | None, problems: list[str]) -> Truth:
@@ -169,10 +187,13 @@ def pair_frames(
     return Pairing(sequences, missing, too_short, unpaired)
 
 
-def read_gray(path: Path):
-    """An 8-bit grayscale image as the toolbox reads it (``cv2.imread(path, cv2.IMREAD_GRAYSCALE)``)."""
+def read_gray(path: Path | PolypFree):
+    """An 8-bit grayscale image as the toolbox reads it (``cv2.imread(path, cv2.IMREAD_GRAYSCALE)``);
+    a polyp-free frame's ground truth as zeros of the frame's size."""
     import cv2
 
+    if isinstance(path, PolypFree):
+        return 0 * read_gray(path.image)
     image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if image is None:
         raise DatasetError(f"{path}: unreadable (not an image OpenCV can decode)")

@@ -6,14 +6,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from autosam2.config import Layout
 from autosam2.data.layouts import images, polyp_gen, polypgen, sunseg
 from autosam2.data.layouts.files import FrameFiles, Problem, SequenceFiles
 from autosam2.errors import DatasetError
 
-__all__ = ["READERS", "FrameFiles", "Problem", "Reader", "SequenceFiles", "detect", "reader", "scan"]
+__all__ = [
+    "READERS",
+    "FrameFiles",
+    "Problem",
+    "Reader",
+    "SequenceFiles",
+    "clean_split",
+    "detect",
+    "reader",
+    "scan",
+]
 
 Scan = tuple[list[SequenceFiles], list[Problem]]
 PURPOSES = ("train", "valid", "test")
@@ -42,8 +52,15 @@ class Reader:
         named = ", ".join(present) or "none"
         raise DatasetError(
             f"{root}: no {purpose} split{f' {split!r}' if split else ''} in this {self.layout} folder "
-            f"(splits: {named}); name one with --split"
+            f"(splits: {named}); name one with {_SPLIT_FLAGS.get(purpose, '--split')}"
         )
+
+
+# how each purpose's split is named: training's in its config (or train's flags), the commands' by --split
+_SPLIT_FLAGS = {
+    "train": "data.train_split (train --train-split; shards build --split)",
+    "valid": "--split (training: data.valid_split)",
+}
 
 
 READERS: dict[Layout, Reader] = {
@@ -113,21 +130,49 @@ def split_name(root: str | Path, layout: Layout | str, split: str | None, purpos
         raise DatasetError(f"{root}: not a {found.layout} folder ({_what_it_is(root)}); see docs/data.md")
     if not split:
         return found.default_split(root, purpose)
-    inside = not Path(split).is_absolute() and ".." not in Path(split).parts
-    if split not in present and not (inside and (root / split).is_dir()):
+    try:
+        name = clean_split(root, split)
+    except DatasetError:
+        name = None
+    if name is None or (name not in present and not (root / name).is_dir()):
         raise DatasetError(
             f"{root}: no split {split!r} in this {found.layout} folder (splits: {', '.join(present) or 'none'})"
         )
-    return split
+    return name
 
 
 def scan(root: str | Path, split: str, layout: Layout | str = Layout.auto) -> Scan:
     """Index one split of `root` from file names alone; the sequences and every problem found."""
     root = Path(root)
     found = reader(root, layout)
-    if not split or Path(split).is_absolute() or ".." in Path(split).parts:
+    split = clean_split(root, split)
+    sequences, problems = found.scan(root, split)
+    unsafe = [s for s in sequences if not _inside(s.name)]
+    where = root / split if (root / split).is_dir() else root  # a split need not be a folder
+    problems += [
+        Problem(
+            where,
+            f"sequence {s.name!r}: a name outputs named after it would write outside their folder",
+        )
+        for s in unsafe
+    ]
+    return [s for s in sequences if s not in unsafe], problems
+
+
+def _inside(name: str) -> bool:
+    """Whether a folder named `name` under another stays inside it (no '..', not absolute, not empty)."""
+    path = PurePosixPath(name)
+    return bool(name) and not path.is_absolute() and ".." not in path.parts and path.as_posix() != "."
+
+
+def clean_split(root: Path, split: str) -> str:
+    """`split` as the layout names it (`TestEasyDataset/Unseen/` and `./TestEasyDataset//Unseen` are
+    `TestEasyDataset/Unseen`); one DatasetError when it names no folder inside the dataset (empty, the
+    root itself, absolute, or through `..`)."""
+    path = PurePosixPath(split or "")
+    if not split or path.is_absolute() or ".." in path.parts or path.as_posix() == ".":
         raise DatasetError(f"{root}: split {split!r} is not a folder name inside the dataset")
-    return found.scan(root, split)
+    return path.as_posix()
 
 
 def _what_it_is(root: Path) -> str:

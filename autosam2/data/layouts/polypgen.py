@@ -113,9 +113,14 @@ def _sequences(folder: Path, names: list[str], negative: bool) -> tuple[list[Seq
 
 
 def _negative(name: str, folder: Path) -> tuple[SequenceFiles | None, list[Problem]]:
-    """A negative-only sequence: its frames without masks, polyp-free by the release's rule."""
+    """A negative-only sequence: its frames without masks, polyp-free by the release's rule; a mask file
+    there (``<stem>_mask``) is a problem, never read as a frame."""
     images = image_files(folder)
     problems = duplicate_stems(folder)
+    for stem in [s for s in images if s.endswith(MASK_SUFFIX)]:
+        problems.append(
+            Problem(images.pop(stem), "a mask in a negative-only sequence, whose frames are polyp-free")
+        )
     if not images:
         return None, problems + [Problem(folder, "sequence folder has no frames")]
     stems = sorted(images, key=natural_key)
