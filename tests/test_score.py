@@ -312,3 +312,16 @@ def test_resized_predictions_are_counted_per_size(tmp_path):
     assert done.returncode == 0, done.stderr
     (said,) = [line for line in done.stderr.splitlines() if "resized" in line]
     assert f"{pred / 'case1'}: 2 predictions are 150x101, 1 is 64x48, the ground truth 32x24: resized" in said
+
+
+def test_the_tables_write_to_the_stdout_and_stderr_of_the_moment(monkeypatch):
+    import io
+
+    from autosam2.eval.report import print_table, say_left_out
+
+    out, err = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    print_table({"seq1": {"dice": 0.5, "iou": 0.25}}, {"dice": 0.5, "iou": 0.25})
+    say_left_out({"seq2": "too short"})
+    assert "seq1" in out.getvalue() and "seq2: too short; not scored" in err.getvalue()

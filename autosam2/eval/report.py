@@ -163,10 +163,11 @@ def listed(lines: list[str], cap: int = MAX_LISTED) -> list[str]:
     return [*lines[:cap], f"... and {len(lines) - cap} more"]
 
 
-def say_left_out(left_out: dict[str, str], file: TextIO = sys.stderr) -> None:
-    """A warning naming each sequence left out of the metrics, and why."""
+def say_left_out(left_out: dict[str, str], file: TextIO | None = None) -> None:
+    """A warning naming each sequence left out of the metrics, and why (on `file`, default the stderr of
+    the moment)."""
     for line in listed([f"{name}: {why}; not scored" for name, why in left_out.items()]):
-        print(f"warning: {line}", file=file, flush=True)
+        print(f"warning: {line}", file=file or sys.stderr, flush=True)
 
 
 def scored_line(frames: dict[str, int], left_out: dict[str, str], how: str = "scored") -> str:
@@ -236,10 +237,11 @@ def print_table(
     per_sequence: dict[str, dict[str, float]],
     summary: dict[str, float],
     columns: Sequence[str] = ("dice", "iou"),
-    file: TextIO = sys.stdout,
+    file: TextIO | None = None,
 ) -> None:
     """A row per sequence (natural order of names), then the summary; one column per metric. An
-    undefined figure shows as ``-``, with a line under the table saying why."""
+    undefined figure shows as ``-``, with a line under the table saying why. `file`: default the stdout
+    of the moment (print's own default, never the one of import time)."""
     width = max(8, *(len(n) for n in per_sequence))
     widths = [max(6, len(c)) for c in columns]
     print(
