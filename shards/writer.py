@@ -31,8 +31,8 @@ import autosam2
 from autosam2.atomic import atomic_file, atomic_write_json, make_folders, name_output, remove_empty
 from autosam2.config import Layout
 from autosam2.data.codec import image_size
-from autosam2.data.folder import MaskNoise, scan_split
-from autosam2.data.layouts import SequenceFiles, reader, split_name
+from autosam2.data.folder import MaskNoise
+from autosam2.data.layouts import SequenceFiles, reader, scan, split_name
 from autosam2.data.sample_format import (
     FORMAT,
     FORMAT_VERSION,
@@ -399,7 +399,7 @@ def scan_root(root: str | Path, split: str, layout: Layout | str = Layout.auto) 
         raise DatasetError(f"{root}: dataset root does not exist")
     layout = reader(root, layout).layout
     split = split_name(root, layout, split, "train")
-    sequences, problems = scan_split(root, split, layout)
+    sequences, problems = scan(root, split, layout)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise DatasetError(

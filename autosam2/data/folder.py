@@ -26,7 +26,7 @@ from autosam2.data.codec import (
     image_size,
     read_mask,
 )
-from autosam2.data.layouts import FrameFiles, Problem, SequenceFiles, clean_split, reader, scan
+from autosam2.data.layouts import FrameFiles, Problem, clean_split, reader, scan
 from autosam2.data.video import POLYP_ID, Frame, LazyVideo, Object, VideoDatapoint
 from autosam2.errors import DatasetError
 
@@ -35,13 +35,6 @@ class ClipWindow(NamedTuple):
     sequence: str
     start: int
     length: int
-
-
-def scan_split(
-    root: str | Path, split: str, layout: Layout | str = Layout.auto
-) -> tuple[list[SequenceFiles], list[Problem]]:
-    """Index one split of a dataset folder from the file names alone; the index and every problem."""
-    return scan(root, split, layout)
 
 
 @dataclass
@@ -165,7 +158,7 @@ def validate_split(
     layout: Layout | str = Layout.auto,
 ) -> SplitReport:
     """Check one split completely: structure, then every image and mask decoded and sized."""
-    sequences, problems = scan_split(root, split, layout)
+    sequences, problems = scan(root, split, layout)
     report = SplitReport(split=split, sequences=len(sequences), problems=problems)
     frames = [(seq, frame) for seq in sequences for frame in seq.frames]
     report.frames = len(frames)
@@ -244,7 +237,7 @@ class FolderDataset(torch.utils.data.Dataset):
         self.decode_device = decode_device  # None: frames decoded here (PIL); a GPU: nvJPEG there
         self.split = split
         self.layout = reader(self.root, layout).layout  # a root that is no dataset folder: one line
-        sequences, problems = scan_split(self.root, split, self.layout)
+        sequences, problems = scan(self.root, split, self.layout)
         if problems:
             more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
             raise DatasetError(
