@@ -201,7 +201,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Precision = Precision.bf16
     engine: EngineKind = EngineKind.ddp
-    deepspeed_config: str = "configs/deepspeed/zero2.json"
+    deepspeed_config: str = "zero2"  # a DeepSpeed JSON file, or the name of one in DEEPSPEED_CONFIGS
     output_dir: str = "output"
     checkpoint_every: int = 500  # optimizer steps
     # the newest K complete checkpoints stay (best.pt, apart from them, is always kept)
@@ -256,12 +256,11 @@ class Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file, then ``key=value`` overrides; refused with one ConfigError."""
+    """Defaults, then the YAML file (a path, or a shipped config's name: `RUN_CONFIGS`), then ``key=value``
+    overrides; refused with one ConfigError."""
     merged = OmegaConf.structured(Config)
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
+        path = RUN_CONFIGS.resolve(path)
         try:
             loaded = OmegaConf.load(path)
         except (yaml.YAMLError, UnicodeDecodeError) as err:  # not YAML at all
@@ -295,6 +294,46 @@ def section_from_dict(kind: type, values: dict[str, Any], source: str) -> Any:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(kind), values))
     except OmegaConfBaseException as err:
         raise ConfigError(f"{source}: {_describe(err)}") from err
+
+
+# shipped configs ----------------------------------------------------------------------------------------
+
+SHIPPED = Path(__file__).resolve().parent / "configs"  # package data
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """The config files of one kind that the package ships: ``NAME<suffix>`` in ``SHIPPED/subfolder``.
+    One is named by NAME, by its file name, or by ``configs/<subfolder>/`` and its file name (a spelling
+    that resolves from any directory); a file at the path given wins over a shipped name."""
+
+    what: str
+    subfolder: str
+    suffix: str
+
+    @property
+    def folder(self) -> Path:
+        return SHIPPED / self.subfolder
+
+    def names(self) -> list[str]:
+        return sorted(path.stem for path in self.folder.glob(f"*{self.suffix}"))
+
+    def resolve(self, ref: str | Path) -> Path:
+        """The file `ref` names; one ConfigError naming `ref` and the shipped names when there is none."""
+        path = Path(ref)
+        if path.is_file():
+            return path
+        name = path.name.removesuffix(self.suffix)
+        named = not path.is_absolute() and path.parent in (Path(), Path("configs", self.subfolder))
+        if named and name in self.names():
+            return self.folder / f"{name}{self.suffix}"
+        raise ConfigError(
+            f"{ref}: no such file, nor a shipped {self.what} (shipped: {', '.join(self.names())})"
+        )
+
+
+RUN_CONFIGS = Shipped("run config", "", ".yaml")
+DEEPSPEED_CONFIGS = Shipped("DeepSpeed config", "deepspeed", ".json")
 
 
 _BAD_CHOICE = re.compile(r"Invalid value '(?P<value>.*)', expected one of \[(?P<choices>.*)\]")

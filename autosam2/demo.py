@@ -22,7 +22,7 @@ from pathlib import Path
 from autosam2.arguments import add_output_dir
 
 EXPERIMENT = "autosam2-demo"
-STAGE2_CONFIG = "configs/cpu_demo_video.yaml"
+STAGE2_CONFIG = "cpu_demo_video"
 SPLITS = ("train", "valid", "test")
 # the held-out split: few sequences, so it adds little to the demo's minutes
 TEST_SEQUENCES = 2
@@ -56,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="replace an earlier demo's output in --output-dir (nothing else)",
     )
-    parser.add_argument("--config", default="configs/cpu_demo.yaml", help="stage 1 (frame mode)")
-    parser.add_argument("--video-config", default=STAGE2_CONFIG, help="stage 2 (through memory)")
+    shipped = "a run config file or a shipped one's name"
+    parser.add_argument("--config", default="cpu_demo", help=f"stage 1 (frame mode): {shipped}")
+    parser.add_argument("--video-config", default=STAGE2_CONFIG, help=f"stage 2 (through memory): {shipped}")
     parser.add_argument("--nproc", type=int, default=2, help="training processes (DDP on the CPU)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for both stages' configs")
     args = parser.parse_args(argv)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autosam2.arguments import add_device, add_layout, add_output_dir
-from autosam2.config import Config, EngineKind, FeatureCacheKind, load_config
+from autosam2.config import RUN_CONFIGS, Config, EngineKind, FeatureCacheKind, load_config
 
 if TYPE_CHECKING:
     from autosam2.data.batches import TrainingBatches
@@ -26,7 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="train AutoSAM2 (alone, under torchrun, or under srun)",
         allow_abbrev=False,
     )
-    p.add_argument("--config", default=None, help="YAML run config (see configs/)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help=f"YAML run config: a file, or a shipped one's name ({', '.join(RUN_CONFIGS.names())})",
+    )
     p.add_argument(
         "--checkpoint", default=None, help="official SAM2 checkpoint (model.checkpoint); omit for random init"
     )

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-TRAIN_CONFIGS = {
-    "ddp_hiera_t": "configs/gpu_hiera_t_1024.yaml",
-    "zero2_hiera_bplus": "configs/gpu_hiera_bplus_1024_deepspeed.yaml",
+TRAIN_CONFIGS = {  # the shipped run configs (autosam2/configs/) the check trains, by name
+    "ddp_hiera_t": "gpu_hiera_t_1024",
+    "zero2_hiera_bplus": "gpu_hiera_bplus_1024_deepspeed",
 }
 INFER_VARIANTS = ("hiera_t", "hiera_b+")
 
@@ -283,7 +283,7 @@ PARTS: tuple[Part, ...] = (
         Part(
             f"estimate_{name}",
             420,
-            f"`bench memory`'s per-GPU estimate for {config}, on the CPU",
+            f"`bench memory`'s per-GPU estimate for the run config {config}, on the CPU",
             partial(_estimate, config),
             cores="spare",
             goals=("estimate",) if name == "zero2_hiera_bplus" else (),
@@ -312,7 +312,7 @@ PARTS: tuple[Part, ...] = (
         Part(
             f"train_{name}",
             240,
-            f"`bench train` of {config}: frames/s, step time, MFU, data wait, peak memory",
+            f"`bench train` of the run config {config}: frames/s, step time, MFU, data wait, peak memory",
             partial(_train, config),
             summary=partial(_train_summary, name),
             goals=("data_wait", "zero2_peak", "estimate") if name == "zero2_hiera_bplus" else ("data_wait",),

@@ -1,7 +1,7 @@
 """Two test hosts against one: submit -> first step, step time and the bytes on the wire per step.
 
 `python launch/hosts_bench.py [--steps 4 12]` (root; it starts `slurm_test_cluster.sh --hosts 2` and stops
-it at the end). The CPU demo's model and trainable parts (configs/cpu_demo.yaml) on small synthetic
+it at the end). The CPU demo's model and trainable parts (the shipped run config cpu_demo) on small synthetic
 shards, through launch/train.sbatch: 2 hosts x 1 rank (gloo over the veth pair) and 1 host x 2 ranks
 (gloo over loopback), each run twice, with a few and with more steps, one after the other. Prints one
 JSON object: per layout the time from sbatch to the first logged step, the median step time, and for
@@ -53,7 +53,7 @@ def run_job(
         "tracking.enabled=false",
     ]
     cmd = ["sbatch", "--parsable", f"--nodes={nodes}", "--gpus-per-node=0", "--cpus-per-task=2"]
-    cmd += [f"--output={log}", str(REPO / "launch" / "train.sbatch"), "--config", "configs/cpu_demo.yaml"]
+    cmd += [f"--output={log}", str(REPO / "launch" / "train.sbatch"), "--config", "cpu_demo"]
     env = {**os.environ, "AUTOSAM2_PROCS_PER_NODE": str(procs), "AUTOSAM2_PYTHON": sys.executable}
     env["OMP_NUM_THREADS"] = str(threads)
     before = link_bytes()
@@ -69,7 +69,7 @@ def run_job(
         if "Traceback" in text or time.monotonic() - submitted > 900:
             raise RuntimeError(f"{log}: the job failed or hangs:\n{text[-3000:]}")
         time.sleep(0.1)
-    frames = 4 * 1 * nodes * procs  # clip_len x batch x ranks per step (configs/cpu_demo.yaml)
+    frames = 4 * 1 * nodes * procs  # clip_len x batch x ranks per step (cpu_demo)
     rates = [float(m) for m in re.findall(r"^step \d+/\d+ .* ([\d.]+) frames/s$", text, re.M)]
     return {
         "submit_to_first_step_s": first,
@@ -84,7 +84,7 @@ def trainable_bytes() -> int:
     from autosam2.config import load_config
     from autosam2.model.sam2_builder import build_autosam2
 
-    model = build_autosam2(load_config(REPO / "configs" / "cpu_demo.yaml", []).model, torch.device("cpu"))
+    model = build_autosam2(load_config("cpu_demo", []).model, torch.device("cpu"))
     return 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     two, one = figures["2_hosts_x_1_rank"], figures["1_host_x_2_ranks"]
     result = {
         "threads_per_rank": args.threads,
-        "config": "configs/cpu_demo.yaml (hiera-t, 256 px, 4-frame clips, prompt encoder + mask decoder trainable)",
+        "config": "cpu_demo (hiera-t, 256 px, 4-frame clips, prompt encoder + mask decoder trainable)",
         **figures,
         "gradient_bytes_all_reduced_per_step": trainable_bytes(),
         "step_time_ratio_2_hosts_vs_1_host": round(two["step_s_median"] / one["step_s_median"], 3),

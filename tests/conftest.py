@@ -56,6 +56,8 @@ INTEGRATION = {
     "test_predict.py::test_bad_input_is_one_line_naming_the_file_and_leaves_no_output",
     "test_run_lock.py::test_a_live_holder_refuses_a_second_run_and_a_dead_one_is_taken_over",
     "test_shards.py::test_module_command_end_to_end",
+    "test_shipped_configs.py::test_an_installed_wheel_finds_its_shipped_configs_from_any_directory",  # pip
+    "test_shipped_configs.py::test_train_with_a_shipped_config_by_name_runs_from_another_directory",
     "test_tracking.py::test_a_server_down_from_the_start_gets_the_whole_run_once_it_is_up",
     "test_vocabulary.py::test_sync_to_a_tracking_uri_mlflow_refuses_is_one_line",  # MLflow runs uname
 }

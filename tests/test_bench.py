@@ -165,7 +165,7 @@ def test_bench_memory_reports_a_configs_training_step(capsys, tmp_path):
     assert abs(report["estimate_per_gpu_GiB"] - (peak["total"] + peak["gradients"]) / 1024) <= 0.01
 
     for stage, gradient_ranks in ((1, 1), (2, 4)):  # ZeRO-1 shards Adam states, ZeRO-2 gradients too
-        ds = ["train.engine=deepspeed", f"train.deepspeed_config={REPO}/configs/deepspeed/zero{stage}.json"]
+        ds = ["train.engine=deepspeed", f"train.deepspeed_config=zero{stage}"]
         assert main([*args, *ds]) == 0
         extra = json.loads(capsys.readouterr().out)["engine_extra_MiB"]
         assert extra["zero_adam_states"] == round(8 * n["trainable"] / 4 / mib, 1)
@@ -174,8 +174,9 @@ def test_bench_memory_reports_a_configs_training_step(capsys, tmp_path):
 
 def test_bench_memory_names_a_bad_config_file_in_one_line(capsys, tmp_path):
     assert main(["bench", "memory", "--config", str(tmp_path / "nope.yaml")]) == 1
-    assert (
-        capsys.readouterr().err.strip() == f"autosam2 bench: {tmp_path / 'nope.yaml'}: config file not found"
+    assert capsys.readouterr().err.strip() == (
+        f"autosam2 bench: {tmp_path / 'nope.yaml'}: no such file, nor a shipped run config (shipped: "
+        "cpu_demo, cpu_demo_video, gpu_hiera_bplus_1024_deepspeed, gpu_hiera_t_1024)"
     )
     broken = tmp_path / "zero.json"
     broken.write_text("{ not json")

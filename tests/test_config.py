@@ -27,7 +27,7 @@ def test_yaml_file_then_overrides(tmp_path):
     path.write_text("model:\n  image_size: 512\n  freeze:\n    mask_decoder: false\noptim:\n  lr: 0.01\n")
     cfg = load_config(path, ["optim.lr=0.02"])
     assert cfg.model.image_size == 512 and cfg.model.freeze.mask_decoder is False and cfg.optim.lr == 0.02
-    assert load_config(REPO / "configs" / "cpu_demo.yaml").model.image_size == 256
+    assert load_config(REPO / "autosam2" / "configs" / "cpu_demo.yaml").model.image_size == 256
 
 
 @pytest.mark.parametrize(

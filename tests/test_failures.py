@@ -482,7 +482,7 @@ BAD_INPUTS = {  # flags, key=value overrides, the message
     "missing DeepSpeed JSON": (
         ["--engine", "deepspeed"],
         ["train.deepspeed_config=/nonexistent/ds.json"],
-        "/nonexistent/ds.json: cannot read the DeepSpeed config",
+        "/nonexistent/ds.json: no such file, nor a shipped DeepSpeed config (shipped: zero1, zero2, zero3)",
     ),
     "clip longer than the samples": ([], ["data.clip_len=6"], "samples hold 4 frames, fewer than clip_len 6"),
 }

@@ -197,7 +197,7 @@ def test_deepspeed_zero2_two_processes(train_data, tmp_path):
                 out,
                 **{
                     "train.engine": "deepspeed",
-                    "train.deepspeed_config": REPO / "configs/deepspeed/zero2.json",
+                    "train.deepspeed_config": "zero2",
                 },
             ),
         ]
@@ -214,7 +214,7 @@ def test_deepspeed_zero2_two_processes(train_data, tmp_path):
         out,
         **{
             "train.engine": "deepspeed",
-            "train.deepspeed_config": REPO / "configs/deepspeed/zero2.json",
+            "train.deepspeed_config": "zero2",
             "train.max_steps": 6,
         },
     )
@@ -230,7 +230,7 @@ def test_a_deepspeed_checkpoint_holds_the_trained_weights_and_resumes_exactly(tr
     run resumed from step 2 still ends with the uninterrupted run's weights, to the bit."""
     ds = {
         "train.engine": "deepspeed",
-        "train.deepspeed_config": REPO / "configs/deepspeed/zero2.json",
+        "train.deepspeed_config": "zero2",
         "train.validate_every": 100,
         "tracking.enabled": "false",
     }

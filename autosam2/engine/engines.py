@@ -24,7 +24,15 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from autosam2.config import ClipMode, Config, ConfigError, EngineKind, OptimConfig, Precision
+from autosam2.config import (
+    DEEPSPEED_CONFIGS,
+    ClipMode,
+    Config,
+    ConfigError,
+    EngineKind,
+    OptimConfig,
+    Precision,
+)
 from autosam2.engine.dist import DistInfo, barrier
 from autosam2.errors import CheckpointError
 from autosam2.model.autosam2 import AutoSAM2, ClipOutput
@@ -143,9 +151,11 @@ def _features(image_features: dict[str, Any] | None) -> dict[str, Any]:
     return {} if image_features is None else {"image_features": image_features}
 
 
-def read_deepspeed_config(path: Path) -> dict[str, Any]:
-    """The DeepSpeed JSON as a dict; one ConfigError naming the file when it cannot be read or casts
-    the model (SAM2 does not run cast to bf16/fp16: train.precision=bf16 autocasts instead)."""
+def read_deepspeed_config(path: str | Path) -> dict[str, Any]:
+    """The DeepSpeed JSON (a path, or a shipped config's name: `DEEPSPEED_CONFIGS`) as a dict; one
+    ConfigError naming the file when there is none, it cannot be read or casts the model (SAM2 does not
+    run cast to bf16/fp16: train.precision=bf16 autocasts instead)."""
+    path = DEEPSPEED_CONFIGS.resolve(path)
     try:
         ds_config = json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
