@@ -5,6 +5,7 @@ torchvision, so checking a config (the launcher on a login node does) costs only
 Enums that compare, print and format as their value (`cfg.train.engine == "ddp"`). Unknown keys, wrong
 types and choices outside their Enum are refused by OmegaConf's structured configs before any heavy work;
 `validate` checks the values that types cannot. The merged config is written into the run directory.
+The configs the package ships (autosam2/configs/) are found by name: `RUN_CONFIGS`, `DEEPSPEED_CONFIGS`.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ from an installed wheel; every default that names one resolves; a name that is n
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -89,18 +90,18 @@ def test_a_deepspeed_config_that_is_neither_is_one_line_listing_the_names(elsewh
         read_deepspeed_config("cpu_demo")  # a run config's name is not a DeepSpeed config's
 
 
-def test_every_default_that_names_a_config_is_a_shipped_one():
+def test_every_default_that_names_a_config_resolves_from_any_directory(elsewhere):
     from autosam2 import demo
     from launch import gpu_parts
 
-    demo_defaults = {a.dest: a.default for a in _parser_of(demo.main)._actions}
-    assert {demo_defaults["config"], demo_defaults["video_config"]} <= set(RUN_CONFIGS.names())
-    assert set(gpu_parts.TRAIN_CONFIGS.values()) <= set(RUN_CONFIGS.names())
+    demo._check(_parser_of(demo.main).parse_args([]))  # both stages' default configs, loaded and checked
+    for name in gpu_parts.TRAIN_CONFIGS.values():
+        assert RUN_CONFIGS.resolve(name).parent == SHIPPED
     for name in RUN_CONFIGS.names():  # each shipped run config loads, and names a DeepSpeed config that does
         DEEPSPEED_CONFIGS.resolve(load_config(name).train.deepspeed_config)
 
 
-def _parser_of(main) -> object:
+def _parser_of(main) -> argparse.ArgumentParser:
     """The parser `main` builds, caught at its parse (nothing runs)."""
     from tests.test_docs import parser_of
 
