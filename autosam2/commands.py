@@ -187,7 +187,10 @@ REGISTRY: tuple[Command, ...] = (
     ),
     Command(HOSTS_BENCH, "", "launch.hosts_bench:main", "one host vs two hosts on the local SLURM cluster"),
     Command(
-        DIST, "", "autosam2.engine.dist.__main__:main", "a SLURM job's rendezvous port, for train.sbatch"
+        DIST,
+        "",
+        "autosam2.engine.dist.__main__:main",
+        "a SLURM job's rendezvous port and the requeue cap, for train.sbatch",
     ),
 )
 
