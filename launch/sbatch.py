@@ -61,7 +61,7 @@ def site_setup(env: dict[str, str] | None = None) -> list[str]:
     name = (os.environ if env is None else env).get(SITE_VARIABLE, "")
     if not name:
         return []
-    path = Path(name)
+    path = Path(name).expanduser()
     try:
         site = yaml.safe_load(path.read_text())
     except OSError as err:

@@ -302,13 +302,16 @@ def test_the_cap_command_prints_the_launchers_default(capsys):
 
 
 def test_a_predict_job_writes_the_commands_output_and_its_logs_beside_it(
-    tmp_path, tiny_root_pristine, weights
+    tmp_path, tiny_root_pristine, weights, capsys
 ):
     out = tmp_path / "pred"
     (job,) = submit(
         ["predict", "--cluster", "debug", "--setup", "module load cuda"]
         + ["--", str(tiny_root_pristine), "--weights", str(weights), "--output-dir", str(out)]
         + ["--no-overlays", "--cpu"]
+    )
+    assert "set-up lines (1) run in SLURM's job script only; --cluster debug runs without them" in (
+        capsys.readouterr().out
     )
     assert job.result() == 0
     assert (out / "frames.csv").read_text().startswith("sequence,frame,presence")
