@@ -169,8 +169,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_slurm_arguments(p: argparse.ArgumentParser) -> None:
     """What SLURM is asked for beyond the resources: where, on whose account, what the job script sets
     up, and how a job is requeued."""
-    from autosam2.engine.dist.slurm import MAX_REQUEUES
-
     p.add_argument("--partition", default=None)
     p.add_argument("--account", default=None)
     p.add_argument("--qos", default=None)
@@ -193,9 +191,9 @@ def _add_slurm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-requeues",
         type=non_negative_int,
-        default=MAX_REQUEUES,
-        help="time-limit requeues of a training job (preemptions always requeue); default %(default)s, "
-        "the cap launch/train.sbatch keeps (python -m autosam2.engine.dist max-requeues)",
+        default=None,
+        help="time-limit requeues of a training job (preemptions always requeue); default: the cap "
+        "launch/train.sbatch keeps, which `python -m autosam2.engine.dist max-requeues` prints",
     )
     p.add_argument(
         "--signal-delay-s", type=int, default=120, help="SIGUSR2 this many seconds before the time limit"
@@ -203,8 +201,11 @@ def _add_slurm_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _executor(args: argparse.Namespace, folder: Path, tasks: int, gpus: int) -> submitit.AutoExecutor:
+    from autosam2.engine.dist.slurm import MAX_REQUEUES  # read here: it loads torch, which --help need not
+
+    requeues = MAX_REQUEUES if args.max_requeues is None else args.max_requeues
     executor = submitit.AutoExecutor(
-        folder=str(folder / "%j"), cluster=args.cluster, slurm_max_num_timeout=args.max_requeues
+        folder=str(folder / "%j"), cluster=args.cluster, slurm_max_num_timeout=requeues
     )
     extra: dict[str, Any] = {}
     for item in args.sbatch:

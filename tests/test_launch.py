@@ -254,9 +254,8 @@ def run_train_sbatch(tmp_path: Path, restarts: int | None, env: dict[str, str]) 
 )
 def test_train_sbatch_requeues_itself_up_to_the_launchers_cap(tmp_path, restarts, env, requeued):
     from autosam2.engine.dist.slurm import MAX_REQUEUES, job_port, map_slurm_env
-    from launch.__main__ import build_parser
 
-    assert build_parser().parse_args(["train"]).max_requeues == MAX_REQUEUES == 3
+    assert MAX_REQUEUES == 3  # the cases above
     status, output, log = run_train_sbatch(tmp_path, restarts, env)
     calls = log.read_text().splitlines()
     args = (tmp_path / "srun.args").read_text().splitlines()
@@ -290,12 +289,23 @@ def test_train_sbatch_refuses_a_cap_that_is_no_number_in_one_line(tmp_path):
     assert not (tmp_path / "started").exists()
 
 
-def test_the_cap_command_prints_the_launchers_default(capsys):
+def test_the_cap_command_prints_the_cap_the_launcher_gives_submitit(tmp_path, monkeypatch, capsys):
+    """`python -m autosam2.engine.dist max-requeues` (what train.sbatch reads) is the count of time-outs
+    the launcher's jobs requeue after, unless --max-requeues says otherwise."""
+    import pickle
+
     from autosam2.engine.dist.__main__ import main as dist
-    from launch.__main__ import build_parser
 
     assert dist(["max-requeues"]) == 0
-    assert int(capsys.readouterr().out) == build_parser().parse_args(["train"]).max_requeues
+    cap = int(capsys.readouterr().out)
+    fake_scheduler(tmp_path, monkeypatch, 4343)
+    for given, countdown in (([], cap), (["--max-requeues", "7"], 7)):
+        out = tmp_path / f"eval{countdown}"
+        (job,) = submit(
+            ["evaluate", "--cluster", "slurm", *given, "--", "--weights", "w.pt", "--output-dir", str(out)]
+        )
+        with open(job.paths.submitted_pickle, "rb") as f:
+            assert pickle.load(f)._timeout_countdown == countdown
 
 
 # predict and benchmark jobs -----------------------------------------------------------------------------
