@@ -178,6 +178,18 @@ REGISTRY: tuple[Command, ...] = (
     ),
     Command(
         LAUNCH,
+        "predict",
+        "launch.__main__:PredictJob",
+        "`autosam2 predict` on every task, as under srun",
+    ),
+    Command(
+        LAUNCH,
+        "benchmark",
+        "launch.__main__:BenchmarkJob",
+        "`autosam2 benchmark`, the ranks splitting each split's cases",
+    ),
+    Command(
+        LAUNCH,
         "shard",
         "launch.__main__:shard_part",
         "`python -m shards build` as a job array, then its merge",
@@ -187,7 +199,10 @@ REGISTRY: tuple[Command, ...] = (
     ),
     Command(HOSTS_BENCH, "", "launch.hosts_bench:main", "one host vs two hosts on the local SLURM cluster"),
     Command(
-        DIST, "", "autosam2.engine.dist.__main__:main", "a SLURM job's rendezvous port, for train.sbatch"
+        DIST,
+        "",
+        "autosam2.engine.dist.__main__:main",
+        "a SLURM job's rendezvous port and the requeue cap, for train.sbatch",
     ),
 )
 

@@ -1,9 +1,14 @@
 """`python -m launch WHAT --cluster slurm|local|debug [options] -- [the command's args]`.
 
 Submits through submitit: training as a Checkpointable job (one task per GPU; each task maps SLURM's
-variables to torch.distributed's as `autosam2 train` does under srun), evaluation as one task, sharding as
-a job array plus a merge job. Arguments after `--` are parsed once, by the command's own parser.
-The job folder, with every task's logs, lives under the run's output directory.
+variables to torch.distributed's as `autosam2 train` does under srun), evaluation and benchmarks as one
+job whose ranks split the sequences, prediction as one job, sharding as a job array plus a merge job.
+Arguments after `--` are parsed once, by the command's own parser. The job folder, with every task's
+logs, lives under the run's output directory (training), or beside it.
+
+--time takes sbatch's formats; the site's set-up lines (module load, a venv's activate) come from the
+YAML file AUTOSAM2_SITE names (key setup: a list of lines) and --setup, and run in the job script
+before srun.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 import submitit
 
 from autosam2.arguments import non_negative_int, positive_int
+from launch.sbatch import SITE_VARIABLE, TIME_FORMATS, sbatch_minutes, site_setup
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -51,6 +57,38 @@ class EvaluateJob:
         from autosam2.evaluate import main
 
         return main(self.argv)
+
+
+class _CommandJob:
+    """`autosam2 COMMAND ARGS` on every task: the command's own `main`, as the command table names it."""
+
+    command = ""
+
+    def __init__(self, argv: list[str]):
+        self.argv = argv
+
+    def __call__(self) -> int:
+        import importlib
+
+        from autosam2.commands import AUTOSAM2, commands_of
+
+        module, function = commands_of(AUTOSAM2)[self.command].target.split(":")
+        return getattr(importlib.import_module(module), function)(self.argv)
+
+
+class PredictJob(_CommandJob):
+    """`autosam2 predict ARGS` on every task, as under srun."""
+
+    command = "predict"
+
+
+class BenchmarkJob(_CommandJob):
+    """`autosam2 benchmark ARGS` on every task: the ranks split each split's cases, rank 0 writes the table."""
+
+    command = "benchmark"
+
+
+_COMMAND_JOBS: dict[str, type[_CommandJob]] = {"predict": PredictJob, "benchmark": BenchmarkJob}
 
 
 def shard_part(argv: list[str], index: int | None, count: int) -> int:
@@ -98,7 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cpus-per-task", type=positive_int, default=8)
     p.add_argument("--mem-gb", type=float, default=None)
-    p.add_argument("--time", type=positive_int, default=60, help="time limit in minutes")
+    p.add_argument(
+        "--time",
+        type=sbatch_minutes,
+        default=60,
+        help=f"time limit, as sbatch takes it: {TIME_FORMATS} (a bare number is minutes; seconds round "
+        "up to a minute; default %(default)s minutes)",
+    )
     _add_slurm_arguments(p)
     p.add_argument("--num-shards", type=positive_int, default=4, help="shard: array tasks (disjoint parts)")
     p.add_argument(
@@ -112,15 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--folder",
         default=None,
         help="the job folder: submitit's pickles and every task's logs (default: the command's "
-        "OUTPUT_DIR/jobs; evaluate and shard: OUTPUT_DIR.jobs beside it)",
+        "OUTPUT_DIR/jobs (train); OUTPUT_DIR.jobs beside it (the others))",
     )
     p.add_argument("--wait", action="store_true", help="wait for the job(s) and print the result")
-    p.epilog = "After --: the arguments of `autosam2 train` / `autosam2 evaluate`, or of `python -m shards build` (shard)."
+    p.epilog = (
+        "After --: the arguments of `autosam2 train` / `evaluate` / `predict` / `benchmark`, or of "
+        "`python -m shards build` (shard)."
+    )
     return p
 
 
 def _add_slurm_arguments(p: argparse.ArgumentParser) -> None:
-    """What SLURM is asked for beyond the resources: where, on whose account, and how a job is requeued."""
+    """What SLURM is asked for beyond the resources: where, on whose account, what the job script sets
+    up, and how a job is requeued."""
     p.add_argument("--partition", default=None)
     p.add_argument("--account", default=None)
     p.add_argument("--qos", default=None)
@@ -133,10 +181,19 @@ def _add_slurm_arguments(p: argparse.ArgumentParser) -> None:
         help="extra #SBATCH parameter (repeatable), e.g. --sbatch exclusive=",
     )
     p.add_argument(
+        "--setup",
+        action="append",
+        default=[],
+        metavar="LINE",
+        help=f"a shell line the job script runs before srun (repeatable), after those of the site file "
+        f"{SITE_VARIABLE} names, e.g. --setup 'module load cuda/12.4'",
+    )
+    p.add_argument(
         "--max-requeues",
-        type=int,
-        default=3,
-        help="time-limit requeues of a training job (preemptions always requeue)",
+        type=non_negative_int,
+        default=None,
+        help="time-limit requeues of a training job (preemptions always requeue); default: the cap "
+        "launch/train.sbatch keeps, which `python -m autosam2.engine.dist max-requeues` prints",
     )
     p.add_argument(
         "--signal-delay-s", type=int, default=120, help="SIGUSR2 this many seconds before the time limit"
@@ -144,8 +201,11 @@ def _add_slurm_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _executor(args: argparse.Namespace, folder: Path, tasks: int, gpus: int) -> submitit.AutoExecutor:
+    from autosam2.engine.dist.slurm import MAX_REQUEUES  # read here: it loads torch, which --help need not
+
+    requeues = MAX_REQUEUES if args.max_requeues is None else args.max_requeues
     executor = submitit.AutoExecutor(
-        folder=str(folder / "%j"), cluster=args.cluster, slurm_max_num_timeout=args.max_requeues
+        folder=str(folder / "%j"), cluster=args.cluster, slurm_max_num_timeout=requeues
     )
     extra: dict[str, Any] = {}
     for item in args.sbatch:
@@ -159,6 +219,7 @@ def _executor(args: argparse.Namespace, folder: Path, tasks: int, gpus: int) -> 
         "timeout_min": args.time,
         "slurm_signal_delay_s": args.signal_delay_s,
         "slurm_additional_parameters": extra,
+        "slurm_setup": args.setup,
     }
     if gpus:
         params["gpus_per_node"] = gpus
@@ -199,11 +260,14 @@ def _wait(job: submitit.Job) -> Any:
 
 
 def _output_dir_of(what: str, argv: list[str]) -> Path:
-    """Where an evaluate or shard job writes (train's comes from its config), read by its own parser and
-    claimed before the job waits in the queue: our own kind of output only, apart from the input."""
+    """Where an evaluate, predict, benchmark or shard job writes (train's comes from its config), read by
+    its own parser and claimed before the job waits in the queue: our own kind of output only, apart
+    from the input."""
     from autosam2.data.sample_format import SHARD_SET
     from autosam2.outputs import EVALUATION, claim, claim_shared
 
+    if what in ("predict", "benchmark"):
+        return _inputs_checked(what, argv)
     if what == "evaluate":
         from autosam2.evaluate import build_parser as evaluate_parser
         from autosam2.evaluate import resolve_folder
@@ -223,6 +287,28 @@ def _output_dir_of(what: str, argv: list[str]) -> Path:
     if (out / MANIFEST).exists() and not args.overwrite:
         raise OutputRefused(f"{out / MANIFEST}: shard set already built; pass --overwrite to rebuild")
     return out
+
+
+def _inputs_checked(what: str, argv: list[str]) -> Path:
+    """A predict or benchmark job's output folder, claimed, once its inputs are found as the command
+    itself finds them (file names only: a missing input or split fails here, not in the queue)."""
+    from autosam2.outputs import BENCHMARK, PREDICTIONS, claim
+
+    if what == "predict":
+        from autosam2.predict import build_parser as predict_parser
+        from autosam2.predict import read_videos
+
+        args = predict_parser().parse_args(argv)
+        read_videos(args.input, args.layout, args.split)
+        return claim(
+            args.output_dir, PREDICTIONS, args.overwrite, [args.input, args.weights, args.checkpoint]
+        )
+    from autosam2.benchmark import _splits
+    from autosam2.benchmark import build_parser as benchmark_parser
+
+    args = benchmark_parser().parse_args(argv)
+    _splits(args)
+    return claim(args.output_dir, BENCHMARK, args.overwrite, [args.data, args.weights, args.checkpoint])
 
 
 def _without_credentials(argv: list[str]) -> list[str]:
@@ -253,9 +339,15 @@ def submit(argv: Sequence[str] | None = None) -> list[submitit.Job]:
     # a password in a URI goes to the job through the environment (sbatch and submitit's local
     # executor pass it on), never in its pickled arguments
     rest = _without_credentials(rest)
+    args.setup = [*site_setup(), *args.setup]  # a bad site file is one line before anything is made
+    if args.setup and args.cluster != "slurm":
+        print(
+            f"set-up lines ({len(args.setup)}) run in SLURM's job script only; "
+            f"--cluster {args.cluster} runs without them"
+        )
     cfg, out = _checked(args.what, rest)
-    # evaluate's output folder appears whole when it is done (a renamed temp folder) and a shard set holds
-    # its shards only: their logs go beside them
+    # the output folder of evaluate, predict and benchmark appears whole when it is done (a renamed temp
+    # folder) and a shard set holds its shards only: their logs go beside them
     default = out / "jobs" if args.what == "train" else out.with_name(f"{out.name}.jobs")
     folder = Path(args.output_dir) if args.output_dir else default
     from autosam2.atomic import make_folders, remove_empty
@@ -312,6 +404,9 @@ def _submit_jobs(args, rest: list[str], cfg, out: Path, folder: Path, jobs: list
         # ranks split the sequences; rank 0 gathers the metrics and writes the output folder
         jobs.append(_executor(args, folder, tasks, gpus).submit(EvaluateJob(rest)))
         _report(jobs[-1], "evaluate", tasks * args.nodes)
+    elif args.what in _COMMAND_JOBS:
+        jobs.append(_executor(args, folder, tasks, gpus).submit(_COMMAND_JOBS[args.what](rest)))
+        _report(jobs[-1], args.what, tasks * args.nodes)
     else:
         executor = _executor(args, folder, 1, 0)
         count = args.num_shards

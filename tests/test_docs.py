@@ -226,8 +226,8 @@ def launch_problems(parsers: dict, args: list[str], where: str) -> list[str]:
     if "--" not in args or not args:
         return found
     rest = args[args.index("--") + 1 :]
-    target = {"train": "autosam2 train", "evaluate": "autosam2 evaluate"}.get(args[0])
-    if target:
+    target = f"autosam2 {args[0]}"
+    if target in parsers:
         return found + problems_of(parsers[target], rest, where)
     return found + problems_of(subcommands(parsers["shards"])["build"], rest, where)
 

@@ -1,6 +1,10 @@
 """A job step's variables (SLURM's under srun, submitit's local executor's) mapped to torchrun's, and the
-one rendezvous port of a job: `map_slurm_env` sets it as MASTER_PORT under srun, and `launch/train.sbatch`
-reads it (`python -m autosam2.engine.dist port JOB_ID`) for torchrun's rendezvous endpoint."""
+two rules a training job keeps however it was submitted:
+- its one rendezvous port: `map_slurm_env` sets it as MASTER_PORT under srun (`python -m launch`, srun by
+  hand), and `launch/train.sbatch` reads it (`python -m autosam2.engine.dist port JOB_ID`) for torchrun;
+- its requeue cap: the default of `python -m launch --max-requeues` (submitit's count of time-outs), and
+  what `launch/train.sbatch` compares SLURM_RESTART_COUNT with before it requeues itself
+  (`python -m autosam2.engine.dist max-requeues`)."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import os
 import subprocess
 
 PORT_BASE = 20000  # job ports fall in [PORT_BASE, 2 * PORT_BASE)
+MAX_REQUEUES = 3  # times a training job requeues itself at its time limit before it stops for good
 
 
 def job_port(job_id: int | str) -> int:
