@@ -30,23 +30,83 @@ from launch.sbatch import SITE_VARIABLE, TIME_FORMATS, sbatch_minutes, site_setu
 
 
 class TrainJob(submitit.helpers.Checkpointable):
-    """`autosam2 train ARGS` on every task. On SLURM's time-limit or preemption signal the run
-    checkpoints at the next step boundary, then rank 0 hands over to submitit, which requeues the job
-    (this object, pickled again); the requeued job resumes from the checkpoint (train.resume=auto)."""
+    """`autosam2 train ARGS` on every task. A stop signal checkpoints the run at the next step boundary;
+    then the signals that came decide (`_after_stop`). A requeued job resumes from the checkpoint
+    (train.resume=auto)."""
 
     def __init__(self, argv: list[str]):
         self.argv = argv
 
     def __call__(self) -> dict[str, Any]:
-        requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
+        requeue = signal.getsignal(_requeue_signal())  # submitit's checkpoint-and-requeue handler
         from autosam2.train import run
 
         state = run(self.argv)  # installs its own SIGUSR2/SIGTERM/SIGINT handlers: stop at a step boundary
         if state.stopped:
-            if int(os.environ.get("RANK", "0")) == 0 and callable(requeue):
-                requeue(signal.SIGUSR2, None)  # calls self.checkpoint(), requeues, exits
+            _after_stop(requeue)
             return {"step": state.step, "stopped": True}
         return {"step": state.step, "stopped": False, "best_dice": state.best_dice}
+
+
+def _requeue_signal() -> signal.Signals:
+    """The signal on which submitit requeues a job: SLURM's time-limit warning (--signal-delay-s) and a
+    preemption's (SIGUSR2, unless SUBMITIT_PREEMPT_SIGNAL names another)."""
+    return signal.Signals[f"SIG{submitit.JobEnvironment.USR_SIG}"]
+
+
+def _after_stop(requeue: Any) -> None:
+    """A training job stopped at a step boundary with its checkpoint. When submitit's requeue signal came,
+    rank 0 hands over to submitit, which requeues the job (the TrainJob, pickled again) up to its count
+    of time-outs; the other ranks return. Without it, under SLURM (SIGTERM: `scontrol requeue`,
+    `scancel`, the time limit itself; SLURM requeues or ends the job on its own) every task leaves with
+    EXIT_STOPPED and no result, which the job's next run, if any, writes."""
+    from autosam2.engine.stop import EXIT_STOPPED, signal_names, signals_received
+
+    came, main = signals_received(), int(os.environ.get("RANK", "0")) == 0
+    job = os.environ.get("SLURM_JOB_ID", "?")
+    if _requeue_signal() in came:
+        if main and callable(requeue):
+            print(f"autosam2: {signal_names(came)}: requeueing job {job}", file=sys.stderr, flush=True)
+            _hand_over(requeue, job)
+        return
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return  # local and debug jobs: the stopped result
+    if main:
+        print(
+            f"autosam2: {signal_names(came)}: SLURM requeues or ends job {job} itself; the checkpoint is "
+            "saved, this run leaves without a result",
+            file=sys.stderr,
+            flush=True,
+        )
+    raise SystemExit(EXIT_STOPPED)
+
+
+def _hand_over(requeue: Any, job: str) -> None:
+    """Call submitit's requeue handler (checkpoint, `scontrol requeue`, exit). Under SLURM the task then
+    exits with EXIT_STOPPED (a stop, not a failure: --max-failures leaves it alone). A job past its
+    count of time-outs (--max-requeues) returns its stopped result; a requeue that fails is one line
+    and EXIT_STOPPED; either way the checkpoint is kept for a new submission."""
+    import subprocess
+
+    from autosam2.engine.stop import EXIT_STOPPED
+
+    slurm = os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
+    try:
+        requeue(_requeue_signal(), None)
+    except SystemExit:
+        if slurm:
+            raise SystemExit(EXIT_STOPPED) from None
+        raise  # the local executor requeues on its own exit status
+    except submitit.core.utils.UncompletedJobError as err:  # "Job not requeued because: ..."
+        print(f"autosam2: job {job}: {err} Submit it again to resume", file=sys.stderr, flush=True)
+    except (OSError, subprocess.SubprocessError) as err:
+        print(
+            f"autosam2: job {job}: requeue failed ({err}); the checkpoint is saved: submit the job again "
+            "to resume",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(EXIT_STOPPED) from None
 
 
 class EvaluateJob:
@@ -196,6 +256,13 @@ def _add_slurm_arguments(p: argparse.ArgumentParser) -> None:
         "launch/train.sbatch keeps, which `python -m autosam2.engine.dist max-requeues` prints",
     )
     p.add_argument(
+        "--max-failures",
+        type=non_negative_int,
+        default=0,
+        help="times a training job is requeued after a rank died (a crash, the OOM killer); it resumes "
+        "from its last checkpoint (default %(default)s: the job fails)",
+    )
+    p.add_argument(
         "--signal-delay-s", type=int, default=120, help="SIGUSR2 this many seconds before the time limit"
     )
 
@@ -227,11 +294,44 @@ def _executor(args: argparse.Namespace, folder: Path, tasks: int, gpus: int) -> 
         params["mem_gb"] = args.mem_gb
     if args.what == "train":  # one task failing ends the others instead of leaving them in a collective
         params["slurm_srun_args"] = ["--kill-on-bad-exit=1"]
+    _requeue_lines(args, folder, params)
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(args, key):
             params[f"slurm_{key}"] = getattr(args, key)
     executor.update_parameters(**params)
     return executor
+
+
+def _resumes(what: str) -> bool:
+    """Whether a `what` job goes on from where a requeued run of it stopped (its job is Checkpointable)."""
+    job = {"train": TrainJob, "evaluate": EvaluateJob}.get(what)
+    return job is not None and issubclass(job, submitit.helpers.Checkpointable)
+
+
+def _requeue_lines(args: argparse.Namespace, folder: Path, params: dict[str, Any]) -> None:
+    """A job that resumes asks SLURM to requeue it (#SBATCH --requeue: a node failure, `scontrol
+    requeue`), whatever the site's JobRequeue default. With --max-failures N its job script, once srun
+    has ended, requeues it when a rank died, up to N times (`python -m autosam2.engine.dist after-srun`,
+    the count kept in the job's folder); a rank killed outright (SIGKILL) runs no handler, so the
+    batch shell decides."""
+    extra = params["slurm_additional_parameters"]
+    if not _resumes(args.what):
+        if args.max_failures:
+            print(f"--max-failures applies to jobs that resume; this {args.what} job runs without it")
+        return
+    if "no-requeue" not in extra and "no_requeue" not in extra:
+        extra.setdefault("requeue", True)
+    if not args.max_failures:
+        return
+    # srun's status decides below: a `set -e` among the set-up lines must not end the script first
+    params["slurm_setup"] = [*params["slurm_setup"], "set +e"]
+    count = shlex.quote(str(folder)) + '/"$SLURM_JOB_ID"/failure_requeues'
+    params["slurm_teardown"] = [
+        "status=$?",
+        f'{shlex.quote(sys.executable)} -m autosam2.engine.dist after-srun "$status" '
+        f"--max-failures {args.max_failures} --count-file {count}",
+        'exit "$status"',
+    ]
 
 
 def _report(job: submitit.Job, what: str, tasks: int) -> None:

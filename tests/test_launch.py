@@ -308,6 +308,274 @@ def test_the_cap_command_prints_the_cap_the_launcher_gives_submitit(tmp_path, mo
             assert pickle.load(f)._timeout_countdown == countdown
 
 
+# requeues: the job script asks for them, a stop signal's name decides them, a dead rank may get one -------
+
+
+def fake_scontrol(tmp_path: Path, monkeypatch, answer: str = "exit 0") -> Path:
+    """A stub of SLURM's `scontrol` first on PATH (the scheduler's CLI only; no SLURM runs): it logs its
+    arguments, names node01 as the job's host and ends with `answer`. Returns its log."""
+    bin_, log = tmp_path / "fake-scontrol", tmp_path / "scontrol.log"
+    bin_.mkdir(parents=True)
+    (bin_ / "scontrol").write_text(
+        f'#!/usr/bin/env bash\necho "$@" >> {log}\n[ "$1 $2" = "show hostnames" ] && echo node01\n{answer}\n'
+    )
+    (bin_ / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_}:{os.environ['PATH']}")
+    return log
+
+
+def submitted_script(tmp_path: Path, monkeypatch, what: str, *flags: str) -> list[str]:
+    """The job script the launcher's executor hands sbatch for a `what` job (stubs of sbatch and srun)."""
+    from launch.__main__ import _COMMAND_JOBS, EvaluateJob, TrainJob, _executor, build_parser
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    script = fake_scheduler(tmp_path, monkeypatch, 4545)
+    args = build_parser().parse_args([what, "--cluster", "slurm", *flags])
+    args.setup = ["set -e"]  # a site's set-up line that would end the script when srun fails
+    job = {"train": TrainJob, "evaluate": EvaluateJob, **_COMMAND_JOBS}[what](["x"])
+    _executor(args, tmp_path / "jobs", 2, 0).submit(job)
+    return script.read_text().splitlines()
+
+
+def test_the_job_script_of_a_job_that_resumes_asks_slurm_to_requeue_it(tmp_path, monkeypatch):
+    import submitit
+
+    from launch.__main__ import EvaluateJob
+
+    assert "#SBATCH --requeue" in submitted_script(tmp_path / "t", monkeypatch, "train")
+    evaluate = submitted_script(tmp_path / "e", monkeypatch, "evaluate")
+    assert ("#SBATCH --requeue" in evaluate) == issubclass(EvaluateJob, submitit.helpers.Checkpointable)
+    assert "#SBATCH --requeue" not in submitted_script(tmp_path / "p", monkeypatch, "predict")
+    # --sbatch no-requeue= is the user's: it wins
+    lines = submitted_script(tmp_path / "n", monkeypatch, "train", "--sbatch", "no-requeue=")
+    assert [line for line in lines if "requeue" in line] == ["#SBATCH --no-requeue=''"]
+
+
+@pytest.mark.parametrize(
+    ("status", "runs", "requeues"),
+    [
+        (137, 2, ["requeue 4545"]),  # a rank killed (SIGKILL, the OOM killer): once, then the cap
+        (1, 1, ["requeue 4545"]),  # a rank's crash
+        (75, 1, []),  # a run stopped by a signal with its checkpoint (EXIT_STOPPED)
+        (143, 1, []),  # SLURM's SIGTERM: it acts on the job itself
+        (0, 1, []),
+    ],
+)
+def test_max_failures_requeues_a_job_whose_rank_died_up_to_its_cap(
+    tmp_path, monkeypatch, status, runs, requeues
+):
+    """The launcher's job script, run by bash under stubs of srun (it ends with `status`, as srun does
+    when a task died) and scontrol: after srun it requeues the job, counting in the job's folder."""
+    import subprocess
+
+    lines = submitted_script(tmp_path, monkeypatch, "train", "--max-failures", "1")
+    srun = next(i for i, line in enumerate(lines) if line.startswith("srun "))
+    assert lines.index("set +e") < srun < lines.index("status=$?")  # after the site's `set -e`
+    (tmp_path / "fake-bin" / "srun").write_text(f"#!/usr/bin/env bash\nexit {status}\n")
+    log = fake_scontrol(tmp_path, monkeypatch)
+    (tmp_path / "jobs" / "4545").mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "SLURM_JOB_ID": "4545", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    outputs = []
+    for _ in range(runs):
+        done = subprocess.run(
+            ["bash", str(tmp_path / "job.sh")], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == status, done.stderr
+        outputs.append(done.stderr.strip().splitlines())
+    calls = log.read_text().splitlines() if log.exists() else []
+    assert [c for c in calls if c.startswith("requeue")] == requeues
+    head = f"autosam2: job 4545: a rank failed (srun's exit status {status})"
+    if not requeues:
+        assert outputs == [[]] * runs
+        return
+    assert outputs[0] == [f"{head}; requeueing it (1 of 1): it resumes from its last checkpoint"]
+    assert (tmp_path / "jobs" / "4545" / "failure_requeues").read_text() == "1\n"
+    if runs > 1:
+        assert outputs[1] == [
+            f"{head}; not requeueing it: it was requeued after a failure 1 time(s), the cap is 1 "
+            "(--max-failures / AUTOSAM2_MAX_FAILURES)"
+        ]
+
+
+def test_without_max_failures_the_job_script_ends_with_srun(tmp_path, monkeypatch):
+    lines = submitted_script(tmp_path, monkeypatch, "train")
+    assert lines[-1].startswith("srun ") or not lines[-1].strip()
+    assert "set +e" not in lines and not [line for line in lines if "after-srun" in line]
+
+
+@pytest.fixture
+def handlers():
+    """The process's signal handlers and the stop signals it received, put back after the test."""
+    import signal
+
+    from autosam2.engine import stop
+
+    kept = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)}
+    came = list(stop._came)
+    stop._came.clear()
+    try:
+        yield
+    finally:
+        for sig, handler in kept.items():
+            signal.signal(sig, handler)
+        stop._came[:] = came
+
+
+def run_train_job(tmp_path: Path, monkeypatch, signals: list[str], scontrol: str, rank: int = 0):
+    """A TrainJob as submitit runs it in a SLURM task (its own signal handlers in place, SLURM's
+    variables set, stubs of scontrol on PATH); the training stands in: its stop signals come (each
+    `signals`), then it returns stopped at a step boundary. (the job's SystemExit code or its result,
+    scontrol's calls, the submitted pickle's mtime before and after)."""
+    import signal
+
+    import submitit
+    from submitit.core.job_environment import JobEnvironment
+    from submitit.core.utils import DelayedSubmission, JobPaths
+
+    import autosam2.train
+    from autosam2.engine import stop
+    from autosam2.engine.checkpoint import LoopState
+    from autosam2.engine.stop import StopSignal
+    from launch.__main__ import TrainJob
+
+    stop._came.clear()  # a fresh task's process: no stop signal came yet
+    log = fake_scontrol(tmp_path, monkeypatch, scontrol)
+    for name, value in {"SLURM_JOB_ID": "4646", "SLURM_PROCID": str(rank), "RANK": str(rank)}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    monkeypatch.setenv("SUBMITIT_FOLDER", str(tmp_path / "jobs" / "4646"))
+
+    def stopped_run(argv):
+        StopSignal(announce=rank == 0)
+        for name in signals:
+            signal.raise_signal(getattr(signal, name))
+        return LoopState(step=2, stopped=True)
+
+    monkeypatch.setattr(autosam2.train, "run", stopped_run)
+    job = TrainJob(["train.max_steps=4"])
+    delayed = DelayedSubmission(job)
+    delayed.set_timeout(60, 3)
+    paths = JobPaths(tmp_path / "jobs" / "4646", job_id="4646", task_id=rank)
+    paths.folder.mkdir(parents=True)
+    delayed.dump(paths.submitted_pickle)
+    before = paths.submitted_pickle.stat().st_mtime_ns
+    env = submitit.JobEnvironment()
+    assert isinstance(env, JobEnvironment) and env.cluster == "slurm"
+    env._handle_signals(paths, delayed)  # as submitit's process_job does before it calls the job
+    try:
+        outcome = delayed.result()
+    except SystemExit as leaving:
+        outcome = leaving.code
+    calls = log.read_text().splitlines() if log.exists() else []
+    return outcome, calls, (before, paths.submitted_pickle.stat().st_mtime_ns)
+
+
+def test_a_requeue_by_slurm_is_not_requeued_again_and_the_log_names_sigterm(
+    tmp_path, monkeypatch, capfd, handlers
+):
+    """`scontrol requeue`: SLURM sends SIGTERM and requeues the job itself; the job checkpoints and every
+    task leaves with EXIT_STOPPED, no result, no second requeue, no traceback."""
+    outcome, calls, _ = run_train_job(tmp_path, monkeypatch, ["SIGTERM"], "exit 0")
+    assert outcome == 75 and calls == []
+    err = capfd.readouterr().err
+    assert "SIGTERM: stopping at the next step boundary" in err and "Traceback" not in err
+    assert "autosam2: SIGTERM: SLURM requeues or ends job 4646 itself" in err and "SIGUSR2" not in err
+
+
+def test_the_time_limit_signal_requeues_through_submitit_once(tmp_path, monkeypatch, capfd, handlers):
+    outcome, calls, (before, after) = run_train_job(tmp_path, monkeypatch, ["SIGUSR2"], "exit 0")
+    assert outcome == 75 and calls == ["requeue 4646"] and after > before  # submitit's checkpoint pickle
+    err = capfd.readouterr().err
+    assert "autosam2: SIGUSR2: requeueing job 4646" in err and "Traceback" not in err
+
+
+def test_a_failed_requeue_is_one_line_without_a_traceback(tmp_path, monkeypatch, capfd, handlers):
+    """submitit's preemption (SIGTERM, then SIGUSR2) asks for a requeue; scontrol refuses it."""
+    answer = 'echo "scontrol: error: Job is pending execution" >&2; exit 1'
+    outcome, calls, _ = run_train_job(tmp_path, monkeypatch, ["SIGTERM", "SIGUSR2"], answer)
+    assert outcome == 75 and calls == ["requeue 4646"]
+    err = capfd.readouterr().err
+    assert "autosam2: SIGTERM, SIGUSR2: requeueing job 4646" in err and "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if "requeue failed" in x]
+    assert line.startswith("autosam2: job 4646: requeue failed (Command '['scontrol', 'requeue', '4646']'")
+    assert line.endswith("the checkpoint is saved: submit the job again to resume")
+
+
+def test_past_its_time_outs_a_job_returns_stopped_in_one_line(tmp_path, monkeypatch, capfd, handlers):
+    """Every requeue used up (--max-requeues 0): no requeue, no traceback, the stopped result."""
+    import submitit
+
+    monkeypatch.setattr(
+        submitit.core.job_environment.SignalHandler, "has_timed_out", lambda self: True
+    )  # the time limit is near, as when SLURM's warning comes
+    monkeypatch.setattr(submitit.core.utils.DelayedSubmission, "set_timeout", _no_time_outs)
+    outcome, calls, _ = run_train_job(tmp_path, monkeypatch, ["SIGUSR2"], "exit 0")
+    assert outcome == {"step": 2, "stopped": True} and calls == []
+    err = capfd.readouterr().err
+    assert "Traceback" not in err
+    assert "autosam2: job 4646: Job not requeued because: timed-out too many times. Submit it again" in err
+
+
+def _no_time_outs(self, timeout_min: int, max_num_timeout: int) -> None:
+    self._timeout_min, self._timeout_countdown = timeout_min, 0
+
+
+def test_another_rank_leaves_the_requeue_to_rank_0(tmp_path, monkeypatch, capfd, handlers):
+    outcome, calls, _ = run_train_job(tmp_path, monkeypatch, ["SIGUSR2"], "exit 0", rank=1)
+    assert outcome == {"step": 2, "stopped": True} and calls == []
+    outcome, calls, _ = run_train_job(tmp_path / "b", monkeypatch, ["SIGTERM"], "exit 0", rank=1)
+    assert outcome == 75 and calls == [] and capfd.readouterr().err == ""
+
+
+def test_train_sbatch_requeues_after_a_dead_rank_up_to_autosam2_max_failures(tmp_path, monkeypatch):
+    """launch/train.sbatch under stubs of srun (torchrun's status when a worker was killed: 1) and
+    scontrol, AUTOSAM2_MAX_FAILURES=1: the first run requeues the job, the second says why not."""
+    import subprocess
+    import sys
+
+    bin_ = tmp_path / "fake-bin"
+    bin_.mkdir()
+    (bin_ / "srun").write_text("#!/usr/bin/env bash\nexit 1\n")
+    (bin_ / "srun").chmod(0o755)
+    log = fake_scontrol(tmp_path, monkeypatch)
+    repo = Path(__file__).resolve().parents[1]
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env = {**base, "SLURM_JOB_ID": "4747", "SLURM_JOB_NODELIST": "node01", "SLURM_NNODES": "1"}
+    env.update(PATH=f"{bin_}:{os.environ['PATH']}", AUTOSAM2_PYTHON=sys.executable, PYTHONPATH=str(repo))
+    env.update(AUTOSAM2_RDZV_PORT="29500", AUTOSAM2_MAX_REQUEUES="3", AUTOSAM2_MAX_FAILURES="1")
+    env.update(SLURM_SUBMIT_DIR=str(tmp_path), SLURM_JOB_NAME="autosam2-train")
+    runs = [
+        subprocess.run(
+            ["bash", str(repo / "launch" / "train.sbatch")],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    assert [r.returncode for r in runs] == [1, 1]
+    assert [c for c in log.read_text().splitlines() if c.startswith("requeue")] == ["requeue 4747"]
+    head = "autosam2: job 4747: a rank failed (srun's exit status 1)"
+    assert runs[0].stderr.strip().splitlines() == [
+        f"{head}; requeueing it (1 of 1): it resumes from its last checkpoint"
+    ]
+    assert runs[1].stderr.strip().splitlines() == [
+        f"{head}; not requeueing it: it was requeued after a failure 1 time(s), the cap is 1 "
+        "(--max-failures / AUTOSAM2_MAX_FAILURES)"
+    ]
+    assert (tmp_path / "autosam2-train-4747.failures").read_text() == "1\n"
+    env["AUTOSAM2_MAX_FAILURES"] = "x"
+    bad = subprocess.run(["bash", str(repo / "launch" / "train.sbatch")], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert (
+        bad.returncode == 2
+        and bad.stderr.strip() == "autosam2: AUTOSAM2_MAX_FAILURES=x is not a whole number"
+    )
+
+
 # predict and benchmark jobs -----------------------------------------------------------------------------
 
 

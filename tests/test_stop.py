@@ -8,7 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from autosam2.engine.stop import EXIT_STOPPED, STOP_SIGNALS, StopSignal, settle
+from autosam2.engine.stop import (
+    EXIT_STOPPED,
+    STOP_SIGNALS,
+    StopSignal,
+    settle,
+    signal_names,
+    signals_received,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 WAIT = """
@@ -43,6 +50,27 @@ def test_the_first_signal_sets_the_flag_and_says_so_once(capfd):
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def test_every_signal_that_came_is_recorded_once_in_order_and_named(monkeypatch):
+    from autosam2.engine import stop as module
+
+    monkeypatch.setattr(module, "_came", [])
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    try:
+        stop = StopSignal(announce=False)
+        assert signals_received() == ()
+        for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGUSR2):  # `scontrol requeue`, then a warning
+            signal.raise_signal(sig)
+        assert stop.received == signal.SIGTERM  # the first decides the stop line
+        assert signals_received() == (signal.SIGTERM, signal.SIGUSR2)
+        assert signal_names(signals_received()) == "SIGTERM, SIGUSR2"
+        stop.request()  # the launcher gone is no signal that came
+        assert signals_received() == (signal.SIGTERM, signal.SIGUSR2)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert signal_names([]) == "no signal" and signal_names([999]) == "signal 999"
 
 
 def start(mode: str) -> subprocess.Popen:

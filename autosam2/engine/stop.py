@@ -22,6 +22,26 @@ EXIT_STOPPED = 75
 
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 
+# every stop signal this process received, in the order they came (each once): what a job that stopped
+# does next depends on which came (SIGUSR2 asks for a requeue; SIGTERM means SLURM acts on the job itself)
+_came: list[int] = []
+
+
+def signals_received() -> tuple[int, ...]:
+    """The stop signals this process received, in the order they came, each once."""
+    return tuple(_came)
+
+
+def signal_names(signums: tuple[int, ...] | list[int]) -> str:
+    """``SIGTERM, SIGUSR2``: the names of `signums` (a number no signal has stays a number)."""
+    names = []
+    for signum in signums:
+        try:
+            names.append(signal.Signals(signum).name)
+        except ValueError:
+            names.append(f"signal {signum}")
+    return ", ".join(names) or "no signal"
+
 
 class StopSignal:
     """SIGUSR2 / SIGTERM (SLURM's time-limit and preemption signals) and SIGINT set a flag; ranks agree
@@ -35,6 +55,8 @@ class StopSignal:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum not in _came:
+            _came.append(signum)
         if signum == signal.SIGINT:
             self.interrupts += 1
             if self.interrupts > 1:
@@ -47,7 +69,7 @@ class StopSignal:
             self.received = signum
             again = "; Ctrl-C again to stop now" if signum == signal.SIGINT else ""
             self._say(
-                f"{signal.Signals(signum).name}: stopping at the next step boundary, with a checkpoint{again}"
+                f"{signal_names([signum])}: stopping at the next step boundary, with a checkpoint{again}"
             )
 
     def _say(self, line: str) -> None:

@@ -4,15 +4,69 @@ two rules a training job keeps however it was submitted:
   hand), and `launch/train.sbatch` reads it (`python -m autosam2.engine.dist port JOB_ID`) for torchrun;
 - its requeue cap: the default of `python -m launch --max-requeues` (submitit's count of time-outs), and
   what `launch/train.sbatch` compares SLURM_RESTART_COUNT with before it requeues itself
-  (`python -m autosam2.engine.dist max-requeues`)."""
+  (`python -m autosam2.engine.dist max-requeues`);
+- its requeues after a rank died (`requeue_after_failure`): what the launcher's job script (--max-failures)
+  and `launch/train.sbatch` (AUTOSAM2_MAX_FAILURES) run once srun has ended
+  (`python -m autosam2.engine.dist after-srun`)."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import sys
+from pathlib import Path
 
 PORT_BASE = 20000  # job ports fall in [PORT_BASE, 2 * PORT_BASE)
 MAX_REQUEUES = 3  # times a training job requeues itself at its time limit before it stops for good
+
+
+def may_requeue(count: int, cap: int) -> bool:
+    """A job requeued `count` times (for one cause) is requeued again while the count is under its cap."""
+    return count < cap
+
+
+def rank_failed(status: int) -> bool:
+    """Whether srun's (or torchrun's) exit status says a rank died (a crash, the OOM killer's SIGKILL): not
+    0, not a run stopped by a signal with its checkpoint (EXIT_STOPPED), not the job ended by SLURM's
+    SIGTERM or a Ctrl-C."""
+    from autosam2.engine.stop import EXIT_STOPPED
+
+    return status not in (0, EXIT_STOPPED, 128 + signal.SIGTERM, 128 + signal.SIGINT)
+
+
+def requeue_after_failure(status: int, max_failures: int, count_file: Path, job_id: str) -> bool:
+    """Once srun has ended with `status`: when a rank died, requeue job `job_id` if it has been requeued
+    after a failure fewer than `max_failures` times (the count kept in `count_file`), saying so in one
+    line, or say in one line why not. True when the job was requeued; it resumes from its last
+    checkpoint (train.resume=auto)."""
+    if not rank_failed(status):
+        return False
+    text = count_file.read_text().strip() if count_file.exists() else "0"
+    count = int(text) if text.isdigit() else 0
+    head = f"autosam2: job {job_id}: a rank failed (srun's exit status {status})"
+    if not may_requeue(count, max_failures):
+        print(
+            f"{head}; not requeueing it: it was requeued after a failure {count} time(s), the cap is "
+            f"{max_failures} (--max-failures / AUTOSAM2_MAX_FAILURES)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return False
+    from autosam2.atomic import atomic_write_text
+
+    atomic_write_text(count_file, f"{count + 1}\n")
+    print(
+        f"{head}; requeueing it ({count + 1} of {max_failures}): it resumes from its last checkpoint",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as err:
+        print(f"autosam2: job {job_id}: requeue failed: {err}", file=sys.stderr, flush=True)
+        return False
+    return True
 
 
 def job_port(job_id: int | str) -> int:
