@@ -54,23 +54,42 @@ def _requeue_signal() -> signal.Signals:
     return signal.Signals[f"SIG{submitit.JobEnvironment.USR_SIG}"]
 
 
+# a preemption as submitit signals it: SIGTERM, then its requeue signal a moment later
+PREEMPTION_GAP_S = 2.0
+
+
+def _signals_came(wait_s: float) -> tuple[int, ...]:
+    """The stop signals this process received; when submitit's requeue signal is not among them, those
+    that came within `wait_s` seconds (every task waits alike, so none leaves before the others)."""
+    import time
+
+    from autosam2.engine.stop import signals_received
+
+    deadline = time.monotonic() + wait_s
+    while _requeue_signal() not in signals_received() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return signals_received()
+
+
 def _after_stop(requeue: Any) -> None:
     """A training job stopped at a step boundary with its checkpoint. When submitit's requeue signal came,
     rank 0 hands over to submitit, which requeues the job (the TrainJob, pickled again) up to its count
-    of time-outs; the other ranks return. Without it, under SLURM (SIGTERM: `scontrol requeue`,
-    `scancel`, the time limit itself; SLURM requeues or ends the job on its own) every task leaves with
-    EXIT_STOPPED and no result, which the job's next run, if any, writes."""
-    from autosam2.engine.stop import EXIT_STOPPED, signal_names, signals_received
+    of time-outs; the other ranks return. Without it (waited for `PREEMPTION_GAP_S` under SLURM), under
+    SLURM (SIGTERM: `scontrol requeue`, `scancel`, the time limit itself; SLURM requeues or ends the
+    job on its own) every task leaves with EXIT_STOPPED and no result, which the job's next run, if
+    any, writes; local and debug jobs return the stopped result."""
+    from autosam2.engine.stop import EXIT_STOPPED, signal_names
 
-    came, main = signals_received(), int(os.environ.get("RANK", "0")) == 0
+    slurm, main = os.environ.get("SUBMITIT_EXECUTOR") == "slurm", int(os.environ.get("RANK", "0")) == 0
     job = os.environ.get("SLURM_JOB_ID", "?")
+    came = _signals_came(PREEMPTION_GAP_S if slurm else 0.0)
     if _requeue_signal() in came:
         if main and callable(requeue):
             print(f"autosam2: {signal_names(came)}: requeueing job {job}", file=sys.stderr, flush=True)
             _hand_over(requeue, job)
         return
-    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
-        return  # local and debug jobs: the stopped result
+    if not slurm:
+        return
     if main:
         print(
             f"autosam2: {signal_names(came)}: SLURM requeues or ends job {job} itself; the checkpoint is "

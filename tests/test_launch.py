@@ -397,6 +397,17 @@ def test_max_failures_requeues_a_job_whose_rank_died_up_to_its_cap(
         ]
 
 
+def test_after_srun_outside_a_slurm_job_is_one_line(monkeypatch, capsys, tmp_path):
+    from autosam2.engine.dist.__main__ import main as dist
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    with pytest.raises(SystemExit) as leaving:
+        dist(["after-srun", "137", "--max-failures", "1", "--count-file", str(tmp_path / "n")])
+    assert leaving.value.code == 2 and not (tmp_path / "n").exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("error: after-srun runs in a SLURM job (SLURM_JOB_ID is not set)")
+
+
 def test_without_max_failures_the_job_script_ends_with_srun(tmp_path, monkeypatch):
     lines = submitted_script(tmp_path, monkeypatch, "train")
     assert lines[-1].startswith("srun ") or not lines[-1].strip()

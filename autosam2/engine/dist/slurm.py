@@ -21,11 +21,6 @@ PORT_BASE = 20000  # job ports fall in [PORT_BASE, 2 * PORT_BASE)
 MAX_REQUEUES = 3  # times a training job requeues itself at its time limit before it stops for good
 
 
-def may_requeue(count: int, cap: int) -> bool:
-    """A job requeued `count` times (for one cause) is requeued again while the count is under its cap."""
-    return count < cap
-
-
 def rank_failed(status: int) -> bool:
     """Whether srun's (or torchrun's) exit status says a rank died (a crash, the OOM killer's SIGKILL): not
     0, not a run stopped by a signal with its checkpoint (EXIT_STOPPED), not the job ended by SLURM's
@@ -45,7 +40,7 @@ def requeue_after_failure(status: int, max_failures: int, count_file: Path, job_
     text = count_file.read_text().strip() if count_file.exists() else "0"
     count = int(text) if text.isdigit() else 0
     head = f"autosam2: job {job_id}: a rank failed (srun's exit status {status})"
-    if not may_requeue(count, max_failures):
+    if count >= max_failures:
         print(
             f"{head}; not requeueing it: it was requeued after a failure {count} time(s), the cap is "
             f"{max_failures} (--max-failures / AUTOSAM2_MAX_FAILURES)",
