@@ -5,11 +5,22 @@
 # Without --hosts: one node, this machine (127.0.0.1). With --hosts N: N test hosts node1..nodeN, each a
 # network namespace with its own hostname (a UTS namespace) and address 10.231.0.K on one bridge
 # (as2br0, 10.231.0.254 on this machine's side), named in /etc/hosts, one slurmd each; slurmctld and
-# slurmdbd run here. The two kinds can be up at once: each has its own state folder, ports and database,
-# munge is shared. `stop` removes every namespace, link, /etc/hosts line and daemon it made; `start`
-# first removes what a crashed run left (with --hosts it always starts a fresh cluster: no jobs or
-# accounting records carried over). State lives in $AUTOSAM2_SLURM_DIR (default
-# /tmp/autosam2-slurm, or /tmp/autosam2-slurm-hosts with --hosts); needs root.
+# slurmdbd run here. The two kinds can be up at once.
+#
+# Everything a cluster has lives in its state folder, $AUTOSAM2_SLURM_DIR (default /tmp/autosam2-slurm,
+# or /tmp/autosam2-slurm-hosts with --hosts; needs root): slurm.conf and slurmdbd.conf, SLURM's state,
+# spool, logs and pid files, its own munged (socket, key, pid in munge/), its own MariaDB (data in mysql/,
+# socket in run/), and `ports`. The four TCP ports (slurmctld, slurmd, slurmdbd, MariaDB) are chosen free
+# at a fresh start, in $AUTOSAM2_SLURM_PORTS (default 10000-19999: below the kernel's ephemeral ports and
+# the jobs' rendezvous ports 20000-39999), never SLURM's or MariaDB's defaults. Commands reach the
+# cluster through SLURM_CONF=$AUTOSAM2_SLURM_DIR/slurm.conf (`status` prints it).
+#
+# A daemon is this cluster's when its pid file in the state folder names a live process of the daemon's
+# name whose command line (slurmdbd: whose SLURM_CONF) names the state folder. `start` reuses and `stop`
+# stops only those: a SLURM, munged or database of the machine's own, or of another state folder, is
+# left alone. `stop` removes every namespace, link and /etc/hosts line it made; `start` first removes
+# what a crashed run left (with --hosts it always starts a fresh cluster: no jobs or accounting records
+# carried over), and fails in one line where the namespaces or bridge are another cluster's.
 set -euo pipefail
 
 HOSTS=0
@@ -23,22 +34,27 @@ while [ $# -gt 0 ]; do
 done
 if [ "$HOSTS" -gt 0 ]; then
   DIR=${AUTOSAM2_SLURM_DIR:-/tmp/autosam2-slurm-hosts}
-  CTLD_PORT=6827 DBD_PORT=6829 DB_PORT=3316 DB_NAME=slurm_acct_db_hosts CLUSTER=autosam2hosts
+  DB_NAME=slurm_acct_db_hosts CLUSTER=autosam2hosts
 else
   DIR=${AUTOSAM2_SLURM_DIR:-/tmp/autosam2-slurm}
-  CTLD_PORT=6817 DBD_PORT=6819 DB_PORT=3306 DB_NAME=slurm_acct_db CLUSTER=autosam2test
+  DB_NAME=slurm_acct_db CLUSTER=autosam2test
 fi
+DIR=$(realpath -m "$DIR")  # the one spelling the daemons' command lines are matched against
+MUNGE=$DIR/munge
+PORT_RANGE=${AUTOSAM2_SLURM_PORTS:-10000-19999}
+DEFAULT_PORTS="6817 6818 6819 3306"  # SLURM's and MariaDB's own: never taken
 NODE=$(hostname -s)
 CPUS=${AUTOSAM2_SLURM_CPUS:-8}
-PACKAGES="slurm-wlm slurm-client munge slurmdbd mariadb-server iproute2"  # iproute2: the --hosts namespaces
+PACKAGES="slurm-wlm slurm-client munge slurmdbd mariadb-server iproute2"  # iproute2: ss, the --hosts namespaces
 SUBNET=10.231.0
 BRIDGE=as2br0
 MARK="# autosam2-test-hosts"
 
 log() { echo "slurm-test-cluster: $*" >&2; }
+fail() { log "$*"; exit 1; }
 
 install() {
-  if command -v slurmctld >/dev/null && command -v slurmdbd >/dev/null && command -v munged >/dev/null && command -v mariadbd >/dev/null && command -v ip >/dev/null; then
+  if command -v slurmctld >/dev/null && command -v slurmdbd >/dev/null && command -v munged >/dev/null && command -v mariadbd >/dev/null && command -v ip >/dev/null && command -v ss >/dev/null; then
     return 0
   fi
   log "installing $PACKAGES"
@@ -55,7 +71,33 @@ wait_for() {  # wait_for SECONDS COMMAND...
   done
 }
 
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+ours() {  # ours PIDFILE NAME: the pid file names a live NAME process of this state folder
+  local pid cmdline environ
+  pid=$(cat "$1" 2>/dev/null) || return 1
+  [[ "$pid" =~ ^[0-9]+$ ]] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ] || return 1
+  cmdline=$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null) || return 1
+  if [[ "$cmdline" == *"$DIR/"* ]]; then return 0; fi
+  environ=$(tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null) || return 1
+  grep -qxF "SLURM_CONF=$DIR/slurm.conf" <<< "$environ"
+}
+
+daemon_of() {  # the process name of a pid file of the state folder
+  case "$(basename "$1")" in
+    slurmd.pid | slurmd-*.pid) echo slurmd ;;
+    mysqld.pid) echo mariadbd ;;
+    *) basename "$1" .pid ;;
+  esac
+}
+
+pidfiles() { ls "$DIR"/run/*.pid "$MUNGE/munged.pid" 2>/dev/null || true; }
+
+any_ours() {  # is a daemon of this state folder alive
+  local file
+  for file in $(pidfiles); do
+    if ours "$file" "$(daemon_of "$file")"; then return 0; fi
+  done
+  return 1
+}
 
 stop_pid() {  # TERM a daemon, KILL it after 15 s, and wait until it is gone: a start right after finds none
   local pid=$1
@@ -66,17 +108,34 @@ stop_pid() {  # TERM a daemon, KILL it after 15 s, and wait until it is gone: a 
   fi
 }
 
-stop_pidfile() {  # the daemon of a pid file, then the file
+stop_pidfile() {  # the daemon of a pid file if it is this state folder's, then the file
   local file=$1
-  if alive "$file"; then stop_pid "$(cat "$file")"; fi
+  if ours "$file" "$(daemon_of "$file")"; then stop_pid "$(cat "$file")"; fi
   rm -f "$file"
 }
 
-munge_answers() { timeout 5 munge -n 2>/dev/null | timeout 5 unmunge >/dev/null 2>&1; }
+used_ports() {  # every local TCP port in use on this machine, listening or connected
+  ss -Htan | awk '{print $4}' | sed 's/.*://' | sort -un
+}
 
-stop_munge() {  # every munged, each waited for
-  local pid
-  for pid in $(pgrep -x munged || true); do stop_pid "$pid"; done
+choose_ports() {  # four free ports of $PORT_RANGE, from a random place in it, into $DIR/ports
+  local low=${PORT_RANGE%-*} high=${PORT_RANGE#*-} used chosen=() span k port
+  [[ "$low" =~ ^[0-9]+$ && "$high" =~ ^[0-9]+$ && "$low" -le "$high" ]] \
+    || fail "AUTOSAM2_SLURM_PORTS=$PORT_RANGE: not a range LOW-HIGH"
+  used=" $(used_ports | tr '\n' ' ') $DEFAULT_PORTS "
+  span=$((high - low + 1))
+  local first=$((RANDOM % span))
+  for ((k = 0; k < span && ${#chosen[@]} < 4; k++)); do
+    port=$((low + (first + k) % span))
+    [[ "$used" == *" $port "* ]] || chosen+=("$port")
+  done
+  [ ${#chosen[@]} -eq 4 ] \
+    || fail "fewer than 4 free TCP ports in $PORT_RANGE (AUTOSAM2_SLURM_PORTS) for slurmctld, slurmd, slurmdbd and MariaDB"
+  printf 'CTLD_PORT=%s\nSLURMD_PORT=%s\nDBD_PORT=%s\nDB_PORT=%s\n' "${chosen[@]}" > "$DIR/ports"
+}
+
+munge_answers() {
+  timeout 5 munge -S "$MUNGE/munge.socket" -n 2>/dev/null | timeout 5 unmunge -S "$MUNGE/munge.socket" >/dev/null 2>&1
 }
 
 node_lines() {  # the NodeName lines of slurm.conf, and the partition over them
@@ -95,6 +154,8 @@ node_lines() {  # the NodeName lines of slurm.conf, and the partition over them
 write_configs() {
   mkdir -p "$DIR"/{state,spool,log,mysql,run}
   chmod 755 "$DIR"
+  # shellcheck source=/dev/null
+  source "$DIR/ports"
   # the node name must resolve: slurmd finds itself by it
   getent hosts "$NODE" >/dev/null || echo "127.0.0.1 $NODE" >> /etc/hosts
   local mem controller=$NODE spool=$DIR/spool pidfile=$DIR/run/slurmd.pid logfile=$DIR/log/slurmd.log
@@ -113,7 +174,7 @@ SlurmctldHost=$controller
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=cred_expire=10
+AuthInfo=cred_expire=10,socket=$MUNGE/munge.socket
 CredType=cred/munge
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
@@ -122,6 +183,7 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
 AccountingStoragePort=$DBD_PORT
+AccountingStoragePass=$MUNGE/munge.socket
 JobCompType=jobcomp/none
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
@@ -136,7 +198,7 @@ SlurmdPidFile=$pidfile
 SlurmctldLogFile=$DIR/log/slurmctld.log
 SlurmdLogFile=$logfile
 SlurmctldPort=$CTLD_PORT
-SlurmdPort=6818
+SlurmdPort=$SLURMD_PORT
 KillWait=$killwait
 SlurmdTimeout=$slurmd_timeout
 MinJobAge=300
@@ -144,6 +206,7 @@ $(node_lines "$mem")
 EOF
   cat > "$DIR/slurmdbd.conf" <<EOF
 AuthType=auth/munge
+AuthInfo=socket=$MUNGE/munge.socket
 DbdHost=localhost
 DbdPort=$DBD_PORT
 SlurmUser=root
@@ -159,39 +222,45 @@ EOF
   chmod 600 "$DIR/slurmdbd.conf"
 }
 
-start_munge() {
+start_munge() {  # this cluster's own munged: its key, socket, pid, log and seed in $MUNGE
   # judged by its socket, not by its name: a munged still exiting (or hung) answers nothing
-  if munge_answers; then return 0; fi
-  stop_munge
-  if [ ! -s /etc/munge/munge.key ]; then
-    mkdir -p /etc/munge
-    dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
+  if ours "$MUNGE/munged.pid" munged && munge_answers; then return 0; fi
+  stop_pidfile "$MUNGE/munged.pid"
+  mkdir -p "$MUNGE"
+  if [ ! -s "$MUNGE/munge.key" ]; then
+    dd if=/dev/urandom of="$MUNGE/munge.key" bs=1024 count=1 status=none
   fi
-  mkdir -p /run/munge /var/log/munge /var/lib/munge
-  chown -R munge:munge /etc/munge /run/munge /var/log/munge /var/lib/munge
-  chmod 400 /etc/munge/munge.key
-  runuser -u munge -- munged --force  # --force: past the socket and lock a killed munged left
+  chown -R munge:munge "$MUNGE"
+  chmod 755 "$MUNGE"
+  chmod 400 "$MUNGE/munge.key"
+  # --force: past the socket and lock a killed munged left
+  runuser -u munge -- munged --force --socket="$MUNGE/munge.socket" --key-file="$MUNGE/munge.key" \
+    --pid-file="$MUNGE/munged.pid" --log-file="$MUNGE/munged.log" --seed-file="$MUNGE/munged.seed"
   wait_for 10 munge_answers
 }
 
-start_mariadb() {
-  if ! alive "$DIR/run/mysqld.pid"; then
+sql() { mariadb --no-defaults --socket="$DIR/run/mysqld.sock" "$@"; }
+
+start_mariadb() {  # --no-defaults: none of the machine's MariaDB settings (its datadir, socket, port)
+  if ! ours "$DIR/run/mysqld.pid" mariadbd; then
     if [ ! -d "$DIR/mysql/mysql" ]; then
-      mariadb-install-db --user=root --datadir="$DIR/mysql" --auth-root-authentication-method=socket >/dev/null
+      mariadb-install-db --no-defaults --user=root --datadir="$DIR/mysql" --auth-root-authentication-method=socket >/dev/null
     fi
-    mariadbd --user=root --datadir="$DIR/mysql" --socket="$DIR/run/mysqld.sock" --pid-file="$DIR/run/mysqld.pid" \
-      --bind-address=127.0.0.1 --port="$DB_PORT" --log-error="$DIR/log/mysqld.log" >/dev/null 2>&1 &
-    wait_for 60 mariadb --socket="$DIR/run/mysqld.sock" -e "select 1"
+    mariadbd --no-defaults --user=root --datadir="$DIR/mysql" --socket="$DIR/run/mysqld.sock" \
+      --pid-file="$DIR/run/mysqld.pid" --bind-address=127.0.0.1 --port="$DB_PORT" \
+      --log-error="$DIR/log/mysqld.log" >/dev/null 2>&1 &
+    wait_for 60 sql -e "select 1"
   fi
-  local sql="" host
+  local statements="" host
   for host in localhost 127.0.0.1; do
-    sql+="CREATE USER IF NOT EXISTS 'slurm'@'$host' IDENTIFIED BY 'slurm'; GRANT ALL ON $DB_NAME.* TO 'slurm'@'$host'; "
+    statements+="CREATE USER IF NOT EXISTS 'slurm'@'$host' IDENTIFIED BY 'slurm'; GRANT ALL ON $DB_NAME.* TO 'slurm'@'$host'; "
   done
-  mariadb --socket="$DIR/run/mysqld.sock" -e "$sql FLUSH PRIVILEGES;"
+  sql -e "$statements FLUSH PRIVILEGES;"
 }
 
 hosts_up() {  # the bridge, one namespace per host with its veth, the /etc/hosts lines
   local k
+  echo "$HOSTS" > "$DIR/hosts"  # first: a run that stops half-way is still cleaned up as this one's
   ip link add "$BRIDGE" type bridge
   ip addr add "$SUBNET.254/24" dev "$BRIDGE"
   ip link set "$BRIDGE" up
@@ -204,12 +273,20 @@ hosts_up() {  # the bridge, one namespace per host with its veth, the /etc/hosts
     ip netns exec "as2-node$k" ip link set lo up
     echo "$SUBNET.$k node$k $MARK" >> /etc/hosts
   done
-  echo "$HOSTS" > "$DIR/hosts"
+}
+
+our_namespaces() { ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^as2-node[0-9]+$' || true; }
+
+hosts_free() {  # the bridge and namespaces exist only where this state folder made them
+  if [ -f "$DIR/hosts" ]; then return 0; fi
+  if ip link show "$BRIDGE" >/dev/null 2>&1 || [ -n "$(our_namespaces)" ]; then
+    fail "the bridge $BRIDGE or namespaces as2-node* exist and $DIR/hosts does not name them: another test cluster's (stop it with its AUTOSAM2_SLURM_DIR), or remove them (ip link del $BRIDGE; ip netns del as2-nodeK)"
+  fi
 }
 
 hosts_down() {  # whatever a run of --hosts left: processes in the namespaces, namespaces, links, lines
   local ns link
-  for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^as2-node[0-9]+$' || true); do
+  for ns in $(our_namespaces); do
     ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
     ip netns del "$ns" 2>/dev/null || true
   done
@@ -229,7 +306,7 @@ hosts_down() {  # whatever a run of --hosts left: processes in the namespaces, n
 start_slurmds() {
   local k
   if [ "$HOSTS" -eq 0 ]; then
-    alive "$DIR/run/slurmd.pid" || slurmd -f "$DIR/slurm.conf"
+    ours "$DIR/run/slurmd.pid" slurmd || slurmd -f "$DIR/slurm.conf"
     wait_for 30 bash -c "sinfo -h -o %t | grep -Eq '^(idle|mix|alloc)'"
     return
   fi
@@ -242,58 +319,74 @@ start_slurmds() {
   wait_for 60 bash -c "[ \$(sinfo -h -N -o %t | grep -Ec '^(idle|mix|alloc)') -ge $HOSTS ]"
 }
 
-stop_daemons() {
+stop_daemons() {  # this state folder's daemons, its munged last
   local file
   export SLURM_CONF="$DIR/slurm.conf"
-  if alive "$DIR/run/slurmctld.pid"; then
+  if ours "$DIR/run/slurmctld.pid" slurmctld; then
     scancel --full --quiet -u root 2>/dev/null || true
     wait_for 30 bash -c "[ -z \"\$(squeue -h)\" ]" || true
   fi
-  for file in "$DIR"/run/slurmd*.pid; do
+  for file in "$DIR"/run/slurmd.pid "$DIR"/run/slurmd-*.pid; do
     if [ -e "$file" ]; then stop_pidfile "$file"; fi
   done
   stop_pidfile "$DIR/run/slurmctld.pid"
   stop_pidfile "$DIR/run/slurmdbd.pid"
   stop_pidfile "$DIR/run/mysqld.pid"
+  stop_pidfile "$MUNGE/munged.pid"
+}
+
+settle() {  # a crashed run's leftovers gone, and the ports: those of the daemons up, else free ones
+  mkdir -p "$DIR/run"
+  if [ "$HOSTS" -gt 0 ]; then  # what a crashed run left goes first, its jobs' records too: a fresh cluster
+    hosts_free
+    stop_daemons
+    hosts_down
+    rm -rf "${DIR:?}"/{state,spool,log,mysql,run,munge}
+    mkdir -p "$DIR/run"
+  fi
+  if any_ours && [ -f "$DIR/ports" ]; then return 0; fi
+  stop_daemons  # a partial cluster without recorded ports
+  choose_ports
 }
 
 start() {
   install
-  if [ "$HOSTS" -gt 0 ]; then  # what a crashed run left goes first, its jobs' records too: a fresh cluster
-    mkdir -p "$DIR/run"
-    stop_daemons
-    hosts_down
-    rm -rf "${DIR:?}"/{state,spool,log,mysql,run}
-  fi
+  settle
   write_configs
   export SLURM_CONF="$DIR/slurm.conf"
   # the bridge first: until 10.231.0.254 exists, its traffic takes the default route off the machine
   if [ "$HOSTS" -gt 0 ]; then hosts_up; fi
   start_munge
   start_mariadb
-  alive "$DIR/run/slurmdbd.pid" || slurmdbd  # reads slurmdbd.conf beside $SLURM_CONF
+  ours "$DIR/run/slurmdbd.pid" slurmdbd || slurmdbd  # reads slurmdbd.conf beside $SLURM_CONF
   wait_for 30 sacctmgr -i list cluster
   sacctmgr -i add cluster "$CLUSTER" >/dev/null 2>&1 || true
-  alive "$DIR/run/slurmctld.pid" || slurmctld -f "$DIR/slurm.conf"
+  ours "$DIR/run/slurmctld.pid" slurmctld || slurmctld -f "$DIR/slurm.conf"
   wait_for 30 scontrol ping
   start_slurmds
   if [ "$HOSTS" -gt 0 ]; then
-    log "up: hosts node1..node$HOSTS ($SUBNET.1-$HOSTS), $CPUS CPUs each; export SLURM_CONF=$DIR/slurm.conf"
+    log "up: hosts node1..node$HOSTS ($SUBNET.1-$HOSTS), $CPUS CPUs each; $(placement)"
   else
-    log "up: node $NODE, $CPUS CPUs; export SLURM_CONF=$DIR/slurm.conf"
+    log "up: node $NODE, $CPUS CPUs; $(placement)"
   fi
+}
+
+placement() {  # where the cluster is: its ports and how to reach it
+  # shellcheck source=/dev/null
+  source "$DIR/ports"
+  echo "ports slurmctld $CTLD_PORT, slurmd $SLURMD_PORT, slurmdbd $DBD_PORT, MariaDB $DB_PORT; export SLURM_CONF=$DIR/slurm.conf"
 }
 
 stop() {
   stop_daemons
-  if [ "$HOSTS" -gt 0 ] || [ -f "$DIR/hosts" ]; then hosts_down; fi
-  # munge is shared by both kinds of cluster: it goes with the last slurmctld
-  if ! pgrep -x slurmctld >/dev/null; then stop_munge; fi
+  if [ -f "$DIR/hosts" ]; then hosts_down; fi
   log "stopped"
 }
 
 status() {
   export SLURM_CONF="$DIR/slurm.conf"
+  [ -f "$DIR/ports" ] || fail "no test cluster in $DIR"
+  log "$(placement)"
   sinfo && squeue
 }
 

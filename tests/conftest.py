@@ -62,8 +62,8 @@ INTEGRATION = {
     "test_vocabulary.py::test_sync_to_a_tracking_uri_mlflow_refuses_is_one_line",  # MLflow runs uname
 }
 # Under pytest-xdist (`-n 2`) the cluster tests are one unit of work: one worker runs them in order,
-# since they share the one test SLURM (fixed ports, state folders, network namespaces, munge), while
-# the other workers take the rest.
+# since they share the one test SLURM (its state folders, the network namespaces and their bridge),
+# while the other workers take the rest.
 CLUSTER_GROUP = "cluster"
 TIMELINE_ENV = "AUTOSAM2_TEST_TIMELINE"
 
@@ -252,8 +252,9 @@ def mlflow_server(tmp_path: Path):
 
 
 def _slurm(state: Path, *flags: str):
-    """launch/slurm_test_cluster.sh started with `flags`, SLURM_CONF pointing at it while the caller
-    runs, stopped and the previous SLURM_CONF back afterwards."""
+    """launch/slurm_test_cluster.sh started with `flags` in the state folder `state`, SLURM_CONF pointing
+    at it while the caller runs (every SLURM command and submitit read it; the cluster's munge socket is
+    in it), stopped and the previous SLURM_CONF back afterwards."""
     import os
     import subprocess
 

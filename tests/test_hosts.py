@@ -99,6 +99,27 @@ def test_hosts_have_their_own_names_and_addresses_and_a_crashed_cluster_is_clean
     assert len(out.splitlines()) == 3
 
 
+def test_a_second_hosts_cluster_is_refused_in_one_line_and_its_stop_leaves_the_first_alone(
+    slurm_hosts, tmp_path
+):
+    """The bridge and namespaces are one machine's: `start --hosts` from another state folder fails in one
+    line naming them, and `stop --hosts` from there removes nothing of the running cluster's."""
+    env = {**os.environ, "AUTOSAM2_SLURM_DIR": str(tmp_path / "other")}
+    refused = subprocess.run(
+        ["bash", str(SCRIPT), "start", "--hosts", "2"], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert refused.returncode == 1 and len(refused.stderr.splitlines()) == 1, refused.stderr
+    assert "the bridge as2br0 or namespaces as2-node* exist" in refused.stderr
+    stopped = subprocess.run(
+        ["bash", str(SCRIPT), "stop", "--hosts", "2"], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert stopped.returncode == 0, stopped.stderr
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert sorted(re.findall(r"as2-node\d+", namespaces)) == ["as2-node1", "as2-node2", "as2-node3"]
+    srun = ["srun", "-N3", "-n3", "hostname"]
+    assert len(subprocess.run(srun, capture_output=True, text=True, timeout=60).stdout.splitlines()) == 3
+
+
 def test_torchrun_by_hand_on_two_hosts_trains_as_two_ranks_on_one(slurm_hosts, train_data, tmp_path):
     settings = {"train.max_steps": 3, "train.validate_every": 100, "tracking.enabled": "false"}
     # torchrun sets OMP_NUM_THREADS=1 only for more than one process per node: the same threads for both

@@ -320,59 +320,188 @@ def test_a_lock_held_by_a_slurm_job_on_another_host_ends_with_the_job(slurm_clus
     lock.release()
 
 
-def _cluster_script(*args: str) -> subprocess.CompletedProcess:
-
-    script = Path(__file__).resolve().parents[1] / "launch" / "slurm_test_cluster.sh"
-    env = {**os.environ, "AUTOSAM2_SLURM_DIR": str(Path(os.environ["SLURM_CONF"]).parent)}
-    return subprocess.run(["bash", str(script), *args], capture_output=True, text=True, timeout=300, env=env)
+SCRIPT = Path(__file__).resolve().parents[1] / "launch" / "slurm_test_cluster.sh"
 
 
-def _runs_a_job() -> str:
-    """What `srun hostname` printed: slurmctld, slurmd and munge all answer."""
+def _cluster_script(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """The script on the session's cluster (its state folder from SLURM_CONF), or on `env`'s."""
+    env = {**os.environ, "AUTOSAM2_SLURM_DIR": str(Path(os.environ["SLURM_CONF"]).parent), **env}
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=300, env=env)
+
+
+def _runs_a_job(conf: Path | None = None) -> str:
+    """What `srun hostname` printed: slurmctld, slurmd and munge all answer (of the cluster of `conf`;
+    by default SLURM_CONF's)."""
     return subprocess.run(
         ["srun", "-N1", "-n1", "--time", "1", "hostname"],
         capture_output=True,
         text=True,
         timeout=120,
         check=True,
+        env={**os.environ, "SLURM_CONF": str(conf or os.environ["SLURM_CONF"])},
     ).stdout.strip()
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_the_test_cluster_restarts_at_once_and_past_a_munged_that_does_not_answer(slurm_cluster):
     """`stop` then `start` straight away gives a working cluster (stop waits for every daemon it
-    stopped); and `start` judges munge by its socket: a munged that exists but answers nothing (frozen
-    here with SIGSTOP, as one still exiting) is replaced, so slurmdbd can reach munge."""
+    stopped); and `start` judges munge by its socket: the cluster's munged that exists but answers
+    nothing (frozen here with SIGSTOP, as one still exiting) is replaced, so slurmdbd can reach munge."""
     import signal
 
+    munged = slurm_cluster / "munge" / "munged.pid"
+    before = int(munged.read_text())
     stopped = _cluster_script("stop")
     assert stopped.returncode == 0, stopped.stderr
-    assert not subprocess.run(["pgrep", "-x", "munged"], capture_output=True).stdout, "stop left munged"
+    assert not _alive(before), "stop left the cluster's munged"
     started = _cluster_script("start")
     assert started.returncode == 0, started.stderr
     assert _runs_a_job()
 
-    frozen = [
-        int(p)
-        for p in subprocess.run(["pgrep", "-x", "munged"], capture_output=True, text=True).stdout.split()
-    ]
-    assert frozen
-    for pid in frozen:
-        os.kill(pid, signal.SIGSTOP)
+    # the job's end reaches slurmctld through munge too: frozen before that, the node stays COMPLETING
+    deadline = time.monotonic() + 60
+    while (
+        subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True).stdout.strip() != "idle"
+    ):
+        assert time.monotonic() < deadline, "the node did not go idle after its job"
+        time.sleep(0.3)
+    frozen = int(munged.read_text())
+    os.kill(frozen, signal.SIGSTOP)
     try:
         started = _cluster_script("start")
         assert started.returncode == 0, started.stderr
-        now = [
-            int(p)
-            for p in subprocess.run(["pgrep", "-x", "munged"], capture_output=True, text=True).stdout.split()
-        ]
-        assert now and not set(now) & set(frozen), f"the frozen munged {frozen} is still the one: {now}"
+        now = int(munged.read_text())
+        assert now != frozen and _alive(now), f"the frozen munged {frozen} is still the one"
         subprocess.run(
             ["sacctmgr", "-n", "list", "cluster"], capture_output=True, text=True, timeout=60, check=True
         )
         assert _runs_a_job()
     finally:
-        for pid in frozen:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        if _alive(frozen):
+            os.kill(frozen, signal.SIGKILL)
+
+
+# Stands in for a daemon the test cluster did not start: a process of the daemon's name (argv[1]) that
+# listens on the ports it is given (where it can: one the machine's own daemon holds is as good) and
+# prints them.
+DECOY = """
+import socket, sys, time
+with open("/proc/self/comm", "w") as comm:
+    comm.write(sys.argv[1])
+held = []
+for port in sys.argv[2:]:
+    sock = socket.socket()
+    try:
+        sock.bind(("0.0.0.0", int(port)))
+    except OSError:
+        continue
+    sock.listen()
+    held.append(sock)
+print(" ".join(str(sock.getsockname()[1]) for sock in held), flush=True)
+time.sleep(3600)
+"""
+# each daemon's pid file in a state folder
+PIDFILES = {
+    "slurmctld": "run/slurmctld.pid",
+    "slurmd": "run/slurmd.pid",
+    "slurmdbd": "run/slurmdbd.pid",
+    "mariadbd": "run/mysqld.pid",
+    "munged": "munge/munged.pid",
+}
+
+
+def _free_block(size: int) -> int:
+    """The first of `size` consecutive ports that nothing holds, in the test cluster's default range."""
+    import socket
+
+    for first in range(15000, 20000 - size, size):
+        socks = [socket.socket() for _ in range(size)]
+        try:
+            for port, sock in enumerate(socks, first):
+                sock.bind(("0.0.0.0", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise AssertionError("no block of free ports in 15000-19999")
+
+
+def test_the_test_cluster_starts_beside_daemons_it_did_not_start_and_stops_only_its_own(
+    slurm_cluster, tmp_path
+):
+    """A second test cluster beside the session's and beside processes named like SLURM's, munge's and
+    MariaDB's daemons: they hold the default ports and some of the ports the cluster may take, and
+    their pids stand in the new cluster's pid files (a crashed run's files, the pids taken since).
+    `start` neither reuses nor stops them and takes the free ports left, or fails in one line and
+    starts nothing where there are none; `stop` stops only what it started: the decoys and the
+    session's cluster run on."""
+    import shutil
+    import sys
+    import tempfile
+
+    first = _free_block(8)
+    taken = {"slurmctld": [6817, first], "slurmd": [6818, first + 2], "slurmdbd": [6819, first + 4]}
+    taken |= {"mariadbd": [3306], "munged": []}
+    # state folders where munged (its own user) can reach them, unlike pytest's tmp_path
+    base = Path(tempfile.mkdtemp(prefix="autosam2-slurm-test-", dir="/tmp"))
+    base.chmod(0o755)
+    state, full = base / "cluster", base / "full"
+    decoys: dict[str, subprocess.Popen] = {}
+    daemons: dict[str, int] = {}
+    try:
+        for name, ports in taken.items():
+            decoys[name] = subprocess.Popen(
+                [sys.executable, "-c", DECOY, name, *map(str, ports)], stdout=subprocess.PIPE, text=True
+            )
+            held = decoys[name].stdout.readline().split()  # ready: named, and listening
+            assert all(str(port) in held for port in ports if port >= first), (name, held)
+        for name, path in PIDFILES.items():
+            (state / path).parent.mkdir(parents=True, exist_ok=True)
+            (state / path).write_text(f"{decoys[name].pid}\n")
+
+        refused = _cluster_script(
+            "start", AUTOSAM2_SLURM_DIR=str(full), AUTOSAM2_SLURM_PORTS=f"{first}-{first}"
+        )
+        assert refused.returncode == 1 and refused.stderr.splitlines() == [
+            f"slurm-test-cluster: fewer than 4 free TCP ports in {first}-{first} (AUTOSAM2_SLURM_PORTS)"
+            " for slurmctld, slurmd, slurmdbd and MariaDB"
+        ]
+        assert not (full / "slurm.conf").exists()
+
+        env = {"AUTOSAM2_SLURM_DIR": str(state), "AUTOSAM2_SLURM_PORTS": f"{first}-{first + 7}"}
+        started = _cluster_script("start", **env)
+        assert started.returncode == 0, started.stderr
+        ports = dict(line.split("=") for line in (state / "ports").read_text().split())
+        assert {int(port) for port in ports.values()} <= {
+            first + 1,
+            first + 3,
+            first + 5,
+            first + 6,
+            first + 7,
+        }
+        assert len(set(ports.values())) == 4
+        assert _runs_a_job(state / "slurm.conf")
+        daemons = {name: int((state / path).read_text()) for name, path in PIDFILES.items()}
+        assert not set(daemons.values()) & {decoy.pid for decoy in decoys.values()}
+        assert all(_alive(pid) for pid in daemons.values()), daemons
+    finally:
+        stopped = _cluster_script("stop", AUTOSAM2_SLURM_DIR=str(state))
+        alive = {name: decoy.poll() is None for name, decoy in decoys.items()}
+        for decoy in decoys.values():
+            decoy.kill()
+            decoy.wait()
+        shutil.rmtree(base, ignore_errors=True)
+    assert stopped.returncode == 0, stopped.stderr
+    assert all(alive.values()), alive
+    assert not [name for name, pid in daemons.items() if _alive(pid)]
+    assert _runs_a_job()  # the session's cluster, its own munged and database
