@@ -135,8 +135,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _kind_rules(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test starts with its worker's share of torch threads (a test before it may have changed
-    them); a unit test may not start a process."""
+    them) and without MLflow's variables of the shell that ran pytest; a unit test may not start a process."""
     _share_threads()
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
     if request.node.get_closest_marker("unit") is None:
         return
 

@@ -1,5 +1,5 @@
 """The MLflow tracking store as our loggers reach it: a client with bounded HTTP retries, the store's limits
-and refusals, the SQLite store's place in a run's folder, and experiments and runs opened or resumed.
+and refusals, and experiments and runs opened or resumed.
 
 An explicit `mlflow.MlflowClient` does every call, never MLflow's fluent global state (`mlflow.start_run`),
 so a run id travels explicitly (a resumed job passes it back in) and a caller's own active run is left
@@ -56,11 +56,6 @@ class TrackingWarning(UserWarning):
 def is_refusal(err: BaseException) -> bool:
     """The store answered and refused the request (a bad value, a missing run), as opposed to not answering."""
     return getattr(err, "error_code", None) in _REFUSAL_CODES
-
-
-def default_tracking_uri(output_dir: str | Path) -> str:
-    """SQLite store inside the run's output directory; the absolute path gives `sqlite:////...`."""
-    return f"sqlite:///{Path(output_dir).resolve()}/mlflow.db"
 
 
 def bound_http_env() -> None:
