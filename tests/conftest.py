@@ -57,6 +57,8 @@ INTEGRATION = {
     "test_run_lock.py::test_a_live_holder_refuses_a_second_run_and_a_dead_one_is_taken_over",
     "test_shards.py::test_module_command_end_to_end",
     "test_tracking.py::test_a_server_down_from_the_start_gets_the_whole_run_once_it_is_up",
+    "test_tracking_choice.py::test_a_resumed_run_keeps_the_store_it_started_in",  # git rev-parse
+    "test_tracking_choice.py::test_two_runs_writing_into_one_sqlite_store_at_once_lose_nothing",
     "test_vocabulary.py::test_sync_to_a_tracking_uri_mlflow_refuses_is_one_line",  # MLflow runs uname
 }
 # Under pytest-xdist (`-n 2`) the cluster tests are one unit of work: one worker runs them in order,

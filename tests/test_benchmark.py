@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from autosam2.eval.benchmark import OURS, SplitResult, headline, print_benchmark, table
-from autosam2.tracking.choice import RunRecord, Store, read_run, record_store
 from autosam2.eval.published import load
 from autosam2.metrics import TOOLBOX_METRICS
+from autosam2.tracking.choice import RunRecord, Store, read_run, record_store
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = ("TestEasyDataset/Seen", "TestEasyDataset/Unseen", "TestHardDataset/Seen", "TestHardDataset/Unseen")

@@ -8,6 +8,7 @@ alone. mlflow is imported inside the functions that call it: importing this modu
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import warnings
@@ -65,14 +66,19 @@ def bound_http_env() -> None:
 
 
 def open_client(tracking_uri: str) -> Any:
-    """An `mlflow.MlflowClient` of `tracking_uri`; a SQLite store's folder is created first."""
+    """An `mlflow.MlflowClient` of `tracking_uri`. A SQLite store's folder is created first, and the client
+    is made holding ``<database>.lock`` beside it: making one creates or upgrades the store's tables, and
+    two processes doing it at once in one new store collide (``duplicate column name``)."""
     import mlflow
 
     db = _sqlite_path(tracking_uri)
-    if db is not None:
-        # SQLite will not create the directory of its database file.
-        db.parent.mkdir(parents=True, exist_ok=True)
-    return mlflow.MlflowClient(tracking_uri)
+    if db is None:
+        return mlflow.MlflowClient(tracking_uri)
+    # SQLite will not create the directory of its database file.
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        return mlflow.MlflowClient(tracking_uri)
 
 
 def ensure_experiment(tracking_uri: str, name: str) -> str:
