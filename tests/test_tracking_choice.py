@@ -83,6 +83,8 @@ def test_a_run_dir_is_read_from_its_record_or_from_what_older_runs_kept(tmp_path
     assert read_run(out).uri == "http://login01:5000"
     (out / "config.yaml").write_text(":\n  - [unclosed")  # not YAML: as if it said nothing
     assert read_run(out).experiment is None
+    record_store(out, Store(f"sqlite:///{tmp_path}/moved/mlflow.db", "e", "default"))
+    assert read_run(out).uri is None  # a store no longer there: the default finds the moved one
     record_store(out, Store("http://server:5000", "e", "environment"))
     assert read_run(out) == RunRecord(out.resolve(), "abc", "http://server:5000", "e")
     assert choose_store(None, None, out, read_run(out)).uri == "http://server:5000"

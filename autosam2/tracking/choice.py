@@ -105,10 +105,20 @@ def read_run(run_dir: str | Path) -> RunRecord | None:
         uri, experiment = _config_choice(run_dir)
         if uri is None and (run_dir / DATABASE).is_file():  # a run that kept its store in its own folder
             uri = f"sqlite:///{run_dir / DATABASE}"
+    if _gone(uri):  # the folders moved since (the store with them): the default finds it where it is now
+        uri = None
     run_id = recorded_run(folder)
     if run_id is None and uri is None:
         return None
     return RunRecord(run_dir, run_id, uri, experiment)
+
+
+def _gone(uri: str | None) -> bool:
+    """`uri` names a SQLite file that is not there."""
+    from autosam2.tracking.mlflow_store import sqlite_path
+
+    db = sqlite_path(uri) if uri else None
+    return db is not None and not db.is_file()
 
 
 def _config_choice(run_dir: Path) -> tuple[str | None, str | None]:

@@ -71,7 +71,7 @@ def open_client(tracking_uri: str) -> Any:
     two processes doing it at once in one new store collide (``duplicate column name``)."""
     import mlflow
 
-    db = _sqlite_path(tracking_uri)
+    db = sqlite_path(tracking_uri)
     if db is None:
         return mlflow.MlflowClient(tracking_uri)
     # SQLite will not create the directory of its database file.
@@ -146,7 +146,7 @@ def open_run(
     ).info.run_id, None
 
 
-def _sqlite_path(tracking_uri: str) -> Path | None:
+def sqlite_path(tracking_uri: str) -> Path | None:
     """The database file of a `sqlite:///` URI; None for other stores and in-memory SQLite."""
     if not tracking_uri.startswith("sqlite:///"):
         return None
@@ -156,5 +156,5 @@ def _sqlite_path(tracking_uri: str) -> Path | None:
 
 def _artifact_location(tracking_uri: str) -> str | None:
     """Artifacts of a SQLite store sit beside it; MLflow's default is ./mlruns in the caller's cwd."""
-    db = _sqlite_path(tracking_uri)
+    db = sqlite_path(tracking_uri)
     return (db.parent / "mlartifacts").as_uri() if db is not None else None
