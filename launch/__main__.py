@@ -104,8 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tracking-uri",
         default=None,
-        help="MLflow URI for the run (e.g. http://login-node:5000); default $MLFLOW_TRACKING_URI, else "
-        "SQLite mlflow.db beside the output directory",
+        help="MLflow URI (e.g. http://login01:5000); default $MLFLOW_TRACKING_URI, else OUTPUT_DIR/../mlflow.db",
     )
     p.add_argument("--name", default=None, help="job name (default: autosam2-WHAT)")
     add_output_dir(
