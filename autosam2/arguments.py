@@ -178,10 +178,16 @@ def add_split(
 
 
 def add_tracking(parser: argparse.ArgumentParser, when: str = "") -> None:
-    """``--tracking-uri`` and ``--experiment`` of a command that logs its results as MLflow runs."""
+    """``--tracking-uri`` and ``--experiment`` of a command that logs its results as MLflow runs (unset:
+    chosen by `autosam2.tracking.choice`)."""
     parser.add_argument(
-        "--tracking-uri", default=None, help=f"{when}MLflow URI (default: SQLite in the output directory)"
+        "--tracking-uri",
+        default=None,
+        help=f"{when}MLflow URI (default: $MLFLOW_TRACKING_URI, else the store of the run that trained "
+        "the weights, else SQLite mlflow.db beside the output directory)",
     )
     parser.add_argument(
-        "--experiment", default="autosam2", help=f"{when}MLflow experiment (default autosam2)"
+        "--experiment",
+        default=None,
+        help=f"{when}MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else the training run's, else autosam2)",
     )

@@ -27,9 +27,9 @@ and a table: a row per split and method, this model's and the published methods'
 toolbox's own result files, with their repository, commit and path in benchmark.json). Published
 figures on a split of another release (the whole TestEasyDataset of March 2022) keep their own rows.
 
-MLflow: one run per split (--tracking-uri, default SQLite in OUTPUT_DIR), tagged split, and trained_by
-(the run id the weights file's run folder records); nested under that run in the MLflow UI when the
-store is the training run's own (pass its --tracking-uri).
+MLflow: one run per split, benchmark-<split>-step<N>, in the store and experiment of the run that trained
+the weights (read from the weights file's run folder; --tracking-uri, --experiment and MLflow's variables
+override), tagged split and trained_by (that run's id) and nested under it in the MLflow UI.
 
 `autosam2 score --layout sunseg --pred Pred/<method> --gt ROOT` gives the same rows for any method's
 saved predictions in the toolbox's layout.
@@ -74,7 +74,9 @@ def _benchmark(args: argparse.Namespace, info) -> int:
     inputs = [args.data, args.weights, args.checkpoint]
     out = claim(args.output_dir, BENCHMARK, args.overwrite, inputs)  # every rank says it, not rank 0 alone
     announce_ranks(info)
-    decode, _, model = set_up(_split_args(args, splits[0]), info.device)
+    first = _split_args(args, splits[0])
+    decode, _, model = set_up(first, info.device)
+    args.step = first.step  # the weights' training step, in the runs' names
     results, rows = [], []
     with output_directory(out, BENCHMARK, args.overwrite, inputs) if info.is_main else nullcontext() as tmp:
         tmp = Path(broadcast_object(str(tmp) if info.is_main else None))
@@ -144,16 +146,17 @@ def _described(args: argparse.Namespace, ranks: int) -> dict[str, str | int]:
 
 def _report(args: argparse.Namespace, out: Path, rows, results, ranks: int) -> None:
     """Rank 0's account: the table, a run per split, and the lines naming what was written."""
-    from autosam2.eval.benchmark import log_splits, print_benchmark, split_folder, training_run
+    from autosam2.eval.benchmark import log_splits, print_benchmark, split_folder
     from autosam2.eval.report import say_left_out, scored_line
+    from autosam2.tracking import scoring_run_name, scoring_store
 
     for result in results:
         say_left_out({f"{result.split}/{n}": why for n, why in result.extra["left_out"].items()})
     print_benchmark(rows, args.benchmark)
-    trained_by = training_run(args.weights)
     params = {**_described(args, ranks), "method": _method(args)}
-    run_name = f"benchmark-{Path(args.weights).stem}-{args.mode}"
-    log_splits(out, args.tracking_uri, args.experiment, run_name, results, params, trained_by)
+    store, link = scoring_store(args.tracking_uri, args.experiment, out, args.weights)
+    name = lambda split: scoring_run_name("benchmark", split, args.step, args.weights)  # noqa: E731
+    log_splits(out, store, name, results, params, link)
     for result in results:
         line = scored_line(result.extra["frames"], result.extra["left_out"], f"over {ranks} rank(s)")
         print(f"wrote {out / split_folder(result.split)}: masks/, soft/, metrics.json, metrics.csv ({line})")

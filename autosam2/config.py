@@ -234,9 +234,11 @@ class TrainConfig:
 @dataclass
 class TrackingConfig:
     enabled: bool = True
-    uri: str | None = None  # None: SQLite inside the output directory
-    experiment: str = "autosam2"
-    run_name: str | None = None
+    # None each: MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_NAME, else the run's own record, else SQLite
+    # mlflow.db beside the output directory and "autosam2" (autosam2.tracking.choice)
+    uri: str | None = None
+    experiment: str | None = None
+    run_name: str | None = None  # None: <variant>-<clip mode>-<output folder>
     system_metrics: bool = True
     # at the end of a run, how long to wait for records an outage held back (they stay in
     # OUT/tracking for `autosam2 sync OUT` after that); a run stopped by a signal waits at most 10 s

@@ -165,7 +165,8 @@ def set_up(args: argparse.Namespace, device):
     configure_backends(defaults.cudnn_benchmark, defaults.tf32)
     configure_threads()  # the training rule: SLURM's --cpus-per-task, OMP_NUM_THREADS, or the cores
     events = read_events(args.episodes) if args.episodes else None
-    model, _ = load_trained_model(args.weights, args.checkpoint, device, compile=args.compile)
+    model, payload = load_trained_model(args.weights, args.checkpoint, device, compile=args.compile)
+    args.step = payload["extra"].get("step")  # the training step of the weights: the MLflow run's name
     return decode[args.decode_device], events, model
 
 
@@ -222,6 +223,7 @@ def _report(args: argparse.Namespace, out: Path, per_sequence: dict, summary: di
     from autosam2.eval.episodes import print_episodes
     from autosam2.eval.report import log_scores, print_table, say_left_out, scored_line
     from autosam2.metrics import TOOLBOX_METRICS
+    from autosam2.tracking import scoring_run_name, scoring_store
 
     left_out, ranks = extra["left_out"], extra["ranks"]
     say_left_out(left_out)
@@ -236,13 +238,14 @@ def _report(args: argparse.Namespace, out: Path, per_sequence: dict, summary: di
             for figure in ("dice", "presence_accuracy")
             if score["frames"]
         }
+    store, link = scoring_store(args.tracking_uri, args.experiment, out, args.weights)
     log_scores(
         out,
-        args.tracking_uri,
-        args.experiment,
-        f"evaluate-{Path(args.weights).stem}-{args.mode}",
+        store,
+        scoring_run_name("eval", args.split, args.step, args.weights),
         {**_described(args), "checkpoint": str(args.checkpoint), "ranks": ranks},
         {**summary, **kinds},
+        link,
     )
     print(
         f"wrote {out}: masks/, soft/, {'overlays/, ' if not args.no_overlays else ''}metrics.json, metrics.csv "

@@ -106,9 +106,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.mlflow:
         name = args.run_name or f"score-{Path(args.pred).resolve().name}"
         params = {"pred": str(args.pred), "gt": str(args.gt), "metric_mode": args.metric_mode}
-        log_scores(out, args.tracking_uri, args.experiment, name, params, result.summary)
+        log_scores(out, _store(args, out), name, params, result.summary)
     print(f"wrote {out}: metrics.json, metrics.csv ({scored_line(result.extra['frames'], pairing.left_out)})")
     return 0
+
+
+def _store(args: argparse.Namespace, out: Path):
+    """The MLflow store of --mlflow (`autosam2.tracking.choice`: the flags, MLflow's variables, else
+    mlflow.db beside the output folder)."""
+    from autosam2.tracking import choose_store
+
+    return choose_store(args.tracking_uri, args.experiment, out)
 
 
 def _benchmark_mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> bool:
@@ -204,9 +212,8 @@ def _score_benchmark(args: argparse.Namespace) -> int:
     out = Path(args.output_dir)
     print_benchmark(rows, "sunseg")
     if args.mlflow:
-        log_splits(
-            out, args.tracking_uri, args.experiment, args.run_name or f"score-{method}", results, described
-        )
+        name = args.run_name or f"score-{method}"
+        log_splits(out, _store(args, out), lambda split: f"{name}-{split}", results, described)
     for result in results:
         line = scored_line(result.extra["frames"], result.extra["left_out"])
         print(f"wrote {out / split_folder(result.split)}: metrics.json, metrics.csv ({line})")

@@ -10,8 +10,9 @@ from typing import Any
 
 from autosam2.arguments import add_folder_or_output_dir, given_folder, positive_float
 from autosam2.config import ConfigError
+from autosam2.tracking.choice import read_run
 from autosam2.tracking.credentials import redact_uri, take_uri_credentials
-from autosam2.tracking.mlflow_store import bound_http_env, default_tracking_uri, open_client
+from autosam2.tracking.mlflow_store import bound_http_env, open_client
 from autosam2.tracking.outbox import FOLDER, OUTBOX, Outbox
 from autosam2.tracking.sender import Sender
 
@@ -20,7 +21,7 @@ def sync(
     output_dir: str | Path, tracking_uri: str | None = None, timeout_s: float = 600.0
 ) -> tuple[int, int]:
     """Send what a run's outbox (``OUTPUT_DIR/tracking``) still holds to its tracking store (`tracking_uri`,
-    default the one in ``OUTPUT_DIR/config.yaml``); returns (records sent, records left)."""
+    default the one the run recorded); returns (records sent, records left)."""
     folder = Path(output_dir) / FOLDER
     if not (folder / OUTBOX).is_file():
         raise FileNotFoundError(
@@ -51,12 +52,12 @@ def sync(
 
 
 def _uri_of_run(output_dir: Path) -> str:
-    from autosam2.config import load_config
-
-    config = output_dir / "config.yaml"
-    if not config.is_file():
-        raise FileNotFoundError(errno.ENOENT, "missing; pass --tracking-uri", str(config))
-    return load_config(config, []).tracking.uri or default_tracking_uri(output_dir)
+    """The store the run's record names (`autosam2.tracking.choice.read_run`)."""
+    run = read_run(output_dir)
+    if run is None or run.uri is None:
+        config = output_dir / "config.yaml"
+        raise FileNotFoundError(errno.ENOENT, "records no tracking store; pass --tracking-uri", str(config))
+    return run.uri
 
 
 def _client(uri: str) -> Any:
@@ -76,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     add_folder_or_output_dir(parser, "the run's output directory (train.output_dir)")
-    parser.add_argument("--tracking-uri", default=None, help="default: the run's tracking.uri in config.yaml")
+    parser.add_argument("--tracking-uri", default=None, help="default: the store the run logged to")
     parser.add_argument(
         "--timeout", type=positive_float, default=600.0, help="seconds to keep trying (default 600)"
     )

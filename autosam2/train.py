@@ -243,7 +243,7 @@ def _start_tracking(
     from autosam2.atomic import atomic_write_text
     from autosam2.config import to_dict, to_yaml
     from autosam2.engine.resume import describe
-    from autosam2.tracking import flatten_config, start_run
+    from autosam2.tracking import flatten_config, start_run, training_run_name
 
     changes = describe(state.changes)
     if info.is_main:
@@ -263,7 +263,8 @@ def _start_tracking(
     if changes:
         tags["resumed_changes"] = "; ".join(changes)
     params = flatten_config(to_dict(cfg))
-    logger = start_run(cfg.tracking, out, info.rank, state.run_id, params, tags, out / "config.yaml")
+    name = training_run_name(cfg.model.variant, cfg.model.clip_mode, out)
+    logger = start_run(cfg.tracking, out, info.rank, state.run_id, params, tags, out / "config.yaml", name)
     state.run_id = logger.run_id
     return logger
 

@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tracking-uri",
         default=None,
-        help="MLflow URI for the run (e.g. http://login-node:5000); default SQLite in the output directory",
+        help="MLflow URI (e.g. http://login01:5000); default $MLFLOW_TRACKING_URI, else OUTPUT_DIR/../mlflow.db",
     )
     p.add_argument("--name", default=None, help="job name (default: autosam2-WHAT)")
     add_output_dir(
@@ -509,14 +509,16 @@ def _submit_jobs(args, rest: list[str], cfg, out: Path, folder: Path, jobs: list
     gpus = args.gpus_per_node or 0
     tasks = args.tasks_per_node or gpus or 1
     if args.what == "train":
-        from autosam2.tracking import default_tracking_uri, ensure_experiment
+        from autosam2.tracking import choose_store, ensure_experiment, read_run
 
         if cfg.tracking.enabled:
             # created once here, so ranks (and array tasks) never race to create it
             out.mkdir(parents=True, exist_ok=True)
-            uri = cfg.tracking.uri or default_tracking_uri(out)
-            experiment_id = ensure_experiment(uri, cfg.tracking.experiment)
-            print(f"MLflow experiment {cfg.tracking.experiment!r} ({experiment_id}) at {uri}")
+            store = choose_store(cfg.tracking.uri, cfg.tracking.experiment, out, read_run(out))
+            experiment_id = ensure_experiment(store.uri, store.experiment)
+            print(f"MLflow experiment {store.experiment!r} ({experiment_id}) at {store.uri}")
+            # the job logs where this says, whatever environment the site's sbatch passes on
+            rest = [*rest, f"tracking.uri={store.uri}", f"tracking.experiment={store.experiment}"]
         jobs.append(_executor(args, folder, tasks, gpus).submit(TrainJob(rest)))
         _report(jobs[-1], "train", tasks * args.nodes)
     elif args.what == "evaluate":

@@ -59,6 +59,8 @@ INTEGRATION = {
     "test_shipped_configs.py::test_an_installed_wheel_finds_its_shipped_configs_from_any_directory",  # pip
     "test_shipped_configs.py::test_train_with_a_shipped_config_by_name_runs_from_another_directory",
     "test_tracking.py::test_a_server_down_from_the_start_gets_the_whole_run_once_it_is_up",
+    "test_tracking_choice.py::test_a_resumed_run_keeps_the_store_it_started_in",  # git rev-parse
+    "test_tracking_choice.py::test_two_runs_writing_into_one_sqlite_store_at_once_lose_nothing",
     "test_vocabulary.py::test_sync_to_a_tracking_uri_mlflow_refuses_is_one_line",  # MLflow runs uname
 }
 # Under pytest-xdist (`-n 2`) the cluster tests are one unit of work: one worker runs them in order,
@@ -137,8 +139,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _kind_rules(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test starts with its worker's share of torch threads (a test before it may have changed
-    them); a unit test may not start a process."""
+    them) and without MLflow's variables of the shell that ran pytest; a unit test may not start a process."""
     _share_threads()
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
     if request.node.get_closest_marker("unit") is None:
         return
 

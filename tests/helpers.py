@@ -179,3 +179,17 @@ def make_trainer(
         stop=StopSignal(()),
     )
     return trainer, logger
+
+
+def runs_of(out: Path, uri: str | None = None, experiment: str = "autosam2"):
+    """(client, runs): the MLflow runs that wrote `out` (their ``output_dir`` tag) in experiment
+    `experiment` of `uri`, default the store the training run in `out` recorded."""
+    import mlflow
+
+    from autosam2.tracking import OUTPUT_TAG, read_run
+
+    client = mlflow.MlflowClient(uri or read_run(out).uri)
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"no experiment {experiment!r} at {client.tracking_uri}"
+    where = str(Path(out).resolve()).replace("'", "\\'")
+    return client, client.search_runs([found.experiment_id], filter_string=f"tags.{OUTPUT_TAG} = '{where}'")

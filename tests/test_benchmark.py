@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from autosam2.eval.benchmark import OURS, SplitResult, headline, print_benchmark, table, training_run
+from autosam2.eval.benchmark import OURS, SplitResult, headline, print_benchmark, table
 from autosam2.eval.published import load
 from autosam2.metrics import TOOLBOX_METRICS
+from autosam2.tracking.choice import RunRecord, Store, read_run, record_store
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = ("TestEasyDataset/Seen", "TestEasyDataset/Unseen", "TestHardDataset/Seen", "TestHardDataset/Unseen")
@@ -111,16 +112,16 @@ def test_the_printed_table_shows_a_dash_where_a_figure_is_not_published(capsys):
 
 
 def test_the_training_run_is_read_from_the_run_folder_of_the_weights(tmp_path):
-    weights = tmp_path / "run" / "final.pt"
-    (tmp_path / "run" / "tracking").mkdir(parents=True)
-    assert training_run(weights) is None
-    outbox = tmp_path / "run" / "tracking" / "outbox.jsonl"
+    run_dir = tmp_path / "run"
+    (run_dir / "tracking").mkdir(parents=True)
+    assert read_run(run_dir) is None
+    outbox = run_dir / "tracking" / "outbox.jsonl"
     outbox.write_text('{"op":"start","experiment":"e","name":null,"resume":null,"run":null}\n{"op":"opened"')
-    assert training_run(weights) is None  # a cut line is no record
+    assert read_run(run_dir) is None  # a cut line is no record
     outbox.write_text('{"op":"opened","run":"abc"}\n{"op":"end","status":"FINISHED","run":null}\n')
-    assert training_run(weights) == {"run_id": "abc", "run_dir": str((tmp_path / "run").resolve())}
-    (tmp_path / "run" / "tracking" / "sent.json").write_text('{"sent": 10, "run_id": "def"}')
-    assert training_run(weights)["run_id"] == "def"
+    assert read_run(run_dir) == RunRecord(run_dir.resolve(), "abc", None, None)
+    (run_dir / "tracking" / "sent.json").write_text('{"sent": 10, "run_id": "def"}')
+    assert read_run(run_dir).run_id == "def"
 
 
 # the commands ---------------------------------------------------------------------------------------------
@@ -162,6 +163,7 @@ def training_store(tmp_path: Path, run_dir: Path) -> tuple[str, str]:
     run_id = client.create_run(experiment, run_name="train").info.run_id
     (run_dir / "tracking").mkdir(parents=True)
     (run_dir / "tracking" / "sent.json").write_text(json.dumps({"sent": 0, "run_id": run_id}))
+    record_store(run_dir, Store(uri, "autosam2", "explicit"))
     return uri, run_id
 
 
@@ -183,7 +185,7 @@ def test_benchmark_on_two_ranks_then_score_on_its_predictions_gives_the_same_row
     out = tmp_path / "bench"
     done = subprocess.run(
         [*TORCHRUN_2, "-m", "autosam2.cli", "benchmark", "sunseg", "--weights", str(weights), "--data",
-         str(sunseg), "--output-dir", str(out), "--no-overlays", "--cpu", "--tracking-uri", uri],
+         str(sunseg), "--output-dir", str(out), "--no-overlays", "--cpu"],  # the store: the run's
         cwd=REPO, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -206,6 +208,7 @@ def test_benchmark_on_two_ranks_then_score_on_its_predictions_gives_the_same_row
     for split, found in split_runs.items():
         assert found.data.tags["trained_by"] == train_id
         assert found.data.tags["mlflow.parentRunId"] == train_id
+        assert found.info.run_name == f"benchmark-{split.replace('/', '_')}-step0"
         assert found.data.metrics["eval/Smeasure"] == pytest.approx(ours(out)[split]["Smeasure"])
 
     # the soft maps in the toolbox's prediction layout, scored: the same rows

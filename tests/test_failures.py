@@ -12,13 +12,12 @@ import threading
 import time
 from pathlib import Path
 
-import mlflow
 import psutil
 import pytest
 
 from autosam2.cli import main as cli
 from autosam2.config import load_config
-from tests.helpers import TORCHRUN_2, train_overrides, truncate
+from tests.helpers import TORCHRUN_2, runs_of, train_overrides, truncate
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu"}
@@ -414,8 +413,7 @@ def test_ctrl_c_checkpoints_at_the_next_step_exits_75_and_a_resume_with_a_new_lr
     assert config.startswith("# the values in effect; the run changed these as it resumed:\n")
     assert f"#   from step {k + 1}: optim.lr 0.001 -> 0.01 (" in config
     assert load_config(out / "config.yaml").optim.lr == 0.01  # still a config file, with the value in effect
-    client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
-    (run_info,) = client.search_runs([client.get_experiment_by_name("autosam2").experiment_id])
+    client, (run_info,) = runs_of(out)
     params, tags = run_info.data.params, run_info.data.tags
     assert (
         params["optim.lr"] == "0.001" and tags["param_changed.optim.lr"] == "0.01"

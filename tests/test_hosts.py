@@ -11,12 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlflow
 import pytest
 import torch
 
 from launch.__main__ import submit
-from tests.helpers import TORCHRUN_2, free_port, train_overrides, wait_for_line
+from tests.helpers import TORCHRUN_2, free_port, runs_of, train_overrides, wait_for_line
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -172,8 +171,7 @@ def test_the_launcher_on_two_nodes_trains_like_one_node_with_two_tasks(slurm_hos
         hosts = ranks_line(log)  # each rank on a test host, by that host's own address
         assert len(hosts) == 2 and all(HOSTS[h] == a for h, a in hosts), log[-2000:]
         assert len(set(hosts)) == (2 if name == "two_nodes" else 1)
-        client = mlflow.MlflowClient(f"sqlite:///{tmp_path / name}/mlflow.db")
-        (run,) = client.search_runs([client.get_experiment_by_name("autosam2").experiment_id])  # ONE run
+        client, (run,) = runs_of(tmp_path / name)  # ONE run
         assert run.data.tags["world_size"] == "2"
         assert run.data.tags["hosts"] == ",".join(dict.fromkeys(h for h, _ in hosts))
     # the same global batch, the same ranks and threads: the host boundary changes nothing
@@ -292,8 +290,7 @@ def test_sbatch_on_two_nodes_stops_both_hosts_at_one_step_requeues_and_resumes_t
         )
         worst = max_difference(final_weights(tmp_path / "whole"), final_weights(tmp_path / name))
         assert worst <= 1e-6, (name, worst)
-        client = mlflow.MlflowClient(f"sqlite:///{tmp_path / name}/mlflow.db")
-        (run,) = client.search_runs([client.get_experiment_by_name("autosam2").experiment_id])  # one run
+        client, (run,) = runs_of(tmp_path / name)  # one run
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss_total")]
         assert steps == [1, 2, 3, 4, 5], (name, steps)
         assert set(run.data.tags["hosts"].split(",")) == {host for host, _ in hosts}
@@ -380,8 +377,7 @@ def test_a_host_that_dies_under_slurm_stops_the_survivor_and_the_requeued_job_re
     resumed = text.split("resumed from")[0].rsplit("ranks: ", 1)[1]  # the requeued job's ranks
     assert lost not in {host for host, _ in ranks_line("ranks: " + resumed)}
     assert spare in {host for host, _ in ranks_line("ranks: " + resumed)}
-    client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
-    (run,) = client.search_runs([client.get_experiment_by_name("autosam2").experiment_id])  # one run
+    client, (run,) = runs_of(out)  # one run
     logged = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss_total")]
     assert sorted(set(logged)) == [1, 2, 3, 4]
 
@@ -426,6 +422,5 @@ def test_evaluation_on_two_hosts_splits_the_sequences_and_equals_one_rank(slurm_
         assert (
             tmp_path / "two_hosts" / mask.relative_to(tmp_path / "one_rank")
         ).read_bytes() == mask.read_bytes()
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'two_hosts'}/mlflow.db")
-    (run,) = client.search_runs([client.get_experiment_by_name("autosam2").experiment_id])
+    client, (run,) = runs_of(tmp_path / "two_hosts", f"sqlite:///{tmp_path}/mlflow.db")
     assert run.data.params["ranks"] == "2"

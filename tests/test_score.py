@@ -149,7 +149,7 @@ def test_scores_can_be_logged_to_mlflow_beside_our_runs(tmp_path):
         "--pred", str(pred), "--gt", str(gt), "--output-dir", str(out), "--mlflow", "--run-name", "PNSNet"
     )
     assert done.returncode == 0, done.stderr
-    client = mlflow.MlflowClient(f"sqlite:///{out.resolve()}/mlflow.db")
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path.resolve()}/mlflow.db")  # beside the output folder
     (run,) = client.search_runs([client.get_experiment_by_name("autosam2").experiment_id])
     assert run.info.run_name == "PNSNet" and run.data.params["metric_mode"] == "sunseg"
     summary = json.loads((out / "metrics.json").read_text())["summary"]

@@ -7,14 +7,13 @@ import subprocess
 import time
 from pathlib import Path
 
-import mlflow
 import pytest
 import submitit
 import torch
 
 from launch.__main__ import submit
 from shards.verify import verify
-from tests.helpers import TORCHRUN_2, train_overrides, wait_for_line
+from tests.helpers import TORCHRUN_2, runs_of, train_overrides, wait_for_line
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 LAUNCH = ["--cluster", "slurm", "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "30"]
@@ -264,14 +263,12 @@ def test_same_config_same_weights_under_srun_the_launcher_and_torchrun(slurm_clu
     result = job.results()[0]  # the launcher's job: its result, its logs, its MLflow run
     assert isinstance(job, submitit.SlurmJob) and result["step"] == 3 and not result["stopped"]
     assert (tmp_path / "launcher" / "jobs" / job.job_id / f"{job.job_id}_1_log.out").exists()
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'launcher'}/mlflow.db")
-    (run,) = client.search_runs([client.get_experiment_by_name("autosam2").experiment_id])
+    client, (run,) = runs_of(tmp_path / "launcher")
     assert run.info.status == "FINISHED" and run.data.tags["slurm_job_id"] == job.job_id
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss_total")] == [1, 2, 3]
     sources = {}
     for name in ("srun", "launcher", "torchrun"):
-        client = mlflow.MlflowClient(f"sqlite:///{tmp_path / name}/mlflow.db")
-        (run,) = client.search_runs([client.get_experiment_by_name("autosam2").experiment_id])
+        client, (run,) = runs_of(tmp_path / name)
         assert run.data.tags["world_size"] == "2" and run.data.tags["torch_threads"] == "1", name
         sources[name] = run.data.tags["torch_threads_from"]
         assert (run.data.tags["slurm_job_id"] == "none") == (name == "torchrun")

@@ -48,7 +48,7 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
 
 @pytest.fixture
 def sqlite_uri(tmp_path: Path) -> str:
-    return default_tracking_uri(tmp_path / "out")
+    return default_tracking_uri(tmp_path / "out" / "run")  # out/mlflow.db
 
 
 def _history(client: mlflow.MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -123,7 +123,7 @@ def test_sqlite_run_reads_back(sqlite_uri: str, tmp_path: Path) -> None:
     run = client.get_run(logger.run_id)
     assert run.info.run_name == "demo"
     assert client.get_experiment(run.info.experiment_id).name == "polyp"
-    # Artifacts sit beside the database in the output dir, not in the caller's cwd.
+    # Artifacts sit beside the database, not in the caller's cwd.
     assert run.info.artifact_uri.startswith((tmp_path / "out" / "mlartifacts").as_uri())
     assert (tmp_path / "out" / "mlflow.db").is_file()
 
@@ -623,7 +623,7 @@ def test_flatten_config() -> None:
 
 def test_default_tracking_uri(tmp_path: Path) -> None:
     uri = default_tracking_uri(tmp_path / "run")
-    assert uri == f"sqlite:///{(tmp_path / 'run').resolve()}/mlflow.db"
+    assert uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db"  # beside the run: shared with its neighbours
     assert uri.startswith("sqlite:////")  # four slashes: an absolute path for SQLAlchemy
 
 

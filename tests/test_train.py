@@ -18,7 +18,7 @@ import torch
 
 from autosam2.engine.trainer import TRAIN_METRICS
 from autosam2.train import build_parser, config_from_args
-from tests.helpers import TORCHRUN_2, train_overrides
+from tests.helpers import TORCHRUN_2, runs_of, train_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "autosam2.cli"]
@@ -101,8 +101,7 @@ def test_ddp_two_processes_train_checkpoint_log_and_evaluate(train_data, tmp_pat
         (out / name).stat().st_size < (out / "base.pt").stat().st_size / 4 for name in ("best.pt", "final.pt")
     )
 
-    client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
-    (run_info,) = client.search_runs([client.get_experiment_by_name("autosam2").experiment_id])
+    client, (run_info,) = runs_of(out)
     params, tags = run_info.data.params, run_info.data.tags
     assert (
         params["optim.lr"] == "0.001"
@@ -295,8 +294,7 @@ def test_a_run_resumes_at_another_world_size_where_the_global_order_stands(train
         assert (state["step"], state["world_size"]) == (steps, ranks[1])
         assert (state["epoch"], state["sample"]) == where
     assert (out / "final.pt").exists()
-    client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
-    (run_info,) = client.search_runs([client.get_experiment_by_name("autosam2").experiment_id])
+    client, (run_info,) = runs_of(out)
     history = client.get_metric_history(run_info.info.run_id, "train/loss_total")
     assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]  # one run across the world sizes
 
@@ -319,7 +317,7 @@ def test_training_logs_to_a_real_mlflow_server(train_data, tmp_path, mlflow_serv
     (run_info,) = client.search_runs([client.get_experiment_by_name("served").experiment_id])
     assert [m.step for m in client.get_metric_history(run_info.info.run_id, "train/loss_total")] == [1, 2]
     assert "config.yaml" in {a.path for a in client.list_artifacts(run_info.info.run_id)}
-    assert not (out / "mlflow.db").exists()
+    assert not (out / "mlflow.db").exists() and not (tmp_path / "mlflow.db").exists()
 
 
 def test_training_goes_on_when_tracking_fails(train_data, tmp_path):
@@ -383,8 +381,7 @@ def test_a_feature_cached_run_stopped_and_resumed_trains_what_the_encoder_would(
     a, b = weights(encoded / "final.pt"), weights(cached / "final.pt")
     assert a.keys() == b.keys()
     assert max(float((a[key] - b[key]).abs().max()) for key in a) == 0.0
-    client = mlflow.MlflowClient(f"sqlite:///{cached}/mlflow.db")
-    (run_info,) = client.search_runs([client.get_experiment_by_name("autosam2").experiment_id])
+    client, (run_info,) = runs_of(cached)
     hits = client.get_metric_history(run_info.info.run_id, "train/feature_cache_hit_rate")
     assert sorted(m.step for m in hits) == list(range(1, 13)) and max(m.value for m in hits) == 1.0
     assert all(m.value > 0 for m in client.get_metric_history(run_info.info.run_id, "train/feature_cache_gb"))
@@ -420,8 +417,7 @@ def test_a_mix_of_single_frames_and_sequences_trains_through_trainable_memory(tr
     result = run([*TORCHRUN, *train_overrides(train_data, out, **settings)])
     assert "data: mix of 2 shard sets in the global order, 5 steps of 2 clips" in result.stdout
     assert "step 3/3" in result.stdout and (out / "final.pt").exists()
-    client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
-    (run_info,) = client.search_runs([client.get_experiment_by_name("autosam2").experiment_id])
+    client, (run_info,) = runs_of(out)
     tags, params = run_info.data.tags, run_info.data.params
     assert tags["data_mix"].startswith("data: mix of 2 shard sets") and "1-frame clip" in tags["data_mix"]
     assert params["data.train"] == str(sets)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from autosam2.metrics import DICE_RULES
-from tests.helpers import INFO, RecordingLogger
+from tests.helpers import INFO, RecordingLogger, runs_of
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,6 @@ def test_valid_dice_is_evaluate_dice_and_no_name_means_two_rules(tmp_path, tiny_
     """A model that never predicts a polyp (as after a few steps) on a valid sequence of 12 frames, the
     last 4 polyp-free: our rule scores those 4 frames 1 (dice 4/12), the toolbox's scores every frame 0.
     Each figure's name must carry one rule: validation's ``valid/X`` is evaluate's ``eval/X``."""
-    import mlflow
 
     from autosam2.config import load_config
     from autosam2.data.sources import read_sequences
@@ -59,8 +58,8 @@ def test_valid_dice_is_evaluate_dice_and_no_name_means_two_rules(tmp_path, tiny_
         )
     assert ours["dice"] == pytest.approx(validated["valid/dice"], abs=1e-6)
     assert "dice" not in sunseg and sunseg["meanDice"] < 1e-3  # > 0 only at the sweep's threshold 0
-    client = mlflow.MlflowClient(f"sqlite:///{(tmp_path / 'evaluated').resolve()}/mlflow.db")
-    (run,) = client.search_runs([client.get_experiment_by_name("autosam2").experiment_id])
+    # w.pt is no training run's: the run goes to the default store, beside the output folder
+    client, (run,) = runs_of(tmp_path / "evaluated", f"sqlite:///{tmp_path.resolve()}/mlflow.db")
     assert run.data.metrics["eval/dice"] == pytest.approx(validated["valid/dice"], abs=1e-6)
     help_text = subprocess.run(
         [sys.executable, "-m", "autosam2.cli", "evaluate", "--help"], cwd=REPO, capture_output=True, text=True

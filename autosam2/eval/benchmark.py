@@ -16,14 +16,17 @@ import io
 import json
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from autosam2.atomic import atomic_write_text
 from autosam2.eval.published import Published, load
 from autosam2.metrics import TOOLBOX_METRICS
+
+if TYPE_CHECKING:
+    from autosam2.tracking.choice import Store
 
 BENCHMARKS = ("sunseg",)  # the benchmarks with published figures (autosam2/eval/published/<name>.json)
 OURS = "scored here"  # the source of a row computed by this run
@@ -148,16 +151,6 @@ def print_benchmark(rows: Sequence[Row], name: str, file: TextIO | None = None) 
         )
 
 
-def training_run(weights: str | Path) -> dict[str, str] | None:
-    """The MLflow run that trained a weights file, as its run folder (the file's folder) records it:
-    ``{"run_id", "run_dir"}``, or None when that folder holds no tracking record of one."""
-    from autosam2.tracking.outbox import FOLDER, recorded_run
-
-    run_dir = Path(weights).resolve().parent
-    run_id = recorded_run(run_dir / FOLDER)
-    return None if run_id is None else {"run_id": run_id, "run_dir": str(run_dir)}
-
-
 def add_splits(parser: argparse.ArgumentParser) -> None:
     """``--splits``: which of SUN-SEG's test splits to run (default all four)."""
     from autosam2.data.layouts.sunseg import TESTS
@@ -174,46 +167,23 @@ def add_splits(parser: argparse.ArgumentParser) -> None:
 
 def log_splits(
     out: Path,
-    tracking_uri: str | None,
-    experiment: str,
-    run_name: str,
+    store: Store,
+    run_name: Callable[[str], str],
     results: Sequence[SplitResult],
     params: Mapping[str, Any],
-    trained_by: Mapping[str, str] | None = None,
+    link: Mapping[str, str] | None = None,
 ) -> None:
-    """One MLflow run per split (`tracking_uri`, default SQLite in `out`), named ``<run_name>-<split>``:
-    `params`, the split's summary and its ``<split folder>/metrics.json`` / ``.csv``, tagged ``split``;
-    with `trained_by` (`training_run`) also tagged ``trained_by`` (the run id) and ``trained_by_dir``, and
-    nested under that run (``mlflow.parentRunId``) when the store holds it."""
+    """One MLflow run per split in `store`, named ``run_name(<split folder>)``: `params`, the split's summary
+    and its ``<split folder>/metrics.json`` / ``.csv``, tagged ``split`` and `link` (the tags naming the
+    training run, `autosam2.tracking.choice.link_tags`)."""
     from autosam2.eval.report import log_scores
-    from autosam2.tracking import default_tracking_uri, take_uri_credentials
 
-    uri = take_uri_credentials(tracking_uri) or default_tracking_uri(out.resolve())
-    link: dict[str, str] = {}
-    if trained_by:
-        link = {"trained_by": trained_by["run_id"], "trained_by_dir": trained_by["run_dir"]}
-        if _store_has(uri, trained_by["run_id"]):
-            link["mlflow.parentRunId"] = trained_by["run_id"]
     for result in results:
         log_scores(
             out / split_folder(result.split),
-            uri,
-            experiment,
-            f"{run_name}-{split_folder(result.split)}",
+            store,
+            run_name(split_folder(result.split)),
             {**params, "split": result.split},
             result.summary,
-            tags={"split": result.split, **link},
+            tags={"split": result.split, **(link or {})},
         )
-
-
-def _store_has(uri: str, run_id: str) -> bool:
-    """Whether the tracking store at `uri` holds run `run_id` (False when it cannot be asked)."""
-    from mlflow.exceptions import MlflowException
-
-    from autosam2.tracking.mlflow_store import open_client
-
-    try:
-        open_client(uri).get_run(run_id)
-    except MlflowException:  # no such run there (or the store refuses): not nested, the tags still link
-        return False
-    return True

@@ -12,7 +12,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 from PIL import Image
@@ -21,6 +21,9 @@ from autosam2.atomic import atomic_write_text
 from autosam2.data.layouts.files import natural_key
 from autosam2.data.video import Frame, LazyVideo
 from autosam2.metrics import UNDEFINED
+
+if TYPE_CHECKING:
+    from autosam2.tracking.choice import Store
 from autosam2.overlays import GIF_SIDE, VideoWriter, contact_sheet, overlay, write_gif
 
 OVERLAY_FRAMES = 64  # frames of a sequence its GIF and sheet show, spread over it
@@ -262,24 +265,21 @@ def print_table(
 
 def log_scores(
     out: Path,
-    tracking_uri: str | None,
-    experiment: str,
+    store: Store,
     run_name: str,
     params: dict[str, Any],
     summary: dict[str, float],
     tags: dict[str, str] | None = None,
 ) -> None:
-    """Scores written into `out` as their own MLflow run (`tracking_uri`, default SQLite in `out`): the
-    params, `tags`, the summary as ``eval/...``, metrics.json, metrics.csv and overlays/ when `out` holds
+    """Scores written into `out` as their own MLflow run in `store` (`autosam2.tracking.choice`): the
+    params, `tags` and `out` (``output_dir``), the summary as ``eval/...``, metrics.json, metrics.csv and overlays/ when `out` holds
     it."""
-    from autosam2.tracking import default_tracking_uri, make_logger, take_uri_credentials
+    from autosam2.tracking import OUTPUT_TAG, make_logger
 
-    uri = take_uri_credentials(tracking_uri) or default_tracking_uri(out.resolve())
-    logger = make_logger(0, True, uri, experiment, run_name=run_name, system_metrics=False)
+    logger = make_logger(0, True, store.uri, store.experiment, run_name=run_name, system_metrics=False)
     try:
         logger.log_params(params)
-        if tags:
-            logger.set_tags(tags)
+        logger.set_tags({OUTPUT_TAG: str(out.resolve()), **(tags or {})})
         logger.log_metrics({f"eval/{k}": v for k, v in summary.items()}, step=0)
         for name in ("metrics.json", "metrics.csv"):
             logger.log_artifact(out / name)

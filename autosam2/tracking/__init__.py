@@ -4,7 +4,8 @@ logger behind it, made on rank 0 only.
 Only rank 0 logs (`make_logger`): concurrent SQLite writers lock, and users compare one run per job.
 The parts, one module each: `mlflow_logger` (the MLflow logger, whose calls only append to an outbox),
 `outbox` (the records on disk), `sender` (the thread that delivers them), `mlflow_store` (the client,
-experiments and runs), `system_metrics` (the sampler), `credentials` (user and password of a URI).
+experiments and runs), `choice` (which store and experiment: flags, MLflow's variables, the run's record),
+`system_metrics` (the sampler), `credentials` (user and password of a URI).
 """
 
 from __future__ import annotations
@@ -15,24 +16,43 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from autosam2.config import TrackingConfig
+from autosam2.tracking.choice import (
+    OUTPUT_TAG,
+    Store,
+    choose_store,
+    default_tracking_uri,
+    read_run,
+    record_store,
+    scoring_run_name,
+    scoring_store,
+    training_run_name,
+)
 from autosam2.tracking.credentials import redact_uri, take_uri_credentials
 from autosam2.tracking.mlflow_logger import MLflowLogger, flatten_config
-from autosam2.tracking.mlflow_store import TrackingWarning, default_tracking_uri, ensure_experiment
+from autosam2.tracking.mlflow_store import TrackingWarning, ensure_experiment
 from autosam2.tracking.outbox import FOLDER
 
 __all__ = [
     "MLflowLogger",
     "MetricLogger",
     "NullLogger",
+    "OUTPUT_TAG",
+    "Store",
     "TrackingWarning",
+    "choose_store",
     "default_tracking_uri",
     "ensure_experiment",
     "flatten_config",
     "git_commit",
     "make_logger",
+    "read_run",
+    "record_store",
     "redact_uri",
+    "scoring_run_name",
+    "scoring_store",
     "start_run",
     "take_uri_credentials",
+    "training_run_name",
 ]
 
 
@@ -95,23 +115,28 @@ def start_run(
     params: Mapping[str, Any],
     tags: Mapping[str, str],
     config_file: Path,
+    name: str | None = None,
 ) -> MetricLogger:
-    """A training run's logger (MLflow on rank 0, its outbox in ``out/tracking``): resumed when `run_id`
-    names one, else new; the flattened `params` (a resumed run's changed values go to tags, see
-    `MLflowLogger.log_params`); tagged with the git commit and `tags`; the config file as an artifact."""
-    logger = make_logger(
-        rank,
-        cfg.enabled,
-        cfg.uri or default_tracking_uri(out),
-        cfg.experiment,
-        cfg.run_name,
+    """A training run's logger (MLflow on rank 0, its outbox in ``out/tracking``) in the store and
+    experiment `choose_store` picks for `out` (recorded there for its resumption and its evaluations):
+    resumed when `run_id` names one, else new, named ``tracking.run_name`` or `name`; the flattened
+    `params` (a resumed run's changed values go to tags, see `MLflowLogger.log_params`); tagged with the
+    git commit, `out` (``output_dir``) and `tags`; the config file as an artifact."""
+    if rank != 0 or not cfg.enabled:
+        return NullLogger()
+    store = choose_store(cfg.uri, cfg.experiment, out, read_run(out))
+    record_store(out, store)
+    logger = MLflowLogger(
+        store.uri,
+        store.experiment,
+        run_name=cfg.run_name or name,
         run_id=run_id,
         system_metrics=cfg.system_metrics,
         spool_dir=out / FOLDER,
         flush_timeout_s=cfg.flush_timeout_s,
     )
     logger.log_params(params)
-    logger.set_tags({"git_commit": git_commit(), **tags})
+    logger.set_tags({"git_commit": git_commit(), OUTPUT_TAG: str(Path(out).resolve()), **tags})
     logger.log_artifact(config_file)
     return logger
 

@@ -1,5 +1,5 @@
 """The MLflow tracking store as our loggers reach it: a client with bounded HTTP retries, the store's limits
-and refusals, the SQLite store's place in a run's folder, and experiments and runs opened or resumed.
+and refusals, and experiments and runs opened or resumed.
 
 An explicit `mlflow.MlflowClient` does every call, never MLflow's fluent global state (`mlflow.start_run`),
 so a run id travels explicitly (a resumed job passes it back in) and a caller's own active run is left
@@ -8,6 +8,7 @@ alone. mlflow is imported inside the functions that call it: importing this modu
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import warnings
@@ -58,11 +59,6 @@ def is_refusal(err: BaseException) -> bool:
     return getattr(err, "error_code", None) in _REFUSAL_CODES
 
 
-def default_tracking_uri(output_dir: str | Path) -> str:
-    """SQLite store inside the run's output directory; the absolute path gives `sqlite:////...`."""
-    return f"sqlite:///{Path(output_dir).resolve()}/mlflow.db"
-
-
 def bound_http_env() -> None:
     """Set MLflow's HTTP retry and timeout variables (HTTP_ENV_DEFAULTS) where the user has not."""
     for name, value in HTTP_ENV_DEFAULTS.items():
@@ -70,14 +66,19 @@ def bound_http_env() -> None:
 
 
 def open_client(tracking_uri: str) -> Any:
-    """An `mlflow.MlflowClient` of `tracking_uri`; a SQLite store's folder is created first."""
+    """An `mlflow.MlflowClient` of `tracking_uri`. A SQLite store's folder is created first, and the client
+    is made holding ``<database>.lock`` beside it: making one creates or upgrades the store's tables, and
+    two processes doing it at once in one new store collide (``duplicate column name``)."""
     import mlflow
 
-    db = _sqlite_path(tracking_uri)
-    if db is not None:
-        # SQLite will not create the directory of its database file.
-        db.parent.mkdir(parents=True, exist_ok=True)
-    return mlflow.MlflowClient(tracking_uri)
+    db = sqlite_path(tracking_uri)
+    if db is None:
+        return mlflow.MlflowClient(tracking_uri)
+    # SQLite will not create the directory of its database file.
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        return mlflow.MlflowClient(tracking_uri)
 
 
 def ensure_experiment(tracking_uri: str, name: str) -> str:
@@ -145,7 +146,7 @@ def open_run(
     ).info.run_id, None
 
 
-def _sqlite_path(tracking_uri: str) -> Path | None:
+def sqlite_path(tracking_uri: str) -> Path | None:
     """The database file of a `sqlite:///` URI; None for other stores and in-memory SQLite."""
     if not tracking_uri.startswith("sqlite:///"):
         return None
@@ -155,5 +156,5 @@ def _sqlite_path(tracking_uri: str) -> Path | None:
 
 def _artifact_location(tracking_uri: str) -> str | None:
     """Artifacts of a SQLite store sit beside it; MLflow's default is ./mlruns in the caller's cwd."""
-    db = _sqlite_path(tracking_uri)
+    db = sqlite_path(tracking_uri)
     return (db.parent / "mlartifacts").as_uri() if db is not None else None
