@@ -1,8 +1,8 @@
 """`pip install autosam2` beside the site's own torch, as docs/install.md says: a fresh venv that already
 holds torch 2.14.0 and torchvision 0.29.0 (a release other than constraints.txt's 2.14.1), the project's
 wheel installed into it with no extra, then torch checked untouched, `pip check`, `autosam2 --help`, a
-2-step CPU training (logging to SQLite) and an evaluation (logging to an MLflow server) run from another
-directory, and a DeepSpeed run refused in one line.
+2-step training on the shipped CPU demo config (logging to SQLite) and an evaluation (logging to an MLflow
+server) run from another directory, and a DeepSpeed run refused in one line.
 
 The site's torch is 2.14.0 because it is the cheapest other release that runs here: 2.13.0+cpu (in the
 machine's /opt/wheels) cannot import torchvision 0.28.0 from the registry (its `_C.so` needs
@@ -11,7 +11,7 @@ CUDA libraries (cudnn 9.20, nccl 2.29.7) than those 2.14.x share. Cost, measured
 2-core CPU machine of this repository's CI (pip's cache empty for the project's install): torch +
 torchvision 49 s (555 MB torch wheel from PyPI; the nvidia-* and triton wheels lie on this machine's
 disk, elsewhere they are ~3 GB more to download), the project 42 s, training 29 s, evaluation 44 s; the
-whole test 249 s under pytest beside other jobs, and 6.2 GB of disk under its tmp_path (5.6 GB of it
+whole test 249 and 307 s (two runs) under pytest beside other jobs, and 6.2 GB of disk under its tmp_path (5.6 GB of it
 torch's venv)."""
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def test_the_base_install_keeps_the_sites_torch_and_trains_and_evaluates(
         "train.validate_every=2",
         "train.valid_sequences=1",
     ]
-    run([autosam2, "train", *data, *small, *steps, "train.output_dir=run"], tmp_path, OMP_NUM_THREADS="1")
+    train = [autosam2, "train", "--config", "cpu_demo", *data, *small, *steps, "train.output_dir=run"]
+    run(train, tmp_path, OMP_NUM_THREADS="1")  # the shipped CPU demo config, made tiny
     assert (tmp_path / "run" / "final.pt").is_file() and (tmp_path / "run" / "mlflow.db").is_file()
     # MLflow's client alone logs to a server too (the server is this checkout's, with the server extra)
     uri = mlflow_server[0]
