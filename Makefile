@@ -9,23 +9,22 @@ STAMP  := $(VENV)/.installed
 DEMO   ?= demo
 DRY_RUN ?= 0
 OUT    ?= gpu-check-out
-PINS   := requirements.txt
-# $(call pin,NAME): NAME's line in $(PINS), e.g. torch==2.14.1
-pin = $(shell grep -E '^$(1)==' $(PINS))
+# the exact tested set (constraints.txt): every install below takes its versions from it
+PINS   := constraints.txt
 
 .PHONY: venv sysdeps demo test lint clean-demo gpu-check
 
 venv: $(STAMP)
 
 # torch first; sam2 and deepspeed then build against it as pure-Python packages (no CUDA ops);
-# the project last, editable, with the dev extra. Pins live in $(PINS).
+# the project last, editable, with all its extras. The stamp is newer than every file read here.
 $(STAMP): setup.cfg pyproject.toml $(PINS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q $(call pin,torch) $(call pin,torchvision)
+	$(PIP) install -q -c $(PINS) torch torchvision
 	$(PIP) install -q "setuptools>=64" wheel ninja
-	SAM2_BUILD_CUDA=0 $(PIP) install -q --no-build-isolation $(call pin,sam2)
-	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation $(call pin,deepspeed)
-	$(PIP) install -q --no-build-isolation -e ".[dev]"
+	SAM2_BUILD_CUDA=0 $(PIP) install -q --no-build-isolation -c $(PINS) sam2
+	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation -c $(PINS) deepspeed
+	$(PIP) install -q --no-build-isolation -c $(PINS) -e ".[deepspeed,server,dev]"
 	touch $@
 
 demo: $(STAMP)

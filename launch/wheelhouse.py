@@ -3,7 +3,7 @@ excepted, as wheels for the device's Python, in `.gpu-check/wheels-cpXY/` (sam2 
 and DeepSpeed without ops, built from source; the MLflow client and its SQLite store, not the server);
 installing it; and a stand-in for the device image for the dry run.
 
-Versions are those installed here, which must be the pins of `requirements.txt`. Only the standard
+Versions are those installed here, which must be the pins of `constraints.txt`. Only the standard
 library is imported at module level (`packaging` inside the functions that need it).
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 WHEELS = REPO / ".gpu-check"
-PINS = REPO / "requirements.txt"
+PINS = REPO / "constraints.txt"
 DEVICE_PYTHON = "3.12"
 WHEELHOUSE_LIMIT_MIB = 40
 
@@ -36,8 +36,9 @@ def _image_packages() -> frozenset[str]:
 
 # the device image's Python packages: used as they are there, never carried
 IMAGE_PACKAGES = _image_packages()
-# what the project needs there: its requirements, with MLflow as its client and SQLite store (the
-# server and UI, most of `mlflow`'s size, run where users look at runs, not on the device)
+# what the GPU check's parts need there: the base install's packages that they import, DeepSpeed, and
+# MLflow as its client and SQLite store (the `server` extra, most of `mlflow`'s size, runs where users
+# look at runs, not on the device)
 ROOTS = (
     "sam2",
     "deepspeed",
@@ -67,7 +68,7 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x8
 
 
 def pins() -> dict[str, str]:
-    """{name: version} of the exact pins (`==`) in requirements.txt."""
+    """{name: version} of the exact pins (`==`) in constraints.txt."""
     from packaging.requirements import Requirement
 
     found = {}
@@ -82,7 +83,7 @@ def pins() -> dict[str, str]:
 
 def needed_distributions() -> dict[str, str]:
     """{name: version installed here} of what ROOTS pull in (markers evaluated here), less the image's;
-    refused where an installed version is not requirements.txt's pin."""
+    refused where an installed version is not constraints.txt's pin."""
     import importlib.metadata as md
 
     from packaging.requirements import Requirement
@@ -141,8 +142,8 @@ def _fetch(name: str, version: str, out: Path, python_version: str) -> None:
     )
 
 
-def _project_wheel(out: Path) -> None:
-    """The project's wheel, built from the working tree as it is, in place of any earlier one."""
+def project_wheel(out: Path) -> Path:
+    """The project's wheel, built from the working tree as it is, in place of any earlier one; its path."""
     for stale in out.glob("autosam2-*.whl"):
         stale.unlink()
     with tempfile.TemporaryDirectory(prefix="autosam2-wheel-") as build:
@@ -155,6 +156,8 @@ def _project_wheel(out: Path) -> None:
             ),
         )
         _pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(out), build)
+    (wheel,) = out.glob("autosam2-*.whl")
+    return wheel
 
 
 def _listing(out: Path, needed: dict[str, str], python_version: str) -> dict:
@@ -184,7 +187,7 @@ def build_wheels(python_version: str = DEVICE_PYTHON) -> Path:
     for name, version in needed.items():
         if not (name in have and f"-{version}-" in have[name].name):
             _fetch(name, version, out, python_version)
-    _project_wheel(out)
+    project_wheel(out)
     listing = _listing(out, needed, python_version)
     if listing["bytes"] > WHEELHOUSE_LIMIT_MIB * 2**20:
         raise SystemExit(f"gpu-check: {out} is {listing['MiB']} MiB, over {WHEELHOUSE_LIMIT_MIB} MiB")

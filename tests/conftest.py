@@ -27,6 +27,7 @@ INTEGRATION = {
     "test_bench.py",
     "test_failures.py",
     "test_gpu.py",
+    "test_install.py",  # a venv with torch from the registry, the project installed into it
     "test_launch.py",
     "test_mlflow_ui.py",
     "test_score.py",

@@ -58,7 +58,7 @@ def test_the_wheel_list_leaves_out_what_the_image_has_and_keeps_what_it_lacks():
     assert {"mlflow-skinny", "sqlalchemy", "pydantic", "pydantic-core"} <= set(needed)
     assert not set(needed) & wheelhouse.IMAGE_PACKAGES
     assert "mlflow" not in needed  # the server and UI stay behind
-    pins = wheelhouse.pins()  # requirements.txt's, and what the wheelhouse carries of them
+    pins = wheelhouse.pins()  # constraints.txt's, and what the wheelhouse carries of them
     assert {"torch", "torchvision", "sam2", "deepspeed"} <= set(pins)
     assert all(needed[name] == version for name, version in pins.items() if name in needed)
 

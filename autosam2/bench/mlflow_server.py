@@ -47,6 +47,9 @@ def start_mlflow_server(
     `admin_password`: MLflow's basic-auth app, user ``admin``, and no access for anyone else (its user
     store, auth config and Flask secret in `store`)."""
 
+    from autosam2.extras import require
+
+    require("server", "an MLflow server")
     port = port or free_port()  # a given port: the same server started again after an outage
     store.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")

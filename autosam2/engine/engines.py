@@ -279,6 +279,13 @@ def host_copy(tree: Any) -> Any:
     return tree
 
 
+def require_deepspeed() -> None:
+    """Nothing when DeepSpeed is installed; else the one line naming the extra that installs it."""
+    from autosam2.extras import require
+
+    require("deepspeed", f"train.engine={EngineKind.deepspeed}")
+
+
 class DeepSpeedEngine(Engine):
     """``ds_config``: the DeepSpeed JSON as read by `read_deepspeed_config`; ``micro_batch``: clips per rank
     and step (DeepSpeed checks its batch arithmetic)."""
@@ -293,6 +300,7 @@ class DeepSpeedEngine(Engine):
         micro_batch: int,
         autocast: bool = False,
     ):
+        require_deepspeed()
         import deepspeed
 
         self.module = model

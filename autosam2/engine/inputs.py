@@ -8,7 +8,7 @@ from pathlib import Path
 from autosam2.config import Config, EngineKind, PromptKind
 from autosam2.data.sources import check_source, check_training_sources
 from autosam2.engine.checkpoint import Checkpointer
-from autosam2.engine.engines import read_deepspeed_config
+from autosam2.engine.engines import read_deepspeed_config, require_deepspeed
 from autosam2.errors import CheckpointError
 from autosam2.model.sam2_checkpoint import settle_model
 from autosam2.outputs import apart_from_inputs
@@ -30,6 +30,7 @@ def check_inputs(cfg: Config) -> None:
             raise CheckpointError(f"{key}={path}: file not found")
     settle_model(cfg.model)  # the checkpoint is SAM2's, of the size and release asked
     if cfg.train.engine == EngineKind.deepspeed:
+        require_deepspeed()
         read_deepspeed_config(Path(cfg.train.deepspeed_config))
     if cfg.train.resume not in ("auto", "none"):
         problem = Checkpointer.check(Path(cfg.train.resume))
