@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import math
+import os
 import shutil
 import sys
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ from typing import Any, TextIO
 import numpy as np
 from PIL import Image
 
-from autosam2.atomic import atomic_write_text
+from autosam2.atomic import atomic_file, atomic_write_text
 from autosam2.data.layouts.files import natural_key
 from autosam2.data.video import Frame, LazyVideo
 from autosam2.metrics import UNDEFINED
@@ -69,8 +70,8 @@ class PredictionWriter:
     (re-scorable by `autosam2 score` or the official toolbox) when `masks`; with `overlays` a GIF and a
     PNG sheet per sequence in `overlay_dir` (default ``out/overlays``; prediction red, truth outlined
     green) of at most ``OVERLAY_FRAMES`` frames (`sheets`: the PNG too); with `video` an MP4 of every
-    frame overlaid there; `rows` (a csv writer) gets a row per frame: sequence, frame, presence
-    probability, predicted polyp pixels."""
+    frame overlaid there; with `rows` (a folder) each sequence's frames are rows of ``<rows>/<sequence>.csv``
+    (``FRAME_COLUMNS``, no header; in place when the sequence ends: `write_frames_csv` joins them)."""
 
     def __init__(
         self,
@@ -81,12 +82,11 @@ class PredictionWriter:
         overlay_dir: Path | None = None,
         fps: float = 25.0,
         sheets: bool = True,
-        rows: Any = None,
+        rows: Path | None = None,
     ):
         self.out, self.masks, self.overlays, self.video = Path(out), masks, overlays, video
-        self.sheets, self.rows = sheets, rows
-        if rows is not None:
-            rows.writerow(["sequence", "frame", "presence", "polyp_pixels"])
+        self.sheets, self.rows = sheets, Path(rows) if rows is not None else None
+        self._table: TextIO | None = None
         self.frames: dict[str, int] = {}  # frames written, by sequence
         self.overlay_dir = Path(overlay_dir) if overlay_dir else self.out / "overlays"
         self.fps = fps
@@ -110,6 +110,11 @@ class PredictionWriter:
         fps = float(video.metadata.get("fps") or self.fps)
         self._movie = VideoWriter(self._movie_path(video), video.size, fps) if self.video else None
         self._count = 0
+        if self.rows is not None:
+            self._table = open(self._table_path(video, temp=True), "w", newline="")
+
+    def _table_path(self, video: LazyVideo, temp: bool = False) -> Path:
+        return self.rows / (f".{video.video_id}.csv.tmp-{os.getpid()}" if temp else f"{video.video_id}.csv")
 
     def frame(self, video: LazyVideo, frame: Frame, prob_HW: np.ndarray, presence: float) -> None:
         i, self._count = self._count, self._count + 1
@@ -121,8 +126,8 @@ class PredictionWriter:
             # zlib's fastest level: a quarter of the time of the default on noisy maps, lossless all the same
             Image.fromarray(mask.astype(np.uint8) * 255).save(mask_dir / name, compress_level=1)
             Image.fromarray(soft_map(prob_HW)).save(soft_dir / name, compress_level=1)
-        if self.rows is not None:
-            self.rows.writerow(
+        if self._table is not None:
+            csv.writer(self._table).writerow(
                 [video.video_id, Path(frame_file(frame)).stem, f"{presence:.4f}", int(mask.sum())]
             )
         if (self._picker and self._picker.wants(i)) or self._movie:
@@ -135,6 +140,10 @@ class PredictionWriter:
                 self._picker.keep(i, picture)
 
     def end(self, video: LazyVideo) -> None:
+        if self._table is not None:
+            self._table.close()
+            self._table = None
+            os.replace(self._table_path(video, temp=True), self._table_path(video))
         if self._movie:
             self._movie.close()
             self._movie = None
@@ -151,9 +160,39 @@ class PredictionWriter:
             self._movie.abort()
             self._movie = None
         self._picker = None
+        if self._table is not None:
+            self._table.close()
+            self._table = None
+            self._table_path(video, temp=True).unlink(missing_ok=True)
         self.frames.pop(video.video_id, None)
         for folder in self._dirs(video):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+FRAME_COLUMNS = ("sequence", "frame", "presence", "polyp_pixels")  # frames.csv: a row per frame
+
+
+def write_frames_csv(out: Path, rows: Path, sequences: Sequence[str]) -> None:
+    """``out/frames.csv``: the header, then the rows of each of `sequences` in this order (their
+    PredictionWriter tables under `rows`), copied through, never held in memory whole."""
+    with atomic_file(out / "frames.csv") as f:
+        f.write((",".join(FRAME_COLUMNS) + "\r\n").encode())  # csv's own line ending, as the rows have
+        for name in sequences:
+            with open(rows / f"{name}.csv", "rb") as table:
+                shutil.copyfileobj(table, f)
+
+
+def remove_unfinished(out: Path, finished: set[str]) -> None:
+    """Remove what a PredictionWriter left in `out` of sequences not in `finished` (a run stopped part
+    way through one): their masks, soft maps and overlays."""
+    for kind in ("masks", "soft"):
+        for folder in (out / kind).iterdir() if (out / kind).is_dir() else []:
+            if folder.name not in finished:
+                shutil.rmtree(folder) if folder.is_dir() else folder.unlink()
+    overlays = out / "overlays"
+    for path in overlays.iterdir() if overlays.is_dir() else []:
+        if path.stem not in finished or path.suffix not in (".gif", ".png", ".mp4"):
+            path.unlink()
 
 
 def listed(lines: list[str], cap: int = MAX_LISTED) -> list[str]:
