@@ -97,6 +97,7 @@ def test_a_stopped_evaluation_resumes_to_the_metrics_of_an_uninterrupted_one(lon
 
     resumed = run([*evaluate, "--output-dir", str(parted), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming {parted}: {len(kept)} sequences finished before, skipped" in resumed.stdout
     assert "4 sequences over 1 rank(s), 120 frames" in resumed.stdout
     assert (parted / "metrics.json").read_bytes() == (whole / "metrics.json").read_bytes()
     for kind in ("masks", "soft", "overlays", "sequences"):

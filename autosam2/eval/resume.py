@@ -103,6 +103,11 @@ class SequenceFolder:
             if is_main:
                 made = make_folders(self.out)
                 self._start()
+                if not self.fresh:
+                    print(
+                        f"resuming {self.out}: {len(self.done)} sequences finished before, skipped",
+                        flush=True,
+                    )
             barrier()
             yield self
         except BaseException as err:
