@@ -66,6 +66,14 @@ def add_model_arguments(parser: argparse.ArgumentParser, output_dir: str) -> Non
     parser.add_argument("--overwrite", action="store_true")
 
 
+def model_inputs(args: argparse.Namespace) -> dict:
+    """What a resumed `evaluate` or `predict` must find unchanged of `add_model_arguments`: the weights
+    and checkpoint files, and the mode."""
+    from autosam2.eval.resume import identity
+
+    return {"weights": identity(args.weights), "checkpoint": identity(args.checkpoint), "mode": args.mode}
+
+
 def add_resume(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume",
@@ -163,12 +171,9 @@ def claim_output(args: argparse.Namespace):
 
     data = Path(args.data) / MANIFEST if is_shard_set(args.data) else args.data
     inputs = {
-        **{
-            name: identity(path)
-            for name, path in (("weights", args.weights), ("checkpoint", args.checkpoint))
-        },
+        **model_inputs(args),
         "data": identity(data),
-        **{k: str(getattr(args, k)) for k in ("split", "layout", "mode", "metric_mode", "decode_device")},
+        **{k: str(getattr(args, k)) for k in ("split", "layout", "metric_mode", "decode_device")},
         "overlays": not args.no_overlays,
     }
     paths = [args.data, args.weights, args.checkpoint, args.episodes]

@@ -105,15 +105,13 @@ def claim_output(args: argparse.Namespace):
     """The output folder of `args`, refused before any work in one line where this prediction may not
     write or resume there (`claim_sequences`)."""
     from autosam2.eval.resume import claim_sequences, identity
+    from autosam2.evaluate import model_inputs
     from autosam2.outputs import PREDICTIONS
 
     inputs = {
-        **{
-            name: identity(path)
-            for name, path in (("weights", args.weights), ("checkpoint", args.checkpoint))
-        },
+        **model_inputs(args),
         "input": identity(args.input),
-        **{k: str(getattr(args, k)) for k in ("split", "layout", "mode", "fps")},
+        **{k: str(getattr(args, k)) for k in ("split", "layout", "fps")},
         "overlays": not args.no_overlays,
         "overlay_video": not args.no_overlay_video,
     }
@@ -131,8 +129,8 @@ def _predict_into(args: argparse.Namespace, info, model, videos: list, folder) -
     from autosam2.eval.report import PredictionWriter
     from autosam2.progress import Progress
 
-    mine_to_do = share(videos, info.rank, info.world_size)
-    todo = [video for video in mine_to_do if video.video_id not in folder.done]
+    of_this_rank = share(videos, info.rank, info.world_size)
+    todo = [video for video in of_this_rank if video.video_id not in folder.done]
     overlays = not args.no_overlays
     writer = PredictionWriter(
         folder.out,
@@ -151,7 +149,7 @@ def _predict_into(args: argparse.Namespace, info, model, videos: list, folder) -
     with Progress(len(todo), "predict", "sequence", enabled=info.is_main, every_s=0.0) as bar:
         infer_sequences(
             model,
-            folder.todo(mine_to_do),
+            folder.todo(of_this_rank),
             info.device,
             args.mode,
             args.encode_batch,
