@@ -71,7 +71,9 @@ class PredictionWriter:
     PNG sheet per sequence in `overlay_dir` (default ``out/overlays``; prediction red, truth outlined
     green) of at most ``OVERLAY_FRAMES`` frames (`sheets`: the PNG too); with `video` an MP4 of every
     frame overlaid there; with `rows` (a folder) each sequence's frames are rows of ``<rows>/<sequence>.csv``
-    (``FRAME_COLUMNS``, no header; in place when the sequence ends: `write_frames_csv` joins them)."""
+    (``FRAME_COLUMNS``, no header: `write_frames_csv` joins them). A sequence's folders, MP4 and table
+    are written under temp names (``.<sequence>.tmp-<pid>``) and renamed when it ends, its GIF and sheet
+    written whole: what bears a sequence's name is complete."""
 
     def __init__(
         self,
@@ -94,27 +96,37 @@ class PredictionWriter:
         self._movie: VideoWriter | None = None
         self._count = 0
 
-    def _dirs(self, video: LazyVideo) -> tuple[Path, Path]:
-        return self.out / "masks" / video.video_id, self.out / "soft" / video.video_id
+    def _dirs(self, video: LazyVideo, temp: bool = True) -> tuple[Path, Path]:
+        name = _temp_name(video.video_id) if temp else video.video_id
+        return self.out / "masks" / name, self.out / "soft" / name
 
-    def _movie_path(self, video: LazyVideo) -> Path:
-        return self.overlay_dir / f"{video.video_id}.mp4"
+    def _movie_path(self, video: LazyVideo, temp: bool = True) -> Path:
+        return self.overlay_dir / f"{_temp_name(video.video_id) if temp else video.video_id}.mp4"
+
+    def _table_path(self, video: LazyVideo, temp: bool = True) -> Path:
+        return self.rows / f"{_temp_name(video.video_id) if temp else video.video_id}.csv"
+
+    def _written(self, video: LazyVideo) -> list[tuple[Path, Path]]:
+        """(temp, final) of what this writer writes of a sequence under a temp name."""
+        pairs = list(zip(self._dirs(video), self._dirs(video, False), strict=True)) if self.masks else []
+        if self.video:
+            pairs.append((self._movie_path(video), self._movie_path(video, False)))
+        if self.rows is not None:
+            pairs.append((self._table_path(video), self._table_path(video, False)))
+        return pairs
 
     def begin(self, video: LazyVideo) -> None:
         if self.masks:
             for folder in self._dirs(video):
                 folder.mkdir(parents=True, exist_ok=True)
         if self.overlays or self.video:
-            self._movie_path(video).parent.mkdir(parents=True, exist_ok=True)
+            self.overlay_dir.mkdir(parents=True, exist_ok=True)
         self._picker = FramePicker(video.num_frames) if self.overlays else None
         fps = float(video.metadata.get("fps") or self.fps)
         self._movie = VideoWriter(self._movie_path(video), video.size, fps) if self.video else None
         self._count = 0
         if self.rows is not None:
-            self._table = open(self._table_path(video, temp=True), "w", newline="")
-
-    def _table_path(self, video: LazyVideo, temp: bool = False) -> Path:
-        return self.rows / (f".{video.video_id}.csv.tmp-{os.getpid()}" if temp else f"{video.video_id}.csv")
+            self._table = open(self._table_path(video), "w", newline="")
 
     def frame(self, video: LazyVideo, frame: Frame, prob_HW: np.ndarray, presence: float) -> None:
         i, self._count = self._count, self._count + 1
@@ -143,16 +155,20 @@ class PredictionWriter:
         if self._table is not None:
             self._table.close()
             self._table = None
-            os.replace(self._table_path(video, temp=True), self._table_path(video))
         if self._movie:
             self._movie.close()
             self._movie = None
+        for temp, final in self._written(video):
+            if final.is_dir():  # an earlier run's, stopped part way
+                shutil.rmtree(final)
+            os.replace(temp, final)
         if self._picker and self._picker.kept:
             pictures = self._picker.pictures()
             write_gif(pictures, self.overlay_dir / f"{video.video_id}.gif")
             if self.sheets:
-                sheet = self.overlay_dir / f"{video.video_id}.png"  # fast zlib: 1/6 of the time, +16 % size
-                contact_sheet(pictures).save(sheet, compress_level=1)
+                with atomic_file(self.overlay_dir / f"{video.video_id}.png") as sheet:
+                    # fast zlib: 1/6 of the time, +16 % size
+                    contact_sheet(pictures).save(sheet, format="PNG", compress_level=1)
         self._picker = None
 
     def discard(self, video: LazyVideo) -> None:
@@ -163,10 +179,14 @@ class PredictionWriter:
         if self._table is not None:
             self._table.close()
             self._table = None
-            self._table_path(video, temp=True).unlink(missing_ok=True)
         self.frames.pop(video.video_id, None)
-        for folder in self._dirs(video):
-            shutil.rmtree(folder, ignore_errors=True)
+        for temp, _ in self._written(video):
+            shutil.rmtree(temp, ignore_errors=True) if temp.is_dir() else temp.unlink(missing_ok=True)
+
+
+def _temp_name(name: str) -> str:
+    """The name a sequence's output has while it is written (hidden; removed by a resume if left)."""
+    return f".{name}.tmp-{os.getpid()}"
 
 
 FRAME_COLUMNS = ("sequence", "frame", "presence", "polyp_pixels")  # frames.csv: a row per frame
