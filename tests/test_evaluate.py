@@ -194,26 +194,32 @@ def test_a_sequences_sums_come_back_from_json_to_the_bit():
 
 
 def test_the_evaluation_job_requeues_itself_with_resume(monkeypatch):
-    """Stopped by a signal, rank 0 of the job hands over to submitit's handler; the job it requeues has
-    --resume and no --overwrite (which would start the folder again)."""
+    """Stopped by submitit's requeue signal, rank 0 of the job hands over to submitit's handler, and the
+    job it requeues has --resume and no --overwrite (which would start the folder again); a job SLURM
+    requeued itself (SLURM_RESTART_COUNT) goes on the same way."""
     import submitit
 
     import autosam2.evaluate
-    from launch.__main__ import EvaluateJob
+    import launch.__main__ as launcher
 
-    calls = []
+    calls, seen = [], []
+    monkeypatch.setattr(launcher, "_signals_came", lambda wait_s: (signal.SIGUSR2,))
+    monkeypatch.setattr(autosam2.evaluate, "main", lambda argv: seen.append(argv) or 75)
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
     previous = signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))
     try:
-        monkeypatch.setattr(autosam2.evaluate, "main", lambda argv: 75)
         monkeypatch.setenv("RANK", "0")
-        job = EvaluateJob(["--weights", "w.pt", "--overwrite"])
+        job = launcher.EvaluateJob(["--weights", "w.pt", "--overwrite"])
         assert isinstance(job, submitit.helpers.Checkpointable) and job() == 75 and calls == [signal.SIGUSR2]
         monkeypatch.setenv("RANK", "1")
         assert job() == 75 and calls == [signal.SIGUSR2]  # rank 0 alone requeues
-        monkeypatch.setattr(autosam2.evaluate, "main", lambda argv: 0)
+        monkeypatch.setattr(autosam2.evaluate, "main", lambda argv: seen.append(argv) or 0)
         assert job() == 0 and calls == [signal.SIGUSR2]
+        assert seen == [["--weights", "w.pt", "--overwrite"]] * 3  # the first run: as submitted
+        monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+        assert job() == 0 and seen[-1] == ["--weights", "w.pt", "--resume"]
     finally:
         signal.signal(signal.SIGUSR2, previous)
-    again = job.checkpoint().function
-    assert isinstance(again, EvaluateJob) and again.argv == ["--weights", "w.pt", "--resume"]
+    again = launcher.EvaluateJob(["--weights", "w.pt", "--overwrite"]).checkpoint().function
+    assert isinstance(again, launcher.EvaluateJob) and again.argv == ["--weights", "w.pt", "--resume"]
     assert again.checkpoint().function.argv == ["--weights", "w.pt", "--resume"]
