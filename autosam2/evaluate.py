@@ -3,14 +3,15 @@
 Composes the evaluation library (`autosam2.eval`): the trained model rebuilt from its weights file, every
 sequence of `--data` (shards, or a split of a dataset folder in any layout) run through it, predicted
 masks as ``masks/<sequence>/<frame>.png``,
-8-bit soft maps beside them (``soft/``, re-scorable by `autosam2 score` or the official toolbox), overlays, ``metrics.json`` / ``metrics.csv`` and a table. The output folder appears only when complete.
-Under torchrun or srun the ranks split the sequences and rank 0 gathers the metrics once.
+8-bit soft maps beside them (``soft/``, re-scorable by `autosam2 score` or the official toolbox), overlays, ``metrics.json`` / ``metrics.csv`` and a table. Each sequence is kept as it
+ends, and a stopped run goes on with ``--resume`` (`autosam2.eval.resume`); ``metrics.json`` is written
+only when every sequence is done. Under torchrun or srun the ranks split the sequences and rank 0
+gathers the metrics once.
 """
 
 from __future__ import annotations
 
 import argparse
-from contextlib import nullcontext
 from pathlib import Path
 
 from autosam2.arguments import (
@@ -65,6 +66,22 @@ def add_model_arguments(parser: argparse.ArgumentParser, output_dir: str) -> Non
     parser.add_argument("--overwrite", action="store_true")
 
 
+def model_inputs(args: argparse.Namespace) -> dict:
+    """What a resumed `evaluate` or `predict` must find unchanged of `add_model_arguments`: the weights
+    and checkpoint files, and the mode."""
+    from autosam2.eval.resume import identity
+
+    return {"weights": identity(args.weights), "checkpoint": identity(args.checkpoint), "mode": args.mode}
+
+
+def add_resume(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on with the unfinished run in --output-dir (same inputs), skipping its finished sequences",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="autosam2 evaluate",
@@ -74,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     add_model_arguments(parser, "results")
+    add_resume(parser)
     add_layout(parser)
     parser.add_argument(
         "--data", default="demo/shards/valid", help="a shard set or a dataset folder (docs/data.md)"
@@ -100,7 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return on_ranks(build_parser().parse_args(argv), _evaluate)
+    """0 when done; `EXIT_STOPPED` when a signal stopped it early (it goes on with --resume)."""
+    from autosam2.engine.stop import settle
+
+    try:
+        return on_ranks(build_parser().parse_args(argv), _evaluate)
+    finally:
+        settle()  # how the run ended decides the status, not a signal while the process shuts down
 
 
 def on_ranks(args: argparse.Namespace, work) -> int:
@@ -114,38 +138,67 @@ def on_ranks(args: argparse.Namespace, work) -> int:
 
 def _evaluate(args: argparse.Namespace, info) -> int:
     """Every rank runs its share of the sequences and writes their masks and overlays into the one
-    output folder (on a shared file system across hosts); rank 0 gathers the metrics, writes the
-    summary, renames the folder into place and logs the run."""
-    from autosam2.engine.dist import announce_ranks, broadcast_object
-    from autosam2.outputs import EVALUATION, claim, output_directory
+    output folder (on a shared file system across hosts), each sequence kept as it ends; rank 0
+    gathers the metrics, writes the summary and logs the run."""
+    from autosam2.engine.dist import announce_ranks
+    from autosam2.engine.stop import EXIT_STOPPED
 
     resolve_folder(args)
-    inputs = [args.data, args.weights, args.checkpoint, args.episodes]
-    out = claim(args.output_dir, EVALUATION, args.overwrite, inputs)  # every rank says it, not rank 0 alone
+    folder = claim_output(args)  # every rank says it, not rank 0 alone
+    if folder.finished:
+        if info.is_main:
+            print(f"{folder.out}: the evaluation is complete; nothing to resume (--overwrite runs it again)")
+        return 0
     announce_ranks(info)
     decode, events, model = set_up(args, info.device)
-    writing = output_directory(out, EVALUATION, args.overwrite, inputs)
-    with writing if info.is_main else nullcontext() as tmp:
-        tmp = Path(broadcast_object(str(tmp) if info.is_main else None))
-        per_sequence, summary, extra = evaluate_into(args, info, model, decode, events, tmp)
-    if info.is_main:
-        _report(args, out, per_sequence, summary, extra)
+    with folder.writing(info.is_main):
+        found = evaluate_into(args, info, model, decode, events, folder.out, folder)
+        if found is None:
+            return EXIT_STOPPED
+        if info.is_main:
+            _report(args, folder.out, *found)
+            folder.finish()
     return 0
 
 
+def claim_output(args: argparse.Namespace):
+    """The output folder of `args` (resolved by `resolve_folder`), refused before any work in one line
+    where this evaluation may not write or resume there (`claim_sequences`)."""
+    from autosam2.data.sample_format import MANIFEST
+    from autosam2.data.sources import is_shard_set
+    from autosam2.eval.resume import claim_sequences, identity
+    from autosam2.outputs import EVALUATION
+
+    data = Path(args.data) / MANIFEST if is_shard_set(args.data) else args.data
+    inputs = {
+        **model_inputs(args),
+        "data": identity(data),
+        **{k: str(getattr(args, k)) for k in ("split", "layout", "metric_mode", "decode_device")},
+        "overlays": not args.no_overlays,
+    }
+    paths = [args.data, args.weights, args.checkpoint, args.episodes]
+    return claim_sequences(
+        args.output_dir, EVALUATION, "evaluate", inputs, paths, args.overwrite, args.resume
+    )
+
+
 def evaluate_into(
-    args: argparse.Namespace, info, model, decode, events, tmp: Path
-) -> tuple[dict, dict, dict]:
+    args: argparse.Namespace, info, model, decode, events, out: Path, folder=None
+) -> tuple[dict, dict, dict] | None:
     """The split `args` name through the model, on every rank: masks, soft maps and overlays written
-    into `tmp` (each rank its share), the metrics gathered and written there by rank 0 (metrics.json,
-    metrics.csv); returns the figures per sequence, their summary and what metrics.json holds beside."""
+    into `out` (each rank its share), the metrics gathered and written there by rank 0 (metrics.json,
+    metrics.csv); returns the figures per sequence, their summary and what metrics.json holds beside.
+    With a `folder` (`SequenceFolder`), its finished sequences are skipped and read back, each new one
+    is kept as it ends, and a stop signal ends the run early: None then."""
     from autosam2.eval.report import write_metrics
     from autosam2.metrics import REPORTED
 
-    metrics = _run_sequences(args, info, model, decode, tmp)
-    per_sequence, summary, extra = _summarise(args, info, metrics, events, tmp)
+    metrics = _run_sequences(args, info, model, decode, out, folder)
+    if metrics is None:
+        return None
+    per_sequence, summary, extra = _summarise(args, info, metrics, events, out)
     if info.is_main:
-        write_metrics(tmp, per_sequence, summary, extra, REPORTED[args.metric_mode])
+        write_metrics(out, per_sequence, summary, extra, REPORTED[args.metric_mode])
     return per_sequence, summary, extra
 
 
@@ -170,12 +223,13 @@ def set_up(args: argparse.Namespace, device):
     return decode[args.decode_device], events, model
 
 
-def _run_sequences(args: argparse.Namespace, info, model, decode, tmp: Path):
-    """This rank's share of the sequences through the model, masks and overlays written into `tmp`;
-    every rank's metrics gathered (also the point where every rank's files are written)."""
+def _run_sequences(args: argparse.Namespace, info, model, decode, out: Path, folder):
+    """This rank's share of the sequences through the model, masks and overlays written into `out`
+    (with a `folder`: the finished ones skipped, each new one kept as it ends); every rank's metrics
+    gathered (also the point where every rank's files are written), None when a signal stopped it."""
     from autosam2.data.sources import read_sequences
     from autosam2.engine.dist import gather_objects
-    from autosam2.eval.inference import evaluate_sequences
+    from autosam2.eval.inference import infer_sequences
     from autosam2.eval.report import PredictionWriter
     from autosam2.metrics import MetricAccumulator
     from autosam2.progress import Progress
@@ -183,20 +237,55 @@ def _run_sequences(args: argparse.Namespace, info, model, decode, tmp: Path):
     sequences = read_sequences(
         args.data, args.split, info.rank, info.world_size, decode_device=decode, layout=args.layout
     )
-    with Progress(len(sequences), "evaluate", "sequence", enabled=info.is_main) as bar:
-        mine = evaluate_sequences(
+    done = folder.done if folder else set()
+    metrics, mine = MetricAccumulator(mode=args.metric_mode), {}
+
+    def ended(video) -> None:  # on the writer thread, once the sequence's outputs are all written
+        mine[video.video_id] = _record(metrics, video.video_id)
+        if folder:
+            folder.keep(video.video_id, mine[video.video_id])
+        bar.update(note=video.video_id)
+
+    todo = [name for name in sequences.names if name not in done]
+    with Progress(len(todo), "evaluate", "sequence", enabled=info.is_main) as bar:
+        infer_sequences(
             model,
-            sequences,
+            folder.todo(sequences) if folder else sequences,
             info.device,
             args.mode,
-            args.metric_mode,
             args.encode_batch,
-            sink=PredictionWriter(tmp, overlays=not args.no_overlays),
-            on_sequence=lambda video: bar.update(note=video.video_id),
+            sink=PredictionWriter(out, overlays=not args.no_overlays),
+            accumulator=metrics,
+            on_sequence=ended,
         )
-    metrics = MetricAccumulator(mode=args.metric_mode)
-    for part in gather_objects(mine):
-        metrics.merge(part)
+    if folder is None:
+        return _accumulated(args.metric_mode, gather_objects(mine))
+    parts = folder.gather(mine, len(todo), info.is_main)
+    return None if parts is None else _accumulated(args.metric_mode, parts)
+
+
+def _record(metrics, name: str) -> dict:
+    """What a finished sequence's record holds: its running sums (None for a sequence of no frame), and
+    its figures for people to read."""
+    if name not in metrics.frame_counts():
+        return {"state": None}
+    record = {"state": metrics.state(name)}
+    alone = _accumulated(metrics.mode, [{name: record}])
+    if name in alone.per_sequence():
+        record["figures"] = alone.per_sequence()[name]
+    return record
+
+
+def _accumulated(mode: str, parts: list[dict]):
+    """One accumulator of the sequences' records (`parts`: dicts of them by name, a rank's or an earlier
+    run's): the same figures whichever run or rank finished a sequence."""
+    from autosam2.metrics import MetricAccumulator
+
+    metrics = MetricAccumulator(mode=mode)
+    for records in parts:
+        for name, record in records.items():
+            if record["state"] is not None:
+                metrics.add_state(name, record["state"])
     return metrics
 
 

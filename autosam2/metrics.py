@@ -595,6 +595,23 @@ class MetricAccumulator:
         """Forget a sequence (one that could not be read to its end)."""
         self._sequences.pop(sequence, None)
 
+    def state(self, sequence: str) -> dict[str, Any]:
+        """A finished sequence's running sums as JSON values (`json` keeps every float exactly), for
+        `add_state` in another process."""
+        sums = self._sequences[sequence]
+        curves = None if sums.curves is None else sums.curves.tolist()
+        return {"seen": sums.seen, "count": sums.count, "metrics": dict(sums.metrics), "curves": curves}
+
+    def add_state(self, sequence: str, state: dict[str, Any]) -> None:
+        """File a finished sequence as `state` recorded it; the name must be new. The figures are those
+        of the accumulator the state was taken from, to the bit."""
+        if sequence in self._sequences:
+            raise ValueError(f"sequence {sequence!r} was already added")
+        sums = self._sequences[sequence] = _SequenceSums(self.drop_first_last, self.drop_first_last)
+        sums.seen, sums.count = int(state["seen"]), int(state["count"])
+        sums.metrics = {k: float(state["metrics"][k]) for k in METRICS}
+        sums.curves = None if state["curves"] is None else np.asarray(state["curves"], dtype=np.float64)
+
     def merge(self, other: MetricAccumulator) -> None:
         """Take in another accumulator's sequences (another rank's, say); names must not repeat and the
         modes must agree, so the merged summary is the one a single accumulator would give."""

@@ -64,6 +64,15 @@ def _first_line(path: Path) -> str:
         return ""
 
 
+# what an evaluation or a prediction filled sequence by sequence names its inputs in (autosam2.eval.resume)
+PROGRESS = "progress.json"
+
+
+def _progress_of(command: str) -> Callable[[Path], bool]:
+    """A folder a run of `command` fills (or filled) sequence by sequence: its progress file says so."""
+    return lambda folder: json_object(folder / PROGRESS).get("command") == command
+
+
 # what the default tracking store of an evaluation or a score puts in its folder
 _TRACKING_NAMES = r"mlflow\.db|mlartifacts|mlruns|tracking"
 
@@ -73,8 +82,8 @@ SYNTH_DATASET = OutputKind(
 )
 EVALUATION = OutputKind(
     "an evaluation",
-    _marker("metrics.json", "summary", "weights"),
-    rf"metrics\.json|metrics\.csv|masks|soft|overlays|{_TRACKING_NAMES}",
+    lambda folder: _marker("metrics.json", "summary", "weights")(folder) or _progress_of("evaluate")(folder),
+    rf"metrics\.json|metrics\.csv|masks|soft|overlays|progress\.json|sequences|{_TRACKING_NAMES}",
 )
 SCORES = OutputKind(
     "scores",
@@ -88,8 +97,11 @@ BENCHMARK = OutputKind(
 )
 PREDICTIONS = OutputKind(
     "predictions",
-    lambda folder: _first_line(folder / "frames.csv").startswith("sequence,frame,presence"),
-    r"frames\.csv|masks|soft|overlays",
+    lambda folder: (
+        _first_line(folder / "frames.csv").startswith("sequence,frame,presence")
+        or _progress_of("predict")(folder)
+    ),
+    r"frames\.csv|masks|soft|overlays|progress\.json|sequences",
 )
 DEMO_MARKER = "demo.json"
 # what `autosam2 demo` writes: a folder of these alone is an earlier demo's, marker or not

@@ -128,16 +128,6 @@ def _hand_over(requeue: Any, job: str) -> None:
         raise SystemExit(EXIT_STOPPED) from None
 
 
-class EvaluateJob:
-    def __init__(self, argv: list[str]):
-        self.argv = argv
-
-    def __call__(self) -> int:
-        from autosam2.evaluate import main
-
-        return main(self.argv)
-
-
 class _CommandJob:
     """`autosam2 COMMAND ARGS` on every task: the command's own `main`, as the command table names it."""
 
@@ -153,6 +143,36 @@ class _CommandJob:
 
         module, function = commands_of(AUTOSAM2)[self.command].target.split(":")
         return getattr(importlib.import_module(module), function)(self.argv)
+
+
+class EvaluateJob(_CommandJob, submitit.helpers.Checkpointable):
+    """`autosam2 evaluate ARGS` on every task. A stop signal ends each rank's run at the end of its
+    sequence in progress (the finished ones are kept in the output folder); then the signals that came
+    decide (`_after_stop`). The job goes on with --resume, and without --overwrite (which would start
+    the folder again), both when submitit requeues it (`checkpoint`) and when SLURM does
+    (SLURM_RESTART_COUNT): the requeued job skips the finished sequences."""
+
+    command = "evaluate"
+
+    def __call__(self) -> int:
+        from autosam2.engine.stop import EXIT_STOPPED
+
+        requeue = signal.getsignal(_requeue_signal())  # submitit's checkpoint-and-requeue handler
+        if os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0"):
+            self.argv = self.resumed(self.argv)
+        code = super().__call__()  # installs its own stop handlers: stop at a sequence's end
+        if code == EXIT_STOPPED:
+            _after_stop(requeue)
+        return code
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        return submitit.helpers.DelayedSubmission(type(self)(self.resumed(self.argv)))
+
+    @staticmethod
+    def resumed(argv: list[str]) -> list[str]:
+        """`argv` of the run that goes on: --resume, no --overwrite."""
+        kept = [a for a in argv if a != "--overwrite"]
+        return kept if "--resume" in kept else [*kept, "--resume"]
 
 
 class PredictJob(_CommandJob):
@@ -383,18 +403,17 @@ def _output_dir_of(what: str, argv: list[str]) -> Path:
     its own parser and claimed before the job waits in the queue: our own kind of output only, apart
     from the input."""
     from autosam2.data.sample_format import SHARD_SET
-    from autosam2.outputs import EVALUATION, claim, claim_shared
+    from autosam2.outputs import claim_shared
 
     if what in ("predict", "benchmark"):
         return _inputs_checked(what, argv)
     if what == "evaluate":
         from autosam2.evaluate import build_parser as evaluate_parser
-        from autosam2.evaluate import resolve_folder
+        from autosam2.evaluate import claim_output, resolve_folder
 
         args = evaluate_parser().parse_args(argv)
         resolve_folder(args)  # a dataset folder in no layout, or without the split, fails here
-        inputs = [args.data, args.weights, args.checkpoint, args.episodes]
-        return claim(args.output_dir, EVALUATION, args.overwrite, inputs)
+        return claim_output(args).out
     from autosam2.data.sample_format import MANIFEST
     from autosam2.errors import OutputRefused
     from shards.__main__ import build_parser as shard_parser
@@ -411,17 +430,15 @@ def _output_dir_of(what: str, argv: list[str]) -> Path:
 def _inputs_checked(what: str, argv: list[str]) -> Path:
     """A predict or benchmark job's output folder, claimed, once its inputs are found as the command
     itself finds them (file names only: a missing input or split fails here, not in the queue)."""
-    from autosam2.outputs import BENCHMARK, PREDICTIONS, claim
+    from autosam2.outputs import BENCHMARK, claim
 
     if what == "predict":
         from autosam2.predict import build_parser as predict_parser
-        from autosam2.predict import read_videos
+        from autosam2.predict import claim_output, read_videos
 
         args = predict_parser().parse_args(argv)
         read_videos(args.input, args.layout, args.split)
-        return claim(
-            args.output_dir, PREDICTIONS, args.overwrite, [args.input, args.weights, args.checkpoint]
-        )
+        return claim_output(args).out
     from autosam2.benchmark import _splits
     from autosam2.benchmark import build_parser as benchmark_parser
 

@@ -5,9 +5,13 @@ bounded number of frames alive, and a sequence that breaks part way is forgotten
 from __future__ import annotations
 
 import csv
+import json
+import os
+import shutil
 import subprocess
 import sys
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
 
 import av
@@ -18,6 +22,7 @@ from PIL import Image
 
 from autosam2.data.video import Frame, LazyVideo
 from autosam2.errors import DatasetError
+from tests.helpers import TORCHRUN_2
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -202,3 +207,48 @@ def test_a_sequence_broken_part_way_is_forgotten_whole(
     assert not (out / "overlays" / "seq1.gif").exists()
     err = capsys.readouterr().err
     assert err.count("warning: skipped") == 1 and "seq1" in err
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_two_ranks_write_what_one_writes_and_a_resume_finishes_what_a_stop_left(tmp_path, tiny_root, weights):
+    """Under torchrun the ranks split the sequences and rank 0 writes frames.csv: the same files as one
+    rank. A folder left by a stop (a sequence not finished: its part-written outputs, no record, no
+    frames.csv) goes on with --resume to those files again."""
+    videos = tmp_path / "videos"
+    for split, name in (("train", "seq1"), ("train", "seq2"), ("valid", "seq3")):
+        shutil.copytree(tiny_root / split / "images" / name, videos / name)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun's own: equal float sums on 1 and 2 ranks
+
+    def run(out: Path, *more: str, ranks: Sequence[str] = (sys.executable,)) -> subprocess.CompletedProcess:
+        args = ["-m", "autosam2.cli", "predict", str(videos), "--weights", str(weights), "--cpu"]
+        command = [*ranks, *args, "--no-overlay-video", "--output-dir", str(out), *more]
+        return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+    one, two, stopped = tmp_path / "one", tmp_path / "two", tmp_path / "stopped"
+    for done in (run(one), run(two, ranks=TORCHRUN_2)):
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "(3 sequence(s), 36 frames)" in done.stdout
+    assert "ranks: 0 " in done.stdout and ", 1 " in done.stdout
+    assert files(two) == files(one)  # masks, soft maps, overlays, frames.csv, records
+    assert len((one / "frames.csv").read_text().splitlines()) == 1 + 36
+
+    shutil.copytree(one, stopped)
+    progress = json.loads((stopped / "progress.json").read_text())
+    (stopped / "progress.json").write_text(json.dumps({**progress, "finished": False}))
+    for left in ("frames.csv", "sequences/seq2.json", "sequences/seq2.csv", "overlays/seq2.png"):
+        (stopped / left).unlink()
+    (stopped / "overlays" / "seq2.gif").write_bytes(b"GIF89a")  # cut short
+    (stopped / "masks" / "seq2" / "frame99.png").write_bytes(b"?")
+    (stopped / "sequences" / ".seq2.csv.tmp-123").write_text("seq2,frame1,0.5,3\r\n")
+    refused = run(stopped)
+    assert (
+        refused.returncode == 1 and "holds predictions, unfinished (2 sequences finished)" in refused.stderr
+    )
+    done = run(stopped, "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "predict: 1/1 sequences (seq2: 12 frames)" in done.stderr
+    assert "(3 sequence(s), 36 frames)" in done.stdout and files(stopped) == files(one)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -502,3 +503,41 @@ def test_the_test_cluster_starts_beside_daemons_it_did_not_start_and_stops_only_
     assert all(alive.values()), alive
     assert not [name for name, pid in daemons.items() if _alive(pid)]
     assert _runs_a_job()  # the session's cluster, its own munged and database
+
+
+@pytest.mark.parametrize("how", ["time limit", "preemption", "scontrol requeue"])
+def test_an_interrupted_evaluation_job_requeues_and_resumes_to_the_same_metrics(
+    slurm_cluster, weights, tmp_path, how
+):
+    """In the middle of the split, SLURM's time-limit signal (SIGUSR2), a preemption (SIGTERM, then
+    SIGUSR2: submitit requeues the job) or `scontrol requeue` (SIGTERM: SLURM requeues it): both ranks
+    stop at the end of their sequence in progress, the requeued job goes on with --resume, and its
+    metrics.json is byte for byte that of an uninterrupted job."""
+    from autosam2.data.synthetic import SynthSpec, write_dataset
+
+    data = tmp_path / "polyp_gen"  # 8 sequences of 30 frames: a few seconds each on one CPU
+    write_dataset(data, SynthSpec(train_sequences=1, valid_sequences=8, frames=30, size=64, seed=2))
+    args = ["--", "--weights", str(weights), "--data", str(data), "--cpu", "--output-dir"]
+    (whole,) = submit(["evaluate", *LAUNCH, *args, str(tmp_path / "whole")])
+    (parted,) = submit(["evaluate", *LAUNCH, *args, str(tmp_path / "parted")])
+    deadline = time.monotonic() + 600  # the node may run the uninterrupted job first
+    while not list((tmp_path / "parted" / "sequences").glob("*.json")):
+        assert time.monotonic() < deadline, "no sequence was kept"
+        time.sleep(0.2)
+    if how == "scontrol requeue":
+        subprocess.run(["scontrol", "requeue", parted.job_id], check=True, timeout=60)
+    else:
+        parted._interrupt(timeout=how == "time limit")  # the time limit: SIGUSR2 alone
+    log = tmp_path / "parted.jobs" / parted.job_id / f"{parted.job_id}_0_log.out"
+    wait_for_line(log, "wrote ", timeout=600)  # the requeued run's last line
+    assert parted.results()[0] == 0 and whole.results()[0] == 0
+    text = log.read_text()
+    signal_name = "SIGUSR2" if how == "time limit" else "SIGTERM"
+    assert f"stopped by {signal_name}: " in text, text[-3000:]
+    assert "sequences finished before, skipped" in text and "Traceback" not in text, text[-3000:]
+    kept = int(text.split(f"stopped by {signal_name}: ")[1].split(" of ")[0])
+    assert 1 <= kept < 8, text[-3000:]  # stopped mid-split
+    assert text.count("Starting with JobEnvironment") == 2 and _restarts(parted.job_id) == 1
+    metrics = [(tmp_path / name / "metrics.json").read_bytes() for name in ("whole", "parted")]
+    assert metrics[0] == metrics[1]
+    assert json.loads(metrics[1])["ranks"] == 2

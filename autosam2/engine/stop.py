@@ -45,7 +45,11 @@ def signal_names(signums: tuple[int, ...] | list[int]) -> str:
 
 class StopSignal:
     """SIGUSR2 / SIGTERM (SLURM's time-limit and preemption signals) and SIGINT set a flag; ranks agree
-    on it. `announce`: this process says what a signal does (rank 0 of a run; the others stay quiet)."""
+    on it. `announce`: this process says what a signal does (rank 0 of a run; the others stay quiet).
+    `AT` and `NOW` finish its lines: where the loop stops, and what a second Ctrl-C leaves."""
+
+    AT = "the next step boundary, with a checkpoint"
+    NOW = "not at a step boundary; --resume auto goes on from the last complete checkpoint"
 
     def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS, announce: bool = True):
         self.received: int | None = None
@@ -60,17 +64,12 @@ class StopSignal:
         if signum == signal.SIGINT:
             self.interrupts += 1
             if self.interrupts > 1:
-                self._say(
-                    "SIGINT again: stopping now, not at a step boundary; --resume auto goes on from the last "
-                    "complete checkpoint"
-                )
+                self._say(f"SIGINT again: stopping now, {self.NOW}")
                 os._exit(EXIT_STOPPED)
         if self.received is None:
             self.received = signum
             again = "; Ctrl-C again to stop now" if signum == signal.SIGINT else ""
-            self._say(
-                f"{signal_names([signum])}: stopping at the next step boundary, with a checkpoint{again}"
-            )
+            self._say(f"{signal_names([signum])}: stopping at {self.AT}{again}")
 
     def _say(self, line: str) -> None:
         # os.write: a handler may run while the main thread is inside print() on the same stream

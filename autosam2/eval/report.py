@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import math
+import os
 import shutil
 import sys
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import numpy as np
 from PIL import Image
 
-from autosam2.atomic import atomic_write_text
+from autosam2.atomic import atomic_file, atomic_write_text
 from autosam2.data.layouts.files import natural_key
 from autosam2.data.video import Frame, LazyVideo
 from autosam2.metrics import UNDEFINED
@@ -72,8 +73,10 @@ class PredictionWriter:
     (re-scorable by `autosam2 score` or the official toolbox) when `masks`; with `overlays` a GIF and a
     PNG sheet per sequence in `overlay_dir` (default ``out/overlays``; prediction red, truth outlined
     green) of at most ``OVERLAY_FRAMES`` frames (`sheets`: the PNG too); with `video` an MP4 of every
-    frame overlaid there; `rows` (a csv writer) gets a row per frame: sequence, frame, presence
-    probability, predicted polyp pixels."""
+    frame overlaid there; with `rows` (a folder) each sequence's frames are rows of ``<rows>/<sequence>.csv``
+    (``FRAME_COLUMNS``, no header: `write_frames_csv` joins them). A sequence's folders, MP4 and table
+    are written under temp names (``.<sequence>.tmp-<pid>``) and renamed when it ends, its GIF and sheet
+    written whole: what bears a sequence's name is complete."""
 
     def __init__(
         self,
@@ -84,12 +87,11 @@ class PredictionWriter:
         overlay_dir: Path | None = None,
         fps: float = 25.0,
         sheets: bool = True,
-        rows: Any = None,
+        rows: Path | None = None,
     ):
         self.out, self.masks, self.overlays, self.video = Path(out), masks, overlays, video
-        self.sheets, self.rows = sheets, rows
-        if rows is not None:
-            rows.writerow(["sequence", "frame", "presence", "polyp_pixels"])
+        self.sheets, self.rows = sheets, Path(rows) if rows is not None else None
+        self._table: TextIO | None = None
         self.frames: dict[str, int] = {}  # frames written, by sequence
         self.overlay_dir = Path(overlay_dir) if overlay_dir else self.out / "overlays"
         self.fps = fps
@@ -97,22 +99,37 @@ class PredictionWriter:
         self._movie: VideoWriter | None = None
         self._count = 0
 
-    def _dirs(self, video: LazyVideo) -> tuple[Path, Path]:
-        return self.out / "masks" / video.video_id, self.out / "soft" / video.video_id
+    def _dirs(self, video: LazyVideo, temp: bool = True) -> tuple[Path, Path]:
+        name = _temp_name(video.video_id) if temp else video.video_id
+        return self.out / "masks" / name, self.out / "soft" / name
 
-    def _movie_path(self, video: LazyVideo) -> Path:
-        return self.overlay_dir / f"{video.video_id}.mp4"
+    def _movie_path(self, video: LazyVideo, temp: bool = True) -> Path:
+        return self.overlay_dir / f"{_temp_name(video.video_id) if temp else video.video_id}.mp4"
+
+    def _table_path(self, video: LazyVideo, temp: bool = True) -> Path:
+        return self.rows / f"{_temp_name(video.video_id) if temp else video.video_id}.csv"
+
+    def _written(self, video: LazyVideo) -> list[tuple[Path, Path]]:
+        """(temp, final) of what this writer writes of a sequence under a temp name."""
+        pairs = list(zip(self._dirs(video), self._dirs(video, False), strict=True)) if self.masks else []
+        if self.video:
+            pairs.append((self._movie_path(video), self._movie_path(video, False)))
+        if self.rows is not None:
+            pairs.append((self._table_path(video), self._table_path(video, False)))
+        return pairs
 
     def begin(self, video: LazyVideo) -> None:
         if self.masks:
             for folder in self._dirs(video):
                 folder.mkdir(parents=True, exist_ok=True)
         if self.overlays or self.video:
-            self._movie_path(video).parent.mkdir(parents=True, exist_ok=True)
+            self.overlay_dir.mkdir(parents=True, exist_ok=True)
         self._picker = FramePicker(video.num_frames) if self.overlays else None
         fps = float(video.metadata.get("fps") or self.fps)
         self._movie = VideoWriter(self._movie_path(video), video.size, fps) if self.video else None
         self._count = 0
+        if self.rows is not None:
+            self._table = open(self._table_path(video), "w", newline="")
 
     def frame(self, video: LazyVideo, frame: Frame, prob_HW: np.ndarray, presence: float) -> None:
         i, self._count = self._count, self._count + 1
@@ -124,8 +141,8 @@ class PredictionWriter:
             # zlib's fastest level: a quarter of the time of the default on noisy maps, lossless all the same
             Image.fromarray(mask.astype(np.uint8) * 255).save(mask_dir / name, compress_level=1)
             Image.fromarray(soft_map(prob_HW)).save(soft_dir / name, compress_level=1)
-        if self.rows is not None:
-            self.rows.writerow(
+        if self._table is not None:
+            csv.writer(self._table).writerow(
                 [video.video_id, Path(frame_file(frame)).stem, f"{presence:.4f}", int(mask.sum())]
             )
         if (self._picker and self._picker.wants(i)) or self._movie:
@@ -138,15 +155,23 @@ class PredictionWriter:
                 self._picker.keep(i, picture)
 
     def end(self, video: LazyVideo) -> None:
+        if self._table is not None:
+            self._table.close()
+            self._table = None
         if self._movie:
             self._movie.close()
             self._movie = None
+        for temp, final in self._written(video):
+            if final.is_dir():  # an earlier run's, stopped part way
+                shutil.rmtree(final)
+            os.replace(temp, final)
         if self._picker and self._picker.kept:
             pictures = self._picker.pictures()
             write_gif(pictures, self.overlay_dir / f"{video.video_id}.gif")
             if self.sheets:
-                sheet = self.overlay_dir / f"{video.video_id}.png"  # fast zlib: 1/6 of the time, +16 % size
-                contact_sheet(pictures).save(sheet, compress_level=1)
+                with atomic_file(self.overlay_dir / f"{video.video_id}.png") as sheet:
+                    # fast zlib: 1/6 of the time, +16 % size
+                    contact_sheet(pictures).save(sheet, format="PNG", compress_level=1)
         self._picker = None
 
     def discard(self, video: LazyVideo) -> None:
@@ -154,9 +179,43 @@ class PredictionWriter:
             self._movie.abort()
             self._movie = None
         self._picker = None
+        if self._table is not None:
+            self._table.close()
+            self._table = None
         self.frames.pop(video.video_id, None)
-        for folder in self._dirs(video):
-            shutil.rmtree(folder, ignore_errors=True)
+        for temp, _ in self._written(video):
+            shutil.rmtree(temp, ignore_errors=True) if temp.is_dir() else temp.unlink(missing_ok=True)
+
+
+def _temp_name(name: str) -> str:
+    """The name a sequence's output has while it is written (hidden; removed by a resume if left)."""
+    return f".{name}.tmp-{os.getpid()}"
+
+
+FRAME_COLUMNS = ("sequence", "frame", "presence", "polyp_pixels")  # frames.csv: a row per frame
+
+
+def write_frames_csv(out: Path, rows: Path, sequences: Sequence[str]) -> None:
+    """``out/frames.csv``: the header, then the rows of each of `sequences` in this order (their
+    PredictionWriter tables under `rows`), copied through, never held in memory whole."""
+    with atomic_file(out / "frames.csv") as f:
+        f.write((",".join(FRAME_COLUMNS) + "\r\n").encode())  # csv's own line ending, as the rows have
+        for name in sequences:
+            with open(rows / f"{name}.csv", "rb") as table:
+                shutil.copyfileobj(table, f)
+
+
+def remove_unfinished(out: Path, finished: set[str]) -> None:
+    """Remove what a PredictionWriter left in `out` of sequences not in `finished` (a run stopped part
+    way through one): their masks, soft maps and overlays."""
+    for kind in ("masks", "soft"):
+        for folder in (out / kind).iterdir() if (out / kind).is_dir() else []:
+            if folder.name not in finished:
+                shutil.rmtree(folder) if folder.is_dir() else folder.unlink()
+    overlays = out / "overlays"
+    for path in overlays.iterdir() if overlays.is_dir() else []:
+        if path.stem not in finished or path.suffix not in (".gif", ".png", ".mp4"):
+            path.unlink()
 
 
 def listed(lines: list[str], cap: int = MAX_LISTED) -> list[str]:
