@@ -120,7 +120,7 @@ def _hand_over(requeue: Any, job: str) -> None:
         print(f"autosam2: job {job}: {err} Submit it again to resume", file=sys.stderr, flush=True)
     except (OSError, subprocess.SubprocessError) as err:
         print(
-            f"autosam2: job {job}: requeue failed ({err}); the checkpoint is saved: submit the job again "
+            f"autosam2: job {job}: requeue failed ({err}); what is done is kept: submit the job again "
             "to resume",
             file=sys.stderr,
             flush=True,
@@ -175,8 +175,9 @@ class EvaluateJob(_CommandJob, submitit.helpers.Checkpointable):
         return kept if "--resume" in kept else [*kept, "--resume"]
 
 
-class PredictJob(_CommandJob):
-    """`autosam2 predict ARGS` on every task, as under srun."""
+class PredictJob(EvaluateJob):
+    """`autosam2 predict ARGS` on every task, as under srun: the ranks split the sequences; stopped and
+    requeued like an evaluation, it goes on with --resume."""
 
     command = "predict"
 
@@ -276,8 +277,8 @@ def _add_slurm_arguments(p: argparse.ArgumentParser) -> None:
         "--sbatch",
         action="append",
         default=[],
-        metavar="KEY=VALUE",
-        help="extra #SBATCH parameter (repeatable), e.g. --sbatch exclusive=",
+        metavar="KEY[=VALUE]",
+        help="extra #SBATCH parameter (repeatable): KEY=VALUE, or KEY alone for a flag (--sbatch exclusive)",
     )
     p.add_argument(
         "--setup",
@@ -314,9 +315,9 @@ def _executor(args: argparse.Namespace, folder: Path, tasks: int, gpus: int) -> 
         folder=str(folder / "%j"), cluster=args.cluster, slurm_max_num_timeout=requeues
     )
     extra: dict[str, Any] = {}
-    for item in args.sbatch:
+    for item in args.sbatch:  # KEY=VALUE: --KEY=VALUE; KEY or KEY=: the flag alone (--exclusive)
         key, _, value = item.partition("=")
-        extra[key.strip().lstrip("-")] = value
+        extra[key.strip().lstrip("-")] = value or True
     params: dict[str, Any] = {
         "name": args.name or f"autosam2-{args.what}",
         "nodes": args.nodes,
@@ -343,7 +344,7 @@ def _executor(args: argparse.Namespace, folder: Path, tasks: int, gpus: int) -> 
 
 def _resumes(what: str) -> bool:
     """Whether a `what` job goes on from where a requeued run of it stopped (its job is Checkpointable)."""
-    job = {"train": TrainJob, "evaluate": EvaluateJob}.get(what)
+    job = {"train": TrainJob, "evaluate": EvaluateJob, **_COMMAND_JOBS}.get(what)
     return job is not None and issubclass(job, submitit.helpers.Checkpointable)
 
 
@@ -482,8 +483,8 @@ def submit(argv: Sequence[str] | None = None) -> list[submitit.Job]:
             f"--cluster {args.cluster} runs without them"
         )
     cfg, out = _checked(args.what, rest)
-    # the output folder of evaluate, predict and benchmark appears whole when it is done (a renamed temp
-    # folder) and a shard set holds its shards only: their logs go beside them
+    # the output folder of evaluate, predict and benchmark holds their outputs only (sequence by
+    # sequence, then the figures) and a shard set its shards only: their logs go beside them
     default = out / "jobs" if args.what == "train" else out.with_name(f"{out.name}.jobs")
     folder = Path(args.output_dir) if args.output_dir else default
     from autosam2.atomic import make_folders, remove_empty

@@ -338,17 +338,14 @@ def submitted_script(tmp_path: Path, monkeypatch, what: str, *flags: str) -> lis
 
 
 def test_the_job_script_of_a_job_that_resumes_asks_slurm_to_requeue_it(tmp_path, monkeypatch):
-    import submitit
-
-    from launch.__main__ import EvaluateJob
-
     assert "#SBATCH --requeue" in submitted_script(tmp_path / "t", monkeypatch, "train")
-    evaluate = submitted_script(tmp_path / "e", monkeypatch, "evaluate")
-    assert ("#SBATCH --requeue" in evaluate) == issubclass(EvaluateJob, submitit.helpers.Checkpointable)
-    assert "#SBATCH --requeue" not in submitted_script(tmp_path / "p", monkeypatch, "predict")
-    # --sbatch no-requeue= is the user's: it wins
-    lines = submitted_script(tmp_path / "n", monkeypatch, "train", "--sbatch", "no-requeue=")
-    assert [line for line in lines if "requeue" in line] == ["#SBATCH --no-requeue=''"]
+    assert "#SBATCH --requeue" in submitted_script(tmp_path / "e", monkeypatch, "evaluate")
+    assert "#SBATCH --requeue" in submitted_script(tmp_path / "p", monkeypatch, "predict")
+    assert "#SBATCH --requeue" not in submitted_script(tmp_path / "b", monkeypatch, "benchmark")
+    # --sbatch no-requeue is the user's: it wins, a flag without a value as sbatch spells it
+    for n, spelling in enumerate(("no-requeue", "no-requeue=")):
+        lines = submitted_script(tmp_path / f"n{n}", monkeypatch, "train", "--sbatch", spelling)
+        assert [line for line in lines if "requeue" in line] == ["#SBATCH --no-requeue"]
 
 
 @pytest.mark.parametrize(
@@ -510,7 +507,7 @@ def test_a_failed_requeue_is_one_line_without_a_traceback(tmp_path, monkeypatch,
     assert "autosam2: SIGTERM, SIGUSR2: requeueing job 4646" in err and "Traceback" not in err
     (line,) = [x for x in err.splitlines() if "requeue failed" in x]
     assert line.startswith("autosam2: job 4646: requeue failed (Command '['scontrol', 'requeue', '4646']'")
-    assert line.endswith("the checkpoint is saved: submit the job again to resume")
+    assert line.endswith("what is done is kept: submit the job again to resume")
 
 
 def test_past_its_time_outs_a_job_returns_stopped_in_one_line(tmp_path, monkeypatch, capfd, handlers):
