@@ -26,7 +26,7 @@ from typing import Any
 import submitit
 
 from autosam2.arguments import non_negative_int, positive_int
-from launch.sbatch import SITE_VARIABLE, TIME_FORMATS, sbatch_minutes, site_setup
+from launch.sbatch import SITE_VARIABLE, TIME_FORMATS, sbatch_minutes, sbatch_parameter, site_setup
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -276,6 +276,7 @@ def _add_slurm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sbatch",
         action="append",
+        type=sbatch_parameter,
         default=[],
         metavar="KEY[=VALUE]",
         help="extra #SBATCH parameter (repeatable): KEY=VALUE, or KEY alone for a flag (--sbatch exclusive)",

@@ -93,6 +93,8 @@ def test_a_local_two_task_job_is_one_run_on_a_basic_auth_server_that_never_sees_
         ("1-12", 2160),
         ("1-12:30", 2190),  # days-hours:minutes
         ("2-00:00:01", 2881),  # days-hours:minutes:seconds
+        ("1-25:00:00", 2940),  # sbatch sums the fields: no range on hours either
+        ("24855-03:14", 35791394),  # the longest sbatch's 32-bit seconds hold
     ],
 )
 def test_time_takes_every_sbatch_format_in_minutes(text, minutes):
@@ -116,6 +118,8 @@ def test_time_takes_every_sbatch_format_in_minutes(text, minutes):
         ("0:00", "is no time limit"),
         ("UNLIMITED", "is no time limit"),
         ("-1", "is no time limit"),
+        ("24855-03:15", "is longer than sbatch can take"),
+        ("99999999999999999999", "is longer than sbatch can take"),
     ],
 )
 def test_a_bad_time_is_one_argparse_line(text, why, capsys):
@@ -128,6 +132,20 @@ def test_a_bad_time_is_one_argparse_line(text, why, capsys):
     assert err[-1].startswith(f"python -m launch: error: argument --time: {text!r} {why}")
     if why == "is not a time limit":
         assert err[-1].endswith("MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")
+
+
+@pytest.mark.parametrize("item", ["=x", "", " = ", "--=1"])
+def test_an_sbatch_parameter_without_a_key_is_one_argparse_line(item, capsys):
+    from launch.__main__ import main
+
+    with pytest.raises(SystemExit) as refused:
+        main(["train", f"--sbatch={item}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert refused.value.code == 2
+    assert (
+        err[-1]
+        == f"python -m launch: error: argument --sbatch: {item!r} names no parameter: KEY=VALUE, or KEY alone for a flag"
+    )
 
 
 # the job script: set-up lines, the time limit, the requeue cap -----------------------------------------
