@@ -415,6 +415,7 @@ def _output_dir_of(what: str, argv: list[str]) -> Path:
 
         args = evaluate_parser().parse_args(argv)
         resolve_folder(args)  # a dataset folder in no layout, or without the split, fails here
+        _model_files_found(args)
         return claim_output(args).out
     from autosam2.data.sample_format import MANIFEST
     from autosam2.errors import OutputRefused
@@ -440,13 +441,26 @@ def _inputs_checked(what: str, argv: list[str]) -> Path:
 
         args = predict_parser().parse_args(argv)
         read_videos(args.input, args.layout, args.split)
+        _model_files_found(args)
         return claim_output(args).out
     from autosam2.benchmark import _splits
     from autosam2.benchmark import build_parser as benchmark_parser
 
     args = benchmark_parser().parse_args(argv)
     _splits(args)
+    _model_files_found(args)
     return claim(args.output_dir, BENCHMARK, args.overwrite, [args.data, args.weights, args.checkpoint])
+
+
+def _model_files_found(args: argparse.Namespace) -> None:
+    """The --weights and --checkpoint files a scoring job reads are there (names only, as for the
+    other inputs); a missing one is one CheckpointError."""
+    from autosam2.errors import CheckpointError
+
+    for flag in ("weights", "checkpoint"):
+        path = getattr(args, flag)
+        if path is not None and not Path(path).is_file():
+            raise CheckpointError(f"--{flag} {path}: file not found")
 
 
 def _without_credentials(argv: list[str]) -> list[str]:
@@ -489,6 +503,12 @@ def submit(argv: Sequence[str] | None = None) -> list[submitit.Job]:
     default = out / "jobs" if args.what == "train" else out.with_name(f"{out.name}.jobs")
     folder = Path(args.output_dir) if args.output_dir else default
     from autosam2.atomic import make_folders, remove_empty
+    from autosam2.errors import OutputRefused
+
+    if folder.exists() and not folder.is_dir():
+        raise OutputRefused(
+            f"{folder}: is a file, not a folder; refusing to put the job's logs there (--folder)"
+        )
 
     made = make_folders(folder)
     jobs: list[submitit.Job] = []

@@ -13,7 +13,9 @@ from launch.__main__ import _output_dir_of, submit
 from tests.helpers import train_overrides
 
 
-def test_the_output_directory_is_read_by_the_commands_own_parser(tmp_path, tiny_root_pristine):
+def test_the_output_directory_is_read_by_the_commands_own_parser(tmp_path, tiny_root_pristine, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("w.pt").write_bytes(b"w")  # the weights file is there (its contents are read by the job)
     assert (
         _output_dir_of("evaluate", ["--weights", "w.pt", f"--output-dir={tmp_path / 'a'}"]) == tmp_path / "a"
     )
@@ -178,7 +180,7 @@ def test_the_sites_and_the_commands_set_up_lines_run_in_the_job_script_before_sr
     out = tmp_path / "eval"
     (job,) = submit(
         ["evaluate", "--cluster", "slurm", "--time", "1-12:30", "--setup", "export NCCL_DEBUG=WARN"]
-        + ["--", "--weights", "w.pt", "--output-dir", str(out)]
+        + ["--", "--weights", str(site), "--output-dir", str(out)]  # a file there: the job reads it
     )
     lines = script.read_text().splitlines()
     setup = ["module load cuda/12.4", "source ~/venv/bin/activate", "export NCCL_DEBUG=WARN"]
@@ -320,7 +322,7 @@ def test_the_cap_command_prints_the_cap_the_launcher_gives_submitit(tmp_path, mo
     for given, countdown in (([], cap), (["--max-requeues", "7"], 7)):
         out = tmp_path / f"eval{countdown}"
         (job,) = submit(
-            ["evaluate", "--cluster", "slurm", *given, "--", "--weights", "w.pt", "--output-dir", str(out)]
+            ["evaluate", "--cluster", "slurm", *given, "--", "--weights", __file__, "--output-dir", str(out)]
         )
         with open(job.paths.submitted_pickle, "rb") as f:
             assert pickle.load(f)._timeout_countdown == countdown
@@ -664,3 +666,53 @@ def test_a_missing_input_or_split_is_refused_at_submission_in_one_line(tmp_path,
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(problem)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("what", "flag"), [("predict", "weights"), ("evaluate", "checkpoint"), ("benchmark", "weights")]
+)
+def test_a_missing_weights_or_checkpoint_file_is_refused_at_submission_in_one_line(
+    tmp_path, sunseg_split, what, flag, capsys
+):
+    from launch.__main__ import main
+
+    (tmp_path / "w.pt").write_bytes(b"w")
+    files = {"weights": str(tmp_path / "w.pt"), flag: str(tmp_path / "gone.pt")}
+    model = [f"--{name}={path}" for name, path in files.items()]
+    out = ["--output-dir", str(tmp_path / "out")]
+    args = {
+        "predict": [str(sunseg_split / "TestEasyDataset" / "Seen" / "Frame" / "case2_1"), *model, *out],
+        "evaluate": ["--data", str(sunseg_split), "--split", "TestEasyDataset/Seen", *model, *out],
+        "benchmark": [
+            "sunseg",
+            "--data",
+            str(sunseg_split),
+            "--splits",
+            "TestEasyDataset/Seen",
+            *model,
+            *out,
+        ],
+    }[what]
+    assert main([what, "--cluster", "local", "--", *args]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == f"launch: --{flag} {tmp_path / 'gone.pt'}: file not found"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pt"]
+
+
+def test_a_job_folder_that_is_a_file_is_refused_in_one_line_and_kept(tmp_path, sunseg_split, capsys):
+    from launch.__main__ import main
+
+    (tmp_path / "w.pt").write_bytes(b"w")
+    (tmp_path / "logs").write_text("mine")
+    args = ["sunseg", "--data", str(sunseg_split), "--splits", "TestEasyDataset/Seen"]
+    args += ["--weights", str(tmp_path / "w.pt"), "--output-dir", str(tmp_path / "out")]
+    assert main(["benchmark", "--cluster", "local", "--folder", str(tmp_path / "logs"), "--", *args]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert (
+        line
+        == f"launch: {tmp_path / 'logs'}: is a file, not a folder; refusing to put the job's logs there (--folder)"
+    )
+    assert (tmp_path / "logs").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "logs",
+        "w.pt",
+    ]
