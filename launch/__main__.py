@@ -514,8 +514,8 @@ def submit(argv: Sequence[str] | None = None) -> list[submitit.Job]:
     jobs: list[submitit.Job] = []
     try:
         _submit_jobs(args, rest, cfg, out, folder, jobs)
-    except OSError as err:
-        if err.filename is None:  # submitit's own writes (the job's pickle) name no file
+    except BaseException as err:
+        if isinstance(err, OSError) and err.filename is None:  # submitit's own writes name no file
             err.filename = str(folder)
         if not jobs and made:  # nothing was submitted: the job folder made for it goes
             shutil.rmtree(folder, ignore_errors=True)
@@ -543,18 +543,36 @@ def _checked(what: str, rest: list[str]):
     return cfg, out
 
 
+def _experiment_made(store) -> str:
+    """`ensure_experiment` in the store a training job logs to; a store that cannot be reached or that
+    MLflow refuses is one ConfigError naming it, before anything is submitted."""
+    from mlflow.exceptions import MlflowException
+
+    from autosam2.config import ConfigError
+    from autosam2.tracking import ensure_experiment, redact_uri
+
+    try:
+        return ensure_experiment(store.uri, store.experiment)
+    except MlflowException as err:
+        first = redact_uri(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+        raise ConfigError(
+            f"tracking store {redact_uri(store.uri)}: {first[:300]}; start it, name another "
+            "(--tracking-uri, MLFLOW_TRACKING_URI) or set tracking.enabled=false"
+        ) from err
+
+
 def _submit_jobs(args, rest: list[str], cfg, out: Path, folder: Path, jobs: list[submitit.Job]) -> None:
     """Submit what `args.what` asks for, appending each job to `jobs` as it is submitted."""
     gpus = args.gpus_per_node or 0
     tasks = args.tasks_per_node or gpus or 1
     if args.what == "train":
-        from autosam2.tracking import choose_store, ensure_experiment, read_run
+        from autosam2.tracking import choose_store, read_run
 
         if cfg.tracking.enabled:
             # created once here, so ranks (and array tasks) never race to create it
             out.mkdir(parents=True, exist_ok=True)
             store = choose_store(cfg.tracking.uri, cfg.tracking.experiment, out, read_run(out))
-            experiment_id = ensure_experiment(store.uri, store.experiment)
+            experiment_id = _experiment_made(store)
             print(f"MLflow experiment {store.experiment!r} ({experiment_id}) at {store.uri}")
             # the job logs where this says, whatever environment the site's sbatch passes on
             rest = [*rest, f"tracking.uri={store.uri}", f"tracking.experiment={store.experiment}"]

@@ -716,3 +716,21 @@ def test_a_job_folder_that_is_a_file_is_refused_in_one_line_and_kept(tmp_path, s
         "logs",
         "w.pt",
     ]
+
+
+@pytest.mark.parametrize("uri", ["not-a-uri", "http://127.0.0.1:1"])
+def test_a_tracking_store_that_refuses_or_is_down_is_one_line_before_a_training_job_and_nothing_is_made(
+    train_data, tmp_path, monkeypatch, capsys, uri
+):
+    from launch.__main__ import main
+
+    fake_scheduler(tmp_path, monkeypatch, 4646)
+    out = tmp_path / "runs" / "run"
+    argv = ["train", "--tracking-uri", uri, "--", *train_overrides(train_data, out)]
+    assert main(argv) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"launch: tracking store {uri}: ")
+    assert line.endswith(
+        "; start it, name another (--tracking-uri, MLFLOW_TRACKING_URI) or set tracking.enabled=false"
+    )
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "job.sh").exists()
