@@ -425,6 +425,24 @@ def test_after_srun_outside_a_slurm_job_is_one_line(monkeypatch, capsys, tmp_pat
     assert err[-1].endswith("error: after-srun runs in a SLURM job (SLURM_JOB_ID is not set)")
 
 
+@pytest.mark.parametrize(
+    ("count_file", "why"), [("gone/n", "No such file or directory"), ("folder", "Is a directory")]
+)
+def test_a_failure_count_that_cannot_be_kept_is_one_line_and_no_requeue(
+    monkeypatch, capsys, tmp_path, count_file, why
+):
+    from autosam2.engine.dist.__main__ import main as dist
+
+    scontrol = fake_scontrol(tmp_path, monkeypatch)
+    (tmp_path / "folder").mkdir()
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    assert dist(["after-srun", "137", "--max-failures", "1", "--count-file", str(tmp_path / count_file)]) == 0
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    head = "autosam2: job 77: a rank failed (srun's exit status 137)"
+    assert line == f"{head}; not requeueing it: {tmp_path / count_file}: {why}"
+    assert not scontrol.exists()
+
+
 def test_without_max_failures_the_job_script_ends_with_srun(tmp_path, monkeypatch):
     lines = submitted_script(tmp_path, monkeypatch, "train")
     assert lines[-1].startswith("srun ") or not lines[-1].strip()
