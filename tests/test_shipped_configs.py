@@ -193,7 +193,7 @@ def test_an_installed_wheel_finds_its_shipped_configs_from_any_directory(tmp_pat
 
     wheels, target, cwd = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
     cwd.mkdir()
-    wheelhouse._project_wheel(wheels)
+    wheelhouse.project_wheel(wheels)
     wheelhouse.install(wheels, target)
     env = {**os.environ, "PYTHONPATH": str(target)}  # the wheel's files only, not the checkout
 
