@@ -231,14 +231,3 @@ def test_a_locked_sqlite_store_is_waited_for_not_refused() -> None:
 
     locked = MlflowException("(sqlite3.OperationalError) database is locked", TEMPORARILY_UNAVAILABLE)
     assert not is_refusal(locked)
-
-
-def test_a_sqlite_uri_in_a_missing_folder_is_refused_and_makes_no_folders(tmp_path):
-    from mlflow.exceptions import MlflowException
-
-    from autosam2.tracking.mlflow_store import open_client
-
-    missing = tmp_path / "typo" / "dir"
-    with pytest.raises(MlflowException, match="no such folder"):
-        open_client(f"sqlite:///{missing / 'mlflow.db'}")
-    assert not (tmp_path / "typo").exists()

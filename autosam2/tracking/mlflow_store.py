@@ -66,18 +66,16 @@ def bound_http_env() -> None:
 
 
 def open_client(tracking_uri: str) -> Any:
-    """An `mlflow.MlflowClient` of `tracking_uri`. A SQLite store's client is made holding
-    ``<database>.lock`` beside it: making one creates or upgrades the store's tables, and two processes
-    doing it at once in one new store collide (``duplicate column name``). The store's folder must exist
-    (the default store's is the parent of an output directory): a mistyped URI makes no folders."""
+    """An `mlflow.MlflowClient` of `tracking_uri`. A SQLite store's folder is created first, and the client
+    is made holding ``<database>.lock`` beside it: making one creates or upgrades the store's tables, and
+    two processes doing it at once in one new store collide (``duplicate column name``)."""
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     db = sqlite_path(tracking_uri)
     if db is None:
         return mlflow.MlflowClient(tracking_uri)
-    if not db.parent.is_dir():
-        raise MlflowException(f"{db.parent}: no such folder for the SQLite store {tracking_uri}")
+    # SQLite will not create the directory of its database file.
+    db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         return mlflow.MlflowClient(tracking_uri)
