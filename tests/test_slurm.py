@@ -532,10 +532,13 @@ def test_an_interrupted_evaluation_job_requeues_and_resumes_to_the_same_metrics(
     wait_for_line(log, "wrote ", timeout=600)  # the requeued run's last line
     assert parted.results()[0] == 0 and whole.results()[0] == 0
     text = log.read_text()
-    signal_name = "SIGUSR2" if how == "time limit" else "SIGTERM"
-    assert f"stopped by {signal_name}: " in text, text[-3000:]
+    # the stop line names the signal handled first: of SIGTERM and SIGUSR2 arriving together, Python
+    # handles the lower number (SIGUSR2) first; after `scontrol requeue` SLURM kills the ranks KillWait
+    # seconds after its SIGTERM, which may come before a loaded machine ends the sequence in progress
+    said = {"time limit": ("SIGUSR2",), "preemption": ("SIGTERM", "SIGUSR2"), "scontrol requeue": ()}[how]
+    assert not said or any(f"stopped by {name}: " in text for name in said), text[-3000:]
     assert "sequences finished before, skipped" in text and "Traceback" not in text, text[-3000:]
-    kept = int(text.split(f"stopped by {signal_name}: ")[1].split(" of ")[0])
+    kept = int(text.split("resuming ")[1].split(": ")[1].split(" sequences finished before")[0])
     assert 1 <= kept < 8, text[-3000:]  # stopped mid-split
     assert text.count("Starting with JobEnvironment") == 2 and _restarts(parted.job_id) == 1
     metrics = [(tmp_path / name / "metrics.json").read_bytes() for name in ("whole", "parted")]
