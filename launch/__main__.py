@@ -535,7 +535,6 @@ def _checked(what: str, rest: list[str]):
         return None, _output_dir_of(what, rest).resolve()
     from autosam2.engine.inputs import check_inputs
     from autosam2.engine.run_lock import check_free, check_reserved
-
     from autosam2.train import parse_config
 
     cfg = parse_config(rest)
