@@ -663,7 +663,7 @@ def test_a_second_training_submission_into_a_reserved_directory_is_refused_in_on
     from autosam2.engine.run_lock import RESERVATION_NAME, RESERVATION_VARIABLE
     from launch.__main__ import main
 
-    monkeypatch.delenv(RESERVATION_VARIABLE, raising=False)  # the launcher sets it for its job
+    monkeypatch.setenv(RESERVATION_VARIABLE, "")  # the launcher sets it for its job; put back after
     out = tmp_path / "run"
     args = [
         "train",
