@@ -280,7 +280,10 @@ def fenced() -> str | None:
         return None
     folder, token = _FENCE["folder"], _FENCE["token"]
     for _ in range(3):  # a lock released between the two reads: read again
-        found = read_holder(folder)
+        try:
+            found = read_holder(folder)
+        except OSError:  # the file system cannot say now: the write goes on, the next one asks again
+            return None
         if found is not None:
             holder, age = found
             if holder.get("token") == token or not holder:
