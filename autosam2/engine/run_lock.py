@@ -292,8 +292,10 @@ def fenced() -> str | None:
         last = _token_of(folder / LAST_NAME)
         if last == token:
             return None
-        if last is not None or not (folder / LOCK_NAME).exists():
+        if last is not None:
             return "the run has ended and another run held the directory since"
+        if not (folder / LOCK_NAME).exists():
+            return f"its lock is gone ({folder / LOCK_NAME} was removed)"
     return None
 
 
