@@ -333,9 +333,8 @@ class Shipped:
         named = not path.is_absolute() and path.parent in (Path(), Path("configs", self.subfolder))
         if named and name in self.names():
             return self.folder / f"{name}{self.suffix}"
-        raise ConfigError(
-            f"{ref}: no such file, nor a shipped {self.what} (shipped: {', '.join(self.names())})"
-        )
+        found = "a folder, not a file" if path.is_dir() else "no such file"
+        raise ConfigError(f"{ref}: {found}, nor a shipped {self.what} (shipped: {', '.join(self.names())})")
 
 
 RUN_CONFIGS = Shipped("run config", "", ".yaml")

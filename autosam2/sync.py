@@ -10,7 +10,7 @@ from typing import Any
 
 from autosam2.arguments import add_folder_or_output_dir, given_folder, positive_float
 from autosam2.config import ConfigError
-from autosam2.tracking.choice import read_run
+from autosam2.tracking.choice import RECORD, read_run
 from autosam2.tracking.credentials import redact_uri, take_uri_credentials
 from autosam2.tracking.mlflow_store import bound_http_env, open_client
 from autosam2.tracking.outbox import FOLDER, OUTBOX, Outbox
@@ -55,8 +55,11 @@ def _uri_of_run(output_dir: Path) -> str:
     """The store the run's record names (`autosam2.tracking.choice.read_run`)."""
     run = read_run(output_dir)
     if run is None or run.uri is None:
-        config = output_dir / "config.yaml"
-        raise FileNotFoundError(errno.ENOENT, "records no tracking store; pass --tracking-uri", str(config))
+        record = output_dir / FOLDER / RECORD  # older runs kept their choice in config.yaml only
+        named = record if record.exists() else output_dir / "config.yaml"
+        raise FileNotFoundError(
+            errno.ENOENT, "records no tracking store that is there; pass --tracking-uri", str(named)
+        )
     return run.uri
 
 

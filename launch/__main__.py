@@ -26,7 +26,7 @@ from typing import Any
 import submitit
 
 from autosam2.arguments import non_negative_int, positive_int
-from launch.sbatch import SITE_VARIABLE, TIME_FORMATS, sbatch_minutes, site_setup
+from launch.sbatch import SITE_VARIABLE, TIME_FORMATS, sbatch_minutes, sbatch_parameter, site_setup
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -120,7 +120,7 @@ def _hand_over(requeue: Any, job: str) -> None:
         print(f"autosam2: job {job}: {err} Submit it again to resume", file=sys.stderr, flush=True)
     except (OSError, subprocess.SubprocessError) as err:
         print(
-            f"autosam2: job {job}: requeue failed ({err}); the checkpoint is saved: submit the job again "
+            f"autosam2: job {job}: requeue failed ({err}); what is done is kept: submit the job again "
             "to resume",
             file=sys.stderr,
             flush=True,
@@ -175,8 +175,9 @@ class EvaluateJob(_CommandJob, submitit.helpers.Checkpointable):
         return kept if "--resume" in kept else [*kept, "--resume"]
 
 
-class PredictJob(_CommandJob):
-    """`autosam2 predict ARGS` on every task, as under srun."""
+class PredictJob(EvaluateJob):
+    """`autosam2 predict ARGS` on every task, as under srun: the ranks split the sequences; stopped and
+    requeued like an evaluation, it goes on with --resume."""
 
     command = "predict"
 
@@ -275,9 +276,10 @@ def _add_slurm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sbatch",
         action="append",
+        type=sbatch_parameter,
         default=[],
-        metavar="KEY=VALUE",
-        help="extra #SBATCH parameter (repeatable), e.g. --sbatch exclusive=",
+        metavar="KEY[=VALUE]",
+        help="extra #SBATCH parameter (repeatable): KEY=VALUE, or KEY alone for a flag (--sbatch exclusive)",
     )
     p.add_argument(
         "--setup",
@@ -314,9 +316,9 @@ def _executor(args: argparse.Namespace, folder: Path, tasks: int, gpus: int) -> 
         folder=str(folder / "%j"), cluster=args.cluster, slurm_max_num_timeout=requeues
     )
     extra: dict[str, Any] = {}
-    for item in args.sbatch:
+    for item in args.sbatch:  # KEY=VALUE: --KEY=VALUE; KEY or KEY=: the flag alone (--exclusive)
         key, _, value = item.partition("=")
-        extra[key.strip().lstrip("-")] = value
+        extra[key.strip().lstrip("-")] = value or True
     params: dict[str, Any] = {
         "name": args.name or f"autosam2-{args.what}",
         "nodes": args.nodes,
@@ -343,7 +345,7 @@ def _executor(args: argparse.Namespace, folder: Path, tasks: int, gpus: int) -> 
 
 def _resumes(what: str) -> bool:
     """Whether a `what` job goes on from where a requeued run of it stopped (its job is Checkpointable)."""
-    job = {"train": TrainJob, "evaluate": EvaluateJob}.get(what)
+    job = {"train": TrainJob, "evaluate": EvaluateJob, **_COMMAND_JOBS}.get(what)
     return job is not None and issubclass(job, submitit.helpers.Checkpointable)
 
 
@@ -413,6 +415,7 @@ def _output_dir_of(what: str, argv: list[str]) -> Path:
 
         args = evaluate_parser().parse_args(argv)
         resolve_folder(args)  # a dataset folder in no layout, or without the split, fails here
+        _model_files_found(args)
         return claim_output(args).out
     from autosam2.data.sample_format import MANIFEST
     from autosam2.errors import OutputRefused
@@ -438,13 +441,26 @@ def _inputs_checked(what: str, argv: list[str]) -> Path:
 
         args = predict_parser().parse_args(argv)
         read_videos(args.input, args.layout, args.split)
+        _model_files_found(args)
         return claim_output(args).out
     from autosam2.benchmark import _splits
     from autosam2.benchmark import build_parser as benchmark_parser
 
     args = benchmark_parser().parse_args(argv)
     _splits(args)
+    _model_files_found(args)
     return claim(args.output_dir, BENCHMARK, args.overwrite, [args.data, args.weights, args.checkpoint])
+
+
+def _model_files_found(args: argparse.Namespace) -> None:
+    """The --weights and --checkpoint files a scoring job reads are there (names only, as for the
+    other inputs); a missing one is one CheckpointError."""
+    from autosam2.errors import CheckpointError
+
+    for flag in ("weights", "checkpoint"):
+        path = getattr(args, flag)
+        if path is not None and not Path(path).is_file():
+            raise CheckpointError(f"--{flag} {path}: file not found")
 
 
 def _without_credentials(argv: list[str]) -> list[str]:
@@ -482,11 +498,17 @@ def submit(argv: Sequence[str] | None = None) -> list[submitit.Job]:
             f"--cluster {args.cluster} runs without them"
         )
     cfg, out = _checked(args.what, rest)
-    # the output folder of evaluate, predict and benchmark appears whole when it is done (a renamed temp
-    # folder) and a shard set holds its shards only: their logs go beside them
+    # the output folder of evaluate, predict and benchmark holds their outputs only (sequence by
+    # sequence, then the figures) and a shard set its shards only: their logs go beside them
     default = out / "jobs" if args.what == "train" else out.with_name(f"{out.name}.jobs")
     folder = Path(args.output_dir) if args.output_dir else default
     from autosam2.atomic import make_folders, remove_empty
+    from autosam2.errors import OutputRefused
+
+    if folder.exists() and not folder.is_dir():
+        raise OutputRefused(
+            f"{folder}: is a file, not a folder; refusing to put the job's logs there (--folder)"
+        )
 
     made = make_folders(folder)
     jobs: list[submitit.Job] = []
@@ -545,18 +567,36 @@ def _checked(what: str, rest: list[str]):
     return cfg, out
 
 
+def _experiment_made(store) -> str:
+    """`ensure_experiment` in the store a training job logs to; a store that cannot be reached or that
+    MLflow refuses is one ConfigError naming it, before anything is submitted."""
+    from mlflow.exceptions import MlflowException
+
+    from autosam2.config import ConfigError
+    from autosam2.tracking import ensure_experiment, redact_uri
+
+    try:
+        return ensure_experiment(store.uri, store.experiment)
+    except MlflowException as err:
+        first = redact_uri(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+        raise ConfigError(
+            f"tracking store {redact_uri(store.uri)}: {first[:300]}; start it, name another "
+            "(--tracking-uri, MLFLOW_TRACKING_URI) or set tracking.enabled=false"
+        ) from err
+
+
 def _submit_jobs(args, rest: list[str], cfg, out: Path, folder: Path, jobs: list[submitit.Job]) -> None:
     """Submit what `args.what` asks for, appending each job to `jobs` as it is submitted."""
     gpus = args.gpus_per_node or 0
     tasks = args.tasks_per_node or gpus or 1
     if args.what == "train":
-        from autosam2.tracking import choose_store, ensure_experiment, read_run
+        from autosam2.tracking import choose_store, read_run
 
         if cfg.tracking.enabled:
             # created once here, so ranks (and array tasks) never race to create it
             out.mkdir(parents=True, exist_ok=True)
             store = choose_store(cfg.tracking.uri, cfg.tracking.experiment, out, read_run(out))
-            experiment_id = ensure_experiment(store.uri, store.experiment)
+            experiment_id = _experiment_made(store)
             print(f"MLflow experiment {store.experiment!r} ({experiment_id}) at {store.uri}")
             # the job logs where this says, whatever environment the site's sbatch passes on
             rest = [*rest, f"tracking.uri={store.uri}", f"tracking.experiment={store.experiment}"]

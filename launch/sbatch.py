@@ -28,6 +28,7 @@ _FORMATS = {
     re.compile(f"{_N}-{_N}:{_N}:{_N}"): (86400, 3600, 60, 1),
 }
 _NO_LIMIT = ("-1", "INFINITE", "UNLIMITED")  # sbatch's spellings of no limit, beside 0
+_MAX_SECONDS = 2**31 - 1  # sbatch sums the fields in seconds in a signed 32-bit int (about 68 years)
 TIME_FORMATS = "MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
 
 
@@ -48,7 +49,16 @@ def sbatch_minutes(text: str) -> int:
         raise argparse.ArgumentTypeError(
             f"{text!r} is no time limit; give one (the partition's maximum for the longest job)"
         )
+    if math.ceil(seconds / 60) * 60 > _MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"{text!r} is longer than sbatch can take (at most 24855-03:14)")
     return math.ceil(seconds / 60)
+
+
+def sbatch_parameter(text: str) -> str:
+    """An extra #SBATCH parameter, KEY=VALUE or KEY alone (a flag); a missing KEY is refused."""
+    if not text.partition("=")[0].strip().lstrip("-"):
+        raise argparse.ArgumentTypeError(f"{text!r} names no parameter: KEY=VALUE, or KEY alone for a flag")
+    return text
 
 
 def site_setup(env: dict[str, str] | None = None) -> list[str]:

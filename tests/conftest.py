@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -144,8 +145,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _kind_rules(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test starts with its worker's share of torch threads (a test before it may have changed
-    them) and without MLflow's variables of the shell that ran pytest; a unit test may not start a process."""
+    them), the default action of the stop signals (a run in this process ignores them once it is over,
+    and an ignored signal stays ignored in every process started after: bash cannot even trap it) and
+    without MLflow's variables of the shell that ran pytest; a unit test may not start a process."""
     _share_threads()
+    for sig in (signal.SIGUSR2, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(name, raising=False)
     if request.node.get_closest_marker("unit") is None:

@@ -171,6 +171,42 @@ def test_a_finished_evaluation_is_not_run_again_and_one_without_progress_is_not_
         claim_sequences(out, EVALUATION, "evaluate", inputs, [], False, True)
 
 
+@pytest.mark.parametrize(
+    ("progress", "record", "why"),
+    [
+        ('{"command": "evaluate", "inp', None, "progress.json: not a JSON object"),
+        ("[1]", None, "progress.json: not a JSON object"),
+        (
+            '{"command": "predict", "inputs": {}}',
+            None,
+            "progress.json: the progress of 'predict', not of 'evaluate'",
+        ),
+        ('{"command": "evaluate", "inputs": [1]}', None, "progress.json: its inputs are not a JSON object"),
+        ('{"command": "evaluate", "inputs": "x"}', None, "progress.json: its inputs are not a JSON object"),
+        (None, '{"sta', "sequences/seq1.json: cannot be read back (Unterminated string"),
+        (None, "[1, 2]", "sequences/seq1.json: not a JSON object"),
+    ],
+)
+def test_resume_refuses_a_broken_progress_or_record_in_one_line_before_any_work(
+    tmp_path, progress, record, why
+):
+    """A progress.json or a finished sequence's record that is not what an evaluation wrote is named, with
+    what is wrong, when the folder is claimed; nothing in it is touched."""
+    out = tmp_path / "out"
+    _unfinished(out, {"mode": "video"}, ["seq1"])
+    (out / "metrics.json").write_text(json.dumps({"summary": {}, "weights": "w.pt"}))
+    for name, text in (("progress.json", progress), ("sequences/seq1.json", record)):
+        if text is not None:
+            (out / name).write_text(text)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(OutputRefused) as err:
+        claim_sequences(out, EVALUATION, "evaluate", {"mode": "video"}, [], False, True)
+    assert str(err.value).startswith(f"{out / why.split(':')[0]}: {why.split(': ', 1)[1]}")
+    assert str(err.value).endswith("; cannot resume from it, pass --overwrite to start again")
+    assert len(str(err.value).splitlines()) == 1
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 def test_a_sequences_sums_come_back_from_json_to_the_bit():
     """A record read back gives the figures of the accumulator it was taken from, exactly: running sums
     and the sunseg curves (NaN included) through `json`."""

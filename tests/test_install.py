@@ -88,7 +88,8 @@ def test_the_base_install_keeps_the_sites_torch_and_trains_and_evaluates(
     ]
     train = [autosam2, "train", "--config", "cpu_demo", *data, *small, *steps, "train.output_dir=run"]
     run(train, tmp_path, OMP_NUM_THREADS="1")  # the shipped CPU demo config, made tiny
-    assert (tmp_path / "run" / "final.pt").is_file() and (tmp_path / "run" / "mlflow.db").is_file()
+    # the default store: beside the output directory, shared by the runs of the folder
+    assert (tmp_path / "run" / "final.pt").is_file() and (tmp_path / "mlflow.db").is_file()
     # MLflow's client alone logs to a server too (the server is this checkout's, with the server extra)
     uri = mlflow_server[0]
     valid = str(tiny_shards_pristine["valid"])

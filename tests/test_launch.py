@@ -13,7 +13,9 @@ from launch.__main__ import _output_dir_of, submit
 from tests.helpers import train_overrides
 
 
-def test_the_output_directory_is_read_by_the_commands_own_parser(tmp_path, tiny_root_pristine):
+def test_the_output_directory_is_read_by_the_commands_own_parser(tmp_path, tiny_root_pristine, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("w.pt").write_bytes(b"w")  # the weights file is there (its contents are read by the job)
     assert (
         _output_dir_of("evaluate", ["--weights", "w.pt", f"--output-dir={tmp_path / 'a'}"]) == tmp_path / "a"
     )
@@ -93,6 +95,8 @@ def test_a_local_two_task_job_is_one_run_on_a_basic_auth_server_that_never_sees_
         ("1-12", 2160),
         ("1-12:30", 2190),  # days-hours:minutes
         ("2-00:00:01", 2881),  # days-hours:minutes:seconds
+        ("1-25:00:00", 2940),  # sbatch sums the fields: no range on hours either
+        ("24855-03:14", 35791394),  # the longest sbatch's 32-bit seconds hold
     ],
 )
 def test_time_takes_every_sbatch_format_in_minutes(text, minutes):
@@ -116,6 +120,8 @@ def test_time_takes_every_sbatch_format_in_minutes(text, minutes):
         ("0:00", "is no time limit"),
         ("UNLIMITED", "is no time limit"),
         ("-1", "is no time limit"),
+        ("24855-03:15", "is longer than sbatch can take"),
+        ("99999999999999999999", "is longer than sbatch can take"),
     ],
 )
 def test_a_bad_time_is_one_argparse_line(text, why, capsys):
@@ -128,6 +134,20 @@ def test_a_bad_time_is_one_argparse_line(text, why, capsys):
     assert err[-1].startswith(f"python -m launch: error: argument --time: {text!r} {why}")
     if why == "is not a time limit":
         assert err[-1].endswith("MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")
+
+
+@pytest.mark.parametrize("item", ["=x", "", " = ", "--=1"])
+def test_an_sbatch_parameter_without_a_key_is_one_argparse_line(item, capsys):
+    from launch.__main__ import main
+
+    with pytest.raises(SystemExit) as refused:
+        main(["train", f"--sbatch={item}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert refused.value.code == 2
+    assert (
+        err[-1]
+        == f"python -m launch: error: argument --sbatch: {item!r} names no parameter: KEY=VALUE, or KEY alone for a flag"
+    )
 
 
 # the job script: set-up lines, the time limit, the requeue cap -----------------------------------------
@@ -160,7 +180,7 @@ def test_the_sites_and_the_commands_set_up_lines_run_in_the_job_script_before_sr
     out = tmp_path / "eval"
     (job,) = submit(
         ["evaluate", "--cluster", "slurm", "--time", "1-12:30", "--setup", "export NCCL_DEBUG=WARN"]
-        + ["--", "--weights", "w.pt", "--output-dir", str(out)]
+        + ["--", "--weights", str(site), "--output-dir", str(out)]  # a file there: the job reads it
     )
     lines = script.read_text().splitlines()
     setup = ["module load cuda/12.4", "source ~/venv/bin/activate", "export NCCL_DEBUG=WARN"]
@@ -302,7 +322,7 @@ def test_the_cap_command_prints_the_cap_the_launcher_gives_submitit(tmp_path, mo
     for given, countdown in (([], cap), (["--max-requeues", "7"], 7)):
         out = tmp_path / f"eval{countdown}"
         (job,) = submit(
-            ["evaluate", "--cluster", "slurm", *given, "--", "--weights", "w.pt", "--output-dir", str(out)]
+            ["evaluate", "--cluster", "slurm", *given, "--", "--weights", __file__, "--output-dir", str(out)]
         )
         with open(job.paths.submitted_pickle, "rb") as f:
             assert pickle.load(f)._timeout_countdown == countdown
@@ -338,17 +358,14 @@ def submitted_script(tmp_path: Path, monkeypatch, what: str, *flags: str) -> lis
 
 
 def test_the_job_script_of_a_job_that_resumes_asks_slurm_to_requeue_it(tmp_path, monkeypatch):
-    import submitit
-
-    from launch.__main__ import EvaluateJob
-
     assert "#SBATCH --requeue" in submitted_script(tmp_path / "t", monkeypatch, "train")
-    evaluate = submitted_script(tmp_path / "e", monkeypatch, "evaluate")
-    assert ("#SBATCH --requeue" in evaluate) == issubclass(EvaluateJob, submitit.helpers.Checkpointable)
-    assert "#SBATCH --requeue" not in submitted_script(tmp_path / "p", monkeypatch, "predict")
-    # --sbatch no-requeue= is the user's: it wins
-    lines = submitted_script(tmp_path / "n", monkeypatch, "train", "--sbatch", "no-requeue=")
-    assert [line for line in lines if "requeue" in line] == ["#SBATCH --no-requeue=''"]
+    assert "#SBATCH --requeue" in submitted_script(tmp_path / "e", monkeypatch, "evaluate")
+    assert "#SBATCH --requeue" in submitted_script(tmp_path / "p", monkeypatch, "predict")
+    assert "#SBATCH --requeue" not in submitted_script(tmp_path / "b", monkeypatch, "benchmark")
+    # --sbatch no-requeue is the user's: it wins, a flag without a value as sbatch spells it
+    for n, spelling in enumerate(("no-requeue", "no-requeue=")):
+        lines = submitted_script(tmp_path / f"n{n}", monkeypatch, "train", "--sbatch", spelling)
+        assert [line for line in lines if "requeue" in line] == ["#SBATCH --no-requeue"]
 
 
 @pytest.mark.parametrize(
@@ -406,6 +423,24 @@ def test_after_srun_outside_a_slurm_job_is_one_line(monkeypatch, capsys, tmp_pat
     assert leaving.value.code == 2 and not (tmp_path / "n").exists()
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith("error: after-srun runs in a SLURM job (SLURM_JOB_ID is not set)")
+
+
+@pytest.mark.parametrize(
+    ("count_file", "why"), [("gone/n", "No such file or directory"), ("folder", "Is a directory")]
+)
+def test_a_failure_count_that_cannot_be_kept_is_one_line_and_no_requeue(
+    monkeypatch, capsys, tmp_path, count_file, why
+):
+    from autosam2.engine.dist.__main__ import main as dist
+
+    scontrol = fake_scontrol(tmp_path, monkeypatch)
+    (tmp_path / "folder").mkdir()
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    assert dist(["after-srun", "137", "--max-failures", "1", "--count-file", str(tmp_path / count_file)]) == 0
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    head = "autosam2: job 77: a rank failed (srun's exit status 137)"
+    assert line == f"{head}; not requeueing it: {tmp_path / count_file}: {why}"
+    assert not scontrol.exists()
 
 
 def test_without_max_failures_the_job_script_ends_with_srun(tmp_path, monkeypatch):
@@ -510,7 +545,7 @@ def test_a_failed_requeue_is_one_line_without_a_traceback(tmp_path, monkeypatch,
     assert "autosam2: SIGTERM, SIGUSR2: requeueing job 4646" in err and "Traceback" not in err
     (line,) = [x for x in err.splitlines() if "requeue failed" in x]
     assert line.startswith("autosam2: job 4646: requeue failed (Command '['scontrol', 'requeue', '4646']'")
-    assert line.endswith("the checkpoint is saved: submit the job again to resume")
+    assert line.endswith("what is done is kept: submit the job again to resume")
 
 
 def test_past_its_time_outs_a_job_returns_stopped_in_one_line(tmp_path, monkeypatch, capfd, handlers):
@@ -697,3 +732,71 @@ def test_a_second_training_submission_into_a_reserved_directory_is_refused_in_on
     said = capsys.readouterr().out
     assert said.count("took over the reservation of job 77 (slurm)") == 1
     assert json.loads((out / RESERVATION_NAME).read_text())["job_id"] == str(job.job_id)
+
+
+@pytest.mark.parametrize(
+    ("what", "flag"), [("predict", "weights"), ("evaluate", "checkpoint"), ("benchmark", "weights")]
+)
+def test_a_missing_weights_or_checkpoint_file_is_refused_at_submission_in_one_line(
+    tmp_path, sunseg_split, what, flag, capsys
+):
+    from launch.__main__ import main
+
+    (tmp_path / "w.pt").write_bytes(b"w")
+    files = {"weights": str(tmp_path / "w.pt"), flag: str(tmp_path / "gone.pt")}
+    model = [f"--{name}={path}" for name, path in files.items()]
+    out = ["--output-dir", str(tmp_path / "out")]
+    args = {
+        "predict": [str(sunseg_split / "TestEasyDataset" / "Seen" / "Frame" / "case2_1"), *model, *out],
+        "evaluate": ["--data", str(sunseg_split), "--split", "TestEasyDataset/Seen", *model, *out],
+        "benchmark": [
+            "sunseg",
+            "--data",
+            str(sunseg_split),
+            "--splits",
+            "TestEasyDataset/Seen",
+            *model,
+            *out,
+        ],
+    }[what]
+    assert main([what, "--cluster", "local", "--", *args]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == f"launch: --{flag} {tmp_path / 'gone.pt'}: file not found"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pt"]
+
+
+def test_a_job_folder_that_is_a_file_is_refused_in_one_line_and_kept(tmp_path, sunseg_split, capsys):
+    from launch.__main__ import main
+
+    (tmp_path / "w.pt").write_bytes(b"w")
+    (tmp_path / "logs").write_text("mine")
+    args = ["sunseg", "--data", str(sunseg_split), "--splits", "TestEasyDataset/Seen"]
+    args += ["--weights", str(tmp_path / "w.pt"), "--output-dir", str(tmp_path / "out")]
+    assert main(["benchmark", "--cluster", "local", "--folder", str(tmp_path / "logs"), "--", *args]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert (
+        line
+        == f"launch: {tmp_path / 'logs'}: is a file, not a folder; refusing to put the job's logs there (--folder)"
+    )
+    assert (tmp_path / "logs").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "logs",
+        "w.pt",
+    ]
+
+
+@pytest.mark.parametrize("uri", ["not-a-uri", "http://127.0.0.1:1"])
+def test_a_tracking_store_that_refuses_or_is_down_is_one_line_before_a_training_job_and_nothing_is_made(
+    train_data, tmp_path, monkeypatch, capsys, uri
+):
+    from launch.__main__ import main
+
+    fake_scheduler(tmp_path, monkeypatch, 4646)
+    out = tmp_path / "runs" / "run"
+    argv = ["train", "--tracking-uri", uri, "--", *train_overrides(train_data, out)]
+    assert main(argv) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"launch: tracking store {uri}: ")
+    assert line.endswith(
+        "; start it, name another (--tracking-uri, MLFLOW_TRACKING_URI) or set tracking.enabled=false"
+    )
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "job.sh").exists()

@@ -81,6 +81,18 @@ def test_a_config_that_is_neither_a_file_nor_a_shipped_name_is_one_line_listing_
     )
 
 
+def test_a_config_that_is_a_folder_is_said_to_be_one(elsewhere):
+    (elsewhere / "mine").mkdir()
+    (elsewhere / "zero2").mkdir()  # a folder of a shipped name: the shipped config, as with no folder
+    with pytest.raises(ConfigError) as caught:
+        load_config("mine")
+    assert (
+        str(caught.value)
+        == f"mine: a folder, not a file, nor a shipped run config (shipped: {', '.join(RUN_NAMES)})"
+    )
+    assert read_deepspeed_config("zero2")["zero_optimization"]["stage"] == 2
+
+
 def test_a_deepspeed_config_that_is_neither_is_one_line_listing_the_names(elsewhere):
     with pytest.raises(
         ConfigError, match=r"^zero4: no such file, nor a shipped DeepSpeed config \(shipped: "
@@ -181,7 +193,7 @@ def test_an_installed_wheel_finds_its_shipped_configs_from_any_directory(tmp_pat
 
     wheels, target, cwd = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
     cwd.mkdir()
-    wheelhouse._project_wheel(wheels)
+    wheelhouse.project_wheel(wheels)
     wheelhouse.install(wheels, target)
     env = {**os.environ, "PYTHONPATH": str(target)}  # the wheel's files only, not the checkout
 

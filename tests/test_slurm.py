@@ -505,12 +505,12 @@ def test_the_test_cluster_starts_beside_daemons_it_did_not_start_and_stops_only_
     assert _runs_a_job()  # the session's cluster, its own munged and database
 
 
-@pytest.mark.parametrize("how", ["time limit", "preemption", "scontrol requeue"])
+@pytest.mark.parametrize("how", ["time limit", "scontrol requeue"])  # preemption: as a training job
 def test_an_interrupted_evaluation_job_requeues_and_resumes_to_the_same_metrics(
     slurm_cluster, weights, tmp_path, how
 ):
-    """In the middle of the split, SLURM's time-limit signal (SIGUSR2), a preemption (SIGTERM, then
-    SIGUSR2: submitit requeues the job) or `scontrol requeue` (SIGTERM: SLURM requeues it): both ranks
+    """In the middle of the split, SLURM's time-limit signal (SIGUSR2: submitit requeues the job) or
+    `scontrol requeue` (SIGTERM: SLURM requeues it): both ranks
     stop at the end of their sequence in progress, the requeued job goes on with --resume, and its
     metrics.json is byte for byte that of an uninterrupted job."""
     from autosam2.data.synthetic import SynthSpec, write_dataset
@@ -532,10 +532,11 @@ def test_an_interrupted_evaluation_job_requeues_and_resumes_to_the_same_metrics(
     wait_for_line(log, "wrote ", timeout=600)  # the requeued run's last line
     assert parted.results()[0] == 0 and whole.results()[0] == 0
     text = log.read_text()
-    signal_name = "SIGUSR2" if how == "time limit" else "SIGTERM"
-    assert f"stopped by {signal_name}: " in text, text[-3000:]
+    # after `scontrol requeue` SLURM kills the ranks KillWait seconds after its SIGTERM, which may come
+    # before a loaded machine ends the sequence in progress: the stop line may not be written
+    assert how != "time limit" or "stopped by SIGUSR2: " in text, text[-3000:]
     assert "sequences finished before, skipped" in text and "Traceback" not in text, text[-3000:]
-    kept = int(text.split(f"stopped by {signal_name}: ")[1].split(" of ")[0])
+    kept = int(text.split("resuming ")[1].split(": ")[1].split(" sequences finished before")[0])
     assert 1 <= kept < 8, text[-3000:]  # stopped mid-split
     assert text.count("Starting with JobEnvironment") == 2 and _restarts(parted.job_id) == 1
     metrics = [(tmp_path / name / "metrics.json").read_bytes() for name in ("whole", "parted")]

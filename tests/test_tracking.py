@@ -679,3 +679,23 @@ def test_sync_takes_the_output_dir_as_a_positional_or_as_an_option(
     capsys.readouterr()
     assert main(["--output-dir", str(tmp_path), "--tracking-uri", sqlite_uri, "--timeout", "10"]) == 0
     assert f"sync: 0 record(s) sent; the outbox of {tmp_path} is empty" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "record", ['{"uri": "sql', '{"uri": 5}', '{"uri": "sqlite:////nowhere/gone.db"}', None]
+)
+def test_sync_without_a_usable_store_record_names_the_record_in_one_line(tmp_path: Path, record) -> None:
+    """A run whose tracking/store.json is corrupt, names no store or one no longer there: sync names that
+    file (config.yaml for a run that has none) and asks for --tracking-uri."""
+    from autosam2.sync import main
+    from autosam2.tracking.outbox import FOLDER, Outbox
+
+    Outbox(tmp_path / FOLDER).close()
+    named = tmp_path / "config.yaml"
+    if record is not None:
+        named = tmp_path / FOLDER / "store.json"
+        named.write_text(record)
+    with pytest.raises(FileNotFoundError) as caught:
+        main([str(tmp_path), "--timeout", "1"])
+    assert caught.value.filename == str(named)
+    assert caught.value.strerror == "records no tracking store that is there; pass --tracking-uri"

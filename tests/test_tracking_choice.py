@@ -90,6 +90,21 @@ def test_a_run_dir_is_read_from_its_record_or_from_what_older_runs_kept(tmp_path
     assert choose_store(None, None, out, read_run(out)).uri == "http://server:5000"
 
 
+@pytest.mark.parametrize(
+    "record", [{"uri": 5, "experiment": 7}, {"uri": ["x"], "experiment": {}}, {"uri": "", "experiment": ""}]
+)
+def test_a_record_whose_store_or_experiment_is_no_name_counts_as_naming_none(tmp_path: Path, record) -> None:
+    """store.json edited by hand (a number, a list, an empty name): read as naming no store or experiment,
+    so the choice falls to the flags, MLflow's variables or the default."""
+    out = tmp_path / "run"
+    (out / "tracking").mkdir(parents=True)
+    (out / "tracking" / "store.json").write_text(json.dumps(record))
+    (out / "tracking" / "sent.json").write_text(json.dumps({"sent": 0, "run_id": "abc"}))
+    assert read_run(out) == RunRecord(out.resolve(), "abc", None, None)
+    chosen = choose_store(None, None, out, read_run(out))
+    assert chosen.uri == default_tracking_uri(out) and chosen.experiment == "autosam2"
+
+
 def test_a_resumed_run_keeps_the_store_it_started_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from autosam2.config import TrackingConfig
     from autosam2.tracking import start_run

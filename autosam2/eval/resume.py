@@ -231,17 +231,45 @@ def claim_sequences(
     claim(out, kind, True, paths)
     if not out.is_dir() or not any(out.iterdir()):
         return SequenceFolder(out, command, inputs, set(), True, False)
-    if not ours:
+    if not (out / PROGRESS).exists():
         raise OutputRefused(
             f"{out}: holds {kind.noun} with no {PROGRESS} to resume; pass --overwrite to replace it"
         )
-    differ = differences(progress.get("inputs") or {}, inputs)
+    problem = _progress_problem(out / PROGRESS, progress, command) or _records_problem(out)
+    if problem:
+        raise OutputRefused(f"{problem}; cannot resume from it, pass --overwrite to start again")
+    differ = differences(progress["inputs"], inputs)
     if differ:
         raise OutputRefused(
             f"{out}: holds {kind.noun} of other inputs ({'; '.join(differ)}); resume with the same ones, or "
             "pass --overwrite to start again"
         )
     return SequenceFolder(out, command, inputs, _done(out), False, bool(progress.get("finished")))
+
+
+def _progress_problem(path: Path, progress: dict[str, Any], command: str) -> str | None:
+    """What makes `progress` (``progress.json`` at `path` as `json_object` reads it: {} when unreadable)
+    no record of a run of `command`; None when it is one."""
+    if not progress:
+        return f"{path}: not a JSON object"
+    if progress.get("command") != command:
+        return f"{path}: the progress of {progress.get('command')!r}, not of {command!r}"
+    if not isinstance(progress.get("inputs"), dict):
+        return f"{path}: its inputs are not a JSON object"
+    return None
+
+
+def _records_problem(out: Path) -> str | None:
+    """The first finished sequence's record that cannot be read back as a JSON object; None if none."""
+    for name in sorted(_done(out)):
+        path = out / RECORDS / f"{name}.json"
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            return f"{path}: cannot be read back ({err})"
+        if not isinstance(record, dict):
+            return f"{path}: not a JSON object"
+    return None
 
 
 def _done(out: Path) -> set[str]:

@@ -99,8 +99,10 @@ def read_run(run_dir: str | Path) -> RunRecord | None:
         saved = json.loads((folder / RECORD).read_text())
     except (OSError, ValueError):
         saved = None
-    if isinstance(saved, dict):
-        uri, experiment = saved.get("uri"), saved.get("experiment")
+    if isinstance(saved, dict):  # a value that is no name counts as none
+        uri, experiment = (
+            v if isinstance(v, str) and v else None for v in (saved.get("uri"), saved.get("experiment"))
+        )
     else:
         uri, experiment = _config_choice(run_dir)
         if uri is None and (run_dir / DATABASE).is_file():  # a run that kept its store in its own folder

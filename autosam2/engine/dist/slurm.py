@@ -37,9 +37,17 @@ def requeue_after_failure(status: int, max_failures: int, count_file: Path, job_
     checkpoint (train.resume=auto)."""
     if not rank_failed(status):
         return False
-    text = count_file.read_text().strip() if count_file.exists() else "0"
-    count = int(text) if text.isdigit() else 0
+    from autosam2.atomic import atomic_write_text
+
     head = f"autosam2: job {job_id}: a rank failed (srun's exit status {status})"
+    try:
+        text = count_file.read_text().strip() if count_file.exists() else "0"
+        count = int(text) if text.isdigit() else 0
+        if count < max_failures:
+            atomic_write_text(count_file, f"{count + 1}\n")
+    except OSError as err:
+        print(f"{head}; not requeueing it: {count_file}: {err.strerror or err}", file=sys.stderr, flush=True)
+        return False
     if count >= max_failures:
         print(
             f"{head}; not requeueing it: it was requeued after a failure {count} time(s), the cap is "
@@ -48,9 +56,6 @@ def requeue_after_failure(status: int, max_failures: int, count_file: Path, job_
             flush=True,
         )
         return False
-    from autosam2.atomic import atomic_write_text
-
-    atomic_write_text(count_file, f"{count + 1}\n")
     print(
         f"{head}; requeueing it ({count + 1} of {max_failures}): it resumes from its last checkpoint",
         file=sys.stderr,
