@@ -314,7 +314,8 @@ def test_a_shard_array_over_both_hosts_writes_one_set_to_the_shared_folder(slurm
 
 
 def _job_ranks(job_id: str, host: str) -> list[int]:
-    """The training ranks of SLURM job `job_id` on `host` (not their torchrun), read from their environment."""
+    """The training ranks of SLURM job `job_id` on `host` (not their torchrun), read from their environment:
+    `autosam2 train` under srun or torchrun, or the launcher's submitit task."""
     import psutil
 
     found = []
@@ -324,7 +325,8 @@ def _job_ranks(job_id: str, host: str) -> list[int]:
             cmdline = " ".join(proc.info["cmdline"] or [])
         except (psutil.Error, TypeError):
             continue
-        if "-m autosam2.cli train" in cmdline and "torch.distributed.run" not in cmdline:
+        rank = "-m autosam2.cli train" in cmdline or "-m submitit.core._submit" in cmdline
+        if rank and "torch.distributed.run" not in cmdline:
             if env.get("SLURM_JOB_ID") == job_id and env.get("SLURMD_NODENAME") == host:
                 found.append(proc.pid)
     return found
@@ -497,6 +499,15 @@ def test_the_survivor_of_a_host_cut_off_exits_within_peer_timeout_s_with_one_lin
     print(f"survivor exited {exited:.1f} s after node2's link went down (peer_timeout_s {bound})")
 
 
+def _torch_store_warning(line: str) -> bool:
+    """A line of torch's own C++ warning about a rendezvous store connection that dropped."""
+    if re.match(r"\[rank\d+\]:\[W\d{4} [^]]*\] \[c10d\]", line):
+        return True
+    return not line.strip() or line.startswith(
+        ("Exception raised from ", "frame #", "<omitting python frames>")
+    )
+
+
 def test_a_rank_cut_off_by_the_network_never_writes_into_the_run_after_its_job_ended(
     slurm_hosts, train_data, tmp_path
 ):
@@ -544,13 +555,23 @@ def test_a_rank_cut_off_by_the_network_never_writes_into_the_run_after_its_job_e
     assert {p: p.stat().st_mtime for p in (out / "checkpoints").rglob("*") if p.is_file()} == checkpoints
     if lost_log.exists():
         added = lost_log.read_text()[size:].strip().splitlines()
-        assert len(added) <= 1 and all("not writing" in line for line in added), added  # no traceback
-    assert (
-        subprocess.run(
-            ["sacct", "-n", "-X", "-j", job.job_id, "-o", "State"], capture_output=True, text=True
-        ).stdout.split()[-1]
-        == "COMPLETED"
-    )
+        assert not added or "not writing" in added[-1], added[-3:]
+        assert not any("Traceback" in line for line in added), added  # torch's C++ warning may come first
+        assert all(_torch_store_warning(line) for line in added[:-1]), added
+    assert _final_state(job.job_id) == "COMPLETED"
+
+
+def _final_state(job_id: str, timeout: float = 120) -> str:
+    """The job's state in SLURM's accounting once it has ended (slurmdbd records it a moment later)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        sacct = ["sacct", "-n", "-X", "-j", job_id, "-o", "State"]
+        state = (subprocess.run(sacct, capture_output=True, text=True).stdout.split() or ["?"])[-1]
+        if state not in {"PENDING", "RUNNING", "COMPLETING", "REQUEUED", "?"} or time.monotonic() > deadline:
+            return state
+        time.sleep(1)
 
 
 def test_a_second_submission_into_one_directory_is_refused_while_the_first_job_lives(
@@ -572,7 +593,8 @@ def test_a_second_submission_into_one_directory_is_refused_while_the_first_job_l
     assert line.startswith(f"launch: {out}: reserved by job {first.job_id} (slurm), submitted from "), line
     assert "pending or running" in line
     assert first.results()[0]["step"] == 3
-    assert sorted(p.name for p in (out / "jobs").iterdir()) == [first.job_id]  # no second job
+    jobs = sorted(p.name for p in (out / "jobs").iterdir() if not p.name.startswith("."))  # submitit's links
+    assert jobs == [first.job_id]  # no second job
     assert not (out / "run.reserved").exists()
     (again,) = submit([*args, "train.max_steps=4"])
     assert again.results()[0]["step"] == 4
