@@ -224,6 +224,9 @@ class TrainConfig:
     # a collective that waits longer than this fails the job (gloo and NCCL): a dead or hung rank
     # stops the others in bounded time instead of torch's 30-minute default
     dist_timeout_s: int = 600
+    # a rank that gives no sign of life this long (its process stopped, its host cut off) ends the ranks
+    # watching it (engine.dist.watchdog.PeerWatch), however long their collectives may wait
+    peer_timeout_s: int = 60
     cudnn_benchmark: bool = True  # let cuDNN pick the fastest convolution for the fixed input size
     tf32: bool = True  # TF32 matrix products and convolutions for fp32 work on Ampere and later GPUs
     # torch's CPU threads per rank; None: SLURM's --cpus-per-task, else OMP_NUM_THREADS, else the cores
@@ -382,11 +385,12 @@ def validate(cfg: Config) -> None:
         and cfg.train.validate_every >= 1
         and cfg.train.log_every >= 1
         and cfg.train.dist_timeout_s >= 1
+        and cfg.train.peer_timeout_s >= 1
         and cfg.train.keep_checkpoints >= 1
         and (cfg.train.threads is None or cfg.train.threads >= 1)
         and (cfg.train.max_steps is None or cfg.train.max_steps >= 1),
         "train.epochs, checkpoint_every, keep_checkpoints, validate_every, log_every, dist_timeout_s, "
-        "threads and max_steps (null: epochs x batches) must be >= 1",
+        "peer_timeout_s, threads and max_steps (null: epochs x batches) must be >= 1",
     )
     problems += _train_problems(cfg.data)
     problems += _feature_cache_problems(cfg)

@@ -91,7 +91,7 @@ def run(argv: list[str] | None = None):
 
     check_inputs(cfg)
     cfg.model = settle_model(cfg.model)  # the size and release the checkpoint holds, logged and recorded
-    with distributed(cfg.train.device, cfg.train.dist_timeout_s) as info:
+    with distributed(cfg.train.device, cfg.train.dist_timeout_s, cfg.train.peer_timeout_s) as info:
         if info.world_size == 1 and cfg.train.engine == EngineKind.deepspeed:
             # DeepSpeed wants a process group; without a launcher's it would go looking for MPI
             with single_process_group(info.device, cfg.train.dist_timeout_s) as alone:
@@ -113,17 +113,24 @@ def main(argv: list[str] | None = None) -> int:
 def _run(cfg: Config, info):
     """Set up this process, build the parts (reading everything before anything is written: a bad
     checkpoint or data set leaves no output behind), then train in the locked output directory."""
-    from autosam2.engine.run_lock import take_output_dir
+    from autosam2.engine.run_lock import disarm, guard, take_output_dir
 
     stop, hosts, threads = _set_up_process(cfg, info)
     parts = _build_parts(cfg, info)
     out = Path(cfg.train.output_dir).resolve()
     lock = take_output_dir(out, info)
+    over = False  # the run is complete: its submission's reservation goes with the lock
     try:
-        return _train(cfg, info, out, parts, stop, (hosts, threads))
+        state = _train(cfg, info, out, parts, stop, (hosts, threads))
+        over = not state.stopped
+        return state
+    except BaseException:
+        guard("its error")  # a rank whose run moved on leaves here, before its error reaches the job's files
+        raise
     finally:
         if lock is not None:
-            lock.release()
+            lock.release(reservation=over)
+        disarm()
 
 
 def _set_up_process(cfg: Config, info):
@@ -273,6 +280,9 @@ def _finish(state, weights, logger, is_main: bool) -> None:
     """After the loop: ``final.pt`` and the weights artifacts of a complete run (``base.pt`` too, where
     they build on it), the MLflow status (a stopped run is KILLED until the requeued job resumes it:
     RUNNING again, then FINISHED)."""
+    from autosam2.engine.run_lock import guard
+
+    guard("the final weights")
     if is_main and not state.stopped:
         final = weights.save("final.pt", state.step)
         for path in (final, weights.out / "best.pt", weights.base_file):

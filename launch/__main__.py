@@ -512,34 +512,58 @@ def submit(argv: Sequence[str] | None = None) -> list[submitit.Job]:
 
     made = make_folders(folder)
     jobs: list[submitit.Job] = []
+    reservation = None
     try:
+        reservation = _reserve(args, out)
         _submit_jobs(args, rest, cfg, out, folder, jobs)
     except BaseException as err:
         if isinstance(err, OSError) and err.filename is None:  # submitit's own writes name no file
             err.filename = str(folder)
+        if not jobs and reservation is not None:
+            reservation.cancel()
         if not jobs and made:  # nothing was submitted: the job folder made for it goes
             shutil.rmtree(folder, ignore_errors=True)
             remove_empty(made[1:])
         raise
+    if reservation is not None:
+        reservation.set_job(str(jobs[0].job_id))
     if args.wait:
         for job in jobs:
             print(f"job {job.job_id}: {_wait(job)}")  # task 0's result (every task returns one)
     return jobs
 
 
+def _reserve(args: argparse.Namespace, out: Path):
+    """A training job's output folder reserved before it is submitted (`run_lock.reserve`: refused in one
+    OutputDirInUse line while another submission's job is pending or running); the job finds its own
+    reservation by the token this process passes on in its environment. None for the other commands."""
+    if args.what != "train":
+        return None
+    from autosam2.engine.run_lock import RESERVATION_VARIABLE, reserve
+
+    out.mkdir(parents=True, exist_ok=True)
+    reservation = reserve(out, args.cluster)
+    if reservation.took_over:
+        print(f"note: {reservation.took_over}")
+    os.environ[RESERVATION_VARIABLE] = reservation.record["token"]  # sbatch and submitit pass it on
+    return reservation
+
+
 def _checked(what: str, rest: list[str]):
     """Before the job waits in the queue: the train config, every input and the output folder (no live
-    run in it; for evaluate and shard, our own kind of output only). Returns (train config, output)."""
+    run in it, and no other submission's job pending or running for it; for evaluate and shard, our own
+    kind of output only). Returns (train config, output)."""
     if what != "train":
         return None, _output_dir_of(what, rest).resolve()
     from autosam2.engine.inputs import check_inputs
-    from autosam2.engine.run_lock import check_free
+    from autosam2.engine.run_lock import check_free, check_reserved
     from autosam2.train import parse_config
 
     cfg = parse_config(rest)
     check_inputs(cfg)
     out = Path(cfg.train.output_dir).resolve()
     check_free(out)
+    check_reserved(out)
     return cfg, out
 
 

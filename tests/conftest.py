@@ -44,6 +44,7 @@ INTEGRATION = {
     "test_cli.py::test_second_make_run_installs_nothing",
     "test_dist.py::test_a_rank_that_only_sees_another_go_names_that_ranks_error",
     "test_dist.py::test_slurm_variables_become_torchrun_variables",  # scontrol
+    "test_dist.py::test_a_stopped_peer_ends_the_rank_watching_it_within_peer_timeout_s",
     "test_errors.py::test_debug_shows_the_traceback_of_a_user_error",
     "test_errors.py::test_merge_on_a_full_disk_keeps_the_parts",  # mount
     "test_errors.py::test_readers_work_on_a_read_only_mount",
@@ -57,6 +58,9 @@ INTEGRATION = {
     "test_predict.py::test_a_video_file_gives_the_masks_of_its_frames_folder",
     "test_predict.py::test_bad_input_is_one_line_naming_the_file_and_leaves_no_output",
     "test_run_lock.py::test_a_live_holder_refuses_a_second_run_and_a_dead_one_is_taken_over",
+    "test_run_lock.py::test_a_rank_of_an_incarnation_that_lost_the_lock_leaves_in_one_line_writing_nothing",
+    "test_run_lock.py::test_a_reservation_refuses_a_second_submission_while_its_job_is_pending",  # squeue
+    "test_run_lock.py::test_a_job_that_loses_the_race_exits_in_one_line",
     "test_shards.py::test_module_command_end_to_end",
     "test_shipped_configs.py::test_an_installed_wheel_finds_its_shipped_configs_from_any_directory",  # pip
     "test_shipped_configs.py::test_train_with_a_shipped_config_by_name_runs_from_another_directory",

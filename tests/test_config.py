@@ -56,6 +56,7 @@ def test_yaml_file_then_overrides(tmp_path):
             "data.augment.scale_max=1 (got 1.15) or data.augment.enabled=false",
         ),
         (["data.feature_cache=disk"], "data.feature_cache must be none or memory, got 'disk'"),
+        (["train.peer_timeout_s=0"], "dist_timeout_s, peer_timeout_s, threads and max_steps"),
         (
             ["data.train=[a, b]", "data.train_weights=[1]"],
             "data.train_weights must hold one weight >= 0 for each of the 2",

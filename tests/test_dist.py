@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -183,3 +184,95 @@ def test_the_port_command_prints_the_jobs_port_and_refuses_a_job_id_that_is_not_
     with pytest.raises(SystemExit) as refused:
         main(["port", "abc"])
     assert refused.value.code == 2 and "'abc' is not a whole number" in capsys.readouterr().err
+
+
+SILENT_PEER = """
+import os, sys, time, torch
+import torch.distributed as dist
+from autosam2.engine.dist import distributed
+with distributed("cpu", timeout_s=600, peer_timeout_s=int(sys.argv[1])) as info:
+    dist.barrier()
+    print(f"rank {info.rank} waits", flush=True)
+    if info.rank == int(sys.argv[2]):
+        time.sleep(600)  # alive (its watch beats) until the test stops it
+    dist.all_reduce(torch.ones(1))  # the rank that is stopped never joins it
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stopped", [0, 1])  # 0 holds the rendezvous store, as under srun
+def test_a_stopped_peer_ends_the_rank_watching_it_within_peer_timeout_s(tmp_path, stopped):
+    """Two ranks as srun starts them; one is stopped (SIGSTOP: a host cut off answers nothing either).
+    The other, waiting in a collective with a 600 s timeout, exits within train.peer_timeout_s (3 s
+    here) with one line naming what went silent and the bound."""
+    import signal
+
+    from autosam2.engine.dist import job_port
+
+    script = tmp_path / "silent.py"
+    script.write_text(SILENT_PEER)
+    port = str(job_port(os.getpid() % 20000 + 20000))
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "RANK": str(rank), "WORLD_SIZE": "2"}
+        env.update(LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1")
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(script), "3", str(stopped)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    try:
+        for proc in procs:
+            assert proc.stdout.readline().endswith("waits\n")
+        procs[stopped].send_signal(signal.SIGSTOP)
+        start = time.monotonic()
+        survivor = procs[1 - stopped]
+        status = survivor.wait(timeout=60)
+        elapsed = time.monotonic() - start
+        text = survivor.stdout.read()
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    assert status == 1
+    what = (
+        "the rendezvous store at 127.0.0.1:" + port + " (rank 0's host) gave no answer for 3 s"
+        if stopped == 0
+        else "rank 1 gave no sign of life for 3 s"
+    )
+    assert (
+        f"rank {1 - stopped}: {what} (train.peer_timeout_s=3): its process is stopped or its host is "
+        "unreachable, so this rank exits"
+    ) in text, text
+    assert 2 <= elapsed <= 20, elapsed  # the bound and a beat, not the collective's 600 s
+
+
+def test_under_the_default_settings_a_silent_peer_is_one_line_after_60_s(monkeypatch, capsys):
+    """The default bound (train.peer_timeout_s) holds whatever dist_timeout_s is: the watch's judge,
+    fed a peer silent past it, says so in one line and ends the process."""
+    from autosam2.config import TrainConfig
+    from autosam2.engine.dist import peers, watchdog
+
+    assert watchdog.PEER_TIMEOUT_S == TrainConfig().peer_timeout_s == 60 < TrainConfig().dist_timeout_s
+    monkeypatch.setattr(peers, "_RANK_HOSTS", [("node1", "10.0.0.1"), ("node2", "10.0.0.2")])
+    watch = watchdog.PeerWatch(0, 2, watchdog.PEER_TIMEOUT_S, ("10.0.0.1", 21234))
+    assert watch.watched == [1] and watch.beat_s == 5.0
+    watch.beat_s = 0.01
+    watch._contact = time.monotonic()
+    watch._seen[1] = (4, time.monotonic() - 61)
+
+    def exit_(status):
+        raise SystemExit(status)
+
+    monkeypatch.setattr(watchdog.os, "_exit", exit_)
+    with pytest.raises(SystemExit) as ended:
+        watch._judge()
+    assert ended.value.code == 1
+    assert capsys.readouterr().err == (
+        "rank 0: rank 1 on node2 (10.0.0.2) gave no sign of life for 60 s (train.peer_timeout_s=60): its "
+        "process is stopped or its host is unreachable, so this rank exits\n"
+    )

@@ -25,6 +25,7 @@ OUTPUT_FOLDERS = ("OUTPUT_DIR", "EVAL_DIR", "PRED_DIR", "SCORE_DIR", "SHARDS_DIR
 # files the pages name that a finished tiny run does not hold, and when they exist
 ONLY_SOMETIMES = {
     "OUTPUT_DIR/run.lock": "while a run holds the output directory",
+    "OUTPUT_DIR/run.reserved": "while a training job the launcher submitted is pending or running",
     "OUTPUT_DIR/jobs/*": "when the launcher submitted the run",
     "OUTPUT_DIR/checkpoints/step_*.damaged-*": "when a resume set a damaged checkpoint aside",
 }

@@ -314,7 +314,8 @@ def test_a_shard_array_over_both_hosts_writes_one_set_to_the_shared_folder(slurm
 
 
 def _job_ranks(job_id: str, host: str) -> list[int]:
-    """The training ranks of SLURM job `job_id` on `host` (not their torchrun), read from their environment."""
+    """The training ranks of SLURM job `job_id` on `host` (not their torchrun), read from their environment:
+    `autosam2 train` under srun or torchrun, or the launcher's submitit task."""
     import psutil
 
     found = []
@@ -324,7 +325,8 @@ def _job_ranks(job_id: str, host: str) -> list[int]:
             cmdline = " ".join(proc.info["cmdline"] or [])
         except (psutil.Error, TypeError):
             continue
-        if "-m autosam2.cli train" in cmdline and "torch.distributed.run" not in cmdline:
+        rank = "-m autosam2.cli train" in cmdline or "-m submitit.core._submit" in cmdline
+        if rank and "torch.distributed.run" not in cmdline:
             if env.get("SLURM_JOB_ID") == job_id and env.get("SLURMD_NODENAME") == host:
                 found.append(proc.pid)
     return found
@@ -424,3 +426,175 @@ def test_evaluation_on_two_hosts_splits_the_sequences_and_equals_one_rank(slurm_
         ).read_bytes() == mask.read_bytes()
     client, (run,) = runs_of(tmp_path / "two_hosts", f"sqlite:///{tmp_path}/mlflow.db")
     assert run.data.params["ranks"] == "2"
+
+
+def _torchrun_on_both(
+    out: Path, data: dict[str, Path], settings: dict[str, object]
+) -> list[subprocess.Popen]:
+    """`autosam2 train` under torchrun on node1 (rank 0, the rendezvous) and node2 (rank 1)."""
+    port = str(free_port())
+    procs = []
+    for rank, host in enumerate(ADDRESSES):
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
+        torchrun += ["--node-rank", str(rank), "--master-addr", "node1", "--master-port", port]
+        train = ["-m", "autosam2.cli", "train", *train_overrides(data, out, **settings)]
+        procs.append(
+            subprocess.Popen(
+                on_host(host, [*torchrun, *train]),
+                cwd=REPO,
+                env={**ENV, "OMP_NUM_THREADS": "1"},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    return procs
+
+
+@pytest.mark.parametrize("peer_timeout_s", [10, None])  # None: the default (60 s)
+def test_the_survivor_of_a_host_cut_off_exits_within_peer_timeout_s_with_one_line(
+    slurm_hosts, train_data, tmp_path, peer_timeout_s
+):
+    """node2's link goes down at step 2, with the collective timeout at its default (600 s): the rank
+    on node1 exits within train.peer_timeout_s (and a beat) naming node2, and the cut-off rank exits
+    too, naming the rendezvous it lost, instead of waiting to rejoin."""
+    import threading
+    import time
+
+    from autosam2.config import TrainConfig
+
+    bound = peer_timeout_s or TrainConfig().peer_timeout_s
+    settings = {"train.max_steps": 2000, "train.validate_every": 10000, "tracking.enabled": "false"}
+    if peer_timeout_s is not None:
+        settings["train.peer_timeout_s"] = peer_timeout_s
+    survivor, lost = _torchrun_on_both(tmp_path / "run", train_data, settings)
+    lines, down_at = [], []
+
+    def read() -> None:
+        for line in survivor.stdout:
+            lines.append(line)
+            if line.startswith("step 2/") and not down_at:
+                subprocess.run(["ip", "link", "set", "as2v2", "down"], check=True)
+                down_at.append(time.monotonic())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert survivor.wait(timeout=bound + 240) != 0
+        exited = time.monotonic() - down_at[0]
+        lost_status = lost.wait(timeout=bound + 60)  # it exits while its link is still down
+        reader.join(10)
+    finally:
+        subprocess.run(["ip", "link", "set", "as2v2", "up"], check=True)
+        lost.kill()
+        lost.wait(60)
+    text, lost_text = "".join(lines), lost.stdout.read()
+    assert (
+        f"rank 0: rank 1 on node2 (10.231.0.2) gave no sign of life for {bound} s "
+        f"(train.peer_timeout_s={bound})"
+    ) in text, text[-3000:]
+    assert exited <= bound + 20, exited
+    assert lost_status != 0
+    assert "rank 1: the rendezvous store at node1:" in lost_text, lost_text[-3000:]
+    print(f"survivor exited {exited:.1f} s after node2's link went down (peer_timeout_s {bound})")
+
+
+def _torch_store_warning(line: str) -> bool:
+    """A line of torch's own C++ warning about a rendezvous store connection that dropped."""
+    if re.match(r"\[rank\d+\]:\[W\d{4} [^]]*\] \[c10d\]", line):
+        return True
+    return not line.strip() or line.startswith(
+        ("Exception raised from ", "frame #", "<omitting python frames>")
+    )
+
+
+def test_a_rank_cut_off_by_the_network_never_writes_into_the_run_after_its_job_ended(
+    slurm_hosts, train_data, tmp_path
+):
+    """Held-out case: a two-node job's second host loses its link; SLURM requeues the job, which
+    finishes on the other hosts. The cut-off rank (its watch and collectives set long, so it is still
+    alive when the link comes back) finds its incarnation fenced: one line, exit, and the finished
+    job's result files and checkpoints stay as the job left them."""
+    import pickle
+    import time
+
+    out = tmp_path / "run"
+    settings = {
+        "train.max_steps": 6,
+        "train.checkpoint_every": 1,
+        "train.validate_every": 100,
+        "train.peer_timeout_s": 900,
+        "tracking.enabled": "false",
+    }
+    launch = ["train", "--cluster", "slurm", "--nodes", "2", "--tasks-per-node", "1", "--cpus-per-task", "2"]
+    (job,) = submit([*launch, "--time", "30", "--", *train_overrides(train_data, out, **settings)])
+    log = out / "jobs" / job.job_id / f"{job.job_id}_0_log.out"
+    wait_for_line(log, "step 2/6")
+    (_, _), (lost, _) = ranks_line(log.read_text())
+    old_ranks = _job_ranks(job.job_id, lost)
+    assert old_ranks
+    link = f"as2v{lost[-1]}"
+    subprocess.run(["ip", "link", "set", link, "down"], check=True)
+    try:
+        wait_for_line(log, "done: 6 steps", timeout=600)  # requeued, finished on the other hosts
+        results = sorted((out / "jobs" / job.job_id).glob("*_result.pkl"))
+        assert results
+        before = {p: p.read_bytes() for p in results}
+        checkpoints = {p: p.stat().st_mtime for p in (out / "checkpoints").rglob("*") if p.is_file()}
+        lost_log = out / "jobs" / job.job_id / f"{job.job_id}_1_log.err"
+        size = lost_log.stat().st_size if lost_log.exists() else 0
+    finally:
+        subprocess.run(["ip", "link", "set", link, "up"], check=True)
+    deadline = time.monotonic() + 300
+    while any(psutil_alive(pid) for pid in old_ranks) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not any(psutil_alive(pid) for pid in old_ranks), "the cut-off rank is still alive"
+    for path, data in before.items():
+        assert path.read_bytes() == data, f"{path} was written after the job ended"
+        assert pickle.loads(data)[0] == "success", path
+    assert {p: p.stat().st_mtime for p in (out / "checkpoints").rglob("*") if p.is_file()} == checkpoints
+    if lost_log.exists():
+        added = lost_log.read_text()[size:].strip().splitlines()
+        assert not added or "not writing" in added[-1], added[-3:]
+        assert not any("Traceback" in line for line in added), added  # torch's C++ warning may come first
+        assert all(_torch_store_warning(line) for line in added[:-1]), added
+    assert _final_state(job.job_id) == "COMPLETED"
+
+
+def _final_state(job_id: str, timeout: float = 120) -> str:
+    """The job's state in SLURM's accounting once it has ended (slurmdbd records it a moment later)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        sacct = ["sacct", "-n", "-X", "-j", job_id, "-o", "State"]
+        state = (subprocess.run(sacct, capture_output=True, text=True).stdout.split() or ["?"])[-1]
+        if state not in {"PENDING", "RUNNING", "COMPLETING", "REQUEUED", "?"} or time.monotonic() > deadline:
+            return state
+        time.sleep(1)
+
+
+def test_a_second_submission_into_one_directory_is_refused_while_the_first_job_lives(
+    slurm_hosts, train_data, tmp_path, capsys
+):
+    """Two submissions into one output directory seconds apart: the second is refused in one line
+    naming the first job (pending or running), before any rank takes the run lock; once the first job
+    is done its reservation is gone and a new submission goes through."""
+    from launch.__main__ import main
+
+    out = tmp_path / "run"
+    settings = {"train.max_steps": 3, "train.validate_every": 100, "tracking.enabled": "false"}
+    launch = ["train", "--cluster", "slurm", "--nodes", "2", "--tasks-per-node", "1", "--cpus-per-task", "2"]
+    args = [*launch, "--time", "30", "--", *train_overrides(train_data, out, **settings)]
+    (first,) = submit(args)
+    capsys.readouterr()
+    assert main(args) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"launch: {out}: reserved by job {first.job_id} (slurm), submitted from "), line
+    assert "pending or running" in line
+    assert first.results()[0]["step"] == 3
+    jobs = sorted(p.name for p in (out / "jobs").iterdir() if not p.name.startswith("."))  # submitit's links
+    assert jobs == [first.job_id]  # no second job
+    assert not (out / "run.reserved").exists()
+    (again,) = submit([*args, "train.max_steps=4"])
+    assert again.results()[0]["step"] == 4

@@ -686,6 +686,54 @@ def test_a_missing_input_or_split_is_refused_at_submission_in_one_line(tmp_path,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_second_training_submission_into_a_reserved_directory_is_refused_in_one_line(
+    train_data, tmp_path, monkeypatch, capsys
+):
+    """The output directory is reserved at submission (OUT/run.reserved): while the reserving job is
+    pending or running (a stub of SLURM's squeue says so) a second submission is one line naming the job,
+    and nothing is written; a job that has ended leaves a reservation the next submission takes over,
+    saying so once."""
+    import json
+
+    from autosam2.engine.run_lock import RESERVATION_NAME, RESERVATION_VARIABLE
+    from launch.__main__ import main
+
+    monkeypatch.setenv(RESERVATION_VARIABLE, "")  # the launcher sets it for its job; put back after
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "--cluster",
+        "debug",
+        "--",
+        *train_overrides(train_data, out, **{"tracking.enabled": "false"}),
+    ]
+    (job,) = submit(args)  # a debug job runs when waited for: not here
+    reservation = json.loads((out / RESERVATION_NAME).read_text())
+    assert reservation["job_id"] == str(job.job_id) and reservation["cluster"] == "debug"
+    assert os.environ[RESERVATION_VARIABLE] == reservation["token"]
+    reservation.update(job_id="77", cluster="slurm")  # as if job 77 were waiting in SLURM's queue
+    (out / RESERVATION_NAME).write_text(json.dumps(reservation))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    squeue = bin_dir / "squeue"
+    squeue.write_text("#!/bin/sh\necho PENDING\n")
+    squeue.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    before = sorted(p.name for p in (out / "jobs").iterdir())
+    capsys.readouterr()
+    assert main(args) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"launch: {out}: reserved by job 77 (slurm), submitted from ")
+    assert "pending or running" in line
+    assert json.loads((out / RESERVATION_NAME).read_text())["job_id"] == "77"
+    assert sorted(p.name for p in (out / "jobs").iterdir()) == before  # no second job folder
+    squeue.write_text("#!/bin/sh\necho COMPLETED\n")
+    (job,) = submit(args)
+    said = capsys.readouterr().out
+    assert said.count("took over the reservation of job 77 (slurm)") == 1
+    assert json.loads((out / RESERVATION_NAME).read_text())["job_id"] == str(job.job_id)
+
+
 @pytest.mark.parametrize(
     ("what", "flag"), [("predict", "weights"), ("evaluate", "checkpoint"), ("benchmark", "weights")]
 )

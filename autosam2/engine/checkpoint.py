@@ -36,6 +36,7 @@ import torch
 
 from autosam2.atomic import atomic_write_json, atomic_write_text
 from autosam2.engine.dist import DistInfo, broadcast_object, gather_objects
+from autosam2.engine.run_lock import guard
 from autosam2.errors import CheckpointError, write_failure
 from autosam2.model.weights import NonFiniteWeights, nonfinite, trained_tensors
 
@@ -118,7 +119,9 @@ class Checkpointer:
         """Every rank calls this; returns the final folder (for an asynchronous save, where it will be). A
         write that fails on any rank (a full disk) fails the save on every rank with one CheckpointError;
         the partial folder is removed and the previous checkpoints are untouched. Trained weights that are
-        not finite are refused before anything is written (NonFiniteWeights on every rank)."""
+        not finite are refused before anything is written (NonFiniteWeights on every rank). A rank whose
+        run no longer holds the output directory leaves first (`run_lock.guard`)."""
+        guard("a checkpoint")
         start = time.perf_counter()
         self.finish()
         final = self.root / f"step_{state.step:08d}"

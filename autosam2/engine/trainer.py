@@ -23,6 +23,7 @@ from autosam2.data.video import ClipBatch
 from autosam2.engine.checkpoint import Checkpointer, LoopState
 from autosam2.engine.dist import DistInfo, all_reduce
 from autosam2.engine.engines import Engine
+from autosam2.engine.run_lock import guard
 from autosam2.engine.stop import StopSignal
 from autosam2.errors import TrainingAborted
 from autosam2.losses import clip_losses
@@ -258,6 +259,7 @@ class Trainer:
             raise TrainingAborted(f"{err}; {self._recovery()}") from err
 
     def _log(self, state: LoopState, result: StepResult, pace: tuple[float, float]) -> None:
+        guard("a log line")
         frames_per_s, wait_share = pace
         figures = {f"train/loss_{k}": float(v.detach()) for k, v in result.losses.items()}
         grad_norm = result.grad_norm

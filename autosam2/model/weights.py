@@ -29,6 +29,7 @@ from torch import nn
 
 from autosam2.atomic import atomic_file
 from autosam2.config import ModelConfig, section_from_dict, to_dict
+from autosam2.engine.run_lock import guard
 from autosam2.errors import CheckpointError, write_failure
 from autosam2.model.sam2_builder import build_autosam2, load_sam2_checkpoint, save_sam2_checkpoint
 from autosam2.model.sam2_checkpoint import OWN_MODULES, read_sam2_checkpoint, settle_model
@@ -292,6 +293,7 @@ class RunWeights:
     def save(self, name: str, step: int, extra: dict[str, Any] | None = None) -> Path:
         path = self.out / name
         if self.is_main:
+            guard(name)  # a rank whose run no longer holds the output directory leaves instead
             base = None if self.full else self.base()
             save_weights(path, self.model, self.model_config, base, {"step": step, **(extra or {})})
         return path

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from autosam2.atomic import atomic_write_json
+from autosam2.engine.run_lock import guard
 from autosam2.errors import DatasetError
 
 FOLDER = "tracking"  # a run's outbox, in its output directory
@@ -68,7 +69,9 @@ class Outbox:
         self._cut = self._file.tell() > 0 and _last_byte(self.path) != b"\n"
 
     def append(self, record: dict[str, Any]) -> None:
-        """One record, whole on its line; OSError (a full disk) when it could not be written."""
+        """One record, whole on its line; OSError (a full disk) when it could not be written. A rank whose
+        run no longer holds its output directory leaves instead (`run_lock.guard`)."""
+        guard("a tracking record")
         line = (json.dumps(record, separators=(",", ":"), allow_nan=True) + "\n").encode()
         with self._lock:
             if self._cut:

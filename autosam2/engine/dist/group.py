@@ -16,6 +16,7 @@ import torch.distributed as dist
 from autosam2.config import ConfigError
 from autosam2.engine.dist.peers import other_ranks, peer_errors, peer_lost, tell_peers, timed_out
 from autosam2.engine.dist.slurm import map_slurm_env
+from autosam2.engine.dist.watchdog import PEER_TIMEOUT_S, PeerWatch
 from autosam2.errors import RankLost
 
 
@@ -41,8 +42,14 @@ def pick_device(request: str, local_rank: int) -> torch.device:
     return torch.device(request)
 
 
-def init_distributed(device_request: str = "auto", timeout_s: int = 600) -> DistInfo:
-    """Read the launcher's variables, pick the device, and join the process group when there are ranks."""
+_WATCH: list[PeerWatch] = []  # the watch on the peers of this process's group, while it is joined
+
+
+def init_distributed(
+    device_request: str = "auto", timeout_s: int = 600, peer_timeout_s: float = PEER_TIMEOUT_S
+) -> DistInfo:
+    """Read the launcher's variables, pick the device, and join the process group when there are ranks;
+    the peers are watched from then on (`PeerWatch`, bound `peer_timeout_s`) until `cleanup`."""
     map_slurm_env()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -52,6 +59,8 @@ def init_distributed(device_request: str = "auto", timeout_s: int = 600) -> Dist
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         _join_group(device, timeout_s)
+        address = (os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500")))
+        _WATCH.append(PeerWatch(rank, world_size, peer_timeout_s, address).start())
     return DistInfo(rank, world_size, local_rank, device)
 
 
@@ -67,16 +76,21 @@ def _join_group(device: torch.device, timeout_s: int, **kwargs: Any) -> None:
 
 
 def cleanup() -> None:
+    while _WATCH:
+        _WATCH.pop().stop()
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 @contextmanager
-def distributed(device_request: str = "auto", timeout_s: int = 600) -> Iterator[DistInfo]:
+def distributed(
+    device_request: str = "auto", timeout_s: int = 600, peer_timeout_s: float = PEER_TIMEOUT_S
+) -> Iterator[DistInfo]:
     """The process group for the block, torn down after it however it ends. A collective that fails
     because another rank went away, or gave no answer within `timeout_s`, becomes one RankLost line
-    (that rank's own error says why)."""
-    info = init_distributed(device_request, timeout_s)
+    (that rank's own error says why); a peer silent for `peer_timeout_s` (stopped, or its host
+    unreachable) ends this process with one line (`PeerWatch`)."""
+    info = init_distributed(device_request, timeout_s, peer_timeout_s)
     try:
         yield info
     except BaseException as err:
