@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         _summary(title, summaries)
     print(f"({HELD_OUT})")
     _record(out, tables, time.perf_counter() - start)
-    print(f"\nmlflow ui --backend-store-uri {uri} --port 5000    # then open http://127.0.0.1:5000")
+    _print_ui_line(uri)
     print(f"overlays (GIF per valid sequence): {out / 'results_hard' / 'final-video' / 'overlays'}")
     print(f"demo finished in {(time.perf_counter() - start) / 60:.1f} minutes")
     return 0
@@ -234,3 +234,12 @@ def _summary(title: str, summaries: dict[str, dict[str, dict]]) -> None:
             f"({split}: {f['sequences']} sequences, {n['all']} frames: {n['hidden']} with the polyp there but "
             f"hidden ({hidden}), {n['occluded']} partly occluded, {n['clear']} clear, {n['absent']} polyp-free)"
         )
+
+
+def _print_ui_line(uri: str) -> None:
+    """The command that shows the demo's runs in MLflow's UI (the UI is the install's server extra)."""
+    from autosam2.extras import install_line, installed
+
+    print(f"\nmlflow ui --backend-store-uri {uri} --port 5000    # then open http://127.0.0.1:5000")
+    if not installed("server"):
+        print(f"(MLflow's UI is not installed here: {install_line('server')})")

@@ -15,9 +15,21 @@ class MissingExtra(ConfigError):
     """A command needs an extra of the install that is not installed; the message names it."""
 
 
-def require(extra: str, needed_by: str) -> None:
-    """Nothing when `extra` is installed; else MissingExtra ``{needed_by} needs: pip install 'autosam2[extra]'``."""
+def installed(extra: str) -> bool:
+    """Whether `extra` of the install is there (its distribution is)."""
     try:
         importlib.metadata.distribution(EXTRAS[extra])
     except importlib.metadata.PackageNotFoundError:
-        raise MissingExtra(f"{needed_by} needs: pip install 'autosam2[{extra}]'") from None
+        return False
+    return True
+
+
+def install_line(extra: str) -> str:
+    """The command that installs `extra`."""
+    return f"pip install 'autosam2[{extra}]'"
+
+
+def require(extra: str, needed_by: str) -> None:
+    """Nothing when `extra` is installed; else MissingExtra ``{needed_by} needs: pip install 'autosam2[extra]'``."""
+    if not installed(extra):
+        raise MissingExtra(f"{needed_by} needs: {install_line(extra)}")

@@ -66,3 +66,21 @@ def test_a_server_without_the_server_extra_is_one_line_and_starts_nothing(withou
     with pytest.raises(MissingExtra, match=r"^an MLflow server needs: pip install 'autosam2\[server\]'$"):
         start_mlflow_server(tmp_path / "server")
     assert not (tmp_path / "server").exists()
+
+
+def test_the_demos_ui_line_names_the_server_extra_only_where_it_is_missing(monkeypatch, capsys):
+    from autosam2.demo import _print_ui_line
+
+    _print_ui_line("sqlite:///x/mlflow.db")
+    here = capsys.readouterr().out
+    assert "mlflow ui --backend-store-uri sqlite:///x/mlflow.db" in here and "autosam2[server]" not in here
+    real = importlib.metadata.distribution
+
+    def distribution(name: str):
+        if name == EXTRAS["server"]:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", distribution)
+    _print_ui_line("sqlite:///x/mlflow.db")
+    assert "(MLflow's UI is not installed here: pip install 'autosam2[server]')" in capsys.readouterr().out
