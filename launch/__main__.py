@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cluster",
         choices=["slurm", "local", "debug"],
         default="slurm",
-        help="slurm; local: subprocesses here; debug: in this process",
+        help="slurm; local: subprocesses here; debug: in this process, at once",
     )
     p.add_argument("--nodes", type=positive_int, default=1)
     p.add_argument(
@@ -482,7 +482,9 @@ def _without_credentials(argv: list[str]) -> list[str]:
     return out
 
 
-def submit(argv: Sequence[str] | None = None) -> list[submitit.Job]:
+def submit(argv: Sequence[str] | None = None, run_debug: bool = False) -> list[submitit.Job]:
+    """Submit the job(s) `argv` asks for; wait for them with --wait, and for a debug job (which runs in this
+    process only when waited for) with `run_debug`, as the command line does."""
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
     args, rest = build_parser().parse_args(argv[:split]), argv[split + 1 :]
@@ -527,7 +529,7 @@ def submit(argv: Sequence[str] | None = None) -> list[submitit.Job]:
         raise
     if reservation is not None:
         reservation.set_job(str(jobs[0].job_id))
-    if args.wait:
+    if args.wait or (run_debug and args.cluster == "debug"):
         for job in jobs:
             print(f"job {job.job_id}: {_wait(job)}")  # task 0's result (every task returns one)
     return jobs
@@ -627,7 +629,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from autosam2.errors import run_command
 
     def submitted() -> int:
-        submit(argv)
+        submit(argv, run_debug=True)
         return 0
 
     return run_command("launch", submitted)

@@ -800,3 +800,16 @@ def test_a_tracking_store_that_refuses_or_is_down_is_one_line_before_a_training_
         "; start it, name another (--tracking-uri, MLFLOW_TRACKING_URI) or set tracking.enabled=false"
     )
     assert not (tmp_path / "runs").exists() and not (tmp_path / "job.sh").exists()
+
+
+def test_a_debug_job_runs_at_once_from_the_command_line(tiny_root_pristine, tmp_path, capsys):
+    """`--cluster debug` runs the job in the launcher's process: from the command line it has run when the
+    launcher returns, --wait or not (submitit's debug jobs run only when waited for)."""
+    from launch.__main__ import main
+    from shards.verify import verify
+
+    out = tmp_path / "shards"
+    build = [str(tiny_root_pristine), "--split", "valid", "--out", str(out)]
+    assert main(["shard", "--cluster", "debug", "--", *build]) == 0
+    assert verify(out) == [] and any(out.glob("*.tar"))
+    assert "job " in capsys.readouterr().out
