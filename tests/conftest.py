@@ -65,6 +65,7 @@ INTEGRATION = {
     "test_shipped_configs.py::test_an_installed_wheel_finds_its_shipped_configs_from_any_directory",  # pip
     "test_shipped_configs.py::test_train_with_a_shipped_config_by_name_runs_from_another_directory",
     "test_tracking.py::test_a_server_down_from_the_start_gets_the_whole_run_once_it_is_up",
+    "test_tracking.py::test_scores_a_store_did_not_take_are_kept_for_sync_and_nothing_is_left_when_it_takes_them",
     "test_tracking_choice.py::test_a_resumed_run_keeps_the_store_it_started_in",  # git rev-parse
     "test_tracking_choice.py::test_two_runs_writing_into_one_sqlite_store_at_once_lose_nothing",
     "test_vocabulary.py::test_sync_to_a_tracking_uri_mlflow_refuses_is_one_line",  # MLflow runs uname

@@ -379,6 +379,43 @@ def test_a_server_down_from_the_start_gets_the_whole_run_once_it_is_up(tmp_path:
         kill_group(proc)
 
 
+def test_scores_a_store_did_not_take_are_kept_for_sync_and_nothing_is_left_when_it_takes_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """evaluate, score and benchmark log through `log_scores`: with the server down their records stay in
+    OUT/tracking beside the store's record, and `autosam2 sync OUT` sends them; with it up, OUT holds no
+    tracking folder."""
+    import autosam2.tracking as tracking
+    from autosam2.eval.report import log_scores
+    from autosam2.sync import sync
+    from autosam2.tracking.choice import Store
+
+    real = tracking.make_logger
+    monkeypatch.setattr(tracking, "make_logger", lambda *a, **k: real(*a, **{**k, "flush_timeout_s": 1.0}))
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"  # nothing listens there yet
+    outs = [tmp_path / "down", tmp_path / "up"]
+    for out in outs:
+        out.mkdir()
+        (out / "metrics.json").write_text('{"dice": 0.5}')
+        (out / "metrics.csv").write_text("dice\n0.5\n")
+    with pytest.warns(TrackingWarning, match="-- scoring goes on; records wait in"):
+        log_scores(outs[0], Store(uri, "polyp", "explicit"), "score-down", {"pred": "p"}, {"dice": 0.5})
+    assert (outs[0] / "tracking" / "outbox.jsonl").is_file()
+    uri, proc = start_mlflow_server(tmp_path / "server", port=port)
+    try:
+        sent, left = sync(outs[0])  # to the store recorded beside the outbox
+        assert left == 0 and sent >= 3
+        log_scores(outs[1], Store(uri, "polyp", "explicit"), "score-up", {"pred": "p"}, {"dice": 0.5})
+        assert sorted(p.name for p in outs[1].iterdir()) == ["metrics.csv", "metrics.json"]
+        client = mlflow.MlflowClient(uri)
+        runs = client.search_runs([client.get_experiment_by_name("polyp").experiment_id])
+        assert sorted(r.info.run_name for r in runs) == ["score-down", "score-up"]
+        assert all(r.data.metrics["eval/dice"] == 0.5 for r in runs)
+    finally:
+        kill_group(proc)
+
+
 def test_bad_uri_degrades_to_disabled() -> None:
     with pytest.warns(TrackingWarning, match="bogus://nowhere"):
         logger = MLflowLogger("bogus://nowhere", "polyp")

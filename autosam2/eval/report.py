@@ -331,11 +331,23 @@ def log_scores(
     tags: dict[str, str] | None = None,
 ) -> None:
     """Scores written into `out` as their own MLflow run in `store` (`autosam2.tracking.choice`): the
-    params, `tags` and `out` (``output_dir``), the summary as ``eval/...``, metrics.json, metrics.csv and overlays/ when `out` holds
-    it."""
+    params, `tags` and `out` (``output_dir``), the summary as ``eval/...``, metrics.json, metrics.csv and
+    overlays/ when `out` holds it. Records the store did not take are kept in ``out/tracking`` with the
+    store's record, for `autosam2 sync out`; when all went, that folder goes."""
     from autosam2.tracking import OUTPUT_TAG, make_logger
+    from autosam2.tracking.outbox import FOLDER
 
-    logger = make_logger(0, True, store.uri, store.experiment, run_name=run_name, system_metrics=False)
+    spool = out / FOLDER
+    logger = make_logger(
+        0,
+        True,
+        store.uri,
+        store.experiment,
+        run_name=run_name,
+        system_metrics=False,
+        spool_dir=spool,
+        work="scoring",
+    )
     try:
         logger.log_params(params)
         logger.set_tags({OUTPUT_TAG: str(out.resolve()), **(tags or {})})
@@ -346,3 +358,22 @@ def log_scores(
             logger.log_artifact(out / "overlays")
     finally:
         logger.close()
+        _keep_unsent(spool, out, store)
+
+
+def _keep_unsent(spool: Path, out: Path, store: Store) -> None:
+    """The outbox of a scoring run removed once the store took every record; else kept, with the store it
+    is for recorded beside it (`autosam2 sync` reads it there)."""
+    from autosam2.tracking.choice import record_store
+    from autosam2.tracking.outbox import OUTBOX, Outbox
+
+    if not (spool / OUTBOX).is_file():
+        shutil.rmtree(spool, ignore_errors=True)
+        return
+    outbox = Outbox(spool)
+    left = outbox.unsent()
+    outbox.close()
+    if left:
+        record_store(out, store)
+    else:
+        shutil.rmtree(spool, ignore_errors=True)

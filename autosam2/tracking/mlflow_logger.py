@@ -73,7 +73,7 @@ class MLflowLogger:
     send stays in the outbox for `autosam2 sync`. Failures warn once and never reach the caller.
 
     `spool_dir`: where the outbox lives (``OUT/tracking`` for a run); None: a private temporary folder,
-    removed at `close` (nothing to replay later)."""
+    removed at `close` (nothing to replay later). `work`: what goes on when tracking fails (its warning)."""
 
     def __init__(
         self,
@@ -86,8 +86,10 @@ class MLflowLogger:
         spool_dir: str | Path | None = None,
         flush_timeout_s: float = TrackingConfig.flush_timeout_s,
         max_backoff_s: float = 30.0,
+        work: str = "training",
     ) -> None:
         self.tracking_uri = tracking_uri
+        self.work = work  # what goes on when tracking fails, as its warning says
         self.shown_uri = redact_uri(tracking_uri)  # what messages name: never a password
         self.failures = 0  # calls that did not reach MLflow at the first try, and records given up on
         self.flush_timeout_s = flush_timeout_s
@@ -262,7 +264,7 @@ class MLflowLogger:
         )
         warnings.warn(
             f"MLflow tracking at {self.shown_uri} failed to {what}: {type(err).__name__}: {message} "
-            f"-- training goes on; {then}",
+            f"-- {self.work} goes on; {then}",
             TrackingWarning,
             stacklevel=stacklevel,
         )
