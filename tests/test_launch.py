@@ -1,5 +1,5 @@
 """The launcher without SLURM: submitit's local and debug executors, the job script it writes (under stubs of
-SLURM's commands), launch/train.sbatch's requeue cap, and arguments read by each command's own parser."""
+SLURM's commands), the sbatch templates' requeue caps, and arguments read by each command's own parser."""
 
 from __future__ import annotations
 
@@ -219,10 +219,40 @@ def test_a_bad_site_file_is_one_line_and_nothing_is_made(tmp_path, monkeypatch, 
     assert sorted(p.name for p in tmp_path.iterdir()) == (["site.yaml"] if site is not None else [])
 
 
-def run_train_sbatch(tmp_path: Path, restarts: int | None, env: dict[str, str]) -> tuple[int, str, Path]:
-    """launch/train.sbatch under stubs of SLURM's `srun` and `scontrol` (no SLURM runs): its srun starts a
-    stand-in rank (named as the template's ranks are; it exits on SIGUSR2); once the rank runs, the
-    batch shell gets SIGUSR2, as SLURM sends it before the time limit. (status, output, scontrol's log)."""
+# a stand-in rank: it says it runs (argv[1]) and exits 0 on SIGUSR2, saying so (argv[2])
+STAND_IN = (
+    "import pathlib, signal, sys, time; "
+    "signal.signal(signal.SIGUSR2, lambda *a: (pathlib.Path(sys.argv[2]).touch(), sys.exit(0))); "
+    "pathlib.Path(sys.argv[1]).touch(); time.sleep(120)"
+)
+# how each template's ranks look to `ps`: torchrun's workers (python -u), srun's tasks
+RANK_TAIL = {"train.sbatch": "-u -m autosam2.cli train", "evaluate.sbatch": "-m autosam2.cli evaluate"}
+# the job id of a template run: this test's ranks alone carry it
+SBATCH_JOB = str(900000 + os.getpid() % 90000)
+
+
+def sbatch_env(bin_: Path, restarts: int | None, env: dict[str, str]) -> dict[str, str]:
+    """A batch job's environment without SLURM: its variables, the stubs in `bin_` first on PATH."""
+    import sys
+
+    slurm = {"SLURM_JOB_ID": SBATCH_JOB, "SLURM_JOB_NODELIST": "node01", "SLURM_NNODES": "1"}
+    if restarts is not None:
+        slurm["SLURM_RESTART_COUNT"] = str(restarts)
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "AUTOSAM2_"))}
+    repo = Path(__file__).resolve().parents[1]
+    full = {**base, **slurm, **env, "PATH": f"{bin_}:{base['PATH']}", "AUTOSAM2_PYTHON": sys.executable}
+    full["PYTHONPATH"] = str(repo)
+    return full
+
+
+def run_sbatch(
+    tmp_path: Path, template: str, restarts: int | None, env: dict[str, str], args: list[str]
+) -> tuple[int, str, Path]:
+    """launch/`template` under stubs of SLURM's `srun` and `scontrol` (no SLURM runs): its srun starts a
+    stand-in rank (named as the template's ranks are; it exits on SIGUSR2); beside it runs a decoy, a
+    rank of another job of the same user on the node (named the same, another SLURM_JOB_ID). Once the
+    rank runs, the batch shell gets SIGUSR2, as SLURM sends it before the time limit. The decoy must not
+    get it. (status, output, scontrol's log); srun's arguments in srun.args, its MASTER_PORT in srun.port."""
     import signal
     import subprocess
     import sys
@@ -230,35 +260,41 @@ def run_train_sbatch(tmp_path: Path, restarts: int | None, env: dict[str, str]) 
 
     bin_, log = tmp_path / "fake-bin", tmp_path / "scontrol.log"
     bin_.mkdir()
-    rank = "import pathlib, signal, sys, time; signal.signal(signal.SIGUSR2, lambda *a: sys.exit(0)); "
-    rank += "pathlib.Path(sys.argv[1]).touch(); time.sleep(120)"
     (bin_ / "srun").write_text(
         f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {tmp_path / "srun.args"}\n'
-        f'exec {sys.executable} -c "{rank}" {tmp_path / "started"} -u -m autosam2.cli train\n'
+        f'echo "${{MASTER_PORT:-}}" > {tmp_path / "srun.port"}\n'
+        f'exec {sys.executable} -c "{STAND_IN}" {tmp_path / "started"} {tmp_path / "stopped"} '
+        f"{RANK_TAIL[template]}\n"
     )
     (bin_ / "scontrol").write_text(
         f'#!/usr/bin/env bash\necho "$@" >> {log}\n[ "$1 $2" = "show hostnames" ] && echo node01\nexit 0\n'
     )
     for stub in bin_.iterdir():
         stub.chmod(0o755)
-    job = str(900000 + os.getpid() % 90000)  # this test's rank alone carries it
-    slurm = {"SLURM_JOB_ID": job, "SLURM_JOB_NODELIST": "node01", "SLURM_NNODES": "1"}
-    if restarts is not None:
-        slurm["SLURM_RESTART_COUNT"] = str(restarts)
-    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    repo = Path(__file__).resolve().parents[1]
-    full = {**base, **slurm, **env, "PATH": f"{bin_}:{base['PATH']}", "AUTOSAM2_PYTHON": sys.executable}
-    full["PYTHONPATH"] = str(repo)
-    batch = subprocess.Popen(
-        ["bash", str(repo / "launch" / "train.sbatch"), "--config", "c.yaml"],
-        env=full, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    full = sbatch_env(bin_, restarts, env)
+    decoy_env = {**full, "SLURM_JOB_ID": str(int(SBATCH_JOB) - 100000)}  # no test's job
+    decoy = subprocess.Popen(
+        [sys.executable, "-c", STAND_IN, tmp_path / "decoy.started", tmp_path / "decoy.stopped",
+         *RANK_TAIL[template].split()],
+        env=decoy_env,
     )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not (tmp_path / "started").exists() and batch.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if batch.poll() is None:
-        batch.send_signal(signal.SIGUSR2)
-    output, _ = batch.communicate(timeout=120)
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        batch = subprocess.Popen(
+            ["bash", str(repo / "launch" / template), *args],
+            env=full, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        started = [tmp_path / "started", tmp_path / "decoy.started"]
+        while batch.poll() is None and not all(map(Path.exists, started)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if batch.poll() is None:
+            batch.send_signal(signal.SIGUSR2)
+        output, _ = batch.communicate(timeout=120)
+        assert decoy.poll() is None and not (tmp_path / "decoy.stopped").exists()  # another job's rank
+    finally:
+        decoy.kill()
+        decoy.wait()
     return batch.returncode, output, log
 
 
@@ -276,10 +312,11 @@ def test_train_sbatch_requeues_itself_up_to_the_launchers_cap(tmp_path, restarts
     from autosam2.engine.dist.slurm import MAX_REQUEUES, job_port, map_slurm_env
 
     assert MAX_REQUEUES == 3  # the cases above
-    status, output, log = run_train_sbatch(tmp_path, restarts, env)
+    status, output, log = run_sbatch(tmp_path, "train.sbatch", restarts, env, ["--config", "c.yaml"])
     calls = log.read_text().splitlines()
     args = (tmp_path / "srun.args").read_text().splitlines()
     job_id = next(a for a in args if a.startswith("--rdzv-id=")).split("=", 1)[1]
+    assert (tmp_path / "stopped").exists()  # its rank got SIGUSR2 (another job's did not: run_sbatch)
     if requeued:
         assert status == 0, output
         assert calls[-1] == f"requeue {job_id}"
@@ -301,17 +338,107 @@ def test_train_sbatch_requeues_itself_up_to_the_launchers_cap(tmp_path, restarts
 
 
 def test_train_sbatch_refuses_a_cap_that_is_no_number_in_one_line(tmp_path):
-    status, output, log = run_train_sbatch(
-        tmp_path, 0, {"AUTOSAM2_RDZV_PORT": "1", "AUTOSAM2_MAX_REQUEUES": "x"}
+    status, output, log = run_sbatch(
+        tmp_path, "train.sbatch", 0, {"AUTOSAM2_RDZV_PORT": "1", "AUTOSAM2_MAX_REQUEUES": "x"}, []
     )
     assert status == 2
     assert output.strip().splitlines() == ["autosam2: AUTOSAM2_MAX_REQUEUES=x is not a whole number"]
     assert not (tmp_path / "started").exists()
 
 
+@pytest.mark.parametrize(
+    ("restarts", "env", "requeued"),
+    [
+        (None, {}, True),  # the first run; the cap from python -m autosam2.engine.dist
+        (3, {"AUTOSAM2_RDZV_PORT": "29500"}, False),  # at the cap of 3
+        (3, {"AUTOSAM2_MAX_REQUEUES": "5"}, True),
+        (0, {"AUTOSAM2_MAX_REQUEUES": "0"}, False),
+    ],
+)
+def test_evaluate_sbatch_requeues_itself_up_to_the_launchers_cap(tmp_path, restarts, env, requeued):
+    """On SIGUSR2 the batch shell passes it to srun, which forwards it to this job's ranks (the stand-in
+    is srun's task here); they stop, and the job requeues itself while under the cap, else exits 75."""
+    from autosam2.engine.dist.slurm import MAX_REQUEUES, job_port, map_slurm_env
+
+    assert MAX_REQUEUES == 3  # the cases above
+    status, output, log = run_sbatch(tmp_path, "evaluate.sbatch", restarts, env, ["--weights", "w.pt"])
+    assert (tmp_path / "stopped").exists()  # its rank got SIGUSR2 (another job's did not: run_sbatch)
+    assert (tmp_path / "srun.args").read_text().splitlines()[-4:] == [
+        "evaluate", "--resume", "--weights", "w.pt"
+    ]  # fmt: skip
+    if requeued:
+        assert status == 0, output
+        assert log.read_text().splitlines() == [f"requeue {SBATCH_JOB}"]
+        assert (
+            f"autosam2: caught SIGUSR2, stopping at the end of the sequences in progress and requeueing job "
+            f"{SBATCH_JOB}" in output.splitlines()
+        )
+    else:
+        assert status == 75, output
+        assert not log.exists()  # no scontrol call
+        cap = env.get("AUTOSAM2_MAX_REQUEUES", "3")
+        line = f"not requeueing it: it has restarted {restarts} time(s), the cap is {cap}"
+        assert [x for x in output.splitlines() if "not requeueing" in x] == [
+            f"autosam2: caught SIGUSR2, stopping job {SBATCH_JOB} at the end of the sequences in progress; "
+            f"{line} (AUTOSAM2_MAX_REQUEUES); submit it again to resume"
+        ]
+    # the ranks' port: the job's, as the launcher's tasks and train.sbatch's torchrun get it
+    port = (tmp_path / "srun.port").read_text().strip()
+    assert port == env.get("AUTOSAM2_RDZV_PORT", "")
+    if not port:
+        launched = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": SBATCH_JOB}
+        map_slurm_env(launched)
+        assert launched["MASTER_PORT"] == str(job_port(SBATCH_JOB))
+
+
+def test_evaluate_sbatch_refuses_a_cap_that_is_no_number_in_one_line(tmp_path):
+    status, output, _ = run_sbatch(tmp_path, "evaluate.sbatch", 0, {"AUTOSAM2_MAX_REQUEUES": "-1"}, [])
+    assert status == 2
+    assert output.strip().splitlines() == ["autosam2: AUTOSAM2_MAX_REQUEUES=-1 is not a whole number"]
+    assert not (tmp_path / "started").exists() and not (tmp_path / "srun.args").exists()
+
+
+@pytest.mark.parametrize(
+    ("restarts", "given", "resume", "overwrite"),
+    [
+        (None, [], True, False),  # the first run resumes too: a job submitted again goes on
+        (0, ["--resume"], True, False),  # the user's --resume as well: the same run
+        (0, ["--overwrite"], False, True),  # the first run starts the folder again, as asked
+        (1, ["--overwrite"], True, False),  # a requeued one goes on instead
+    ],
+)
+def test_evaluate_sbatch_runs_evaluate_with_resume_and_its_status(
+    tmp_path, restarts, given, resume, overwrite
+):
+    """The arguments srun gets are ones `autosam2 evaluate` parses (--resume twice is one --resume; a
+    requeued run drops --overwrite, which would start the folder again), and srun's status is the job's."""
+    import subprocess
+
+    from autosam2.evaluate import build_parser
+
+    bin_ = tmp_path / "fake-bin"
+    bin_.mkdir()
+    (bin_ / "srun").write_text(
+        f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {tmp_path / "srun.args"}\nexit 75\n'
+    )
+    (bin_ / "srun").chmod(0o755)
+    env = sbatch_env(bin_, restarts, {"AUTOSAM2_MAX_REQUEUES": "3"})
+    repo = Path(__file__).resolve().parents[1]
+    args = ["--weights", "w a.pt", *given, "--output-dir", "out"]
+    done = subprocess.run(["bash", str(repo / "launch" / "evaluate.sbatch"), *args], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 75 and done.stderr == "", done.stderr  # a stopped run's status, unchanged
+    srun = (tmp_path / "srun.args").read_text().splitlines()
+    command = srun[srun.index("evaluate") + 1 :]
+    others = [a for a in command if a not in ("--resume", "--overwrite")]
+    assert others == ["--weights", "w a.pt", "--output-dir", "out"]  # in order, the space kept
+    parsed = build_parser().parse_args(command)
+    assert (parsed.resume, parsed.overwrite, parsed.weights) == (resume, overwrite, "w a.pt")
+
+
 def test_the_cap_command_prints_the_cap_the_launcher_gives_submitit(tmp_path, monkeypatch, capsys):
-    """`python -m autosam2.engine.dist max-requeues` (what train.sbatch reads) is the count of time-outs
-    the launcher's jobs requeue after, unless --max-requeues says otherwise."""
+    """`python -m autosam2.engine.dist max-requeues` (what the sbatch templates read) is the count of
+    time-outs the launcher's jobs requeue after, unless --max-requeues says otherwise."""
     import pickle
 
     from autosam2.engine.dist.__main__ import main as dist

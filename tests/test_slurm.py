@@ -542,3 +542,62 @@ def test_an_interrupted_evaluation_job_requeues_and_resumes_to_the_same_metrics(
     metrics = [(tmp_path / name / "metrics.json").read_bytes() for name in ("whole", "parted")]
     assert metrics[0] == metrics[1]
     assert json.loads(metrics[1])["ranks"] == 2
+
+
+def test_evaluate_sbatch_requeues_on_sigusr2_and_resumes_to_the_same_metrics(
+    slurm_cluster, weights, tmp_path
+):
+    """`sbatch launch/evaluate.sbatch` with two ranks: SIGUSR2 to the batch shell in the middle of the
+    split (SLURM's time-limit signal, --signal=B:USR2) reaches both ranks through srun; they stop at the
+    end of their sequence in progress, the job requeues itself once, goes on with --resume in the same
+    log (--open-mode=append), and its metrics.json is byte for byte that of an uninterrupted job."""
+    import sys
+
+    from autosam2.data.synthetic import SynthSpec, write_dataset
+
+    repo = Path(__file__).resolve().parents[1]
+    data = tmp_path / "polyp_gen"  # 8 sequences of 30 frames: a few seconds each on one CPU
+    write_dataset(data, SynthSpec(train_sequences=1, valid_sequences=8, frames=30, size=64, seed=2))
+    env = {**os.environ, "AUTOSAM2_PYTHON": sys.executable}
+
+    def submitted(name: str) -> tuple[str, Path]:
+        log = tmp_path / f"{name}.out"
+        done = subprocess.run(
+            ["sbatch", "--parsable", "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1",
+             f"--output={log}", str(repo / "launch" / "evaluate.sbatch"), "--weights", str(weights),
+             "--data", str(data), "--cpu", "--output-dir", str(tmp_path / name)],
+            cwd=repo, env=env, capture_output=True, text=True, check=True, timeout=60,
+        )  # fmt: skip
+        return done.stdout.strip().split(";")[0], log
+
+    whole, whole_log = submitted("whole")
+    parted, log = submitted("parted")
+    deadline = time.monotonic() + 600  # the node may run the uninterrupted job first
+    while not list((tmp_path / "parted" / "sequences").glob("*.json")):
+        assert time.monotonic() < deadline, "no sequence was kept"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--batch", "--signal=USR2", parted], check=True, timeout=60)
+    for path in (log, whole_log):
+        wait_for_line(path, "wrote ", timeout=600)  # the last line of a finished evaluation
+    deadline = time.monotonic() + 120
+    while (states := [_job_state(job) for job in (whole, parted)]) != ["COMPLETED", "COMPLETED"]:
+        assert time.monotonic() < deadline, states
+        time.sleep(0.5)
+    text = log.read_text()
+    line = f"caught SIGUSR2, stopping at the end of the sequences in progress and requeueing job {parted}"
+    assert text.count(line) == 1 and "stopped by SIGUSR2: " in text, text[-3000:]
+    assert "sequences finished before, skipped" in text and "Traceback" not in text, text[-3000:]
+    kept = int(text.split("resuming ")[1].split(": ")[1].split(" sequences finished before")[0])
+    assert 1 <= kept < 8, text[-3000:]  # stopped mid-split
+    assert _restarts(parted) == 1 and _restarts(whole) == 0
+    metrics = [(tmp_path / name / "metrics.json").read_bytes() for name in ("whole", "parted")]
+    assert metrics[0] == metrics[1]
+    assert json.loads(metrics[1])["ranks"] == 2
+
+
+def _job_state(job_id: str) -> str:
+    """A job's state (PENDING, RUNNING, COMPLETED, ...), from `scontrol show job`."""
+    shown = subprocess.run(
+        ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    return next(f for f in shown.split() if f.startswith("JobState=")).split("=", 1)[1]
