@@ -16,6 +16,9 @@ from autosam2.arguments import add_layout, add_output_dir, add_split, add_tracki
 from autosam2.eval.benchmark import add_splits
 from autosam2.metrics import DICE_RULES, MODES, REPORTED
 
+# the commands whose progress.json records the weights that made their predictions (autosam2.eval.resume)
+RECORDED_BY = ("predict", "evaluate")
+
 if TYPE_CHECKING:
     from autosam2.eval.benchmark import SplitResult
     from autosam2.eval.score import Pairing
@@ -83,7 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--mlflow", action="store_true", help="log the scores as an MLflow run")
     add_tracking(p, "with --mlflow: ")
-    p.add_argument("--run-name", default=None, help="with --mlflow (default: score-<pred folder>)")
+    p.add_argument(
+        "--run-name",
+        default=None,
+        help="with --mlflow (default: score-<pred folder>; for our own predictions "
+        "score-<split>-<weights stem>-<pred folder>, docs/tracking.md)",
+    )
     return p
 
 
@@ -104,19 +112,80 @@ def main(argv: list[str] | None = None) -> int:
         result = _score(args, pairing, args.pred, args.gt, tmp, args.split)
     print_table(result.per_sequence, result.summary, REPORTED[args.metric_mode])
     if args.mlflow:
-        name = args.run_name or f"score-{Path(args.pred).resolve().name}"
+        store, link, weights = _tracking(args, out)
         params = {"pred": str(args.pred), "gt": str(args.gt), "metric_mode": args.metric_mode}
-        log_scores(out, _store(args, out), name, params, result.summary)
+        log_scores(
+            out, store, _run_name(args, weights), {**params, **_weights(weights)}, result.summary, link
+        )
     print(f"wrote {out}: metrics.json, metrics.csv ({scored_line(result.extra['frames'], pairing.left_out)})")
     return 0
 
 
-def _store(args: argparse.Namespace, out: Path):
-    """The MLflow store of --mlflow (`autosam2.tracking.choice`: the flags, MLflow's variables, else
-    mlflow.db beside the output folder)."""
-    from autosam2.tracking import choose_store
+def _tracking(args: argparse.Namespace, out: Path):
+    """The MLflow store of --mlflow, the tags linking its runs, and the weights that made --pred
+    (`made_with`): predictions of our weights go where the run that trained them logged, tagged with it
+    and nested under it (`autosam2.tracking.scoring_store`); others by the flags, MLflow's variables,
+    else mlflow.db beside the output folder, unlinked."""
+    from autosam2.tracking import choose_store, scoring_store
 
-    return choose_store(args.tracking_uri, args.experiment, out)
+    weights = made_with(args.pred)
+    if weights is None:
+        return choose_store(args.tracking_uri, args.experiment, out), {}, None
+    store, link = scoring_store(args.tracking_uri, args.experiment, out, weights)
+    return store, link, weights
+
+
+def _run_name(args: argparse.Namespace, weights: Path | None) -> str:
+    """--run-name, else ``score-<pred folder>``, with the split and the weights' name before the folder
+    for predictions of our weights (``score-valid-final-soft``)."""
+    from autosam2.tracking import scoring_run_name
+
+    pred = Path(args.pred).resolve().name
+    if args.run_name:
+        return args.run_name
+    if weights is None:
+        return f"score-{pred}"
+    return f"{scoring_run_name('score', args.split, None, weights)}-{pred}"
+
+
+def _weights(weights: Path | None) -> dict[str, str]:
+    """The MLflow param naming the weights that made the predictions, where they are known."""
+    return {} if weights is None else {"weights": str(weights)}
+
+
+def made_with(pred: str | Path) -> Path | None:
+    """The weights file that made the predictions in `pred`, as the output folder of our `predict`,
+    `evaluate` or `benchmark` records it: ``progress.json``'s inputs, or an evaluation's ``metrics.json``
+    (all a benchmark's split folder keeps), in `pred` itself or in its parent (the folder of ``masks/``
+    and ``soft/``). None for predictions with no such record; a ``progress.json`` that names no weights
+    (damaged, edited) is said in one note."""
+    from autosam2.outputs import PROGRESS, json_object
+
+    here = Path(pred).resolve()
+    for folder in dict.fromkeys((here, here.parent)):
+        progress, metrics = json_object(folder / PROGRESS), json_object(folder / "metrics.json")
+        if progress.get("command") in RECORDED_BY:
+            weights = _text(progress, "inputs", "weights", "path")
+        else:
+            weights = _text(metrics, "weights") if "summary" in metrics else None
+        if weights is not None:
+            return Path(weights)
+        if (folder / PROGRESS).is_file() and (not progress or progress.get("command") in RECORDED_BY):
+            print(
+                f"note: {folder / PROGRESS}: names no weights file (inputs.weights.path); the MLflow "
+                "run is linked to no training run",
+                file=sys.stderr,
+                flush=True,
+            )
+    return None
+
+
+def _text(record: dict, *keys: str) -> str | None:
+    """The non-empty string at `keys` in nested JSON objects; None where there is none."""
+    value: object = record
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value if isinstance(value, str) and value else None
 
 
 def _benchmark_mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> bool:
@@ -212,8 +281,10 @@ def _score_benchmark(args: argparse.Namespace) -> int:
     out = Path(args.output_dir)
     print_benchmark(rows, "sunseg")
     if args.mlflow:
-        name = args.run_name or f"score-{method}"
-        log_splits(out, _store(args, out), lambda split: f"{name}-{split}", results, described)
+        store, link, weights = _tracking(args, out)
+        name = _run_name(args, weights)
+        params = {**described, **_weights(weights)}
+        log_splits(out, store, lambda split: f"{name}-{split}", results, params, link)
     for result in results:
         line = scored_line(result.extra["frames"], result.extra["left_out"])
         print(f"wrote {out / split_folder(result.split)}: metrics.json, metrics.csv ({line})")

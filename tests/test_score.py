@@ -156,6 +156,105 @@ def test_scores_can_be_logged_to_mlflow_beside_our_runs(tmp_path):
     assert run.data.metrics["eval/maxDice"] == pytest.approx(summary["maxDice"])
 
 
+def mlflow_runs(store: Path, experiment: str) -> list:
+    """The runs of `experiment` in the SQLite store `store`."""
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{store.resolve()}")
+    found = client.get_experiment_by_name(experiment)
+    return client.search_runs([found.experiment_id]) if found else []
+
+
+@pytest.mark.slow
+def test_scores_of_our_predictions_log_beside_the_run_that_trained_the_weights(
+    train_data, tmp_path, monkeypatch, capsys
+):
+    """A 2-step training, `predict` and `evaluate` with its weights, then `score --mlflow` on their
+    masks: the score runs go into the training run's store and experiment, tagged with it and nested
+    under it; MLflow's variable wins over that store (still tagged, not nested there); an evaluation's
+    folder found by its metrics.json alone (as a benchmark's split folder keeps it) is linked too."""
+    from autosam2.cli import main as cli
+    from autosam2.tracking.choice import PARENT_TAG, read_run
+    from tests.helpers import train_overrides
+
+    run_dir = tmp_path / "runs" / "a"
+    train = train_overrides(train_data, run_dir, **{"train.max_steps": 2, "tracking.experiment": "polyp"})
+    assert cli(["train", *train]) == 0
+    weights, root = run_dir / "final.pt", train_data["root"]
+    model = ["--weights", str(weights), "--cpu", "--no-overlays"]
+    assert cli(["predict", str(root), *model, "--output-dir", str(tmp_path / "predicted")]) == 0
+    evaluate = ["evaluate", "--data", str(train_data["valid"]), *model]
+    assert cli([*evaluate, "--output-dir", str(tmp_path / "evaluated")]) == 0
+    capsys.readouterr()
+
+    def scored(pred: Path, out: str) -> None:
+        argv = ["score", "--pred", str(pred), "--gt", str(root), "--output-dir", str(tmp_path / out)]
+        assert cli([*argv, "--mlflow"]) == 0
+        assert "note:" not in capsys.readouterr().err
+
+    train_id = read_run(run_dir).run_id
+    scored(tmp_path / "predicted" / "soft", "s_predicted")
+    scored(tmp_path / "evaluated" / "masks", "s_evaluated")
+    (tmp_path / "evaluated" / "progress.json").unlink()  # what a benchmark's split folder keeps
+    scored(tmp_path / "evaluated" / "soft", "s_metrics")
+    runs = mlflow_runs(tmp_path / "runs" / "mlflow.db", "polyp")
+    scores = {Path(r.data.tags["output_dir"]).name: r for r in runs if r.info.run_name.startswith("score")}
+    assert sorted(r.info.run_name for r in runs if r not in scores.values()) == [
+        "eval-valid-step2",
+        "hiera_t-video-a",
+    ]
+    assert {out: r.info.run_name for out, r in scores.items()} == {
+        "s_predicted": "score-valid-final-soft",
+        "s_evaluated": "score-valid-final-masks",
+        "s_metrics": "score-valid-final-soft",
+    }
+    for found in scores.values():
+        tags = found.data.tags
+        assert tags["trained_by"] == tags[PARENT_TAG] == train_id  # nested under it in the UI
+        assert tags["trained_by_dir"] == str(run_dir.resolve())
+        assert found.data.params["weights"] == str(weights.resolve())
+    assert not list(tmp_path.glob("mlflow.db*"))  # nothing in the default store beside the outputs
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path.resolve()}/env.db")
+    scored(tmp_path / "predicted" / "masks", "s_env")
+    (run,) = mlflow_runs(tmp_path / "env.db", "polyp")  # the run's experiment in the variable's store
+    assert run.info.run_name == "score-valid-final-masks" and run.data.tags["trained_by"] == train_id
+    assert PARENT_TAG not in run.data.tags  # that store lacks the training run
+
+
+def test_predictions_with_no_record_of_their_weights_are_logged_unlinked(tmp_path, capsys):
+    """Predictions of elsewhere (no progress.json) log as ever: beside the output folder, unlinked, no
+    note; a damaged progress.json, or one naming weights of no training run, is one note and no crash."""
+    from autosam2.score import main
+    from autosam2.tracking.choice import PARENT_TAG
+
+    pred, gt = method(tmp_path)
+    argv = ["--pred", str(pred), "--gt", str(gt), "--mlflow"]
+    weights = tmp_path / "downloads" / "w.pt"
+    records = {
+        "foreign": None,
+        "damaged": "{not json",
+        "listed": "[1, 2]",
+        "no_weights": json.dumps({"command": "predict", "inputs": {"weights": None}}),
+        "no_run": json.dumps({"command": "predict", "inputs": {"weights": {"path": str(weights)}}}),
+    }
+    for name, record in records.items():
+        if record is not None:
+            (pred.parent / "progress.json").write_text(record)
+        assert main([*argv, "--output-dir", str(tmp_path / name)]) == 0
+        notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+        said = {
+            "foreign": None,
+            "no_run": f"note: {weights} is not in a training run's output directory",
+        }.get(name, f"note: {pred.parent.resolve() / 'progress.json'}: names no weights file")
+        assert (notes == []) if said is None else (len(notes) == 1 and notes[0].startswith(said)), notes
+    runs = mlflow_runs(tmp_path / "mlflow.db", "autosam2")  # beside the output folders
+    assert sorted(r.info.run_name for r in runs) == ["score-method"] * 4 + ["score-w-method"]
+    for run in runs:
+        assert "trained_by" not in run.data.tags and PARENT_TAG not in run.data.tags
+        assert run.data.params.get("weights", str(weights)) == str(weights)
+
+
 def test_score_on_our_own_soft_maps_reproduces_evaluate(tmp_path, tiny_root):
     import torch
 

@@ -139,9 +139,9 @@ def _config_choice(run_dir: Path) -> tuple[str | None, str | None]:
 def scoring_store(
     uri: str | None, experiment: str | None, output_dir: str | Path, weights: str | Path | None
 ) -> tuple[Store, dict[str, str]]:
-    """The store of a command that scores `weights` (evaluate, benchmark) and the tags linking its runs to
-    the training run that wrote them (`link_tags`): that run's store and experiment unless a flag or
-    MLflow's variables name others. Weights of no run of ours (a copied or foreign file): said once,
+    """The store of a command that scores `weights` (evaluate, benchmark, score) and the tags linking its
+    runs to the training run that wrote them (`link_tags`): that run's store and experiment unless a flag
+    or MLflow's variables name others. Weights of no run of ours (a copied or foreign file): said once,
     and the store is chosen without a run."""
     run = read_run(Path(weights).parent) if weights is not None else None
     store = choose_store(uri, experiment, output_dir, run)
