@@ -13,17 +13,14 @@ from launch.__main__ import _output_dir_of, submit
 from tests.helpers import train_overrides
 
 
-def test_the_output_directory_is_read_by_the_commands_own_parser(tmp_path, tiny_root_pristine, monkeypatch):
+def test_the_output_directory_is_read_by_the_commands_own_parser(
+    tmp_path, tiny_root_pristine, weights, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
-    Path("w.pt").write_bytes(b"w")  # the weights file is there (its contents are read by the job)
-    assert (
-        _output_dir_of("evaluate", ["--weights", "w.pt", f"--output-dir={tmp_path / 'a'}"]) == tmp_path / "a"
-    )
-    assert (
-        _output_dir_of("evaluate", ["--weights", "w.pt", "--output-dir", str(tmp_path / "b")])
-        == tmp_path / "b"
-    )
-    assert _output_dir_of("evaluate", ["--weights", "w.pt"]) == Path("results")
+    w = str(weights)  # a weights file (its format is read at submission, its tensors by the job)
+    assert _output_dir_of("evaluate", ["--weights", w, f"--output-dir={tmp_path / 'a'}"]) == tmp_path / "a"
+    assert _output_dir_of("evaluate", ["--weights", w, "--output-dir", str(tmp_path / "b")]) == tmp_path / "b"
+    assert _output_dir_of("evaluate", ["--weights", w]) == Path("results")
     shard = [str(tiny_root_pristine), "--split", "train", f"--out={tmp_path / 'shards' / 'train'}"]
     assert _output_dir_of("shard", shard) == tmp_path / "shards" / "train"  # its jobs: train.jobs beside it
 
@@ -765,13 +762,12 @@ def test_a_missing_weights_or_checkpoint_file_is_refused_at_submission_in_one_li
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pt"]
 
 
-def test_a_job_folder_that_is_a_file_is_refused_in_one_line_and_kept(tmp_path, sunseg_split, capsys):
+def test_a_job_folder_that_is_a_file_is_refused_in_one_line_and_kept(tmp_path, sunseg_split, weights, capsys):
     from launch.__main__ import main
 
-    (tmp_path / "w.pt").write_bytes(b"w")
     (tmp_path / "logs").write_text("mine")
     args = ["sunseg", "--data", str(sunseg_split), "--splits", "TestEasyDataset/Seen"]
-    args += ["--weights", str(tmp_path / "w.pt"), "--output-dir", str(tmp_path / "out")]
+    args += ["--weights", str(weights), "--output-dir", str(tmp_path / "out")]
     assert main(["benchmark", "--cluster", "local", "--folder", str(tmp_path / "logs"), "--", *args]) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert (
@@ -779,8 +775,7 @@ def test_a_job_folder_that_is_a_file_is_refused_in_one_line_and_kept(tmp_path, s
         == f"launch: {tmp_path / 'logs'}: is a file, not a folder; refusing to put the job's logs there (--folder)"
     )
     assert (tmp_path / "logs").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == [
-        "logs",
-        "w.pt",
+        "logs"
     ]
 
 
