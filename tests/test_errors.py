@@ -456,3 +456,36 @@ def test_an_odd_value_is_one_usage_line_and_nothing_changes(box, capsys, command
     assert refused.value.code == 2 and [line for line in err if "error" in line] == err[-1:]  # after usage
     assert err[-1].startswith(f"{prog}: error: argument {flag}") and value in err[-1], err[-1]
     assert digest(box["box"]) == before
+
+
+@pytest.fixture(scope="module")
+def full_weights(tmp_path_factory) -> Path:
+    """A weights file holding every weight of a random-init model at 64 px (no SAM2 file beside it)."""
+    import torch
+
+    from autosam2.config import load_config
+    from autosam2.model.sam2_builder import build_autosam2
+    from autosam2.model.weights import RunWeights
+
+    folder = tmp_path_factory.mktemp("full")
+    cfg = load_config(None, ["model.image_size=64"])
+    RunWeights(folder, build_autosam2(cfg.model, torch.device("cpu")), cfg.model, True, full=True).save(
+        "w.pt", 0
+    )
+    return folder / "w.pt"
+
+
+@pytest.mark.parametrize("command", SCORERS)
+def test_a_checkpoint_beside_weights_that_hold_every_weight_is_still_read(box, full_weights, capsys, command):
+    """The SAM2 file is not needed, but one that is given is no dead flag: a text file is refused."""
+    notes = box["box"] / "notes.pt"
+    call, argv = _scorer_argv(
+        command, box, {"weights": str(full_weights), "model": ["--checkpoint", str(notes)]}
+    )
+    before = digest(box["box"])
+    capsys.readouterr()
+    assert call(argv) == 1
+    prog = "launch" if command.startswith("launch") else f"autosam2 {command}"
+    line = _one_error_line(capsys.readouterr().err, f"{prog}: ")
+    assert line.startswith(f"{prog}: {notes}: not a SAM2 checkpoint: a text file, which torch.load cannot")
+    assert digest(box["box"]) == before

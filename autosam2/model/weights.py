@@ -208,8 +208,11 @@ def read_weights(path: str | Path) -> dict[str, Any]:
 
 
 def _base_file(weights: Path, payload: dict[str, Any], checkpoint: str | Path | None) -> Path | None:
-    """The SAM2 weights file the model of `weights` is rebuilt on (None: the file holds every weight)."""
+    """The SAM2 weights file the model of `weights` is rebuilt on (None: the file holds every weight; a
+    `checkpoint` given all the same must be a SAM2 checkpoint)."""
     if payload["full"]:
+        if checkpoint is not None:
+            read_sam2_checkpoint(checkpoint)
         return None
     if payload.get("base") is not None:
         return find_base(weights, payload["base"], checkpoint)
