@@ -284,13 +284,14 @@ SCORERS = ("benchmark", "predict", "launch benchmark", "launch predict")
 @pytest.fixture
 def box(tmp_path, weights, sunseg_root) -> dict[str, Path]:
     """A SUN-SEG root of one split, and beside it what a user gets wrong: a text file, an empty file, a
-    folder where a file belongs, an empty folder, a folder of the user's notes, and an earlier benchmark's
-    and prediction's output with the user's notes put in it."""
+    weights file cut off, a folder where a file belongs, an empty folder, a folder of the user's notes, an
+    earlier benchmark's and prediction's output with the user's notes put in it."""
     import shutil
 
     root = shutil.copytree(sunseg_root, tmp_path / "SUN-SEG")
     (tmp_path / "notes.pt").write_text("my notes\n")
     (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "cut.pt").write_bytes(weights.read_bytes()[:100_000])  # a copy cut off
     (tmp_path / "folder.pt").mkdir()
     (tmp_path / "empty").mkdir()
     (tmp_path / "mine").mkdir()
@@ -323,7 +324,7 @@ def _scorer_argv(command: str, box: dict[str, Path], case: dict) -> tuple[Callab
 
 # case -> (what it gives in place of the good input; the one line, a pattern (for benchmark, predict where
 # they differ)); `{box}` is the test's folder, `{polyp_gen}` a dataset in another layout, `{kind}` the
-# command (benchmark or predict)
+# command (benchmark or predict), `{base}` the SAM2 checkpoint the weights were trained on
 HOSTILE_INPUTS: dict[str, tuple[dict, str | tuple[str, str]]] = {
     "missing weights": ({"weights": "{box}/gone.pt"}, r"{box}/gone\.pt: (weights )?file not found$"),
     "text weights": (
@@ -333,6 +334,14 @@ HOSTILE_INPUTS: dict[str, tuple[dict, str | tuple[str, str]]] = {
     "empty weights": (
         {"weights": "{box}/empty.pt"},
         r"{box}/empty\.pt: not a loadable weights file: an empty file, which torch\.load cannot read",
+    ),
+    "cut-off weights": (
+        {"weights": "{box}/cut.pt"},
+        r"{box}/cut\.pt: not a loadable weights file: a cut-off or damaged zip .*, which torch\.load cannot read",
+    ),
+    "SAM2 checkpoint as weights": (
+        {"weights": "{base}"},
+        r"{base}: not an AutoSAM2 weights file \(written by `autosam2 train`\)$",
     ),
     "weights a folder": (
         {"weights": "{box}/folder.pt"},
@@ -402,6 +411,7 @@ def test_bad_input_to_a_scorer_or_its_job_is_one_line_and_nothing_changes(
 
     given, says = HOSTILE_INPUTS[case]
     places = {"box": str(box["box"]), "polyp_gen": str(tiny_root_pristine), "kind": command.split()[-1]}
+    places["base"] = str(box["weights"].parent / "base.pt")  # the SAM2 file the weights were trained on
     call, argv = _scorer_argv(command, box, {k: _filled(v, places) for k, v in given.items()})
     before = digest(box["box"])
     capsys.readouterr()
