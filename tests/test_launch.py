@@ -165,7 +165,9 @@ def fake_scheduler(tmp_path: Path, monkeypatch, job_id: int) -> Path:
     return tmp_path / "job.sh"
 
 
-def test_the_sites_and_the_commands_set_up_lines_run_in_the_job_script_before_srun(tmp_path, monkeypatch):
+def test_the_sites_and_the_commands_set_up_lines_run_in_the_job_script_before_srun(
+    tmp_path, weights, monkeypatch
+):
     import pickle
 
     from autosam2.engine.dist.slurm import MAX_REQUEUES
@@ -177,7 +179,7 @@ def test_the_sites_and_the_commands_set_up_lines_run_in_the_job_script_before_sr
     out = tmp_path / "eval"
     (job,) = submit(
         ["evaluate", "--cluster", "slurm", "--time", "1-12:30", "--setup", "export NCCL_DEBUG=WARN"]
-        + ["--", "--weights", str(site), "--output-dir", str(out)]  # a file there: the job reads it
+        + ["--", "--weights", str(weights), "--output-dir", str(out)]
     )
     lines = script.read_text().splitlines()
     setup = ["module load cuda/12.4", "source ~/venv/bin/activate", "export NCCL_DEBUG=WARN"]
@@ -306,7 +308,7 @@ def test_train_sbatch_refuses_a_cap_that_is_no_number_in_one_line(tmp_path):
     assert not (tmp_path / "started").exists()
 
 
-def test_the_cap_command_prints_the_cap_the_launcher_gives_submitit(tmp_path, monkeypatch, capsys):
+def test_the_cap_command_prints_the_cap_the_launcher_gives_submitit(tmp_path, weights, monkeypatch, capsys):
     """`python -m autosam2.engine.dist max-requeues` (what train.sbatch reads) is the count of time-outs
     the launcher's jobs requeue after, unless --max-requeues says otherwise."""
     import pickle
@@ -318,9 +320,8 @@ def test_the_cap_command_prints_the_cap_the_launcher_gives_submitit(tmp_path, mo
     fake_scheduler(tmp_path, monkeypatch, 4343)
     for given, countdown in (([], cap), (["--max-requeues", "7"], 7)):
         out = tmp_path / f"eval{countdown}"
-        (job,) = submit(
-            ["evaluate", "--cluster", "slurm", *given, "--", "--weights", __file__, "--output-dir", str(out)]
-        )
+        model = ["--weights", str(weights), "--output-dir", str(out)]
+        (job,) = submit(["evaluate", "--cluster", "slurm", *given, "--", *model])
         with open(job.paths.submitted_pickle, "rb") as f:
             assert pickle.load(f)._timeout_countdown == countdown
 
