@@ -25,7 +25,7 @@ from typing import Any
 
 import submitit
 
-from autosam2.arguments import non_negative_int, positive_int
+from autosam2.arguments import non_negative_int, positive_float, positive_int
 from launch.sbatch import SITE_VARIABLE, TIME_FORMATS, sbatch_minutes, sbatch_parameter, site_setup
 
 
@@ -230,12 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--tasks-per-node",
-        type=int,
+        type=positive_int,
         default=None,
         help="tasks per node without GPUs (CPU runs); default: --gpus-per-node or 1",
     )
     p.add_argument("--cpus-per-task", type=positive_int, default=8)
-    p.add_argument("--mem-gb", type=float, default=None)
+    p.add_argument("--mem-gb", type=positive_float, default=None)
     p.add_argument(
         "--time",
         type=sbatch_minutes,
@@ -304,7 +304,10 @@ def _add_slurm_arguments(p: argparse.ArgumentParser) -> None:
         "from its last checkpoint (default %(default)s: the job fails)",
     )
     p.add_argument(
-        "--signal-delay-s", type=int, default=120, help="SIGUSR2 this many seconds before the time limit"
+        "--signal-delay-s",
+        type=non_negative_int,
+        default=120,
+        help="SIGUSR2 this many seconds before the time limit",
     )
 
 
@@ -432,7 +435,8 @@ def _output_dir_of(what: str, argv: list[str]) -> Path:
 
 def _inputs_checked(what: str, argv: list[str]) -> Path:
     """A predict or benchmark job's output folder, claimed, once its inputs are found as the command
-    itself finds them (file names only: a missing input or split fails here, not in the queue)."""
+    itself finds them (file names only, and the model files read: a missing input or split, or a
+    wrong weights file, fails here, not in the queue)."""
     from autosam2.outputs import BENCHMARK, claim
 
     if what == "predict":
@@ -453,14 +457,18 @@ def _inputs_checked(what: str, argv: list[str]) -> Path:
 
 
 def _model_files_found(args: argparse.Namespace) -> None:
-    """The --weights and --checkpoint files a scoring job reads are there (names only, as for the
-    other inputs); a missing one is one CheckpointError."""
+    """The --weights and --checkpoint files a scoring job reads are there and hold what the job will
+    load (read as the command reads them, memory-mapped, no model built: `model_files`); a missing or
+    wrong one is one CheckpointError naming it."""
     from autosam2.errors import CheckpointError
+    from autosam2.model.weights import model_files
 
     for flag in ("weights", "checkpoint"):
         path = getattr(args, flag)
         if path is not None and not Path(path).is_file():
-            raise CheckpointError(f"--{flag} {path}: file not found")
+            found = "a folder, not a file" if Path(path).is_dir() else "file not found"
+            raise CheckpointError(f"--{flag} {path}: {found}")
+    model_files(args.weights, args.checkpoint)
 
 
 def _without_credentials(argv: list[str]) -> list[str]:

@@ -21,6 +21,7 @@ from tests.test_outputs import digest
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs (root; CI runs as root)")
 FREE_BYTES = 2048  # what a full disk leaves: less than one page of a file
+SPLIT = "TestEasyDataset/Seen"  # the SUN-SEG split of the benchmark's and its job's inputs
 
 
 def test_a_user_error_is_one_line_and_status_1(capsys):
@@ -125,6 +126,8 @@ def disks(tmp_path_factory) -> Iterator[dict[str, Path]]:
 def _commands(inputs: dict[str, Path]) -> dict[str, Callable[[Path], int]]:
     """Each command writing its output to the given path."""
     root, gt, frames, w = inputs["root"], inputs["gt"], inputs["frames"], inputs["weights"]
+    benchmark = ["sunseg", "--data", str(inputs["sunseg"]), "--splits", SPLIT, "--weights", str(w), "--cpu"]
+    predict = [str(frames), "--weights", str(w)]
     build = ["build", str(root), "--split", "train", "--frames-per-sample", "2", "--max-shard-mb", "0.01"]
     return {
         "shards build": lambda out: shards([*build, "--workers", "1", "--out", str(out)]),
@@ -143,28 +146,46 @@ def _commands(inputs: dict[str, Path]) -> dict[str, Callable[[Path], int]]:
         "launch shard": lambda out: launch(
             ["shard", "--cluster", "debug", "--", *build[1:], "--out", str(out)]
         ),
+        "benchmark": lambda out: cli(["benchmark", *benchmark, "--no-overlays", "--output-dir", str(out)]),
+        "launch predict": lambda out: launch(
+            ["predict", "--cluster", "debug", "--", *predict, "--output-dir", str(out)]
+        ),
+        "launch benchmark": lambda out: launch(
+            ["benchmark", "--cluster", "debug", "--", *benchmark, "--output-dir", str(out)]
+        ),
     }
 
 
 # the launcher's own writes (its job folder): on a full disk the job, not the launcher, meets it
 CASES = [
     (command, disk)
-    for command in _commands({k: Path() for k in ("root", "gt", "frames", "weights")})
+    for command in _commands({k: Path() for k in ("root", "gt", "frames", "weights", "sunseg")})
     for disk in ("full", "readonly")
-    if (command, disk) != ("launch shard", "full")
+    if not (command.startswith("launch") and disk == "full")
 ]
 PROG = {
     "shards build --workers 2": "shards build",
     "shards build part": "shards build",
     "launch shard": "launch:",
+    "launch predict": "launch:",
+    "launch benchmark": "launch:",
 }
 EXPECTED_ERROR = {"full": "no space left on device", "readonly": "read-only file system"}
 
 
+@pytest.fixture(scope="module")
+def sunseg_root(tmp_path_factory) -> Path:
+    """A SUN-SEG root of one test split (one case of four frames)."""
+    from tests.layout_fixtures.sunseg import write_sunseg
+
+    return write_sunseg(tmp_path_factory.mktemp("sunseg") / "SUN-SEG", frames=4, splits={SPLIT: ["case2_1"]})
+
+
 @pytest.fixture
-def inputs(tiny_root_pristine, weights) -> dict[str, Path]:
+def inputs(tiny_root_pristine, weights, sunseg_root) -> dict[str, Path]:
     return {
         "root": tiny_root_pristine,
+        "sunseg": sunseg_root,
         "gt": tiny_root_pristine / "valid" / "masks",
         "frames": tiny_root_pristine / "valid" / "images" / "seq3",
         "weights": weights,
@@ -253,3 +274,228 @@ def test_sync_of_a_run_on_a_read_only_disk_is_one_line(tmp_path, capsys):
         assert "read-only file system" in line or "still waiting" in line, line
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+# bad input to benchmark, predict and their launcher jobs: one line, nothing made --------------------------
+
+SCORERS = ("benchmark", "predict", "launch benchmark", "launch predict")
+
+
+@pytest.fixture
+def box(tmp_path, weights, sunseg_root) -> dict[str, Path]:
+    """A SUN-SEG root of one split, and beside it what a user gets wrong: a text file, an empty file, a
+    weights file cut off, a folder where a file belongs, an empty folder, a folder of the user's notes, an
+    earlier benchmark's and prediction's output with the user's notes put in it."""
+    import shutil
+
+    root = shutil.copytree(sunseg_root, tmp_path / "SUN-SEG")
+    (tmp_path / "notes.pt").write_text("my notes\n")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "cut.pt").write_bytes(weights.read_bytes()[:100_000])  # a copy cut off
+    (tmp_path / "folder.pt").mkdir()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    for kind, name, marker in [
+        ("benchmark", "benchmark.json", '{"benchmark": "sunseg", "rows": []}'),
+        ("predict", "frames.csv", "sequence,frame,presence,pixels\n"),
+    ]:  # an earlier run's output, and the user's notes put beside it
+        (tmp_path / f"earlier-{kind}").mkdir()
+        (tmp_path / f"earlier-{kind}" / name).write_text(marker)
+        (tmp_path / f"earlier-{kind}" / "notes.txt").write_text("mine")
+    return {"box": tmp_path, "root": root, "weights": weights}
+
+
+def _scorer_argv(command: str, box: dict[str, Path], case: dict) -> tuple[Callable[[list[str]], int], list]:
+    """The call of `command` (the launcher's job with --cluster debug) with a case's inputs."""
+    where = box["box"]
+    model = ["--weights", case.get("weights", str(box["weights"])), *case.get("model", [])]
+    out = ["--output-dir", case.get("out", str(where / "out")), "--cpu", *case.get("flags", [])]
+    if command.endswith("benchmark"):
+        data = case.get("data", str(box["root"]))
+        argv = ["sunseg", "--data", data, "--splits", *case.get("splits", [SPLIT]), *model, *out]
+    else:
+        frames = box["root"] / SPLIT / "Frame" / "case2_1"
+        argv = [case.get("input", str(frames)), *case.get("split", []), *model, *out]
+    if command.startswith("launch"):
+        return launch, [command.split()[1], "--cluster", "debug", *case.get("launcher", []), "--", *argv]
+    return cli, [command, *argv]
+
+
+# case -> (what it gives in place of the good input; the one line, a pattern (for benchmark, predict where
+# they differ)); `{box}` is the test's folder, `{polyp_gen}` a dataset in another layout, `{kind}` the
+# command (benchmark or predict), `{base}` the SAM2 checkpoint the weights were trained on
+HOSTILE_INPUTS: dict[str, tuple[dict, str | tuple[str, str]]] = {
+    "missing weights": ({"weights": "{box}/gone.pt"}, r"{box}/gone\.pt: (weights )?file not found$"),
+    "text weights": (
+        {"weights": "{box}/notes.pt"},
+        r"{box}/notes\.pt: not a loadable weights file: a text file, which torch\.load cannot read",
+    ),
+    "empty weights": (
+        {"weights": "{box}/empty.pt"},
+        r"{box}/empty\.pt: not a loadable weights file: an empty file, which torch\.load cannot read",
+    ),
+    "cut-off weights": (
+        {"weights": "{box}/cut.pt"},
+        r"{box}/cut\.pt: not a loadable weights file: a cut-off or damaged zip .*, which torch\.load cannot read",
+    ),
+    "SAM2 checkpoint as weights": (
+        {"weights": "{base}"},
+        r"{base}: not an AutoSAM2 weights file \(written by `autosam2 train`\)$",
+    ),
+    "weights a folder": (
+        {"weights": "{box}/folder.pt"},
+        r"{box}/folder\.pt: a folder, not a (weights )?file$",
+    ),
+    "checkpoint not SAM2": (
+        {"model": ["--checkpoint", "{box}/notes.pt"]},
+        r"{box}/notes\.pt: not a SAM2 checkpoint: a text file, which torch\.load cannot read",
+    ),
+    "checkpoint a folder": (
+        {"model": ["--checkpoint", "{box}/folder.pt"]},
+        r"{box}/folder\.pt: (a folder, not a file$|is not a file, not the SAM2 weights .* was trained on)",
+    ),
+    "missing data": (
+        {"data": "{box}/nowhere", "input": "{box}/nowhere"},
+        (r"{box}/nowhere: does not exist, not a SUN-SEG root$", r"{box}/nowhere: no such file or folder$"),
+    ),
+    "empty data folder": (
+        {"data": "{box}/empty", "input": "{box}/empty"},
+        (r"{box}/empty: no TestEasyDataset/Seen .*found: none\)$", r"{box}/empty: holds no frames, no video"),
+    ),
+    "data a text file": (
+        {"data": "{box}/notes.pt", "input": "{box}/notes.pt"},
+        (r"{box}/notes\.pt: is a file, not a SUN-SEG root$", r"{box}/notes\.pt: not a video file"),
+    ),
+    "data in another layout": (
+        {"data": "{polyp_gen}", "input": "{polyp_gen}", "split": ["--layout", "sunseg"]},
+        (r"{polyp_gen}: no TestEasyDataset/Seen .*found: none\)$", r"{polyp_gen}: not a sunseg folder"),
+    ),
+    "split not there": (
+        {
+            "splits": ["TestHardDataset/Seen"],
+            "input": "{box}/SUN-SEG",
+            "split": ["--split", "TestHardDataset/Seen"],
+        },
+        (r"{box}/SUN-SEG: no TestHardDataset/Seen ", r"{box}/SUN-SEG: no split 'TestHardDataset/Seen'"),
+    ),
+    "output a file": ({"out": "{box}/notes.pt"}, r"{box}/notes\.pt: is a file, not a folder; refusing"),
+    "output holds the user's files": ({"out": "{box}/mine"}, r"{box}/mine: holds notes\.txt, which is not"),
+    "output holds the user's files, --overwrite": (
+        {"out": "{box}/mine", "flags": ["--overwrite"]},
+        r"{box}/mine: holds notes\.txt, which is not",
+    ),
+    "output holds our output and the user's file, --overwrite": (
+        {"out": "{box}/earlier-{kind}", "flags": ["--overwrite"]},
+        r"{box}/earlier-\w+: holds notes\.txt beside (a benchmark|predictions), which this command does not write",
+    ),
+    "output under a file": (
+        {"out": "{box}/notes.pt/out"},
+        r"{box}/notes\.pt/out: cannot be made, {box}/notes\.pt is a file$",
+    ),
+}
+
+
+def _filled(value, places: dict[str, str]):
+    if isinstance(value, list):
+        return [_filled(v, places) for v in value]
+    return value.format(**places)
+
+
+@pytest.mark.parametrize("case", HOSTILE_INPUTS)
+@pytest.mark.parametrize("command", SCORERS)
+def test_bad_input_to_a_scorer_or_its_job_is_one_line_and_nothing_changes(
+    box, tiny_root_pristine, capsys, command, case
+):
+    import re
+
+    given, says = HOSTILE_INPUTS[case]
+    places = {"box": str(box["box"]), "polyp_gen": str(tiny_root_pristine), "kind": command.split()[-1]}
+    places["base"] = str(box["weights"].parent / "base.pt")  # the SAM2 file the weights were trained on
+    call, argv = _scorer_argv(command, box, {k: _filled(v, places) for k, v in given.items()})
+    before = digest(box["box"])
+    capsys.readouterr()
+    assert call(argv) == 1
+    err = capsys.readouterr().err
+    prog = "launch" if command.startswith("launch") else f"autosam2 {command}"
+    line = _one_error_line(err, f"{prog}: ")
+    assert err.strip() == line
+    pattern = says if isinstance(says, str) else says[command.endswith("predict")]
+    escaped = {k: re.escape(v) for k, v in places.items()}
+    assert re.search(pattern.format(**escaped), line.removeprefix(f"{prog}: ")), line
+    assert digest(box["box"]) == before  # no output, no job folder, the user's files as they were
+
+
+# flag -> the value a user gets wrong; argparse's usage line and status 2
+ODD_VALUES = {
+    "benchmark": [("--splits", "TestEasy"), ("--encode-batch", "0"), ("--gpu", "-1")],
+    "predict": [("--fps", "0"), ("--fps", "nan"), ("--encode-batch", "-2"), ("--gpu", "x")],
+    "launch": [
+        ("--time", "1:2:3:4"),
+        ("--time", "2h"),
+        ("--nodes", "0"),
+        ("--tasks-per-node", "0"),
+        ("--tasks-per-node", "-1"),
+        ("--cpus-per-task", "-4"),
+        ("--gpus-per-node", "-1"),
+        ("--mem-gb", "-4"),
+        ("--mem-gb", "nan"),
+        ("--signal-delay-s", "-1"),
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    "command, flag, value",
+    [(c, f, v) for c in ("benchmark", "predict") for f, v in ODD_VALUES[c]]
+    + [(f"launch {c}", f, v) for c in ("benchmark", "predict") for f, v in ODD_VALUES[c][:1]]
+    + [(f"launch {c}", f, v) for c in ("benchmark", "predict") for f, v in ODD_VALUES["launch"]],
+)
+def test_an_odd_value_is_one_usage_line_and_nothing_changes(box, capsys, command, flag, value):
+    launcher = command.startswith("launch") and flag in dict(ODD_VALUES["launch"])
+    case = {"launcher": [flag, value]} if launcher else {"flags": [flag, value]}
+    if flag == "--splits":
+        case = {"splits": [value]}
+    call, argv = _scorer_argv(command, box, case)
+    before = digest(box["box"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        call(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    prog = "python -m launch" if launcher else f"autosam2 {command.split()[-1]}"
+    assert refused.value.code == 2 and [line for line in err if "error" in line] == err[-1:]  # after usage
+    assert err[-1].startswith(f"{prog}: error: argument {flag}") and value in err[-1], err[-1]
+    assert digest(box["box"]) == before
+
+
+@pytest.fixture(scope="module")
+def full_weights(tmp_path_factory) -> Path:
+    """A weights file holding every weight of a random-init model at 64 px (no SAM2 file beside it)."""
+    import torch
+
+    from autosam2.config import load_config
+    from autosam2.model.sam2_builder import build_autosam2
+    from autosam2.model.weights import RunWeights
+
+    folder = tmp_path_factory.mktemp("full")
+    cfg = load_config(None, ["model.image_size=64"])
+    RunWeights(folder, build_autosam2(cfg.model, torch.device("cpu")), cfg.model, True, full=True).save(
+        "w.pt", 0
+    )
+    return folder / "w.pt"
+
+
+@pytest.mark.parametrize("command", SCORERS)
+def test_a_checkpoint_beside_weights_that_hold_every_weight_is_still_read(box, full_weights, capsys, command):
+    """The SAM2 file is not needed, but one that is given is no dead flag: a text file is refused."""
+    notes = box["box"] / "notes.pt"
+    call, argv = _scorer_argv(
+        command, box, {"weights": str(full_weights), "model": ["--checkpoint", str(notes)]}
+    )
+    before = digest(box["box"])
+    capsys.readouterr()
+    assert call(argv) == 1
+    prog = "launch" if command.startswith("launch") else f"autosam2 {command}"
+    line = _one_error_line(capsys.readouterr().err, f"{prog}: ")
+    assert line.startswith(f"{prog}: {notes}: not a SAM2 checkpoint: a text file, which torch.load cannot")
+    assert digest(box["box"]) == before

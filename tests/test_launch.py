@@ -13,17 +13,14 @@ from launch.__main__ import _output_dir_of, submit
 from tests.helpers import train_overrides
 
 
-def test_the_output_directory_is_read_by_the_commands_own_parser(tmp_path, tiny_root_pristine, monkeypatch):
+def test_the_output_directory_is_read_by_the_commands_own_parser(
+    tmp_path, tiny_root_pristine, weights, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
-    Path("w.pt").write_bytes(b"w")  # the weights file is there (its contents are read by the job)
-    assert (
-        _output_dir_of("evaluate", ["--weights", "w.pt", f"--output-dir={tmp_path / 'a'}"]) == tmp_path / "a"
-    )
-    assert (
-        _output_dir_of("evaluate", ["--weights", "w.pt", "--output-dir", str(tmp_path / "b")])
-        == tmp_path / "b"
-    )
-    assert _output_dir_of("evaluate", ["--weights", "w.pt"]) == Path("results")
+    w = str(weights)  # a weights file (its format is read at submission, its tensors by the job)
+    assert _output_dir_of("evaluate", ["--weights", w, f"--output-dir={tmp_path / 'a'}"]) == tmp_path / "a"
+    assert _output_dir_of("evaluate", ["--weights", w, "--output-dir", str(tmp_path / "b")]) == tmp_path / "b"
+    assert _output_dir_of("evaluate", ["--weights", w]) == Path("results")
     shard = [str(tiny_root_pristine), "--split", "train", f"--out={tmp_path / 'shards' / 'train'}"]
     assert _output_dir_of("shard", shard) == tmp_path / "shards" / "train"  # its jobs: train.jobs beside it
 
@@ -168,7 +165,9 @@ def fake_scheduler(tmp_path: Path, monkeypatch, job_id: int) -> Path:
     return tmp_path / "job.sh"
 
 
-def test_the_sites_and_the_commands_set_up_lines_run_in_the_job_script_before_srun(tmp_path, monkeypatch):
+def test_the_sites_and_the_commands_set_up_lines_run_in_the_job_script_before_srun(
+    tmp_path, weights, monkeypatch
+):
     import pickle
 
     from autosam2.engine.dist.slurm import MAX_REQUEUES
@@ -180,7 +179,7 @@ def test_the_sites_and_the_commands_set_up_lines_run_in_the_job_script_before_sr
     out = tmp_path / "eval"
     (job,) = submit(
         ["evaluate", "--cluster", "slurm", "--time", "1-12:30", "--setup", "export NCCL_DEBUG=WARN"]
-        + ["--", "--weights", str(site), "--output-dir", str(out)]  # a file there: the job reads it
+        + ["--", "--weights", str(weights), "--output-dir", str(out)]
     )
     lines = script.read_text().splitlines()
     setup = ["module load cuda/12.4", "source ~/venv/bin/activate", "export NCCL_DEBUG=WARN"]
@@ -436,7 +435,7 @@ def test_evaluate_sbatch_runs_evaluate_with_resume_and_its_status(
     assert (parsed.resume, parsed.overwrite, parsed.weights) == (resume, overwrite, "w a.pt")
 
 
-def test_the_cap_command_prints_the_cap_the_launcher_gives_submitit(tmp_path, monkeypatch, capsys):
+def test_the_cap_command_prints_the_cap_the_launcher_gives_submitit(tmp_path, weights, monkeypatch, capsys):
     """`python -m autosam2.engine.dist max-requeues` (what the sbatch templates read) is the count of
     time-outs the launcher's jobs requeue after, unless --max-requeues says otherwise."""
     import pickle
@@ -448,9 +447,8 @@ def test_the_cap_command_prints_the_cap_the_launcher_gives_submitit(tmp_path, mo
     fake_scheduler(tmp_path, monkeypatch, 4343)
     for given, countdown in (([], cap), (["--max-requeues", "7"], 7)):
         out = tmp_path / f"eval{countdown}"
-        (job,) = submit(
-            ["evaluate", "--cluster", "slurm", *given, "--", "--weights", __file__, "--output-dir", str(out)]
-        )
+        model = ["--weights", str(weights), "--output-dir", str(out)]
+        (job,) = submit(["evaluate", "--cluster", "slurm", *given, "--", *model])
         with open(job.paths.submitted_pickle, "rb") as f:
             assert pickle.load(f)._timeout_countdown == countdown
 
@@ -892,13 +890,12 @@ def test_a_missing_weights_or_checkpoint_file_is_refused_at_submission_in_one_li
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pt"]
 
 
-def test_a_job_folder_that_is_a_file_is_refused_in_one_line_and_kept(tmp_path, sunseg_split, capsys):
+def test_a_job_folder_that_is_a_file_is_refused_in_one_line_and_kept(tmp_path, sunseg_split, weights, capsys):
     from launch.__main__ import main
 
-    (tmp_path / "w.pt").write_bytes(b"w")
     (tmp_path / "logs").write_text("mine")
     args = ["sunseg", "--data", str(sunseg_split), "--splits", "TestEasyDataset/Seen"]
-    args += ["--weights", str(tmp_path / "w.pt"), "--output-dir", str(tmp_path / "out")]
+    args += ["--weights", str(weights), "--output-dir", str(tmp_path / "out")]
     assert main(["benchmark", "--cluster", "local", "--folder", str(tmp_path / "logs"), "--", *args]) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert (
@@ -906,8 +903,7 @@ def test_a_job_folder_that_is_a_file_is_refused_in_one_line_and_kept(tmp_path, s
         == f"launch: {tmp_path / 'logs'}: is a file, not a folder; refusing to put the job's logs there (--folder)"
     )
     assert (tmp_path / "logs").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == [
-        "logs",
-        "w.pt",
+        "logs"
     ]
 
 

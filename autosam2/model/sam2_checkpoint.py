@@ -135,7 +135,7 @@ def _load(path: Path) -> Any:
     except Exception as err:  # torch.load raises many types for a file that is not its own
         first = (str(err).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(
-            f"{path}: not a SAM2 checkpoint: {_sniff(path)}, which torch.load cannot read "
+            f"{path}: not a SAM2 checkpoint: {sniff(path)}, which torch.load cannot read "
             f"({type(err).__name__}: {first})"
         ) from err
 
@@ -204,7 +204,7 @@ MAGIC = (
 )
 
 
-def _sniff(path: Path) -> str:
+def sniff(path: Path) -> str:
     """What a file torch cannot read looks like, from its first bytes."""
     with open(path, "rb") as f:
         head = f.read(64)

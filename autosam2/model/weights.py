@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from autosam2.config import ModelConfig, section_from_dict, to_dict
 from autosam2.engine.run_lock import guard
 from autosam2.errors import CheckpointError, write_failure
 from autosam2.model.sam2_builder import build_autosam2, load_sam2_checkpoint, save_sam2_checkpoint
-from autosam2.model.sam2_checkpoint import OWN_MODULES, read_sam2_checkpoint, settle_model
+from autosam2.model.sam2_checkpoint import OWN_MODULES, read_sam2_checkpoint, settle_model, sniff
 
 WEIGHTS_FORMAT = "autosam2-weights"
 VERSION = 2
@@ -189,14 +190,17 @@ def save_weights(
 def read_weights(path: str | Path) -> dict[str, Any]:
     """The payload of a weights file; one CheckpointError naming it when it is missing or foreign."""
     path = Path(path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a folder, not a weights file")
+    try:  # memory-mapped where torch allows it (its zip format): the tensors' data stay on disk
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except FileNotFoundError as err:
         raise CheckpointError(f"{path}: weights file not found") from err
     except Exception as err:  # a damaged or foreign file: torch.load raises many types
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        why = f"{type(err).__name__}: {first}" if first else type(err).__name__
         raise CheckpointError(
-            f"{path}: not a loadable weights file ({type(err).__name__}: {first[:200]})"
+            f"{path}: not a loadable weights file: {sniff(path)}, which torch.load cannot read ({why})"
         ) from err
     if not isinstance(payload, dict) or payload.get("format") != WEIGHTS_FORMAT:
         raise CheckpointError(f"{path}: not an AutoSAM2 weights file (written by `autosam2 train`)")
@@ -204,8 +208,11 @@ def read_weights(path: str | Path) -> dict[str, Any]:
 
 
 def _base_file(weights: Path, payload: dict[str, Any], checkpoint: str | Path | None) -> Path | None:
-    """The SAM2 weights file the model of `weights` is rebuilt on (None: the file holds every weight)."""
+    """The SAM2 weights file the model of `weights` is rebuilt on (None: the file holds every weight; a
+    `checkpoint` given all the same must be a SAM2 checkpoint)."""
     if payload["full"]:
+        if checkpoint is not None:
+            read_sam2_checkpoint(checkpoint)
         return None
     if payload.get("base") is not None:
         return find_base(weights, payload["base"], checkpoint)
@@ -217,16 +224,25 @@ def _base_file(weights: Path, payload: dict[str, Any], checkpoint: str | Path | 
     return Path(checkpoint)
 
 
+def model_files(
+    weights: str | Path, checkpoint: str | Path | None
+) -> tuple[dict[str, Any], ModelConfig, Path | None]:
+    """What `load_trained_model` builds from, each checked before any model is built: the payload of a
+    weights file, its model config, and the SAM2 weights file it is rebuilt on (None: it holds every
+    weight); one CheckpointError or ConfigError naming the file that is wrong."""
+    weights = Path(weights)
+    payload = read_weights(weights)
+    cfg = section_from_dict(ModelConfig, payload["model_config"], f"{weights}: model_config")
+    return payload, cfg, _base_file(weights, payload, checkpoint)
+
+
 def load_trained_model(
     weights: str | Path, checkpoint: str | Path | None, device: torch.device, compile: bool = False
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the trained model, in eval mode, from a weights file and the SAM2 weights it names (found
     beside it or where it was written; `checkpoint`, ``--checkpoint``, says where, and must be that
     file); ``compile``: torch.compile its image encoder (whether training compiled is not carried over)."""
-    weights = Path(weights)
-    payload = read_weights(weights)
-    cfg = section_from_dict(ModelConfig, payload["model_config"], f"{weights}: model_config")
-    base = _base_file(weights, payload, checkpoint)
+    payload, cfg, base = model_files(weights, checkpoint)
     # the prompt backbone's own weights are in the file: its local source need not exist here
     prompt = dataclasses.replace(cfg.prompt, backbone_weights=None)
     checkpoint = None if base is None else str(base)
