@@ -4,6 +4,7 @@ and the fakes the loop is tested with (a tiny model, a batch, a recording logger
 from __future__ import annotations
 
 import io
+import subprocess
 import sys
 import tarfile
 import time
@@ -70,6 +71,14 @@ def wait_for_line(path: Path, text: str, timeout: float = 240) -> None:
     raise AssertionError(
         f"{text!r} never appeared in {path}: {path.read_text(errors='replace')[-3000:] if path.exists() else 'no log'}"
     )
+
+
+def restarts(job_id: str) -> int:
+    """How often SLURM restarted a job (its requeues), from `scontrol show job`."""
+    shown = subprocess.run(
+        ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, check=True
+    ).stdout
+    return int(next(f for f in shown.split() if f.startswith("Restarts=")).split("=", 1)[1])
 
 
 def train_overrides(data: dict[str, Path], out: Path, **extra: object) -> list[str]:

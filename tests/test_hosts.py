@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from launch.__main__ import submit
-from tests.helpers import TORCHRUN_2, free_port, runs_of, train_overrides, wait_for_line
+from tests.helpers import TORCHRUN_2, free_port, restarts, runs_of, train_overrides, wait_for_line
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -23,6 +23,19 @@ SCRIPT = REPO / "launch" / "slurm_test_cluster.sh"
 ADDRESSES = {"node1": "10.231.0.1", "node2": "10.231.0.2"}  # the hosts of the runs started by hand
 SPARE = ("node3", "10.231.0.3")
 HOSTS = {**ADDRESSES, SPARE[0]: SPARE[1]}  # SLURM puts a two-node job on any two of them
+# a launcher job over two hosts, one rank on each
+LAUNCH_2 = [
+    "--cluster",
+    "slurm",
+    "--nodes",
+    "2",
+    "--tasks-per-node",
+    "1",
+    "--cpus-per-task",
+    "2",
+    "--time",
+    "30",
+]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
@@ -313,9 +326,9 @@ def test_a_shard_array_over_both_hosts_writes_one_set_to_the_shared_folder(slurm
     assert len({line.strip() for line in nodes.stdout.splitlines() if line.strip()}) >= 2, nodes.stdout
 
 
-def _job_ranks(job_id: str, host: str) -> list[int]:
-    """The training ranks of SLURM job `job_id` on `host` (not their torchrun), read from their environment:
-    `autosam2 train` under srun or torchrun, or the launcher's submitit task."""
+def _job_ranks(job_id: str, host: str | None = None, rank: int | None = None) -> list[int]:
+    """The training ranks of SLURM job `job_id` (on `host`, of SLURM rank `rank`; not their torchrun),
+    read from their environment: `autosam2 train` under srun or torchrun, or the launcher's submitit task."""
     import psutil
 
     found = []
@@ -325,10 +338,11 @@ def _job_ranks(job_id: str, host: str) -> list[int]:
             cmdline = " ".join(proc.info["cmdline"] or [])
         except (psutil.Error, TypeError):
             continue
-        rank = "-m autosam2.cli train" in cmdline or "-m submitit.core._submit" in cmdline
-        if rank and "torch.distributed.run" not in cmdline:
-            if env.get("SLURM_JOB_ID") == job_id and env.get("SLURMD_NODENAME") == host:
-                found.append(proc.pid)
+        task = "-m autosam2.cli train" in cmdline or "-m submitit.core._submit" in cmdline
+        if not task or "torch.distributed.run" in cmdline or env.get("SLURM_JOB_ID") != job_id:
+            continue
+        if host in (None, env.get("SLURMD_NODENAME")) and rank in (None, int(env.get("SLURM_PROCID", -1))):
+            found.append(proc.pid)
     return found
 
 
@@ -598,3 +612,73 @@ def test_a_second_submission_into_one_directory_is_refused_while_the_first_job_l
     assert not (out / "run.reserved").exists()
     (again,) = submit([*args, "train.max_steps=4"])
     assert again.results()[0]["step"] == 4
+
+
+def test_scontrol_requeue_requeues_a_launcher_job_once_without_a_traceback(slurm_hosts, train_data, tmp_path):
+    """`scontrol requeue` of a launcher job on two hosts: SLURM sends SIGTERM to both ranks and requeues
+    the job itself. The run checkpoints, leaves without asking for a second requeue, its log names
+    SIGTERM, and the requeued run ends with the weights of an uninterrupted one."""
+    settings = {"train.max_steps": 6, "train.checkpoint_every": 100, "train.validate_every": 100}
+    runs = {
+        name: submit(["train", *LAUNCH_2, "--", *train_overrides(train_data, tmp_path / name, **settings)])[0]
+        for name in ("whole", "parted")
+    }
+    parted = runs["parted"]
+    folder = tmp_path / "parted" / "jobs" / parted.job_id
+    log = folder / f"{parted.job_id}_0_log.out"
+    wait_for_line(log, "step 2/6")
+    subprocess.run(["scontrol", "requeue", parted.job_id], check=True, timeout=60)
+    wait_for_line(log, "done: 6 steps", timeout=600)  # the requeued run's end
+    result = parted.results()[0]
+    assert result["step"] == 6 and not result["stopped"]
+    assert runs["whole"].results()[0]["step"] == 6
+    logs = "".join(p.read_text(errors="replace") for p in sorted(folder.glob("*_log.*")))
+    assert "Traceback" not in logs and "pending execution" not in logs, logs[-3000:]
+    assert "SIGTERM: stopping at the next step boundary" in logs, logs[-3000:]  # said as it came
+    assert "SIGUSR2" not in logs and "requeueing job" not in logs
+    assert log.read_text().count("Starting with JobEnvironment") == 2  # the first run, the one requeue
+    assert restarts(parted.job_id) == 1
+    assert "resumed from" in log.read_text()
+    assert len({address for _, address in ranks_line(log.read_text())}) == 2  # two hosts
+    assert max_difference(final_weights(tmp_path / "whole"), final_weights(tmp_path / "parted")) <= 1e-6
+
+
+def test_a_rank_killed_under_max_failures_1_is_requeued_once_and_completes(slurm_hosts, train_data, tmp_path):
+    """The rank on the second host killed with SIGKILL (the OOM killer's way: no handler runs; srun ends
+    the other): the job script requeues the job once (--max-failures 1), the run resumes from its step-2
+    checkpoint and ends with the weights of an uninterrupted run."""
+    settings = {"train.max_steps": 6, "train.checkpoint_every": 2, "train.validate_every": 100}
+    (whole,) = submit(
+        ["train", *LAUNCH_2, "--", *train_overrides(train_data, tmp_path / "whole", **settings)]
+    )
+    launch = ["train", *LAUNCH_2, "--max-failures", "1", "--"]
+    (job,) = submit([*launch, *train_overrides(train_data, tmp_path / "killed", **settings)])
+    folder = tmp_path / "killed" / "jobs" / job.job_id
+    log = folder / f"{job.job_id}_0_log.out"
+    wait_for_line(log, "step 3/6")  # past the checkpoint of step 2
+    os.kill(_task_pid(job.job_id, 1), signal.SIGKILL)
+    wait_for_line(log, "done: 6 steps", timeout=600)
+    result = job.results()[0]
+    assert result["step"] == 6 and not result["stopped"]
+    assert whole.results()[0]["step"] == 6
+    err = (folder / f"{job.job_id}_0_log.err").read_text(errors="replace")  # the job script's too
+    head = f"autosam2: job {job.job_id}: a rank failed (srun's exit status "
+    (line,) = [x for x in err.splitlines() if x.startswith(head)]
+    assert line.endswith("; requeueing it (1 of 1): it resumes from its last checkpoint"), line
+    assert (folder / "failure_requeues").read_text() == "1\n"
+    assert restarts(job.job_id) == 1
+    assert "resumed from" in log.read_text()
+    assert max_difference(final_weights(tmp_path / "whole"), final_weights(tmp_path / "killed")) <= 1e-6
+
+
+def _task_pid(job_id: str, rank: int, timeout: float = 120) -> int:
+    """The pid of task `rank` of a launcher job, once it runs."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = _job_ranks(job_id, rank=rank)
+        if found:
+            return found[0]
+        time.sleep(0.5)
+    raise AssertionError(f"no task {rank} of job {job_id} found")

@@ -14,7 +14,7 @@ import torch
 
 from launch.__main__ import submit
 from shards.verify import verify
-from tests.helpers import TORCHRUN_2, runs_of, train_overrides, wait_for_line
+from tests.helpers import TORCHRUN_2, restarts, runs_of, train_overrides, wait_for_line
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 LAUNCH = ["--cluster", "slurm", "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "30"]
@@ -42,94 +42,6 @@ def test_interrupted_job_requeues_and_resumes_to_the_same_weights(slurm_cluster,
     a = torch.load(tmp_path / "whole" / "final.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "parted" / "final.pt", weights_only=True)["model"]
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
-
-
-def _same_weights(a: Path, b: Path) -> None:
-    x = torch.load(a / "final.pt", weights_only=True)["model"]
-    y = torch.load(b / "final.pt", weights_only=True)["model"]
-    assert max(float((x[k] - y[k]).abs().max()) for k in x) <= 1e-6
-
-
-def _restarts(job_id: str) -> int:
-    """How often SLURM restarted a job (its requeues), from `scontrol show job`."""
-    shown = subprocess.run(
-        ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, check=True
-    ).stdout
-    return int(next(f for f in shown.split() if f.startswith("Restarts=")).split("=", 1)[1])
-
-
-def _task_pid(job_id: str, rank: int, timeout: float = 120) -> int:
-    """The pid of task `rank` of a launcher job (submitit's process with that job's SLURM variables)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for proc in Path("/proc").iterdir():
-            try:
-                if b"submitit.core._submit" not in (proc / "cmdline").read_bytes():
-                    continue
-                env = (proc / "environ").read_bytes().split(b"\0")
-            except (OSError, ValueError):
-                continue
-            if f"SLURM_JOB_ID={job_id}".encode() in env and f"SLURM_PROCID={rank}".encode() in env:
-                return int(proc.name)
-        time.sleep(0.5)
-    raise AssertionError(f"no task {rank} of job {job_id} found")
-
-
-def test_scontrol_requeue_requeues_a_launcher_job_once_without_a_traceback(
-    slurm_cluster, train_data, tmp_path
-):
-    """`scontrol requeue`: SLURM sends SIGTERM and requeues the job itself. The run checkpoints, leaves
-    without asking for a second requeue, its log names SIGTERM, and the requeued run ends with the
-    weights of an uninterrupted one."""
-    settings = {"train.max_steps": 6, "train.checkpoint_every": 100, "train.validate_every": 100}
-    (whole,) = submit(["train", *LAUNCH, *train_args(train_data, tmp_path / "whole", **settings)])
-    (parted,) = submit(["train", *LAUNCH, *train_args(train_data, tmp_path / "parted", **settings)])
-    folder = tmp_path / "parted" / "jobs" / parted.job_id
-    log = folder / f"{parted.job_id}_0_log.out"
-    wait_for_line(log, "step 2/6")
-    subprocess.run(["scontrol", "requeue", parted.job_id], check=True, timeout=60)
-    wait_for_line(log, "done: 6 steps", timeout=600)  # the requeued run's end
-    result = parted.results()[0]
-    assert result["step"] == 6 and not result["stopped"]
-    assert whole.results()[0]["step"] == 6
-    logs = "".join(p.read_text(errors="replace") for p in sorted(folder.glob("*_log.*")))
-    assert "Traceback" not in logs and "pending execution" not in logs, logs[-3000:]
-    assert "SIGTERM: stopping at the next step boundary" in logs, logs[-3000:]  # said as it came
-    assert "SIGUSR2" not in logs and "requeueing job" not in logs
-    assert log.read_text().count("Starting with JobEnvironment") == 2  # the first run, the one requeue
-    assert _restarts(parted.job_id) == 1
-    assert "resumed from" in log.read_text()
-    _same_weights(tmp_path / "whole", tmp_path / "parted")
-
-
-def test_a_rank_killed_under_max_failures_1_is_requeued_once_and_completes(
-    slurm_cluster, train_data, tmp_path
-):
-    """A rank killed with SIGKILL (the OOM killer's way: no handler runs; srun ends the other): the job
-    script requeues the job once (--max-failures 1), the run resumes from its step-2 checkpoint and
-    ends with the weights of an uninterrupted run."""
-    import signal
-
-    settings = {"train.max_steps": 6, "train.checkpoint_every": 2, "train.validate_every": 100}
-    (whole,) = submit(["train", *LAUNCH, *train_args(train_data, tmp_path / "whole", **settings)])
-    launch = ["train", *LAUNCH, "--max-failures", "1"]
-    (job,) = submit([*launch, *train_args(train_data, tmp_path / "killed", **settings)])
-    folder = tmp_path / "killed" / "jobs" / job.job_id
-    log = folder / f"{job.job_id}_0_log.out"
-    wait_for_line(log, "step 3/6")  # past the checkpoint of step 2
-    os.kill(_task_pid(job.job_id, 1), signal.SIGKILL)
-    wait_for_line(log, "done: 6 steps", timeout=600)
-    result = job.results()[0]
-    assert result["step"] == 6 and not result["stopped"]
-    assert whole.results()[0]["step"] == 6
-    err = (folder / f"{job.job_id}_0_log.err").read_text(errors="replace")  # the job script's too
-    head = f"autosam2: job {job.job_id}: a rank failed (srun's exit status "
-    (line,) = [x for x in err.splitlines() if x.startswith(head)]
-    assert line.endswith("; requeueing it (1 of 1): it resumes from its last checkpoint"), line
-    assert (folder / "failure_requeues").read_text() == "1\n"
-    assert _restarts(job.job_id) == 1
-    assert "resumed from" in log.read_text()
-    _same_weights(tmp_path / "whole", tmp_path / "killed")
 
 
 def test_shard_array_job_writes_a_set_that_verify_accepts(slurm_cluster, train_data, tmp_path):
@@ -538,7 +450,7 @@ def test_an_interrupted_evaluation_job_requeues_and_resumes_to_the_same_metrics(
     assert "sequences finished before, skipped" in text and "Traceback" not in text, text[-3000:]
     kept = int(text.split("resuming ")[1].split(": ")[1].split(" sequences finished before")[0])
     assert 1 <= kept < 8, text[-3000:]  # stopped mid-split
-    assert text.count("Starting with JobEnvironment") == 2 and _restarts(parted.job_id) == 1
+    assert text.count("Starting with JobEnvironment") == 2 and restarts(parted.job_id) == 1
     metrics = [(tmp_path / name / "metrics.json").read_bytes() for name in ("whole", "parted")]
     assert metrics[0] == metrics[1]
     assert json.loads(metrics[1])["ranks"] == 2
