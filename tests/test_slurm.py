@@ -501,7 +501,7 @@ def test_evaluate_sbatch_requeues_on_sigusr2_and_resumes_to_the_same_metrics(
     assert "sequences finished before, skipped" in text and "Traceback" not in text, text[-3000:]
     kept = int(text.split("resuming ")[1].split(": ")[1].split(" sequences finished before")[0])
     assert 1 <= kept < 8, text[-3000:]  # stopped mid-split
-    assert _restarts(parted) == 1 and _restarts(whole) == 0
+    assert restarts(parted) == 1 and restarts(whole) == 0
     metrics = [(tmp_path / name / "metrics.json").read_bytes() for name in ("whole", "parted")]
     assert metrics[0] == metrics[1]
     assert json.loads(metrics[1])["ranks"] == 2
