@@ -157,7 +157,7 @@ def _evaluate(args: argparse.Namespace, info) -> int:
             return EXIT_STOPPED
         if info.is_main:
             _report(args, folder.out, *found)
-            folder.finish()
+            folder.finish(("metrics.json", "metrics.csv"))
     return 0
 
 

@@ -91,7 +91,7 @@ def _predict(args: argparse.Namespace, info) -> int:
             return EXIT_STOPPED
         if info.is_main:
             write_frames_csv(folder.out, folder.records, [video.video_id for video in videos])
-            folder.finish()
+            folder.finish(("frames.csv",))
             written = (
                 "masks/, soft/, overlays/, frames.csv"
                 if not args.no_overlays

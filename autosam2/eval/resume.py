@@ -21,7 +21,7 @@ import datetime
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -197,9 +197,11 @@ class SequenceFolder:
             flush=True,
         )
 
-    def finish(self) -> None:
-        """Every sequence is finished and the summary written: ``progress.json`` says so."""
-        atomic_write_json(self.out / PROGRESS, self._progress(True))
+    def finish(self, summary: Sequence[str]) -> None:
+        """Every sequence is finished and the summary written (the files `summary` names, in the folder):
+        ``progress.json`` says so, and names them. A folder whose summary files are gone is resumed, not
+        complete: its records make the summary again."""
+        atomic_write_json(self.out / PROGRESS, {**self._progress(True), "summary": list(summary)})
 
 
 def claim_sequences(
@@ -244,7 +246,16 @@ def claim_sequences(
             f"{out}: holds {kind.noun} of other inputs ({'; '.join(differ)}); resume with the same ones, or "
             "pass --overwrite to start again"
         )
-    return SequenceFolder(out, command, inputs, _done(out), False, bool(progress.get("finished")))
+    return SequenceFolder(out, command, inputs, _done(out), False, _complete(out, progress))
+
+
+def _complete(out: Path, progress: dict[str, Any]) -> bool:
+    """Whether `progress` says the folder is finished and the summary files it names are all there."""
+    summary = progress.get("summary")
+    names = summary if isinstance(summary, list) else []
+    return progress.get("finished") is True and all(
+        isinstance(name, str) and (out / name).is_file() for name in names
+    )
 
 
 def _progress_problem(path: Path, progress: dict[str, Any], command: str) -> str | None:
