@@ -106,7 +106,9 @@ def test_a_stopped_evaluation_resumes_to_the_metrics_of_an_uninterrupted_one(lon
     assert again.returncode == 0 and "the evaluation is complete; nothing to resume" in again.stdout
     (parted / "metrics.json").unlink()  # a finished folder whose summary is gone: its records make it again
     again = run([*evaluate, "--output-dir", str(parted), "--resume"])
-    assert again.returncode == 0 and "4 sequences finished before, skipped" in again.stdout, again.stderr[-3000:]
+    assert again.returncode == 0 and "4 sequences finished before, skipped" in again.stdout, again.stderr[
+        -3000:
+    ]
     assert (parted / "metrics.json").read_bytes() == (whole / "metrics.json").read_bytes()
 
     # on two ranks: the sequences finished before are read back from the folder, the rest split

@@ -509,7 +509,12 @@ def test_the_survivor_of_a_host_cut_off_exits_within_peer_timeout_s_with_one_lin
     ) in text, text[-3000:]
     assert exited <= bound + 20, exited
     assert lost_status != 0
-    assert "rank 1: the rendezvous store at node1:" in lost_text, lost_text[-3000:]
+    # the cut-off rank leaves on its own too: it loses the rendezvous store, or its watch finds rank 0 silent
+    lost_lines = (
+        "rank 1: the rendezvous store at node1:",
+        "rank 1: rank 0 on node1 (10.231.0.1) gave no sign",
+    )
+    assert any(line in lost_text for line in lost_lines), lost_text[-3000:]
     print(f"survivor exited {exited:.1f} s after node2's link went down (peer_timeout_s {bound})")
 
 
@@ -568,10 +573,14 @@ def test_a_rank_cut_off_by_the_network_never_writes_into_the_run_after_its_job_e
         assert pickle.loads(data)[0] == "success", path
     assert {p: p.stat().st_mtime for p in (out / "checkpoints").rglob("*") if p.is_file()} == checkpoints
     if lost_log.exists():
+        # the rank leaves by the fence (its one line) or is killed by SLURM once its host is back (submitit
+        # says which signal it passes over); torch's C++ warning about the lost store may come first
         added = lost_log.read_text()[size:].strip().splitlines()
-        assert not added or "not writing" in added[-1], added[-3:]
-        assert not any("Traceback" in line for line in added), added  # torch's C++ warning may come first
-        assert all(_torch_store_warning(line) for line in added[:-1]), added
+        assert not any("Traceback" in line for line in added), added
+        fenced = [line for line in added if "not writing" in line]
+        assert len(fenced) <= 1 and all(
+            _torch_store_warning(line) or line in fenced or "Bypassing signal" in line for line in added
+        ), added
     assert _final_state(job.job_id) == "COMPLETED"
 
 

@@ -111,42 +111,6 @@ def test_an_input_missing_at_submission_submits_nothing(slurm_cluster, train_dat
     assert not out.exists()
 
 
-def test_sbatch_template_trains_and_requeues_on_sigusr2(slurm_cluster, train_data, tmp_path):
-    import subprocess
-    import sys
-
-    repo = Path(__file__).resolve().parents[1]
-    out = tmp_path / "sbatch"
-    overrides = train_overrides(
-        train_data, out, **{"train.max_steps": 6, "train.checkpoint_every": 100, "train.validate_every": 100}
-    )
-    env = {**os.environ, "AUTOSAM2_PROCS_PER_NODE": "2", "AUTOSAM2_PYTHON": sys.executable}
-    log = tmp_path / "train.out"
-    submitted = subprocess.run(
-        [
-            "sbatch",
-            "--parsable",
-            "--gpus-per-node=0",
-            "--cpus-per-task=2",
-            f"--output={log}",
-            str(repo / "launch" / "train.sbatch"),
-            *overrides,
-        ],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    job_id = submitted.stdout.strip().split(";")[0]
-    wait_for_line(log, "step 2/6")
-    subprocess.run(["scancel", "--batch", "--signal=USR2", job_id], check=True)
-    wait_for_line(log, "done: 6 steps", timeout=400)
-    text = log.read_text()
-    assert "caught SIGUSR2, checkpointing and requeueing" in text and "stopped by signal at step" in text
-    assert "resumed from" in text and (out / "final.pt").exists()
-
-
 def test_same_config_same_weights_under_srun_the_launcher_and_torchrun(slurm_cluster, train_data, tmp_path):
     """One thread rule in every launch path (SLURM's --cpus-per-task, torchrun's OMP_NUM_THREADS): 2 ranks
     of one thread each under plain srun, the launcher and torchrun end with the same weights. The
