@@ -294,7 +294,7 @@ def _add_slurm_arguments(p: argparse.ArgumentParser) -> None:
         type=non_negative_int,
         default=None,
         help="time-limit requeues of a training job (preemptions always requeue); default: the cap "
-        "launch/train.sbatch keeps, which `python -m autosam2.engine.dist max-requeues` prints",
+        "the sbatch templates keep, which `python -m autosam2.engine.dist max-requeues` prints",
     )
     p.add_argument(
         "--max-failures",

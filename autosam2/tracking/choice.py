@@ -82,7 +82,8 @@ def choose_store(
 
 
 def record_store(output_dir: str | Path, store: Store) -> None:
-    """``OUT/tracking/store.json``: the store and experiment this training run logs to."""
+    """``OUT/tracking/store.json``: the store and experiment the run in OUT logs to (a training run, or a
+    scoring run whose records wait there for `autosam2 sync`)."""
     from autosam2.atomic import atomic_write_json
 
     folder = Path(output_dir) / FOLDER

@@ -1,5 +1,5 @@
 """`python -m autosam2.engine.dist port JOB_ID | max-requeues | after-srun STATUS ...`: print a job's
-rendezvous port (`slurm.job_port`) or the requeue cap (`slurm.MAX_REQUEUES`), for launch/train.sbatch;
+rendezvous port (`slurm.job_port`) or the requeue cap (`slurm.MAX_REQUEUES`), for the sbatch templates;
 after srun, requeue a job whose rank died (`slurm.requeue_after_failure`), for the job scripts of
 launch/train.sbatch and `python -m launch train --max-failures`."""
 
