@@ -45,6 +45,7 @@ INTEGRATION = {
     "test_dist.py::test_a_rank_that_only_sees_another_go_names_that_ranks_error",
     "test_dist.py::test_slurm_variables_become_torchrun_variables",  # scontrol
     "test_dist.py::test_a_stopped_peer_ends_the_rank_watching_it_within_peer_timeout_s",
+    "test_dist.py::test_a_process_ends_cleanly_while_its_watch_talks_to_the_store",
     "test_errors.py::test_debug_shows_the_traceback_of_a_user_error",
     "test_errors.py::test_merge_on_a_full_disk_keeps_the_parts",  # mount
     "test_errors.py::test_readers_work_on_a_read_only_mount",

@@ -276,3 +276,36 @@ def test_under_the_default_settings_a_silent_peer_is_one_line_after_60_s(monkeyp
         "rank 0: rank 1 on node2 (10.0.0.2) gave no sign of life for 60 s (train.peer_timeout_s=60): its "
         "process is stopped or its host is unreachable, so this rank exits\n"
     )
+
+
+EXIT_WHILE_WATCHING = """
+import datetime, sys, torch.distributed as dist
+from autosam2.engine.dist.watchdog import PeerWatch
+server = dist.TCPStore("127.0.0.1", 0, world_size=1, is_master=True, wait_for_workers=False)
+watch = PeerWatch(1, 2, 60, ("127.0.0.1", server.port))
+watch.beat_s = 0.0  # beats back to back: the watch thread is inside a store call nearly all the time
+watch._judge = lambda: None
+watch.start()
+import time; time.sleep(0.3)
+if sys.argv[1] == "stop":
+    watch.stop()
+    assert not watch._thread.is_alive()
+    assert server.check(["autosam2/peers/0/bye/rank1"])
+print("done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["stop", "main thread ends"])
+def test_a_process_ends_cleanly_while_its_watch_talks_to_the_store(tmp_path, how):
+    """A rank that ends while its PeerWatch is inside a store call exits with its own status: it is not
+    aborted by torch's bindings ("terminate called without an active exception", SIGABRT) when the
+    interpreter shuts down, whether the watch was stopped or the main thread just ended."""
+    script = tmp_path / "watching.py"
+    script.write_text(EXIT_WHILE_WATCHING)
+    for _ in range(3):
+        done = subprocess.run(
+            [sys.executable, str(script), how.split()[0]],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert (done.returncode, done.stdout) == (0, "done\n"), done.stderr[-2000:]
+        assert "terminate called" not in done.stderr

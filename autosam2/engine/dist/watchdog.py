@@ -67,7 +67,12 @@ class PeerWatch:
     gives no answer that long, ends this process: one line naming the rank, its host and the bound, exit
     status 1. This bounds a rank's wait on unreachable peers whatever the collective timeout. A rank
     that leaves the group says so (`stop`) and is watched no more; a store that refuses the connection
-    (its process ended) stops the watch: the collectives report a peer that went."""
+    (its process ended) stops the watch: the collectives report a peer that went.
+
+    The thread that talks to the store is not a daemon: Python ends a daemon thread that is inside a
+    C++ call when the interpreter shuts down, and torch's bindings then abort the whole process
+    ("terminate called without an active exception"). Every store call has a timeout (2 beats), so the
+    interpreter waits at most that long for it; the thread also ends once the main thread has."""
 
     def __init__(self, rank: int, world_size: int, bound_s: float, address: tuple[str, int]):
         self.rank, self.bound_s, self.address = rank, float(bound_s), address
@@ -78,28 +83,18 @@ class PeerWatch:
         now = time.monotonic()
         self._contact = now  # the store's last answer
         self._seen = {r: (-1, now) for r in self.watched}  # rank: (its count, when it last changed)
-        self._thread = threading.Thread(target=self._run, name="peer-watch", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="peer-watch", daemon=False)
 
     def start(self) -> PeerWatch:
         self._thread.start()
         return self
 
     def stop(self) -> None:
-        """This rank leaves the group: it says so, and the watch ends."""
+        """This rank leaves the group: the watch says so (`_run`, its last call) and ends; a store that
+        answers nothing holds this rank back two beats at most."""
         self._stop.set()
-        store = self._store
-        if store is None:
-            return
-
-        def bye() -> None:
-            try:
-                store.set(_KEY.format("bye", self.rank), "1")
-            except Exception:  # noqa: BLE001 -- the store went first: nobody is left to tell
-                pass
-
-        told = threading.Thread(target=bye, name="peer-bye", daemon=True)
-        told.start()
-        told.join(self.beat_s * 2)  # a store that answers nothing does not hold this rank back
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(self.beat_s * 2 + 1)
 
     def _connect(self):
         import datetime
@@ -115,25 +110,36 @@ class PeerWatch:
         )
 
     def _run(self) -> None:
-        """Beat and read the watched ranks' beats; a store call may block (a stopped store answers
-        nothing), so `_judge`, on its own thread, decides from what this one last saw."""
+        """Beat and read the watched ranks' beats until `stop` (or the main thread's end), then say bye;
+        a store call may block (a stopped store answers nothing), so `_judge`, on its own thread,
+        decides from what this one last saw."""
+        threading.Thread(target=self._judge, name="peer-judge", daemon=True).start()
+        main = threading.main_thread()
+        while not self._stop.wait(self.beat_s) and main.is_alive():
+            self._beat()
+        self._stop.set()
+        if self._store is not None:
+            try:
+                self._store.set(_KEY.format("bye", self.rank), "1")
+            except Exception:  # noqa: BLE001 -- the store went first: nobody is left to tell
+                pass
+
+    def _beat(self) -> None:
         from autosam2.engine.dist.peers import timed_out
 
-        threading.Thread(target=self._judge, name="peer-judge", daemon=True).start()
-        while not self._stop.wait(self.beat_s):
-            try:
-                self._store = self._store or self._connect()
-                self._store.add(_KEY.format("beat", self.rank), 1)
-                for r in [r for r in self.watched if self._store.check([_KEY.format("bye", r)])]:
-                    self.watched.remove(r)
-                for r in list(self.watched):
-                    count = self._store.add(_KEY.format("beat", r), 0)
-                    if count != self._seen[r][0]:
-                        self._seen[r] = (count, time.monotonic())
-                self._contact = time.monotonic()
-            except Exception as err:  # noqa: BLE001 -- no answer (a timeout) counts; a refusal ends the watch
-                if not timed_out(err) and self._store is not None:
-                    self._stop.set()  # the store's process ended: the collectives report the rank that went
+        try:
+            self._store = self._store or self._connect()
+            self._store.add(_KEY.format("beat", self.rank), 1)
+            for r in [r for r in self.watched if self._store.check([_KEY.format("bye", r)])]:
+                self.watched.remove(r)
+            for r in list(self.watched):
+                count = self._store.add(_KEY.format("beat", r), 0)
+                if count != self._seen[r][0]:
+                    self._seen[r] = (count, time.monotonic())
+            self._contact = time.monotonic()
+        except Exception as err:  # noqa: BLE001 -- no answer (a timeout) counts; a refusal ends the watch
+            if not timed_out(err) and self._store is not None:
+                self._stop.set()  # the store's process ended: the collectives report the rank that went
 
     def _judge(self) -> None:
         while not self._stop.wait(self.beat_s):
