@@ -197,7 +197,7 @@ def test_a_host_that_drops_off_the_network_stops_the_other_in_bounded_time_and_t
     import threading
     import time
 
-    timeout_s = 10
+    timeout_s = 20  # above rank 0's start-up work before the first collective (a new MLflow store)
     out = tmp_path / "run"
     settings = {
         "train.max_steps": 8,
@@ -351,7 +351,7 @@ def test_a_host_that_dies_under_slurm_stops_the_survivor_and_the_requeued_job_re
 ):
     import time
 
-    timeout_s = 10
+    timeout_s = 20  # above rank 0's start-up work before the first collective (a new MLflow store)
     out = tmp_path / "run"
     settings = {
         "train.max_steps": 4,
