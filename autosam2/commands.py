@@ -111,6 +111,12 @@ REGISTRY: tuple[Command, ...] = (
     ),
     Command(
         BENCH,
+        "features",
+        "autosam2.bench.features:run",
+        "feature cache bytes per frame and hit rates: fp32 / bf16 storage, memory alone / with the disk tier",
+    ),
+    Command(
+        BENCH,
         "memory",
         "autosam2.bench.memory:run",
         "tensor memory of a run config's training step, by kind, and a per-GPU estimate",

@@ -75,6 +75,11 @@ class FeatureCacheKind(StrEnum):
     memory = "memory"  # the frozen image encoder's output per frame, in each rank's host memory
 
 
+class FeatureCacheDtype(StrEnum):
+    fp32 = "fp32"  # as the encoder gives it: the model gets the encoder's own numbers
+    bf16 = "bf16"  # half the bytes per frame; handed back in the encoder's dtype
+
+
 class Precision(StrEnum):
     bf16 = "bf16"  # autocast over fp32 weights, on GPUs; CPU runs stay fp32
     fp32 = "fp32"
@@ -125,7 +130,14 @@ class DataConfig:
     # memory: keep the frozen image encoder's output per frame, so a frame seen again costs no encoder
     # pass (needs model.freeze.image_encoder and no augmentation but flips)
     feature_cache: FeatureCacheKind = FeatureCacheKind.none
-    feature_cache_gb: float = 8.0  # host memory per rank; frames beyond it are encoded every time
+    feature_cache_gb: float = (
+        8.0  # host memory per rank; frames beyond it go to feature_cache_dir or are encoded
+    )
+    feature_cache_dtype: FeatureCacheDtype = FeatureCacheDtype.fp32  # the cached features' storage dtype
+    # a node-local folder for the frames beyond feature_cache_gb (memory-mapped files, one folder per run and
+    # rank, removed at the end); None: memory only
+    feature_cache_dir: str | None = None
+    feature_cache_disk_gb: float = 64.0  # disk per rank under feature_cache_dir; frames beyond are encoded
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def train_sources(self) -> list[str]:
@@ -431,6 +443,10 @@ def _feature_cache_problems(cfg: Config) -> list[str]:
     """data.feature_cache=memory keeps the frozen image encoder's output per frame: it needs a frozen
     encoder and frames that reach it unchanged but for flips."""
     if cfg.data.feature_cache != FeatureCacheKind.memory:
+        if cfg.data.feature_cache_dir is not None:
+            return [
+                "data.feature_cache_dir holds the feature cache's disk tier: it needs data.feature_cache=memory"
+            ]
         return []
     problems = []
     if not cfg.model.freeze.image_encoder:
@@ -457,8 +473,10 @@ def _feature_cache_problems(cfg: Config) -> list[str]:
             )
             + " or data.augment.enabled=false"
         )
-    if cfg.data.feature_cache_gb < 0:
-        problems.append("data.feature_cache_gb must be >= 0")
+    if cfg.data.feature_cache_gb < 0 or cfg.data.feature_cache_disk_gb < 0:
+        problems.append("data.feature_cache_gb and data.feature_cache_disk_gb must be >= 0")
+    if cfg.data.feature_cache_dir == "":
+        problems.append("data.feature_cache_dir must be a folder's path or null (memory only)")
     return problems
 
 

@@ -128,6 +128,8 @@ def _run(cfg: Config, info):
         guard("its error")  # a rank whose run moved on leaves here, before its error reaches the job's files
         raise
     finally:
+        if parts.features is not None:
+            parts.features.close()  # the disk tier's files: a cache, not an output
         if lock is not None:
             lock.release(reservation=over)
         disarm()
@@ -174,7 +176,7 @@ def _build_parts(cfg: Config, info) -> _Parts:
     from autosam2.engine.dist import gather_objects
     from autosam2.engine.engines import build_engine, use_autocast
     from autosam2.engine.resume import planned_steps
-    from autosam2.model.feature_cache import FeatureCache
+    from autosam2.model.feature_cache import feature_cache
     from autosam2.model.sam2_builder import build_autosam2
     from autosam2.model.weights import init_from_weights
 
@@ -198,7 +200,8 @@ def _build_parts(cfg: Config, info) -> _Parts:
     if cfg.data.feature_cache == FeatureCacheKind.memory:
         autocast = use_autocast(cfg.train.precision, info.device)
         share = gather_objects if info.world_size > 1 else None
-        features = FeatureCache(model.image_encoder, int(cfg.data.feature_cache_gb * 1e9), autocast, share)
+        out = Path(cfg.train.output_dir)
+        features = feature_cache(model.image_encoder, cfg.data, autocast, share, (out, info.rank))
     return _Parts(model, data, engine, features, total_steps)
 
 

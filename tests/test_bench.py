@@ -71,6 +71,34 @@ def test_bench_train_compares_the_trainer_with_a_bare_step(capsys):
     assert abs(cache["ratio_encoder_over_cached"] - through / cached) < 0.01
 
 
+def test_bench_features_reports_bytes_and_hit_rates_per_storage_and_tier(capsys, tmp_path):
+    args = [
+        "bench",
+        "features",
+        "--image-size",
+        "64",
+        "--frames",
+        "3",
+        "--passes",
+        "2",
+        "--memory-frames",
+        "1",
+    ]
+    assert main([*args, "--dir", str(tmp_path), "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    fp32, bf16, disk32, disk16 = (report["settings"][k] for k in ("fp32", "bf16", "fp32+disk", "bf16+disk"))
+    assert report["ratio_bytes_fp32_over_bf16"] == 2.0 == fp32["bytes_per_frame"] / bf16["bytes_per_frame"]
+    # memory holds one fp32 frame or two bf16 ones; the disk tier takes the rest
+    assert (fp32["frames_in_memory"], bf16["frames_in_memory"]) == (1, 2)
+    assert (fp32["hit_rate"], bf16["hit_rate"], disk32["hit_rate"]) == (0.3333, 0.6667, 1.0)
+    assert (disk32["frames_on_disk"], disk16["frames_on_disk"], disk32["disk_hit_rate"]) == (2, 1, 0.6667)
+    assert disk32["disk_bytes"] > 2 * fp32["bytes_per_frame"] and disk32["lookup_ms"]["disk"] > 0
+    assert (
+        fp32["max_abs_diff"] == disk32["max_abs_diff"] == 0.0 < bf16["max_abs_diff"] == disk16["max_abs_diff"]
+    )
+    assert list(tmp_path.iterdir()) == []  # the disk tier's folders are gone
+
+
 def test_bench_infer_reports_streaming_against_the_encoder_and_evaluate_against_streaming(capsys):
     args = ["bench", "infer", "--frames", "5", "--encode-batch", "2", "--rounds", "1", "--device", "cpu"]
     assert main(args) == 0

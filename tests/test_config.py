@@ -56,6 +56,12 @@ def test_yaml_file_then_overrides(tmp_path):
             "data.augment.scale_max=1 (got 1.15) or data.augment.enabled=false",
         ),
         (["data.feature_cache=disk"], "data.feature_cache must be none or memory, got 'disk'"),
+        (["data.feature_cache_dtype=fp16"], "data.feature_cache_dtype must be fp32 or bf16, got 'fp16'"),
+        (["data.feature_cache_dir=/tmp/x"], "data.feature_cache_dir holds the feature cache's disk tier"),
+        (
+            ["data.feature_cache=memory", "data.augment.enabled=false", "data.feature_cache_disk_gb=-1"],
+            "data.feature_cache_gb and data.feature_cache_disk_gb must be >= 0",
+        ),
         (["train.peer_timeout_s=0"], "dist_timeout_s, peer_timeout_s, threads and max_steps"),
         (
             ["data.train=[a, b]", "data.train_weights=[1]"],

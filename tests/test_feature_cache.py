@@ -1,15 +1,20 @@
 """The frozen image encoder's features kept per frame: the same numbers as the encoder, keyed by frame
-and flip, bounded by the budget, and the trainer's steps unchanged by it."""
+and flip, bounded by the budget, and the trainer's steps unchanged by it; bf16 storage within its stated
+tolerance; the disk tier giving back what it stored, within its budget, in a folder of its own."""
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
-from autosam2.config import LossWeights, ModelConfig
+from autosam2.config import ConfigError, DataConfig, LossWeights, ModelConfig
 from autosam2.data.transforms import AugmentParams
 from autosam2.data.video import ClipBatch
+from autosam2.engine.trainer import _cache_figures
 from autosam2.losses import clip_losses
-from autosam2.model.feature_cache import FeatureCache, frame_keys
+from autosam2.model.feature_cache import MARK, DiskTier, FeatureCache, feature_cache, folder_name, frame_keys
 from autosam2.model.sam2_builder import build_autosam2
 
 S = 128
@@ -27,9 +32,9 @@ class CountingEncoder(torch.nn.Module):
         return self.encoder(images)
 
 
-def model():
+def model(size: int = S):
     torch.manual_seed(0)
-    return build_autosam2(ModelConfig(image_size=S)).train()
+    return build_autosam2(ModelConfig(image_size=size)).train()
 
 
 def clip_batch(videos: list[str], starts: list[int], flips: list[bool]) -> ClipBatch:
@@ -144,3 +149,162 @@ def test_frames_another_rank_encoded_are_kept_and_not_encoded_here():
     assert encoder.images == 1  # the other rank's frame is a hit
     assert torch.equal(out["backbone_fpn"][0][0], theirs.entries[elsewhere][0])
     assert sent == [[("v", 0, False, False)], []]  # each step shares only what it encoded
+
+
+SMALL = (
+    64  # hiera-t at 64 px: three levels of 256 channels, 16x16 + 8x8 + 4x4, 344,064 bytes per frame in fp32
+)
+
+
+def one_step(cache_dtype: torch.dtype) -> tuple[float, torch.Tensor, FeatureCache]:
+    """A step on cached features (stored in `cache_dtype`): the loss, every gradient flat, the cache."""
+    torch.manual_seed(1)
+    images = torch.rand(2, 1, 3, SMALL, SMALL)
+    masks = torch.zeros(2, 1, SMALL, SMALL, dtype=torch.bool)
+    masks[:, :, 16:32, 20:44] = True
+    m = model(SMALL)
+    cache = FeatureCache(m.image_encoder, 10**9, dtype=cache_dtype)
+    features = cache.encode(images.flatten(0, 1), [("v", 0), ("v", 1)])
+    out = m.forward_clip(images, per_frame=False, image_features=features)
+    losses = clip_losses(
+        out.mask_logits_TBHW, out.iou_TB, out.object_logits_TB, masks, masks.flatten(2).any(2), LossWeights()
+    )
+    losses["total"].backward()
+    grads = torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
+    return float(losses["total"].detach()), grads, cache
+
+
+def test_bf16_storage_halves_a_frames_bytes_and_keeps_a_step_within_its_tolerance():
+    """Measured (hiera-t, 64 px): loss 8e-6 relative, gradients 4.2e-4 relative (L2) from the fp32 step;
+    the bounds are 1e-4 and 5e-3 (bf16 keeps 8 bits of mantissa: 2^-9 = 2e-3 relative per number)."""
+    loss32, grads32, cache32 = one_step(torch.float32)
+    loss16, grads16, cache16 = one_step(torch.bfloat16)
+    assert cache32.frame_bytes == 344_064 and cache16.frame_bytes * 2 == cache32.frame_bytes
+    assert cache16.bytes * 2 == cache32.bytes
+    assert all(t.dtype == torch.bfloat16 for t in cache16.entries[("v", 0)])
+    assert abs(loss16 - loss32) / abs(loss32) < 1e-4
+    drift = float((grads16 - grads32).norm() / grads32.norm())
+    assert 0 < drift < 5e-3  # 0 would mean the features were not rounded to bf16
+    assert cache16.take_stats()["train/feature_cache_bytes_per_frame"] == 172_032
+
+
+def test_a_bf16_frame_is_handed_back_in_the_encoders_dtype_the_same_whether_hit_or_just_encoded():
+    m = model(SMALL)
+    cache = FeatureCache(m.image_encoder, 10**9, dtype=torch.bfloat16)
+    image = torch.rand(1, 3, SMALL, SMALL)
+    first = cache.encode(image, [("v", 0)])
+    again = cache.encode(image, [("v", 0)])
+    with torch.no_grad():
+        direct = m.image_encoder(image)
+    for level in range(3):
+        assert first["backbone_fpn"][level].dtype == torch.float32
+        assert torch.equal(first["backbone_fpn"][level], again["backbone_fpn"][level])
+        rounded = direct["backbone_fpn"][level].to(torch.bfloat16).float()
+        assert torch.allclose(first["backbone_fpn"][level], rounded, atol=1e-2, rtol=1e-2)
+        assert first["backbone_fpn"][level].is_contiguous(memory_format=cache.layouts[level])
+
+
+def frame_bytes(encoder: torch.nn.Module) -> int:
+    probe = FeatureCache(encoder, 10**9)
+    probe.encode(torch.rand(1, 3, SMALL, SMALL), [("p", 0)])
+    return probe.frame_bytes
+
+
+def test_frames_beyond_the_memory_budget_come_back_from_disk_as_stored_and_the_files_go_at_the_end(tmp_path):
+    m = model(SMALL)
+    encoder = CountingEncoder(m.image_encoder)
+    root = tmp_path / "node-local"
+    disk = DiskTier(root, folder_name(tmp_path / "run", 0), 10**9)
+    cache = FeatureCache(
+        encoder, budget_bytes=frame_bytes(m.image_encoder), disk=disk
+    )  # memory holds one frame
+    assert root.is_dir() and not disk.folder.exists()  # the folder is made at the first frame it takes
+    images = torch.rand(3, 3, SMALL, SMALL)
+    keys = [("v", i, False, False) for i in range(3)]
+    first = cache.encode(images, keys)
+    assert list(cache.entries) == keys[:1] and list(disk.files) == keys[1:]
+    assert sorted(p.name for p in disk.folder.iterdir()) == ["0.pt", "1.pt", MARK]
+    again = cache.encode(images[[2, 1, 0]], keys[::-1])
+    assert encoder.images == 3  # all three held: one in memory, two on disk
+    for level in range(3):  # fp32 on disk: the stored numbers, bit for bit, in the encoder's layout
+        assert torch.equal(again["backbone_fpn"][level], first["backbone_fpn"][level][[2, 1, 0]])
+        assert again["backbone_fpn"][level].stride() == first["backbone_fpn"][level].stride()
+    stats = cache.take_stats()
+    assert stats["train/feature_cache_hit_rate"] == 3 / 6
+    assert stats["train/feature_cache_disk_hit_rate"] == 2 / 6
+    assert stats["train/feature_cache_disk_gb"] == disk.bytes / 1e9 > 2 * cache.frame_bytes / 1e9
+    assert _cache_figures(stats) == " cache hit 50% (disk 33%), 0.34 MB/frame"
+    cache.close()
+    assert not disk.folder.exists() and list(root.iterdir()) == []
+
+
+def test_the_disk_budget_is_respected_and_frames_beyond_it_are_encoded_every_time(tmp_path):
+    m = model(SMALL)
+    encoder = CountingEncoder(m.image_encoder)
+    budget = int(
+        frame_bytes(m.image_encoder) * 1.5
+    )  # one frame's file (its tensors and a little framing), not two
+    disk = DiskTier(tmp_path, folder_name(tmp_path / "run", 3), budget)
+    cache = FeatureCache(encoder, budget_bytes=0, disk=disk)
+    images = torch.rand(3, 3, SMALL, SMALL)
+    keys = [("v", i, False, False) for i in range(3)]
+    cache.encode(images, keys)
+    cache.encode(images, keys)
+    assert list(disk.files) == keys[:1] and encoder.images == 3 + 2
+    assert 0 < disk.bytes <= budget and disk.bytes == sum(p.stat().st_size for p in disk.folder.glob("*.pt"))
+    assert not list(disk.folder.glob("*.part"))  # the refused frame's file is gone
+    assert cache.take_stats()["train/feature_cache_disk_hit_rate"] == 1 / 6
+    cache.close()
+
+
+def test_bf16_on_disk_takes_half_the_bytes(tmp_path):
+    sizes = []
+    for dtype in ("fp32", "bf16"):
+        data = DataConfig(
+            feature_cache_dtype=dtype, feature_cache_gb=0, feature_cache_dir=str(tmp_path / dtype)
+        )
+        cache = feature_cache(model(SMALL).image_encoder, data, False, None, (tmp_path / "run", 0))
+        cache.encode(torch.rand(2, 3, SMALL, SMALL), [("v", 0), ("v", 1)])
+        sizes.append(cache.disk.bytes)
+        cache.close()
+    assert sizes[0] / sizes[1] == pytest.approx(2, rel=0.01)
+
+
+def test_a_bad_cache_folder_is_one_line_before_anything_is_written(tmp_path):
+    encoder = model(SMALL).image_encoder
+    a_file = tmp_path / "file"
+    a_file.write_text("mine")
+
+    def build(folder):
+        data = DataConfig(feature_cache_dir=str(folder))
+        return feature_cache(encoder, data, False, None, (tmp_path / "run", 0))
+
+    with pytest.raises(ConfigError, match=f"^data.feature_cache_dir {a_file} is a file, not a folder$"):
+        build(a_file)
+    with pytest.raises(ConfigError, match="cannot be made: Not a directory$"):
+        build(a_file / "below")
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(ConfigError, match=f"^data.feature_cache_dir {locked} is not writable$"):
+            build(locked)
+    assert a_file.read_text() == "mine"
+
+
+def test_a_folder_of_the_users_is_never_deleted_and_a_stale_one_of_ours_is_replaced(tmp_path):
+    name = folder_name(tmp_path / "run", 0)
+    theirs = tmp_path / name
+    theirs.mkdir()
+    (theirs / "0.pt").write_text("the user's")
+    with pytest.raises(ConfigError, match=f"{theirs} exists and is not a feature cache folder of ours"):
+        DiskTier(tmp_path, name, 10**9)
+    assert (theirs / "0.pt").read_text() == "the user's"
+    (theirs / MARK).write_text("")  # a crashed run's folder: ours, its frame files stale
+    (theirs / "notes.txt").write_text("kept")
+    (theirs / "7.part").write_text("half-written")
+    cache = FeatureCache(model(SMALL).image_encoder, 0, disk=DiskTier(tmp_path, name, 10**9))
+    cache.encode(torch.rand(1, 3, SMALL, SMALL), [("v", 0)])
+    assert sorted(p.name for p in theirs.iterdir()) == ["0.pt", MARK, "notes.txt"]
+    assert len(torch.load(theirs / "0.pt", weights_only=True)) == 3  # this run's frame, not the stale one
+    cache.close()
+    assert sorted(p.name for p in theirs.iterdir()) == ["notes.txt"]  # what is not ours stays

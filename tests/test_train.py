@@ -348,9 +348,10 @@ def test_training_goes_on_when_tracking_fails(train_data, tmp_path):
 
 @pytest.mark.slow
 def test_a_feature_cached_run_stopped_and_resumed_trains_what_the_encoder_would(train_data, tmp_path):
-    """Two ranks, frames un-augmented: the cache (empty again after the resume) feeds the model the
-    encoder's own numbers, so the weights are those of a run that encodes every frame. (A resume without
-    the cache is exact to 1e-6: test_slurm and test_hosts stop and requeue runs and compare.)"""
+    """Two ranks, frames un-augmented: the cache (empty again after the resume; memory for one frame, the
+    rest on the disk tier) feeds the model the encoder's own numbers, so the weights are those of a run
+    that encodes every frame; the disk tier's folders are gone at the end. (A resume without the cache is
+    exact to 1e-6: test_slurm and test_hosts stop and requeue runs and compare.)"""
     from autosam2.data.synthetic import SynthSpec, write_dataset
     from shards.writer import build
 
@@ -375,8 +376,11 @@ def test_a_feature_cached_run_stopped_and_resumed_trains_what_the_encoder_would(
     encoded = tmp_path / "encoded"
     run([*TORCHRUN, *train_overrides(data, encoded, **settings)])
     cached = tmp_path / "cached"
-    cmd = [*TORCHRUN, *train_overrides(data, cached, **settings, **{"data.feature_cache": "memory"})]
+    node = tmp_path / "node-local"
+    cache = {"data.feature_cache": "memory", "data.feature_cache_gb": 0.0015, "data.feature_cache_dir": node}
+    cmd = [*TORCHRUN, *train_overrides(data, cached, **settings, **cache)]
     stop_and_resume(cmd, cached, 3, 12)
+    assert node.is_dir() and list(node.iterdir()) == []
 
     a, b = weights(encoded / "final.pt"), weights(cached / "final.pt")
     assert a.keys() == b.keys()
@@ -385,6 +389,8 @@ def test_a_feature_cached_run_stopped_and_resumed_trains_what_the_encoder_would(
     hits = client.get_metric_history(run_info.info.run_id, "train/feature_cache_hit_rate")
     assert sorted(m.step for m in hits) == list(range(1, 13)) and max(m.value for m in hits) == 1.0
     assert all(m.value > 0 for m in client.get_metric_history(run_info.info.run_id, "train/feature_cache_gb"))
+    from_disk = client.get_metric_history(run_info.info.run_id, "train/feature_cache_disk_hit_rate")
+    assert len(from_disk) == 12 and max(m.value for m in from_disk) > 0
 
 
 def test_a_mix_of_single_frames_and_sequences_trains_through_trainable_memory(train_data, tmp_path):

@@ -281,7 +281,8 @@ class Trainer:
         if self.info.is_main:
             print(
                 f"step {state.step}/{self.total_steps} epoch {state.epoch} loss {metrics['train/loss_total']:.4f} "
-                f"lr {metrics['train/lr']:.2e} {metrics['train/frames_per_s']:.1f} frames/s {self._pace(state.step)}",
+                f"lr {metrics['train/lr']:.2e} {metrics['train/frames_per_s']:.1f} frames/s {self._pace(state.step)}"
+                + _cache_figures(metrics),
                 flush=True,
             )
 
@@ -307,3 +308,13 @@ class Trainer:
             state.best_dice = dice
             with self._abort_on_nonfinite():
                 self.validator.save_best(state.step, summary)
+
+
+def _cache_figures(metrics: dict[str, float]) -> str:
+    """`` cache hit 85% (disk 20%), 2.75 MB/frame``: the feature cache's figures for the step line."""
+    if "train/feature_cache_hit_rate" not in metrics:
+        return ""
+    text = f" cache hit {metrics['train/feature_cache_hit_rate']:.0%}"
+    if "train/feature_cache_disk_hit_rate" in metrics:
+        text += f" (disk {metrics['train/feature_cache_disk_hit_rate']:.0%})"
+    return text + f", {metrics['train/feature_cache_bytes_per_frame'] / 1e6:.2f} MB/frame"
