@@ -163,6 +163,9 @@ def _rank(rank: int, ranks: int, port: int, job: dict[str, Any], folder: Path) -
     saves what both did."""
     from autosam2.engine.dist.group import _join_group, cleanup
 
+    os.dup2(
+        2, 1
+    )  # stdout carries the parent's figures alone: what a rank prints (DeepSpeed's) goes to stderr
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(ranks), LOCAL_RANK=str(rank))  # DeepSpeed reads them
     device = torch.device(job["device"] if job["device"] == "cpu" else f"cuda:{rank}")
     if device.type == "cuda":
