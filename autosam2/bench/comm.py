@@ -159,13 +159,12 @@ def _train(cfg: Config, info: DistInfo, steps: int, output: Path) -> dict[str, A
 
 
 def _rank(rank: int, ranks: int, port: int, job: dict[str, Any], folder: Path) -> None:
-    """One rank: joins the group through the parent's store and trains once per setting; rank 0
-    saves what both did."""
+    """One rank (on the GPU of its number, or the CPU): joins the group through the parent's store and
+    trains once per setting; rank 0 saves what both did."""
     from autosam2.engine.dist.group import _join_group, cleanup
 
-    os.dup2(
-        2, 1
-    )  # stdout carries the parent's figures alone: what a rank prints (DeepSpeed's) goes to stderr
+    # stdout carries the parent's figures alone: what a rank prints (DeepSpeed's builds) goes to stderr
+    os.dup2(2, 1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(ranks), LOCAL_RANK=str(rank))  # DeepSpeed reads them
     device = torch.device(job["device"] if job["device"] == "cpu" else f"cuda:{rank}")
     if device.type == "cuda":
