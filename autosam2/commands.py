@@ -123,6 +123,12 @@ REGISTRY: tuple[Command, ...] = (
     ),
     Command(
         BENCH,
+        "comm",
+        "autosam2.bench.comm:run",
+        "gradient bytes per step and the weights reached, fp32 vs bf16 gradient communication",
+    ),
+    Command(
+        BENCH,
         "longvideo",
         "autosam2.bench.longvideo:run",
         "peak host RSS of evaluate and predict over sequences of 100 / 1,000 / 5,000 frames",

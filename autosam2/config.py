@@ -90,6 +90,11 @@ class EngineKind(StrEnum):
     deepspeed = "deepspeed"
 
 
+class GradCompression(StrEnum):
+    none = "none"  # gradients cross the wire as the engine reduces them (fp32 here)
+    bf16 = "bf16"  # cast to bf16 for the all-reduce and back to fp32: half the bytes
+
+
 # the tree -----------------------------------------------------------------------------------------------
 
 
@@ -244,6 +249,15 @@ class TrainConfig:
     # torch's CPU threads per rank; None: SLURM's --cpus-per-task, else OMP_NUM_THREADS, else the cores
     # over the ranks of this host (engine.dist.torch_threads), the same rule whatever the launcher
     threads: int | None = None
+    # gradients on the wire between ranks: DDP's bf16 communication hook, DeepSpeed's
+    # communication_data_type (docs/scale.md, Gradient communication)
+    grad_compression: GradCompression = GradCompression.none
+    # gradient bucket size in MiB of fp32 gradients: DDP's bucket_cap_mb, DeepSpeed's reduce_bucket_size
+    # and allgather_bucket_size; None: each engine's own (DDP 25, the DeepSpeed JSON's)
+    bucket_mb: float | None = None
+    # DeepSpeed ZeRO's overlap_comm (reduce buckets while backward runs); None: the DeepSpeed JSON's.
+    # DDP always overlaps its bucketed all-reduce with backward: false is refused there
+    overlap_comm: bool | None = None
 
 
 @dataclass
@@ -403,6 +417,15 @@ def validate(cfg: Config) -> None:
         and (cfg.train.max_steps is None or cfg.train.max_steps >= 1),
         "train.epochs, checkpoint_every, keep_checkpoints, validate_every, log_every, dist_timeout_s, "
         "peer_timeout_s, threads and max_steps (null: epochs x batches) must be >= 1",
+    )
+    need(
+        cfg.train.bucket_mb is None or cfg.train.bucket_mb > 0,
+        f"train.bucket_mb must be > 0 (null: the engine's own), got {cfg.train.bucket_mb}",
+    )
+    need(
+        cfg.train.overlap_comm is not False or cfg.train.engine == EngineKind.deepspeed,
+        "train.overlap_comm=false needs train.engine=deepspeed: DDP always overlaps its bucketed "
+        "all-reduce with backward",
     )
     problems += _train_problems(cfg.data)
     problems += _feature_cache_problems(cfg)

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -264,3 +265,20 @@ def test_bench_tracking_stalls_nothing_and_delivers_everything(capsys):
     )
     assert delivered["artifacts_in_run"] == delivered["artifacts_logged"] > 0
     assert report["target"]["met"] == (report["longest_step_stall_s"] <= 1.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("engine", "hook"), [("ddp", "bf16_compress_hook"), ("deepspeed", None)])
+def test_bench_comm_halves_the_gradient_bytes_and_the_weights_stay_close(capfd, engine, hook):
+    """Two ranks (gloo), two steps each way: bf16 communication hands the reductions half the bytes,
+    moves the weights (it is not ignored) and keeps them within a small part of what the steps moved.
+    stdout, the ranks' included, holds the figures alone."""
+    assert main(["bench", "comm", "--ranks", "2", "--steps", "2", "--cpu", f"train.engine={engine}"]) == 0
+    report = json.loads(capfd.readouterr().out)
+    sent = report["gradient_bytes_per_step"]
+    assert sent["none"] >= 4 * report["trainable_parameters"]  # every fp32 gradient, once per step
+    assert report["ratio"] == round(sent["bf16"] / sent["none"], 4) and 0.49 <= report["ratio"] <= 0.51
+    assert report["comm_hook"]["bf16"] == hook
+    weights = report["weights"]
+    assert 0 < weights["max_abs_difference"] <= 2 * weights["max_abs_update"]  # Adam's step bounds it
+    assert 0 < weights["update_difference_norm_ratio"] < 0.05

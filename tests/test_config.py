@@ -63,6 +63,9 @@ def test_yaml_file_then_overrides(tmp_path):
             "data.feature_cache_gb and data.feature_cache_disk_gb must be >= 0",
         ),
         (["train.peer_timeout_s=0"], "dist_timeout_s, peer_timeout_s, threads and max_steps"),
+        (["train.grad_compression=fp8"], "train.grad_compression must be none or bf16, got 'fp8'"),
+        (["train.bucket_mb=0"], "train.bucket_mb must be > 0 (null: the engine's own), got 0.0"),
+        (["train.overlap_comm=false"], "train.overlap_comm=false needs train.engine=deepspeed"),
         (
             ["data.train=[a, b]", "data.train_weights=[1]"],
             "data.train_weights must hold one weight >= 0 for each of the 2",

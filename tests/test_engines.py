@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from autosam2.config import load_config
@@ -69,3 +71,48 @@ def test_ddp_is_told_of_parameters_a_step_may_leave_unused(monkeypatch, override
     with single_process_group(torch.device("cpu")) as info:
         engine = build_engine(TinyModel(), cfg, 4, info)
         assert engine.wrapped.find_unused_parameters is unused
+
+
+@pytest.mark.parametrize(
+    ("overrides", "hook", "bucket_bytes"),
+    [
+        ([], None, 25 * 2**20),  # torch's own: no hook, 25 MiB buckets
+        (["train.grad_compression=bf16", "train.bucket_mb=5"], "bf16_compress_hook", 5 * 2**20),
+    ],
+)
+def test_ddp_sends_gradients_in_bf16_through_torchs_hook_in_buckets_of_bucket_mb(
+    monkeypatch, overrides, hook, bucket_bytes
+):
+    import torch
+
+    from autosam2.engine.dist import single_process_group
+    from autosam2.engine.engines import build_engine
+
+    monkeypatch.delenv("RANK", raising=False)
+    cfg = load_config(None, ["train.device=cpu", "train.precision=fp32", *overrides])
+    with single_process_group(torch.device("cpu")) as info:
+        engine = build_engine(TinyModel(), cfg, 4, info)
+        assert engine.wrapped._get_ddp_logging_data().get("comm_hook") == hook
+        assert engine.wrapped.bucket_bytes_cap == bucket_bytes
+
+
+def test_deepspeed_gets_the_comm_settings_merged_into_its_config_and_the_json_stays_as_shipped():
+    from autosam2.engine.engines import read_deepspeed_config, with_comm_settings
+
+    shipped = read_deepspeed_config("zero2")
+    before = json.dumps(shipped, sort_keys=True)
+    assert with_comm_settings(shipped, load_config(None, []).train) == shipped  # defaults: the JSON's own
+    train = load_config(
+        None,
+        [
+            "train.engine=deepspeed",
+            "train.grad_compression=bf16",
+            "train.bucket_mb=8",
+            "train.overlap_comm=false",
+        ],
+    ).train
+    merged = with_comm_settings(shipped, train)
+    zero = merged["zero_optimization"]
+    assert merged["communication_data_type"] == "bf16" and zero["overlap_comm"] is False
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 8 * 2**20 // 4  # fp32 elements
+    assert zero["stage"] == 2 and json.dumps(shipped, sort_keys=True) == before

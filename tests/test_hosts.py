@@ -465,6 +465,48 @@ def _torchrun_on_both(
     return procs
 
 
+def _link_bytes(host: str) -> int:
+    """Bytes through `host`'s link so far, both ways: its interface's counters, read inside its
+    namespace (`ip netns exec` mounts that namespace's /sys)."""
+    counters = [f"/sys/class/net/eth0/statistics/{way}_bytes" for way in ("tx", "rx")]
+    read = ["ip", "netns", "exec", f"as2-{host}", "cat", *counters]
+    return sum(
+        int(n) for n in subprocess.run(read, capture_output=True, text=True, check=True).stdout.split()
+    )
+
+
+def test_bf16_gradient_compression_halves_the_bytes_a_step_puts_on_a_hosts_link(
+    slurm_hosts, train_data, tmp_path
+):
+    """Per step: the difference between a 5-step and a 1-step job over two hosts, so start-up (DDP's
+    broadcast of the whole model, the rendezvous) cancels; with fp32 and with bf16 gradients."""
+    per_step = {}
+    for compression in ("none", "bf16"):
+        moved = {}
+        for steps in (1, 5):
+            settings = {
+                "train.max_steps": steps,
+                "train.validate_every": 100,
+                "train.checkpoint_every": 100,
+                "tracking.enabled": "false",
+                "train.grad_compression": compression,
+            }
+            before = _link_bytes("node2")
+            procs = _torchrun_on_both(tmp_path / f"{compression}_{steps}", train_data, settings)
+            outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+            assert [proc.returncode for proc in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+            moved[steps] = _link_bytes("node2") - before
+        per_step[compression] = (moved[5] - moved[1]) / 4
+    ratio = per_step["bf16"] / per_step["none"]
+    print(
+        f"bytes per step through node2's link (tx + rx): fp32 {per_step['none']:.0f}, "
+        f"bf16 {per_step['bf16']:.0f}, ratio {ratio:.3f}"
+    )
+    # two ranks: each sends and receives its fp32 gradients' bytes once per step (19.5 MB here)
+    assert per_step["none"] > 2 * 4 * 4.8e6 * 0.9
+    assert ratio <= 0.55
+
+
 @pytest.mark.parametrize("peer_timeout_s", [10, None])  # None: the default (60 s)
 def test_the_survivor_of_a_host_cut_off_exits_within_peer_timeout_s_with_one_line(
     slurm_hosts, train_data, tmp_path, peer_timeout_s

@@ -30,8 +30,10 @@ from autosam2.config import (
     Config,
     ConfigError,
     EngineKind,
+    GradCompression,
     OptimConfig,
     Precision,
+    TrainConfig,
 )
 from autosam2.engine.dist import DistInfo, barrier
 from autosam2.errors import CheckpointError
@@ -177,8 +179,25 @@ def use_autocast(precision: Precision, device: torch.device) -> bool:
     return device.type == "cuda" and precision == Precision.bf16
 
 
+def with_comm_settings(ds_config: dict[str, Any], train: TrainConfig) -> dict[str, Any]:
+    """`ds_config` with train.grad_compression, bucket_mb and overlap_comm merged in (a copy; a setting
+    left at its default leaves the JSON's own). DeepSpeed counts its buckets in elements: fp32 ones."""
+    ds_config = {**ds_config, "zero_optimization": dict(ds_config.get("zero_optimization", {}))}
+    zero = ds_config["zero_optimization"]
+    if train.grad_compression == GradCompression.bf16:
+        ds_config["communication_data_type"] = "bf16"
+    if train.bucket_mb is not None:
+        elements = int(train.bucket_mb * 2**20 / 4)
+        zero.update(reduce_bucket_size=elements, allgather_bucket_size=elements)
+    if train.overlap_comm is not None:
+        zero["overlap_comm"] = train.overlap_comm
+    return ds_config
+
+
 class DDPEngine(Engine):
-    """``find_unused``: some trainable parameters take no part in a step (DDP must be told)."""
+    """``find_unused``: some trainable parameters take no part in a step (DDP must be told).
+    ``grad_compression``: bf16 registers torch's bf16 communication hook (gradients averaged in bf16, then
+    cast back into the fp32 buckets); ``bucket_mb``: DDP's bucket_cap_mb (None: torch's 25)."""
 
     def __init__(
         self,
@@ -188,6 +207,8 @@ class DDPEngine(Engine):
         info: DistInfo,
         autocast: bool = False,
         find_unused: bool = False,
+        grad_compression: GradCompression = GradCompression.none,
+        bucket_mb: float | None = None,
     ):
         self.module = model
         self.info = info
@@ -197,7 +218,14 @@ class DDPEngine(Engine):
         self.wrapped: nn.Module = model
         if torch.distributed.is_initialized():  # a group of one too: the reducer runs as in a job
             ids = [info.device.index] if info.device.type == "cuda" else None
-            self.wrapped = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
+            bucket = {} if bucket_mb is None else {"bucket_cap_mb": bucket_mb}
+            self.wrapped = DistributedDataParallel(
+                model, device_ids=ids, find_unused_parameters=find_unused, **bucket
+            )
+            if grad_compression == GradCompression.bf16:
+                from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
+
+                self.wrapped.register_comm_hook(None, bf16_compress_hook)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas)
@@ -394,7 +422,14 @@ def build_engine(
     if autocast is None:
         autocast = use_autocast(cfg.train.precision, info.device)
     if cfg.train.engine == EngineKind.deepspeed:
-        ds_config = read_deepspeed_config(Path(cfg.train.deepspeed_config))
+        ds_config = with_comm_settings(read_deepspeed_config(Path(cfg.train.deepspeed_config)), cfg.train)
+        if autocast and cfg.train.grad_compression == GradCompression.bf16 and info.is_main:
+            print(
+                "train.grad_compression=bf16: under bf16 autocast DeepSpeed picks each gradient's wire dtype "
+                "itself (bf16 for Linear and Conv weights, fp32 for the rest) and does not read "
+                "communication_data_type",
+                flush=True,
+            )
         return DeepSpeedEngine(
             model, cfg.optim, total_steps, info, ds_config, cfg.data.batch_size, autocast=autocast
         )
@@ -402,4 +437,13 @@ def build_engine(
     # of one-frame clips
     mixed = len(cfg.data.train_sources()) > 1
     unused = (cfg.model.clip_mode == ClipMode.frame or mixed) and not cfg.model.freeze.memory
-    return DDPEngine(model, cfg.optim, total_steps, info, autocast=autocast, find_unused=unused)
+    return DDPEngine(
+        model,
+        cfg.optim,
+        total_steps,
+        info,
+        autocast=autocast,
+        find_unused=unused,
+        grad_compression=cfg.train.grad_compression,
+        bucket_mb=cfg.train.bucket_mb,
+    )
