@@ -186,6 +186,9 @@ class ModelConfig:
     # torch.compile of the image encoder (training and inference); a failed compile warns once and runs eager
     compile: bool = False
     compile_backend: str = "inductor"  # a torch.compile backend name (inductor | aot_eager | cudagraphs ...)
+    # recompute the activations of the Hiera trunk's blocks, the memory-attention layers and the memory
+    # encoder in the backward pass instead of keeping them (AutoSAM2.checkpoint_activations)
+    activation_checkpointing: bool = False
     prompt: PromptEncoderConfig = field(default_factory=PromptEncoderConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
 
@@ -199,6 +202,9 @@ class OptimConfig:
     min_lr_ratio: float = 0.01  # cosine decays to lr * this
     grad_clip: float = 0.1
     grad_accum: int = 1
+    # layer-wise lr decay of the image encoder's trunk (AutoSAM2.layer_lr_scales; SAM2's recipe: 0.9);
+    # 1.0: every parameter at lr
+    layer_decay: float = 1.0
 
 
 @dataclass
@@ -426,6 +432,15 @@ def validate(cfg: Config) -> None:
         cfg.train.overlap_comm is not False or cfg.train.engine == EngineKind.deepspeed,
         "train.overlap_comm=false needs train.engine=deepspeed: DDP always overlaps its bucketed "
         "all-reduce with backward",
+    )
+    need(
+        0 < cfg.optim.layer_decay <= 1,
+        f"optim.layer_decay must be in (0, 1] (1: off), got {cfg.optim.layer_decay}",
+    )
+    need(
+        cfg.optim.layer_decay == 1 or not cfg.model.freeze.image_encoder,
+        f"optim.layer_decay={cfg.optim.layer_decay} decays the image encoder's lr: it needs "
+        "model.freeze.image_encoder=false",
     )
     problems += _train_problems(cfg.data)
     problems += _feature_cache_problems(cfg)

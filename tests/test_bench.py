@@ -201,11 +201,29 @@ def test_bench_memory_reports_a_configs_training_step(capsys, tmp_path):
         assert extra["zero_reduced_gradients"] == round(4 * n["trainable"] / gradient_ranks / mib, 1)
 
 
+def test_bench_memory_compares_peaks_with_and_without_activation_checkpointing(capsys):
+    whole = [
+        "model.freeze.image_encoder=false",
+        "model.freeze.memory=false",
+        "model.freeze.mask_decoder=false",
+    ]
+    # 256 px: the activations outgrow the optimizer step, whose peak would hide them at smaller sizes
+    args = ["bench", "memory", "--cpu", "--compare-checkpointing", "model.image_size=256", "data.clip_len=2"]
+    assert main([*args, *whole]) == 0
+    report = json.loads(capsys.readouterr().out)
+    figures = report["checkpointing"]
+    assert report["config"]["activation_checkpointing"] is False  # the config's own setting first
+    assert figures["without"]["total_MiB"] == report["peak_MiB"]["total"]
+    with_, without = (figures[k]["activations_and_temporaries_MiB"] for k in ("with", "without"))
+    assert 0 < with_ < without and figures["with"]["total_MiB"] < figures["without"]["total_MiB"]
+    assert figures["activation_ratio"] == round(with_ / without, 3)
+
+
 def test_bench_memory_names_a_bad_config_file_in_one_line(capsys, tmp_path):
     assert main(["bench", "memory", "--config", str(tmp_path / "nope.yaml")]) == 1
     assert capsys.readouterr().err.strip() == (
         f"autosam2 bench: {tmp_path / 'nope.yaml'}: no such file, nor a shipped run config (shipped: "
-        "cpu_demo, cpu_demo_video, gpu_hiera_bplus_1024_deepspeed, gpu_hiera_t_1024)"
+        "cpu_demo, cpu_demo_video, gpu_hiera_bplus_1024_deepspeed, gpu_hiera_bplus_1024_full, gpu_hiera_t_1024)"
     )
     broken = tmp_path / "zero.json"
     broken.write_text("{ not json")

@@ -21,7 +21,13 @@ from tests.helpers import train_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-RUN_NAMES = ["cpu_demo", "cpu_demo_video", "gpu_hiera_bplus_1024_deepspeed", "gpu_hiera_t_1024"]
+RUN_NAMES = [
+    "cpu_demo",
+    "cpu_demo_video",
+    "gpu_hiera_bplus_1024_deepspeed",
+    "gpu_hiera_bplus_1024_full",
+    "gpu_hiera_t_1024",
+]
 
 
 @pytest.fixture

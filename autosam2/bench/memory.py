@@ -6,11 +6,14 @@ the steps allocate are counted while they live by torch's own accounting: the pr
 record on the CPU (every allocation, op workspaces included), the caching allocator's peak on a GPU.
 DDP adds its gradient buckets; DeepSpeed's ZeRO partitions (Adam states, reduced gradients, the reduce
 bucket) replace the full Adam states, by formula, divided over ``--ranks`` as its stage says.
+``--compare-checkpointing`` measures the config a second time with `model.activation_checkpointing`
+the other way, and reports both peaks and the ratio of their activations (with / without).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -40,6 +43,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--ranks", type=positive_int, default=8, help="data-parallel ranks for ZeRO sharding (default 8)"
     )
     p.add_argument("--steps", type=positive_int, default=2, help="training steps tracked (default 2)")
+    p.add_argument(
+        "--compare-checkpointing",
+        action="store_true",
+        help="measure with and without model.activation_checkpointing, and the ratio of their activations",
+    )
     add_device(p, default_device(), device_alias=True)
 
 
@@ -133,12 +141,40 @@ def _engine_extra(ds_config: dict | None, n_trainable: int, ranks: int) -> tuple
 def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = load_config(args.config, args.overrides)
     device = torch.device(args.device)
+    report = _report(cfg, args, device)
+    if args.compare_checkpointing:
+        other = dataclasses.replace(
+            cfg,
+            model=dataclasses.replace(
+                cfg.model, activation_checkpointing=not cfg.model.activation_checkpointing
+            ),
+        )
+        report["checkpointing"] = checkpointing_figures(report, _report(other, args, device))
+    return report
+
+
+def checkpointing_figures(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """The peaks of two reports of one config, with and without activation checkpointing, and the
+    ratio of their activations (with / without)."""
+    by_setting = {}
+    for report in (first, second):
+        setting = "with" if report["config"]["activation_checkpointing"] else "without"
+        by_setting[setting] = {
+            "activations_and_temporaries_MiB": report["peak_MiB"]["activations_and_temporaries"],
+            "total_MiB": report["peak_MiB"]["total"],
+            "estimate_per_gpu_GiB": report["estimate_per_gpu_GiB"],
+        }
+    with_, without = (by_setting[k]["activations_and_temporaries_MiB"] for k in ("with", "without"))
+    return {**by_setting, "activation_ratio": round(with_ / without, 3) if without else None}
+
+
+def _report(cfg: Config, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The memory report of `cfg`'s training steps on `device`."""
     deepspeed = cfg.train.engine == EngineKind.deepspeed
     ds_config = read_deepspeed_config(Path(cfg.train.deepspeed_config)) if deepspeed else {}
     start = time.perf_counter()
     model, engine, counted, dropout_zeroed = _measure(cfg, device, args.steps)
     seconds = time.perf_counter() - start
-
     trainable = [p for p in model.parameters() if p.requires_grad]
     weights = _nbytes(model.parameters()) + _nbytes(model.buffers())
     gradients = _nbytes(trainable)
@@ -178,6 +214,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "steps": args.steps,
             "seconds": round(seconds, 1),
             "attention_dropout_zeroed": dropout_zeroed,
+            "activation_checkpointing": cfg.model.activation_checkpointing,
         },
         "notes": "bytes allocated by the steps and live at their peak, counted on the device given (autocast's "
         "op list on CPU differs slightly from CUDA's; CPU convolutions allocate workspaces CUDA's do not); on "

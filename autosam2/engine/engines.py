@@ -41,9 +41,12 @@ from autosam2.model.autosam2 import AutoSAM2, ClipOutput
 from autosam2.model.weights import load_trainable, trainable_state
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no decay on norms, biases, embeddings and positional parameters."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict[str, Any]]:
+    """AdamW groups: no decay on norms, biases, embeddings and positional parameters. `layer_decay` < 1:
+    the image encoder's layers in groups of their own, each with its `lr_scale` (`AutoSAM2.layer_lr_scales`;
+    `with_lr` sets their lr); the groups at the full lr come first."""
+    scales = model.layer_lr_scales(layer_decay) if layer_decay < 1 else {}
+    sorted_: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -53,9 +56,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
             or lowered.endswith(".bias")
             or any(k in lowered for k in ("norm", "pos", "embed", "token"))
         )
-        (no_decay if skip else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+        sorted_.setdefault((scales.get(name, 1.0), skip), []).append(p)
+    groups = []
+    for (scale, skip), params in sorted(sorted_.items(), key=lambda item: (-item[0][0], item[0][1])):
+        group = {"params": params, "weight_decay": 0.0 if skip else weight_decay}
+        groups.append(group if scale == 1 else {**group, "lr_scale": scale})
+    return groups
+
+
+def with_lr(groups: list[dict[str, Any]], lr: float) -> list[dict[str, Any]]:
+    """`groups` with the lr of each that has an `lr_scale` set to lr x its scale (the others take the
+    optimizer's lr)."""
+    return [{**g, "lr": lr * g["lr_scale"]} if "lr_scale" in g else g for g in groups]
 
 
 @dataclass
@@ -134,12 +146,13 @@ class Engine(ABC):
         """`optim`'s peak lr, weight decay and betas and `schedule` in place of those a checkpoint restored,
         from the scheduler's current step on: the schedule keeps its position, at the new peak."""
         groups = self.optimizer.param_groups
-        decays = [g["weight_decay"] for g in param_groups(self.module, optim.weight_decay)]
-        for group, decay in zip(groups, decays, strict=True):  # the order they were built in
-            group.update(initial_lr=optim.lr, weight_decay=decay, betas=tuple(optim.betas))
-            group["lr"] = optim.lr * schedule(self.scheduler.last_epoch)  # what the next step uses
+        built = param_groups(self.module, optim.weight_decay, optim.layer_decay)
+        for group, fresh in zip(groups, built, strict=True):  # the order they were built in
+            peak = optim.lr * fresh.get("lr_scale", 1.0)
+            group.update(initial_lr=peak, weight_decay=fresh["weight_decay"], betas=tuple(optim.betas))
+            group["lr"] = peak * schedule(self.scheduler.last_epoch)  # what the next step uses
         self.scheduler.lr_lambdas = [schedule] * len(groups)
-        self.scheduler.base_lrs = [optim.lr] * len(groups)
+        self.scheduler.base_lrs = [group["initial_lr"] for group in groups]
 
     def snapshot(self) -> Callable[[Path], None] | None:
         """For an asynchronous checkpoint: this rank's state copied to host memory now, returned as the
@@ -228,7 +241,9 @@ class DDPEngine(Engine):
                 self.wrapped.register_comm_hook(None, bf16_compress_hook)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
-            param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas)
+            with_lr(param_groups(model, optim.weight_decay, optim.layer_decay), optim.lr),
+            lr=optim.lr,
+            betas=tuple(optim.betas),
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, LRSchedule.of(optim, total_steps))
         self.micro = 0
@@ -355,7 +370,7 @@ class DeepSpeedEngine(Engine):
         }
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
-            model_parameters=param_groups(model, optim.weight_decay),
+            model_parameters=with_lr(param_groups(model, optim.weight_decay, optim.layer_decay), optim.lr),
             config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
                 opt, LRSchedule.of(optim, total_steps)

@@ -13,9 +13,9 @@ one line, or refused with one ConfigError naming the key, both values and the wa
 - `data.batch_size`: applied; the epoch goes on at the same global sample (the loop says so, as for
   another world size).
 - `optim.warmup_steps`, `optim.min_lr_ratio` (no change without a jump), `optim.grad_accum` (the
-  accumulation count is restored), `data.clip_len`, `data.order`, `data.shuffle_shards`, `train.seed`
-  (the epoch's order and the data position depend on them), `train.init_from` (a resumed run's weights
-  are its checkpoint's): refused.
+  accumulation count is restored), `optim.layer_decay` (the restored groups carry its lr scales),
+  `data.clip_len`, `data.order`, `data.shuffle_shards`, `train.seed` (the epoch's order and the data
+  position depend on them), `train.init_from` (a resumed run's weights are its checkpoint's): refused.
 
 Any other difference is honoured as given and named in one line. Every change is kept in
 `LoopState.changes`, carried by later checkpoints, so config.yaml and MLflow list them.
@@ -38,6 +38,7 @@ REFUSED = {
     "optim.warmup_steps": "its warm-up cannot change without a jump in the learning rate",
     "optim.min_lr_ratio": "the end of its cosine cannot change without a jump in the learning rate",
     "optim.grad_accum": "the optimizer's accumulation count comes from the checkpoint",
+    "optim.layer_decay": "the optimizer's parameter groups and their lr scales come from the checkpoint",
     "data.clip_len": "which samples hold a clip, hence the epoch's order and the data position, depend on it",
     "data.order": "the data position is counted in that order",
     "data.shuffle_shards": "the epoch's order depends on it",

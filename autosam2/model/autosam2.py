@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from sam2.modeling.sam2_base import SAM2Base
 from torch import nn
 
@@ -94,6 +95,20 @@ class CompiledOrEager:
         return self.compiled is not None
 
 
+class Recomputed:
+    """A module's forward whose activations are recomputed in the backward pass instead of kept
+    (torch.utils.checkpoint, non-reentrant: any inputs and outputs, and the RNG state restored, so
+    dropout and drop-path draw the same); a plain call where no gradient is recorded."""
+
+    def __init__(self, forward: Callable[..., Any]):
+        self.forward = forward
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return self.forward(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(self.forward, *args, use_reentrant=False, **kwargs)
+
+
 def _empty_memory() -> dict[str, dict[int, dict[str, Any]]]:
     return {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
 
@@ -138,6 +153,42 @@ class AutoSAM2(SAM2Base):
         guarded = CompiledOrEager(eager, backend, "image encoder")
         self.image_encoder.forward = guarded
         return guarded
+
+    def checkpointed_modules(self) -> list[str]:
+        """The modules whose activations `checkpoint_activations` recomputes: each block of the Hiera
+        trunk (the image encoder's work and most of its activations, for every frame of a clip), each
+        memory-attention layer (each frame's tokens attending to its memories) and the memory encoder
+        (each frame's mask and features fused at the feature grid). The FPN neck, the mask decoder and
+        the prompt encoders are light and run as they are."""
+        blocks = [f"image_encoder.trunk.blocks.{i}" for i in range(len(self.image_encoder.trunk.blocks))]
+        layers = [f"memory_attention.layers.{i}" for i in range(len(self.memory_attention.layers))]
+        return [*blocks, *layers, "memory_encoder"]
+
+    def checkpoint_activations(self) -> list[str]:
+        """Recompute the activations of `checkpointed_modules` in the backward pass instead of keeping
+        them: less memory for one more forward of those modules; the same gradients (to fp32 rounding).
+        Weights and state_dict keys are unchanged. Returns the modules' names."""
+        names = self.checkpointed_modules()
+        for name in names:
+            module = self.get_submodule(name)
+            if not isinstance(module.forward, Recomputed):
+                module.forward = Recomputed(module.forward)
+        return names
+
+    def layer_lr_scales(self, decay: float) -> dict[str, float]:
+        """Layer-wise lr decay of the image encoder's trunk, as SAM2's own training applies it: with N
+        blocks, block i learns at lr x decay^(N - i), the patch embedding (the deepest layer) at
+        decay^(N + 1); the trunk's position embeddings and every other parameter at the full lr.
+        Returns the scale of each parameter below 1, by name."""
+        trunk = self.image_encoder.trunk
+        n = len(trunk.blocks)
+        scales = {}
+        for name, _ in trunk.named_parameters():
+            if name.startswith("blocks."):
+                scales[f"image_encoder.trunk.{name}"] = decay ** (n - int(name.split(".")[1]))
+            elif name.startswith("patch_embed."):
+                scales[f"image_encoder.trunk.{name}"] = decay ** (n + 1)
+        return {name: scale for name, scale in scales.items() if scale < 1}
 
     def groups(self) -> dict[str, list[nn.Module | nn.Parameter]]:
         """Modules and loose parameters of each freezable part."""

@@ -67,12 +67,15 @@ def build_model(
 def build_autosam2(cfg: ModelConfig, device: str | torch.device = "cpu"):
     """The model of a run: SAM2 of `cfg.variant` and `cfg.release` (loaded from `cfg.checkpoint`, random
     without one), the learned prompt encoder of `cfg.prompt`, the parts `cfg.freeze` names frozen, the
-    image encoder compiled if `cfg.compile`, on `device`."""
+    image encoder compiled if `cfg.compile`, activations recomputed in the backward pass if
+    `cfg.activation_checkpointing` (`AutoSAM2.checkpoint_activations`), on `device`."""
     model = build_model(
         cfg.variant, cfg.image_size, cfg.checkpoint, cfg.multimask_output, release=cfg.release
     )
     model.attach_prompt_encoder(cfg.prompt)
     model.freeze(cfg.freeze)
+    if cfg.activation_checkpointing:
+        model.checkpoint_activations()
     if cfg.compile:
         model.compile_image_encoder(cfg.compile_backend)
     return model.to(device)
