@@ -4,16 +4,19 @@ Each rank notes when it passes the marks of its start (`mark`); the moments befo
 come from the system: the job's submit and start times from SLURM (`scontrol show job`, rank 0 only,
 after the first step), the launcher's start (torchrun, this process's parent) and this process's own
 start from the process table. After the first step every rank's marks are gathered and rank 0 prints one
-line per phase, the slowest rank's time for it beside its own, and logs them as ``startup/<phase>_s``.
+line per phase, the slowest rank's time for it beside its own, logs them as ``startup/<phase>_s`` and
+writes every rank's marks and phases to ``OUTPUT_DIR/startup.json`` (`RECORD`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # (phase, the mark that ends it, what it covers); a phase starts at the mark of the row before it
 PHASES: tuple[tuple[str, str, str], ...] = (
@@ -28,6 +31,7 @@ PHASES: tuple[tuple[str, str, str], ...] = (
     ("first_step", "first_step", "the first step is done"),
 )
 FIRST = "submitted"
+RECORD = "startup.json"  # in the output directory: the last start's marks and phases, every rank
 
 
 @dataclass
@@ -128,3 +132,11 @@ def report(all_marks: list[dict[str, float]], job: dict[str, float]) -> tuple[li
         lines.append(f"startup: total       {done - first:6.1f} s  from {since} to every rank's first step")
         metrics["startup/total_s"] = round(done - first, 3)
     return lines, metrics
+
+
+def write_record(path: Path, all_marks: list[dict[str, float]], job: dict[str, float]) -> None:
+    """Every rank's marks (seconds since the epoch) and phases, and the job's SLURM times, at `path`."""
+    from autosam2.atomic import atomic_write_text
+
+    ranks = [{"marks": marks, "phases": phases({**job, **marks})} for marks in all_marks]
+    atomic_write_text(path, json.dumps({"job": job, "ranks": ranks}, indent=1) + "\n")

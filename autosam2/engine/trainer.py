@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -210,10 +211,12 @@ class Trainer:
         marks = gather_objects(startup.TIMELINE.with_system_times())
         if not self.info.is_main:
             return
-        lines, metrics = startup.report(marks, startup.slurm_times())
+        job = startup.slurm_times()
+        lines, metrics = startup.report(marks, job)
         for line in lines:
             print(line, flush=True)
         self.logger.log_metrics(metrics, step)
+        startup.write_record(Path(self.cfg.train.output_dir) / startup.RECORD, marks, job)
 
     def _checkpoint(self, state: LoopState, interval: _Interval, last: bool = False) -> None:
         """A checkpoint of this step, once (a second save would replace a good folder); `last`: wait for
