@@ -87,11 +87,14 @@ def run(argv: list[str] | None = None):
 
     from autosam2.engine.dist import distributed, single_process_group
     from autosam2.engine.inputs import check_inputs
+    from autosam2.engine.startup import mark
     from autosam2.model.sam2_checkpoint import settle_model
 
     check_inputs(cfg)
     cfg.model = settle_model(cfg.model)  # the size and release the checkpoint holds, logged and recorded
+    mark("inputs_checked")
     with distributed(cfg.train.device, cfg.train.dist_timeout_s, cfg.train.peer_timeout_s) as info:
+        mark("group_joined")
         if info.world_size == 1 and cfg.train.engine == EngineKind.deepspeed:
             # DeepSpeed wants a process group; without a launcher's it would go looking for MPI
             with single_process_group(info.device, cfg.train.dist_timeout_s) as alone:
@@ -114,9 +117,11 @@ def _run(cfg: Config, info):
     """Set up this process, build the parts (reading everything before anything is written: a bad
     checkpoint or data set leaves no output behind), then train in the locked output directory."""
     from autosam2.engine.run_lock import disarm, guard, take_output_dir
+    from autosam2.engine.startup import mark
 
     stop, hosts, threads = _set_up_process(cfg, info)
     parts = _build_parts(cfg, info)
+    mark("parts_built")
     out = Path(cfg.train.output_dir).resolve()
     lock = take_output_dir(out, info)
     over = False  # the run is complete: its submission's reservation goes with the lock

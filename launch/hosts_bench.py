@@ -1,4 +1,4 @@
-"""Two test hosts against one: submit -> first step, step time and the bytes on the wire per step.
+"""Two test hosts against one: submit -> first step and its phases, step time, bytes on the wire per step.
 
 `python launch/hosts_bench.py [--steps 4 12]` (root; it starts `slurm_test_cluster.sh --hosts 2` and stops
 it at the end). The CPU demo's model and trainable parts (the shipped run config cpu_demo) on small synthetic
@@ -70,9 +70,10 @@ def run_job(
             raise RuntimeError(f"{log}: the job failed or hangs:\n{text[-3000:]}")
         time.sleep(0.1)
     frames = 4 * 1 * nodes * procs  # clip_len x batch x ranks per step (cpu_demo)
-    rates = [float(m) for m in re.findall(r"^step \d+/\d+ .* ([\d.]+) frames/s$", text, re.M)]
+    rates = [float(m) for m in re.findall(r"^step \d+/\d+ .* ([\d.]+) frames/s ", text, re.M)]
     return {
         "submit_to_first_step_s": first,
+        "startup_s": {m[0]: float(m[1]) for m in re.findall(r"^startup: (\w+) +([\d.]+) s", text, re.M)},
         "step_s": [frames / r for r in rates[1:]],  # the first step also builds DDP's buckets
         "bytes": link_bytes() - before,
     }
@@ -125,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
                         2,
                     ),
                     "step_s_median": round(statistics.median(long["step_s"]), 3),
+                    "startup_s": {  # the training's own timeline (`startup:` lines), slowest rank
+                        phase: round(statistics.median([short["startup_s"][phase], seconds]), 2)
+                        for phase, seconds in long["startup_s"].items()
+                        if phase in short["startup_s"]
+                    },
                 }
                 if nodes == 2:
                     figures[name]["link_bytes_per_step"] = round(

@@ -53,6 +53,7 @@ INTEGRATION = {
     "test_gpu_check.py::test_a_part_that_fails_or_overruns_is_recorded_and_the_rest_still_run",
     "test_imports.py::test_help_lists_every_command",
     "test_imports.py::test_help_loads_neither_torch_nor_sam2",
+    "test_imports.py::test_the_job_scripts_questions_before_srun_load_no_torch",
     "test_imports.py::test_the_config_imports_none_of_ours_and_nothing_heavy",
     "test_outputs.py::test_an_empty_mount_point_is_filled_in_place",
     "test_predict.py::test_a_folder_of_sequences_and_videos_is_one_sequence_each",

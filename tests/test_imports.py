@@ -107,3 +107,18 @@ def test_every_registered_command_names_what_exists(command):
 def test_a_registered_package_holds_commands_and_the_registry_is_library():
     assert is_command("autosam2.bench.common")
     assert not is_command("autosam2.commands") and not is_command("autosam2.config")
+
+
+@pytest.mark.parametrize("argv", [["port", "123"], ["max-requeues"]])
+def test_the_job_scripts_questions_before_srun_load_no_torch(argv):
+    """launch/train.sbatch and evaluate.sbatch ask these before srun starts the ranks: in the job's
+    start-up time, so they stay light (a torch import costs seconds)."""
+    code = (
+        "import sys, json, runpy\n"
+        f"sys.argv = ['dist', *{argv!r}]\n"
+        "try:\n    runpy.run_module('autosam2.engine.dist', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        "print(json.dumps(sorted(sys.modules)))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    answer, loaded = done.stdout.strip().splitlines()[-2], json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer.isdigit() and not [m for m in loaded if within(m, "torch")]

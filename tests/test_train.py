@@ -87,11 +87,17 @@ def test_cli_reports_config_errors_without_a_traceback(tmp_path):
 # distributed runs ----------------------------------------------------------------------------------
 
 
+STARTUP_UNDER_TORCHRUN = ["spawn", "imports", "rendezvous", "build", "resume", "first_batch", "first_step"]
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_train_checkpoint_log_and_evaluate(train_data, tmp_path):
     out = tmp_path / "ddp"
     result = run([*TORCHRUN, *train_overrides(train_data, out)])
     assert "step 4/4" in result.stdout and "valid dice" in result.stdout
+    # the start-up timeline: a line for each phase torchrun's ranks can see (no SLURM: no queue or launch)
+    startup = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("startup: ")]
+    assert startup == [*STARTUP_UNDER_TORCHRUN, "total"], result.stdout
     assert (out / "config.yaml").read_text().count("max_steps: 4") == 1
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000004"
     assert {"final.pt", "best.pt", "base.pt"} <= {p.name for p in out.iterdir()}
@@ -112,6 +118,9 @@ def test_ddp_two_processes_train_checkpoint_log_and_evaluate(train_data, tmp_pat
     for key in TRAIN_METRICS:
         assert [m.step for m in client.get_metric_history(run_info.info.run_id, key)] == [1, 2, 3, 4], key
     assert client.get_metric_history(run_info.info.run_id, "valid/dice")[0].step == 4
+    for phase in [*STARTUP_UNDER_TORCHRUN, "total"]:
+        (logged,) = client.get_metric_history(run_info.info.run_id, f"startup/{phase}_s")
+        assert logged.step == 1 and logged.value >= 0, phase
     artifacts = {a.path for a in client.list_artifacts(run_info.info.run_id)} | {
         a.path for a in client.list_artifacts(run_info.info.run_id, "weights")
     }

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -20,8 +21,9 @@ from autosam2.config import ClipMode, Config
 from autosam2.data.batches import TrainingBatches
 from autosam2.data.transforms import prepare_batch
 from autosam2.data.video import ClipBatch
+from autosam2.engine import startup
 from autosam2.engine.checkpoint import Checkpointer, LoopState
-from autosam2.engine.dist import DistInfo, all_reduce
+from autosam2.engine.dist import DistInfo, all_reduce, gather_objects
 from autosam2.engine.engines import Engine
 from autosam2.engine.run_lock import guard
 from autosam2.engine.stop import StopSignal
@@ -162,10 +164,14 @@ class Trainer:
         per_step = self.info.world_size * self.cfg.data.batch_size
         interval = _Interval()
         batches = self.data.batches(state.epoch, state.sample, train.epochs, per_step)
+        startup.mark("loop_start")
+        first = True  # this process's first batch and step: the end of its start-up
         while state.step < self.total_steps:
             t0 = time.perf_counter()
             item = next(batches, None)
             interval.wait += time.perf_counter() - t0
+            if first:
+                startup.mark("first_batch")
             if item is None:
                 break  # the last epoch is over
             epoch, batch = item
@@ -182,6 +188,9 @@ class Trainer:
                 continue
             state.step += 1
             state.bad_steps = 0
+            if first:
+                first = False
+                self._report_startup(state.step)
             if state.step % train.log_every == 0 or state.step == 1:
                 self._log(state, result, interval.take())
             if self.validator and self.validator.should_validate(state.step, self.total_steps):
@@ -194,6 +203,20 @@ class Trainer:
                 return state
         self._checkpoint(state, interval, last=True)
         return state
+
+    def _report_startup(self, step: int) -> None:
+        """After this process's first step: every rank's start-up timeline, one line per phase on rank 0
+        and ``startup/<phase>_s`` in the run (`autosam2.engine.startup`)."""
+        startup.mark("first_step")
+        marks = gather_objects(startup.TIMELINE.with_system_times())
+        if not self.info.is_main:
+            return
+        job = startup.slurm_times()
+        lines, metrics = startup.report(marks, job)
+        for line in lines:
+            print(line, flush=True)
+        self.logger.log_metrics(metrics, step)
+        startup.write_record(Path(self.cfg.train.output_dir) / startup.RECORD, marks, job)
 
     def _checkpoint(self, state: LoopState, interval: _Interval, last: bool = False) -> None:
         """A checkpoint of this step, once (a second save would replace a good folder); `last`: wait for
