@@ -28,6 +28,9 @@ STREAMING_FPS_GOAL = 120.0  # frames/s of streaming inference, hiera_t at 1024 p
 ZERO2_PEAK_GOAL_GIB = 24.0  # peak allocated GiB per GPU of the ZeRO-2 hiera_b+ config: at most
 ESTIMATE_TOLERANCE = 0.15  # |measured peak / bench memory's estimate - 1| of that config: at most
 DATA_WAIT_GOAL = 0.02  # share of a training step spent waiting for data, either config: at most
+FULL_MODEL_CONFIG = "gpu_hiera_bplus_1024_full"  # all of hiera-b+ trained, activation checkpointing on
+ACTIVATION_RATIO_GOAL = 0.5  # its activations with checkpointing over without: at most
+FULL_MODEL_PEAK_GOAL_GIB = 40.0  # its per-GPU peak with checkpointing (ZeRO-2 over 8 ranks), GiB: under
 
 # what each part runs at: the configs as they are on a GPU (1024 px, 8-frame clips, 8 loader workers);
 # tiny on the CPU (the smallest SAM2 runs at: plumbing, not figures), where every part still runs, in a
@@ -43,6 +46,9 @@ SIZES = {
         "infer": "--image-size 1024 --frames 32 --rounds 3".split(),
         "data": "--image-size 1024 --clip-len 8 --batch-size 1 --batches 12 --rounds 2".split(),
         "decode": "--size 1024 --frames 64".split(),
+        "checkpointing": [],
+        "comm": "--config gpu_hiera_t_1024 --ranks 1 --steps 10".split(),
+        "features": "--variant hiera_b+ --image-size 1024 --frames 8 --passes 3 --memory-frames 2".split(),
     },
     "dry": {
         "device": ["--cpu"],
@@ -54,6 +60,9 @@ SIZES = {
         "infer": "--image-size 64 --frames 4 --rounds 1 --compile-backend aot_eager".split(),
         "data": "--image-size 64 --clip-len 2 --batch-size 1 --batches 3 --rounds 1".split(),
         "decode": "--size 128 --frames 8".split(),
+        "checkpointing": ["model.image_size=64", "data.clip_len=2"],
+        "comm": "--ranks 1 --steps 2".split(),
+        "features": "--image-size 64 --frames 3 --passes 2 --memory-frames 1".split(),
     },
 }
 
@@ -221,6 +230,21 @@ def _decode(plan: Plan) -> list[str]:
     return [*plan.cli, "bench", "decode", *plan.sizes["device"], *plan.sizes["decode"]]
 
 
+def _checkpointing(plan: Plan) -> list[str]:
+    steps = ["--steps", str(plan.sizes["memory_steps"]), "--compare-checkpointing"]
+    memory = [*plan.cli, "bench", "memory", "--config", FULL_MODEL_CONFIG, *plan.sizes["device"], *steps]
+    return [*memory, *plan.sizes["checkpointing"]]
+
+
+def _comm(plan: Plan) -> list[str]:
+    return [*plan.cli, "bench", "comm", *plan.sizes["device"], *plan.sizes["comm"]]
+
+
+def _features(plan: Plan) -> list[str]:
+    disk = ["--dir", str(plan.out / "feature-cache")]  # the device's local disk
+    return [*plan.cli, "bench", "features", *plan.sizes["device"], *plan.sizes["features"], *disk]
+
+
 # what each part adds to the summary
 
 
@@ -266,6 +290,35 @@ def _data_summary(name: str, parts: dict) -> dict:
     workers = part["result"]["config"]["workers"] or 1
     fps = part["result"]["frames_per_s"]["a_shard_stream"]
     return {name: {"frames_per_s": fps, "frames_per_s_per_worker": round(fps / workers, 1)}}
+
+
+def _checkpointing_summary(parts: dict) -> dict:
+    found = _get(parts, "checkpointing", "checkpointing") or {}
+    return {
+        "checkpointing": {
+            "activation_ratio": found.get("activation_ratio"),
+            "peak_GiB_with": (found.get("with") or {}).get("estimate_per_gpu_GiB"),
+            "peak_GiB_without": (found.get("without") or {}).get("estimate_per_gpu_GiB"),
+        }
+    }
+
+
+def _comm_summary(parts: dict) -> dict:
+    seconds = _get(parts, "comm", "step_seconds") or {}
+    ratio = seconds["bf16"] / seconds["none"] if seconds.get("none") and seconds.get("bf16") else None
+    return {
+        "comm": {"bytes_ratio": _get(parts, "comm", "ratio"), "step_s": seconds, "step_time_ratio": ratio}
+    }
+
+
+def _features_summary(parts: dict) -> dict:
+    settings = _get(parts, "features", "settings") or {}
+    return {
+        "features": {
+            name: {k: found.get(k) for k in ("bytes_per_frame", "hit_rate", "disk_hit_rate", "lookup_ms")}
+            for name, found in settings.items()
+        }
+    }
 
 
 def _infer_name(variant: str, compiled: bool) -> str:
@@ -343,6 +396,30 @@ PARTS: tuple[Part, ...] = (
         for workers in (1, 8)
     ),
     Part(
+        "checkpointing",
+        600,
+        f"`bench memory --compare-checkpointing` of {FULL_MODEL_CONFIG} (all of hiera-b+) on the device: "
+        "peak and activation memory with and without activation checkpointing",
+        _checkpointing,
+        summary=_checkpointing_summary,
+        goals=("activation_ratio", "full_model_peak"),
+    ),
+    Part(
+        "comm",
+        300,
+        "`bench comm`: step time and gradient bytes with bf16 gradient communication against fp32",
+        _comm,
+        summary=_comm_summary,
+    ),
+    Part(
+        "features",
+        300,
+        "`bench features`: the feature cache's bytes per frame, hit rates and lookup times, fp32 / bf16, "
+        "in memory and on the device's local disk",
+        _features,
+        summary=_features_summary,
+    ),
+    Part(
         "decode",
         60,
         "`bench decode`: JPEG frames/s, PIL vs the project's decoder on the CPU and on the device",
@@ -391,6 +468,20 @@ GOALS: tuple[Goal, ...] = (
         f"ZeRO-2 hiera_b+ peak within {ESTIMATE_TOLERANCE:.0%} of `bench memory`'s estimate",
         lambda s: s["zero2_hiera_bplus"]["measured_over_estimate"],
         lambda ratio: abs(ratio - 1) <= ESTIMATE_TOLERANCE,
+    ),
+    Goal(
+        "activation_ratio",
+        "full_model_activation_ratio",
+        f"{FULL_MODEL_CONFIG}: activations with checkpointing ≤ {ACTIVATION_RATIO_GOAL:g}× without",
+        lambda s: s["checkpointing"]["activation_ratio"],
+        lambda ratio: ratio <= ACTIVATION_RATIO_GOAL,
+    ),
+    Goal(
+        "full_model_peak",
+        "full_model_peak_GiB",
+        f"{FULL_MODEL_CONFIG} with checkpointing: per-GPU peak < {FULL_MODEL_PEAK_GOAL_GIB:g} GiB",
+        lambda s: s["checkpointing"]["peak_GiB_with"],
+        lambda gib: gib < FULL_MODEL_PEAK_GOAL_GIB,
     ),
     Goal(
         "data_wait",

@@ -44,6 +44,10 @@ def test_the_dry_run_runs_every_part_in_a_stand_in_for_the_device_image(tmp_path
             assert summary[part.name]["streaming_fps"] > 0
             assert summary[part.name]["compiled_ran"] is part.name.endswith("_compiled")
     assert min(summary["decode"][k] for k in ("pil_fps", "cpu_fps", "device_fps")) > 0
+    assert 0 < summary["checkpointing"]["activation_ratio"] and summary["checkpointing"]["peak_GiB_with"] > 0
+    assert 0.49 <= summary["comm"]["bytes_ratio"] <= 0.51 and summary["comm"]["step_time_ratio"] > 0
+    features = summary["features"]
+    assert features["fp32"]["bytes_per_frame"] == 2 * features["bf16"]["bytes_per_frame"] > 0
     assert set(summary["goals"]) == {goal.figure for goal in gpu_parts.GOALS}
     assert summary["goals_met"] == "not judged: a dry run"
     listing = json.loads(next((REPO / ".gpu-check").glob("wheels-cp3*/wheels.json")).read_text())
@@ -64,11 +68,13 @@ def test_the_wheel_list_leaves_out_what_the_image_has_and_keeps_what_it_lacks():
 
 
 def test_the_summary_judges_each_goal_at_its_threshold():
-    def parts(fps: float, peak: float, estimate: float, wait: float) -> dict:
+    def parts(fps: float, peak: float, estimate: float, wait: float, ratio: float, full: float) -> dict:
         train = {"memory": {"max_allocated_GiB": peak}, "data_wait_share": wait}
         found = {f"train_{name}": {"ok": True, "result": train} for name in gpu_parts.TRAIN_CONFIGS}
         found["estimate_zero2_hiera_bplus"] = {"ok": True, "result": {"estimate_per_gpu_GiB": estimate}}
         found["infer_hiera_t_eager"] = {"ok": True, "result": {"fps": {"streaming_inference": fps}}}
+        compared = {"activation_ratio": ratio, "with": {"estimate_per_gpu_GiB": full}}
+        found["checkpointing"] = {"ok": True, "result": {"checkpointing": compared}}
         return found
 
     at = parts(
@@ -76,9 +82,11 @@ def test_the_summary_judges_each_goal_at_its_threshold():
         gpu_parts.ZERO2_PEAK_GOAL_GIB,
         gpu_parts.ZERO2_PEAK_GOAL_GIB / (1 + gpu_parts.ESTIMATE_TOLERANCE / 2),
         gpu_parts.DATA_WAIT_GOAL,
+        gpu_parts.ACTIVATION_RATIO_GOAL,
+        gpu_parts.FULL_MODEL_PEAK_GOAL_GIB - 0.01,
     )
     assert gpu_parts.summarize(at)["goals_met"] == {goal.name: True for goal in gpu_parts.GOALS}
-    past = parts(100.0, 25.0, 10.0, 0.05)
+    past = parts(100.0, 25.0, 10.0, 0.05, 0.6, gpu_parts.FULL_MODEL_PEAK_GOAL_GIB)
     assert gpu_parts.summarize(past)["goals_met"] == {goal.name: False for goal in gpu_parts.GOALS}
     assert gpu_parts.summarize({})["goals_met"] == {goal.name: None for goal in gpu_parts.GOALS}
 
