@@ -168,6 +168,9 @@ def test_torchrun_by_hand_on_two_hosts_trains_as_two_ranks_on_one(slurm_hosts, t
     assert max_difference(final_weights(tmp_path / "two_hosts"), final_weights(tmp_path / "one_host")) == 0.0
 
 
+LAUNCHER_STARTUP = ["queue", "spawn", "imports", "rendezvous", "build", "resume", "first_batch", "first_step"]
+
+
 def test_the_launcher_on_two_nodes_trains_like_one_node_with_two_tasks(slurm_hosts, train_data, tmp_path):
     settings = {"train.max_steps": 3, "train.validate_every": 100}
     runs = {}
@@ -184,6 +187,10 @@ def test_the_launcher_on_two_nodes_trains_like_one_node_with_two_tasks(slurm_hos
         hosts = ranks_line(log)  # each rank on a test host, by that host's own address
         assert len(hosts) == 2 and all(HOSTS[h] == a for h, a in hosts), log[-2000:]
         assert len(set(hosts)) == (2 if name == "two_nodes" else 1)
+        # the start-up timeline from sbatch on: srun starts the ranks itself (no torchrun: no launch phase)
+        startup = [line.split()[1] for line in log.splitlines() if line.startswith("startup: ")]
+        assert startup == [*LAUNCHER_STARTUP, "total"], log[-3000:]
+        assert "from sbatch to every rank's first step" in log
         client, (run,) = runs_of(tmp_path / name)  # ONE run
         assert run.data.tags["world_size"] == "2"
         assert run.data.tags["hosts"] == ",".join(dict.fromkeys(h for h, _ in hosts))

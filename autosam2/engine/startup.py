@@ -22,7 +22,11 @@ from pathlib import Path
 PHASES: tuple[tuple[str, str, str], ...] = (
     ("queue", "job_start", "sbatch -> the job starts on its nodes"),
     ("launch", "launcher", "the job starts -> srun's step starts the launcher (torchrun) on each host"),
-    ("spawn", "process", "the launcher starts -> its rendezvous of hosts is done and this rank is started"),
+    (
+        "spawn",
+        "process",
+        "-> this rank's process starts (torchrun's rendezvous of hosts, or srun's task launch)",
+    ),
     ("imports", "inputs_checked", "the rank starts -> Python, torch and the run's inputs are read"),
     ("rendezvous", "group_joined", "the process group is joined: every rank has reached it"),
     ("build", "parts_built", "the model, the engine and the data are built"),
