@@ -89,6 +89,24 @@ def trainable_bytes() -> int:
     return 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def layout_figures(short: dict, long: dict, more_steps: int, nodes: int) -> dict:
+    """One layout's figures from its short and its long job (`run_job`)."""
+    found = {
+        "submit_to_first_step_s": round(
+            statistics.median([short["submit_to_first_step_s"], long["submit_to_first_step_s"]]), 2
+        ),
+        "step_s_median": round(statistics.median(long["step_s"]), 3),
+        "startup_s": {  # the training's own timeline (`startup:` lines), slowest rank
+            phase: round(statistics.median([short["startup_s"][phase], seconds]), 2)
+            for phase, seconds in long["startup_s"].items()
+            if phase in short["startup_s"]
+        },
+    }
+    if nodes == 2:
+        found["link_bytes_per_step"] = round((long["bytes"] - short["bytes"]) / more_steps)
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     from autosam2.commands import HOSTS_BENCH
 
@@ -120,22 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, (nodes, procs) in LAYOUTS.items():
                 short = run_job(data, base / f"{name}_{few}", nodes, procs, few, args.threads)
                 long = run_job(data, base / f"{name}_{more}", nodes, procs, more, args.threads)
-                figures[name] = {
-                    "submit_to_first_step_s": round(
-                        statistics.median([short["submit_to_first_step_s"], long["submit_to_first_step_s"]]),
-                        2,
-                    ),
-                    "step_s_median": round(statistics.median(long["step_s"]), 3),
-                    "startup_s": {  # the training's own timeline (`startup:` lines), slowest rank
-                        phase: round(statistics.median([short["startup_s"][phase], seconds]), 2)
-                        for phase, seconds in long["startup_s"].items()
-                        if phase in short["startup_s"]
-                    },
-                }
-                if nodes == 2:
-                    figures[name]["link_bytes_per_step"] = round(
-                        (long["bytes"] - short["bytes"]) / (more - few)
-                    )
+                figures[name] = layout_figures(short, long, more - few, nodes)
     finally:
         subprocess.run(["bash", str(SCRIPT), "stop", "--hosts", "2"], env=env, capture_output=True)
     two, one = figures["2_hosts_x_1_rank"], figures["1_host_x_2_ranks"]
