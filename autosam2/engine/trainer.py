@@ -216,7 +216,9 @@ class Trainer:
         for line in lines:
             print(line, flush=True)
         self.logger.log_metrics(metrics, step)
-        startup.write_record(Path(self.cfg.train.output_dir) / startup.RECORD, marks, job)
+        out = Path(self.cfg.train.output_dir)
+        if out.is_dir():  # a run's folder (a benchmark's trainer has none)
+            startup.write_record(out / startup.RECORD, marks, job)
 
     def _checkpoint(self, state: LoopState, interval: _Interval, last: bool = False) -> None:
         """A checkpoint of this step, once (a second save would replace a good folder); `last`: wait for
