@@ -63,13 +63,15 @@ def test_run_comparison_renders_our_metrics(train_data, tmp_path):
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
             ids = ",".join(f'"{r.info.run_id}"' for r in runs)
             page.goto(f'{uri}/#/compare-runs?runs=[{ids}]&experiments=["{experiment}"]', wait_until="load")
-            page.get_by_text("train/loss_total").first.wait_for(timeout=60_000)
+            page.get_by_text("train/loss_dice").first.wait_for(timeout=60_000)
             text = page.inner_text("body")
             page.screenshot(path=str(shot), full_page=True)
             page.goto(f"{uri}/#/experiments/{experiment}/runs?compareRunsMode=CHART", wait_until="load")
-            # charts are grouped by prefix and drawn when in view: search brings ours up
-            page.get_by_placeholder("Search metric charts").fill("valid/dice")
-            page.locator('h4[title="valid/dice"]').first.wait_for(timeout=60_000)
+            # charts are grouped by prefix and drawn when in view: search brings each of ours up
+            for metric in ("train/loss_total", "train/lr", "valid/dice", "startup/total_s"):
+                page.get_by_placeholder("Search metric charts").fill(metric)
+                page.locator(f'h4[title="{metric}"]').first.wait_for(timeout=60_000)
+                text += f"\n{metric}"
             browser.close()
     finally:
         kill_group(server)
