@@ -300,3 +300,18 @@ def test_bench_comm_halves_the_gradient_bytes_and_the_weights_stay_close(capfd, 
     weights = report["weights"]
     assert 0 < weights["max_abs_difference"] <= 2 * weights["max_abs_update"]  # Adam's step bounds it
     assert 0 < weights["update_difference_norm_ratio"] < 0.05
+
+
+@pytest.mark.parametrize("flag", ["--memory-frames=-1", "--frames=0", "--passes=0"])
+def test_bench_features_refuses_a_negative_budget_or_no_frames_in_one_line(capsys, flag):
+    from autosam2.cli import main
+
+    with pytest.raises(SystemExit) as refused:
+        main(["bench", "features", "--cpu", flag])
+    assert refused.value.code == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .startswith("autosam2 bench features: error: argument")
+    )

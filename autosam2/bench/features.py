@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autosam2.arguments import add_device, positive_int
+from autosam2.arguments import add_device, non_negative_int, positive_int
 from autosam2.bench.common import default_device, sync
 from autosam2.config import DEFAULT_VARIANT, DataConfig, ModelConfig, Variant
 from autosam2.model.feature_cache import FeatureCache, feature_cache
@@ -52,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--passes", type=positive_int, default=3, help="passes over the frames (default 3)")
     p.add_argument(
         "--memory-frames",
-        type=int,
+        type=non_negative_int,
         default=4,
         help="the memory budget, in fp32 frames (default 4; 0: everything goes to disk)",
     )
