@@ -5,6 +5,7 @@ tolerance; the disk tier giving back what it stored, within its budget, in a fol
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -255,6 +256,32 @@ def test_the_disk_budget_is_respected_and_frames_beyond_it_are_encoded_every_tim
     assert not list(disk.folder.glob("*.part"))  # the refused frame's file is gone
     assert cache.take_stats()["train/feature_cache_disk_hit_rate"] == 1 / 6
     cache.close()
+
+
+def test_a_full_disk_stops_the_disk_tier_and_the_run_goes_on_encoding(tmp_path, monkeypatch, capsys):
+    import errno
+
+    m = model(SMALL)
+    encoder = CountingEncoder(m.image_encoder)
+    disk = DiskTier(tmp_path, folder_name(tmp_path / "run", 0), 10**9)
+    cache = FeatureCache(encoder, budget_bytes=0, disk=disk)
+
+    def full(obj, path):
+        Path(path).write_bytes(b"half")  # a write the disk cut short
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    images = torch.rand(2, 3, SMALL, SMALL)
+    keys = [("v", i, False, False) for i in range(2)]
+    first = cache.encode(images, keys)
+    again = cache.encode(images, keys)  # nothing held: encoded again, the same numbers
+    assert encoder.images == 4 and not disk.files and disk.full
+    assert all(torch.equal(a, b) for a, b in zip(first["backbone_fpn"], again["backbone_fpn"], strict=True))
+    assert not list(disk.folder.glob("*.part")) and not list(disk.folder.glob("*.pt"))
+    err = capsys.readouterr().err
+    assert err.count("No space left on device") == 1 and "encoded every time from now on" in err
+    cache.close()
+    assert not disk.folder.exists()
 
 
 def test_bf16_on_disk_takes_half_the_bytes(tmp_path):

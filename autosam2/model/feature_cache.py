@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any
@@ -194,7 +195,8 @@ class DiskTier:
     read back memory-mapped (`torch.load(mmap=True)`: the OS pages a frame in as it is copied to the
     device, and the page cache, not this process, holds what is read). A file is written under a
     temporary name and renamed, so a frame file is whole or absent. The folder is made, marked as ours
-    (`MARK`), at the first frame written; stale frame files in a marked folder are ours and are removed
+    (`MARK`), at the first frame written (a disk that fails a write, full say, takes no more frames);
+    stale frame files in a marked folder are ours and are removed
     then; a folder of that name without the mark is the user's and is never touched. `close()` removes
     the frame files, the mark and the folder (if nothing else is in it)."""
 
@@ -221,7 +223,18 @@ class DiskTier:
             self._claim()
         path = self.folder / f"{len(self.files)}.pt"
         part = path.with_suffix(".part")
-        torch.save(levels, part)  # each level with its strides (Hiera's lower levels are channels-last)
+        try:
+            torch.save(levels, part)  # each level with its strides (Hiera's lower levels are channels-last)
+        except OSError as err:  # a full or failing disk: a cache, so the run goes on encoding
+            part.unlink(missing_ok=True)
+            self.full = True
+            print(
+                f"feature cache: {part}: {err.strerror or err}; frames beyond the memory budget are "
+                "encoded every time from now on",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
         size = part.stat().st_size
         if self.bytes + size > self.budget_bytes:
             part.unlink()
