@@ -135,9 +135,8 @@ class DataConfig:
     # memory: keep the frozen image encoder's output per frame, so a frame seen again costs no encoder
     # pass (needs model.freeze.image_encoder and no augmentation but flips)
     feature_cache: FeatureCacheKind = FeatureCacheKind.none
-    feature_cache_gb: float = (
-        8.0  # host memory per rank; frames beyond it go to feature_cache_dir or are encoded
-    )
+    # host memory per rank; frames beyond it go to feature_cache_dir or are encoded every time
+    feature_cache_gb: float = 8.0
     feature_cache_dtype: FeatureCacheDtype = FeatureCacheDtype.fp32  # the cached features' storage dtype
     # a node-local folder for the frames beyond feature_cache_gb (memory-mapped files, one folder per run and
     # rank, removed at the end); None: memory only
