@@ -50,6 +50,7 @@ INTEGRATION = {
     "test_errors.py::test_merge_on_a_full_disk_keeps_the_parts",  # mount
     "test_errors.py::test_readers_work_on_a_read_only_mount",
     "test_errors.py::test_sync_of_a_run_on_a_read_only_disk_is_one_line",
+    "test_feature_cache.py::test_a_cache_folder_on_a_read_only_disk_is_one_line",
     "test_gpu_check.py::test_a_part_that_fails_or_overruns_is_recorded_and_the_rest_still_run",
     "test_imports.py::test_help_lists_every_command",
     "test_imports.py::test_help_loads_neither_torch_nor_sam2",
