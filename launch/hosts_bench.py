@@ -7,9 +7,10 @@ shards, through launch/train.sbatch: 2 hosts x 1 rank (gloo over the veth pair) 
 JSON object: per layout the time from sbatch to the first logged step, the median step time, and for
 the two-host layout the bytes node1's link carried per step (the difference of the two runs' counters
 over the difference of their steps), beside the gradient bytes DDP all-reduces (trainable parameters x 4).
-Every rank runs `--threads` torch threads (OMP_NUM_THREADS; default 1, what torchrun sets for 2 processes
-on one node): with torchrun's own choice a lone rank per host takes every core, and on this machine the
-two "hosts" share two cores.
+Every rank runs `--threads` torch threads (default 1) in both layouts: the job asks for `--threads` x
+ranks-per-host CPUs per task, and a rank's threads are SLURM_CPUS_PER_TASK over its host's ranks
+(autosam2.engine.dist.settings.torch_threads). Both "hosts" share this machine's cores, so the layouts
+compare only when they run as many threads in all.
 """
 
 from __future__ import annotations
@@ -52,10 +53,9 @@ def run_job(
         "train.log_every=1",
         "tracking.enabled=false",
     ]
-    cmd = ["sbatch", "--parsable", f"--nodes={nodes}", "--gpus-per-node=0", "--cpus-per-task=2"]
+    cmd = ["sbatch", "--parsable", f"--nodes={nodes}", "--gpus-per-node=0", f"--cpus-per-task={threads * procs}"]
     cmd += [f"--output={log}", str(REPO / "launch" / "train.sbatch"), "--config", "cpu_demo"]
     env = {**os.environ, "AUTOSAM2_PROCS_PER_NODE": str(procs), "AUTOSAM2_PYTHON": sys.executable}
-    env["OMP_NUM_THREADS"] = str(threads)
     before = link_bytes()
     submitted = time.monotonic()
     subprocess.run([*cmd, *overrides], cwd=REPO, env=env, check=True, capture_output=True)
@@ -71,7 +71,10 @@ def run_job(
         time.sleep(0.1)
     frames = 4 * 1 * nodes * procs  # clip_len x batch x ranks per step (cpu_demo)
     rates = [float(m) for m in re.findall(r"^step \d+/\d+ .* ([\d.]+) frames/s ", text, re.M)]
+    record = out / "startup.json"  # every rank's phases (autosam2.engine.startup.RECORD)
+    ranks = json.loads(record.read_text())["ranks"] if record.exists() else []
     return {
+        "rank_phases_s": [{k: round(v, 2) for k, v in r["phases"].items()} for r in ranks],
         "submit_to_first_step_s": first,
         "startup_s": {m[0]: float(m[1]) for m in re.findall(r"^startup: (\w+) +([\d.]+) s", text, re.M)},
         "step_s": [frames / r for r in rates[1:]],  # the first step also builds DDP's buckets
@@ -101,6 +104,7 @@ def layout_figures(short: dict, long: dict, more_steps: int, nodes: int) -> dict
             for phase, seconds in long["startup_s"].items()
             if phase in short["startup_s"]
         },
+        "rank_phases_s": {"short": short["rank_phases_s"], "long": long["rank_phases_s"]},
     }
     if nodes == 2:
         found["link_bytes_per_step"] = round((long["bytes"] - short["bytes"]) / more_steps)
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         prog=HOSTS_BENCH, description=__doc__.splitlines()[0], allow_abbrev=False
     )
     parser.add_argument("--steps", type=int, nargs=2, default=[4, 12], help="the short and the long run")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank (OMP_NUM_THREADS)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     args = parser.parse_args(argv)
     few, more = args.steps
 

@@ -304,7 +304,7 @@ def test_sbatch_on_two_nodes_stops_both_hosts_at_one_step_requeues_and_resumes_t
         # after USR2 may see that line too (its own batch shell, still exiting) or not
         assert "DUE TO JOB REQUEUE" in text or name == "usr2"
         assert "resumed from" in text
-        hosts = ranks_line(text)  # two different hosts, each by its own address (c10d on the first)
+        hosts = ranks_line(text)  # two different hosts, each by its own address
         assert len({address for _, address in hosts}) == 2 and all(
             a.startswith("10.231.0.") for _, a in hosts
         )

@@ -334,6 +334,20 @@ def test_train_sbatch_requeues_itself_up_to_the_launchers_cap(tmp_path, restarts
         map_slurm_env(launched)
         assert f"--rdzv-endpoint=node01:{job_port(job_id)}" in args
         assert launched["MASTER_PORT"] == str(job_port(job_id))
+        assert torchrun_on_node(args, 3)[:4] == ["-m", "torch.distributed.run", "--node-rank=3", "--nnodes=1"]
+        assert "--rdzv-backend=static" in args  # no dynamic rendezvous: it gathers hosts in 1 s polls
+
+
+def torchrun_on_node(srun_args: list[str], node_id: int) -> list[str]:
+    """The arguments train.sbatch's srun command gives Python on the node SLURM numbers `node_id`
+    (SLURM_NODEID, set by srun for each task): `srun_args` run with `echo` for Python."""
+    import subprocess
+
+    head = srun_args.index("bash")
+    command = ["bash", *srun_args[head + 1 :]]
+    command[command.index(srun_args[head + 3])] = "echo"  # the Python the template was given
+    env = {**os.environ, "SLURM_NODEID": str(node_id)}
+    return subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout.split()
 
 
 def test_train_sbatch_refuses_a_cap_that_is_no_number_in_one_line(tmp_path):
