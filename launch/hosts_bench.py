@@ -53,7 +53,8 @@ def run_job(
         "train.log_every=1",
         "tracking.enabled=false",
     ]
-    cmd = ["sbatch", "--parsable", f"--nodes={nodes}", "--gpus-per-node=0", f"--cpus-per-task={threads * procs}"]
+    cpus = threads * procs  # every rank `threads` threads, whatever the layout
+    cmd = ["sbatch", "--parsable", f"--nodes={nodes}", "--gpus-per-node=0", f"--cpus-per-task={cpus}"]
     cmd += [f"--output={log}", str(REPO / "launch" / "train.sbatch"), "--config", "cpu_demo"]
     env = {**os.environ, "AUTOSAM2_PROCS_PER_NODE": str(procs), "AUTOSAM2_PYTHON": sys.executable}
     before = link_bytes()
