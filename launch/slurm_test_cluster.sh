@@ -186,6 +186,9 @@ AccountingStoragePort=$DBD_PORT
 AccountingStoragePass=$MUNGE/munge.socket
 JobCompType=jobcomp/none
 SchedulerType=sched/backfill
+# a requeued job is held about 10 s (its BeginTime), then starts at the next scheduling pass: every 1-2 s
+# here rather than SLURM's 30 s (backfill) and 60 s (main loop)
+SchedulerParameters=bf_interval=1,sched_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
