@@ -10,6 +10,7 @@ The configs the package ships (autosam2/configs/) are found by name: `RUN_CONFIG
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, is_dataclass
 from enum import StrEnum
@@ -424,8 +425,8 @@ def validate(cfg: Config) -> None:
         "peer_timeout_s, threads and max_steps (null: epochs x batches) must be >= 1",
     )
     need(
-        cfg.train.bucket_mb is None or cfg.train.bucket_mb > 0,
-        f"train.bucket_mb must be > 0 (null: the engine's own), got {cfg.train.bucket_mb}",
+        cfg.train.bucket_mb is None or 0 < cfg.train.bucket_mb < math.inf,
+        f"train.bucket_mb must be a finite number > 0 (null: the engine's own), got {cfg.train.bucket_mb}",
     )
     need(
         cfg.train.overlap_comm is not False or cfg.train.engine == EngineKind.deepspeed,
@@ -510,8 +511,11 @@ def _feature_cache_problems(cfg: Config) -> list[str]:
             )
             + " or data.augment.enabled=false"
         )
-    if cfg.data.feature_cache_gb < 0 or cfg.data.feature_cache_disk_gb < 0:
-        problems.append("data.feature_cache_gb and data.feature_cache_disk_gb must be >= 0")
+    gb, disk_gb = cfg.data.feature_cache_gb, cfg.data.feature_cache_disk_gb
+    if not (0 <= gb < math.inf and 0 <= disk_gb < math.inf):  # nan fails every comparison
+        problems.append(
+            f"data.feature_cache_gb and data.feature_cache_disk_gb must be >= 0 and finite, got {gb} and {disk_gb}"
+        )
     if cfg.data.feature_cache_dir == "":
         problems.append("data.feature_cache_dir must be a folder's path or null (memory only)")
     return problems

@@ -112,15 +112,33 @@ def layout_figures(short: dict, long: dict, more_steps: int, nodes: int) -> dict
     return found
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The arguments, every one checked before the cluster starts (argparse's one line)."""
+    from autosam2.arguments import positive_int
     from autosam2.commands import HOSTS_BENCH
 
     parser = argparse.ArgumentParser(
         prog=HOSTS_BENCH, description=__doc__.splitlines()[0], allow_abbrev=False
     )
-    parser.add_argument("--steps", type=int, nargs=2, default=[4, 12], help="the short and the long run")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    parser.add_argument(
+        "--steps",
+        type=positive_int,
+        nargs=2,
+        default=[4, 12],
+        metavar=("SHORT", "LONG"),
+        help="the short and the long run's steps (LONG > SHORT: the link's bytes per step are their difference's)",
+    )
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads per rank")
     args = parser.parse_args(argv)
+    if args.steps[1] <= args.steps[0]:
+        parser.error(
+            f"argument --steps: the long run's {args.steps[1]} must be more than the short run's {args.steps[0]}"
+        )
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     few, more = args.steps
 
     from autosam2.data.synthetic import SynthSpec, write_dataset

@@ -64,7 +64,22 @@ def test_yaml_file_then_overrides(tmp_path):
         ),
         (["train.peer_timeout_s=0"], "dist_timeout_s, peer_timeout_s, threads and max_steps"),
         (["train.grad_compression=fp8"], "train.grad_compression must be none or bf16, got 'fp8'"),
-        (["train.bucket_mb=0"], "train.bucket_mb must be > 0 (null: the engine's own), got 0.0"),
+        (
+            ["train.bucket_mb=0"],
+            "train.bucket_mb must be a finite number > 0 (null: the engine's own), got 0.0",
+        ),
+        (
+            ["train.bucket_mb=inf"],
+            "train.bucket_mb must be a finite number > 0 (null: the engine's own), got inf",
+        ),
+        (
+            ["data.feature_cache=memory", "data.augment.enabled=false", "data.feature_cache_gb=nan"],
+            "data.feature_cache_gb and data.feature_cache_disk_gb must be >= 0 and finite, got nan and 64.0",
+        ),
+        (
+            ["data.feature_cache=memory", "data.augment.enabled=false", "data.feature_cache_disk_gb=inf"],
+            "data.feature_cache_gb and data.feature_cache_disk_gb must be >= 0 and finite, got 8.0 and inf",
+        ),
         (["train.overlap_comm=false"], "train.overlap_comm=false needs train.engine=deepspeed"),
         (
             ["data.train=[a, b]", "data.train_weights=[1]"],

@@ -351,3 +351,25 @@ def test_a_folder_of_the_users_is_never_deleted_and_a_stale_one_of_ours_is_repla
     assert len(torch.load(theirs / "0.pt", weights_only=True)) == 3  # this run's frame, not the stale one
     cache.close()
     assert sorted(p.name for p in theirs.iterdir()) == ["notes.txt"]  # what is not ours stays
+
+
+def test_a_link_in_the_cache_folders_place_or_as_the_cache_folder_is_one_line_and_nothing_is_touched(
+    tmp_path,
+):
+    name = folder_name(tmp_path / "run", 0)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / MARK).write_text("")  # even marked, what a link leads to is not emptied
+    (elsewhere / "0.pt").write_text("the user's")
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / name).symlink_to(elsewhere)
+    with pytest.raises(ConfigError, match=f"^data.feature_cache_dir: {root / name} is a link, not a feature"):
+        DiskTier(root, name, 10**9)
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["0.pt", MARK]
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "missing")
+    with pytest.raises(
+        ConfigError, match=f"^data.feature_cache_dir {dangling} is a link to nothing, not a folder$"
+    ):
+        DiskTier(dangling, name, 10**9)

@@ -950,3 +950,32 @@ def test_a_debug_job_runs_at_once_from_the_command_line(tiny_root_pristine, tmp_
     assert main(["shard", "--cluster", "debug", "--", *build]) == 0
     assert verify(out) == [] and any(out.glob("*.tar"))
     assert "job " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "problem"),
+    [
+        (["--steps", "0", "4"], "argument --steps: 0 must be at least 1"),
+        (["--steps", "-2", "4"], "argument --steps: -2 must be at least 1"),
+        (["--steps", "4", "4"], "argument --steps: the long run's 4 must be more than the short run's 4"),
+        (["--steps", "12", "4"], "argument --steps: the long run's 4 must be more than the short run's 12"),
+        (["--steps", "4"], "argument --steps: expected 2 arguments"),
+        (["--threads", "0"], "argument --threads: 0 must be at least 1"),
+    ],
+)
+def test_hosts_bench_refuses_bad_arguments_in_one_line_before_the_cluster_starts(
+    argv, problem, capsys, monkeypatch
+):
+    import subprocess
+
+    from launch import hosts_bench
+
+    def no_cluster(*args, **kwargs):
+        raise AssertionError("the cluster started")
+
+    monkeypatch.setattr(subprocess, "run", no_cluster)
+    with pytest.raises(SystemExit) as exited:
+        hosts_bench.main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"python launch/hosts_bench.py: error: {problem}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 from autosam2.engine import startup
@@ -64,3 +65,36 @@ def test_outside_slurm_and_torchrun_the_timeline_starts_at_the_process():
     assert (
         lines[-1] == "startup: total          9.0 s  from the first rank's start to every rank's first step"
     )
+
+
+def test_the_record_replaces_only_a_record_of_ours_and_leaves_a_folder_a_link_or_a_users_file(
+    tmp_path, capsys
+):
+    marks = [{"process": 1000.0, "first_step": 1009.0}]
+    record = tmp_path / startup.RECORD
+    assert startup.write_record(record, marks, {})
+    assert startup.write_record(record, marks, {})  # its own record, replaced
+    assert json.loads(record.read_text())["ranks"][0]["phases"] == {"first_step": 9.0}
+    record.unlink()
+    users = tmp_path / "notes.txt"
+    users.write_text("mine\n")
+    record.symlink_to(users)
+    assert not startup.write_record(record, marks, {})
+    assert record.is_symlink() and users.read_text() == "mine\n"
+    record.unlink()
+    record.mkdir()
+    (record / "kept").write_text("x")
+    assert not startup.write_record(record, marks, {})
+    assert (record / "kept").read_text() == "x"
+    (record / "kept").unlink()
+    record.rmdir()
+    record.write_text("mine\n")
+    assert not startup.write_record(record, marks, {})
+    assert record.read_text() == "mine\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", startup.RECORD]  # no temp file left
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(": left as it is")[0] for line in lines] == [
+        f"startup: {record} is a link",
+        f"startup: {record} is not a file",
+        f"startup: {record} is not a start-up record",
+    ]

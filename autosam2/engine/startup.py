@@ -36,6 +36,7 @@ PHASES: tuple[tuple[str, str, str], ...] = (
 )
 FIRST = "submitted"
 RECORD = "startup.json"  # in the output directory: the last start's marks and phases, every rank
+RECORD_BYTES = 64 << 20  # a file at RECORD larger than this is not a record of ours (it is not read)
 
 
 @dataclass
@@ -138,9 +139,33 @@ def report(all_marks: list[dict[str, float]], job: dict[str, float]) -> tuple[li
     return lines, metrics
 
 
-def write_record(path: Path, all_marks: list[dict[str, float]], job: dict[str, float]) -> None:
-    """Every rank's marks (seconds since the epoch) and phases, and the job's SLURM times, at `path`."""
+def write_record(path: Path, all_marks: list[dict[str, float]], job: dict[str, float]) -> bool:
+    """Every rank's marks (seconds since the epoch) and phases, and the job's SLURM times, at `path`, where
+    it is free or holds a record of ours; anything else there (a folder, a link, the user's file) is left
+    as it is, with one line saying so, and the run goes on without the record. True: written."""
     from autosam2.atomic import atomic_write_text
 
+    problem = _not_a_record(path)
+    if problem:
+        print(f"startup: {path} {problem}: left as it is, the start-up record is not written", flush=True)
+        return False
     ranks = [{"marks": marks, "phases": phases({**job, **marks})} for marks in all_marks]
     atomic_write_text(path, json.dumps({"job": job, "ranks": ranks}, indent=1) + "\n")
+    return True
+
+
+def _not_a_record(path: Path) -> str | None:
+    """Why what is at `path` is not a start-up record of ours to replace (None: nothing there, or one)."""
+    if path.is_symlink():
+        return "is a link"
+    if not path.exists():
+        return None
+    if not path.is_file():
+        return "is not a file"
+    if path.stat().st_size > RECORD_BYTES:
+        return "is not a start-up record (too large)"
+    try:
+        held = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return "is not a start-up record"
+    return None if isinstance(held, dict) and {"job", "ranks"} <= held.keys() else "is not a start-up record"

@@ -272,16 +272,22 @@ def _check_root(root: Path, folder: Path) -> None:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise ConfigError(f"data.feature_cache_dir {root} is a file, not a folder") from None
+        what = "a link to nothing" if root.is_symlink() and not root.exists() else "a file"
+        raise ConfigError(f"data.feature_cache_dir {root} is {what}, not a folder") from None
     except OSError as err:
         raise ConfigError(f"data.feature_cache_dir {root} cannot be made: {err.strerror}") from None
     if not os.access(root, os.W_OK | os.X_OK):
         raise ConfigError(f"data.feature_cache_dir {root} is not writable")
-    if folder.exists() and not (folder / MARK).is_file():
-        raise ConfigError(
-            f"data.feature_cache_dir: {folder} exists and is not a feature cache folder of ours (no {MARK} "
-            "file in it); it is left as it is: move it or name another data.feature_cache_dir"
-        )
+    if folder.is_symlink():  # what it leads to is not ours to empty, whatever it holds
+        why = "is a link, not a feature cache folder of ours"
+    elif folder.exists() and not (folder / MARK).is_file():
+        why = f"exists and is not a feature cache folder of ours (no {MARK} file in it)"
+    else:
+        return
+    raise ConfigError(
+        f"data.feature_cache_dir: {folder} {why}; it is left as it is: move it or name another "
+        "data.feature_cache_dir"
+    )
 
 
 def _layout(t: torch.Tensor) -> torch.memory_format:
