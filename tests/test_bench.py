@@ -317,8 +317,16 @@ def test_bench_features_refuses_a_negative_budget_or_no_frames_in_one_line(capsy
     )
 
 
-def test_bench_features_refuses_an_image_size_the_model_cannot_take_in_one_line(capsys):
-    assert main(["bench", "features", "--cpu", "--image-size", "63", "--frames", "1", "--passes", "1"]) == 1
+@pytest.mark.parametrize(
+    "kind",
+    [
+        ["features", "--frames", "1", "--passes", "1"],
+        ["infer", "--frames", "2", "--rounds", "1"],
+        ["longvideo", "--lengths", "2"],
+    ],
+)
+def test_bench_refuses_an_image_size_the_model_cannot_take_in_one_line(capsys, kind):
+    assert main(["bench", *kind, "--cpu", "--image-size", "63"]) == 1
     assert capsys.readouterr().err.strip() == (
         "autosam2 bench: invalid config: model.image_size must be a multiple of 32 and >= 64, got 63"
     )

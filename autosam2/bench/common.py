@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from autosam2.config import Config
+from autosam2.config import Config, ModelConfig, load_config
 from autosam2.data.synthetic import SynthSpec, write_dataset
 from autosam2.data.video import ClipBatch, any_pixel
 from autosam2.errors import DatasetError
@@ -31,6 +31,12 @@ def run_config(config: Path | None, cfg: Config) -> dict[str, Any]:
         "clip_mode": str(cfg.model.clip_mode),
         "precision": str(cfg.train.precision),
     }
+
+
+def model_config(variant: str, image_size: int) -> ModelConfig:
+    """A benchmark's model settings through the config's checks: a size the model cannot take is one
+    ConfigError line."""
+    return load_config(None, [f"model.variant={variant}", f"model.image_size={image_size}"]).model
 
 
 def sync(device: torch.device) -> None:

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from autosam2.arguments import add_device, non_negative_int, positive_int
-from autosam2.bench.common import default_device, sync
-from autosam2.config import DEFAULT_VARIANT, DataConfig, Variant, load_config
+from autosam2.bench.common import default_device, model_config, sync
+from autosam2.config import DEFAULT_VARIANT, DataConfig, Variant
 from autosam2.model.feature_cache import FeatureCache, feature_cache
 from autosam2.model.sam2_builder import build_autosam2
 
@@ -78,12 +78,8 @@ class _Replay(nn.Module):
 def _encoded(args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, dict[int, Any], float]:
     """The frames (frame i's first pixel is i, its key for the replay), each one's encoder output and the
     median seconds per frame of the encoder."""
-    # through the config's checks: an image size the model cannot take is one ConfigError line
-    model_cfg = load_config(
-        None, [f"model.variant={args.variant}", f"model.image_size={args.image_size}"]
-    ).model
     torch.manual_seed(0)
-    model = build_autosam2(model_cfg, device).eval()
+    model = build_autosam2(model_config(args.variant, args.image_size), device).eval()
     images = torch.rand(args.frames, 3, args.image_size, args.image_size, device=device)
     images[:, 0, 0, 0] = torch.arange(args.frames, device=device, dtype=images.dtype)
     outputs, times = {}, []

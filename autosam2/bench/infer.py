@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from autosam2.arguments import add_device, add_encode_batch, positive_int
-from autosam2.bench.common import default_device, sync
-from autosam2.config import ModelConfig, Variant
+from autosam2.bench.common import default_device, model_config, sync
+from autosam2.config import Variant
 from autosam2.data.sources import read_sequences
 from autosam2.data.synthetic import SynthSpec, write_dataset
 from autosam2.eval.inference import evaluate_sequences
@@ -92,9 +92,7 @@ class _Passes:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = build_autosam2(
-        ModelConfig(variant=Variant(args.variant), image_size=args.image_size), device
-    ).eval()
+    model = build_autosam2(model_config(args.variant, args.image_size), device).eval()
     compiled = model.compile_image_encoder(args.compile_backend) if args.compile else None
     tmp = Path(tempfile.mkdtemp(prefix="autosam2-bench-infer-"))
     try:

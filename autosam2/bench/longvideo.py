@@ -159,12 +159,12 @@ def _measure(
     args: argparse.Namespace, base: Path, lengths: list[int], commands: list[str]
 ) -> tuple[dict[str, Any], list[str]]:
     """Peak RSS and time of each command on a video of each length, all under `base`."""
-    from autosam2.config import ModelConfig, Variant
+    from autosam2.bench.common import model_config
     from autosam2.model.sam2_builder import build_autosam2
     from autosam2.model.weights import save_weights
 
     root = _long_root(base, args.size, lengths)
-    cfg = ModelConfig(variant=Variant(args.variant), image_size=args.image_size)
+    cfg = model_config(args.variant, args.image_size)
     torch.manual_seed(0)
     save_weights(base / "w.pt", build_autosam2(cfg, torch.device("cpu")), cfg, base=None)
     cli = [sys.executable, "-m", "autosam2.cli"]
