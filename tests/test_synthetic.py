@@ -241,13 +241,14 @@ def test_sixteen_hard_sequences_hold_every_kind_of_episode():
 
 def test_a_blind_frame_is_what_the_same_tissue_shows_without_the_polyp():
     """A covered, dropped or flash frame is byte for byte the frame rendered from the same canvas with
-    no polyp on it (the same draws): nothing in it tells whether or where the polyp is."""
+    no polyp on it and an empty mask (the same draws): nothing in it tells whether or where the polyp is."""
     spec = SynthSpec(size=96, hard=True)
     kinds, decoys, differ = set(), 0, 0
     for index in range(4):
         rng = np.random.default_rng((spec.seed, synthetic.SPLIT_CODES["valid"], index, 1))
         scene = synthetic._scene(rng, spec, index)
-        bare = dataclasses.replace(scene, canvas=scene.plain)
+        no_polyp = Image.new("L", scene.mask.size, 0)
+        bare = dataclasses.replace(scene, canvas=scene.plain, mask=no_polyp)
         written = generate_sequence("s", "valid", index, spec)
         for i in range(spec.frames):
             state = rng.bit_generator.state

@@ -74,7 +74,7 @@ class SynthSequence:
     name: str
     frames: list[np.ndarray]  # uint8 [H,W,3]
     masks: list[np.ndarray]  # bool [H,W]
-    events: list[dict]  # per frame: hard episode (blur|haze|''), blur sigma, haze, occluded share, visible
+    events: list[dict]  # per frame: episode kind ('': none), blur sigma, haze, occluded share, visible
 
 
 def _noise(rng: np.random.Generator, shape: tuple[int, int], cells: tuple[int, ...]) -> np.ndarray:
@@ -559,7 +559,8 @@ def _glare(
         glare_at = size / 2 + offset[i] + rng.uniform(-0.6, 0.6, 2) * r_max * zoom[i]
     elif scene.hard and rng.random() < DECOY_GLARE:
         glare_at = rng.uniform(0.1, 0.9, 2) * size
-        if mask.any() and np.hypot(*(glare_at - size / 2 - offset[i])) < 3 * r_max * zoom[i]:
+        near = np.hypot(*(glare_at - size / 2 - offset[i])) < 3 * r_max * zoom[i]
+        if near and mask.any() and scene.episode[i] not in BLIND:  # nothing of a blind frame's to wash out
             glare_at = None
     if glare_at is None:
         return frame
