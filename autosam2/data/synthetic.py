@@ -233,8 +233,8 @@ class _Fold:
 
 @dataclass(frozen=True)
 class _Instrument:
-    """An opaque instrument: a shaft with a round tip, reaching the tip from well outside the frame along
-    `direction` (radians; the way from the tip back to where it enters), `half_width` wide either side."""
+    """An opaque instrument: a round-ended shaft `half_width` wide either side of its axis, which runs
+    `length` from the tip along `direction` (radians: the way back to where it enters, outside the frame)."""
 
     tip: np.ndarray
     direction: float
