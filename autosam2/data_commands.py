@@ -31,9 +31,9 @@ def synth(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--hard",
         action="store_true",
-        help="the hard split: episodes of 3-5 frames (heavy haze or blur, specular wash-out, low contrast) "
-        "that hide a present polyp, about one per 10 frames, each after two clear frames; every frame "
-        "labelled in synth.json",
+        help="the hard split: 3-5 frame episodes that hide a present polyp (heavy haze or blur, specular, "
+        "low contrast) or leave no trace of it (covered by an instrument, dropped, flash), about one per "
+        "10 frames, each after two clear frames; every frame labelled in synth.json",
     )
     p.add_argument("--overwrite", action="store_true", help="replace --output-dir if it exists")
     args = p.parse_args(argv)

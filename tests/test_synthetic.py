@@ -1,5 +1,6 @@
 """`autosam2 synth`: deterministic, polyp-like, moving, with polyp-free, occluded and hard frames."""
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -11,7 +12,7 @@ from PIL import Image, ImageFilter
 from autosam2.cli import main
 from autosam2.data import synthetic
 from autosam2.data.folder import FolderDataset, validate_root
-from autosam2.data.synthetic import SynthSpec, generate_sequence, write_dataset
+from autosam2.data.synthetic import BLIND, HIDING, SynthSpec, generate_sequence, write_dataset
 from tests.helpers import TINY
 
 
@@ -187,7 +188,7 @@ def _contrast(frame: np.ndarray, mask: np.ndarray) -> float:
 def test_the_hard_split_hides_a_present_polyp_in_labelled_episodes(tmp_path):
     spec = SynthSpec(size=128, hard=True)
     hidden, clear, kinds = [], [], set()
-    for index in range(4):
+    for index in range(6):
         seq = generate_sequence("s", "valid", index, spec)
         labels = [synthetic.frame_kind(e) for e in seq.events]
         assert set(labels) <= set(synthetic.FRAME_KINDS)
@@ -195,15 +196,16 @@ def test_the_hard_split_hides_a_present_polyp_in_labelled_episodes(tmp_path):
             seq.masks[i].any() for i, k in enumerate(labels) if k == "absent"
         )
         for i, kind in enumerate(labels):
-            if kind in synthetic.HIDING:
+            if kind in HIDING or kind in BLIND:
                 kinds.add(kind)
                 assert seq.masks[i].sum() > 20, (index, i, kind)  # present, the mask unchanged
-                hidden.append(_contrast(seq.frames[i], seq.masks[i]))
-                if labels[i - 1] not in synthetic.HIDING:  # an episode starts after two frames in view
+                if kind in HIDING:
+                    hidden.append(_contrast(seq.frames[i], seq.masks[i]))
+                if labels[i - 1] != kind:  # an episode starts after two frames in view
                     assert labels[i - 1] != "absent" and labels[i - 2] != "absent", (index, labels)
             elif kind == "clear" and seq.masks[i].sum() > 20:
                 clear.append(_contrast(seq.frames[i], seq.masks[i]))
-    assert kinds == set(synthetic.HIDING)
+    assert kinds == {*HIDING, *BLIND}  # a few sequences take every kind in turn
     assert np.median(hidden) < 0.5 * np.median(clear), (np.median(hidden), np.median(clear))
     again = generate_sequence("s", "valid", 0, spec)
     first = generate_sequence("s", "valid", 0, spec)
@@ -219,4 +221,60 @@ def test_synth_writes_the_hard_split_with_its_labels(tmp_path, capsys):
     assert written["splits"] == {"train": ["seq1", "seq2"], "valid": ["seq3"], "test": ["seq4"]}
     for names in written["splits"].values():  # every split's frames labelled, the test split's too
         labels = {synthetic.frame_kind(e) for name in names for e in written["events"][name]}
-        assert labels & set(synthetic.HIDING) and "absent" in labels, (names, labels)
+        assert labels & set(HIDING) and labels & set(BLIND) and "absent" in labels, (names, labels)
+
+
+def test_sixteen_hard_sequences_hold_every_kind_of_episode():
+    spec = SynthSpec(size=64, hard=True)
+    episodes: dict[str, int] = {}
+    for index in range(16):
+        rng = np.random.default_rng((spec.seed, synthetic.SPLIT_CODES["test"], index, 1))
+        kinds = synthetic._scene(rng, spec, index).episode
+        for i, kind in enumerate(kinds):
+            if kind and kind != kinds[i - 1]:
+                episodes[kind] = episodes.get(kind, 0) + 1
+    assert set(episodes) == {*HIDING, *BLIND} and min(episodes.values()) >= 2, episodes
+    assert 16 * 24 // 10 * 0.75 <= sum(episodes.values()) <= 16 * 24 // 10, (
+        episodes
+    )  # about one per 10 frames
+
+
+def test_a_blind_frame_is_what_the_same_tissue_shows_without_the_polyp():
+    """A covered, dropped or flash frame is byte for byte the frame rendered from the same canvas with
+    no polyp on it and an empty mask (the same draws): nothing in it tells whether or where the polyp is."""
+    spec = SynthSpec(size=96, hard=True)
+    kinds, decoys, differ = set(), 0, 0
+    for index in range(4):
+        rng = np.random.default_rng((spec.seed, synthetic.SPLIT_CODES["valid"], index, 1))
+        scene = synthetic._scene(rng, spec, index)
+        no_polyp = Image.new("L", scene.mask.size, 0)
+        bare = dataclasses.replace(scene, canvas=scene.plain, mask=no_polyp)
+        written = generate_sequence("s", "valid", index, spec)
+        for i in range(spec.frames):
+            state = rng.bit_generator.state
+            frame, mask, event = synthetic._render_frame(rng, scene, i)
+            assert np.array_equal(frame, written.frames[i])  # the frames the split holds
+            after = rng.bit_generator.state
+            rng.bit_generator.state = state
+            without = synthetic._render_frame(rng, bare, i)[0]
+            assert rng.bit_generator.state == after
+            kind = synthetic.frame_kind(event)
+            ys, xs = np.nonzero(mask)
+            if kind in BLIND:
+                kinds.add(kind)
+                assert mask.sum() > 20 and np.array_equal(frame, without), (index, i, kind)
+            else:
+                differ += kind == "clear" and not np.array_equal(frame, without)
+            if kind == "covered":  # fully opaque over every pixel of the polyp
+                instrument = scene.instruments[i]
+                assert synthetic._shaft(instrument, xs, ys)[0].max() <= instrument.half_width - 0.5
+            elif i in scene.instruments:  # a decoy: the same instrument, clear of any polyp in view
+                decoys += 1
+                assert not scene.episode[i] and kind != "occluded"
+                instrument = scene.instruments[i]
+                assert not mask.any() or synthetic._shaft(instrument, xs, ys)[0].min() > instrument.half_width
+            if kind == "dropped":
+                assert frame.mean() < 2 and frame.max() < 16
+            if kind == "flash":
+                assert frame.mean() > 250 and frame.min() > 235
+    assert kinds == set(BLIND) and decoys >= 2 and differ > 10, (kinds, decoys, differ)

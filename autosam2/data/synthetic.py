@@ -5,7 +5,9 @@ lumen) that carries one polyp (a shaded, irregular dome with a specular highligh
 zooms and rolls, so the polyp moves and scales; it leaves the view for a stretch of every sequence
 (polyp-free frames), a tissue fold sometimes slides over part of it (partial occlusion: the mask keeps
 only the visible part), and short episodes of motion blur or fluid haze hide it without changing its
-mask (where video memory should help). Masks are written as JPEG, as polyp_gen roots hold them.
+mask (where video memory should help). The hard split hides it harder (HIDING), or takes it out of the
+frame altogether while it is there (BLIND: an instrument over it, a dropped frame, a flash), where only
+memory can tell where it is. Masks are written as JPEG, as polyp_gen roots hold them.
 
 Everything is drawn from ``numpy.random.default_rng((seed, split, index))``: the same seed gives
 byte-identical files, and each split has a stream of its own, so a test split (or none) leaves the train
@@ -19,6 +21,7 @@ import math
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from itertools import chain, zip_longest
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +33,16 @@ from autosam2.outputs import SYNTH_DATASET, output_directory
 SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}  # the split's part of every sequence's seed
 # the hard split's episodes: the polyp is there (its mask unchanged) but all but invisible in the frame
 HIDING = ("haze", "blur", "specular", "low_contrast")
-# the label of every frame, for scores per kind: one of HIDING, or occluded (a fold covers part of the
-# polyp; the mask keeps the visible part), absent (no polyp in view), clear (everything else)
-FRAME_KINDS = (*HIDING, "occluded", "absent", "clear")
+# the hard split's episodes in which the frame holds no trace of the present polyp (its mask unchanged):
+# an opaque instrument over it and a margin around it, a dropped (near-black) frame, a saturated flash
+BLIND = ("covered", "dropped", "flash")
+# the label of every frame, for scores per kind: one of HIDING or BLIND, or occluded (a fold covers part
+# of the polyp; the mask keeps the visible part), absent (no polyp in view), clear (everything else)
+FRAME_KINDS = (*HIDING, *BLIND, "occluded", "absent", "clear")
 DECOY_GLARE = 0.12  # hard split: share of the other frames with a glare where no polyp is
+DECOY_INSTRUMENT = 0.15  # hard split: share of the frames outside episodes with an instrument away from it
+INSTRUMENT_COLOUR = (150.0, 158.0, 170.0)  # steel grey, before its shading
+BLANK_LEVEL = {"dropped": 0.0, "flash": 253.0}  # a dropped or flash frame: this level plus sensor noise
 CANVAS_SCALE = 4.5  # canvas side / frame side: room for the camera to pan the polyp out of view
 ABSENT_FRACTION = (0.15, 0.3)  # share of each sequence with the polyp fully out of view
 
@@ -65,7 +74,7 @@ class SynthSequence:
     name: str
     frames: list[np.ndarray]  # uint8 [H,W,3]
     masks: list[np.ndarray]  # bool [H,W]
-    events: list[dict]  # per frame: hard episode (blur|haze|''), blur sigma, haze, occluded share, visible
+    events: list[dict]  # per frame: episode kind ('': none), blur sigma, haze, occluded share, visible
 
 
 def _noise(rng: np.random.Generator, shape: tuple[int, int], cells: tuple[int, ...]) -> np.ndarray:
@@ -223,10 +232,22 @@ class _Fold:
 
 
 @dataclass(frozen=True)
+class _Instrument:
+    """An opaque instrument: a round-ended shaft `half_width` wide either side of its axis, which runs
+    `length` from the tip along `direction` (radians: the way back to where it enters, outside the frame)."""
+
+    tip: np.ndarray
+    direction: float
+    half_width: float
+    length: float
+
+
+@dataclass(frozen=True)
 class _Scene:
     """One sequence, drawn before any frame: the canvas (the polyp's mask on a canvas of its own, and in
     the hard split the same tissue without the polyp), the camera path, the per-frame episodes (blur
-    sigma, haze, kind, strength of a glare or fading), the fold, and the frame's pixel grid and vignette."""
+    sigma, haze, kind, strength of a glare or fading), the fold, the instruments (hard split: over the
+    polyp on covered frames, decoys elsewhere), and the frame's pixel grid and vignette."""
 
     size: int
     side: int
@@ -243,6 +264,7 @@ class _Scene:
     episode: list[str]
     hiding: dict[int, float]
     fold: _Fold
+    instruments: dict[int, _Instrument]
     xx: np.ndarray
     yy: np.ndarray
     vignette: np.ndarray
@@ -252,7 +274,7 @@ def generate_sequence(name: str, split: str, index: int, spec: SynthSpec) -> Syn
     """Render one sequence; deterministic in (spec.seed, split, index)."""
     # the hard split draws from streams of its own (a fourth seed part), apart from the default set's
     rng = np.random.default_rng((spec.seed, SPLIT_CODES[split], index, *((1,) if spec.hard else ())))
-    scene = _scene(rng, spec)
+    scene = _scene(rng, spec, index)
     frames, masks, events = [], [], []
     for i in range(spec.frames):
         frame, mask, event = _render_frame(rng, scene, i)
@@ -262,9 +284,9 @@ def generate_sequence(name: str, split: str, index: int, spec: SynthSpec) -> Syn
     return SynthSequence(name, frames, masks, events)
 
 
-def _scene(rng: np.random.Generator, spec: SynthSpec) -> _Scene:
-    """The canvas with its polyp and reflections, the camera path, the episodes and the fold, drawn in
-    that order."""
+def _scene(rng: np.random.Generator, spec: SynthSpec, index: int) -> _Scene:
+    """Sequence `index`'s canvas with its polyp and reflections, the camera path, the episodes, the fold
+    and (hard split) the instruments, drawn in that order."""
     size = spec.size
     side = int(CANVAS_SCALE * size)
     canvas = _canvas(rng, side, size)
@@ -274,7 +296,9 @@ def _scene(rng: np.random.Generator, spec: SynthSpec) -> _Scene:
     offset, zoom, roll = _camera(rng, spec.frames, size, r_max)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     vignette = 1.0 - 0.45 * (np.hypot(xx - size / 2, yy - size / 2) / (size / math.sqrt(2))) ** 2
-    blur, haze, episode, hiding, visible = _episodes(rng, spec, offset)
+    blur, haze, episode, hiding, visible = _episodes(rng, spec, offset, index)
+    fold = _fold(rng, spec.frames, size, visible, r_max, zoom)
+    instruments = _instruments(rng, size, episode, offset, zoom, r_max) if spec.hard else {}
     return _Scene(
         size=size,
         side=side,
@@ -290,7 +314,8 @@ def _scene(rng: np.random.Generator, spec: SynthSpec) -> _Scene:
         haze=haze,
         episode=episode,
         hiding=hiding,
-        fold=_fold(rng, spec.frames, size, visible, r_max, zoom),
+        fold=fold,
+        instruments=instruments,
         xx=xx,
         yy=yy,
         vignette=vignette,
@@ -318,11 +343,11 @@ def _add_reflections(
 
 
 def _episodes(
-    rng: np.random.Generator, spec: SynthSpec, offset: np.ndarray
+    rng: np.random.Generator, spec: SynthSpec, offset: np.ndarray, index: int
 ) -> tuple[np.ndarray, np.ndarray, list[str], dict[int, float], list[int]]:
     """Per frame: blur sigma, haze, episode kind and (hard split) the strength of its glare or fading;
     and the frames with the polyp in view. The default split has one hard-to-see stretch (blur or haze,
-    mask unchanged); the hard split its HIDING episodes."""
+    mask unchanged); the hard split its HIDING and BLIND episodes."""
     size, n = spec.size, spec.frames
     blur = rng.uniform(0.0, 0.8, n)
     haze = np.zeros(n)
@@ -330,13 +355,13 @@ def _episodes(
     visible = [i for i in range(n) if np.hypot(*offset[i]) < size / 2]
     hiding: dict[int, float] = {}  # frame -> strength of its specular glare or fading (0..1)
     if spec.hard:
-        for i, (kind, strength) in _hiding_episodes(rng, n, visible).items():
+        for i, (kind, strength) in _hiding_episodes(rng, n, visible, index).items():
             episode[i] = kind
             if kind == "blur":
                 blur[i] = (6.0 + 4.0 * strength) * size / 256
             elif kind == "haze":
                 haze[i] = 0.86 + 0.08 * strength
-            else:
+            elif kind in HIDING:
                 hiding[i] = 0.9 + 0.07 * strength
     elif visible:
         hard_start = int(rng.choice(visible))
@@ -373,10 +398,19 @@ def _fold(
 
 
 def _render_frame(rng: np.random.Generator, scene: _Scene, i: int) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Frame `i`: the camera's view, the fold over it, vignette, haze, glare, sensor noise and blur;
-    with its mask and its `events` record."""
+    """Frame `i`: the camera's view, the fold over it (not over a blind frame's polyp: its mask stays
+    whole), an instrument, vignette, haze, glare, sensor noise and blur, or a dropped or flash frame's
+    level and noise alone; with its mask and its `events` record."""
     frame, mask = _view(scene, i)
-    frame, mask, occluded = _fold_over(rng, scene, i, frame, mask)
+    occluded = 0.0
+    if scene.episode[i] in BLANK_LEVEL:
+        frame = np.full((scene.size, scene.size, 3), BLANK_LEVEL[scene.episode[i]])
+        frame = np.clip(frame + rng.normal(0, 2.0, frame.shape), 0, 255).astype(np.uint8)
+        return frame, mask, _event(scene, i, occluded, mask)
+    if scene.episode[i] not in BLIND:
+        frame, mask, occluded = _fold_over(rng, scene, i, frame, mask)
+    if i in scene.instruments:
+        frame = _instrument_over(scene, scene.instruments[i], frame)
     frame = frame * scene.vignette[..., None]
     if scene.haze[i] > 0:
         frame = frame * (1 - scene.haze[i]) + np.array([205.0, 170.0, 150.0]) * scene.haze[i]
@@ -385,14 +419,18 @@ def _render_frame(rng: np.random.Generator, scene: _Scene, i: int) -> tuple[np.n
     img = Image.fromarray(np.clip(frame, 0, 255).astype(np.uint8))
     if scene.blur[i] > 0.3:
         img = img.filter(ImageFilter.GaussianBlur(float(scene.blur[i])))
-    event = {
+    return np.asarray(img), mask, _event(scene, i, occluded, mask)
+
+
+def _event(scene: _Scene, i: int, occluded: float, mask: np.ndarray) -> dict:
+    """Frame `i`'s record in synth.json's `events`."""
+    return {
         "episode": scene.episode[i],
         "blur_sigma": round(float(scene.blur[i]), 2),
         "haze": round(float(scene.haze[i]), 2),
         "occluded": round(occluded, 3),
         "visible": bool(mask.any()),
     }
-    return np.asarray(img), mask, event
 
 
 def _view(scene: _Scene, i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -436,6 +474,80 @@ def _fold_over(
     return frame, mask & (alpha < 0.5), occluded
 
 
+def _instruments(
+    rng: np.random.Generator,
+    size: int,
+    episode: list[str],
+    offset: np.ndarray,
+    zoom: np.ndarray,
+    r_max: float,
+) -> dict[int, _Instrument]:
+    """Hard split, per frame: on a covered frame an instrument whose shaft covers the polyp, its shaded
+    rim and a margin (the polyp anywhere across the shaft near its tip, one placement per episode, moving
+    with the polyp); on about DECOY_INSTRUMENT of the frames outside episodes one drawn the same way
+    around a spot away from any polyp in view, so an instrument gives nothing away."""
+    instruments: dict[int, _Instrument] = {}
+    placement: tuple[float, ...] = ()
+    for i, kind in enumerate(episode):
+        reach = 1.5 * r_max * zoom[i] + 4  # the polyp, its rim and room for resampling and blur
+        polyp = size / 2 + offset[i]
+        if kind == "covered":
+            if not placement or episode[i - 1] != "covered":
+                placement = _placement(rng)
+            instruments[i] = _instrument_around(polyp, reach, size, placement)
+        elif not kind and rng.random() < DECOY_INSTRUMENT:
+            for _ in range(10):  # a few draws to find room beside a polyp in view
+                decoy = _instrument_around(rng.uniform(0.15, 0.85, 2) * size, reach, size, _placement(rng))
+                if _shaft(decoy, polyp[0], polyp[1])[0] > decoy.half_width + reach:
+                    instruments[i] = decoy
+                    break
+    return instruments
+
+
+def _placement(rng: np.random.Generator) -> tuple[float, ...]:
+    """An instrument's draw: its direction, its width in reaches, where the spot lies across the shaft
+    (-1..1 of the room there) and along it from the tip (in half widths)."""
+    return (
+        float(rng.uniform(0, 2 * np.pi)),
+        float(rng.uniform(1.15, 1.6)),
+        float(rng.uniform(-1, 1)),
+        float(rng.uniform(0, 1.5)),
+    )
+
+
+def _instrument_around(
+    spot: np.ndarray, reach: float, size: int, placement: tuple[float, ...]
+) -> _Instrument:
+    """An instrument that covers every point within `reach` of `spot`: the spot lies over the shaft's
+    axis (not beyond its tip) and at most half_width - reach from it."""
+    direction, widen, across, along = placement
+    half = widen * reach
+    toward = np.array([math.cos(direction), math.sin(direction)])
+    normal = np.array([-toward[1], toward[0]])
+    tip = spot - toward * along * half + normal * across * (half - reach)
+    return _Instrument(tip, direction, half, 3.0 * size)
+
+
+def _shaft(instrument: _Instrument, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distance of points (x, y) from the instrument's axis (from its tip along `direction`), and their
+    signed offset across the axis."""
+    tx, ty = math.cos(instrument.direction), math.sin(instrument.direction)
+    px, py = x - instrument.tip[0], y - instrument.tip[1]
+    along = np.clip(px * tx + py * ty, 0, instrument.length)
+    return np.hypot(px - along * tx, py - along * ty), py * tx - px * ty
+
+
+def _instrument_over(scene: _Scene, instrument: _Instrument, frame: np.ndarray) -> np.ndarray:
+    """The frame with the instrument over it: opaque (a one-pixel soft edge), shaded as a steel
+    cylinder with a specular streak along it."""
+    distance, across = _shaft(instrument, scene.xx, scene.yy)
+    alpha = np.clip(instrument.half_width - distance + 0.5, 0, 1)[..., None]
+    v = np.clip(across / instrument.half_width, -1, 1)
+    shade = 0.55 + 0.35 * np.sqrt(1 - v**2) + 0.45 * np.exp(-(((v - 0.35) / 0.12) ** 2))
+    steel = np.array(INSTRUMENT_COLOUR) * shade[..., None]
+    return frame * (1 - alpha) + steel * alpha
+
+
 def _glare(
     rng: np.random.Generator, scene: _Scene, i: int, frame: np.ndarray, mask: np.ndarray
 ) -> np.ndarray:
@@ -447,7 +559,8 @@ def _glare(
         glare_at = size / 2 + offset[i] + rng.uniform(-0.6, 0.6, 2) * r_max * zoom[i]
     elif scene.hard and rng.random() < DECOY_GLARE:
         glare_at = rng.uniform(0.1, 0.9, 2) * size
-        if mask.any() and np.hypot(*(glare_at - size / 2 - offset[i])) < 3 * r_max * zoom[i]:
+        near = np.hypot(*(glare_at - size / 2 - offset[i])) < 3 * r_max * zoom[i]
+        if near and mask.any() and scene.episode[i] not in BLIND:  # nothing of a blind frame's to wash out
             glare_at = None
     if glare_at is None:
         return frame
@@ -457,12 +570,18 @@ def _glare(
     return frame * (1 - glare[..., None]) + 250.0 * glare[..., None]
 
 
-def _hiding_episodes(rng: np.random.Generator, n: int, visible: list[int]) -> dict[int, tuple[str, float]]:
-    """The hard split's episodes: about one per 10 frames, each 3 to 5 frames of one HIDING kind (in
-    turn, from a random first one), each after at least two clear frames with the polyp in view, so the
-    last sight of it is close; per frame its kind and a strength in 0..1."""
+# the order the hard split's sequences take the episode kinds in, a HIDING and a BLIND one in turn
+EPISODE_TURNS = tuple(k for k in chain(*zip_longest(HIDING, BLIND)) if k)
+
+
+def _hiding_episodes(
+    rng: np.random.Generator, n: int, visible: list[int], index: int
+) -> dict[int, tuple[str, float]]:
+    """The hard split's episodes: about one per 10 frames, each 3 to 5 frames of one kind of
+    EPISODE_TURNS (sequence `index` goes on from where sequence index - 1 stops, so a few sequences hold
+    every kind), each after at least two clear frames with the polyp in view, so the last sight of it is
+    close; per frame its kind and a strength in 0..1."""
     seen = set(visible)
-    kinds = [str(k) for k in rng.permutation(HIDING)]
     episodes: dict[int, tuple[str, float]] = {}
     count, wanted = 0, max(1, n // 10)
     for _ in range(40 * wanted):  # a few tries per episode; a short or mostly hidden video gets fewer
@@ -473,7 +592,7 @@ def _hiding_episodes(rng: np.random.Generator, n: int, visible: list[int]) -> di
         lead_in = range(start - 2, start + length)  # two frames in view before, the episode itself
         apart = start + length not in episodes  # never straight into another episode either
         if start + length <= n and apart and all(i in seen and i not in episodes for i in lead_in):
-            kind = kinds[count % len(kinds)]
+            kind = EPISODE_TURNS[(index * wanted + count) % len(EPISODE_TURNS)]
             for i in range(start, start + length):
                 episodes[i] = (kind, float(rng.random()))
             count += 1
@@ -484,7 +603,7 @@ def frame_kind(event: dict) -> str:
     """The label of a frame (one of FRAME_KINDS) from its `events` record in synth.json."""
     if not event["visible"]:
         return "absent"
-    if event["episode"] in HIDING:
+    if event["episode"] in HIDING or event["episode"] in BLIND:
         return event["episode"]
     return "occluded" if event["occluded"] > 0.05 else "clear"
 
