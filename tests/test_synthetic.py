@@ -239,6 +239,24 @@ def test_sixteen_hard_sequences_hold_every_kind_of_episode():
     )  # about one per 10 frames
 
 
+def test_a_dropped_or_flash_frame_says_about_as_little_whether_the_polyp_is_there():
+    """Hard split: dropped and flash frames come where no polyp is too (decoys, labelled absent), about
+    as often as over a hidden polyp, so a blank frame gives its presence away no more than its place."""
+    spec = SynthSpec(size=64, hard=True)
+    blank = {True: 0, False: 0}
+    levels = set()
+    for index in range(16):
+        seq = generate_sequence(f"s{index}", "test", index, spec)
+        for frame, mask, event in zip(seq.frames, seq.masks, seq.events, strict=True):
+            if frame.std() < 4 and (frame.mean() < 3 or frame.mean() > 248):
+                blank[bool(mask.any())] += 1
+                present = synthetic.frame_kind(event) in BLIND
+                assert present == bool(mask.any()), event  # a decoy is labelled absent
+                levels.add((round(frame.mean() / 255), present))
+    assert levels == {(0, True), (1, True), (0, False), (1, False)}, levels
+    assert 0.35 <= blank[True] / (blank[True] + blank[False]) <= 0.65, blank
+
+
 def test_a_blind_frame_is_what_the_same_tissue_shows_without_the_polyp():
     """A covered, dropped or flash frame is byte for byte the frame rendered from the same canvas with
     no polyp on it and an empty mask (the same draws): nothing in it tells whether or where the polyp is."""

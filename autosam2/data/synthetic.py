@@ -20,7 +20,7 @@ import json
 import math
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from itertools import chain, zip_longest
 from pathlib import Path
 
@@ -43,6 +43,9 @@ DECOY_GLARE = 0.12  # hard split: share of the other frames with a glare where n
 DECOY_INSTRUMENT = 0.15  # hard split: share of the frames outside episodes with an instrument away from it
 INSTRUMENT_COLOUR = (150.0, 158.0, 170.0)  # steel grey, before its shading
 BLANK_LEVEL = {"dropped": 0.0, "flash": 253.0}  # a dropped or flash frame: this level plus sensor noise
+# hard split: share of the frames with the polyp far out of view that are dropped or flash frames too, so
+# a blank frame says as little about whether the polyp is there as about where
+DECOY_BLANK = 0.35
 CANVAS_SCALE = 4.5  # canvas side / frame side: room for the camera to pan the polyp out of view
 ABSENT_FRACTION = (0.15, 0.3)  # share of each sequence with the polyp fully out of view
 
@@ -265,6 +268,7 @@ class _Scene:
     hiding: dict[int, float]
     fold: _Fold
     instruments: dict[int, _Instrument]
+    blanks: dict[int, str]  # hard split: decoy dropped or flash frames where no polyp is (frame -> kind)
     xx: np.ndarray
     yy: np.ndarray
     vignette: np.ndarray
@@ -299,7 +303,7 @@ def _scene(rng: np.random.Generator, spec: SynthSpec, index: int) -> _Scene:
     blur, haze, episode, hiding, visible = _episodes(rng, spec, offset, index)
     fold = _fold(rng, spec.frames, size, visible, r_max, zoom)
     instruments = _instruments(rng, size, episode, offset, zoom, r_max) if spec.hard else {}
-    return _Scene(
+    scene = _Scene(
         size=size,
         side=side,
         hard=spec.hard,
@@ -316,10 +320,14 @@ def _scene(rng: np.random.Generator, spec: SynthSpec, index: int) -> _Scene:
         hiding=hiding,
         fold=fold,
         instruments=instruments,
+        blanks={},
         xx=xx,
         yy=yy,
         vignette=vignette,
     )
+    if spec.hard:
+        scene = replace(scene, blanks=_decoy_blanks(rng, scene))
+    return scene
 
 
 def _add_reflections(
@@ -403,8 +411,9 @@ def _render_frame(rng: np.random.Generator, scene: _Scene, i: int) -> tuple[np.n
     level and noise alone; with its mask and its `events` record."""
     frame, mask = _view(scene, i)
     occluded = 0.0
-    if scene.episode[i] in BLANK_LEVEL:
-        frame = np.full((scene.size, scene.size, 3), BLANK_LEVEL[scene.episode[i]])
+    blank = scene.episode[i] if scene.episode[i] in BLANK_LEVEL else scene.blanks.get(i)
+    if blank:
+        frame = np.full((scene.size, scene.size, 3), BLANK_LEVEL[blank])
         frame = np.clip(frame + rng.normal(0, 2.0, frame.shape), 0, 255).astype(np.uint8)
         return frame, mask, _event(scene, i, occluded, mask)
     if scene.episode[i] not in BLIND:
@@ -472,6 +481,18 @@ def _fold_over(
     covered = mask & (alpha >= 0.5)
     occluded = float(covered.sum() / max(1, mask.sum()))
     return frame, mask & (alpha < 0.5), occluded
+
+
+def _decoy_blanks(rng: np.random.Generator, scene: _Scene) -> dict[int, str]:
+    """Hard split: about DECOY_BLANK of the frames outside episodes whose view holds no part of the
+    polyp are dropped or flash frames."""
+    n = len(scene.episode)
+    draws, kinds = rng.random(n), rng.choice(list(BLANK_LEVEL), n)
+    return {
+        i: str(kinds[i])
+        for i in range(n)
+        if not scene.episode[i] and draws[i] < DECOY_BLANK and not _view(scene, i)[1].any()
+    }
 
 
 def _instruments(
