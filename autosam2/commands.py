@@ -157,6 +157,12 @@ REGISTRY: tuple[Command, ...] = (
         "autosam2.bench.layouts:run",
         "validate / inspect time and peak memory over each layout, shard build frames/s vs polyp_gen",
     ),
+    Command(
+        BENCH,
+        "memory-learning",
+        "autosam2.bench.memory_learning:run",
+        "video (memory) vs per-frame mode of the same weights per kind of frame, with bootstrap intervals",
+    ),
     Command(SHARDS, "", "shards.__main__:main", "offline sharding of dataset folders"),
     Command(
         SHARDS,

@@ -11,7 +11,7 @@ from PIL import Image
 
 from autosam2.data.synthetic import HIDING, SynthSpec, frame_kind, write_dataset
 from autosam2.errors import DatasetError
-from autosam2.eval.episodes import episode_scores, read_events
+from autosam2.eval.episodes import episode_scores, read_events, sequence_episode_scores
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +72,20 @@ def test_a_set_without_labels_or_a_missing_mask_is_one_error_naming_it(hard_root
         )
     with pytest.raises(DatasetError, match="seq9: no events"):
         episode_scores(read_events(hard_root), hard_root / "valid" / "masks", tmp_path / "p", ["seq9"])
+
+
+def test_per_sequence_scores_pool_by_frames_to_the_scores_of_all_frames(hard_root, tmp_path):
+    predictions(hard_root, tmp_path / "blind", hide_hidden=True)
+    args = (read_events(hard_root), hard_root / "valid" / "masks", tmp_path / "blind", ["seq2", "seq3"])
+    pooled, apart = episode_scores(*args), sequence_episode_scores(*args)
+    assert set(apart) == {"seq2", "seq3"}
+    for group, score in pooled.items():
+        frames = [apart[seq][group]["frames"] for seq in apart]
+        assert sum(frames) == score["frames"], group
+        for figure in ("dice", "presence_accuracy"):
+            if not score["frames"]:
+                assert score[figure] is None and all(apart[s][group][figure] is None for s in apart)
+                continue
+            weighted = sum((apart[s][group][figure] or 0.0) * apart[s][group]["frames"] for s in apart)
+            assert weighted / score["frames"] == pytest.approx(score[figure]), (group, figure)
+    assert apart["seq2"]["all"]["frames"] == apart["seq3"]["all"]["frames"] == 24

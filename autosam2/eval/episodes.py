@@ -40,24 +40,32 @@ def _mask(path: Path, threshold: int) -> np.ndarray:
         raise DatasetError(f"{path}: cannot read the mask ({err})") from err
 
 
-def episode_scores(
-    events: dict[str, list[dict]], gt_masks: str | Path, pred_masks: str | Path, sequences: list[str]
-) -> dict[str, dict[str, float | None]]:
-    """Per group of GROUPS: frames, mean Dice and presence accuracy (None for a group without frames),
-    scoring ``pred_masks/<seq>/frameN.png`` (0 background) against ``gt_masks/<seq>/frameN.jpg``."""
+def groups_of(event: dict) -> list[str]:
+    """The groups of GROUPS a frame counts in, from its `events` record: its kind, "all", and "hidden"
+    for a kind of HIDING."""
+    kind = frame_kind(event)
+    return [kind, "all", *(["hidden"] if kind in HIDING else [])]
+
+
+def _frame_scores(
+    events: dict[str, list[dict]], gt_masks: str | Path, pred_masks: str | Path, seq: str
+) -> tuple[dict[str, list[float]], dict[str, list[bool]]]:
+    """One sequence's per-frame Dice and presence (right or not), per group of GROUPS."""
+    if seq not in events:
+        raise DatasetError(f"{seq}: no events for this sequence in the synthetic set's synth.json")
     dice: dict[str, list[float]] = {g: [] for g in GROUPS}
     right: dict[str, list[bool]] = {g: [] for g in GROUPS}
-    for seq in sequences:
-        if seq not in events:
-            raise DatasetError(f"{seq}: no events for this sequence in the synthetic set's synth.json")
-        for i, event in enumerate(events[seq]):
-            gt = _mask(Path(gt_masks) / seq / f"frame{i + 1}.jpg", MASK_THRESHOLD)
-            pred = _mask(Path(pred_masks) / seq / f"frame{i + 1}.png", 0)
-            kind = frame_kind(event)
-            groups = [kind, "all", *(["hidden"] if kind in HIDING else [])]
-            for group in groups:
-                dice[group].append(frame_metrics(pred.astype(np.float32), gt)["dice"])
-                right[group].append(bool(pred.any()) == bool(gt.any()))
+    for i, event in enumerate(events[seq]):
+        gt = _mask(Path(gt_masks) / seq / f"frame{i + 1}.jpg", MASK_THRESHOLD)
+        pred = _mask(Path(pred_masks) / seq / f"frame{i + 1}.png", 0)
+        for group in groups_of(event):
+            dice[group].append(frame_metrics(pred.astype(np.float32), gt)["dice"])
+            right[group].append(bool(pred.any()) == bool(gt.any()))
+    return dice, right
+
+
+def _pooled(dice: dict[str, list[float]], right: dict[str, list[bool]]) -> dict[str, dict[str, float | None]]:
+    """Per group: frames, mean Dice and presence accuracy over them (None for a group without frames)."""
     return {
         g: {
             "frames": len(dice[g]),
@@ -66,6 +74,29 @@ def episode_scores(
         }
         for g in GROUPS
     }
+
+
+def episode_scores(
+    events: dict[str, list[dict]], gt_masks: str | Path, pred_masks: str | Path, sequences: list[str]
+) -> dict[str, dict[str, float | None]]:
+    """Per group of GROUPS: frames, mean Dice and presence accuracy (None for a group without frames),
+    scoring ``pred_masks/<seq>/frameN.png`` (0 background) against ``gt_masks/<seq>/frameN.jpg``."""
+    dice: dict[str, list[float]] = {g: [] for g in GROUPS}
+    right: dict[str, list[bool]] = {g: [] for g in GROUPS}
+    for seq in sequences:
+        seq_dice, seq_right = _frame_scores(events, gt_masks, pred_masks, seq)
+        for g in GROUPS:
+            dice[g] += seq_dice[g]
+            right[g] += seq_right[g]
+    return _pooled(dice, right)
+
+
+def sequence_episode_scores(
+    events: dict[str, list[dict]], gt_masks: str | Path, pred_masks: str | Path, sequences: list[str]
+) -> dict[str, dict[str, dict[str, float | None]]]:
+    """`episode_scores` of each sequence alone, by sequence name: what an estimate over sequences
+    (a bootstrap resampling them) pools, weighting each sequence's mean by its frames of the group."""
+    return {seq: _pooled(*_frame_scores(events, gt_masks, pred_masks, seq)) for seq in sequences}
 
 
 def print_episodes(scores: dict[str, dict[str, float | None]]) -> None:
