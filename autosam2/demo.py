@@ -225,11 +225,11 @@ def _summary(title: str, summaries: dict[str, dict[str, dict]]) -> None:
                 f"{_figure(f['dice_occluded']):>8} {_figure(f['dice_clear']):>6}   "
                 f"{_figure(f['presence_accuracy']):>13} ({_figure(f['presence_accuracy_hidden'])})"
             )
-    from autosam2.data.synthetic import HIDING
+    from autosam2.data.synthetic import BLIND, HIDING
 
     for split, f in next(iter(summaries.values())).items():
         n = f["frames"]
-        hidden = ", ".join(f"{n[k]} {k}" for k in HIDING)
+        hidden = ", ".join(f"{n[k]} {k}" for k in (*HIDING, *BLIND))
         print(
             f"({split}: {f['sequences']} sequences, {n['all']} frames: {n['hidden']} with the polyp there but "
             f"hidden ({hidden}), {n['occluded']} partly occluded, {n['clear']} clear, {n['absent']} polyp-free)"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from autosam2.data.synthetic import HIDING, SynthSpec, frame_kind, write_dataset
+from autosam2.data.synthetic import BLIND, HIDING, SynthSpec, frame_kind, write_dataset
 from autosam2.errors import DatasetError
 from autosam2.eval.episodes import episode_scores, read_events, sequence_episode_scores
 
@@ -31,7 +31,7 @@ def predictions(root, folder, hide_hidden: bool):
                 np.asarray(Image.open(root / "valid" / "masks" / seq / f"frame{i + 1}.jpg").convert("L"))
                 > 128
             )
-            if hide_hidden and frame_kind(event) in HIDING:
+            if hide_hidden and frame_kind(event) in (*HIDING, *BLIND):
                 gt[:] = False
             Image.fromarray(gt.astype(np.uint8) * 255).save(folder / seq / f"frame{i + 1}.png")
 
@@ -42,7 +42,9 @@ def test_a_perfect_prediction_scores_one_on_every_kind(hard_root, tmp_path):
         read_events(hard_root), hard_root / "valid" / "masks", tmp_path / "perfect", ["seq2", "seq3"]
     )
     assert scores["all"]["frames"] == 48
-    assert scores["hidden"]["frames"] == sum(scores[k]["frames"] for k in HIDING) > 0
+    assert scores["hidden"]["frames"] == sum(scores[k]["frames"] for k in (*HIDING, *BLIND))
+    assert scores["blind"]["frames"] == sum(scores[k]["frames"] for k in BLIND) > 0
+    assert scores["hidden"]["frames"] > scores["blind"]["frames"]
     for group, score in scores.items():
         if score["frames"]:
             assert score["dice"] == 1.0 and score["presence_accuracy"] == 1.0, group
@@ -56,6 +58,7 @@ def test_missing_the_hidden_polyp_shows_on_the_hidden_frames_only(hard_root, tmp
         read_events(hard_root), hard_root / "valid" / "masks", tmp_path / "blind", ["seq2", "seq3"]
     )
     assert scores["hidden"]["dice"] == 0.0 and scores["hidden"]["presence_accuracy"] == 0.0
+    assert scores["blind"]["dice"] == 0.0 and scores["blind"]["presence_accuracy"] == 0.0
     assert scores["clear"]["dice"] == 1.0 and scores["absent"]["presence_accuracy"] == 1.0
     hidden, total = scores["hidden"]["frames"], scores["all"]["frames"]
     assert scores["all"]["presence_accuracy"] == pytest.approx(1 - hidden / total)

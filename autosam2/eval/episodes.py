@@ -1,11 +1,13 @@
 """Scores per kind of frame on a synthetic set: Dice and presence accuracy where the polyp is hidden by
-haze, blur, glare or fading, partly covered, out of view, or clear.
+haze, blur, glare or fading, gone from the frame (an instrument over it, a dropped or a flash frame),
+partly covered, out of view, or clear.
 
 The kinds come from the per-frame `events` that `autosam2 synth` writes into ``synth.json``
 (`autosam2.data.synthetic.frame_kind`). Per frame, Dice follows our headline rule (both masks empty = 1,
 `autosam2.metrics`), and presence is right when the prediction is non-empty exactly where the ground
 truth is; each figure is the mean over the frames of that kind (frames, not sequences: an episode is a
-handful of frames of a sequence). ``hidden`` pools the four kinds that hide a present polyp.
+handful of frames of a sequence). ``hidden`` pools every kind that hides a present polyp (HIDING and
+BLIND), ``blind`` the kinds that leave no trace of it in the frame (BLIND).
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ import numpy as np
 from PIL import Image
 
 from autosam2.data.codec import MASK_THRESHOLD
-from autosam2.data.synthetic import FRAME_KINDS, HIDING, frame_kind
+from autosam2.data.synthetic import BLIND, FRAME_KINDS, HIDING, frame_kind
 from autosam2.errors import DatasetError
 from autosam2.metrics import frame_metrics
 
-GROUPS = (*FRAME_KINDS, "hidden", "all")
+GROUPS = (*FRAME_KINDS, "hidden", "blind", "all")
 
 
 def read_events(root: str | Path) -> dict[str, list[dict]]:
@@ -41,10 +43,15 @@ def _mask(path: Path, threshold: int) -> np.ndarray:
 
 
 def groups_of(event: dict) -> list[str]:
-    """The groups of GROUPS a frame counts in, from its `events` record: its kind, "all", and "hidden"
-    for a kind of HIDING."""
+    """The groups of GROUPS a frame counts in, from its `events` record: its kind, "all", "hidden" for a
+    kind of HIDING or BLIND, and "blind" for one of BLIND."""
     kind = frame_kind(event)
-    return [kind, "all", *(["hidden"] if kind in HIDING else [])]
+    return [
+        kind,
+        "all",
+        *(["hidden"] if kind in (*HIDING, *BLIND) else []),
+        *(["blind"] if kind in BLIND else []),
+    ]
 
 
 def _frame_scores(
