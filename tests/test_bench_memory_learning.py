@@ -124,3 +124,17 @@ def test_bench_memory_learning_refuses_bad_input_in_one_line(capsys, tmp_path, w
     assert main([*bench, "--weights", str(weights), *TINY, *LOWERED[:4], "--min-frames-per-kind", "1"]) == 1
     err = capsys.readouterr().err.strip()
     assert "fewer frames than --min-frames-per-kind 1 of haze 0, blur 0" in err and "\n" not in err
+
+
+def test_bench_memory_learning_scores_a_split_autosam2_synth_wrote(capsys, tmp_path, weights):
+    from autosam2.data.synthetic import SynthSpec, write_dataset
+
+    root = tmp_path / "hard"
+    write_dataset(root, SynthSpec(train_sequences=1, valid_sequences=3, frames=12, size=64, hard=True))
+    argv = ["bench", "memory-learning", "--weights", str(weights), "--data", str(root), "--split", "valid"]
+    assert main([*argv, "--bootstrap", "20", "--workers", "1", "--cpu", *LOWERED]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["data"]["root"] == str(root) and report["data"]["made"] is None
+    assert report["data"]["sequences"] == 3 and report["groups"]["all"]["frames"] == 36
+    assert report["data"]["hidden_frames"] == report["groups"]["hidden"]["frames"] > 0
+    assert (root / "synth.json").exists() and (root / "valid").is_dir()  # the user's root stays
