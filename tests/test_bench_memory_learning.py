@@ -105,6 +105,12 @@ def test_bench_memory_learning_refuses_bad_input_in_one_line(capsys, tmp_path, w
     assert (
         capsys.readouterr().err.strip() == f"autosam2 bench: --weights {tmp_path / 'nope.pt'}: no such file"
     )
+    assert main([*bench, "--weights", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.strip() == f"autosam2 bench: --weights {tmp_path}: not a file"
+    assert main([*bench, "--weights", str(weights), "--size", "16"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("autosam2 bench: --sequences/--frames/--size: synthetic dataset needs size >= 32")
+    assert "\n" not in err
     assert main([*bench, "--weights", str(weights), "--sequences", "4"]) == 1
     assert capsys.readouterr().err.strip() == (
         "autosam2 bench: --sequences 4: fewer than --min-sequences 16 (more sequences, or lower --min-sequences)"

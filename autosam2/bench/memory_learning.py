@@ -124,20 +124,29 @@ def group_intervals(
 def _split_made(args: argparse.Namespace, tmp: Path) -> Path:
     """The hard test split of `args`, written under `tmp` (one train and valid sequence beside it, as
     every synthetic root holds them)."""
-    from autosam2.data.synthetic import SynthSpec, write_dataset
+    from autosam2.data.synthetic import write_dataset
 
     root = tmp / "polyp_gen"
-    spec = SynthSpec(
-        train_sequences=1,
-        valid_sequences=1,
-        test_sequences=args.sequences,
-        frames=args.frames,
-        size=args.size,
-        seed=args.seed,
-        hard=True,
-    )
-    write_dataset(root, spec, workers=args.workers)
+    write_dataset(root, _spec(args), workers=args.workers)
     return root
+
+
+def _spec(args: argparse.Namespace):
+    """The SynthSpec of the split made for the run; one ConfigError line for sizes it cannot take."""
+    from autosam2.data.synthetic import SynthSpec
+
+    try:
+        return SynthSpec(
+            train_sequences=1,
+            valid_sequences=1,
+            test_sequences=args.sequences,
+            frames=args.frames,
+            size=args.size,
+            seed=args.seed,
+            hard=True,
+        )
+    except ValueError as err:
+        raise ConfigError(f"--sequences/--frames/--size: {err}") from None
 
 
 def checked_split(args: argparse.Namespace, root: Path) -> tuple[dict, list[str], Counter]:
@@ -197,8 +206,12 @@ def _check_args(args: argparse.Namespace) -> None:
             f"--sequences {args.sequences}: fewer than --min-sequences {args.min_sequences} "
             "(more sequences, or lower --min-sequences)"
         )
-    if not Path(args.weights).is_file():
+    if args.data is None:
+        _spec(args)
+    if not Path(args.weights).exists():
         raise ConfigError(f"--weights {args.weights}: no such file")
+    if not Path(args.weights).is_file():
+        raise ConfigError(f"--weights {args.weights}: not a file")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -164,8 +164,6 @@ def _not_a_record(path: Path) -> str | None:
         return "is not a file"
     if path.stat().st_size > RECORD_BYTES:
         return "is not a start-up record (too large)"
-    try:
-        held = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return "is not a start-up record"
-    return None if isinstance(held, dict) and {"job", "ranks"} <= held.keys() else "is not a start-up record"
+    from autosam2.outputs import json_object
+
+    return None if {"job", "ranks"} <= json_object(path).keys() else "is not a start-up record"
