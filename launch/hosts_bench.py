@@ -6,7 +6,8 @@ shards, through launch/train.sbatch: 2 hosts x 1 rank (gloo over the veth pair) 
 (gloo over loopback), each run twice, with a few and with more steps, one after the other. Prints one
 JSON object: per layout the time from sbatch to the first logged step, the median step time, and for
 the two-host layout the bytes node1's link carried per step (the difference of the two runs' counters
-over the difference of their steps), beside the gradient bytes DDP all-reduces (trainable parameters x 4).
+over the difference of their steps), beside the gradient bytes DDP all-reduces (trainable parameters x 4;
+the config's feature cache also all-gathers each step's newly encoded frames while it fills).
 Every rank runs `--threads` torch threads (default 1) in both layouts: the job asks for `--threads` x
 ranks-per-host CPUs per task, and a rank's threads are SLURM_CPUS_PER_TASK over its host's ranks
 (autosam2.engine.dist.settings.torch_threads). Both "hosts" share this machine's cores, so the layouts
