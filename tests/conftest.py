@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,7 @@ INTEGRATION = {
     "test_cli.py::test_console_script_runs_the_demo_steps",
     "test_cli.py::test_every_command_reports_bad_input_in_one_line_through_the_one_dispatcher",
     "test_cli.py::test_second_make_run_installs_nothing",
+    "test_conftest.py::test_a_process_a_test_starts_writes_its_temp_files_in_the_sessions_own_folder",
     "test_dist.py::test_a_rank_that_only_sees_another_go_names_that_ranks_error",
     "test_dist.py::test_slurm_variables_become_torchrun_variables",  # scontrol
     "test_dist.py::test_a_stopped_peer_ends_the_rank_watching_it_within_peer_timeout_s",
@@ -135,6 +137,20 @@ def _share_threads() -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     _share_threads()  # for the session fixtures too
+    if not hasattr(config, "workerinput"):
+        _own_tmpdir(config)
+
+
+def _own_tmpdir(config: pytest.Config) -> None:
+    """The session's processes (xdist's workers and every command a test starts, which inherit them)
+    write their temp files under a TMPDIR of the session's own, removed when the session ends: a process
+    a test kills (torchrun, multiprocessing, a run's tracking outbox) cannot clean up after itself.
+    pytest's own tmp_path folders stay where they are (the controller keeps the system's temp dir)."""
+    tempfile.gettempdir()  # fixed for this process before TMPDIR moves
+    own = tempfile.mkdtemp(prefix="autosam2-tests-")
+    os.chmod(own, 0o1777)  # as /tmp: for a job that runs as another user
+    os.environ["TMPDIR"] = own
+    config.add_cleanup(lambda: shutil.rmtree(own, ignore_errors=True))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
