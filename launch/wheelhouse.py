@@ -255,7 +255,7 @@ def _stand_in_key(carried: list[Path]) -> str:
         for dist in md.distributions()
         if _canonical(dist.metadata["Name"]) in IMAGE_PACKAGES
     )
-    wheels = [f"{w.name}:{w.stat().st_size}" for w in sorted(carried)]
+    wheels = [f"{w.name}:{hashlib.sha256(w.read_bytes()).hexdigest()}" for w in sorted(carried)]
     text = json.dumps([sys.version, sys.executable, image, wheels])
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
