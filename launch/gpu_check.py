@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from launch.gpu_parts import PARTS, Part, Plan, last_json, parts_markdown, summarize, tail
-from launch.wheelhouse import DEVICE_PYTHON, REPO, build_wheels, image_stand_in, install
+from launch.wheelhouse import DEVICE_PYTHON, REPO, build_wheels, cached_stand_in, install
 
 # the whole check's time by default: within a GPU loan's minutes; the dry run's tiny parts on 2 CPU cores
 BUDGET_S = {"run": 420, "dry-run": 1500}
@@ -192,16 +192,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _dry_run(args: argparse.Namespace) -> int:
-    """This Python's wheels into the stand-in image, then `run --dry` there."""
+    """This Python's wheels into the stand-in image (kept while they stay the same; the project's wheel,
+    built on every run, into a folder of this run's on PYTHONPATH, as on the device), then `run --dry`
+    there, DeepSpeed's JIT-built ops in a folder of the stand-in's."""
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     wheelhouse = build_wheels(version)
+    image = cached_stand_in(wheelhouse)
     with tempfile.TemporaryDirectory(prefix="autosam2-device-") as tmp:
-        site = Path(tmp) / "site"
-        python = image_stand_in(Path(tmp), site)
-        install(wheelhouse, site)
+        install(wheelhouse, Path(tmp), files=list(wheelhouse.glob("autosam2-*.whl")))
         out = str(args.output_dir.resolve())
         cmd = [
-            str(python),
+            str(image / "venv" / "bin" / "python"),
             "-m",
             "launch.gpu_check",
             "run",
@@ -212,6 +213,7 @@ def _dry_run(args: argparse.Namespace) -> int:
             str(args.budget_s),
         ]
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        env.update(PYTHONPATH=tmp, TORCH_EXTENSIONS_DIR=str(image / "torch-extensions"))
         return subprocess.run(cmd, cwd=REPO, env=env).returncode
 
 

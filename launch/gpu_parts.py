@@ -58,7 +58,8 @@ SIZES = {
         "train_steps": 3,
         "memory_steps": 1,
         "infer": "--image-size 64 --frames 4 --rounds 1 --compile-backend aot_eager".split(),
-        "data": "--image-size 64 --clip-len 2 --batch-size 1 --batches 3 --rounds 1".split(),
+        # the resume cost over a 40-sample epoch (the default's 2000 are 200 sequences to write and replay)
+        "data": "--image-size 64 --clip-len 2 --batch-size 1 --batches 3 --rounds 1 --resume-samples 40".split(),
         "decode": "--size 128 --frames 8".split(),
         "checkpointing": ["model.image_size=64", "data.clip_len=2"],
         "comm": "--ranks 1 --steps 2".split(),

@@ -194,8 +194,11 @@ def build_wheels(python_version: str = DEVICE_PYTHON) -> Path:
     return out
 
 
-def install(wheels: Path, target: Path, python: str = sys.executable) -> None:
-    """The wheelhouse into `target` against `python`'s own torch: no index, no dependency resolution."""
+def install(
+    wheels: Path, target: Path, python: str = sys.executable, files: list[Path] | None = None
+) -> None:
+    """The wheelhouse (or those of its `files`) into `target` against `python`'s own torch: no index, no
+    dependency resolution."""
     cmd = [
         python,
         "-m",
@@ -210,7 +213,7 @@ def install(wheels: Path, target: Path, python: str = sys.executable) -> None:
         "--upgrade",
         "--target",
         str(target),
-        *map(str, wheels.glob("*.whl")),
+        *map(str, wheels.glob("*.whl") if files is None else files),
     ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
@@ -240,3 +243,39 @@ def image_stand_in(base: Path, site: Path) -> Path:
     purelib = Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
     (purelib / "autosam2_device_image.pth").write_text(f"{site}\n{image}\n")
     return venv / "bin" / "python"
+
+
+def _stand_in_key(carried: list[Path]) -> str:
+    """What a stand-in holds: this Python, the image's packages linked from here, the `carried` wheels."""
+    import hashlib
+    import importlib.metadata as md
+
+    image = sorted(
+        f"{dist.metadata['Name']}=={dist.version}@{dist.locate_file('')}"
+        for dist in md.distributions()
+        if _canonical(dist.metadata["Name"]) in IMAGE_PACKAGES
+    )
+    wheels = [f"{w.name}:{hashlib.sha256(w.read_bytes()).hexdigest()}" for w in sorted(carried)]
+    text = json.dumps([sys.version, sys.executable, image, wheels])
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def cached_stand_in(wheels: Path) -> Path:
+    """`image_stand_in` with the wheelhouse's wheels but the project's installed in its `site`, made once
+    for what it holds in `.gpu-check/device-cpXY-KEY/` and reused after: its paths stay put, and with them
+    DeepSpeed's JIT-built CPU ops, which are rebuilt wherever their source or include paths change (their
+    build directory: its `torch-extensions`). Its root; its python is `venv/bin/python` there."""
+    import fcntl
+
+    carried = [w for w in wheels.glob("*.whl") if not w.name.startswith("autosam2-")]
+    tag = _tag(f"{sys.version_info.major}.{sys.version_info.minor}")
+    root = WHEELS / f"device-{tag}-{_stand_in_key(carried)}"
+    with open(WHEELS / f"device-{tag}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one dry run makes it while another waits
+        if not (root / "made").exists():
+            for stale in WHEELS.glob(f"device-{tag}-*"):
+                shutil.rmtree(stale)
+            image_stand_in(root, root / "site")
+            install(wheels, root / "site", files=carried)
+            (root / "made").touch()
+    return root

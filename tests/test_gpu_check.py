@@ -67,6 +67,17 @@ def test_the_wheel_list_leaves_out_what_the_image_has_and_keeps_what_it_lacks():
     assert all(needed[name] == version for name, version in pins.items() if name in needed)
 
 
+def test_the_stand_in_is_reused_while_its_wheels_stay_the_same(tmp_path):
+    wheels = [tmp_path / "a-1-py3-none-any.whl", tmp_path / "b-1-py3-none-any.whl"]
+    for wheel in wheels:
+        wheel.write_bytes(b"x")
+    key = wheelhouse._stand_in_key(wheels)
+    assert wheelhouse._stand_in_key(list(reversed(wheels))) == key
+    wheels[1].write_bytes(b"y")
+    assert wheelhouse._stand_in_key(wheels) != key
+    assert wheelhouse._stand_in_key(wheels[:1]) not in (key, wheelhouse._stand_in_key(wheels))
+
+
 def test_the_summary_judges_each_goal_at_its_threshold():
     def parts(fps: float, peak: float, estimate: float, wait: float, ratio: float, full: float) -> dict:
         train = {"memory": {"max_allocated_GiB": peak}, "data_wait_share": wait}
