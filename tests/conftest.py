@@ -44,6 +44,7 @@ INTEGRATION = {
     "test_cli.py::test_every_command_reports_bad_input_in_one_line_through_the_one_dispatcher",
     "test_cli.py::test_second_make_run_installs_nothing",
     "test_conftest.py::test_a_process_a_test_starts_writes_its_temp_files_in_the_sessions_own_folder",
+    "test_conftest.py::test_a_process_a_test_starts_lets_its_waiting_openmp_threads_sleep",
     "test_dist.py::test_a_rank_that_only_sees_another_go_names_that_ranks_error",
     "test_dist.py::test_slurm_variables_become_torchrun_variables",  # scontrol
     "test_dist.py::test_a_stopped_peer_ends_the_rank_watching_it_within_peer_timeout_s",
@@ -139,6 +140,10 @@ def pytest_configure(config: pytest.Config) -> None:
     _share_threads()  # for the session fixtures too
     if not hasattr(config, "workerinput"):
         _own_tmpdir(config)
+        # OpenMP threads that wait for a partner sleep instead of spinning: the session runs more threads
+        # than the machine has cores (two workers, the ranks they start), and a spinning thread burns the
+        # core its descheduled partner needs (a 2-thread step took 5 times the CPU time on a busy machine)
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
 def _own_tmpdir(config: pytest.Config) -> None:
