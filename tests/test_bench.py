@@ -56,7 +56,10 @@ def test_bench_data_prints_figures_and_ratios(capsys):
 
 
 def test_bench_train_compares_the_trainer_with_a_bare_step(capsys):
-    assert main(["bench", "train", "--clip-len", "2", "--steps", "3", "--device", "cpu"]) == 0
+    assert (
+        main(["bench", "train", "--image-size", "128", "--clip-len", "2", "--steps", "3", "--device", "cpu"])
+        == 0
+    )
     captured = capsys.readouterr()
     report = json.loads(captured.out)  # the figures alone: the trainer's step lines go to stderr
     assert "step 3/3" in captured.err

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from autosam2.cli import main as cli
 from autosam2.config import ConfigError
 from autosam2.errors import OutputRefused
 from autosam2.eval.resume import claim_sequences, identity
@@ -31,17 +32,26 @@ ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # 
 
 @pytest.fixture(scope="module")
 def long_split(tmp_path_factory) -> Path:
-    """Four valid sequences of 30 frames at 64 px: a few seconds each on the CPU, so a signal lands
-    while the split is half done."""
+    """Four valid sequences of 15 frames at 64 px: a second or more each on the CPU, so a signal sent
+    when the first is kept lands while the split is half done."""
     from autosam2.data.synthetic import SynthSpec, write_dataset
 
     root = tmp_path_factory.mktemp("long") / "polyp_gen"
-    write_dataset(root, SynthSpec(train_sequences=1, valid_sequences=4, frames=30, size=64, seed=2))
+    write_dataset(root, SynthSpec(train_sequences=1, valid_sequences=4, frames=15, size=64, seed=2))
     return root
 
 
 def run(cmd: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, env=ONE_THREAD, capture_output=True, text=True, timeout=600)
+
+
+def run_here(argv: list[str], capsys) -> subprocess.CompletedProcess:
+    """`autosam2` with `argv` in this process, for the runs that evaluate no frame (a refusal, a resume
+    with every sequence finished): their exit status and what they printed."""
+    capsys.readouterr()
+    code = cli(argv)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err)
 
 
 def files(folder: Path) -> dict[str, bytes]:
@@ -64,8 +74,11 @@ def stop_when_a_sequence_is_kept(cmd: list[str], out: Path) -> subprocess.Comple
 
 
 @pytest.mark.slow
-def test_a_stopped_evaluation_resumes_to_the_metrics_of_an_uninterrupted_one(long_split, weights, tmp_path):
+def test_a_stopped_evaluation_resumes_to_the_metrics_of_an_uninterrupted_one(
+    long_split, weights, tmp_path, capsys
+):
     evaluate = [*CLI, "evaluate", "--weights", str(weights), "--data", str(long_split), "--cpu"]
+    here = evaluate[len(CLI) :]  # the same command, run in this process
     whole, parted, two = tmp_path / "whole", tmp_path / "parted", tmp_path / "two"
     done = run([*evaluate, "--output-dir", str(whole)])
     assert done.returncode == 0, done.stderr[-3000:]
@@ -82,12 +95,14 @@ def test_a_stopped_evaluation_resumes_to_the_metrics_of_an_uninterrupted_one(lon
     assert progress["inputs"]["weights"]["path"] == str(weights.resolve())
 
     before = files(parted)
-    refused = run([*evaluate, "--output-dir", str(parted)])  # neither --resume nor --overwrite
+    refused = run_here([*here, "--output-dir", str(parted)], capsys)  # neither --resume nor --overwrite
     assert refused.returncode == 1 and refused.stderr.strip().splitlines() == [
         f"autosam2 evaluate: {parted}: holds an evaluation, unfinished ({len(kept)} sequences finished); pass "
         "--resume to go on with it, or --overwrite to start again"
     ]
-    refused = run([*evaluate, "--output-dir", str(parted), "--resume", "--mode", "frame", "--no-overlays"])
+    refused = run_here(
+        [*here, "--output-dir", str(parted), "--resume", "--mode", "frame", "--no-overlays"], capsys
+    )
     assert refused.returncode == 1 and refused.stderr.strip().splitlines() == [
         f"autosam2 evaluate: {parted}: holds an evaluation of other inputs (mode: then video, now frame; "
         "overlays: then true, now false); resume with the same ones, or pass --overwrite to start again"
@@ -98,14 +113,14 @@ def test_a_stopped_evaluation_resumes_to_the_metrics_of_an_uninterrupted_one(lon
     resumed = run([*evaluate, "--output-dir", str(parted), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming {parted}: {len(kept)} sequences finished before, skipped" in resumed.stdout
-    assert "4 sequences over 1 rank(s), 120 frames" in resumed.stdout
+    assert "4 sequences over 1 rank(s), 60 frames" in resumed.stdout
     assert (parted / "metrics.json").read_bytes() == (whole / "metrics.json").read_bytes()
     for kind in ("masks", "soft", "overlays", "sequences"):
         assert files(parted / kind) == files(whole / kind), kind
-    again = run([*evaluate, "--output-dir", str(parted), "--resume"])
+    again = run_here([*here, "--output-dir", str(parted), "--resume"], capsys)
     assert again.returncode == 0 and "the evaluation is complete; nothing to resume" in again.stdout
     (parted / "metrics.json").unlink()  # a finished folder whose summary is gone: its records make it again
-    again = run([*evaluate, "--output-dir", str(parted), "--resume"])
+    again = run_here([*here, "--output-dir", str(parted), "--resume"], capsys)
     assert again.returncode == 0 and "4 sequences finished before, skipped" in again.stdout, again.stderr[
         -3000:
     ]
