@@ -588,7 +588,7 @@ def test_a_rank_cut_off_by_the_network_never_writes_into_the_run_after_its_job_e
 
     out = tmp_path / "run"
     settings = {
-        "train.max_steps": 6,
+        "train.max_steps": 8,
         "train.checkpoint_every": 1,
         "train.validate_every": 100,
         "train.peer_timeout_s": 900,
@@ -597,14 +597,15 @@ def test_a_rank_cut_off_by_the_network_never_writes_into_the_run_after_its_job_e
     launch = ["train", "--cluster", "slurm", "--nodes", "2", "--tasks-per-node", "1", "--cpus-per-task", "2"]
     (job,) = submit([*launch, "--time", "30", "--", *train_overrides(train_data, out, **settings)])
     log = out / "jobs" / job.job_id / f"{job.job_id}_0_log.out"
-    wait_for_line(log, "step 2/6")
+    wait_for_line(log, "step 2/8")
     (_, _), (lost, _) = ranks_line(log.read_text())
-    old_ranks = _job_ranks(job.job_id, lost)
-    assert old_ranks
     link = f"as2v{lost[-1]}"
-    subprocess.run(["ip", "link", "set", link, "down"], check=True)
+    subprocess.run(["ip", "link", "set", link, "down"], check=True)  # at once: 6 steps before the job's end
     try:
-        wait_for_line(log, "done: 6 steps", timeout=600)  # requeued, finished on the other hosts
+        old_ranks = _job_ranks(job.job_id, lost)
+        assert old_ranks
+        wait_for_line(log, "done: 8 steps", timeout=600)  # requeued, finished on the other hosts
+        assert restarts(job.job_id) == 1, "the job ended before its link was cut"
         results = sorted((out / "jobs" / job.job_id).glob("*_result.pkl"))
         assert results
         before = {p: p.read_bytes() for p in results}
