@@ -9,6 +9,9 @@ library is imported at module level (`packaging` inside the functions that need 
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import importlib.metadata as md
 import json
 import os
 import re
@@ -84,7 +87,6 @@ def pins() -> dict[str, str]:
 def needed_distributions() -> dict[str, str]:
     """{name: version installed here} of what ROOTS pull in (markers evaluated here), less the image's;
     refused where an installed version is not constraints.txt's pin."""
-    import importlib.metadata as md
 
     from packaging.requirements import Requirement
 
@@ -223,7 +225,6 @@ def install(
 def image_stand_in(base: Path, site: Path) -> Path:
     """A venv whose Python sees only the standard library, the image's packages (linked from this
     venv, where installed here) and `site`: the device image, as far as imports can tell."""
-    import importlib.metadata as md
     import sysconfig
 
     image = base / "image"
@@ -247,9 +248,6 @@ def image_stand_in(base: Path, site: Path) -> Path:
 
 def _stand_in_key(carried: list[Path]) -> str:
     """What a stand-in holds: this Python, the image's packages linked from here, the `carried` wheels."""
-    import hashlib
-    import importlib.metadata as md
-
     image = sorted(
         f"{dist.metadata['Name']}=={dist.version}@{dist.locate_file('')}"
         for dist in md.distributions()
@@ -265,8 +263,6 @@ def cached_stand_in(wheels: Path) -> Path:
     for what it holds in `.gpu-check/device-cpXY-KEY/` and reused after: its paths stay put, and with them
     DeepSpeed's JIT-built CPU ops, which are rebuilt wherever their source or include paths change (their
     build directory: its `torch-extensions`). Its root; its python is `venv/bin/python` there."""
-    import fcntl
-
     carried = [w for w in wheels.glob("*.whl") if not w.name.startswith("autosam2-")]
     tag = _tag(f"{sys.version_info.major}.{sys.version_info.minor}")
     root = WHEELS / f"device-{tag}-{_stand_in_key(carried)}"

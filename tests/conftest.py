@@ -142,7 +142,7 @@ def pytest_configure(config: pytest.Config) -> None:
         _own_tmpdir(config)
         # OpenMP threads that wait for a partner sleep instead of spinning: the session runs more threads
         # than the machine has cores (two workers, the ranks they start), and a spinning thread burns the
-        # core its descheduled partner needs (a 2-thread step took 5 times the CPU time on a busy machine)
+        # core its descheduled partner needs (a 2-thread step took 4.6 times the CPU time on a busy machine)
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
