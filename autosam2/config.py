@@ -243,6 +243,9 @@ class TrainConfig:
     # the SAM2 checkpoint (or the run's base.pt) they build on, named and hashed
     full_weights: bool = False
     max_bad_steps: int = 5  # non-finite losses in a row before the run aborts
+    # the share of training steps whose clips take frame 0's ground-truth mask as its output in place of
+    # its learned prompt's (SAM2's own training), so memory learns from a correct mask; video mode only
+    cond_mask_prob: float = 0.0
     valid_sequences: int | None = None  # validate on the first N sequences only
     # a collective that waits longer than this fails the job (gloo and NCCL): a dead or hung rank
     # stops the others in bounded time instead of torch's 30-minute default
@@ -443,9 +446,22 @@ def validate(cfg: Config) -> None:
         "model.freeze.image_encoder=false",
     )
     problems += _train_problems(cfg.data)
+    problems += _cond_mask_problems(cfg)
     problems += _feature_cache_problems(cfg)
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def _cond_mask_problems(cfg: Config) -> list[str]:
+    prob = cfg.train.cond_mask_prob
+    if not 0 <= prob <= 1:  # nan fails both
+        return [f"train.cond_mask_prob must be in [0, 1], got {prob}"]
+    if prob > 0 and (cfg.model.clip_mode != ClipMode.video or cfg.data.clip_len < 2):
+        return [
+            f"train.cond_mask_prob={prob} needs model.clip_mode=video and data.clip_len >= 2 (memory "
+            "carries frame 0's mask to the frames after it)"
+        ]
+    return []
 
 
 def _train_problems(data: DataConfig) -> list[str]:

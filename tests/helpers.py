@@ -124,8 +124,10 @@ class TinyModel(nn.Module):
         self.presence = nn.Parameter(torch.zeros(1))
         self.poison: set[int] = set()
         self.calls = 0
+        self.cond_masks: list[torch.Tensor | None] = []  # each call's conditioning mask
 
-    def forward(self, images_TBCHW: torch.Tensor, per_frame: bool = False):
+    def forward(self, images_TBCHW: torch.Tensor, per_frame: bool = False, cond_mask_BHW=None):
+        self.cond_masks.append(cond_mask_BHW)
         t, b = images_TBCHW.shape[:2]
         logits = self.conv(images_TBCHW.flatten(0, 1))[:, 0].unflatten(0, (t, b))
         if self.calls in self.poison:

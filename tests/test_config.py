@@ -81,6 +81,17 @@ def test_yaml_file_then_overrides(tmp_path):
             "data.feature_cache_gb and data.feature_cache_disk_gb must be >= 0 and finite, got 8.0 and inf",
         ),
         (["train.overlap_comm=false"], "train.overlap_comm=false needs train.engine=deepspeed"),
+        (["train.cond_mask_prob=1.5"], "train.cond_mask_prob must be in [0, 1], got 1.5"),
+        (["train.cond_mask_prob=nan"], "train.cond_mask_prob must be in [0, 1], got nan"),
+        (["train.cond_mask_prob=-0.1"], "train.cond_mask_prob must be in [0, 1], got -0.1"),
+        (
+            ["train.cond_mask_prob=0.5", "model.clip_mode=frame"],
+            "train.cond_mask_prob=0.5 needs model.clip_mode=video and data.clip_len >= 2",
+        ),
+        (
+            ["train.cond_mask_prob=0.5", "data.clip_len=1"],
+            "needs model.clip_mode=video and data.clip_len >= 2",
+        ),
         (
             ["data.train=[a, b]", "data.train_weights=[1]"],
             "data.train_weights must hold one weight >= 0 for each of the 2",

@@ -341,3 +341,27 @@ def test_a_one_frame_clip_in_video_mode_is_a_frame_mode_step_and_leaves_memory_u
         "total"
     ].backward()
     assert _grads(model, "sam_mask_decoder.") > 0 and _grads(model, "memory_attention.") == 0
+
+
+def test_a_ground_truth_conditioning_mask_is_frame_0s_output_and_what_memory_carries():
+    model = make_model(FreezeConfig(mask_decoder=False, memory=False), seed=3).train()
+    images, masks, present = synthetic_clip(frames=3)
+    assert present[0].all()
+    cond = masks[0]
+    out = model.forward_clip(images, cond_mask_BHW=cond)
+    # frame 0: SAM2's -10/+10 logits of the mask, blurred only at its edges by the low-res round trip
+    inside, outside = out.mask_logits_TBHW[0][cond], out.mask_logits_TBHW[0][~cond]
+    assert inside.median() > 9 and outside.median() < -9
+    assert torch.equal(out.object_logits_TB[0], torch.full_like(out.object_logits_TB[0], 10.0))
+    # the frames after it read a memory made from that mask: not the one the prompt's own mask makes
+    own = model.forward_clip(images)
+    assert not torch.allclose(out.mask_logits_TBHW[1:], own.mask_logits_TBHW[1:])
+    loss = clip_losses(
+        out.mask_logits_TBHW[1:], out.iou_TB[1:], out.object_logits_TB[1:], masks[1:], present[1:]
+    )
+    loss["total"].backward()
+    assert _grads(model, "memory_encoder") > 0 and _grads(model, "memory_attention") > 0
+    assert _grads(model, "sam_mask_decoder") > 0  # frame 0's object pointer and the frames after it
+    assert all(p.grad is None for p in model.mask_downsample.parameters())  # reached, kept frozen
+    with pytest.raises(ValueError, match="video mode"):
+        model.forward_clip(images, per_frame=True, cond_mask_BHW=cond)

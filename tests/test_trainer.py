@@ -8,11 +8,14 @@ import signal
 import time
 
 import pytest
+import torch
 
+from autosam2.data.transforms import prepare_batch
 from autosam2.engine.checkpoint import LoopState
 from autosam2.engine.stop import StopSignal
 from autosam2.errors import TrainingAborted
-from tests.helpers import TinyModel, make_trainer
+from autosam2.losses import clip_losses
+from tests.helpers import TinyModel, batch, make_trainer
 
 
 def test_a_non_finite_loss_skips_the_step_and_is_counted(tmp_path):
@@ -120,3 +123,34 @@ def test_the_training_wall_time_at_each_validation_leaves_the_validations_out(tm
     assert [step for step, _ in wall] == [2, 4, 6] == trainer.validator.steps
     assert all(a < b for (_, a), (_, b) in zip(wall, wall[1:], strict=False))
     assert wall[-1][1] < whole - 0.6  # the two validations before the last are not counted
+
+
+def test_cond_mask_prob_gives_that_share_of_steps_frame_0s_ground_truth_the_same_on_every_run(tmp_path):
+    calls = []
+    for run in range(2):
+        model = TinyModel()
+        trainer, _ = make_trainer(
+            tmp_path / str(run), model, steps=60, overrides=["train.cond_mask_prob=0.5"]
+        )
+        trainer.fit(LoopState())
+        calls.append([None if m is None else m.clone() for m in model.cond_masks])
+    given = [m for m in calls[0] if m is not None]
+    assert 15 <= len(given) <= 45, len(given)  # 60 draws at 0.5
+    assert all(torch.equal(m, batch().masks_TBHW[0]) for m in given)  # frame 0's ground truth
+    assert [m is None for m in calls[0]] == [m is None for m in calls[1]]  # drawn from the seed
+
+
+def test_a_step_with_a_conditioning_mask_scores_the_frames_after_frame_0(tmp_path):
+    trainer, _ = make_trainer(tmp_path, TinyModel(), steps=1)
+    clip = batch()
+    clip.masks_TBHW[0], clip.present_TB[0] = False, False  # frame 0 unlike frame 1
+    with torch.no_grad():
+        logits, iou, presence = trainer.engine.module(prepare_batch(clip).images_TBCHW)
+    expected = clip_losses(
+        logits[1:], iou[1:], presence[1:], clip.masks_TBHW[1:], clip.present_TB[1:], trainer.cfg.loss
+    )
+    everything = clip_losses(logits, iou, presence, clip.masks_TBHW, clip.present_TB, trainer.cfg.loss)
+    result = trainer.train_step(clip, cond_mask=True)
+    assert torch.equal(trainer.engine.module.cond_masks[-1], clip.masks_TBHW[0])
+    torch.testing.assert_close(result.losses["total"], expected["total"])
+    assert not torch.allclose(expected["total"], everything["total"])

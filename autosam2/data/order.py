@@ -39,6 +39,7 @@ _ORDER = 0x0D  # keeps the order's seeds apart from the clips' (`clip_seed`) and
 _CLIP = 0x0C
 _MIX = 0x0E
 _SOURCE = 0x0F
+_COND = 0x10
 
 
 def _seed(*parts: int) -> int:
@@ -48,6 +49,12 @@ def _seed(*parts: int) -> int:
 def clip_seed(seed: int, epoch: int, position: int) -> int:
     """The seed of the clip at `position` of `epoch`: its window of frames and its augmentation."""
     return _seed(seed, epoch, position, _CLIP)
+
+
+def cond_mask_draw(seed: int, epoch: int, batch: int, rank: int) -> float:
+    """A uniform number in [0, 1) for rank `rank`'s batch `batch` of `epoch`: below train.cond_mask_prob,
+    its clips take frame 0's ground truth as frame 0's output (the same draw on resume)."""
+    return float(np.random.default_rng(_seed(seed, epoch, batch, rank, _COND)).random())
 
 
 def source_seed(seed: int, source: int) -> int:

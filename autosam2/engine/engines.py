@@ -118,9 +118,14 @@ class Engine(ABC):
 
     @abstractmethod
     def forward(
-        self, images_TBCHW: torch.Tensor, per_frame: bool, image_features: dict[str, Any] | None = None
+        self,
+        images_TBCHW: torch.Tensor,
+        per_frame: bool,
+        image_features: dict[str, Any] | None = None,
+        cond_mask_BHW: torch.Tensor | None = None,
     ) -> ClipOutput:
-        """The clip through the wrapped model; `image_features`: the frozen encoder's output, if known."""
+        """The clip through the wrapped model; `image_features`: the frozen encoder's output, if known;
+        `cond_mask_BHW`: frame 0's ground truth as its output (`AutoSAM2.forward_clip`)."""
 
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None: ...
@@ -161,9 +166,10 @@ class Engine(ABC):
         return None
 
 
-def _features(image_features: dict[str, Any] | None) -> dict[str, Any]:
-    """The forward's keyword for known encoder features: none at all when there are none."""
-    return {} if image_features is None else {"image_features": image_features}
+def _extras(image_features: dict[str, Any] | None, cond_mask_BHW: torch.Tensor | None) -> dict[str, Any]:
+    """The forward's keywords for known encoder features and a conditioning mask: only those given."""
+    given = {"image_features": image_features, "cond_mask_BHW": cond_mask_BHW}
+    return {key: value for key, value in given.items() if value is not None}
 
 
 def read_deepspeed_config(path: str | Path) -> dict[str, Any]:
@@ -249,13 +255,19 @@ class DDPEngine(Engine):
         self.micro = 0
 
     def forward(
-        self, images_TBCHW: torch.Tensor, per_frame: bool, image_features: dict[str, Any] | None = None
+        self,
+        images_TBCHW: torch.Tensor,
+        per_frame: bool,
+        image_features: dict[str, Any] | None = None,
+        cond_mask_BHW: torch.Tensor | None = None,
     ) -> ClipOutput:
         if self.wrapped is not self.module:
             # what DDP's no_sync() does, as a flag: gradients are all-reduced on the last micro-step only
             self.wrapped.require_backward_grad_sync = (self.micro + 1) % self.grad_accum == 0
         with torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            return ClipOutput(*self.wrapped(images_TBCHW, per_frame, **_features(image_features)))
+            return ClipOutput(
+                *self.wrapped(images_TBCHW, per_frame, **_extras(image_features, cond_mask_BHW))
+            )
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum).backward()
@@ -378,9 +390,13 @@ class DeepSpeedEngine(Engine):
         )
 
     def forward(
-        self, images_TBCHW: torch.Tensor, per_frame: bool, image_features: dict[str, Any] | None = None
+        self,
+        images_TBCHW: torch.Tensor,
+        per_frame: bool,
+        image_features: dict[str, Any] | None = None,
+        cond_mask_BHW: torch.Tensor | None = None,
     ) -> ClipOutput:
-        return ClipOutput(*self.engine(images_TBCHW, per_frame, **_features(image_features)))
+        return ClipOutput(*self.engine(images_TBCHW, per_frame, **_extras(image_features, cond_mask_BHW)))
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)

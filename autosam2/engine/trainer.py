@@ -19,6 +19,7 @@ import torch
 
 from autosam2.config import ClipMode, Config
 from autosam2.data.batches import TrainingBatches
+from autosam2.data.order import cond_mask_draw
 from autosam2.data.transforms import prepare_batch
 from autosam2.data.video import ClipBatch
 from autosam2.engine import startup
@@ -116,20 +117,23 @@ class Trainer:
         # fit's: the step last checkpointed, the loop's start, the time it spent validating
         self._saved, self._loop_start, self._validating = -1, time.perf_counter(), 0.0
 
-    def train_step(self, batch: ClipBatch) -> StepResult:
+    def train_step(self, batch: ClipBatch, cond_mask: bool = False) -> StepResult:
         """Augment on the device, forward, losses; unless any rank's loss is not finite, backward and,
-        on an accumulation boundary, the optimizer step."""
+        on an accumulation boundary, the optimizer step. `cond_mask`: frame 0 takes its ground truth as
+        its output (train.cond_mask_prob) and the losses count the frames after it."""
         batch = prepare_batch(batch, self.info.device, augment=True)
         features = None
         if self.features is not None:
             features = self.features.encode(batch.images_TBCHW.flatten(0, 1), frame_keys(batch))
-        out = self.engine.forward(batch.images_TBCHW, self.per_frame, features)
+        cond = batch.masks_TBHW[0] if cond_mask else None
+        out = self.engine.forward(batch.images_TBCHW, self.per_frame, features, cond)
+        scored = slice(1 if cond_mask else 0, None)
         losses = clip_losses(
-            out.mask_logits_TBHW.float(),
-            out.iou_TB.float(),
-            out.object_logits_TB.float(),
-            batch.masks_TBHW,
-            batch.present_TB,
+            out.mask_logits_TBHW[scored].float(),
+            out.iou_TB[scored].float(),
+            out.object_logits_TB[scored].float(),
+            batch.masks_TBHW[scored],
+            batch.present_TB[scored],
             self.cfg.loss,
         )
         if all_reduce(0.0 if torch.isfinite(losses["total"]).item() else 1.0, op="max") > 0:
@@ -180,7 +184,7 @@ class Trainer:
             state.batch += 1
             state.sample += per_step
             interval.frames += batch.num_frames * batch.batch_size * self.info.world_size
-            result = self.train_step(batch)
+            result = self.train_step(batch, self._cond_mask(state))
             if not result.finite:
                 self._bad_step(state)
                 continue
@@ -203,6 +207,14 @@ class Trainer:
                 return state
         self._checkpoint(state, interval, last=True)
         return state
+
+    def _cond_mask(self, state: LoopState) -> bool:
+        """Whether this rank's batch takes frame 0's ground truth (train.cond_mask_prob), drawn from the
+        run's seed and the batch's place in its epoch."""
+        prob = self.cfg.train.cond_mask_prob
+        if prob == 0 or self.per_frame:
+            return False
+        return cond_mask_draw(self.cfg.train.seed, state.epoch, state.batch, self.info.rank) < prob
 
     def _report_startup(self, step: int) -> None:
         """After this process's first step: every rank's start-up timeline, one line per phase on rank 0

@@ -224,9 +224,11 @@ class AutoSAM2(SAM2Base):
         self.train(self.training)
 
     def unreached(self) -> list[nn.Module | nn.Parameter]:
-        """Parts our forward never reaches, kept frozen (DDP needs every trainable parameter in every
-        step): the mask-prompt downsampler (we pass no mask prompts) and, where SAM2 adds its no-memory
-        embedding to the features directly (SAM2.1's configs), the position encoding of that token."""
+        """Parts our forward does not reach in every step, kept frozen (DDP needs every trainable
+        parameter in every step): the mask-prompt downsampler (reached only where a ground-truth
+        conditioning mask makes its object pointer: `forward_clip`'s cond_mask_BHW) and, where SAM2
+        adds its no-memory embedding to the features directly (SAM2.1's configs), the position encoding
+        of that token."""
         parts: list[nn.Module | nn.Parameter] = [self.mask_downsample]
         if self.directly_add_no_mem_embed:
             parts.append(self.no_mem_pos_enc)
@@ -295,9 +297,11 @@ class AutoSAM2(SAM2Base):
         memory: dict,
         num_frames: int,
         run_mem_encoder: bool,
+        mask_input: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
         """One frame (`rows` of the encoded batch) through SAM2's track_step with its learned prompt;
-        raw logits at image size."""
+        raw logits at image size. `mask_input` ([B,1,S,S], a conditioning frame's ground truth): SAM2
+        takes it as the frame's output (its -10/+10 logits), the decoder makes only its object pointer."""
         feats, pos, sizes = backbone
         self._frame_prompt = PromptOutput(
             prompt.dense_NChw[rows], None if prompt.sparse_NKC is None else prompt.sparse_NKC[rows]
@@ -310,12 +314,16 @@ class AutoSAM2(SAM2Base):
                 current_vision_pos_embeds=[p[:, rows] for p in pos],
                 feat_sizes=sizes,
                 point_inputs=None,
-                mask_inputs=None,
+                mask_inputs=mask_input,
                 output_dict=memory,
                 num_frames=num_frames,
                 run_mem_encoder=run_mem_encoder,
             )
             low_res, ious, _, object_logits = self._decoder_out
+            if mask_input is not None:  # the decoder ran for the object pointer; the output is the input
+                low_res = out["pred_masks"]
+                object_logits = mask_input.flatten(1).any(1, keepdim=True).float() * 20 - 10  # as SAM2's
+                ious = torch.ones_like(ious[:, :1])
         finally:
             self._frame_prompt = None
             self._decoder_out = None
@@ -334,9 +342,10 @@ class AutoSAM2(SAM2Base):
         images_TBCHW: torch.Tensor,
         per_frame: bool = False,
         image_features: dict[str, Any] | None = None,
+        cond_mask_BHW: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The clip forward as a tuple, for DDP / DeepSpeed wrappers (they call `forward`)."""
-        out = self.forward_clip(images_TBCHW, per_frame, image_features)
+        out = self.forward_clip(images_TBCHW, per_frame, image_features, cond_mask_BHW)
         return out.mask_logits_TBHW, out.iou_TB, out.object_logits_TB
 
     def forward_clip(
@@ -344,10 +353,17 @@ class AutoSAM2(SAM2Base):
         images_TBCHW: torch.Tensor,
         per_frame: bool = False,
         image_features: dict[str, Any] | None = None,
+        cond_mask_BHW: torch.Tensor | None = None,
     ) -> ClipOutput:
         """Training forward: frame 0 is the conditioning frame, frames 1..T-1 attend to memory; every
         frame gets its own learned prompt. ``per_frame``: every frame conditioning, no memory.
-        `image_features`: the frozen encoder's output for the T*B images (time-major), if known."""
+        `image_features`: the frozen encoder's output for the T*B images (time-major), if known.
+        `cond_mask_BHW`: frame 0's ground-truth mask, taken as its output in place of its prompt's (as in
+        SAM2's training), so memory starts from a correct mask (video mode only)."""
+        if cond_mask_BHW is not None and (per_frame or not self.use_mask_input_as_output_without_sam):
+            raise ValueError(
+                "a conditioning mask needs video mode and SAM2's use_mask_input_as_output_without_sam"
+            )
         t_len, b = images_TBCHW.shape[:2]
         flat = images_TBCHW.flatten(0, 1)
         backbone_out = self.encode_images(flat, image_features)
@@ -368,6 +384,7 @@ class AutoSAM2(SAM2Base):
                 memory,
                 t_len,
                 run_mem_encoder=not per_frame and t < t_len - 1,
+                mask_input=cond_mask_BHW[:, None].float() if cond_mask_BHW is not None and t == 0 else None,
             )
             logits.append(step[0])
             ious.append(step[1])
