@@ -365,3 +365,20 @@ def test_a_ground_truth_conditioning_mask_is_frame_0s_output_and_what_memory_car
     assert all(p.grad is None for p in model.mask_downsample.parameters())  # reached, kept frozen
     with pytest.raises(ValueError, match="video mode"):
         model.forward_clip(images, per_frame=True, cond_mask_BHW=cond)
+
+
+def test_steps_with_and_without_a_conditioning_mask_give_ddp_a_gradient_for_every_trainable_parameter():
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = make_model(FreezeConfig(mask_decoder=False, memory=False), seed=4).train()
+    images, masks, present = synthetic_clip(frames=2)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(model)
+        for cond in (masks[0], masks[0], None):  # DDP checks the last step's gradients in the next step
+            logits, ious, objects = ddp(images, cond_mask_BHW=cond)
+            clip_losses(logits[1:], ious[1:], objects[1:], masks[1:], present[1:])["total"].backward()
+        assert model.no_mem_embed.grad is not None
+    finally:
+        dist.destroy_process_group()

@@ -389,6 +389,10 @@ class AutoSAM2(SAM2Base):
             logits.append(step[0])
             ious.append(step[1])
             objects.append(step[2])
+        if cond_mask_BHW is not None:
+            # frame 0 skipped the no-memory embedding that every other step uses: in the graph at zero
+            # weight, so DDP finds a gradient for every trainable parameter in every step
+            logits[0] = logits[0] + 0 * self.no_mem_embed.sum()
         return ClipOutput(torch.stack(logits), torch.stack(ious), torch.stack(objects))
 
     # inference --------------------------------------------------------------------------------------
