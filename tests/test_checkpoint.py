@@ -387,7 +387,7 @@ def test_a_checkpoint_of_two_ranks_resumes_on_one_with_its_state_and_a_rederived
     resumed.engine = engine
     seen: list[int] = []
     original = resumed.train_step
-    resumed.train_step = lambda b: (seen.append(1), original(b))[1]
+    resumed.train_step = lambda b, *rest: (seen.append(1), original(b, *rest))[1]
     capsys.readouterr()
     state = resumed.fit(state)
     said = capsys.readouterr().out
