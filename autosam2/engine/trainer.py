@@ -210,11 +210,11 @@ class Trainer:
 
     def _cond_mask(self, state: LoopState) -> bool:
         """Whether this rank's batch takes frame 0's ground truth (train.cond_mask_prob), drawn from the
-        run's seed and the batch's place in its epoch."""
+        run's seed and the batch's place in its epoch (the config allows it in video mode only)."""
         prob = self.cfg.train.cond_mask_prob
-        if prob == 0 or self.per_frame:
-            return False
-        return cond_mask_draw(self.cfg.train.seed, state.epoch, state.batch, self.info.rank) < prob
+        return (
+            prob > 0 and cond_mask_draw(self.cfg.train.seed, state.epoch, state.batch, self.info.rank) < prob
+        )
 
     def _report_startup(self, step: int) -> None:
         """After this process's first step: every rank's start-up timeline, one line per phase on rank 0
