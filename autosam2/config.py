@@ -21,6 +21,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+MAX_BUCKET_MB = 2**20  # train.bucket_mb's ceiling: 1 TiB of fp32 gradients, one bucket for any model
+
 
 class ConfigError(ValueError):
     """A config file, override or value that cannot be used; the message names it."""
@@ -262,7 +264,8 @@ class TrainConfig:
     # communication_data_type (docs/scale.md, Gradient communication)
     grad_compression: GradCompression = GradCompression.none
     # gradient bucket size in MiB of fp32 gradients: DDP's bucket_cap_mb, DeepSpeed's reduce_bucket_size
-    # and allgather_bucket_size; None: each engine's own (DDP 25, the DeepSpeed JSON's)
+    # and allgather_bucket_size; None: each engine's own (DDP 25, the DeepSpeed JSON's); at most
+    # MAX_BUCKET_MB, past any model's gradients (DDP's reducer takes the bytes as a C++ size)
     bucket_mb: float | None = None
     # DeepSpeed ZeRO's overlap_comm (reduce buckets while backward runs); None: the DeepSpeed JSON's.
     # DDP always overlaps its bucketed all-reduce with backward: false is refused there
@@ -428,8 +431,9 @@ def validate(cfg: Config) -> None:
         "peer_timeout_s, threads and max_steps (null: epochs x batches) must be >= 1",
     )
     need(
-        cfg.train.bucket_mb is None or 0 < cfg.train.bucket_mb < math.inf,
-        f"train.bucket_mb must be a finite number > 0 (null: the engine's own), got {cfg.train.bucket_mb}",
+        cfg.train.bucket_mb is None or 0 < cfg.train.bucket_mb <= MAX_BUCKET_MB,
+        f"train.bucket_mb must be a number in (0, {MAX_BUCKET_MB}] (null: the engine's own), "
+        f"got {cfg.train.bucket_mb}",
     )
     need(
         cfg.train.overlap_comm is not False or cfg.train.engine == EngineKind.deepspeed,

@@ -288,6 +288,26 @@ def test_bench_tracking_stalls_nothing_and_delivers_everything(capsys):
     assert report["target"]["met"] == (report["longest_step_stall_s"] <= 1.0)
 
 
+def test_bench_comm_refuses_more_ranks_than_the_host_has_before_starting_any(capsys, monkeypatch):
+    """One process per rank: past the host's cores (CPU) or GPUs, one line and no rank started."""
+    import os
+
+    from autosam2.bench import comm
+
+    cores = len(os.sched_getaffinity(0))
+    started = []
+    monkeypatch.setattr(torch.multiprocessing, "start_processes", lambda *a, **k: started.append(a))
+    assert main(["bench", "comm", "--ranks", str(cores + 1), "--cpu"]) == 1
+    assert capsys.readouterr().err == (
+        f"autosam2 bench: --ranks {cores + 1}: this host has {cores} cores this process may run on\n"
+    )
+    assert not started
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # no GPU here: the count is what is checked
+    comm._check_ranks(2, "cuda")
+    with pytest.raises(ValueError, match=r"^--ranks 3: this host has 2 GPUs \(one per rank\)$"):
+        comm._check_ranks(3, "cuda")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("engine", "hook"), [("ddp", "bf16_compress_hook"), ("deepspeed", None)])
 def test_bench_comm_halves_the_gradient_bytes_and_the_weights_stay_close(capfd, engine, hook):

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from autosam2.arguments import add_device, positive_int
 from autosam2.bench.common import default_device, run_config, sync, synthetic_clip
-from autosam2.config import Config, EngineKind, GradCompression, load_config
+from autosam2.config import Config, ConfigError, EngineKind, GradCompression, load_config
 from autosam2.data.batches import TrainingBatches
 from autosam2.engine.checkpoint import Checkpointer
 from autosam2.engine.dist import DistInfo
@@ -187,7 +187,19 @@ def _median_after_first(seconds: list[float]) -> float:
     return round(statistics.median(seconds[1:] or seconds), 4)
 
 
+def _check_ranks(ranks: int, device: str) -> None:
+    """One process per rank, each on its own GPU or sharing the CPU's cores: more ranks than the host
+    has of those is refused before any starts."""
+    if device == "cpu":
+        have, what = len(os.sched_getaffinity(0)), "cores this process may run on"
+    else:
+        have, what = torch.cuda.device_count(), "GPUs (one per rank)"
+    if ranks > have:
+        raise ConfigError(f"--ranks {ranks}: this host has {have} {what}")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    _check_ranks(args.ranks, args.device)
     config = args.config or "cpu_demo"
     overrides = [*([] if args.config else SMALL), *args.overrides]
     cfg = load_config(config, overrides)  # a bad config or override is one line here, before any rank
