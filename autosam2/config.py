@@ -432,8 +432,7 @@ def validate(cfg: Config) -> None:
     )
     need(
         cfg.train.bucket_mb is None or 0 < cfg.train.bucket_mb <= MAX_BUCKET_MB,
-        f"train.bucket_mb must be a number in (0, {MAX_BUCKET_MB}] (null: the engine's own), "
-        f"got {cfg.train.bucket_mb}",
+        f"train.bucket_mb must be in (0, {MAX_BUCKET_MB}] (null: the engine's own), got {cfg.train.bucket_mb}",
     )
     need(
         cfg.train.overlap_comm is not False or cfg.train.engine == EngineKind.deepspeed,

@@ -66,15 +66,15 @@ def test_yaml_file_then_overrides(tmp_path):
         (["train.grad_compression=fp8"], "train.grad_compression must be none or bf16, got 'fp8'"),
         (
             ["train.bucket_mb=0"],
-            "train.bucket_mb must be a number in (0, 1048576] (null: the engine's own), got 0.0",
+            "train.bucket_mb must be in (0, 1048576] (null: the engine's own), got 0.0",
         ),
         (
             ["train.bucket_mb=inf"],
-            "train.bucket_mb must be a number in (0, 1048576] (null: the engine's own), got inf",
+            "train.bucket_mb must be in (0, 1048576] (null: the engine's own), got inf",
         ),
         (
             ["train.bucket_mb=1e30"],
-            "train.bucket_mb must be a number in (0, 1048576] (null: the engine's own), got 1e+30",
+            "train.bucket_mb must be in (0, 1048576] (null: the engine's own), got 1e+30",
         ),
         (
             ["data.feature_cache=memory", "data.augment.enabled=false", "data.feature_cache_gb=nan"],
