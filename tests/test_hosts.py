@@ -618,6 +618,7 @@ def test_a_rank_cut_off_by_the_network_never_writes_into_the_run_after_its_job_e
         assert old_ranks
         wait_for_line(log, "done: 8 steps", timeout=600)  # requeued, finished on the other hosts
         assert restarts(job.job_id) == 1, "the job ended before its link was cut"
+        job.results()  # submitit writes the result files after the run's last line: wait for the job's end
         results = sorted((out / "jobs" / job.job_id).glob("*_result.pkl"))
         assert results
         before = {p: p.read_bytes() for p in results}
