@@ -21,7 +21,9 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-MAX_BUCKET_MB = 2**20  # train.bucket_mb's ceiling: 1 TiB of fp32 gradients, one bucket for any model
+MAX_BUCKET_MB = (
+    2**20
+)  # train.bucket_mb's ceiling (1 TiB of fp32 gradients): DDP takes the bytes as a C++ size
 
 
 class ConfigError(ValueError):
@@ -265,7 +267,8 @@ class TrainConfig:
     grad_compression: GradCompression = GradCompression.none
     # gradient bucket size in MiB of fp32 gradients: DDP's bucket_cap_mb, DeepSpeed's reduce_bucket_size
     # and allgather_bucket_size; None: each engine's own (DDP 25, the DeepSpeed JSON's); at most
-    # MAX_BUCKET_MB, past any model's gradients (DDP's reducer takes the bytes as a C++ size)
+    # MAX_BUCKET_MB. DeepSpeed allocates its reduce buckets whole (two with overlap_comm): a bucket past
+    # the model's gradients costs that memory there
     bucket_mb: float | None = None
     # DeepSpeed ZeRO's overlap_comm (reduce buckets while backward runs); None: the DeepSpeed JSON's.
     # DDP always overlaps its bucketed all-reduce with backward: false is refused there
