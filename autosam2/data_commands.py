@@ -35,6 +35,15 @@ def synth(argv: list[str] | None = None) -> int:
         "low contrast) or leave no trace of it (covered by an instrument, dropped, flash), about one per "
         "10 frames, each after two clear frames; every frame labelled in synth.json",
     )
+    p.add_argument(
+        "--episode-windows",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --hard: also the split train_episodes, N-frame windows cut from the train sequences, "
+        "each two frames with the polyp in view, then one of its episodes (stage 2's curriculum; "
+        "default 0: none)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace --output-dir if it exists")
     args = p.parse_args(argv)
     from autosam2.config import ConfigError
@@ -47,8 +56,13 @@ def synth(argv: list[str] | None = None) -> int:
             "synthetic dataset needs size >= 32, frames >= 2, train and valid sequences >= 1 and "
             "test sequences >= 0"
         )
+    from autosam2.data.synthetic import WINDOW_LEAD, SynthSpec, write_dataset
 
-    from autosam2.data.synthetic import SynthSpec, write_dataset
+    if args.episode_windows and not (args.hard and WINDOW_LEAD < args.episode_windows <= args.frames):
+        raise ConfigError(
+            f"--episode-windows {args.episode_windows}: needs --hard and {WINDOW_LEAD + 1} to --frames "
+            f"({args.frames}) frames a window ({WINDOW_LEAD} frames before each episode, then the episode)"
+        )
 
     spec = SynthSpec(
         train_sequences=args.sequences,
@@ -58,6 +72,7 @@ def synth(argv: list[str] | None = None) -> int:
         size=args.size,
         seed=args.seed,
         hard=args.hard,
+        episode_windows=args.episode_windows,
     )
     summary = write_dataset(
         args.output_dir, spec, overwrite=args.overwrite, progress=sys.stderr.isatty(), workers=args.workers

@@ -296,3 +296,57 @@ def test_a_blind_frame_is_what_the_same_tissue_shows_without_the_polyp():
             if kind == "flash":
                 assert frame.mean() > 250 and frame.min() > 235
     assert kinds == set(BLIND) and decoys >= 2 and differ > 10, (kinds, decoys, differ)
+
+
+def test_synth_cuts_a_window_into_every_episode_of_the_train_split(tmp_path, capsys):
+    """--episode-windows 6: train_episodes holds, for each hidden episode of the train sequences with six
+    frames from two before it, those frames copied byte for byte and labelled; the other splits unchanged."""
+    args = ["synth", "--sequences", "3", "--size", "64", "--hard"]
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*args, "--out", str(tmp_path / "w"), "--episode-windows", "6"]) == 0
+    assert "train_episodes" in capsys.readouterr().out
+    root = tmp_path / "w"
+    written = json.loads((root / "synth.json").read_text())
+    windows = written["splits"].pop("train_episodes")
+    assert (root / "train_episodes" / "train_episodes_list.txt").read_text().split() == windows
+    plain = json.loads((tmp_path / "plain" / "synth.json").read_text())
+    assert written["splits"] == plain["splits"]
+    assert digest(root / "train") == digest(tmp_path / "plain" / "train")
+    expected = []
+    for seq in written["splits"]["train"]:
+        episodes = [e["episode"] for e in written["events"][seq]]
+        for i, kind in enumerate(episodes):
+            if kind and kind != episodes[i - 1] and i + 4 <= len(episodes):
+                expected.append(f"{seq}w{i - 1}")
+    assert windows == expected and len(windows) >= 3, (windows, expected)
+    for name in windows:
+        seq, first = name.split("w")
+        start = int(first) - 1
+        events = written["events"][name]
+        assert events == written["events"][seq][start : start + 6]
+        assert events[0]["visible"] and events[1]["visible"] and not events[1]["episode"]
+        assert synthetic.frame_kind(events[2]) in {*HIDING, *BLIND}
+        for part in ("images", "masks"):
+            frames = sorted((root / "train_episodes" / part / name).iterdir())
+            assert [f.name for f in frames] == sorted(f"frame{j + 1}.jpg" for j in range(6))
+            for j in range(6):
+                copied = (root / "train_episodes" / part / name / f"frame{j + 1}.jpg").read_bytes()
+                assert copied == (root / "train" / part / seq / f"frame{start + j + 1}.jpg").read_bytes()
+    assert [r.problems for r in validate_root(root, ["train_episodes"])] == [[]]
+
+
+@pytest.mark.parametrize(
+    "extra, problem",
+    [
+        (["--episode-windows", "6"], "needs --hard"),
+        (["--hard", "--episode-windows", "2"], "needs --hard and 3 to --frames (24)"),
+        (["--hard", "--episode-windows", "25"], "needs --hard and 3 to --frames (24)"),
+        (["--hard", "--frames", "4", "--episode-windows", "4"], "no window of 4 frames fits"),
+    ],
+)
+def test_synth_refuses_episode_windows_it_cannot_cut(tmp_path, capsys, extra, problem):
+    out = tmp_path / "w"
+    assert main(["synth", "--out", str(out), "--sequences", "2", "--size", "64", *extra]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--episode-windows" in err[0] and problem in err[0], err
+    assert not out.exists()

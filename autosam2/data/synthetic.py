@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -48,6 +49,10 @@ BLANK_LEVEL = {"dropped": 0.0, "flash": 253.0}  # a dropped or flash frame: this
 DECOY_BLANK = 0.35
 CANVAS_SCALE = 4.5  # canvas side / frame side: room for the camera to pan the polyp out of view
 ABSENT_FRACTION = (0.15, 0.3)  # share of each sequence with the polyp fully out of view
+# `synth --hard --episode-windows N`: the split of N-frame windows cut from the train split, each from two
+# frames with the polyp in view into one of its hidden episodes (stage 2's curriculum, docs/performance.md)
+WINDOWS_SPLIT = "train_episodes"
+WINDOW_LEAD = 2  # frames in view before each window's episode: every hard episode comes after two
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,7 @@ class SynthSpec:
     size: int = 256
     seed: int = 0
     hard: bool = False  # the hard split: episodes that hide a present polyp almost entirely
+    episode_windows: int = 0  # frames per window of WINDOWS_SPLIT (hard split only); 0: no such split
 
     def __post_init__(self) -> None:
         small = self.size < 32 or self.frames < 2 or self.test_sequences < 0
@@ -69,6 +75,11 @@ class SynthSpec:
             raise ValueError(
                 "synthetic dataset needs size >= 32, frames >= 2, >= 1 train and valid sequence and "
                 f">= 0 test sequences: {self}"
+            )
+        windows = self.episode_windows
+        if windows and (not self.hard or not WINDOW_LEAD < windows <= self.frames):
+            raise ValueError(
+                f"episode windows need the hard split and {WINDOW_LEAD + 1}..frames frames: {self}"
             )
 
 
@@ -662,6 +673,42 @@ def _make_sequence(folder: Path, split: str, index: int, name: str, spec: SynthS
     return len(seq.frames), sum(not m.any() for m in seq.masks), seq.events
 
 
+def episode_window_starts(events: list[dict], frames: int) -> list[int]:
+    """Where a sequence's `frames`-frame windows of WINDOWS_SPLIT start: WINDOW_LEAD frames before the
+    first frame of each hidden episode, where the window fits in the sequence."""
+    starts = []
+    for i, event in enumerate(events):
+        begins = event["episode"] and (i == 0 or events[i - 1]["episode"] != event["episode"])
+        if begins and 0 <= i - WINDOW_LEAD <= len(events) - frames:
+            starts.append(i - WINDOW_LEAD)
+    return starts
+
+
+def _write_windows(root: Path, events: dict[str, list[dict]], train: list[str], frames: int) -> list[str]:
+    """Copy the train sequences' episode windows into ROOT/WINDOWS_SPLIT (``<sequence>w<first frame>``,
+    frames numbered from 1 again), each labelled in `events` by its frames' records; their names."""
+    from autosam2.config import ConfigError
+
+    names = []
+    for seq in train:
+        for start in episode_window_starts(events[seq], frames):
+            name = f"{seq}w{start + 1}"
+            for part in ("images", "masks"):
+                folder = root / WINDOWS_SPLIT / part / name
+                folder.mkdir(parents=True)
+                for j in range(frames):
+                    source = root / "train" / part / seq / f"frame{start + j + 1}.jpg"
+                    shutil.copyfile(source, folder / f"frame{j + 1}.jpg")
+            events[name] = events[seq][start : start + frames]
+            names.append(name)
+    if not names:
+        raise ConfigError(
+            f"--episode-windows {frames}: no window of {frames} frames fits around an episode of the "
+            "train sequences (more --sequences or --frames, or fewer frames a window)"
+        )
+    return names
+
+
 def write_dataset(
     out: str | Path, spec: SynthSpec, overwrite: bool = False, progress: bool = False, workers: int = 1
 ) -> dict:
@@ -685,6 +732,10 @@ def write_dataset(
                 summary["frames"] += frames
                 summary["empty_frames"] += empty
                 summary["events"][name] = events
+        if spec.episode_windows:
+            names[WINDOWS_SPLIT] = _write_windows(
+                tmp, summary["events"], names["train"], spec.episode_windows
+            )
         for split in names:
             list_file(tmp, split).write_text("".join(f"{n}\n" for n in names[split]))
         (tmp / "synth.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
