@@ -9,7 +9,7 @@ from pathlib import Path
 from autosam2.arguments import add_layout, add_output_dir, add_split, add_workers, positive_int
 
 
-def synth(argv: list[str] | None = None) -> int:
+def _synth_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="autosam2 synth", description="write a synthetic polyp_gen dataset", allow_abbrev=False
     )
@@ -45,7 +45,11 @@ def synth(argv: list[str] | None = None) -> int:
         "default 0: none)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace --output-dir if it exists")
-    args = p.parse_args(argv)
+    return p
+
+
+def synth(argv: list[str] | None = None) -> int:
+    args = _synth_parser().parse_args(argv)
     from autosam2.config import ConfigError
 
     half = max(1, args.sequences // 2)
