@@ -226,7 +226,7 @@ def test_bench_memory_names_a_bad_config_file_in_one_line(capsys, tmp_path):
     assert main(["bench", "memory", "--config", str(tmp_path / "nope.yaml")]) == 1
     assert capsys.readouterr().err.strip() == (
         f"autosam2 bench: {tmp_path / 'nope.yaml'}: no such file, nor a shipped run config (shipped: "
-        "cpu_demo, cpu_demo_video, gpu_hiera_bplus_1024_deepspeed, gpu_hiera_bplus_1024_full, gpu_hiera_t_1024)"
+        "cpu_demo, cpu_demo_video, cpu_memory, gpu_hiera_bplus_1024_deepspeed, gpu_hiera_bplus_1024_full, gpu_hiera_t_1024)"
     )
     broken = tmp_path / "zero.json"
     broken.write_text("{ not json")

@@ -24,6 +24,7 @@ PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 RUN_NAMES = [
     "cpu_demo",
     "cpu_demo_video",
+    "cpu_memory",
     "gpu_hiera_bplus_1024_deepspeed",
     "gpu_hiera_bplus_1024_full",
     "gpu_hiera_t_1024",
