@@ -21,9 +21,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-MAX_BUCKET_MB = (
-    2**20
-)  # train.bucket_mb's ceiling (1 TiB of fp32 gradients): DDP takes the bytes as a C++ size
+# train.bucket_mb's ceiling (1 TiB of fp32 gradients): DDP takes the bytes as a C++ size
+MAX_BUCKET_MB = 2**20
 
 
 class ConfigError(ValueError):

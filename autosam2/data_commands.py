@@ -60,13 +60,11 @@ def synth(argv: list[str] | None = None) -> int:
             "synthetic dataset needs size >= 32, frames >= 2, train and valid sequences >= 1 and "
             "test sequences >= 0"
         )
-    from autosam2.data.synthetic import WINDOW_LEAD, SynthSpec, write_dataset
+    from autosam2.data.synthetic import SynthSpec, episode_windows_problem, write_dataset
 
-    if args.episode_windows and not (args.hard and WINDOW_LEAD < args.episode_windows <= args.frames):
-        raise ConfigError(
-            f"--episode-windows {args.episode_windows}: needs --hard and {WINDOW_LEAD + 1} to --frames "
-            f"({args.frames}) frames a window ({WINDOW_LEAD} frames before each episode, then the episode)"
-        )
+    problem = episode_windows_problem(args.episode_windows, args.hard, args.frames)
+    if problem:
+        raise ConfigError(f"--episode-windows {args.episode_windows}: {problem}")
 
     spec = SynthSpec(
         train_sequences=args.sequences,

@@ -76,11 +76,19 @@ class SynthSpec:
                 "synthetic dataset needs size >= 32, frames >= 2, >= 1 train and valid sequence and "
                 f">= 0 test sequences: {self}"
             )
-        windows = self.episode_windows
-        if windows and (not self.hard or not WINDOW_LEAD < windows <= self.frames):
-            raise ValueError(
-                f"episode windows need the hard split and {WINDOW_LEAD + 1}..frames frames: {self}"
-            )
+        problem = episode_windows_problem(self.episode_windows, self.hard, self.frames)
+        if problem:
+            raise ValueError(f"episode windows {self.episode_windows}: {problem}: {self}")
+
+
+def episode_windows_problem(windows: int, hard: bool, frames: int) -> str | None:
+    """Why `windows` frames a window of WINDOWS_SPLIT cannot be cut (0: none asked), or None."""
+    if windows and not (hard and WINDOW_LEAD < windows <= frames):
+        return (
+            f"needs --hard and {WINDOW_LEAD + 1} to --frames ({frames}) frames a window ({WINDOW_LEAD} "
+            "frames before each episode, then the episode)"
+        )
+    return None
 
 
 @dataclass
